@@ -1,0 +1,5 @@
+import sys
+
+from dundi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""Core subcommands: data, train-native, train, index build, classify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from dundi.cli.main import emit
+from dundi.train import TrainConfig
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="dataset cache (default $DUNDI_DATA_DIR or the user cache dir)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
+
+
+def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
+    d = TrainConfig()
+    p.add_argument("--dataset", default=d.dataset)
+    p.add_argument("--model", "--backbone", dest="arch", default=d.arch,
+                   help="lenet1 | lenet4 | lenet5 | vgg16 (the DNN module)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-<kind>)")
+    p.add_argument("--no-progress", action="store_true")
+    if not native:
+        p.add_argument("--pretrained", default=None, help="native run: DunDi_P (frozen backbone)")
+        p.add_argument("--tuples", type=int, default=d.tuples, help="size of the tuple set (paper: 360000)")
+        p.add_argument("--loss", default=d.loss, help="sigmoid (paper) | margin")
+        p.add_argument("--margin", type=float, default=d.margin)
+        p.add_argument("--mining", default=d.mining, help="random (paper) | batch-hard")
+        p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+        p.add_argument("--paper-loop", action="store_true",
+                       help="three forward passes per tuple, as in the paper (slower, same loss)")
+        p.add_argument("--oracles", type=int, default=20, help="oracles per class in the final index")
+    ray = p.add_argument_group("Ray Train (omit --workers to train in this process)")
+    ray.add_argument("--workers", type=int, default=0, help="train with Ray Train on W workers")
+    ray.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ray.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    ray.add_argument("--storage", default=None, help="checkpoint storage path or URI (s3://, gs://, ...)")
+    ray.add_argument("--name", default=None, help="run name; the same name resumes from its last checkpoint")
+    ray.add_argument("--max-failures", type=int, default=3)
+    _add_common(p)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if getattr(args, "paper_loop", False):
+        cfg.dedupe = False
+    cfg.validate()
+    return cfg
+
+
+def default_out(cfg: TrainConfig, kind: str) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.arch}-{kind}"
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from dundi.data import cache_info, fetch
+
+    path = fetch(args.dataset, data_dir=args.data_dir, source_dir=args.source_dir)
+    info = next((i for i in cache_info(args.data_dir) if i.get("dataset") == args.dataset), {})
+    emit({"dataset": args.dataset, "path": str(path), **info}, args.json, f"cached {args.dataset}")
+
+
+def cmd_data_info(args: argparse.Namespace) -> None:
+    from dundi.data import cache_info
+
+    rows = cache_info(args.data_dir)
+    if args.json:
+        emit({"datasets": rows}, True)
+        return
+    if not rows:
+        print("no dataset cached yet: run `dundi data fetch mnist-10k`")
+    for row in rows:
+        emit(row, False, row.get("dataset"))
+
+
+def _train(args: argparse.Namespace, kind: str) -> None:
+    cfg = config_from_args(args)
+    pretrained = getattr(args, "pretrained", None)
+    label = "native" if kind == "native" else ("dundi-P" if pretrained else "dundi-R")
+    out = Path(args.out) if args.out else default_out(cfg, label)
+    if args.workers > 0:
+        from dundi.distributed.train_job import train_on_ray
+
+        meta = train_on_ray(kind, cfg, out, args)
+    elif kind == "native":
+        from dundi.pipeline import train_native_run
+
+        meta = train_native_run(cfg, out, args.data_dir, progress=not args.no_progress)
+    else:
+        from dundi.pipeline import train_dundi_run
+
+        meta = train_dundi_run(cfg, out, pretrained, args.data_dir, progress=not args.no_progress)
+    figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
+    if kind == "dundi":
+        from dundi.pipeline import build_index, classify_split
+
+        if "oracle/index.faiss" not in meta.get("files", {}):
+            build_index(out, n=args.oracles, seed=cfg.seed, data_dir=args.data_dir)
+        result = classify_split(out, split="test", data_dir=args.data_dir)
+        figures.update(mode=meta.get("mode"), test_accuracy=result["accuracy"], n=result["n"],
+                       m=result["m"], k=result["k"])
+    figures.pop("final", None)
+    emit(figures, args.json, f"trained {out}")
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from dundi.pipeline import build_index
+
+    index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir)
+    emit({"run": args.run, "classes": index.num_classes, "n": index.n, "dim": index.dim,
+          "seed": args.seed}, args.json, f"built oracle index in {args.run}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from dundi.pipeline import classify_split
+
+    figures = classify_split(args.run, n=args.n, m=args.m, k=args.k, split=args.split,
+                             data_dir=args.data_dir, limit=args.limit)
+    emit(figures, args.json, "two-step classification")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from dundi.demo import run_demo
+
+    figures = run_demo(Path(args.out), data_dir=args.data_dir, quick=args.quick,
+                       progress=not args.no_progress)
+    emit(figures, args.json, f"demo results in {args.out}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("fetch", help="materialise a dataset as Parquet shards in the cache")
+    p.add_argument("dataset", help="mnist | mnist-10k | fashion-mnist | cifar10")
+    p.add_argument("--source-dir", default=None, help="directory holding the dataset's standard files")
+    _add_common(p)
+    p.set_defaults(handler=cmd_data_fetch)
+    p = data.add_parser("info", help="list cached datasets")
+    _add_common(p)
+    p.set_defaults(handler=cmd_data_info)
+
+    p = sub.add_parser("train-native", help="train a native softmax model (LeNet-1/4/5, VGG-16)")
+    _add_train_args(p, native=True)
+    p.set_defaults(handler=lambda a: _train(a, "native"))
+
+    p = sub.add_parser("train", help="triplet-train a Distance NN (DunDi_R, or DunDi_P with --pretrained)")
+    _add_train_args(p, native=False)
+    p.set_defaults(handler=lambda a: _train(a, "dundi"))
+
+    index = sub.add_parser("index", help="oracle index").add_subparsers(dest="index_cmd", required=True)
+    p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
+    p.add_argument("run")
+    p.add_argument("--oracles", type=int, default=20, help="oracles per class (n)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(handler=cmd_index_build)
+
+    p = sub.add_parser("classify", help="two-step classification accuracy of a run on a split")
+    p.add_argument("run")
+    p.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=int, default=3, help="coarse-step oracles per class")
+    p.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(handler=cmd_classify)
+
+    p = sub.add_parser("demo", help="the whole path on mnist-10k in minutes: Table 1 of the paper")
+    p.add_argument("--out", default=os.environ.get("DUNDI_DEMO_OUT", "runs/demo"))
+    p.add_argument("--quick", action="store_true", help="a smaller budget (CI smoke run)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_common(p)
+    p.set_defaults(handler=cmd_demo)
+

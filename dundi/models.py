@@ -1,0 +1,143 @@
+"""Native softmax models of the paper and the Distance NN built on them.
+
+Every native model is split into ``features`` (the network with its logit layer removed:
+the paper's "DNN module") and ``head`` (the logit layer). The Distance NN puts the
+two-layer Embedding module on top of ``features``. DunDi_R trains it all; DunDi_P copies
+a trained native model's ``features``, freezes them and trains only the embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+EMBED_DIM = 128
+
+
+class NativeNet(nn.Module):
+    """features → head. ``forward`` returns logits (no softmax: attacks want logits)."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _flat_dim(features: nn.Module, in_shape: tuple[int, int, int]) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *in_shape)).shape[1])
+
+
+def _lenet1(c: int) -> nn.Sequential:
+    # DeepXplore Model1 (LeNet-1): 4 and 12 feature maps, no hidden dense layer.
+    return nn.Sequential(
+        nn.Conv2d(c, 4, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 12, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+
+
+def _lenet4(c: int) -> nn.Sequential:
+    # DeepXplore Model2 (LeNet-4): 6 and 16 feature maps, one 84-unit dense layer.
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.LazyLinear(84), nn.ReLU(),
+    )
+
+
+def _lenet5(c: int) -> nn.Sequential:
+    # DeepXplore Model3 (LeNet-5): 6 and 16 feature maps, 120- and 84-unit dense layers.
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.LazyLinear(120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+    )
+
+
+def _vgg16(c: int) -> nn.Sequential:
+    # VGG-16 for 32x32 inputs as commonly used on CIFAR-10 (with batch norm), 512-d features.
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    layers: list[nn.Module] = []
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU()]
+            c = int(v)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Sequential]] = {
+    "lenet1": _lenet1,
+    "lenet4": _lenet4,
+    "lenet5": _lenet5,
+    "vgg16": _vgg16,
+}
+
+
+def _features(arch: str, in_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+    if arch not in ARCHITECTURES:
+        from dundi.errors import DundiError
+
+        raise DundiError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    features = ARCHITECTURES[arch](in_shape[0])
+    return features, _flat_dim(features, in_shape)  # also materialises lazy layers
+
+
+def build_native(arch: str, in_shape: tuple[int, int, int], num_classes: int) -> NativeNet:
+    """A native softmax classifier of the given architecture (returns logits)."""
+    features, dim = _features(arch, in_shape)
+    return NativeNet(features, dim, num_classes)
+
+
+class EmbeddingModule(nn.Module):
+    """The paper's Embedding module: two fully connected layers → a 128-d embedding."""
+
+    def __init__(self, in_dim: int, embed_dim: int = EMBED_DIM, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DistanceNet(nn.Module):
+    """The Distance NN: DNN module (``backbone``) + Embedding module. Returns f(x)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int = EMBED_DIM,
+                 frozen_backbone: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.embedding = EmbeddingModule(feature_dim, embed_dim)
+        self.embed_dim = embed_dim
+        self.frozen_backbone = frozen_backbone
+        if frozen_backbone:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "DistanceNet":
+        super().train(mode)
+        if self.frozen_backbone:  # a frozen backbone keeps its batch-norm statistics
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.backbone(x))
+
+
+def build_distance_net(arch: str, in_shape: tuple[int, int, int], embed_dim: int = EMBED_DIM,
+                       pretrained: NativeNet | None = None) -> DistanceNet:
+    """DunDi_R (``pretrained=None``: fresh backbone, all trained) or DunDi_P (frozen copy)."""
+    if pretrained is None:
+        features, dim = _features(arch, in_shape)
+        return DistanceNet(features, dim, embed_dim)
+    return DistanceNet(copy.deepcopy(pretrained.features), pretrained.feature_dim, embed_dim,
+                       frozen_backbone=True)

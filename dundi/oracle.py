@@ -1,0 +1,224 @@
+"""The oracle database as a FAISS index, and Algorithm 1 (two-step classification) over it.
+
+Oracle embeddings are stored class-major: row ``c * n + j`` is oracle ``j`` of class ``c``,
+so a class's oracles are one contiguous id block. The per-class restriction of the fine step
+reads those blocks directly instead of relying on FAISS ID selectors, which GPU indexes
+silently ignore.
+
+Similarity is the negative Euclidean distance, and a class score is the sum of similarities
+to that class's oracles (see docs/ARCHITECTURE.md). Ties break towards the lower class index.
+
+Step 1 (coarse) scores every class over its first ``m`` oracles. While the coarse set is
+small (``num_classes * m <= exact_coarse_limit``) FAISS computes all those distances exactly
+(on the GPU where there is one). Beyond that, an IVF index over the coarse vectors shortlists
+candidate classes — the classes owning the nearest coarse vectors — and only those are scored
+exactly; this is what keeps the two-step rule cheap with 100,000 classes.
+Step 2 (fine) scores the top ``k`` classes over their first ``n`` oracles and returns the argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dundi.errors import DundiError
+
+INDEX_FILE = "index.faiss"
+META_FILE = "oracle.json"
+
+
+@dataclasses.dataclass
+class TwoStepResult:
+    """Per query: the label, the classes kept by step 1 with their coarse scores (best first),
+    the fine scores of those classes (same order), and the distance to the nearest oracle
+    among the kept classes' n oracles."""
+
+    labels: np.ndarray          # (B,) int64
+    topk_classes: np.ndarray    # (B, k) int64
+    coarse_scores: np.ndarray   # (B, k) float64
+    fine_scores: np.ndarray     # (B, k) float64
+    nearest_distance: np.ndarray  # (B,) float64
+
+
+def _distances(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distances (B, N) computed by FAISS (GPU where present)."""
+    if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
+        res = faiss.StandardGpuResources()
+        d2 = faiss.pairwise_distance_gpu(res, queries, vectors)
+    else:
+        d2 = faiss.pairwise_distances(queries, vectors)
+    return np.sqrt(np.maximum(d2, 0.0), dtype=np.float64)
+
+
+def _block_scores(queries: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Summed similarity of each query to each of its own class blocks.
+
+    queries (B, D), blocks (B, K, n, D) → scores (B, K), nearest distance (B,). Float64, so
+    the fine step is exact to the last bits that matter for argmax.
+    """
+    diff = blocks.astype(np.float64) - queries.astype(np.float64)[:, None, None, :]
+    dist = np.sqrt(np.einsum("bknd,bknd->bkn", diff, diff))
+    return -dist.sum(-1), dist.reshape(len(queries), -1).min(1)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, best first, ties to the lower index."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+class OracleIndex:
+    """n oracle embeddings for each of C classes, with Algorithm 1 over them."""
+
+    def __init__(self, vectors: np.ndarray, num_classes: int, *, exact_coarse_limit: int = 65536,
+                 shortlist: int | None = None, nprobe: int = 16, meta: dict | None = None):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) % num_classes:
+            raise DundiError(f"oracle vectors of shape {vectors.shape} do not split into "
+                             f"{num_classes} equal class blocks")
+        self.num_classes = num_classes
+        self.n = len(vectors) // num_classes
+        self.dim = vectors.shape[1]
+        self.blocks = vectors.reshape(num_classes, self.n, self.dim)
+        self.exact_coarse_limit = exact_coarse_limit
+        self.shortlist = shortlist
+        self.nprobe = nprobe
+        self.meta = dict(meta or {})
+        self._coarse: dict[int, faiss.Index] = {}
+
+    @classmethod
+    def from_embeddings(cls, embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
+                        **kw) -> "OracleIndex":
+        """Arrange labelled embeddings (the same number per class) into class-major blocks,
+        keeping each class's given order (the first m are the coarse oracles)."""
+        labels = np.asarray(labels)
+        counts = np.bincount(labels, minlength=num_classes)
+        if counts.min() != counts.max() or counts.min() == 0:
+            raise DundiError(f"every class needs the same number (>0) of oracles; got {counts.tolist()}")
+        order = np.argsort(labels, kind="stable")
+        return cls(np.asarray(embeddings)[order], num_classes, **kw)
+
+    # ---- the two steps -------------------------------------------------------------------
+    def _coarse_index(self, m: int) -> faiss.Index:
+        """IVF index over the first m oracles of every class, built once per m."""
+        if m not in self._coarse:
+            coarse = np.ascontiguousarray(self.blocks[:, :m].reshape(-1, self.dim))
+            # ~4·sqrt(N) lists, but never so many that k-means lacks 64 points per centroid
+            nlist = int(max(1, min(4 * np.sqrt(len(coarse)), len(coarse) // 64)))
+            quantizer = faiss.IndexFlatL2(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
+            rng = np.random.default_rng(0)
+            train = coarse[rng.choice(len(coarse), min(len(coarse), 64 * nlist), replace=False)]
+            index.train(train)
+            index.add(coarse)
+            index.nprobe = self.nprobe
+            if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
+                index = faiss.index_cpu_to_all_gpus(index)
+            self._coarse[m] = index
+        return self._coarse[m]
+
+    def _step1(self, q: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k classes (B, k) and their coarse scores over the first m oracles."""
+        if self.num_classes * m <= self.exact_coarse_limit:
+            coarse = np.ascontiguousarray(self.blocks[:, :m].reshape(-1, self.dim))
+            scores = -_distances(q, coarse).reshape(len(q), self.num_classes, m).sum(-1)
+            top = _top_k(scores, k)
+            return top, np.take_along_axis(scores, top, 1)
+        shortlist = self.shortlist or max(4 * k * m, 64)
+        _, ids = self._coarse_index(m).search(q, shortlist)
+        # Candidate classes own the nearest coarse vectors; -1 marks a missing hit. Sorting
+        # each row lets duplicates (a class owning several hits) be masked out vectorised.
+        cand = np.sort(np.where(ids >= 0, ids // m, -1), axis=1)
+        dup = np.zeros_like(cand, dtype=bool)
+        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        invalid = dup | (cand < 0)
+        scores, _ = _block_scores(q, self.blocks[np.maximum(cand, 0), :m])
+        scores = np.where(invalid, -np.inf, scores)
+        cand = np.where(invalid, -1, cand)
+        top = _top_k(scores, k)
+        return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
+
+    def classify(self, queries: np.ndarray, n: int | None = None, m: int = 3, k: int = 5
+                 ) -> TwoStepResult:
+        """Algorithm 1 for a batch of query embeddings (B, D)."""
+        n = self.n if n is None else n
+        self.check_params(n, m, k)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise DundiError(f"queries must have shape (batch, {self.dim}); got {q.shape}")
+        if len(q) == 0:
+            empty = np.zeros((0, k))
+            return TwoStepResult(np.zeros(0, np.int64), empty.astype(np.int64), empty, empty, np.zeros(0))
+        parts = [self._classify_chunk(q[i:i + self.CHUNK], n, m, k)
+                 for i in range(0, len(q), self.CHUNK)]
+        return TwoStepResult(*(np.concatenate(f) for f in zip(*(dataclasses.astuple(p) for p in parts))))
+
+    CHUNK = 512  # queries per step: bounds the (chunk, k, n, D) float64 fine-step buffer
+
+    def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
+        top, coarse_scores = self._step1(q, m, k)
+        valid = top >= 0  # the IVF shortlist may find fewer than k classes
+        fine, nearest = _block_scores(q, self.blocks[np.where(valid, top, 0), :n])
+        fine = np.where(valid, fine, -np.inf)
+        best = np.argmax(fine, axis=1)  # first maximum: ties go to the better coarse rank
+        labels = top[np.arange(len(q)), best]
+        return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores, fine,
+                             nearest)
+
+    @staticmethod
+    def select(labels: np.ndarray, n: int, seed: int, num_classes: int) -> np.ndarray:
+        """Indices of n random samples per class (seeded), class-major: the oracle database."""
+        rng = np.random.default_rng(seed)
+        picks = []
+        for c in range(num_classes):
+            members = np.flatnonzero(np.asarray(labels) == c)
+            if len(members) < n:
+                raise DundiError(f"class {c} has {len(members)} samples, fewer than n={n} oracles")
+            picks.append(rng.choice(members, n, replace=False))
+        return np.concatenate(picks).astype(np.int64)
+
+    def check_params(self, n: int, m: int, k: int) -> None:
+        """Refuse (n, m, k) this index cannot honour, saying what would work."""
+        if not 1 <= n <= self.n:
+            raise DundiError(f"n={n} is out of range: this index holds {self.n} oracles per class "
+                             f"(rebuild it with more oracles for a larger n)")
+        if not 1 <= m <= n:
+            raise DundiError(f"m={m} must be between 1 and n={n}")
+        if not 1 <= k <= self.num_classes:
+            raise DundiError(f"k={k} must be between 1 and the number of classes ({self.num_classes})")
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> dict[str, str]:
+        """Write the index (FAISS format) and JSON metadata atomically; returns file names."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        flat = faiss.IndexFlatL2(self.dim)
+        flat.add(np.ascontiguousarray(self.blocks.reshape(-1, self.dim)))
+        tmp = directory / (INDEX_FILE + ".tmp")
+        faiss.write_index(flat, str(tmp))
+        os.replace(tmp, directory / INDEX_FILE)
+        meta = {**self.meta, "num_classes": self.num_classes, "n": self.n, "dim": self.dim,
+                "layout": "class-major: row c*n+j is oracle j of class c"}
+        tmp = directory / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, directory / META_FILE)
+        return {"index": INDEX_FILE, "meta": META_FILE}
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, **kw) -> "OracleIndex":
+        """Read an index written by :meth:`save` (FAISS's own format, no pickle)."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+            flat = faiss.read_index(str(directory / INDEX_FILE))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise DundiError(f"cannot read the oracle index in {directory}: {exc}. "
+                             f"Build it with `dundi index build RUN`.") from exc
+        vectors = flat.reconstruct_n(0, flat.ntotal)
+        if flat.ntotal != meta["num_classes"] * meta["n"] or flat.d != meta["dim"]:
+            raise DundiError(f"oracle index in {directory} does not match its metadata")
+        return cls(vectors, meta["num_classes"], meta=meta, **kw)

@@ -1,0 +1,159 @@
+"""Run-level operations that the CLI, the demo and the Ray edge share: train a native model,
+train a Distance NN, build its oracle index, measure two-step accuracy.
+
+Each function reads its data through :mod:`dundi.data`, writes a run directory through
+:mod:`dundi.artifacts`, and returns the figures it computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from dundi.artifacts import Run, atomic_write_json, load_model, save_model, save_oracle
+from dundi.data import DATASETS, load_split
+from dundi.errors import DundiError
+from dundi.inference import accuracy, forward_batched
+from dundi.models import build_distance_net, build_native
+from dundi.oracle import OracleIndex
+from dundi.train import TrainConfig, fit, split_train_val
+
+METRICS_FILE = "metrics.json"
+
+
+def _spec(dataset: str):
+    if dataset not in DATASETS:
+        raise DundiError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def _metrics_writer(run_dir: Path, log: Callable[[str], None]) -> Callable[[int, dict], None]:
+    """Per-epoch callback: prints the epoch's figures and rewrites metrics.json atomically."""
+    history: list[dict] = []
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
+        atomic_write_json(run_dir / METRICS_FILE, history)
+        log("  epoch " + " ".join(f"{k}={v}" for k, v in history[-1].items()))
+
+    return on_epoch
+
+
+def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
+    spec = _spec(cfg.dataset)
+    return {"kind": kind, "arch": cfg.arch, "dataset": cfg.dataset, "in_shape": list(spec.shape),
+            "num_classes": spec.num_classes, "seed": cfg.seed, "config": dataclasses.asdict(cfg), **extra}
+
+
+def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    return accuracy(forward_batched(model, images).argmax(1), labels)
+
+
+def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
+                      images: np.ndarray, labels: np.ndarray, num_classes: int,
+                      n: int | None = None, m: int = 3, k: int = 5) -> float:
+    """Two-step accuracy of a Distance NN with an oracle set given as images (validation)."""
+    index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes)
+    return accuracy(index.classify(forward_batched(model, images), n=n, m=min(m, index.n), k=k).labels, labels)
+
+
+def _train_val(cfg: TrainConfig, data_dir: str | None):
+    images, labels, _ = load_split(cfg.dataset, "train", data_dir, limit=cfg.limit)
+    tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
+    return images, labels, tr, va
+
+
+def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | None = None,
+                     progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Train a native softmax model, save it as a run, return its metadata with test accuracy."""
+    cfg.validate()
+    spec = _spec(cfg.dataset)
+    out = Path(out)
+    images, labels, tr, va = _train_val(cfg, data_dir)
+    model = build_native(cfg.arch, spec.shape, spec.num_classes)
+    validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
+    t0 = time.time()
+    fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress)
+    test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
+    metrics = {"test_accuracy": native_accuracy(model, test_x, test_y), "test_count": len(test_y),
+               "train_seconds": round(time.time() - t0, 2)}
+    return save_model(out, model, run_meta("native", cfg, metrics=metrics))
+
+
+def new_distance_net(cfg: TrainConfig, pretrained: str | os.PathLike | None) -> tuple[nn.Module, dict]:
+    """DunDi_R (fresh backbone) or DunDi_P (frozen backbone of a native run)."""
+    spec = _spec(cfg.dataset)
+    if pretrained is None:
+        return build_distance_net(cfg.arch, spec.shape, cfg.embed_dim), {"mode": "R"}
+    native, nmeta = load_model(pretrained)
+    if nmeta["kind"] != "native":
+        raise DundiError(f"--pretrained {pretrained} is not a native run (it is {nmeta['kind']!r})")
+    if nmeta["dataset"] != cfg.dataset or nmeta["arch"] != cfg.arch:
+        raise DundiError(f"--pretrained {pretrained} is a {nmeta['arch']} on {nmeta['dataset']}, "
+                         f"but this run asks for {cfg.arch} on {cfg.dataset}")
+    return (build_distance_net(cfg.arch, spec.shape, cfg.embed_dim, pretrained=native),
+            {"mode": "P", "pretrained": str(pretrained),
+             "pretrained_sha256": nmeta["files"]["model.safetensors"]})
+
+
+def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, tr: np.ndarray,
+                      va: np.ndarray) -> Callable[[nn.Module], float] | None:
+    """Per-epoch validation: two-step accuracy on the held-out part, oracles from the rest."""
+    if not len(va):
+        return None
+    num_classes = _spec(cfg.dataset).num_classes
+    oracle_idx = tr[OracleIndex.select(labels[tr], cfg.val_oracles, cfg.seed, num_classes)]
+    return lambda m: two_step_accuracy(m, images[oracle_idx], labels[oracle_idx], images[va],
+                                       labels[va], num_classes)
+
+
+def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | None = None,
+                    data_dir: str | None = None, progress: bool = True,
+                    log: Callable[[str], None] = print) -> dict:
+    """Triplet-train a Distance NN (DunDi_R, or DunDi_P from ``pretrained``) and save the run."""
+    cfg.validate()
+    out = Path(out)
+    images, labels, tr, va = _train_val(cfg, data_dir)
+    model, mode = new_distance_net(cfg, pretrained)
+    t0 = time.time()
+    history = fit(model, images[tr], labels[tr], cfg, "triplet",
+                  triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress)
+    metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
+    return save_model(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))
+
+
+def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
+                data_dir: str | None = None) -> OracleIndex:
+    """Pick n oracle samples per class from the training split (seeded), embed them with the
+    run's model and write the FAISS index into the run."""
+    model, meta = load_model(run_dir)
+    if meta["kind"] != "dundi":
+        raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
+    images, labels, ids = load_split(meta["dataset"], "train", data_dir,
+                                     limit=meta["config"].get("limit"))
+    pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
+    index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
+                        meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
+                              "ids": ids[pick].tolist()})
+    save_oracle(run_dir, index)
+    return index
+
+
+def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int = 3, k: int = 5,
+                   split: str = "test", data_dir: str | None = None, limit: int | None = None) -> dict:
+    """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run)."""
+    run = Run.load(run_dir)
+    images, labels, _ = load_split(run.meta["dataset"], split, data_dir, limit=limit)
+    figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
+               "run": str(run_dir), "kind": run.meta["kind"]}
+    if run.oracle is None:
+        return {**figures, "accuracy": native_accuracy(run.model, images, labels)}
+    n = run.oracle.n if n is None else n
+    result = run.classify(images, n=n, m=m, k=k)
+    return {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}

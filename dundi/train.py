@@ -1,0 +1,173 @@
+"""Plain PyTorch training loops: native softmax models and triplet training of the Distance NN.
+
+One config dataclass (``TrainConfig``) drives both. The per-epoch functions take whatever
+model they are given (a plain module, or a DDP-wrapped one on a Ray Train worker) and the
+slice of data that process owns, so the Ray edge reuses them unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dundi.loss import LOSSES, mine_batch_hard, triplet_loss, tuple_distances
+from dundi.tuples import sample_tuples
+
+MINING = ("random", "batch-hard")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that determines a training run. Saved verbatim in the run's metadata."""
+
+    dataset: str = "mnist-10k"
+    arch: str = "lenet5"
+    epochs: int = 5
+    batch_size: int = 128          # images (native) or tuples (triplet) per step
+    lr: float = 1e-3
+    seed: int = 0
+    tuples: int = 60_000           # size of the tuple set (paper: 360K), reshuffled each epoch
+    loss: str = "sigmoid"          # the paper's 1 − sigmoid(d_an − d_ap); or "margin"
+    margin: float = 1.0
+    mining: str = "random"         # paper's random tuples; or "batch-hard"
+    embed_dim: int = 128
+    dedupe: bool = True            # embed each distinct image of a batch once (same loss, faster)
+    val_fraction: float = 0.1      # held out of the training split for per-epoch validation
+    val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
+    limit: int | None = None       # use only the first N training samples (quick runs)
+
+    def validate(self) -> None:
+        from dundi.errors import DundiError
+
+        if self.loss not in LOSSES:
+            raise DundiError(f"--loss {self.loss!r} is unknown: choose one of {', '.join(LOSSES)}")
+        if self.mining not in MINING:
+            raise DundiError(f"--mining {self.mining!r} is unknown: choose one of {', '.join(MINING)}")
+        for name in ("epochs", "batch_size", "tuples", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise DundiError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+
+
+def split_train_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation index split of the training set."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    n_val = int(round(fraction * len(labels)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def epoch_tuples(tuples: np.ndarray, epoch: int, seed: int) -> np.ndarray:
+    """The tuple set in this epoch's order (a seeded shuffle, the same on every worker)."""
+    return tuples[np.random.default_rng([seed, epoch]).permutation(len(tuples))]
+
+
+def make_tuples(labels: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    return sample_tuples(labels, cfg.tuples, cfg.seed)
+
+
+def triplet_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       batch: np.ndarray, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and the fraction of tuples ordered correctly (d_an > d_ap) for a (B, 3) batch.
+
+    With ``cfg.dedupe`` each distinct image is embedded once and the tuples are formed from
+    those embeddings; otherwise anchor, positive and negative take three forward passes, as
+    in the paper's triplet network. Both give the same loss values.
+    """
+    if cfg.dedupe or cfg.mining == "batch-hard":
+        uniq, inverse = np.unique(batch, return_inverse=True)
+        emb = model(images[torch.from_numpy(uniq)])
+        if cfg.mining == "batch-hard":
+            d_ap, d_an = mine_batch_hard(emb, labels[torch.from_numpy(uniq)])
+        else:
+            inv = torch.from_numpy(inverse.reshape(batch.shape))
+            d_ap, d_an = tuple_distances(emb[inv[:, 0]], emb[inv[:, 1]], emb[inv[:, 2]])
+    else:
+        idx = torch.from_numpy(batch)
+        d_ap, d_an = tuple_distances(model(images[idx[:, 0]]), model(images[idx[:, 1]]),
+                                     model(images[idx[:, 2]]))
+    loss = triplet_loss(d_ap, d_an, cfg.loss, cfg.margin).mean()
+    return loss, (d_an > d_ap).float().mean()
+
+
+def run_triplet_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                      labels: torch.Tensor, tuples: np.ndarray, cfg: TrainConfig,
+                      progress: bool = True, desc: str = "triplet") -> dict[str, float]:
+    """One pass over ``tuples`` (already in this epoch's order). Returns mean loss and the
+    fraction of tuples ordered correctly."""
+    model.train()
+    total_loss = total_ok = seen = 0.0
+    steps = range(0, len(tuples), cfg.batch_size)
+    bar = tqdm(steps, desc=desc, disable=not progress, leave=False)
+    for start in bar:
+        batch = tuples[start:start + cfg.batch_size]
+        loss, ok = triplet_batch_loss(model, images, labels, batch, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(batch)
+        total_ok += ok.item() * len(batch)
+        seen += len(batch)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    return {"loss": total_loss / max(seen, 1), "ordered": total_ok / max(seen, 1)}
+
+
+def run_native_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                     labels: torch.Tensor, order: np.ndarray, cfg: TrainConfig,
+                     progress: bool = True) -> dict[str, float]:
+    """One cross-entropy pass over ``images[order]``."""
+    model.train()
+    total = correct = seen = 0.0
+    bar = tqdm(range(0, len(order), cfg.batch_size), desc="native", disable=not progress, leave=False)
+    for start in bar:
+        idx = torch.from_numpy(order[start:start + cfg.batch_size])
+        logits = model(images[idx])
+        loss = nn.functional.cross_entropy(logits, labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        correct += (logits.argmax(1) == labels[idx]).sum().item()
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return {"loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
+        kind: str = "triplet", validate: Callable[[nn.Module], float] | None = None,
+        on_epoch: EpochCallback | None = None, progress: bool = True) -> list[dict]:
+    """Train for ``cfg.epochs`` epochs: ``kind="native"`` is cross-entropy over the images,
+    ``kind="triplet"`` is the triplet loss over a fixed, seeded set of ``cfg.tuples`` tuples."""
+    torch.manual_seed(cfg.seed)
+    x, y = torch.as_tensor(images), torch.as_tensor(labels)
+    opt = make_optimizer(model, cfg)
+    tuples = make_tuples(labels, cfg) if kind == "triplet" else None
+    history = []
+    for epoch in range(cfg.epochs):
+        if tuples is not None:
+            metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), cfg,
+                                        progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        else:
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(y))
+            metrics = run_native_epoch(model, opt, x, y, order, cfg, progress)
+        if validate is not None:
+            metrics["val_accuracy"] = validate(model)
+        metrics["epoch"] = epoch
+        history.append(metrics)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    return history
