@@ -1,0 +1,42 @@
+"""Shared fixtures: a real local Ray, the real-data cache, and small trained runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    """Real datasets are cached once per machine (DUNDI_DATA_DIR, else the user cache dir)."""
+    from dundi.data.cache import resolve_data_dir
+
+    return str(resolve_data_dir(os.environ.get("DUNDI_DATA_DIR")))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, shared by the session's Ray tests."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mnist_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """A small native LeNet-5 and a DunDi_R run on a real mnist-10k slice, with an oracle
+    index of n=10: the shared subject of classify, serve and evaluation tests (~10 s)."""
+    from dundi.pipeline import build_index, train_dundi_run, train_native_run
+    from dundi.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("runs")
+    native = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000)
+    dundi = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000, tuples=6000)
+    train_native_run(native, root / "native", data_dir, progress=False, log=lambda s: None)
+    train_dundi_run(dundi, root / "dundi", None, data_dir, progress=False, log=lambda s: None)
+    build_index(root / "dundi", n=10, seed=0, data_dir=data_dir)
+    return {"native": root / "native", "dundi": root / "dundi"}
