@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dundi.adversarial import adversarial_anchors, adversarial_inputs_ce
 from dundi.loss import LOSSES, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.tuples import sample_tuples
 
@@ -40,6 +41,16 @@ class TrainConfig:
     val_fraction: float = 0.1      # held out of the training split for per-epoch validation
     val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
     limit: int | None = None       # use only the first N training samples (quick runs)
+    # Adversarial training (DunDi-AT for triplet runs, Madry-style PGD for native runs)
+    adversarial: bool = False
+    adv_eps: float = 0.3           # L∞ budget of the PGD examples crafted during training
+    adv_steps: int = 10
+    adv_alpha: float | None = None  # PGD step; default 2.5 · eps / steps
+    adv_mix: float = 0.5           # weight of the adversarial loss (1.0: adversarial only)
+
+    @property
+    def adv_step_size(self) -> float:
+        return self.adv_alpha if self.adv_alpha is not None else 2.5 * self.adv_eps / self.adv_steps
 
     def validate(self) -> None:
         from dundi.errors import DundiError
@@ -51,6 +62,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "tuples", "embed_dim"):
             if getattr(self, name) < 1:
                 raise DundiError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.adversarial and not (0 < self.adv_eps <= 1 and self.adv_steps >= 1 and 0 <= self.adv_mix <= 1):
+            raise DundiError("adversarial training needs 0 < adv_eps <= 1, adv_steps >= 1, 0 <= adv_mix <= 1")
         if not 0.0 <= self.val_fraction < 0.5:
             raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
 
@@ -85,15 +98,34 @@ def triplet_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         emb = model(images[torch.from_numpy(uniq)])
         if cfg.mining == "batch-hard":
             d_ap, d_an = mine_batch_hard(emb, labels[torch.from_numpy(uniq)])
+            emb_p = emb_n = None
         else:
             inv = torch.from_numpy(inverse.reshape(batch.shape))
-            d_ap, d_an = tuple_distances(emb[inv[:, 0]], emb[inv[:, 1]], emb[inv[:, 2]])
+            emb_p, emb_n = emb[inv[:, 1]], emb[inv[:, 2]]
+            d_ap, d_an = tuple_distances(emb[inv[:, 0]], emb_p, emb_n)
     else:
         idx = torch.from_numpy(batch)
-        d_ap, d_an = tuple_distances(model(images[idx[:, 0]]), model(images[idx[:, 1]]),
-                                     model(images[idx[:, 2]]))
+        emb_p, emb_n = model(images[idx[:, 1]]), model(images[idx[:, 2]])
+        d_ap, d_an = tuple_distances(model(images[idx[:, 0]]), emb_p, emb_n)
     loss = triplet_loss(d_ap, d_an, cfg.loss, cfg.margin).mean()
-    return loss, (d_an > d_ap).float().mean()
+    ordered = (d_an > d_ap).float().mean()
+    if cfg.adversarial:
+        if emb_p is None:
+            raise ValueError("adversarial triplet training uses the random tuples, not batch-hard mining")
+        loss = (1 - cfg.adv_mix) * loss + cfg.adv_mix * _adversarial_anchor_loss(
+            model, images[torch.from_numpy(batch[:, 0])], emb_p, emb_n, cfg)
+    return loss, ordered
+
+
+def _adversarial_anchor_loss(model: nn.Module, x_a: torch.Tensor, emb_p: torch.Tensor,
+                             emb_n: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """DunDi-AT: the triplet loss of PGD anchors that maximise it (see dundi.adversarial)."""
+    def loss_of(ea: torch.Tensor, ep: torch.Tensor, en: torch.Tensor) -> torch.Tensor:
+        return triplet_loss(*tuple_distances(ea, ep, en), cfg.loss, cfg.margin)
+
+    x_adv = adversarial_anchors(model, x_a, emb_p, emb_n, loss_of, cfg.adv_eps,
+                                cfg.adv_step_size, cfg.adv_steps)
+    return loss_of(model(x_adv), emb_p, emb_n).mean()
 
 
 def run_triplet_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -129,6 +161,11 @@ def run_native_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         idx = torch.from_numpy(order[start:start + cfg.batch_size])
         logits = model(images[idx])
         loss = nn.functional.cross_entropy(logits, labels[idx])
+        if cfg.adversarial:  # Madry et al. 2018: train on PGD examples of the current model
+            x_adv = adversarial_inputs_ce(model, images[idx], labels[idx], cfg.adv_eps,
+                                          cfg.adv_step_size, cfg.adv_steps)
+            adv_loss = nn.functional.cross_entropy(model(x_adv), labels[idx])
+            loss = (1 - cfg.adv_mix) * loss + cfg.adv_mix * adv_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,0 +1,61 @@
+"""Adversarial training losses: DunDi-AT (adversarial triplet anchors) and Madry-style PGD
+training of native models.
+
+Both craft L∞ PGD examples against the *current* model inside the training step. DunDi-AT
+follows TLA (Mao et al. 2019, "Metric Learning for Adversarial Robustness"): the anchor is
+perturbed to maximise the triplet loss of its tuple — pushing f(x_a) away from its positive
+and towards its negative — and the model then learns to keep that adversarial anchor
+closer to the positive than to the negative. The inner maximisation is written here rather
+than taken from :mod:`dundi.attacks` because its objective is a tuple loss, not a class score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+
+def pgd_maximise(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float,
+                 alpha: float, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """L∞ PGD with a random start: returns x' in the eps-ball around x, pixels in [0, 1],
+    that (locally) maximises ``loss_fn(x')`` (a scalar summed over the batch)."""
+    x = x.detach()
+    delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
+    x_adv = (x + delta).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
+        x_adv = x_adv.detach() + alpha * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Craft in eval mode (batch-norm statistics untouched), then restore the caller's mode."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def adversarial_anchors(model: torch.nn.Module, x_a: torch.Tensor, emb_p: torch.Tensor,
+                        emb_n: torch.Tensor, loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                        eps: float, alpha: float, steps: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Anchors perturbed to maximise the triplet loss against fixed positive/negative embeddings."""
+    emb_p, emb_n = emb_p.detach(), emb_n.detach()
+    with _eval_mode(model):
+        return pgd_maximise(lambda xa: loss_of(model(xa), emb_p, emb_n).sum(), x_a, eps, alpha, steps, generator)
+
+
+def adversarial_inputs_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                          alpha: float, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Madry et al. (2018): PGD examples maximising cross-entropy, for adversarial training."""
+    with _eval_mode(model):
+        return pgd_maximise(lambda xa: torch.nn.functional.cross_entropy(model(xa), y, reduction="sum"),
+                            x, eps, alpha, steps, generator)
