@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from dundi.artifacts import Run, atomic_write_json, load_model, save_model, save_oracle
@@ -64,6 +65,7 @@ def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels
 
 
 def _train_val(cfg: TrainConfig, data_dir: str | None):
+    _spec(cfg.dataset)
     images, labels, _ = load_split(cfg.dataset, "train", data_dir, limit=cfg.limit)
     tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
     return images, labels, tr, va
@@ -76,7 +78,7 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
     spec = _spec(cfg.dataset)
     out = Path(out)
     images, labels, tr, va = _train_val(cfg, data_dir)
-    model = build_native(cfg.arch, spec.shape, spec.num_classes)
+    model = new_native_net(cfg)
     validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
     t0 = time.time()
     fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress)
@@ -86,9 +88,18 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
     return save_model(out, model, run_meta("native", cfg, metrics=metrics))
 
 
-def new_distance_net(cfg: TrainConfig, pretrained: str | os.PathLike | None) -> tuple[nn.Module, dict]:
-    """DunDi_R (fresh backbone) or DunDi_P (frozen backbone of a native run)."""
+def new_native_net(cfg: TrainConfig) -> nn.Module:
+    """A native model with weights initialised from ``cfg.seed`` (the same on every machine)."""
     spec = _spec(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    return build_native(cfg.arch, spec.shape, spec.num_classes)
+
+
+def new_distance_net(cfg: TrainConfig, pretrained: str | os.PathLike | None) -> tuple[nn.Module, dict]:
+    """DunDi_R (fresh backbone) or DunDi_P (frozen backbone of a native run); the new layers
+    are initialised from ``cfg.seed``."""
+    spec = _spec(cfg.dataset)
+    torch.manual_seed(cfg.seed)
     if pretrained is None:
         return build_distance_net(cfg.arch, spec.shape, cfg.embed_dim), {"mode": "R"}
     native, nmeta = load_model(pretrained)
