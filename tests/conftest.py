@@ -34,7 +34,7 @@ def mnist_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     from dundi.train import TrainConfig
 
     root = tmp_path_factory.mktemp("runs")
-    native = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000)
+    native = TrainConfig("mnist-10k", "lenet5", epochs=4, batch_size=64, limit=3000)
     dundi = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000, tuples=6000)
     train_native_run(native, root / "native", data_dir, progress=False, log=lambda s: None)
     train_dundi_run(dundi, root / "dundi", None, data_dir, progress=False, log=lambda s: None)

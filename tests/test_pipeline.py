@@ -1,0 +1,84 @@
+"""End to end on a real mnist-10k slice: training, index, classify, the CLI contract."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dundi.artifacts import Run
+from dundi.classify import OracleScorer
+from dundi.data import load_split
+from dundi.pipeline import classify_split
+from dundi.train import TrainConfig, triplet_batch_loss
+
+pytestmark = pytest.mark.realdata
+
+
+def test_trained_runs_classify_real_digits(mnist_runs, data_dir):
+    native = classify_split(mnist_runs["native"], data_dir=data_dir)
+    dundi = classify_split(mnist_runs["dundi"], n=10, m=3, k=5, data_dir=data_dir)
+    assert native["count"] == dundi["count"] == 2000
+    # tiny budgets (a few seconds of training on 2,700 digits): both far above chance (10 %);
+    # the demo test checks DunDi against native at a real budget
+    assert native["accuracy"] > 0.8
+    assert dundi["accuracy"] > 0.5
+
+
+def test_adaptive_scorer_argmax_equals_two_step_on_real_run(mnist_runs, data_dir):
+    run = Run.load(mnist_runs["dundi"])
+    x, _, _ = load_split("mnist-10k", "test", data_dir, limit=300)
+    two_step = run.classify(x, n=10, m=3, k=10).labels
+    scorer = OracleScorer(run.model, run.oracle_tensor()).eval()
+    with torch.no_grad():
+        scores = scorer(torch.from_numpy(x))
+    np.testing.assert_array_equal(scores.argmax(1).numpy(), two_step)
+
+
+def test_dedupe_and_paper_loop_give_the_same_loss(data_dir):
+    from dundi.models import build_distance_net
+    from dundi.tuples import sample_tuples
+
+    x, y, _ = load_split("mnist-10k", "train", data_dir, limit=500)
+    model = build_distance_net("lenet1", (1, 28, 28)).eval()
+    batch = sample_tuples(y, 64, seed=0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    fast, ok_fast = triplet_batch_loss(model, xt, yt, batch, TrainConfig(dedupe=True))
+    slow, ok_slow = triplet_batch_loss(model, xt, yt, batch, TrainConfig(dedupe=False))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert ok_fast == ok_slow
+
+
+def _dundi(*args):
+    return subprocess.run([sys.executable, "-m", "dundi", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_classify_json_last_line(mnist_runs, data_dir):
+    out = _dundi("classify", str(mnist_runs["dundi"]), "--n", "10", "--m", "2", "--k", "3",
+                 "--data-dir", data_dir, "--limit", "500", "--json")
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"accuracy", "n", "m", "k", "dataset", "split", "count"} <= figures.keys()
+    assert figures["count"] == 500 and figures["n"] == 10 and figures["m"] == 2 and figures["k"] == 3
+    direct = classify_split(mnist_runs["dundi"], n=10, m=2, k=3, data_dir=data_dir, limit=500)
+    assert figures["accuracy"] == pytest.approx(direct["accuracy"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["classify", "/nonexistent/run"], "is not a DunDi run"),
+    (["train", "--dataset", "imagenet", "--no-progress"], "unknown dataset 'imagenet'"),
+    (["train", "--loss", "hinge"], "--loss 'hinge' is unknown"),
+    (["train-native", "--model", "resnet"], "unknown model 'resnet'"),
+])
+def test_cli_bad_input_is_one_clear_line(args, message):
+    out = _dundi(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_refuses_out_of_range_n(mnist_runs, data_dir):
+    out = _dundi("classify", str(mnist_runs["dundi"]), "--n", "50", "--data-dir", data_dir)
+    assert out.returncode == 2 and "n=50 is out of range" in out.stderr and "Traceback" not in out.stderr
