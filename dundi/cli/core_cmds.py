@@ -39,6 +39,13 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
         p.add_argument("--paper-loop", action="store_true",
                        help="three forward passes per tuple, as in the paper (slower, same loss)")
         p.add_argument("--oracles", type=int, default=20, help="oracles per class in the final index")
+    adv = p.add_argument_group("adversarial training (DunDi-AT for `train`, Madry-style PGD for `train-native`)")
+    adv.add_argument("--adversarial", action="store_true", help="train on PGD examples crafted against the current model")
+    adv.add_argument("--adv-eps", type=float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
+    adv.add_argument("--adv-steps", type=int, default=d.adv_steps)
+    adv.add_argument("--adv-alpha", type=float, default=None, help="PGD step (default 2.5*eps/steps)")
+    adv.add_argument("--adv-mix", type=float, default=d.adv_mix,
+                     help="weight of the adversarial loss; 1.0 trains on adversarial examples only")
     ray = p.add_argument_group("Ray Train (omit --workers to train in this process)")
     ray.add_argument("--workers", type=int, default=0, help="train with Ray Train on W workers")
     ray.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")

@@ -1,0 +1,66 @@
+"""DunDi-AT and Madry-style training steps: the inner PGD respects its budget and raises the loss."""
+
+import numpy as np
+import torch
+
+from dundi.adversarial import adversarial_anchors, adversarial_inputs_ce, pgd_maximise
+from dundi.loss import triplet_loss, tuple_distances
+from dundi.models import build_distance_net, build_native
+from dundi.train import TrainConfig, triplet_batch_loss
+from dundi.tuples import sample_tuples
+
+SHAPE = (1, 28, 28)
+
+
+def _loss_of(ea, ep, en):
+    return triplet_loss(*tuple_distances(ea, ep, en), "sigmoid")
+
+
+def test_pgd_maximise_stays_in_budget_and_raises_the_loss():
+    torch.manual_seed(0)
+    target = torch.rand(8, 1, 28, 28)
+    x = torch.rand(8, 1, 28, 28)
+    loss = lambda z: ((z - target) ** 2).sum()  # noqa: E731
+    x_adv = pgd_maximise(loss, x, eps=0.1, alpha=0.02, steps=10)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert loss(x_adv) > loss(x)
+
+
+def test_adversarial_anchors_raise_the_triplet_loss_and_restore_mode():
+    torch.manual_seed(0)
+    model = build_distance_net("lenet1", SHAPE).train()
+    xa, xp, xn = torch.rand(3, 16, *SHAPE).unbind(0)
+    with torch.no_grad():
+        ep, en = model(xp), model(xn)
+    adv = adversarial_anchors(model, xa, ep, en, _loss_of, eps=0.3, alpha=0.05, steps=10)
+    assert model.training, "the caller's train mode is restored"
+    assert (adv - xa).abs().max() <= 0.3 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        assert _loss_of(model(adv), ep, en).mean() > _loss_of(model(xa), ep, en).mean()
+
+
+def test_madry_examples_raise_cross_entropy():
+    torch.manual_seed(0)
+    model = build_native("lenet1", SHAPE, 10)
+    x, y = torch.rand(16, *SHAPE), torch.randint(0, 10, (16,))
+    adv = adversarial_inputs_ce(model, x, y, eps=0.3, alpha=0.05, steps=10)
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert ce(model(adv), y) > ce(model(x), y)
+    assert (adv - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_adversarial_triplet_step_mixes_losses_and_trains():
+    torch.manual_seed(0)
+    labels = np.repeat(np.arange(10), 6)
+    images = torch.rand(len(labels), *SHAPE)
+    batch = sample_tuples(labels, 32, seed=0)
+    model = build_distance_net("lenet1", SHAPE)
+    clean, _ = triplet_batch_loss(model, images, torch.from_numpy(labels), batch, TrainConfig())
+    adv_cfg = TrainConfig(adversarial=True, adv_eps=0.3, adv_steps=5, adv_mix=1.0)
+    adv, _ = triplet_batch_loss(model, images, torch.from_numpy(labels), batch, adv_cfg)
+    assert adv > clean  # the adversarial anchors are worse for the current model
+    adv.backward()
+    assert all(p.grad is not None for p in model.embedding.parameters())
