@@ -1,0 +1,201 @@
+"""The small base every attack builds on.
+
+An attack holds a model (any ``nn.Module`` mapping float32 NCHW images in [0, 1] to
+``(N, num_classes)`` logits or scores, larger = more likely) and turns a batch of images
+and their true labels into adversarial images:
+
+    result = attack.run(images, labels)   # AttackResult(adv, steps)
+    adv = attack(images, labels)          # just the adversarial images
+
+What the base does, so that the attack files do not have to:
+
+- runs the model in eval mode during the attack and restores every submodule's own
+  train/eval flag afterwards (the caller's state is never changed permanently);
+- moves the inputs to the attack's device (given, else the model's, else the images');
+  results stay on that device;
+- checks shapes, dtype and the [0, 1] range, and clamps the result to [0, 1];
+- returns detached tensors.
+
+Gradients are always taken with ``torch.autograd.grad`` with respect to the input only,
+so an attack never writes into the model parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class AttackResult:
+    """What :meth:`Attack.run` returns.
+
+    adv:    (N, C, H, W) float32 adversarial images in [0, 1], detached.
+    steps:  (N,) int64 per-sample work: iterations for iterative attacks (1 for FGSM),
+            pixel-pair updates for JSMA, model queries for Square.
+    target: (N,) int64 target classes for targeted attacks (JSMA), else None.
+    """
+
+    adv: Tensor
+    steps: Tensor
+    target: Tensor | None = None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own flag on exit.
+
+    ``model.train(flag)`` alone would flatten mixed states (e.g. a frozen, eval-mode
+    backbone inside a training model), so each module's flag is saved and restored.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer, or None if it has neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def margin(scores: Tensor, labels: Tensor) -> Tensor:
+    """CW-style margin per sample: best other score minus the true-class score.
+
+    Positive means misclassified. ``scores``: (N, K); ``labels``: (N,). Returns (N,).
+    """
+    true = scores.gather(1, labels[:, None]).squeeze(1)
+    other = scores.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return other - true
+
+
+def loss_per_sample(scores: Tensor, labels: Tensor, loss: str) -> Tensor:
+    """Per-sample loss an untargeted attack maximises: ``"ce"`` or ``"margin"``."""
+    if loss == "ce":
+        return F.cross_entropy(scores, labels, reduction="none")
+    if loss == "margin":
+        return margin(scores, labels)
+    raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+
+
+def input_grad(model: nn.Module, x: Tensor, labels: Tensor, loss: str = "ce") -> tuple[Tensor, Tensor]:
+    """Gradient of the summed per-sample loss w.r.t. ``x``, and the scores at ``x``.
+
+    The sum (not the mean) keeps each sample's gradient independent of the batch size.
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = model(x)
+        total = loss_per_sample(scores, labels, loss).sum()
+        (grad,) = torch.autograd.grad(total, x)
+    return grad, scores.detach()
+
+
+class Attack:
+    """Base class: subclasses set ``name`` and ``norm`` and implement ``_run``.
+
+    Arguments:
+        model (nn.Module): maps (N, C, H, W) images in [0, 1] to (N, K) logits/scores.
+        device (torch.device | str | None): where to attack. Default: the model's
+            device, else the images' device.
+    """
+
+    name: str = "attack"
+    norm: str = "linf"
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.device = torch.device(device) if device is not None else None
+
+    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.forward(images, labels)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Adversarial images (N, C, H, W) in [0, 1], detached."""
+        return self.run(images, labels).adv
+
+    def run(self, images: Tensor, labels: Tensor) -> AttackResult:
+        """Attack a batch: images (N, C, H, W) float in [0, 1], labels (N,) int64 true classes."""
+        images, labels = self._prepare(images, labels)
+        with eval_mode(self.model):
+            result = self._run(images, labels)
+        adv = result.adv.detach().clamp_(0.0, 1.0)
+        steps = result.steps.detach().to(device=adv.device, dtype=torch.int64)
+        target = None if result.target is None else result.target.detach()
+        return AttackResult(adv, steps, target)
+
+    def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
+        raise NotImplementedError
+
+    def _prepare(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if not torch.is_tensor(images) or images.dim() != 4:
+            raise ValueError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        labels = torch.as_tensor(labels)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        device = self.device or model_device(self.model) or images.device
+        images = images.detach().to(device=device, dtype=torch.float32).clone()
+        labels = labels.detach().to(device=device, dtype=torch.int64)
+        if images.numel() and (images.min() < 0 or images.max() > 1):
+            raise ValueError(
+                f"images must be in [0, 1], got [{images.min().item():.3g}, {images.max().item():.3g}]"
+            )
+        return images, labels
+
+    def _scores(self, x: Tensor) -> Tensor:
+        """Model scores without building a graph."""
+        with torch.no_grad():
+            return self.model(x)
+
+    @staticmethod
+    def _check_labels(scores: Tensor, labels: Tensor) -> int:
+        """Number of classes, read from the model output; validates the labels against it."""
+        if scores.dim() != 2 or scores.shape[0] != labels.shape[0]:
+            raise ValueError(f"model must return (N, num_classes) scores, got {tuple(scores.shape)}")
+        k = scores.shape[1]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError(f"labels must be in [0, {k}), got [{labels.min().item()}, {labels.max().item()}]")
+        return k
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("model",) and not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores (N, K) and their Jacobian w.r.t. the input, (N, K, C*H*W), for all classes.
+
+    One forward pass, then all K vector-Jacobian products in one batched backward
+    (``is_grads_batched``, i.e. vmap over the backward graph). Models whose backward has
+    no batching rule fall back to K ordinary backward passes over the same graph. Both
+    rely on samples being independent in eval mode, so that the gradient of
+    ``scores[:, k].sum()`` w.r.t. ``x[n]`` is ``d scores[n, k] / d x[n]``.
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = model(x)
+        n, k = scores.shape
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+        try:
+            (jac,) = torch.autograd.grad(
+                scores, x, grad_outputs=eye[:, None, :].expand(k, n, k), is_grads_batched=True, retain_graph=True
+            )
+        except (RuntimeError, NotImplementedError):
+            jac = torch.stack(
+                [torch.autograd.grad(scores[:, c].sum(), x, retain_graph=c < k - 1)[0] for c in range(k)]
+            )
+    return scores.detach(), jac.reshape(k, n, -1).transpose(0, 1)
