@@ -1,0 +1,262 @@
+"""Ray Serve endpoint vs the same model behind a plain single-process uvicorn + FastAPI app.
+
+In one run, for concurrency 1, 8 and 32 (closed loop: each client sends its next request when
+the previous answer arrives): requests/s, p50 and p99 latency and errors, for
+
+* **serve** — ``dundi serve`` on a local Ray (FastAPI ingress → batching Classifier
+  deployment, ``@serve.batch``), and
+* **plain** — ``dundi serve --no-ray``: the same FastAPI app (dundi.serving.app) and model in
+  one uvicorn process, one request per model call (the no-Ray reference).
+
+Requests are v2 JSON inference requests with one real mnist-10k test image each, sent over
+loopback by a minimal keep-alive HTTP/1.1 client (asyncio streams, pre-encoded requests), so
+the load generator takes as little CPU as possible from the servers on a small machine.
+Every answer's status is checked, and a sample of answers must equal the in-process
+``Run.classify`` labels. Target: serve ≥ 0.7 × plain requests/s at concurrency 32.
+
+    python bench/serve.py [--run RUN] [--duration 10] [--concurrency 1 8 32] [--replicas 1]
+
+Without --run, a small DunDi_R run is trained on mnist-10k first (≈ 10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_run(out: Path, data_dir: str | None) -> Path:
+    from dundi.pipeline import build_index, train_dundi_run
+    from dundi.train import TrainConfig
+
+    cfg = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000, tuples=6000)
+    train_dundi_run(cfg, out, None, data_dir, progress=False, log=lambda s: None)
+    build_index(out, n=10, seed=0, data_dir=data_dir)
+    return out
+
+
+def requests_for(images: np.ndarray, port: int) -> list[bytes]:
+    out = []
+    for img in images:
+        body = json.dumps({"inputs": [{"name": "images", "shape": [1, *img.shape], "datatype": "FP32",
+                                       "data": img.ravel().tolist()}]}).encode()
+        head = (f"POST /v2/models/dundi/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        out.append(head + body)
+    return out
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" in headers:
+        return status, await reader.readexactly(int(headers["content-length"]))
+    body = b""  # chunked
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return status, body
+        body += chunk[:-2]
+
+
+async def client(port: int, reqs: list[bytes], offset: int, stop: float, lat: list, errors: list,
+                 answers: dict) -> None:
+    reader = writer = None
+    i = offset
+    while time.perf_counter() < stop:
+        idx = i % len(reqs)
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(reqs[idx])
+            status, body = await asyncio.wait_for(read_response(reader), 60)
+        except Exception as exc:  # a dropped connection counts as an error, then reconnect
+            errors.append(type(exc).__name__)
+            if writer is not None:
+                writer.close()
+            reader = writer = None
+            continue
+        lat.append(time.perf_counter() - t0)
+        if status != 200:
+            errors.append(status)
+        elif idx not in answers:
+            answers[idx] = json.loads(body)["outputs"][0]["data"][0]
+    if writer is not None:
+        writer.close()
+
+
+async def load(port: int, reqs: list[bytes], concurrency: int, duration: float, warmup: float,
+               server_cpu=lambda: 0.0) -> dict:
+    await asyncio.gather(*(client(port, reqs, j * 7, time.perf_counter() + warmup, [], [], {})
+                           for j in range(concurrency)))
+    lat: list[float] = []
+    errors: list = []
+    answers: dict = {}
+    cpu0 = server_cpu()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(port, reqs, j * 7, t0 + duration, lat, errors, answers)
+                           for j in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    cpu_ms = 1000 * (server_cpu() - cpu0) / max(1, len(lat))
+    ms = np.array(lat) * 1000 if lat else np.array([np.nan])
+    return {"concurrency": concurrency, "rps": len(lat) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "requests": len(lat), "errors": len(errors),
+            "server_cpu_ms_per_req": cpu_ms,
+            "answers": answers}
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of a process and all its descendants: the whole server, Ray's
+    raylet, GCS, proxy and replicas included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server on port {port} not ready after {timeout} s")
+
+
+def start(kind: str, run: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dundi", "serve", str(run), "--port", str(port)]
+    if kind == "plain":
+        cmd.append("--no-ray")
+    else:
+        cmd += ["--replicas", str(args.replicas), "--num-cpus", str(os.cpu_count() or 2),
+                "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
+    # Ray starts its workers at niceness 15; both servers run at the same niceness so that on
+    # a shared machine neither is favoured by the scheduler.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_worker_niceness": str(args.niceness)}
+    if kind == "serve" and args.throughput_optimized:
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # Serve's own flag: fewer threads, direct ingress
+    preexec = (lambda: os.nice(args.niceness)) if kind == "plain" and args.niceness else None
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=preexec)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # the CLI tears Serve down on Ctrl-C
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per level")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--replicas", type=int, default=1, help="Serve classifier replicas")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--niceness", type=int, default=0, help="niceness of both servers (Ray's default "
+                   "for its workers is 15)")
+    p.add_argument("--throughput-optimized", action="store_true",
+                   help="start Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    from dundi.artifacts import Run
+    from dundi.data import load_split
+
+    tmp = tempfile.TemporaryDirectory()
+    run = Path(args.run) if args.run else small_run(Path(tmp.name) / "dundi", args.data_dir)
+    meta = Run.load(run).meta
+    images, _, _ = load_split(meta["dataset"], "test", args.data_dir, limit=64)
+    expected = Run.load(run).classify(images).labels  # default n, m, k: as the servers
+
+    results = {}
+    for kind in ("plain", "serve"):
+        port = free_port()
+        proc = start(kind, run, port, args)
+        try:
+            t0 = time.time()
+            wait_ready(port, proc)
+            startup = time.time() - t0
+            reqs = requests_for(images, port)
+            rows = []
+            for c in args.concurrency:
+                row = asyncio.run(load(port, reqs, c, args.duration, args.warmup,
+                                       lambda: tree_cpu_seconds(proc.pid)))
+                answers = row.pop("answers")
+                row["mismatches"] = sum(int(answers[i] != expected[i]) for i in answers)
+                rows.append(row)
+                print(f"{kind:5s} c={c:<3d} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+                      f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  wrong {row['mismatches']}  "
+                      f"server CPU {row['server_cpu_ms_per_req']:.1f} ms/req",
+                      flush=True)
+            results[kind] = {"startup_s": startup, "levels": rows}
+        finally:
+            stop(proc)
+    top = max(args.concurrency)
+    rps = {k: next(r["rps"] for r in v["levels"] if r["concurrency"] == top) for k, v in results.items()}
+    ratio = rps["serve"] / rps["plain"]
+    ok = ratio >= 0.7
+    print(f"serve / plain throughput at concurrency {top}: {ratio:.2f}× "
+          f"({'meets' if ok else 'BELOW'} the 0.7× target); cpus={os.cpu_count()}, "
+          f"serve replicas={args.replicas}, batch {args.batch_size}/{args.batch_wait_ms} ms")
+    if args.json:
+        print(json.dumps({"results": results, "ratio_at_max_concurrency": ratio, "target": 0.7,
+                          "cpus": os.cpu_count(), "replicas": args.replicas}))
+
+
+if __name__ == "__main__":
+    main()

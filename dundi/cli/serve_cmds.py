@@ -1,0 +1,175 @@
+"""``dundi serve``: the online two-step classification endpoint (Ray Serve, or plain uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from dundi.cli.main import emit
+from dundi.errors import DundiError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--autoscale wants MIN:MAX (e.g. 1:4), got {text!r}") from None
+    if lo < 0 or hi < 1 or lo > hi:
+        raise argparse.ArgumentTypeError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
+    return lo, hi
+
+
+def _model_config(args: argparse.Namespace):
+    from dundi.serving import LoadedModel, ModelConfig, RequestError
+
+    try:
+        config = ModelConfig.from_dict({"run": os.path.abspath(args.run), "n": args.n, "m": args.m, "k": args.k,
+                                        "abstain_threshold": args.abstain_threshold})
+    except RequestError as exc:
+        raise DundiError(exc.message) from None
+    return config, LoadedModel(config)  # fails early, with the loader's message, on a bad run
+
+
+def _calibrate(args: argparse.Namespace, model) -> dict:
+    from dundi.serving.abstain import calibrate, held_out_images
+
+    images, labels, source = held_out_images(model, args.data_dir, limit=args.calibration_limit)
+    figures = calibrate(model, images, labels, quantile=args.abstain_quantile)
+    print(f"abstain threshold {figures['abstain_threshold']:.4f} = {args.abstain_quantile:g} quantile of "
+          f"nearest-oracle distances on {source}", file=sys.stderr)
+    return figures
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from dundi.serving.settings import ServeSettings
+
+    config, model = _model_config(args)
+    calibration = {}
+    if args.abstain_quantile is not None:
+        if args.abstain_threshold is not None:
+            raise DundiError("give --abstain-threshold or --abstain-quantile, not both")
+        calibration = _calibrate(args, model)
+        config = dataclasses.replace(config, abstain_threshold=calibration["abstain_threshold"])
+    settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
+                                    model_name=args.model_name, max_batch=args.max_batch,
+                                    max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout)
+    if args.host not in LOOPBACK and not settings.auth_token_sha256:
+        print(f"dundi: warning: serving on {args.host} without a bearer token; set $DUNDI_SERVE_TOKEN "
+              f"(or --token) unless the network in front of it authenticates", file=sys.stderr)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    figures = {"url": url, "run": config.run, "model_name": settings.model_name, "version": model.info.version,
+               "dataset": model.info.dataset, "in_shape": list(model.info.in_shape),
+               "n": model.n, "m": config.m, "k": config.k, "abstain_threshold": config.abstain_threshold,
+               **({"abstain_quantile": args.abstain_quantile} if calibration else {}),
+               "auth": bool(settings.auth_token_sha256), "admin_reload": bool(settings.admin_token_sha256)}
+    example = (f"  curl -s -F file=@digit.png {url}/classify\n"
+               f"  curl -s -H 'Content-Type: application/json' -d @request.json "
+               f"{url}/v2/models/{settings.model_name}/infer")
+
+    if args.no_ray:
+        from dundi.serving.app import serve_plain
+
+        del model
+        emit({**figures, "backend": "uvicorn (single process, no Ray)"}, args.json, f"serving {url}")
+        if not args.json:
+            print(example)
+        serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads)
+        return
+
+    from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, shutdown
+
+    lo, hi = args.autoscale if args.autoscale else (None, None)
+    app_args = ServeAppArgs(
+        run=config.run, n=config.n, m=config.m, k=config.k, abstain_threshold=config.abstain_threshold,
+        model_name=settings.model_name, replicas=args.replicas, autoscale_min=lo, autoscale_max=hi,
+        target_ongoing_requests=args.target_ongoing, ingress_replicas=args.ingress_replicas,
+        classifier_cpus=args.classifier_cpus, ingress_cpus=args.ingress_cpus, torch_threads=args.torch_threads,
+        max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+        max_request_batch=settings.max_batch, max_body_bytes=settings.max_body_bytes,
+        request_timeout_s=settings.request_timeout_s, auth_token_sha256=settings.auth_token_sha256,
+        admin_token_sha256=settings.admin_token_sha256)
+    del model
+    t0 = time.time()
+    deploy(app_args, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus,
+           access_log=args.access_log)
+    scaling = f"autoscale {lo}:{hi}" if args.autoscale else f"{args.replicas} replica(s)"
+    emit({**figures, "backend": f"Ray Serve, classifier {scaling}", "startup_s": round(time.time() - t0, 1)},
+         args.json, f"serving {url}")
+    if args.detach:
+        if args.address is None:
+            print("dundi: --detach keeps the app only on a cluster (--address); this local Ray ends with "
+                  "the command", file=sys.stderr)
+        else:
+            return
+    if not args.json:
+        print(example)
+        print("Ctrl-C stops the service.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            shutdown(APP_NAME)
+        except KeyboardInterrupt:  # a second Ctrl-C: the local Ray goes down with this process anyway
+            pass
+    print("dundi: service stopped", file=sys.stderr)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="online two-step classification endpoint (Ray Serve; v2 inference protocol)",
+        description="Deploy a DunDi run as an HTTP service: Open Inference Protocol v2 "
+                    "(POST /v2/models/dundi/infer, GET /v2/health/live|ready, GET /v2/models/dundi) "
+                    "and POST /classify (PNG/JPEG uploads or JSON arrays). Binds to 127.0.0.1 unless --host.")
+    p.add_argument("run", help="DunDi run directory with an oracle index")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="classifier replicas (default 1)")
+    scale.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
+                       help="autoscale the classifier between MIN and MAX replicas")
+    p.add_argument("--target-ongoing", type=float, default=16.0,
+                   help="autoscaling target of requests in flight per classifier replica")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this starts")
+    p.add_argument("--detach", action="store_true", help="with --address: leave the app running and exit")
+    p.add_argument("--no-ray", action="store_true",
+                   help="serve from this single process with uvicorn instead (same API, no Ray)")
+    model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
+    model.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all)")
+    model.add_argument("--m", type=int, default=3, help="coarse-step oracles per class")
+    model.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
+    model.add_argument("--abstain-threshold", type=float, default=None,
+                       help="answer 'unknown' when the nearest oracle is farther than this")
+    model.add_argument("--abstain-quantile", type=float, default=None,
+                       help="calibrate the threshold: this quantile (e.g. 0.99) of nearest-oracle distances "
+                            "on held-out data")
+    model.add_argument("--calibration-limit", type=int, default=2000, help="held-out images to calibrate on")
+    model.add_argument("--data-dir", default=None, help="dataset cache (for --abstain-quantile)")
+    limits = p.add_argument_group("limits and access")
+    limits.add_argument("--model-name", default="dundi", help="the {name} in /v2/models/{name}")
+    limits.add_argument("--max-batch", type=int, default=256, help="images per request")
+    limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    limits.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for the model")
+    limits.add_argument("--token", default=None,
+                        help="require 'Authorization: Bearer TOKEN' (prefer $DUNDI_SERVE_TOKEN: flags show in ps)")
+    limits.add_argument("--admin-token", default=None,
+                        help="enable POST /admin/reload with this bearer token (prefer $DUNDI_ADMIN_TOKEN)")
+    perf = p.add_argument_group("Ray Serve resources and batching")
+    perf.add_argument("--batch-size", type=int, default=64, help="images per model call (@serve.batch)")
+    perf.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    perf.add_argument("--classifier-cpus", type=float, default=0.25, help="CPUs reserved per classifier replica")
+    perf.add_argument("--ingress-cpus", type=float, default=0.1, help="CPUs reserved per ingress replica")
+    perf.add_argument("--ingress-replicas", type=int, default=1)
+    perf.add_argument("--torch-threads", type=int, default=1, help="torch threads per classifier replica")
+    perf.add_argument("--access-log", action="store_true", help="log every request in Serve's replica logs")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
+    p.set_defaults(handler=cmd_serve)

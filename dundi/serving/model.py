@@ -1,0 +1,182 @@
+"""The served model without any server: a verified run, its oracle index and the settings
+(n, m, k, abstain threshold) under which requests are answered.
+
+:class:`LoadedModel` is what a Serve classifier replica and the plain-uvicorn reference both
+hold; swapping one for another is how the index and n, m, k change at runtime. Loading goes
+through :func:`dundi.artifacts.Run.load`, which re-hashes every file against the sha256
+recorded in ``run.json`` and refuses a file that changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dundi.artifacts import Run
+from dundi.errors import DundiError
+from dundi.serving.errors import RequestError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which run to serve and how: the Serve classifier's ``user_config``.
+
+    ``n`` None means every oracle in the index. ``abstain_threshold`` None never abstains;
+    otherwise an input whose nearest oracle (among the k classes kept by step 1) is farther
+    than the threshold gets the answer "unknown" (see :mod:`dundi.serving.abstain`).
+    """
+
+    run: str
+    n: int | None = None
+    m: int = 3
+    k: int = 5
+    abstain_threshold: float | None = None
+
+    FIELDS = ("run", "n", "m", "k", "abstain_threshold")
+
+    @classmethod
+    def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
+        """Validate a JSON object (a reload request, a Serve user_config). Fields left out
+        keep their value in ``base``. Raises RequestError 422 saying what is wrong."""
+        expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
+                    '(positive integers; n may be null for all oracles), "abstain_threshold" '
+                    '(positive number or null)')
+        if not isinstance(data, dict):
+            raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
+        unknown = sorted(set(data) - set(cls.FIELDS))
+        if unknown:
+            raise RequestError(422, "invalid_config", f"unknown setting(s) {', '.join(unknown)}", expected)
+        merged = {**(dataclasses.asdict(base) if base else {}), **data}
+        if not isinstance(merged.get("run"), str) or not merged["run"]:
+            raise RequestError(422, "invalid_config", "no run directory given", expected)
+        for name in ("n", "m", "k"):
+            value = merged.get(name, getattr(cls, name))
+            if not (value is None and name == "n") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise RequestError(422, "invalid_config", f"{name}={value!r} is not an integer", expected)
+        thr = merged.get("abstain_threshold")
+        if thr is not None:
+            if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
+                raise RequestError(422, "invalid_config", f"abstain_threshold={thr!r} is not a positive number", expected)
+            merged["abstain_threshold"] = float(thr)
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What clients and the HTTP layer need to know about the model being served."""
+
+    version: str                  # changes whenever weights, index, n, m, k or threshold change
+    run: str
+    dataset: str
+    arch: str
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: tuple[str, ...]
+    n: int
+    m: int
+    k: int
+    oracles_per_class: int
+    embed_dim: int
+    abstain_threshold: float | None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["in_shape"] = list(self.in_shape)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        return cls(**{**d, "in_shape": tuple(d["in_shape"]), "class_names": tuple(d["class_names"])})
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Per image: the label (the two-step answer), whether it abstained, the k classes kept by
+    step 1 (best first) with their coarse scores, their fine scores (same order) and the
+    distance to the nearest oracle among those k classes' n oracles. Scores are summed
+    similarities (negative Euclidean distances): higher is better."""
+
+    labels: np.ndarray            # (B,) int64
+    abstained: np.ndarray         # (B,) bool
+    kept_classes: np.ndarray      # (B, k) int64, -1 where the coarse step found fewer classes
+    coarse_scores: np.ndarray     # (B, k) float64
+    fine_scores: np.ndarray       # (B, k) float64
+    nearest_distance: np.ndarray  # (B,) float64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def split(self, sizes: list[int]) -> list["Prediction"]:
+        bounds = np.cumsum([0, *sizes])
+        fields = dataclasses.astuple(self)
+        return [Prediction(*(f[a:b] for f in fields)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
+    try:
+        from dundi.data import DATASETS
+
+        names = tuple(DATASETS[dataset].class_names)
+        if len(names) == num_classes:
+            return names
+    except (ImportError, KeyError, AttributeError):
+        pass
+    return tuple(str(c) for c in range(num_classes))
+
+
+class LoadedModel:
+    """A verified DunDi run with its oracle index, answering batches of images."""
+
+    def __init__(self, config: ModelConfig, embed_batch: int = 1024):
+        run_dir = Path(config.run)
+        if not run_dir.is_dir():
+            raise DundiError(f"run directory {config.run} does not exist (on the host serving it)")
+        run = Run.load(run_dir)   # verifies the sha256 of weights and index
+        if run.oracle is None:
+            raise DundiError(f"{config.run} is a {run.meta['kind']} run: serving needs a DunDi run "
+                             f"with an oracle index (`dundi train`, then `dundi index build`)")
+        n = run.oracle.n if config.n is None else config.n
+        run.oracle.check_params(n, config.m, config.k)
+        self.run = run
+        self.config = config
+        self.n = n
+        self.embed_batch = embed_batch
+        meta = run.meta
+        files = meta.get("files", {})
+        fingerprint = json.dumps([files.get("model.safetensors"), files.get("oracle/index.faiss"),
+                                  n, config.m, config.k, config.abstain_threshold])
+        self.info = ModelInfo(
+            version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
+            run=str(run_dir), dataset=meta["dataset"], arch=meta["arch"],
+            in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=int(meta["num_classes"]),
+            class_names=class_names_for(meta["dataset"], int(meta["num_classes"])),
+            n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
+            embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold)
+
+    def classify(self, images: np.ndarray) -> Prediction:
+        """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
+        check_shape(images, self.info.in_shape)
+        r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k,
+                              batch_size=self.embed_batch)
+        thr = self.config.abstain_threshold
+        abstained = (r.nearest_distance > thr) if thr is not None else np.zeros(len(r.labels), bool)
+        return Prediction(r.labels.astype(np.int64), abstained, r.topk_classes.astype(np.int64),
+                          r.coarse_scores, r.fine_scores, r.nearest_distance)
+
+
+def check_shape(images: np.ndarray, in_shape: tuple[int, ...]) -> None:
+    """Refuse a batch that is not (N, C, H, W) for this model (422, saying the shape)."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(in_shape):
+        raise RequestError(422, "bad_shape", f"the model received images of shape {list(images.shape)}",
+                           f"(N, {', '.join(map(str, in_shape))}) float32 images; the model being "
+                           f"served may have changed, check GET /v2/models/<name>")

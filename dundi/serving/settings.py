@@ -1,0 +1,75 @@
+"""Service limits and credentials, shared by the Ray Serve ingress and the plain-uvicorn app.
+
+Tokens are never stored: only their sha256 travels in settings (and so in Serve's deployment
+arguments), and a presented token is hashed and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+
+from dundi.errors import DundiError
+
+AUTH_TOKEN_ENV = "DUNDI_SERVE_TOKEN"    # bearer token for inference and metadata routes
+ADMIN_TOKEN_ENV = "DUNDI_ADMIN_TOKEN"   # bearer token for POST /admin/reload
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(authorization: str | None, token_sha256: str) -> bool:
+    """Whether an ``Authorization: Bearer <token>`` header carries the token with this hash."""
+    if not authorization:
+        return False
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    return hmac.compare_digest(hash_token(token.strip()), token_sha256)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What the HTTP layer enforces. Defaults suit 28×28 and 32×32 images on one host."""
+
+    model_name: str = "dundi"              # the {name} in /v2/models/{name}/...
+    max_batch: int = 256                   # images per request
+    max_body_bytes: int = 16 * 1024 * 1024  # request body, before parsing
+    request_timeout_s: float = 30.0        # a request waiting longer for the model gets 504
+    auth_token_sha256: str | None = None   # None: inference routes are open
+    admin_token_sha256: str | None = None  # None: /admin/reload is disabled
+
+    def __post_init__(self):
+        if not self.model_name or "/" in self.model_name:
+            raise DundiError(f"model name {self.model_name!r} must be a non-empty path segment")
+        if self.max_batch < 1:
+            raise DundiError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_body_bytes < 1024:
+            raise DundiError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if not self.request_timeout_s > 0:
+            raise DundiError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+
+    @classmethod
+    def create(cls, *, auth_token: str | None = None, admin_token: str | None = None,
+               use_env: bool = True, **fields) -> "ServeSettings":
+        """Settings with tokens given in clear (from a flag, else the environment) hashed."""
+        if use_env:
+            auth_token = auth_token or os.environ.get(AUTH_TOKEN_ENV) or None
+            admin_token = admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        if auth_token is not None:
+            fields.setdefault("auth_token_sha256", hash_token(auth_token))
+        if admin_token is not None:
+            fields.setdefault("admin_token_sha256", hash_token(admin_token))
+        return cls(**fields)
+
+    def with_env_tokens(self) -> "ServeSettings":
+        """Fill unset token hashes from the environment of the process serving requests (how
+        a `serve deploy` config passes tokens: ``runtime_env.env_vars``)."""
+        auth, admin = os.environ.get(AUTH_TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV)
+        return dataclasses.replace(
+            self,
+            auth_token_sha256=self.auth_token_sha256 or (hash_token(auth) if auth else None),
+            admin_token_sha256=self.admin_token_sha256 or (hash_token(admin) if admin else None))
