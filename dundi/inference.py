@@ -15,6 +15,8 @@ def forward_batched(model: nn.Module, images: np.ndarray | torch.Tensor, batch_s
     model.eval()
     try:
         device = next(model.parameters()).device
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # e.g. arrays from Ray's object store; torch wants writable
         x = torch.as_tensor(images, dtype=torch.float32)
         outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
         if not outs:
