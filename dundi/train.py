@@ -85,6 +85,23 @@ def make_tuples(labels: np.ndarray, cfg: TrainConfig) -> np.ndarray:
     return sample_tuples(labels, cfg.tuples, cfg.seed)
 
 
+def worker_tuples(labels: np.ndarray, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """The tuple set of one data-parallel worker, drawn from that worker's own samples.
+
+    Alone (``world_size == 1``) this is exactly ``make_tuples``, so one worker reproduces the
+    local loop. Otherwise each worker draws ``cfg.tuples // world_size`` tuples seeded by
+    ``(seed, rank)``: equal counts keep every worker's step count the same, as DDP requires.
+    """
+    if world_size == 1:
+        return make_tuples(labels, cfg)
+    return sample_tuples(labels, cfg.tuples // world_size, np.random.SeedSequence([cfg.seed, rank]))
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """The order of ``n`` samples in one native-training epoch (seeded by seed and epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def triplet_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        batch: np.ndarray, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and the fraction of tuples ordered correctly (d_an > d_ap) for a (B, 3) batch.
@@ -199,7 +216,7 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
             metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), cfg,
                                         progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         else:
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(y))
+            order = epoch_order(len(y), epoch, cfg.seed)
             metrics = run_native_epoch(model, opt, x, y, order, cfg, progress)
         if validate is not None:
             metrics["val_accuracy"] = validate(model)

@@ -1,0 +1,544 @@
+"""Training on Ray Train: the core's loops under DDP on W workers, checkpointed and resumable.
+
+``run_ray_training(kind, cfg, out, RayOptions(workers=W, ...))`` (the CLI's ``--workers W``)
+
+- starts a local Ray, or joins the cluster at ``address`` (:func:`init_ray`);
+- runs :func:`train_loop` on W Ray Train workers with DDP (gloo on CPU, NCCL on GPU). Each
+  worker reads its own part of the training split's Parquet shards (whole shard files when
+  there are at least W of them, else every W-th row), splits it into train/validation and
+  draws its tuples from its own rows, seeded by (seed, rank). With one worker this is
+  exactly the local loop (same rows, tuples, order and initial weights);
+- averages the epoch's loss, fraction of tuples ordered correctly and two-step validation
+  accuracy over the workers, reports them to Ray (``ray.train.report``) and checkpoints
+  from rank 0 every epoch: weights, optimizer state, epoch, metric history and RNG state,
+  as safetensors + JSON (nothing pickled), persisted by Ray into
+  ``<storage>/<name>/epoch-NNNN`` only once complete;
+- retries failed workers from the last checkpoint (``FailureConfig(max_failures)``); running
+  again with the same name (default: the run directory's name) resumes from it, since Train
+  V2 has no ``restore()`` and instead hands the last checkpoint of a run name to the workers;
+- finally writes the run directory with the same calls as the local path
+  (``artifacts.save_model``, ``metrics.json``, ``pipeline.build_index``), so nothing
+  downstream can tell where a run was trained. The Ray-specific facts (workers, nodes,
+  restarts) are kept under ``ray`` in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dundi.errors import DundiError
+from dundi.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+KINDS = ("native", "dundi")
+CHECKPOINT_FORMAT = 1
+STATE_FILE = "state.json"          # written last: a checkpoint without it is incomplete
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+RUN_DESCRIPTOR = "dundi_train.json"  # in <storage>/<name>/: what this run name trains
+STORAGE_TIMEOUT_S = 30.0
+# Changing these between a run and its resumption would silently mix two experiments.
+RESUME_MAY_CHANGE = {"epochs"}
+
+
+@dataclasses.dataclass
+class RayOptions:
+    """How to run on Ray (the CLI's --workers --gpu --address --storage --name --max-failures)."""
+
+    workers: int = 1
+    gpu: bool = False
+    address: str | None = None     # None: a local Ray (or the cluster of the Ray job we run in)
+    storage: str | None = None     # local path or pyarrow URI; default <out>/../ray_storage
+    name: str | None = None        # default: the run directory's name
+    max_failures: int = 3
+    cpus_per_worker: float = 1.0
+    data_dir: str | None = None
+    oracles: int = 20              # oracles per class in the final index (dundi runs)
+    progress: bool = True          # rank 0 prints one line per epoch
+
+    @classmethod
+    def from_args(cls, args: Any) -> "RayOptions":
+        get = lambda name, default: getattr(args, name, default)  # noqa: E731
+        return cls(workers=get("workers", 1), gpu=get("gpu", False), address=get("address", None),
+                   storage=get("storage", None), name=get("name", None),
+                   max_failures=get("max_failures", 3),
+                   cpus_per_worker=get("cpus_per_worker", None) or 1.0,
+                   data_dir=get("data_dir", None), oracles=get("oracles", 20),
+                   progress=not get("no_progress", False))
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def resolve_storage(storage: str | None, out: Path) -> str:
+    """The checkpoint storage as Ray wants it: an absolute local path or a filesystem URI.
+
+    Without ``--storage`` checkpoints go next to the run directory (``<out>/../ray_storage``),
+    not inside it, so the run directory holds exactly what a local run holds. A URI is
+    checked with pyarrow (any scheme pyarrow supports: s3://, gs://, hdfs://, file://...).
+    """
+    if storage is None:
+        path = (out.parent / "ray_storage").resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    if "://" not in storage:
+        path = Path(storage).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DundiError(f"--storage {storage}: cannot create the directory ({exc.strerror})") from None
+        return str(path)
+    _filesystem(storage)  # raises DundiError if pyarrow cannot open it
+    return storage
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem, path) for a storage URI or path, with a timeout (s3 may hang)."""
+    import pyarrow.fs as pafs
+
+    def open_fs():
+        return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(open_fs).result(timeout=STORAGE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        raise DundiError(f"--storage {uri}: no answer within {STORAGE_TIMEOUT_S:.0f}s") from None
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... with a useful message
+        raise DundiError(f"--storage {uri} is not a filesystem pyarrow can open: {exc}") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _run_name(name: str | None, out: Path) -> str:
+    name = name or out.resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
+        raise DundiError(f"--name {name!r}: use letters, digits and . _ = + - (it names a directory)")
+    return name
+
+
+def _check_descriptor(storage: str, name: str, descriptor: dict) -> dict | None:
+    """Compare this run with what ``name`` trained before (if anything) and record it.
+
+    Returns the previous descriptor when resuming. Raises when the name holds another
+    experiment, instead of silently continuing someone else's checkpoints.
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(storage)
+    run_dir = f"{root.rstrip('/')}/{name}"
+    path = f"{run_dir}/{RUN_DESCRIPTOR}"
+    previous = None
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as f:
+                previous = json.loads(f.read().decode())
+    except (OSError, ValueError) as exc:
+        raise DundiError(f"cannot read {storage}/{name}/{RUN_DESCRIPTOR}: {exc}") from None
+    if previous is not None:
+        old, new = previous.get("config", {}), descriptor["config"]
+        changed = sorted(k for k in set(old) | set(new)
+                         if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+        if previous.get("kind") != descriptor["kind"]:
+            changed.insert(0, "kind")
+        if previous.get("pretrained") != descriptor.get("pretrained"):
+            changed.append("pretrained")
+        if changed:
+            raise DundiError(f"run name {name!r} in {storage} already holds a run with different "
+                             f"settings ({', '.join(changed)}); resume it with the same settings, "
+                             f"or pass another --name (or --out) to start a new one")
+    try:
+        fs.create_dir(run_dir, recursive=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(descriptor, indent=2, sort_keys=True, default=str).encode())
+        fs.move(tmp, path)
+    except OSError as exc:
+        raise DundiError(f"cannot write to --storage {storage}: {exc}") from None
+    return previous
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state_dict → (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
+        pid, key = flat.split("/", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     state: dict) -> None:
+    """Weights, optimizer state and RNG state as safetensors; ``state.json`` last."""
+    from safetensors.torch import save_file
+
+    from dundi.artifacts import atomic_write_json
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(directory / MODEL_FILE))
+    tensors, rest = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(directory / OPTIM_FILE))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(directory / RNG_FILE))
+    atomic_write_json(directory / STATE_FILE, {**state, "optimizer": rest, "format": CHECKPOINT_FORMAT})
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
+    """(state, model tensors, optimizer state_dict, rng tensors) of a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / STATE_FILE).exists():
+        raise DundiError(f"checkpoint {directory} is incomplete (no {STATE_FILE})")
+    state = json.loads((directory / STATE_FILE).read_text())
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise DundiError(f"checkpoint {directory} has format {state.get('format')}, "
+                         f"this DunDi reads format {CHECKPOINT_FORMAT}")
+    optimizer = _unflatten_optimizer(load_file(str(directory / OPTIM_FILE)), state.pop("optimizer"))
+    return state, load_file(str(directory / MODEL_FILE)), optimizer, load_file(str(directory / RNG_FILE))
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def worker_rows(dataset: str, data_dir: str | None, limit: int | None, rank: int,
+                world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This worker's part of the training split, read from the Parquet shards.
+
+    With at least ``world`` shard files (and no ``limit``) a worker reads only its own files
+    (``paths[rank::world]``). Otherwise it reads the first ``limit`` rows and keeps every
+    ``world``-th (``rank::world``): row-striding keeps each worker's classes balanced even
+    when the rows are stored sorted by class. One worker gets exactly ``load_split``'s rows.
+    """
+    from dundi.data import read_shards, shard_paths
+
+    paths = shard_paths(dataset, "train", data_dir)
+    if world > 1 and limit is None and len(paths) >= world:
+        return read_shards(paths[rank::world])
+    images, labels, ids = read_shards(paths, limit=limit)
+    if world == 1:
+        return images, labels, ids
+    return images[rank::world], labels[rank::world], ids[rank::world]
+
+
+def _allreduce(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: one DDP worker (config is a plain dict)."""
+    import ray.train
+    import ray.train.torch
+
+    from dundi.artifacts import build_from_meta
+    from dundi.pipeline import native_accuracy, triplet_validator
+    from dundi.train import (epoch_order, epoch_tuples, make_optimizer, run_native_epoch,
+                             run_triplet_epoch, split_train_val, worker_tuples)
+
+    cfg = TrainConfig(**config["cfg"])
+    kind = config["kind"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    say = _say if (rank == 0 and config.get("progress", True)) else (lambda line: None)
+
+    # --- data: this worker's rows, its train/validation split, its tuples (all seeded)
+    images, labels, _ = worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world)
+    tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
+    present = np.bincount(labels[tr], minlength=2)
+    if (present >= 2).sum() < 2:
+        raise DundiError(f"worker {rank} of {world} got {len(tr)} training samples with fewer than "
+                         f"two classes of two samples each: use more data (--limit) or fewer workers")
+    wcfg = cfg if world == 1 else dataclasses.replace(cfg, batch_size=math.ceil(cfg.batch_size / world))
+    x_tr = torch.as_tensor(images[tr]).to(device)
+    y_tr = torch.as_tensor(labels[tr]).to(device)
+    if kind == "dundi":
+        tuples = worker_tuples(labels[tr], cfg, rank, world)
+        validate = triplet_validator(cfg, images, labels, tr, va)
+        work_per_epoch = len(tuples) * world
+    else:
+        # DDP needs the same number of steps on every worker: train on the smallest share.
+        n_train = int(min(_allreduce_min(len(tr), device), len(tr)))
+        validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
+        work_per_epoch = n_train * world
+
+    # --- model and optimizer: the driver's seeded initial weights, or the last checkpoint
+    torch.manual_seed(cfg.seed)
+    model = build_from_meta(config["model_meta"])
+    model.load_state_dict(config["init_state"])
+    start_epoch, history, starts, seconds = 0, [], [], 0.0
+    checkpoint = ray.train.get_checkpoint()
+    opt_state = rng = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, weights, opt_state, rng = read_checkpoint(d)
+        model.load_state_dict(weights)
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        starts, seconds = state["starts"], state["seconds"]
+    starts = [*starts, start_epoch]
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    optimizer = make_optimizer(inner, cfg)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and "cuda/0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda/{i}"] for i in range(torch.cuda.device_count())
+                                          if f"cuda/{i}" in rng])
+    nodes = _all_gather({"rank": rank, "node": ray.get_runtime_context().get_node_id(),
+                         "host": os.uname().nodename, "pid": os.getpid(), "rows": int(len(labels))})
+    if start_epoch:
+        say(f"[dundi] resuming {config['name']} from the checkpoint of epoch {start_epoch}")
+    say(f"[dundi] {kind} training on {world} worker(s): {[n['rows'] for n in nodes]} rows each, "
+        f"epochs {start_epoch + 1}..{cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        if kind == "dundi":
+            m = run_triplet_epoch(model, optimizer, x_tr, y_tr, epoch_tuples(tuples, epoch, cfg.seed),
+                                  wcfg, progress=False)
+            train_figures = [m["loss"], m["ordered"]]
+            names = ("loss", "ordered")
+        else:
+            order = (epoch_order(len(tr), epoch, cfg.seed) if world == 1 else
+                     np.random.default_rng([cfg.seed, epoch, rank]).permutation(len(tr))[:n_train])
+            m = run_native_epoch(model, optimizer, x_tr, y_tr, order, wcfg, progress=False)
+            train_figures = [m["loss"], m["train_accuracy"]]
+            names = ("loss", "train_accuracy")
+        train_seconds = time.perf_counter() - t0
+        val = [0.0, 0.0]
+        if validate is not None:
+            val = [validate(inner) * len(va), float(len(va))]
+        sums = _allreduce([*train_figures, *val], device)
+        metrics: dict[str, Any] = {names[0]: sums[0] / world, names[1]: sums[1] / world}
+        if validate is not None and sums[3] > 0:
+            metrics["val_accuracy"] = sums[2] / sums[3]
+        metrics["epoch"] = epoch
+        seconds += time.perf_counter() - t0
+        timing = {"seconds": round(train_seconds, 4),
+                  ("tuples_per_s" if kind == "dundi" else "images_per_s"): work_per_epoch / train_seconds}
+        history.append({**metrics, **timing})
+        say(f"[dundi] epoch {epoch + 1}/{cfg.epochs} " +
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch") +
+            f" ({train_seconds:.1f}s, {list(timing.values())[1]:.0f} {list(timing)[1][:-6]}/s)")
+        state = {"kind": kind, "epoch": epoch, "epochs": cfg.epochs, "history": history,
+                 "starts": starts, "seconds": seconds, "world_size": world, "nodes": nodes,
+                 "config": dataclasses.asdict(cfg)}
+        report = {**metrics, **timing, "world_size": world}
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="dundi-ckpt-") as tmp:
+                write_checkpoint(Path(tmp), inner, optimizer, state)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
+        else:
+            ray.train.report(report, checkpoint=None)
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train patches print into its logger, which shows every line twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _allreduce_min(value: int, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _initial_model(kind: str, cfg: TrainConfig, pretrained: str | None):
+    """The seeded initial model, built exactly as the local path builds it, and the
+    metadata that rebuilds its architecture on the workers."""
+    from dundi.pipeline import new_distance_net, new_native_net, run_meta
+
+    if kind == "native":
+        if pretrained:
+            raise DundiError("--pretrained only applies to `dundi train`")
+        return new_native_net(cfg), run_meta("native", cfg), {}
+    model, mode = new_distance_net(cfg, pretrained)
+    extra = {"embed_dim": cfg.embed_dim, **mode}
+    return model, run_meta("dundi", cfg, **extra), extra
+
+
+def _check_resources(opts: RayOptions, resources: dict) -> None:
+    need_cpu = opts.workers * opts.cpus_per_worker
+    have_cpu, have_gpu = resources.get("CPU", 0), resources.get("GPU", 0)
+    where = f"the Ray cluster at {opts.address}" if opts.address else "the local Ray"
+    if have_cpu < need_cpu:
+        raise DundiError(f"{opts.workers} workers × {opts.cpus_per_worker:g} CPU need {need_cpu:g} "
+                         f"CPUs but {where} has {have_cpu:g}: lower --workers or add nodes")
+    if opts.gpu and have_gpu < opts.workers:
+        raise DundiError(f"--gpu with {opts.workers} workers needs {opts.workers} GPUs but "
+                         f"{where} has {have_gpu:g}")
+
+
+def _ray_failure_message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    dundi = [ln for ln in lines if "DundiError" in ln]
+    return (dundi[-1].split("DundiError:", 1)[-1].strip() if dundi else
+            " | ".join(lines[-3:]) if lines else type(exc).__name__)
+
+
+def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: RayOptions,
+                     pretrained: str | None = None, log_fn: Callable[[str], None] = print) -> dict:
+    """Train on Ray Train and write the run directory ``out``; returns its run.json."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dundi.artifacts import atomic_write_json, build_from_meta, save_model
+    from dundi.data import DATASETS, fetch
+    from dundi.distributed.ray_init import check_reachable, init_ray, is_local_address
+    from dundi.pipeline import METRICS_FILE, build_index, native_accuracy
+
+    if kind not in KINDS:
+        raise DundiError(f"unknown training kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if opts.workers < 1:
+        raise DundiError(f"--workers must be at least 1, got {opts.workers}")
+    if opts.max_failures < -1:
+        raise DundiError(f"--max-failures must be -1 (retry forever) or more, got {opts.max_failures}")
+    cfg.validate()
+    if cfg.dataset not in DATASETS:
+        raise DundiError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
+    out = Path(out)
+    if opts.address and not ray.is_initialized():
+        check_reachable(opts.address)  # before anything is written
+    data_dir = opts.data_dir or os.environ.get("DUNDI_DATA_DIR")
+    fetch(cfg.dataset, data_dir)  # fail fast (DatasetUnavailable) before starting anything
+    storage = resolve_storage(opts.storage, out)
+    name = _run_name(opts.name, out)
+    if opts.address and not is_local_address(opts.address) and "://" not in storage:
+        log_fn(f"note: checkpoints go to {storage} on each node's local disk; a multi-machine "
+               f"cluster needs shared storage there (NFS) or a URI (--storage s3://...)")
+
+    model, model_meta, extra = _initial_model(kind, cfg, pretrained)
+    descriptor = {"kind": kind, "config": dataclasses.asdict(cfg), "pretrained": pretrained,
+                  "workers": opts.workers}
+    previous = _check_descriptor(storage, name, descriptor)
+
+    resources = init_ray(opts.address, num_cpus=max(os.cpu_count() or 1,
+                                                    math.ceil(opts.workers * opts.cpus_per_worker)))
+    _check_resources(opts, resources)
+    log_fn(f"Ray Train: {opts.workers} worker(s) ({'NCCL/GPU' if opts.gpu else 'gloo/CPU'}), "
+           f"run name {name!r}, checkpoints in {storage}/{name}"
+           + (" — resuming from its last checkpoint" if previous else ""))
+
+    per_worker = {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "kind": kind, "cfg": dataclasses.asdict(cfg), "model_meta": model_meta,
+            "init_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "data_dir": data_dir, "name": name, "progress": opts.progress,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
+                                               resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if opts.gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise DundiError(f"Ray Train run {name!r} failed (after up to {opts.max_failures} retries): "
+                         f"{_ray_failure_message(exc)}; fix the cause and rerun with the same name "
+                         f"to resume from {storage}/{name}") from None
+    if result.checkpoint is None:
+        raise DundiError(f"Ray Train run {name!r} finished without a checkpoint in {storage}/{name}")
+    with result.checkpoint.as_directory() as d:
+        state, weights, _, _ = read_checkpoint(d)
+    if state["epoch"] + 1 < cfg.epochs:
+        raise DundiError(f"the last checkpoint of {name!r} is epoch {state['epoch'] + 1} of {cfg.epochs}")
+
+    # --- the run directory, written exactly as the local path writes it
+    final = build_from_meta(model_meta)
+    final.load_state_dict(weights)
+    final.eval()
+    history = [{k: v for k, v in h.items() if k not in ("seconds", "tuples_per_s", "images_per_s")}
+               for h in state["history"]]
+    atomic_write_json(out / METRICS_FILE, [{k: round(v, 6) if isinstance(v, float) else v
+                                            for k, v in h.items()} for h in history])
+    ray_facts = {"workers": state["world_size"], "name": name, "storage": storage,
+                 "starts": state["starts"], "nodes": state["nodes"], "gpu": opts.gpu,
+                 "epoch_seconds": [h["seconds"] for h in state["history"]],
+                 "wall_seconds": round(time.time() - t0, 2)}
+    if kind == "native":
+        from dundi.data import load_split
+
+        test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
+        metrics = {"test_accuracy": native_accuracy(final, test_x, test_y), "test_count": len(test_y),
+                   "train_seconds": round(state["seconds"], 2)}
+    else:
+        metrics = {"train_seconds": round(state["seconds"], 2), "final": history[-1]}
+    meta = save_model(out, final, {**model_meta, **extra, "metrics": metrics, "ray": ray_facts})
+    if kind == "dundi":
+        build_index(out, n=opts.oracles, seed=cfg.seed, data_dir=data_dir)
+        from dundi.artifacts import read_meta
+
+        meta = read_meta(out)
+    return meta
+
+
+def train_on_ray(kind: str, cfg: TrainConfig, out: str | os.PathLike, args: Any) -> dict:
+    """The CLI's ``--workers W`` path (``dundi train`` / ``dundi train-native``)."""
+    return run_ray_training(kind, cfg, out, RayOptions.from_args(args),
+                            pretrained=getattr(args, "pretrained", None))

@@ -1,0 +1,14 @@
+"""Ray job entrypoint: dundi index build RUN ARGS (embed the oracle set into a FAISS index).
+
+Run by `dundi submit` (or `ray job submit --working-dir . -- python jobs/index_build.py ...`).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir copy of dundi
+
+from dundi.distributed.jobs_api import job_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(job_main(["index", "build", *sys.argv[1:]]))

@@ -1,0 +1,310 @@
+"""Ray Train: DDP training on a real local Ray (2 CPUs) and real mnist-10k data, checkpoints,
+resume by name, recovery from a killed worker, a 2-node cluster, and equality with the local
+loop. Each Ray Train fit costs ~20-40 s on a 2-core machine, so the runs are small (the full
+8,000-image training split, a few thousand tuples, 1-3 epochs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dundi.errors import DundiError
+from dundi.train import TrainConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.realdata, pytest.mark.slow]
+
+RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/index.faiss", "oracle/oracle.json"}
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(dataset="mnist-10k", arch="lenet5", epochs=2, tuples=4000, batch_size=128, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def files_of(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+
+def history(run: Path) -> list[dict]:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def options(data_dir, **kw):
+    from dundi.distributed.train_job import RayOptions
+
+    return RayOptions(**{"oracles": 10, "data_dir": data_dir, "progress": False, **kw})
+
+
+def test_two_workers_converge_write_a_run_and_resume_by_name(ray_local, tmp_path, data_dir):
+    from dundi.artifacts import Run
+    from dundi.distributed.train_job import run_ray_training
+    from dundi.pipeline import classify_split
+
+    out = tmp_path / "two"
+    meta = run_ray_training("dundi", small_cfg(), out, options(data_dir, workers=2))
+    assert files_of(out) == RUN_FILES
+    h = history(out)
+    assert [e["epoch"] for e in h] == [0, 1]
+    assert h[1]["loss"] < h[0]["loss"] < 0.5, h
+    assert h[1]["ordered"] > 0.8 and h[1]["val_accuracy"] > 0.4, h  # 10 classes: chance is 0.1
+    ray_facts = meta["ray"]
+    assert ray_facts["workers"] == 2 and ray_facts["starts"] == [0]
+    assert [n["rows"] for n in ray_facts["nodes"]] == [4000, 4000]  # each worker its own half
+    assert ray_facts["storage"] == str((tmp_path / "ray_storage").resolve())  # next to, not in, the run
+    run = Run.load(out)
+    assert run.oracle is not None and run.oracle.n == 10
+    assert classify_split(out, data_dir=data_dir, limit=500)["accuracy"] > 0.4
+
+    # Same name (the run directory's name), more epochs: only the new epoch is trained.
+    meta = run_ray_training("dundi", small_cfg(epochs=3), out, options(data_dir, workers=2))
+    assert meta["ray"]["starts"] == [0, 2]
+    h3 = history(out)
+    assert [e["epoch"] for e in h3] == [0, 1, 2] and h3[:2] == h
+    assert h3[2]["loss"] < h[1]["loss"]
+    assert Run.load(out).oracle is not None
+
+
+def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_dir):
+    """Same seed → same rows, tuples, order and initial weights; the worker runs on one CPU
+    thread, so the local loop does too (thread count changes float summation order)."""
+    from dundi.artifacts import load_model, read_meta
+    from dundi.distributed.train_job import run_ray_training
+    from dundi.pipeline import build_index, train_dundi_run
+
+    cfg = small_cfg(tuples=3000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_dundi_run(cfg, tmp_path / "local", None, data_dir, progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    build_index(tmp_path / "local", n=10, seed=cfg.seed, data_dir=data_dir)
+    run_ray_training("dundi", small_cfg(tuples=3000), tmp_path / "ray1", options(data_dir, workers=1))
+
+    local, ray1 = history(tmp_path / "local"), history(tmp_path / "ray1")
+    assert [sorted(e) for e in local] == [sorted(e) for e in ray1]
+    for a, b in zip(local, ray1):
+        for key in ("loss", "ordered", "val_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+    # The run directories are interchangeable: same files, same metadata fields, same weights.
+    assert files_of(tmp_path / "local") == files_of(tmp_path / "ray1") == RUN_FILES
+    meta_l, meta_r = read_meta(tmp_path / "local"), read_meta(tmp_path / "ray1")
+    assert set(meta_r) - set(meta_l) == {"ray"} and set(meta_l) <= set(meta_r)
+    assert meta_r["config"] == meta_l["config"] and meta_r["mode"] == meta_l["mode"] == "R"
+    wl, wr = load_model(tmp_path / "local")[0].state_dict(), load_model(tmp_path / "ray1")[0].state_dict()
+    for name in wl:
+        torch.testing.assert_close(wr[name], wl[name], rtol=1e-3, atol=1e-4)
+
+
+def _pids_in(state_file: Path) -> list[int]:
+    """Worker pids recorded in a checkpoint's state.json (retried: Ray may still be copying it)."""
+    for _ in range(100):
+        try:
+            return [n["pid"] for n in json.loads(state_file.read_text())["nodes"]]
+        except (ValueError, KeyError, OSError):
+            time.sleep(0.05)
+    raise AssertionError(f"cannot read {state_file}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_a_killed_worker_costs_at_most_the_epoch_in_progress(ray_local, tmp_path, data_dir):
+    from dundi.distributed.train_job import run_ray_training
+
+    out = tmp_path / "killed"
+    first_checkpoint = tmp_path / "ray_storage" / "killed" / "epoch-0000" / "state.json"
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["meta"] = run_ray_training("dundi", small_cfg(epochs=3, tuples=6000), out,
+                                              options(data_dir, workers=2, max_failures=2))
+        except BaseException as exc:  # surfaced in the main thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    snapshot = first_checkpoint.parent.parent / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:  # Ray has recorded epoch 0's checkpoint (all workers reported)
+        try:
+            return "epoch-0000" in snapshot.read_text()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 300
+    while not registered():
+        assert thread.is_alive(), result.get("error")
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    rank0, rank1 = _pids_in(first_checkpoint)
+    os.kill(rank1, signal.SIGKILL)  # a worker process dies in the middle of epoch 2
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "training did not finish after a worker was killed"
+    assert "error" not in result, result.get("error")
+    starts = result["meta"]["ray"]["starts"]
+    # Two attempts; the second resumed right after the last checkpoint it found (epoch 1 or 2).
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, starts
+    assert [e["epoch"] for e in history(out)] == [0, 1, 2]
+    assert not _alive(rank1)
+
+
+CLUSTER_SCRIPT = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+from dundi.distributed.ray_init import init_ray
+from dundi.distributed.train_job import RayOptions, run_ray_training
+from dundi.train import TrainConfig
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    init_ray(cluster.address, log_to_driver=False)
+    cfg = TrainConfig("mnist-10k", "lenet5", epochs=1, tuples=3000)
+    meta = run_ray_training("dundi", cfg, sys.argv[1], RayOptions(
+        workers=2, address=cluster.address, oracles=10, data_dir=sys.argv[2] or None, progress=False))
+    print("RESULT " + json.dumps(meta["ray"]))
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_node_cluster(tmp_path, data_dir):
+    """A real 2-node cluster (ray.cluster_utils.Cluster, one CPU per node), in a subprocess so
+    it does not meet the session's local Ray."""
+    from dundi.artifacts import Run
+
+    out = tmp_path / "twonode"
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(out), data_dir],
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    facts = json.loads(lines[-1][len("RESULT "):])
+    assert facts["workers"] == 2
+    assert len({n["node"] for n in facts["nodes"]}) == 2, facts["nodes"]  # one worker per node
+    run = Run.load(out)
+    assert run.meta["kind"] == "dundi" and run.oracle is not None
+
+
+def test_train_native_cli_on_two_workers(ray_local, tmp_path, data_dir, capsys):
+    from dundi.artifacts import Run
+    from dundi.cli.main import main
+
+    out = tmp_path / "native"
+    code = main(["train-native", "--workers", "2", "--epochs", "1", "--out", str(out), "--json",
+                 "--no-progress", "--data-dir", data_dir])
+    assert code == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["test_accuracy"] > 0.7, figures
+    run = Run.load(out)
+    assert run.meta["kind"] == "native" and run.meta["ray"]["workers"] == 2
+    assert set(history(out)[0]) == {"epoch", "loss", "train_accuracy", "val_accuracy"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_fails_fast_with_a_message(tmp_path, data_dir):
+    from dundi.distributed.ray_init import check_reachable
+    from dundi.distributed.train_job import resolve_storage, run_ray_training
+
+    t0 = time.monotonic()
+    with pytest.raises(DundiError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
+        check_reachable("127.0.0.1:1")
+    with pytest.raises(DundiError, match="not host:port"):
+        check_reachable("http://")
+    with pytest.raises(DundiError, match="not a filesystem pyarrow can open"):
+        resolve_storage("nosuchscheme://bucket/x", tmp_path / "run")
+    with pytest.raises(DundiError, match="unknown dataset"):
+        run_ray_training("dundi", small_cfg(dataset="nope"), tmp_path / "r", options(data_dir))
+    with pytest.raises(DundiError, match="--workers must be at least 1"):
+        run_ray_training("dundi", small_cfg(), tmp_path / "r", options(data_dir, workers=0))
+    with pytest.raises(DundiError, match="--name"):
+        run_ray_training("dundi", small_cfg(), tmp_path / "r", options(data_dir, name="../up"))
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_run_name_refuses_a_different_experiment(tmp_path):
+    import dataclasses
+
+    from dundi.distributed.train_job import _check_descriptor
+
+    storage = str(tmp_path)
+    desc = {"kind": "dundi", "config": dataclasses.asdict(small_cfg()), "pretrained": None}
+    assert _check_descriptor(storage, "exp", desc) is None
+    more_epochs = {**desc, "config": dataclasses.asdict(small_cfg(epochs=9))}
+    assert _check_descriptor(storage, "exp", more_epochs) is not None  # resumable
+    with pytest.raises(DundiError, match=r"different settings \(lr\)"):
+        _check_descriptor(storage, "exp", {**desc, "config": dataclasses.asdict(small_cfg(lr=0.5))})
+    with pytest.raises(DundiError, match="kind"):
+        _check_descriptor(storage, "exp", {**desc, "kind": "native"})
+
+
+def test_cli_with_an_unreachable_address_exits_with_a_message(tmp_path, data_dir):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dundi", "train", "--workers", "1", "--address",
+                           "127.0.0.1:1", "--epochs", "1", "--out", str(tmp_path / "r"),
+                           "--data-dir", data_dir], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot reach a Ray cluster at 127.0.0.1:1" in proc.stderr
+    assert time.monotonic() - t0 < 120
+
+
+def test_checkpoints_round_trip_optimizer_and_rng_state(tmp_path):
+    from dundi.distributed.train_job import read_checkpoint, write_checkpoint
+    from dundi.models import build_distance_net
+
+    torch.manual_seed(0)
+    model = build_distance_net("lenet1", (1, 28, 28), 16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    write_checkpoint(tmp_path, model, opt, {"epoch": 3, "history": [{"loss": 0.5}]})
+    state, weights, opt_state, rng = read_checkpoint(tmp_path)
+    assert state["epoch"] == 3 and state["history"] == [{"loss": 0.5}]
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(opt_state)
+    for (a, b) in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
+        for key in a:
+            torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+    assert torch.equal(rng["torch"], torch.get_rng_state())
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    (tmp_path / "state.json").unlink()
+    with pytest.raises(DundiError, match="incomplete"):
+        read_checkpoint(tmp_path)
+
+
+def test_worker_rows_partition_the_data(data_dir):
+    from dundi.data import load_split
+    from dundi.distributed.train_job import worker_rows
+
+    _, labels, ids = load_split("mnist-10k", "train", data_dir)
+    parts = [worker_rows("mnist-10k", data_dir, None, r, 2) for r in range(2)]
+    got = np.sort(np.concatenate([p[2] for p in parts]))
+    assert np.array_equal(got, np.sort(ids))  # disjoint and complete
+    for _, y, _ in parts:  # every class on every worker, whatever order the rows are stored in
+        assert len(np.unique(y)) == 10
+    one = worker_rows("mnist-10k", data_dir, 1000, 0, 1)
+    assert np.array_equal(one[2], ids[:1000])
