@@ -1,7 +1,8 @@
 """`dundi demo`: the paper's Table 1 for one backbone on mnist-10k, end to end, on 2 CPU cores.
 
 fetch mnist-10k → native LeNet-5 (Model3) → DunDi_R3 and DunDi_P3 → oracle index (n=20)
-→ two-step test accuracy for n = 1, 10, 20. Each finished stage is kept: a demo that is
+→ two-step test accuracy for n = 1, 10, 20 → the paper's attacks (transfer) and FGSM/PGD
+(adaptive) on a test sample → `dundi report` into out/report/. Each finished stage is kept: a demo that is
 killed and started again continues where it stopped.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, read_meta
 from dundi.data import fetch
+from dundi.report import demo_report
 from dundi.pipeline import build_index, classify_split, train_dundi_run, train_native_run
 from dundi.train import TrainConfig
 
@@ -51,22 +53,22 @@ def table_markdown(rows: list[dict]) -> str:
 
 def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progress: bool = True) -> dict:
     out = Path(out)
-    print(f"[1/5] dataset {DATASET}")
+    print(f"[1/6] dataset {DATASET}")
     fetch(DATASET, data_dir=data_dir)
     native_cfg, r_cfg, p_cfg = _budgets(quick)
     native_dir, r_dir, p_dir = out / "native-lenet5", out / "dundi-R3", out / "dundi-P3"
 
-    print("[2/5] native LeNet-5 (Model3)")
+    print("[2/6] native LeNet-5 (Model3)")
     if not _done(native_dir, native_cfg):
         train_native_run(native_cfg, native_dir, data_dir, progress)
-    print("[3/5] DunDi_R3 (whole Distance NN trained)")
+    print("[3/6] DunDi_R3 (whole Distance NN trained)")
     if not _done(r_dir, r_cfg):
         train_dundi_run(r_cfg, r_dir, None, data_dir, progress)
-    print("[4/5] DunDi_P3 (frozen native backbone, Embedding module trained)")
+    print("[4/6] DunDi_P3 (frozen native backbone, Embedding module trained)")
     if not _done(p_dir, p_cfg):
         train_dundi_run(p_cfg, p_dir, str(native_dir), data_dir, progress)
 
-    print("[5/5] oracle indexes and Table 1")
+    print("[5/6] oracle indexes and Table 1")
     native_acc = classify_split(native_dir, data_dir=data_dir)
     rows = [{"model": "Native Model3 (LeNet-5)", "1": native_acc["accuracy"]}]
     for name, run_dir in (("DunDi_R3", r_dir), ("DunDi_P3", p_dir)):
@@ -81,7 +83,11 @@ def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progre
     summary = {"dataset": DATASET, "test_count": native_acc["count"], "quick": quick, "rows": rows}
     atomic_write_text(out / "table1.md", table)
     atomic_write_json(out / "table1.json", summary)
-    return {"dataset": DATASET, "native_accuracy": rows[0]["1"],
+
+    print("[6/6] adversarial evaluation (transfer and adaptive) and report")
+    report = demo_report(native_dir, {"DunDi_R3": r_dir, "DunDi_P3": p_dir}, out, data_dir,
+                         quick=quick, progress=progress)
+    return {"report": str(report["report"]),"dataset": DATASET, "native_accuracy": rows[0]["1"],
             **{f"{r['model']}_n{n}": r[str(n)] for r in rows[1:] for n in N_VALUES},
             "table": str(out / "table1.md")}
 

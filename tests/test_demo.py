@@ -25,6 +25,9 @@ def test_demo_quick_produces_table1_and_resumes(tmp_path, data_dir):
     for name in ("DunDi_R3", "DunDi_P3"):
         for n in (1, 10, 20):
             assert 0.5 < figures[f"{name}_n{n}"] <= 1.0
+    report = open(figures["report"]).read()
+    for needed in ("transfer", "adaptive", "clean", "eps", "mnist-10k"):
+        assert needed in report, needed
     # a second run finds every stage done: no model is retrained
     weights = [p for p in out.rglob("model.safetensors")]
     before = {p: p.stat().st_mtime_ns for p in weights}

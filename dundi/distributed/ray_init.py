@@ -68,7 +68,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     kwargs.setdefault("log_to_driver", True)
     if address is None or address == "local":
         kwargs.setdefault("include_dashboard", False)
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)  # never join a stray cluster
         log.info("started a local Ray: %s", ray.cluster_resources())
     else:
         if num_cpus is not None:

@@ -1,0 +1,152 @@
+"""`dundi evaluate` (attack suite × threat models, fanned out over Ray, rows to Parquet) and
+`dundi report` (Markdown + PNG: the paper's Table 1, Fig. 6, Table 2, Fig. 7, robust accuracy
+vs eps per threat model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from dundi.cli.main import emit
+from dundi.errors import DundiError
+
+
+def _parse_attack_args(items: list[str]) -> dict:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, true, lists)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DundiError(f"--attack-arg {item!r} is not key=value (e.g. --attack-arg loss=margin)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _attacks(names: list[str]) -> list[str]:
+    from dundi.attacks import ATTACKS
+    from dundi.evaluate import PAPER_ATTACKS
+
+    out: list[str] = []
+    for name in names:
+        expanded = list(PAPER_ATTACKS) if name == "paper" else list(ATTACKS) if name == "all" else [name]
+        out += [a for a in expanded if a not in out]
+    return out
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.2f}%"
+
+
+def print_summary(summary: dict) -> None:
+    clean = summary["clean_accuracy"]
+    model = summary.get("model", {})
+    print(f"{model.get('name', 'DunDi')} on {summary['dataset']}: {clean['count']} samples, "
+          f"two-step n={clean.get('n')} m={clean.get('m')} k={clean.get('k')}; clean accuracy "
+          f"DunDi {_pct(clean['dundi'])}, native {_pct(clean['native'])}")
+    print(f"{'threat':9} {'attack':8} {'norm':4} {'eps':>9} {'steps':>5} {'defense':>8} "
+          f"{'robust':>8} {'atk-succ':>8} {'native-rob':>10}")
+    for r in summary["attacks"]:
+        eps = "unbounded" if math.isinf(r["eps"]) else f"{r['eps']:g}"
+        print(f"{r['threat']:9} {r['attack']:8} {r['norm']:4} {eps:>9} {r['steps']:>5} "
+              f"{_pct(r['defense_success']):>8} {_pct(r['robust_accuracy']):>8} "
+              f"{_pct(r['attack_success_rate']):>8} {_pct(r['native_robust_accuracy']):>10}")
+    print("worst case over attacks, per sample:")
+    for w in summary["worst_case"]:
+        eps = "all" if w["norm"] == "any" else f"{w['eps']:g}"
+        print(f"  {w['threat']:9} {w['norm']:4} eps={eps:<6} robust accuracy {_pct(w['robust_accuracy'])} "
+              f"(native {_pct(w['native_robust_accuracy'])}) over {w['count']} samples: {', '.join(w['settings'])}")
+    for warning in summary["warnings"]:
+        print(f"WARNING: {warning}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from dundi.evaluate import EvalConfig, evaluate_local
+    from dundi.results import json_safe, summarize
+
+    cfg = EvalConfig(run=args.run, native=args.native, attacks=_attacks(args.attacks),
+                     threats=args.threat, eps=args.eps, steps=args.steps, seed=args.seed,
+                     limit=args.limit, split=args.split, shard_size=args.shard_size, n=args.n, m=args.m,
+                     k=args.k, n_values=args.n_values, temperature=args.temperature,
+                     nearest=args.nearest, attack_kw=_parse_attack_args(args.attack_arg),
+                     save_adv=args.save_adv, data_dir=args.data_dir)
+    log = (lambda s: None) if args.json else print
+    if args.workers == 0:
+        timing = evaluate_local(cfg, args.out, progress=not args.no_progress, log=log)
+    else:
+        from dundi.distributed.evaluate_job import evaluate_on_ray
+
+        timing = evaluate_on_ray(cfg, args.out, workers=args.workers, address=args.address,
+                                 progress=not args.no_progress, log=log)
+    summary = summarize(args.out)
+    summary["timing"] = timing
+    if args.json:
+        emit(json_safe(summary), True)
+    else:
+        print_summary(summary)
+        print(f"rows: {summary['rows']} in {Path(args.out) / 'shards'}; "
+              f"{timing['shards_run']} shards run, {timing['shards_skipped']} skipped (finished before), "
+              f"{timing['seconds']} s")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dundi.report import write_report
+    from dundi.results import json_safe
+
+    figures = write_report(args.results, args.out)
+    if args.json:
+        emit(json_safe({"report": figures["report"], "plots": figures["plots"],
+                        "evaluations": figures["evaluations"]}), True)
+    else:
+        print(f"report: {figures['report']}")
+        for name in figures["plots"]:
+            print(f"  plot: {Path(args.out) / name}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="attack a DunDi run under named threat models; one Parquet "
+                       "row per (sample, attack, eps, threat)")
+    p.add_argument("run", help="DunDi run directory (with its oracle index)")
+    p.add_argument("--native", default=None, help="native run: the transfer threat model's target "
+                   "and the native columns")
+    p.add_argument("--attacks", nargs="+", default=["paper"],
+                   help="attack names, 'paper' (fgsm ifgsm-a ifgsm-b jsma, default) or 'all'")
+    p.add_argument("--threat", nargs="+", default=["transfer"],
+                   help="transfer (paper: crafted on the native model) | adaptive (white-box on "
+                        "DunDi's score) | feature (pull f(x) to another class's oracles)")
+    p.add_argument("--eps", nargs="+", type=float, default=None,
+                   help="budgets for attacks that take one (default: each attack's paper setting)")
+    p.add_argument("--steps", type=int, default=None, help="iterations (default: each attack's)")
+    p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra attack setting, e.g. loss=margin, restarts=5, alpha=0.005 (repeatable; "
+                        "attacks that do not take it ignore it)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate N samples (seeded random choice)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--n", type=int, default=None, help="fine-step oracles (default: all in the index)")
+    p.add_argument("--m", type=int, default=3)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--n-values", nargs="+", type=int, default=[1, 10, 20],
+                   help="also classify at these n (Table 1, Fig. 7)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the attacked scores")
+    p.add_argument("--nearest", type=int, default=3, help="oracles per class in the feature threat model")
+    p.add_argument("--save-adv", action="store_true", help="keep adversarial images in the rows")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray tasks in flight (default: all CPUs of the cluster); 0 = this process, no Ray")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary table as one JSON object, last")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("report", help="Markdown + PNG report from evaluation directories")
+    p.add_argument("results", nargs="+", help="evaluation directories (one per model / tuple count)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_report)

@@ -1,0 +1,473 @@
+"""Adversarial evaluation of one DunDi run, shard by shard, without Ray.
+
+An evaluation is a grid (attack × eps × threat model) over a seeded sample of a test split,
+cut into shards of ``shard_size`` samples. Evaluating a shard:
+
+1. build the threat model's target (:mod:`dundi.threats`) and the attack on it
+   (:func:`dundi.attacks.make_attack`, seeded per shard so a rerun gives the same rows);
+2. run the attack on the shard's clean images;
+3. classify clean and adversarial images with the native model (argmax of the logits), with
+   DunDi's two-step rule at the evaluation's (n, m, k) and at every n of ``n_values``, and
+   with the attacked target model;
+4. measure the perturbation (L0, L2, Linf), the pixel range and the gradient norm of the
+   target model's loss at the clean input (zero gradients mean masking, see
+   :func:`dundi.results.checks`).
+
+It returns one row per sample (:data:`dundi.results.SCHEMA`). :func:`prepare` plans the shards
+and writes ``evaluation.json``; :func:`evaluate_local` runs the unfinished shards in this
+process; ``dundi.distributed.evaluate_job`` runs them as Ray tasks. Both write each shard
+atomically, so a killed evaluation restarts where it stopped.
+
+Defense success is DunDi's two-step label on the adversarial input equal to the true label;
+attack success is the *target* model's label on it differing from the true label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from dundi.artifacts import Run, atomic_write_json, load_oracle, read_meta
+from dundi.errors import DundiError
+from dundi.inference import forward_batched
+from dundi.results import (EVALUATION_FILE, L0_TOL, SCHEMA, finished_shards, shard_name,
+                           write_shard)
+from dundi.threats import THREATS, build_threat
+
+FORMAT_VERSION = 1
+PAPER_ATTACKS = ("fgsm", "ifgsm-a", "ifgsm-b", "jsma")
+PAPER_N_VALUES = (1, 10, 20)
+# The paper's settings where they differ from the attacks' MNIST defaults (DESIGN.md §1).
+DATASET_DEFAULTS: dict[str, dict[str, float]] = {"cifar10": {"eps": 0.05, "alpha": 0.005}}
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Everything that decides the rows of an evaluation (plus where the data lives)."""
+
+    run: str                                  # DunDi run directory (with its oracle index)
+    native: str | None = None                 # native run (transfer threat model; native columns)
+    attacks: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_ATTACKS))
+    threats: list[str] = dataclasses.field(default_factory=lambda: ["transfer"])
+    eps: list[float] | None = None            # None: each attack's own default (paper settings)
+    steps: int | None = None                  # None: each attack's default
+    seed: int = 0                             # sample selection and per-shard attack seeds
+    limit: int | None = None                  # evaluate this many samples of the split
+    split: str = "test"
+    shard_size: int = 64
+    n: int | None = None                      # oracles per class in the fine step (None: all)
+    m: int = 3
+    k: int = 5
+    n_values: list[int] = dataclasses.field(default_factory=lambda: list(PAPER_N_VALUES))
+    temperature: float = 1.0                  # divides the target model's scores (threats.py)
+    nearest: int = 3                          # oracles per class the feature scorer uses
+    attack_kw: dict[str, Any] = dataclasses.field(default_factory=dict)
+    save_adv: bool = False                    # keep the adversarial images in the rows
+    data_dir: str | None = None               # where the dataset cache is (not part of the rows)
+
+    def validate(self) -> None:
+        from dundi.attacks import ATTACKS
+
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown:
+            raise DundiError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(ATTACKS)}")
+        bad = [t for t in self.threats if t not in THREATS]
+        if bad:
+            raise DundiError(f"unknown threat model(s) {', '.join(bad)}: choose from {', '.join(THREATS)}")
+        if not self.attacks or not self.threats:
+            raise DundiError("an evaluation needs at least one attack and one threat model")
+        if "transfer" in self.threats and not self.native:
+            raise DundiError("the transfer threat model (the paper's) crafts on the native model: "
+                             "pass --native NATIVE_RUN")
+        if self.shard_size < 1:
+            raise DundiError(f"shard size must be positive, got {self.shard_size}")
+        if self.eps is not None and any(not e >= 0 for e in self.eps):
+            raise DundiError(f"eps must be non-negative, got {self.eps}")
+        if self.limit is not None and self.limit < 1:
+            raise DundiError(f"limit must be positive, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    attack: str
+    eps: float          # the attack's budget; inf for unbounded minimal-perturbation attacks
+    threat: str
+    start: int          # range of the evaluation's sample list
+    stop: int
+    settings: str = ""  # hash of the attack's other settings (see attack_settings_id)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.attack, self.eps, self.threat, self.start, self.stop, self.settings)
+
+
+# ---- planning --------------------------------------------------------------------------------
+
+def _attack_kwargs(cfg: EvalConfig, dataset: str) -> dict[str, Any]:
+    return {**DATASET_DEFAULTS.get(dataset, {}), **cfg.attack_kw}
+
+
+def make_attack_for(name: str, model: torch.nn.Module, eps: float | None, cfg: EvalConfig,
+                    dataset: str, seed: int):
+    """The attack with the evaluation's settings. ``eps`` only reaches attacks with an eps
+    budget (make_attack ignores it for JSMA and DeepFool); keyword arguments an attack does not
+    take (e.g. alpha for FGSM) are dropped, so one --attack-arg can serve several attacks."""
+    import inspect
+
+    from dundi.attacks import ATTACKS, make_attack
+
+    kw = _attack_kwargs(cfg, dataset)
+    default_eps = kw.pop("eps", None)
+    if eps is None or math.isinf(eps):
+        eps = default_eps
+    params = inspect.signature(ATTACKS[name].__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kw = {k: v for k, v in kw.items() if k in params}
+    kw.pop("seed", None)
+    return make_attack(name, model, eps=eps, steps=cfg.steps, seed=seed, **kw)
+
+
+def attack_eps(attack) -> float:
+    """The budget an attack object enforces, in its norm: eps (Linf / L2 attacks), gamma — the
+    largest fraction of pixels changed — for JSMA (L0), inf for unbounded DeepFool."""
+    for key in ("eps", "gamma"):
+        if getattr(attack, key, None) is not None:
+            return float(getattr(attack, key))
+    return float("inf")
+
+
+def attack_params(attack) -> dict[str, Any]:
+    """Every plain setting of an attack object, for the rows and the report."""
+    out = {"class": type(attack).__name__}
+    for key, value in vars(attack).items():
+        if key.startswith("_") or key in ("model", "device"):
+            continue
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+            out[key] = list(value)
+    return out
+
+
+def attack_steps(attack, num_features: int) -> int:
+    """Configured iterations: steps / max_iter / n_queries; JSMA's largest number of pixel-pair
+    updates (gamma · pixels / 2); 1 for FGSM."""
+    for key in ("steps", "max_iter", "n_queries"):
+        if isinstance(getattr(attack, key, None), int):
+            return int(getattr(attack, key))
+    if getattr(attack, "gamma", None) is not None:
+        return int(math.floor(num_features * attack.gamma / 2))
+    return 1
+
+
+def resolve_eps(cfg: EvalConfig, dataset: str) -> dict[str, list[float]]:
+    """Per attack, the budgets to evaluate: --eps for attacks with an eps budget (Linf / L2),
+    else the attack's own (JSMA: gamma; DeepFool: inf)."""
+    out = {}
+    for name in cfg.attacks:
+        default = make_attack_for(name, torch.nn.Identity(), None, cfg, dataset, 0)
+        if cfg.eps is None or not hasattr(default, "eps"):
+            out[name] = [attack_eps(default)]
+        else:
+            out[name] = [float(e) for e in cfg.eps]
+    return out
+
+
+def select_samples(count: int, limit: int | None, seed: int) -> np.ndarray:
+    """Positions in the split to evaluate: a seeded permutation, cut at ``limit``. Test splits
+    are often sorted by class, so a prefix would not do; a permutation prefix keeps the first
+    shards of a larger evaluation identical to those of a smaller one."""
+    order = np.random.default_rng(seed).permutation(count)
+    return order if limit is None else order[: min(limit, count)]
+
+
+def attack_settings_id(attack) -> str:
+    """Short hash of every setting of an attack object except its seed (seeds are per shard)."""
+    params = {k: v for k, v in attack_params(attack).items() if k != "seed"}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def plan_shards(cfg: EvalConfig, num_samples: int, eps: dict[str, list[float]],
+                dataset: str = "") -> list[ShardSpec]:
+    specs = []
+    for threat in cfg.threats:
+        for attack in cfg.attacks:
+            for e in eps[attack]:
+                sid = attack_settings_id(make_attack_for(attack, torch.nn.Identity(), e, cfg, dataset, 0))
+                for start in range(0, num_samples, cfg.shard_size):
+                    specs.append(ShardSpec(attack, e, threat, start, min(start + cfg.shard_size, num_samples), sid))
+    return specs
+
+
+def fingerprint(cfg: EvalConfig) -> str:
+    """Identity of the evaluation: both runs' weights and oracle index (by sha256), the sample
+    seed, the two-step and threat-model settings. The grid, the sample count and the attack
+    settings are not part of it: they name shards (see :func:`plan_shards`)."""
+    meta = read_meta(cfg.run)
+    native_meta = read_meta(cfg.native) if cfg.native else {}
+    ident = {
+        "version": FORMAT_VERSION,
+        "dundi_files": meta.get("files", {}),
+        "native_files": native_meta.get("files", {}),
+        **{k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("run", "native", "attacks", "threats", "eps", "limit", "data_dir", "steps",
+                        "attack_kw")},
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_info(run_dir: str | None) -> dict[str, Any]:
+    if not run_dir:
+        return {}
+    meta = read_meta(run_dir)
+    cfg = meta.get("config", {})
+    info = {"path": str(run_dir), "kind": meta.get("kind"), "arch": meta.get("arch"),
+            "dataset": meta.get("dataset"), "mode": meta.get("mode"), "tuples": cfg.get("tuples"),
+            "epochs": cfg.get("epochs"), "limit": cfg.get("limit"), "loss": cfg.get("loss")}
+    info["name"] = model_name(info)
+    return info
+
+
+_PAPER_INDEX = {"lenet1": "1", "lenet4": "2", "lenet5": "3", "vgg16": ""}
+
+
+def model_name(info: dict[str, Any]) -> str:
+    """The paper's naming: DunDi_R3 is a retrained LeNet-5 Distance NN, Native Model3 LeNet-5."""
+    idx = _PAPER_INDEX.get(info.get("arch") or "", f" ({info.get('arch')})")
+    if info.get("kind") == "dundi":
+        return f"DunDi_{info.get('mode') or 'R'}{idx}"
+    return f"Native Model{idx}" if idx else "Native Model"
+
+
+def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSpec], list[ShardSpec]]:
+    """Plan the evaluation, write ``evaluation.json`` and return (evaluation, plan, todo):
+    ``plan`` is this call's shards, ``todo`` those of them not finished yet.
+
+    Refuses an output directory holding an evaluation with another fingerprint (other
+    weights or settings): its finished shards would not be comparable."""
+    cfg.validate()
+    out = Path(out)
+    meta = read_meta(cfg.run)
+    if meta.get("kind") != "dundi":
+        raise DundiError(f"{cfg.run} is a {meta.get('kind')} run: `dundi evaluate` takes a DunDi run "
+                         f"(pass the native run with --native)")
+    dataset = meta["dataset"]
+    index = load_oracle(cfg.run, meta)  # fail here, not in a Ray worker, on a bad n / m / k
+    index.check_params(index.n if cfg.n is None else cfg.n, cfg.m, cfg.k)
+    if cfg.native and read_meta(cfg.native).get("dataset") != dataset:
+        raise DundiError(f"--native {cfg.native} was trained on {read_meta(cfg.native).get('dataset')}, "
+                         f"the DunDi run on {dataset}")
+    fp = fingerprint(cfg)
+    previous = out / EVALUATION_FILE
+    old: dict = {}
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("fingerprint") != fp:
+            raise DundiError(f"{out} holds an evaluation with other weights or settings "
+                             f"(fingerprint {old.get('fingerprint')} ≠ {fp}); use another --out")
+    from dundi.data import load_split
+
+    _, labels, _ = load_split(dataset, cfg.split, cfg.data_dir)
+    positions = select_samples(len(labels), cfg.limit, cfg.seed)
+    eps = resolve_eps(cfg, dataset)
+    plan = plan_shards(cfg, len(positions), eps, dataset)
+    # The directory accumulates (threat, attack, eps) settings: shards of settings this call
+    # does not evaluate stay in the plan; a setting evaluated again is re-planned (a changed
+    # --limit must not leave two shards covering one sample).
+    settings = {(s.threat, s.attack, s.eps) for s in plan}
+    kept = [ShardSpec(**old["shards"][name]) for name in old.get("plan", [])]
+    kept = [s for s in kept if (s.threat, s.attack, s.eps) not in settings]
+    full = kept + plan
+    evaluation = {
+        "format_version": FORMAT_VERSION, "fingerprint": fp, "dataset": dataset, "split": cfg.split,
+        "samples": int(len(positions)), "split_size": int(len(labels)),
+        "config": dataclasses.asdict(cfg), "eps": eps,
+        "model": _model_info(cfg.run), "native": _model_info(cfg.native),
+        "plan": [s.name for s in full], "shards": {s.name: dataclasses.asdict(s) for s in full},
+    }
+    atomic_write_json(out / EVALUATION_FILE, evaluation)
+    done = finished_shards(out, fp)
+    todo = [s for s in plan if s.name not in done]
+    return evaluation, plan, todo
+
+
+def shard_seed(cfg: EvalConfig, spec: ShardSpec) -> int:
+    return int(hashlib.sha256(f"{cfg.seed}:{spec.name}".encode()).hexdigest()[:8], 16)
+
+
+# ---- evaluating a shard ------------------------------------------------------------------------
+
+class Evaluator:
+    """Loads both runs and the evaluated samples once, then evaluates shards. A plain class so
+    a Ray worker can keep one per process (see dundi.distributed.evaluate_job)."""
+
+    def __init__(self, cfg: EvalConfig, run_dir: str | None = None, native_dir: str | None = None,
+                 data: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+        self.cfg = cfg
+        self.run = Run.load(run_dir or cfg.run)
+        self.native = Run.load(native_dir or cfg.native, with_oracle=False) if (native_dir or cfg.native) else None
+        self.dataset = self.run.meta["dataset"]
+        index = self.run.oracle
+        self.n = index.n if cfg.n is None else cfg.n
+        index.check_params(self.n, cfg.m, cfg.k)
+        self.n_values = [v for v in cfg.n_values if v <= index.n] or [self.n]
+        if data is None:
+            data = self.load_samples(cfg, self.dataset)
+        self.images, self.labels, self.ids = data
+        self.oracles = self.run.oracle_tensor(self.n)
+        self._threats: dict[str, Any] = {}
+
+    @staticmethod
+    def load_samples(cfg: EvalConfig, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from dundi.data import load_split
+
+        images, labels, ids = load_split(dataset, cfg.split, cfg.data_dir)
+        pos = select_samples(len(labels), cfg.limit, cfg.seed)
+        return images[pos], labels[pos], ids[pos]
+
+    def threat(self, name: str):
+        if name not in self._threats:
+            self._threats[name] = build_threat(
+                name, native=self.native.model if self.native else None, distance_net=self.run.model,
+                oracles=self.oracles, temperature=self.cfg.temperature, nearest=self.cfg.nearest)
+        return self._threats[name]
+
+    def _two_step(self, emb: np.ndarray, n: int) -> np.ndarray:
+        return self.run.oracle.classify(emb, n=n, m=min(self.cfg.m, n), k=self.cfg.k).labels
+
+    def evaluate_shard(self, spec: ShardSpec) -> pa.Table:
+        cfg = self.cfg
+        # copies: arrays from Ray's object store are read-only, torch wants writable memory
+        x_np = np.array(self.images[spec.start:spec.stop], dtype=np.float32)
+        y_np = np.array(self.labels[spec.start:spec.stop], dtype=np.int64)
+        x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+        threat = self.threat(spec.threat)
+        seed = shard_seed(cfg, spec)
+        torch.manual_seed(seed)
+        attack = make_attack_for(spec.attack, threat.model, spec.eps, cfg, self.dataset, seed)
+        if attack_eps(attack) != spec.eps or (spec.settings and attack_settings_id(attack) != spec.settings):
+            raise DundiError(f"{spec.attack} was built with other settings than shard {spec.name} "
+                             f"records ({attack_params(attack)})")
+        result = attack.run(x, y)
+        adv = result.adv.detach().cpu().float()
+        steps_used = result.steps.detach().cpu().to(torch.int64).reshape(-1)
+        if steps_used.numel() == 1 and len(y) > 1:
+            steps_used = steps_used.expand(len(y))
+        adv_np = adv.numpy()
+
+        grad_norm = self._grad_norm(threat.model, x, y)
+        diff = (adv_np.astype(np.float64) - x_np.astype(np.float64)).reshape(len(y), -1)
+        with torch.no_grad():
+            target_clean = threat.model(x).argmax(1).numpy()
+            target_adv = threat.model(adv).argmax(1).numpy()
+        if self.native is not None:
+            native_clean = forward_batched(self.native.model, x_np).argmax(1)
+            native_adv = forward_batched(self.native.model, adv_np).argmax(1)
+        else:
+            native_clean = native_adv = np.full(len(y), -1)
+        emb_clean, emb_adv = self.run.embed(x_np), self.run.embed(adv_np)
+        dundi_clean, dundi_adv = self._two_step(emb_clean, self.n), self._two_step(emb_adv, self.n)
+        at_n_clean = np.stack([self._two_step(emb_clean, v) for v in self.n_values], 1)
+        at_n_adv = np.stack([self._two_step(emb_adv, v) for v in self.n_values], 1)
+
+        rows = len(y)
+        params = json.dumps({**attack_params(attack), "threat_target": threat.target,
+                             "temperature": cfg.temperature}, sort_keys=True, default=str)
+        columns = {
+            "sample_id": self.ids[spec.start:spec.stop], "position": np.arange(spec.start, spec.stop),
+            "attack": [spec.attack] * rows, "eps": np.full(rows, spec.eps), "threat": [spec.threat] * rows,
+            "dataset": [self.dataset] * rows, "split": [cfg.split] * rows, "label": y_np,
+            "norm": [norm_label(getattr(attack, "norm", "?"))] * rows,
+            "steps": np.full(rows, attack_steps(attack, x_np[0].size if rows else 0)), "steps_used": steps_used.numpy(),
+            "attack_params": [params] * rows, "target_model": [threat.target] * rows,
+            "native_clean": native_clean, "native_adv": native_adv,
+            "dundi_clean": dundi_clean, "dundi_adv": dundi_adv,
+            "target_clean": target_clean, "target_adv": target_adv,
+            "n": np.full(rows, self.n), "m": np.full(rows, cfg.m), "k": np.full(rows, cfg.k),
+            "n_values": [list(self.n_values)] * rows,
+            "dundi_clean_at_n": at_n_clean.tolist(), "dundi_adv_at_n": at_n_adv.tolist(),
+            "l0": (np.abs(diff) > L0_TOL).sum(1), "l2": np.sqrt((diff ** 2).sum(1)),
+            "linf": np.abs(diff).max(1) if diff.size else np.zeros(rows),
+            "adv_min": adv_np.reshape(rows, -1).min(1), "adv_max": adv_np.reshape(rows, -1).max(1),
+            "grad_norm": grad_norm,
+            "target_class": (result.target.cpu().numpy() if result.target is not None
+                             else np.full(rows, -1)),
+            "attack_success": target_adv != y_np, "defense_success": dundi_adv == y_np,
+            "adv": ([a.astype(np.float32).tobytes() for a in adv_np] if cfg.save_adv else [None] * rows),
+        }
+        return pa.Table.from_pydict({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
+
+    @staticmethod
+    def _grad_norm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        """Per-sample ‖∇x CE(model(x), y)‖₂ at the clean input."""
+        xg = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(xg), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xg)
+        return grad.flatten(1).norm(dim=1).double().numpy()
+
+
+def norm_label(norm: str) -> str:
+    return {"linf": "Linf", "l2": "L2", "l0": "L0"}.get(str(norm).lower(), str(norm))
+
+
+def adv_images(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
+    """The saved adversarial images of result rows (``save_adv``) as (N, *shape) float32."""
+    blobs = table.column("adv").to_pylist()
+    if any(b is None for b in blobs):
+        raise DundiError("these results were written without --save-adv")
+    return np.stack([np.frombuffer(b, np.float32).reshape(shape) for b in blobs])
+
+
+def evaluate_local(cfg: EvalConfig, out: str | os.PathLike, progress: bool = True,
+                   max_shards: int | None = None, log: Callable[[str], None] = print,
+                   threads: int | None = 1) -> dict[str, Any]:
+    """Run the unfinished shards of an evaluation in this process (no Ray); returns timing.
+
+    ``threads``: torch intra-op threads meanwhile (restored afterwards). One by default: a
+    shard's small batches gain nothing from more, and on a busy machine OpenMP threads
+    spinning for cores make two threads several times slower than one (measured in
+    bench/evaluate_fanout.py). ``None`` keeps torch's setting."""
+    evaluation, plan, todo = prepare(cfg, out)
+    log(f"evaluation {evaluation['fingerprint']}: {len(plan)} shards, "
+        f"{len(plan) - len(todo)} already finished, {len(todo)} to run (in this process)")
+    skipped = len(plan) - len(todo)
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    t0 = time.perf_counter()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if todo:
+            evaluator = Evaluator(cfg)
+            bar = _progress(len(todo), progress)
+            for spec in todo:
+                write_shard(out, spec.name, evaluator.evaluate_shard(spec), evaluation["fingerprint"])
+                bar.update(1)
+            bar.close()
+    finally:
+        torch.set_num_threads(before)
+    return {"shards_run": len(todo), "shards_skipped": skipped,
+            "seconds": round(time.perf_counter() - t0, 3), "workers": 1, "mode": "local"}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="shards", unit="shard", disable=not enabled, dynamic_ncols=True)
+
+
+__all__ = ["EvalConfig", "ShardSpec", "Evaluator", "prepare", "plan_shards", "fingerprint",
+           "evaluate_local", "select_samples", "model_name", "adv_images", "PAPER_ATTACKS"]

@@ -1,0 +1,381 @@
+"""Adversarial-evaluation results as Parquet: the row schema, atomic shard files, the merge to
+one table with exactly one row per key, and the summaries the report prints.
+
+An evaluation directory holds::
+
+    evaluation.json           the configuration and the shard plan (written by `dundi evaluate`)
+    shards/<shard>.parquet    one file per finished shard, written atomically
+
+A shard is one (attack, eps, threat model, slice of test samples); its file holds one row per
+sample of the slice. The key of a row is (sample_id, attack, eps, threat). A shard file only
+exists once it is complete (temporary file + ``os.replace``), so a killed evaluation leaves
+either a finished shard or a ``*.tmp*`` file that :func:`finished_shards` ignores.
+
+Two robustness figures are computed from the rows, and every summary carries both:
+
+- ``defense_success`` — the paper's "defense success rate" (section 4.3): correctly predicted
+  adversarial samples over all adversarial samples, one adversarial sample per evaluated test
+  image (the paper's 40,000 = 4 attacks × 10,000). A test image DunDi already misclassifies
+  clean can count as a success if the attack happens to move it to the right class.
+- ``robust_accuracy`` — the usual figure: the sample is classified correctly both clean and
+  adversarially. Worst case over attacks: correct clean and under every attack.
+
+Nothing here imports Ray or pandas: summaries are numpy over Arrow columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dundi.errors import DundiError
+
+EVALUATION_FILE = "evaluation.json"
+SHARD_DIR = "shards"
+KEY = ("sample_id", "attack", "eps", "threat")
+FINGERPRINT_META = b"dundi.fingerprint"
+SHARD_META = b"dundi.shard"
+
+# One row per (sample, attack, eps, threat). Predictions are class indices; "dundi_*" is the
+# two-step rule with the evaluation's (n, m, k); "target_*" is the model the attack was run
+# against (native logits for transfer, the differentiable DunDi scorer for adaptive, the
+# nearest-oracle feature scorer for feature).
+SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),        # id of the test sample in the dataset cache
+    ("position", pa.int64()),         # position in the evaluated slice of the split
+    ("attack", pa.string()),
+    ("eps", pa.float64()),            # budget in the attack's norm: Linf/L2 radius; JSMA: gamma,
+                                      # the largest fraction of pixels changed; inf: unbounded
+    ("threat", pa.string()),          # transfer | adaptive | feature
+    ("dataset", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.int64()),            # true label
+    ("norm", pa.string()),            # Linf | L2 | L0
+    ("steps", pa.int64()),            # configured iterations (1 for FGSM)
+    ("steps_used", pa.int64()),       # iterations this sample used (early stop: iFGSM-a, DeepFool)
+    ("attack_params", pa.string()),   # JSON: every setting of the attack
+    ("target_model", pa.string()),
+    ("native_clean", pa.int64()),
+    ("native_adv", pa.int64()),
+    ("dundi_clean", pa.int64()),
+    ("dundi_adv", pa.int64()),
+    ("target_clean", pa.int64()),
+    ("target_adv", pa.int64()),
+    ("n", pa.int64()),
+    ("m", pa.int64()),
+    ("k", pa.int64()),
+    ("n_values", pa.list_(pa.int64())),          # oracle counts also evaluated (Table 1, Fig. 7)
+    ("dundi_clean_at_n", pa.list_(pa.int64())),  # two-step label at each n of n_values
+    ("dundi_adv_at_n", pa.list_(pa.int64())),
+    ("l0", pa.int64()),               # pixels changed by more than L0_TOL
+    ("l2", pa.float64()),
+    ("linf", pa.float64()),
+    ("adv_min", pa.float32()),        # pixel range of the adversarial image
+    ("adv_max", pa.float32()),
+    ("grad_norm", pa.float64()),      # ‖∇x loss‖ of the target model at the clean input
+    ("target_class", pa.int64()),     # class a targeted attack aimed at (JSMA: random), else -1
+    ("attack_success", pa.bool_()),   # the target model misclassifies the adversarial input
+    ("defense_success", pa.bool_()),  # DunDi (two-step, n/m/k) classifies it correctly
+    ("adv", pa.binary()),             # float32 CHW adversarial image when saved, else null
+])
+
+ZERO_GRAD = 1e-12  # a gradient norm at or below this counts as zero (as dundi.attacks.checks)
+L0_TOL = 1e-6  # a pixel counts as changed when it moved by more than this (float32 round-off)
+
+
+# ---- shard files -------------------------------------------------------------------------
+
+def shard_dir(out: str | os.PathLike) -> Path:
+    return Path(out) / SHARD_DIR
+
+
+def shard_path(out: str | os.PathLike, name: str) -> Path:
+    return shard_dir(out) / f"{name}.parquet"
+
+
+def shard_name(attack: str, eps: float, threat: str, start: int, stop: int, settings: str = "") -> str:
+    """A file-name-safe, unique, sortable name for one shard. ``settings`` identifies the
+    attack's other settings (steps, step size, loss, ...), so changing them makes new shards."""
+    tag = f"__{settings}" if settings else ""
+    return f"{threat}__{attack}__eps{eps:.6g}{tag}__{start:07d}-{stop:07d}"
+
+
+def write_shard(out: str | os.PathLike, name: str, table: pa.Table, fingerprint: str) -> Path:
+    """Write one finished shard atomically; its fingerprint goes into the Parquet metadata."""
+    table = table.cast(SCHEMA).replace_schema_metadata(
+        {FINGERPRINT_META: fingerprint.encode(), SHARD_META: name.encode()})
+    path = shard_path(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def finished_shards(out: str | os.PathLike, fingerprint: str | None = None) -> dict[str, Path]:
+    """Shard name → path for every complete shard file. Temporary files (``*.tmp*``) are
+    partial writes and are ignored; so are unreadable files and, when ``fingerprint`` is given,
+    shards written by an evaluation with another configuration."""
+    found: dict[str, Path] = {}
+    directory = shard_dir(out)
+    if not directory.is_dir():
+        return found
+    for path in sorted(directory.glob("*.parquet")):
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            continue  # not a complete Parquet file: the shard counts as unfinished
+        if fingerprint is not None and meta.get(FINGERPRINT_META, b"").decode() != fingerprint:
+            continue
+        found[path.name[: -len(".parquet")]] = path
+    return found
+
+
+def read_evaluation(out: str | os.PathLike) -> dict:
+    path = Path(out) / EVALUATION_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DundiError(f"{out} holds no evaluation ({EVALUATION_FILE} missing): "
+                         f"run `dundi evaluate RUN --native NATIVE --out {out}` first") from None
+
+
+def read_results(out: str | os.PathLike, require_complete: bool = False) -> pa.Table:
+    """All rows of an evaluation directory: the shards of its plan, merged, exactly one row per
+    key. Shards outside the plan or of another configuration are ignored; a duplicated key
+    (two plan shards covering one sample) is an error, never silently dropped."""
+    evaluation = read_evaluation(out)
+    plan = evaluation["plan"]
+    done = finished_shards(out, evaluation["fingerprint"])
+    missing = [name for name in plan if name not in done]
+    if missing and require_complete:
+        raise DundiError(f"{out}: {len(missing)} of {len(plan)} shards are not finished "
+                         f"(e.g. {missing[0]}); rerun the same `dundi evaluate` to complete them")
+    tables = [pq.read_table(done[name]).replace_schema_metadata(None) for name in plan if name in done]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    check_unique(table)
+    return table
+
+
+def check_unique(table: pa.Table) -> None:
+    keys = list(zip(*(table.column(c).to_pylist() for c in KEY)))
+    if len(set(keys)) != len(keys):
+        seen: set = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise DundiError(f"results hold key {dup} more than once; the shard files overlap")
+
+
+# ---- summaries -----------------------------------------------------------------------------
+
+def _col(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False)
+
+
+def _rate(mask: np.ndarray) -> float:
+    return float(mask.mean()) if len(mask) else float("nan")
+
+
+def _native_rate(mask: np.ndarray, native_clean: np.ndarray) -> float:
+    """A rate about the native model: NaN when the evaluation had no native run (its
+    predictions are stored as -1)."""
+    return _rate(mask[native_clean >= 0])
+
+
+def clean_accuracy(table: pa.Table) -> dict[str, Any]:
+    """Clean accuracy of the native model and of DunDi (at n and at every n of n_values) over
+    the distinct evaluated samples. Clean predictions repeat on every row of a sample; they
+    must agree, which is checked."""
+    if table.num_rows == 0:
+        return {"count": 0, "native": float("nan"), "dundi": float("nan"), "dundi_at_n": {}}
+    ids = _col(table, "sample_id")
+    _, first = np.unique(ids, return_index=True)
+    label = _col(table, "label")
+    for name in ("native_clean", "dundi_clean"):
+        col = _col(table, name)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids, sorted_col = ids[order], col[order]
+        same = sorted_ids[1:] == sorted_ids[:-1]
+        if np.any(sorted_col[1:][same] != sorted_col[:-1][same]):
+            raise DundiError(f"clean predictions ({name}) differ between rows of one sample")
+    n_values = table.column("n_values")[int(first[0])].as_py()
+    at_n = np.array(table.column("dundi_clean_at_n").take(pa.array(first)).to_pylist(), dtype=np.int64)
+    lab = label[first]
+    return {"count": int(len(first)),
+            "native": _native_rate(_col(table, "native_clean")[first] == lab, _col(table, "native_clean")[first]),
+            "dundi": _rate(_col(table, "dundi_clean")[first] == lab),
+            "dundi_at_n": {int(n): _rate(at_n[:, i] == lab) for i, n in enumerate(n_values)},
+            "n": int(_col(table, "n")[first[0]]), "m": int(_col(table, "m")[first[0]]),
+            "k": int(_col(table, "k")[first[0]])}
+
+
+def _groups(table: pa.Table, names: Iterable[str]) -> dict[tuple, np.ndarray]:
+    """Row indices grouped by the values of the given columns (insertion order is sorted)."""
+    cols = [table.column(n).to_pylist() for n in names]
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(*cols)):
+        groups.setdefault(key, []).append(i)
+    return {k: np.array(v, dtype=np.int64) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+
+def attack_summary(table: pa.Table) -> list[dict[str, Any]]:
+    """One dict per (threat, attack, eps): every figure with what it was measured under.
+
+    defense_success            paper §4.3: DunDi correct on the adversarial input, over all
+    robust_accuracy            DunDi correct clean and adversarially, over all
+    native_robust_accuracy     the native model, same definition
+    defense_success_fooled     DunDi correct, over samples whose adversarial input fooled the
+                               native model (which it classified correctly clean)
+    attack_success_rate        the target model misclassifies the adversarial input
+    mean_l0 / mean_l2 / mean_linf   perturbation size over the samples the attack flipped on
+                               its target (target correct clean, wrong adversarially)
+    """
+    rows = []
+    label = _col(table, "label")
+    native_clean, native_adv = _col(table, "native_clean"), _col(table, "native_adv")
+    dundi_clean, dundi_adv = _col(table, "dundi_clean"), _col(table, "dundi_adv")
+    success = _col(table, "attack_success").astype(bool)
+    for (threat, attack, eps), idx in _groups(table, ("threat", "attack", "eps")).items():
+        y = label[idx]
+        fooled = (native_clean[idx] == y) & (native_adv[idx] != y)
+        first = int(idx[0])
+        # perturbation sizes over the samples the attack flipped on its target (correct clean,
+        # wrong adversarially); already-misclassified samples carry no information about them
+        changed = success[idx] & (_col(table, "target_clean")[idx] == y)
+        rows.append({
+            "threat": threat, "attack": attack, "eps": eps,
+            "norm": table.column("norm")[first].as_py(),
+            "steps": int(table.column("steps")[first].as_py()),
+            "target_model": table.column("target_model")[first].as_py(),
+            "attack_params": json.loads(table.column("attack_params")[first].as_py()),
+            "dataset": table.column("dataset")[first].as_py(),
+            "split": table.column("split")[first].as_py(),
+            "n": int(table.column("n")[first].as_py()), "m": int(table.column("m")[first].as_py()),
+            "k": int(table.column("k")[first].as_py()),
+            "count": int(len(idx)),
+            "clean_accuracy_native": _native_rate(native_clean[idx] == y, native_clean[idx]),
+            "clean_accuracy_dundi": _rate(dundi_clean[idx] == y),
+            "defense_success": _rate(dundi_adv[idx] == y),
+            "robust_accuracy": _rate((dundi_clean[idx] == y) & (dundi_adv[idx] == y)),
+            "native_robust_accuracy": _native_rate((native_clean[idx] == y) & (native_adv[idx] == y),
+                                                   native_clean[idx]),
+            "native_fooled": int(fooled.sum()),
+            "defense_success_fooled": _rate(dundi_adv[idx][fooled] == y[fooled]),
+            "attack_success_rate": _rate(success[idx]),
+            "flipped": int(changed.sum()),
+            "mean_steps_used": float(_col(table, "steps_used")[idx].mean()),
+            "mean_l0": float(_col(table, "l0")[idx][changed].mean()) if changed.any() else float("nan"),
+            "mean_l2": float(_col(table, "l2")[idx][changed].mean()) if changed.any() else float("nan"),
+            "mean_linf": float(_col(table, "linf")[idx][changed].mean()) if changed.any() else float("nan"),
+            "zero_gradient_fraction": _rate(_col(table, "grad_norm")[idx] <= ZERO_GRAD),
+        })
+    return rows
+
+
+def _robust_flags(table: pa.Table, idx: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids, per-row robust flag) of the rows ``idx`` for "dundi" or "native"."""
+    y = _col(table, "label")[idx]
+    ok = (_col(table, f"{model}_clean")[idx] == y) & (_col(table, f"{model}_adv")[idx] == y)
+    return _col(table, "sample_id")[idx], ok
+
+
+def worst_case(table: pa.Table) -> list[dict[str, Any]]:
+    """Robust accuracy worst-case over attacks, per sample (auto-attack's ``robust_flags``):
+    a sample counts as robust only if it is classified correctly clean and under every attack
+    of the group. Groups: (threat, norm, eps) — attacks of one norm and budget — and
+    (threat, "any") — every attack and budget evaluated under that threat model. Only samples
+    evaluated by every attack of a group are counted; ``count`` says how many."""
+    out = []
+    norm = _col(table, "norm").astype(str)
+    eps = _col(table, "eps")
+    threat = _col(table, "threat").astype(str)
+    attack = _col(table, "attack").astype(str)
+    groups: list[tuple[tuple, np.ndarray]] = []
+    for t in sorted(set(threat)):
+        for nm in sorted(set(norm[threat == t])):
+            for e in sorted(set(eps[(threat == t) & (norm == nm)])):
+                groups.append(((t, nm, float(e)), np.flatnonzero((threat == t) & (norm == nm) & (eps == e))))
+        groups.append(((t, "any", float("nan")), np.flatnonzero(threat == t)))
+    for (t, nm, e), idx in groups:
+        settings = sorted({(str(a), float(x)) for a, x in zip(attack[idx], eps[idx])})
+        figures = {}
+        for model in ("dundi", "native"):
+            ids, ok = _robust_flags(table, idx, model)
+            per_sample: dict[int, list[bool]] = {}
+            for i, flag in zip(ids.tolist(), ok.tolist()):
+                per_sample.setdefault(i, []).append(flag)
+            complete = [flags for flags in per_sample.values() if len(flags) == len(settings)]
+            figures[model] = _rate(np.array([all(f) for f in complete], dtype=bool))
+            if model == "native" and not (_col(table, "native_clean")[idx] >= 0).any():
+                figures[model] = float("nan")  # no native run in this evaluation
+            figures["count"] = len(complete)
+        out.append({"threat": str(t), "norm": str(nm), "eps": e, "attacks": [str(a) for a, _ in settings],
+                    "settings": [f"{a}@{x:g}" for a, x in settings], "count": figures["count"],
+                    "robust_accuracy": figures["dundi"], "native_robust_accuracy": figures["native"]})
+    return out
+
+
+def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
+           black_box: str = "square") -> list[str]:
+    """Warnings in the spirit of auto-attack's checks: gradients that vanish on the attacked
+    model (gradient masking makes white-box numbers meaningless), and a black-box attack that
+    beats every white-box attack at the same threat model, norm and budget (the white-box
+    attacks are then not working and their figures overstate robustness)."""
+    warnings = []
+    for row in summary:
+        if row["attack"] != black_box and row["zero_gradient_fraction"] > zero_grad_limit:
+            warnings.append(
+                f"{row['threat']}/{row['attack']}@{row['eps']:g}: the loss gradient is exactly zero "
+                f"for {row['zero_gradient_fraction']:.0%} of the samples on {row['target_model']} — "
+                f"gradient masking; its robustness figure is not trustworthy")
+    by_setting: dict[tuple, list[dict]] = {}
+    for row in summary:
+        by_setting.setdefault((row["threat"], row["norm"], row["eps"]), []).append(row)
+    for (threat, norm, eps), rows in by_setting.items():
+        bb = [r for r in rows if r["attack"] == black_box]
+        wb = [r for r in rows if r["attack"] != black_box]
+        if bb and wb:
+            best_wb = min(wb, key=lambda r: r["robust_accuracy"])
+            if bb[0]["robust_accuracy"] < best_wb["robust_accuracy"] - 1e-9:
+                warnings.append(
+                    f"{threat} {norm} eps={eps:g}: the black-box {black_box} attack brings robust "
+                    f"accuracy to {bb[0]['robust_accuracy']:.2%}, below the best white-box attack "
+                    f"({best_wb['attack']}: {best_wb['robust_accuracy']:.2%}) — the white-box "
+                    f"attacks are failing (masked gradients or too few steps)")
+    return warnings
+
+
+def summarize(out: str | os.PathLike) -> dict[str, Any]:
+    """Everything `dundi evaluate --json` and the report print for one evaluation directory."""
+    evaluation = read_evaluation(out)
+    table = read_results(out)
+    summary = attack_summary(table)
+    return {"results": str(out), "dataset": evaluation.get("dataset"),
+            "rows": table.num_rows, "shards_planned": len(evaluation["plan"]),
+            "shards_finished": len(set(finished_shards(out, evaluation["fingerprint"])) & set(evaluation["plan"])),
+            "clean_accuracy": clean_accuracy(table), "attacks": summary,
+            "worst_case": worst_case(table), "warnings": checks(summary),
+            "model": evaluation.get("model", {})}
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN → None, recursively, so summaries are valid JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+
+__all__ = ["SCHEMA", "KEY", "shard_name", "write_shard", "finished_shards", "read_results",
+           "read_evaluation", "clean_accuracy", "attack_summary", "worst_case", "checks",
+           "summarize", "json_safe"]

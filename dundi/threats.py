@@ -1,0 +1,121 @@
+"""Threat models: which differentiable model an attack is run against.
+
+DunDi itself is not differentiable end to end (Algorithm 1 sorts classes and FAISS searches),
+so every threat model names a torch module returning (B, C) scores, larger = more likely, and
+the attacks run against that module. The adversarial input is then always classified by the
+real two-step rule (:meth:`dundi.artifacts.Run.classify`); the attack's success on its own
+target is recorded beside it.
+
+``transfer``  The paper's protocol (section 4.1, via Feinman et al. 2017): the attack sees only
+              the native softmax model's logits; DunDi classifies what comes out. DunDi's
+              weights are never looked at, so this measures transfer, not robustness.
+``adaptive``  White-box against DunDi: the Distance NN followed by the per-class score
+              s_c(x) = −mean_j ‖f(x) − o_cj‖ over the class's n oracles
+              (:class:`dundi.classify.OracleScorer` divided by n). Its argmax is the two-step
+              label whenever step 1 keeps all classes (k = C); dividing by n changes no argmax
+              and keeps a cross-entropy loss out of float32 saturation.
+``feature``   Feature-space attack: s_c(x) = −(mean distance from f(x) to the q nearest oracles
+              of class c). An untargeted attack raises the scores of the other classes and
+              lowers the true one, i.e. it pulls f(x) towards the nearest oracle embeddings of
+              another class and away from its own; with a cross-entropy loss the pull goes
+              mostly to the closest wrong class (softmax weights). Unlike ``adaptive`` it
+              ignores all but the q nearest oracles, so it attacks the local geometry of the
+              embedding rather than the sum Algorithm 1 ranks by.
+
+``temperature`` divides every score (argmax unchanged). Larger values soften the softmax when
+embedding distances are large and a cross-entropy gradient would underflow to zero; the
+evaluation records the gradient norm per sample so vanishing gradients are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from dundi.classify import OracleScorer
+from dundi.errors import DundiError
+
+THREATS = ("transfer", "adaptive", "feature")
+
+
+class ScaledScores(nn.Module):
+    """``module(x) / scale`` — a positive rescaling that keeps every argmax."""
+
+    def __init__(self, module: nn.Module, scale: float):
+        super().__init__()
+        if not scale > 0:
+            raise DundiError(f"score scale must be positive, got {scale}")
+        self.module = module
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) / self.scale
+
+
+class FeatureScorer(nn.Module):
+    """s_c(x) = −mean of the ``nearest`` smallest distances ‖f(x) − o_cj‖ over class c's oracles
+    ``oracles`` (C, n, D), divided by ``temperature``. ``nearest=1`` is the distance to the
+    single nearest oracle of each class."""
+
+    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, nearest: int = 3,
+                 temperature: float = 1.0, eps: float = 1e-12):
+        super().__init__()
+        if oracles.ndim != 3:
+            raise DundiError(f"oracles must be (classes, n, dim); got {tuple(oracles.shape)}")
+        if not 1 <= nearest <= oracles.shape[1]:
+            raise DundiError(f"nearest={nearest} must be between 1 and n={oracles.shape[1]}")
+        self.distance_net = distance_net
+        self.register_buffer("oracles", oracles.float())
+        self.nearest = nearest
+        self.temperature = float(temperature)
+        self.eps = eps
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, n) distances from f(x) to every oracle."""
+        emb = self.distance_net(x)
+        diff = emb[:, None, None, :] - self.oracles[None]
+        return torch.sqrt((diff ** 2).sum(-1) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        near = torch.topk(self.distances(x), self.nearest, dim=-1, largest=False).values
+        return -near.mean(-1) / self.temperature
+
+
+@dataclasses.dataclass
+class ThreatModel:
+    name: str
+    model: nn.Module      # what the attack differentiates / queries: (B, C) scores
+    target: str           # short description of that model, stored in every result row
+
+
+def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn.Module | None = None,
+                 oracles: torch.Tensor | None = None, temperature: float = 1.0,
+                 nearest: int = 3) -> ThreatModel:
+    """The attacked model for a threat model. ``oracles`` is (C, n, D) — the same n oracles the
+    two-step rule uses in the evaluation. Every returned module is in eval mode with frozen
+    parameters (attacks differentiate with respect to the input only)."""
+    if name == "transfer":
+        if native is None:
+            raise DundiError("the transfer threat model needs the native run (--native)")
+        model, target = ScaledScores(native, temperature), "native logits"
+    elif name in ("adaptive", "feature"):
+        if distance_net is None or oracles is None:
+            raise DundiError(f"the {name} threat model needs the DunDi run and its oracle index")
+        if name == "adaptive":
+            model = ScaledScores(OracleScorer(distance_net, oracles), oracles.shape[1] * temperature)
+            target = f"DunDi scorer: −mean distance to the n={oracles.shape[1]} oracles of each class"
+        else:
+            q = min(nearest, oracles.shape[1])
+            model = FeatureScorer(distance_net, oracles, q, temperature)
+            target = f"DunDi feature scorer: −mean distance to the {q} nearest oracles of each class"
+    else:
+        raise DundiError(f"unknown threat model {name!r}: choose from {', '.join(THREATS)}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return ThreatModel(name, model, target)
+
+
+__all__ = ["THREATS", "ThreatModel", "build_threat", "FeatureScorer", "ScaledScores"]
