@@ -23,7 +23,7 @@ N_VALUES = (1, 10, 20)
 
 def _budgets(quick: bool) -> tuple[TrainConfig, TrainConfig, TrainConfig]:
     if quick:  # a smoke run for CI: same path, a fraction of the budget
-        native = TrainConfig(DATASET, ARCH, epochs=2)
+        native = TrainConfig(DATASET, ARCH, epochs=3)
         dundi_r = TrainConfig(DATASET, ARCH, epochs=2, tuples=12_000)
         dundi_p = TrainConfig(DATASET, ARCH, epochs=1, tuples=12_000)
     else:

@@ -16,12 +16,15 @@ def data_dir() -> str:
     return str(resolve_data_dir(os.environ.get("DUNDI_DATA_DIR")))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray with 2 CPUs, shared by the session's Ray tests."""
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A real local Ray with 2 CPUs, fresh for each test module: what one module leaves
+    behind (Train controllers, Serve actors, killed workers) never meets the next."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -21,7 +21,7 @@ def test_demo_quick_produces_table1_and_resumes(tmp_path, data_dir):
         assert row in table
     summary = json.loads((out / "table1.json").read_text())
     assert summary["dataset"] == "mnist-10k" and summary["test_count"] == 2000
-    assert figures["native_accuracy"] > 0.9
+    assert figures["native_accuracy"] > 0.85
     for name in ("DunDi_R3", "DunDi_P3"):
         for n in (1, 10, 20):
             assert 0.5 < figures[f"{name}_n{n}"] <= 1.0
