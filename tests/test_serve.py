@@ -45,7 +45,7 @@ def png(img: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def test_images(data_dir):
+def sample_images(data_dir):
     from dundi.data import load_split
 
     x, y, _ = load_split("mnist-10k", "test", data_dir, limit=96)
@@ -93,13 +93,13 @@ def test_health_and_metadata(http):
     assert meta["parameters"]["n"] == 10 and meta["parameters"]["k"] == 5
 
 
-def test_answers_equal_dundi_classify(http, mnist_runs, test_images, data_dir):
+def test_answers_equal_dundi_classify(http, mnist_runs, sample_images, data_dir):
     """v2 JSON, PNG uploads and /classify JSON give Run.classify's answers on a real test slice,
     and the accuracy `dundi classify --limit` prints."""
     from dundi.artifacts import Run
     from dundi.pipeline import classify_split
 
-    x, y = test_images
+    x, y = sample_images
     expected = Run.load(mnist_runs["dundi"]).classify(x)
     r = http.post("/v2/models/dundi/infer", json={**v2(x[:48]), "id": "req-1"})
     assert r.json()["id"] == "req-1"
@@ -205,8 +205,8 @@ def test_bad_input_gets_a_json_4xx(http, case):
         assert body.get("expected"), body  # says what would be accepted
 
 
-def test_still_serving_after_bad_input(http, test_images):
-    x, _ = test_images
+def test_still_serving_after_bad_input(http, sample_images):
+    x, _ = sample_images
     assert http.get("/v2/health/ready").status_code == 200
     assert len(labels_of(http.post("/v2/models/dundi/infer", json=v2(x[:4])))) == 4
 
@@ -245,8 +245,8 @@ async def _load(url: str, bodies: list[dict], clients: int, seconds: float, per_
     return stats
 
 
-def test_loopback_load_has_no_errors(serve_url, test_images):
-    x, _ = test_images
+def test_loopback_load_has_no_errors(serve_url, sample_images):
+    x, _ = sample_images
     bodies = [v2(x[i:i + 1]) for i in range(32)]
     stats = asyncio.run(_load(serve_url, bodies, CLIENTS, LOAD_S))
     print(f"load: {stats['ok']} ok in {LOAD_S} s with {CLIENTS} clients ({stats['ok'] / LOAD_S:.0f} req/s)")
@@ -265,11 +265,11 @@ def _classifier_actors(expected: int, timeout: float = 60) -> list[str]:
     return sorted(seen)
 
 
-def test_replica_killed_during_load_recovers(serve_url, test_images, ray_local):
+def test_replica_killed_during_load_recovers(serve_url, sample_images, ray_local):
     from ray import serve
 
     ray = ray_local
-    x, _ = test_images
+    x, _ = sample_images
     victims = _classifier_actors(2)
     assert len(victims) == 2, victims
 
@@ -298,11 +298,11 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, test_images, tmp_path, data_dir):
+def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sample_images, tmp_path, data_dir):
     from dundi.artifacts import Run
     from dundi.pipeline import build_index
 
-    x, _ = test_images
+    x, _ = sample_images
     original = str(mnist_runs["dundi"])
     other = _copy_run(mnist_runs["dundi"], tmp_path / "other")
     build_index(other, n=8, seed=7, data_dir=data_dir)  # another verified oracle index
@@ -379,7 +379,7 @@ def test_serve_config_yaml_builds_the_app():
     assert classifier.autoscaling_config["max_replicas"] >= classifier.autoscaling_config["min_replicas"]
 
 
-def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_runs, tmp_path, data_dir, test_images):
+def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_runs, tmp_path, data_dir, sample_images):
     """Apply cluster/serve_config.yaml the way `serve deploy` does (declaratively, through the
     Serve controller; the dashboard's REST API is not running here), then change only the
     Classifier's user_config: Serve reconfigures the running replica in place (same actor)."""
@@ -390,7 +390,7 @@ def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_ru
     from dundi.artifacts import Run
     from dundi.pipeline import build_index
 
-    x, _ = test_images
+    x, _ = sample_images
     other = _copy_run(mnist_runs["dundi"], tmp_path / "yaml-other")
     build_index(other, n=6, seed=11, data_dir=data_dir)
     path = Path(__file__).resolve().parents[1] / "cluster" / "serve_config.yaml"
