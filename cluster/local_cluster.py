@@ -206,7 +206,7 @@ def up(args: argparse.Namespace) -> int:
           f"  train on it:   dundi train ... --workers {min(want, 2)} --address {gcs}\n"
           f"  submit jobs:   dundi submit --address {state['dashboard']} -- train ...\n"
           f"  dashboard:     {state['dashboard']}\n" +
-          (f"  other clients: export RAY_AUTH_MODE=token (token in ~/.ray/auth_token)\n"
+          ("  other clients: export RAY_AUTH_MODE=token (token in ~/.ray/auth_token)\n"
            if args.auth == "token" else "") +
           f"  stop it:       python {sys.argv[0]} down" +
           (f" --state-dir {state_dir}" if Path(args.state_dir) != default_state_dir() else ""))

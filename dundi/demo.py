@@ -8,6 +8,7 @@ killed and started again continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, read_meta
@@ -37,8 +38,7 @@ def _done(run_dir: Path, cfg: TrainConfig) -> bool:
     """A stage is done when its run exists with exactly this configuration."""
     if not (run_dir / RUN_FILE).exists():
         return False
-    meta = read_meta(run_dir)
-    return meta.get("config", {}).get("tuples") == cfg.tuples and meta.get("config", {}).get("epochs") == cfg.epochs
+    return read_meta(run_dir).get("config") == dataclasses.asdict(cfg)
 
 
 def table_markdown(rows: list[dict]) -> str:

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa

@@ -75,7 +75,6 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
                      progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train a native softmax model, save it as a run, return its metadata with test accuracy."""
     cfg.validate()
-    spec = _spec(cfg.dataset)
     out = Path(out)
     images, labels, tr, va = _train_val(cfg, data_dir)
     model = new_native_net(cfg)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pyarrow as pa
 
 from dundi.artifacts import atomic_write_json, atomic_write_text
 from dundi.results import (attack_summary, checks, clean_accuracy, json_safe, read_evaluation,
