@@ -168,3 +168,17 @@ def test_cli_evaluate_json_and_accumulating_settings(mnist_runs, data_dir, tmp_p
     assert main(["evaluate", str(mnist_runs["dundi"]), "--attacks", "fgsm", "--out", str(tmp_path / "x"),
                  "--workers", "0"]) == 2  # transfer without --native: a one-line error
     assert "--native" in capsys.readouterr().err
+
+
+def test_attacks_on_distance_scores_default_to_the_margin_loss():
+    """Adaptive and feature attacks climb the CW margin (softmax CE over summed distances
+    saturates); the transfer attack keeps the paper's CE; --attack-arg loss=... wins."""
+    import torch
+
+    from dundi.evaluate import make_attack_for
+
+    cfg = EvalConfig(run="r", native="n", attacks=["pgd"], threats=["transfer", "adaptive", "feature"])
+    loss_of = lambda threat, c=cfg: make_attack_for("pgd", torch.nn.Identity(), 0.3, c, "mnist-10k", 0, threat).loss
+    assert [loss_of(t) for t in ("transfer", "adaptive", "feature")] == ["ce", "margin", "margin"]
+    forced = dataclasses.replace(cfg, attack_kw={"loss": "ce"})
+    assert loss_of("adaptive", forced) == "ce"
