@@ -21,10 +21,12 @@ def triplet_loss(d_ap: torch.Tensor, d_an: torch.Tensor, kind: str = "sigmoid",
     """Per-tuple loss.
 
     ``sigmoid`` (paper §3.3): expected discrepancy 1, predicted sigmoid(d_an − d_ap),
-    loss = 1 − sigmoid(d_an − d_ap). ``margin``: max(0, d_ap − d_an + margin).
+    loss = 1 − sigmoid(d_an − d_ap), computed as sigmoid(d_ap − d_an): the same value, but
+    ``1.0 - sigmoid`` rounds to exactly 0 (zero gradient) once d_an − d_ap > ~17, which would
+    starve adversarial training of its gradient. ``margin``: max(0, d_ap − d_an + margin).
     """
     if kind == "sigmoid":
-        return 1.0 - torch.sigmoid(d_an - d_ap)
+        return torch.sigmoid(d_ap - d_an)
     if kind == "margin":
         return torch.relu(d_ap - d_an + margin)
     raise ValueError(f"unknown triplet loss {kind!r}: choose one of {LOSSES}")

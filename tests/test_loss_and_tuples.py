@@ -25,6 +25,15 @@ def test_sigmoid_loss_falls_as_negatives_move_away():
     assert losses[1] == pytest.approx(0.5)
 
 
+def test_sigmoid_loss_keeps_a_gradient_far_from_the_boundary():
+    """At d_an − d_ap = 30 the loss is ~1e-13, not 0, and its gradient still points the way
+    (adversarial training and attacks climb it)."""
+    d_an = torch.tensor([31.0], dtype=torch.float32, requires_grad=True)
+    loss = triplet_loss(torch.ones(1), d_an, "sigmoid")
+    loss.sum().backward()
+    assert 0 < loss.item() < 1e-12 and d_an.grad.item() < 0
+
+
 def test_margin_loss_and_unknown_kind():
     got = triplet_loss(torch.tensor([1.0, 1.0]), torch.tensor([3.0, 1.5]), "margin", margin=1.0)
     torch.testing.assert_close(got, torch.tensor([0.0, 0.5]))
