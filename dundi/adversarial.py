@@ -53,6 +53,38 @@ def adversarial_anchors(model: torch.nn.Module, x_a: torch.Tensor, emb_p: torch.
         return pgd_maximise(lambda xa: loss_of(model(xa), emb_p, emb_n).sum(), x_a, eps, alpha, steps, generator)
 
 
+def class_prototypes(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, D) mean embedding per class; rows of classes absent from ``labels`` are NaN."""
+    sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
+    sums.index_add_(0, labels, emb)
+    counts = torch.bincount(labels, minlength=num_classes).to(emb.dtype)[:, None]
+    return sums / counts  # 0/0 = NaN for absent classes
+
+
+def prototype_margin(emb: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Per-sample CW margin of the nearest-prototype rule: the distance to the own class's
+    prototype minus the distance to the nearest other prototype (positive = misclassified).
+    Classes with a NaN prototype are skipped."""
+    present = ~torch.isnan(prototypes).any(1)
+    d = torch.cdist(emb, torch.nan_to_num(prototypes))
+    d = torch.where(present[None, :], d, torch.full_like(d, float("inf")))
+    own = d.gather(1, labels[:, None]).squeeze(1)
+    other = d.scatter(1, labels[:, None], float("inf")).amin(1)
+    return own - other
+
+
+def adversarial_anchors_to_classes(model: torch.nn.Module, x_a: torch.Tensor, y_a: torch.Tensor,
+                                   prototypes: torch.Tensor, eps: float, alpha: float, steps: int,
+                                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Anchors perturbed to leave their class for the nearest other one: PGD on the
+    nearest-prototype margin, the same objective as the adaptive attack on the two-step rule
+    (prototypes stand in for the oracle database), so training sees the attacker's move."""
+    prototypes = prototypes.detach()
+    with _eval_mode(model):
+        return pgd_maximise(lambda xa: prototype_margin(model(xa), y_a, prototypes).sum(),
+                            x_a, eps, alpha, steps, generator)
+
+
 def adversarial_inputs_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                           alpha: float, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Madry et al. (2018): PGD examples maximising cross-entropy, for adversarial training."""

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dundi.adversarial import adversarial_anchors, adversarial_inputs_ce
-from dundi.loss import LOSSES, mine_batch_hard, triplet_loss, tuple_distances
+from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_classes,
+                               adversarial_inputs_ce, class_prototypes)
+from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.tuples import sample_tuples
 
 MINING = ("random", "batch-hard")
+ADV_TARGETS = ("classes", "tuple")
 
 
 @dataclasses.dataclass
@@ -47,6 +49,8 @@ class TrainConfig:
     adv_steps: int = 10
     adv_alpha: float | None = None  # PGD step; default 2.5 · eps / steps
     adv_mix: float = 0.5           # weight of the adversarial loss (1.0: adversarial only)
+    adv_warmup: int = 0            # epochs over which the budget ramps linearly up to adv_eps
+    adv_target: str = "classes"    # classes: leave the anchor's class; tuple: maximise its triplet loss
 
     @property
     def adv_step_size(self) -> float:
@@ -64,6 +68,10 @@ class TrainConfig:
                 raise DundiError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.adversarial and not (0 < self.adv_eps <= 1 and self.adv_steps >= 1 and 0 <= self.adv_mix <= 1):
             raise DundiError("adversarial training needs 0 < adv_eps <= 1, adv_steps >= 1, 0 <= adv_mix <= 1")
+        if self.adv_target not in ADV_TARGETS:
+            raise DundiError(f"--adv-target {self.adv_target!r} is unknown: choose one of {', '.join(ADV_TARGETS)}")
+        if self.adv_warmup < 0:
+            raise DundiError(f"adv_warmup must be 0 or more epochs, got {self.adv_warmup}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
 
@@ -95,6 +103,15 @@ def worker_tuples(labels: np.ndarray, cfg: TrainConfig, rank: int = 0, world_siz
     if world_size == 1:
         return make_tuples(labels, cfg)
     return sample_tuples(labels, cfg.tuples // world_size, np.random.SeedSequence([cfg.seed, rank]))
+
+
+def epoch_config(cfg: TrainConfig, epoch: int) -> TrainConfig:
+    """The config of one epoch: with ``adv_warmup`` the PGD budget grows linearly over the first
+    epochs (eps·1/W, eps·2/W, …, eps), since PGD training at the full budget from random
+    weights can stall at chance on small networks (seen: LeNet-5 on mnist-10k at eps 0.3)."""
+    if not cfg.adversarial or cfg.adv_warmup <= 0 or epoch + 1 >= cfg.adv_warmup:
+        return cfg
+    return dataclasses.replace(cfg, adv_eps=cfg.adv_eps * (epoch + 1) / cfg.adv_warmup)
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
@@ -129,20 +146,45 @@ def triplet_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     if cfg.adversarial:
         if emb_p is None:
             raise ValueError("adversarial triplet training uses the random tuples, not batch-hard mining")
-        loss = (1 - cfg.adv_mix) * loss + cfg.adv_mix * _adversarial_anchor_loss(
-            model, images[torch.from_numpy(batch[:, 0])], emb_p, emb_n, cfg)
+        idx = torch.from_numpy(batch)
+        adv_loss = (_adversarial_class_loss(model, images[idx[:, 0]], labels[idx], emb_p, emb_n, cfg,
+                                            int(labels.max()) + 1)
+                    if cfg.adv_target == "classes" else
+                    _adversarial_tuple_loss(model, images[idx[:, 0]], emb_p, emb_n, cfg))
+        loss = (1 - cfg.adv_mix) * loss + cfg.adv_mix * adv_loss
     return loss, ordered
 
 
-def _adversarial_anchor_loss(model: nn.Module, x_a: torch.Tensor, emb_p: torch.Tensor,
-                             emb_n: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """DunDi-AT: the triplet loss of PGD anchors that maximise it (see dundi.adversarial)."""
+def _adversarial_tuple_loss(model: nn.Module, x_a: torch.Tensor, emb_p: torch.Tensor,
+                            emb_n: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """DunDi-AT, ``adv_target="tuple"``: the triplet loss of PGD anchors that maximise it."""
     def loss_of(ea: torch.Tensor, ep: torch.Tensor, en: torch.Tensor) -> torch.Tensor:
         return triplet_loss(*tuple_distances(ea, ep, en), cfg.loss, cfg.margin)
 
     x_adv = adversarial_anchors(model, x_a, emb_p, emb_n, loss_of, cfg.adv_eps,
                                 cfg.adv_step_size, cfg.adv_steps)
     return loss_of(model(x_adv), emb_p, emb_n).mean()
+
+
+def _adversarial_class_loss(model: nn.Module, x_a: torch.Tensor, tuple_labels: torch.Tensor,
+                            emb_p: torch.Tensor, emb_n: torch.Tensor, cfg: TrainConfig,
+                            num_classes: int) -> torch.Tensor:
+    """DunDi-AT, ``adv_target="classes"`` (TLA-style): anchors pushed by PGD towards the nearest
+    other class (prototypes: the batch's positive and negative embeddings per class), then the
+    triplet loss of each adversarial anchor with its positive and its *hardest* negative in the
+    batch, which is the class the attack was heading for."""
+    ref = torch.cat([emb_p, emb_n])
+    ref_labels = torch.cat([tuple_labels[:, 1], tuple_labels[:, 2]])
+    y_a = tuple_labels[:, 0]
+    prototypes = class_prototypes(ref.detach(), ref_labels, num_classes)
+    x_adv = adversarial_anchors_to_classes(model, x_a, y_a, prototypes, cfg.adv_eps,
+                                           cfg.adv_step_size, cfg.adv_steps)
+    emb_adv = model(x_adv)
+    d_ap = distance(emb_adv, emb_p)
+    d_all = torch.cdist(emb_adv, ref)
+    d_an = torch.where(ref_labels[None, :] != y_a[:, None], d_all,
+                       torch.full_like(d_all, float("inf"))).amin(1)
+    return triplet_loss(d_ap, d_an, cfg.loss, cfg.margin).mean()
 
 
 def run_triplet_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -212,12 +254,13 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
     tuples = make_tuples(labels, cfg) if kind == "triplet" else None
     history = []
     for epoch in range(cfg.epochs):
+        ecfg = epoch_config(cfg, epoch)
         if tuples is not None:
-            metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), cfg,
+            metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), ecfg,
                                         progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         else:
             order = epoch_order(len(y), epoch, cfg.seed)
-            metrics = run_native_epoch(model, opt, x, y, order, cfg, progress)
+            metrics = run_native_epoch(model, opt, x, y, order, ecfg, progress)
         if validate is not None:
             metrics["val_accuracy"] = validate(model)
         metrics["epoch"] = epoch

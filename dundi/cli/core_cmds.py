@@ -44,6 +44,11 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     adv.add_argument("--adv-eps", type=float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
     adv.add_argument("--adv-steps", type=int, default=d.adv_steps)
     adv.add_argument("--adv-alpha", type=float, default=None, help="PGD step (default 2.5*eps/steps)")
+    adv.add_argument("--adv-target", default=d.adv_target,
+                     help="DunDi-AT's PGD objective: classes (leave the anchor's class for the nearest "
+                          "other, default) | tuple (maximise the tuple's triplet loss)")
+    adv.add_argument("--adv-warmup", type=int, default=d.adv_warmup,
+                     help="epochs over which eps ramps linearly up to --adv-eps (default %(default)s)")
     adv.add_argument("--adv-mix", type=float, default=d.adv_mix,
                      help="weight of the adversarial loss; 1.0 trains on adversarial examples only")
     ray = p.add_argument_group("Ray Train (omit --workers to train in this process)")
