@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench results clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the paper's experiments and DunDi-AT on real data → docs/results/ (hours; rerun continues)
+results: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash docs/results/reproduce.sh
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

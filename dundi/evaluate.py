@@ -109,6 +109,11 @@ class ShardSpec:
     start: int          # range of the evaluation's sample list
     stop: int
     settings: str = ""  # hash of the attack's other settings (see attack_settings_id)
+    label: str = ""     # the attack's name in the rows: its registry name + explicit settings
+
+    @property
+    def attack_label(self) -> str:
+        return self.label or self.attack
 
     @property
     def name(self) -> str:
@@ -141,6 +146,25 @@ def make_attack_for(name: str, model: torch.nn.Module, eps: float | None, cfg: E
         kw = {k: v for k, v in kw.items() if k in params}
     kw.pop("seed", None)
     return make_attack(name, model, eps=eps, steps=cfg.steps, seed=seed, **kw)
+
+
+def attack_label(name: str, cfg: EvalConfig) -> str:
+    """The name an attack's rows carry: its registry name, plus the settings this call gave it
+    explicitly (``--steps``, ``--attack-arg``) that it takes, e.g. ``pgd[loss=margin,steps=100]``.
+    Variants of one attack at one eps (CE and margin, 40 and 1,000 steps) are then separate
+    rows, compared side by side and combined in the worst case."""
+    import inspect
+
+    from dundi.attacks import ATTACKS
+    from dundi.attacks import STEPS_ARG as steps_arg
+
+    params = inspect.signature(ATTACKS[name].__init__).parameters
+    given = {k: v for k, v in cfg.attack_kw.items() if k in params and k not in ("eps", "seed")}
+    if cfg.steps is not None and name in steps_arg:
+        given["steps"] = cfg.steps
+    if not given:
+        return name
+    return f"{name}[{','.join(f'{k}={v}' for k, v in sorted(given.items()))}]"
 
 
 def attack_eps(attack) -> float:
@@ -210,9 +234,10 @@ def plan_shards(cfg: EvalConfig, num_samples: int, eps: dict[str, list[float]],
         for attack in cfg.attacks:
             for e in eps[attack]:
                 probe = make_attack_for(attack, torch.nn.Identity(), e, cfg, dataset, 0, threat)
-                sid = attack_settings_id(probe)
+                sid, label = attack_settings_id(probe), attack_label(attack, cfg)
                 for start in range(0, num_samples, cfg.shard_size):
-                    specs.append(ShardSpec(attack, e, threat, start, min(start + cfg.shard_size, num_samples), sid))
+                    stop = min(start + cfg.shard_size, num_samples)
+                    specs.append(ShardSpec(attack, e, threat, start, stop, sid, label))
     return specs
 
 
@@ -288,12 +313,12 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
     positions = select_samples(len(labels), cfg.limit, cfg.seed)
     eps = resolve_eps(cfg, dataset)
     plan = plan_shards(cfg, len(positions), eps, dataset)
-    # The directory accumulates (threat, attack, eps) settings: shards of settings this call
-    # does not evaluate stay in the plan; a setting evaluated again is re-planned (a changed
-    # --limit must not leave two shards covering one sample).
-    settings = {(s.threat, s.attack, s.eps) for s in plan}
+    # The directory accumulates (threat, attack label, eps) settings: shards of settings this
+    # call does not evaluate stay in the plan; a setting evaluated again is re-planned (a
+    # changed --limit must not leave two shards covering one sample).
+    settings = {(s.threat, s.attack_label, s.eps) for s in plan}
     kept = [ShardSpec(**old["shards"][name]) for name in old.get("plan", [])]
-    kept = [s for s in kept if (s.threat, s.attack, s.eps) not in settings]
+    kept = [s for s in kept if (s.threat, s.attack_label, s.eps) not in settings]
     full = kept + plan
     evaluation = {
         "format_version": FORMAT_VERSION, "fingerprint": fp, "dataset": dataset, "split": cfg.split,
@@ -392,7 +417,7 @@ class Evaluator:
                              "temperature": cfg.temperature}, sort_keys=True, default=str)
         columns = {
             "sample_id": self.ids[spec.start:spec.stop], "position": np.arange(spec.start, spec.stop),
-            "attack": [spec.attack] * rows, "eps": np.full(rows, spec.eps), "threat": [spec.threat] * rows,
+            "attack": [spec.attack_label] * rows, "eps": np.full(rows, spec.eps), "threat": [spec.threat] * rows,
             "dataset": [self.dataset] * rows, "split": [cfg.split] * rows, "label": y_np,
             "norm": [norm_label(getattr(attack, "norm", "?"))] * rows,
             "steps": np.full(rows, attack_steps(attack, x_np[0].size if rows else 0)), "steps_used": steps_used.numpy(),

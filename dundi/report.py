@@ -168,6 +168,8 @@ def plot_defense_vs_n(evals: list[Evaluation], path: Path, norms: dict | None = 
     fig, axes = _figure(ncols=len(evals), width=5.0)
     for ax, ev in zip(axes, evals):
         for (a, e), curve in ev.defense_at_n("transfer").items():
+            if (a, e) not in norms:  # not one of the paper's attacks (see _paper_rows)
+                continue
             ns = sorted(curve)
             ax.plot(ns, [100 * curve[n] for n in ns], marker="o", label=f"{a} {budget(norms.get((a, e), ''), e)}")
         ax.set_xlabel("oracle images per class (n)")
@@ -205,6 +207,16 @@ def plot_robust_vs_eps(ev: Evaluation, path: Path) -> str:
 
 
 # ---- the report ----------------------------------------------------------------------------
+
+def _paper_rows(ev: "Evaluation") -> list[dict]:
+    """The transfer rows the paper's figures use: its four attacks at their settings when the
+    evaluation has them (other transfer attacks, e.g. PGD curves, go to the per-threat section),
+    else every transfer row."""
+    from dundi.evaluate import PAPER_ATTACKS
+
+    rows = ev.rows("transfer")
+    return [r for r in rows if r["attack"].split("[")[0] in PAPER_ATTACKS] or rows
+
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()
@@ -262,15 +274,15 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
     # Fig. 6 ------------------------------------------------------------------------------------
     transfer = [ev for ev in evals if ev.rows("transfer")]
     if transfer:
-        settings = sorted({(r["attack"], r["eps"]) for ev in transfer for r in ev.rows("transfer")})
-        norms = {(r["attack"], r["eps"]): r["norm"] for ev in transfer for r in ev.rows("transfer")}
+        settings = sorted({(r["attack"], r["eps"]) for ev in transfer for r in _paper_rows(ev)})
+        norms = {(r["attack"], r["eps"]): r["norm"] for ev in transfer for r in _paper_rows(ev)}
         md += ["## Fig. 6 — defense success rate per attack and model (threat model: transfer)", ""]
         md += [f"Threat model: {THREAT_TEXT['transfer']}. Sample: {transfer[0].scope()}.", ""]
         header = ["Model", "Clean acc. DunDi", "Clean acc. native"] + \
                  [f"{a} ({norms[(a, e)]}, {budget(norms[(a, e)], e)})" for a, e in settings] + ["Average"]
         body, body_fooled = [], []
         for ev in transfer:
-            by = {(r["attack"], r["eps"]): r for r in ev.rows("transfer")}
+            by = {(r["attack"], r["eps"]): r for r in _paper_rows(ev)}
             vals = [by[s]["defense_success"] if s in by else None for s in settings]
             present = [v for v in vals if v is not None]
             body.append([ev.name, pct(ev.clean["dundi"]), pct(ev.clean["native"])] + [pct(v) for v in vals]
@@ -283,12 +295,12 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
                "(native correct clean, wrong adversarially) — the samples an attack on the native "
                "model actually produced:", ""]
         md += _table(header, body_fooled) + [""]
-        md += ["Attack settings:", *_settings_lines([r for ev in transfer for r in ev.rows("transfer")]), ""]
+        md += ["Attack settings:", *_settings_lines([r for ev in transfer for r in _paper_rows(ev)]), ""]
         name = plot_defense_bars(transfer, settings, out / "fig6_defense_success.png", norms)
         md += [f"![Fig. 6]({name})", ""]
         figures["plots"].append(name)
         figures["fig6"] = {ev.name: {f"{r['attack']}@{_eps(r['eps'])}": r["defense_success"]
-                                     for r in ev.rows("transfer")} for ev in transfer}
+                                     for r in _paper_rows(ev)} for ev in transfer}
 
         # Table 2 ---------------------------------------------------------------------------------
         md += ["## Table 2 — accuracy and defense success vs number of training tuples", ""]
@@ -303,7 +315,7 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
                    f"{group[0].two_step()}.", ""]
             acc, ds_row = ["Clean accuracy"], ["Defense success rate"]
             for ev in group:
-                vals = [r["defense_success"] for r in ev.rows("transfer")]
+                vals = [r["defense_success"] for r in _paper_rows(ev)]
                 acc.append(pct(ev.clean["dundi"]))
                 ds_row.append(pct(sum(vals) / len(vals)) if vals else "—")
             md += _table(["Tuples"] + [f"{ev.model.get('tuples'):,}" if ev.model.get("tuples") else "?"
@@ -317,7 +329,8 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
         md += [f"Adversarial samples are the transfer ones above; DunDi classifies them with n oracles "
                f"per class, m = min(m, n). Sample: {transfer[0].scope()}.", ""]
         for ev in transfer:
-            curves = ev.defense_at_n("transfer")
+            keep = {(r["attack"], r["eps"]) for r in _paper_rows(ev)}
+            curves = {key: c for key, c in ev.defense_at_n("transfer").items() if key in keep}
             ns = sorted({n for c in curves.values() for n in c})
             md += [f"{ev.name} (clean accuracy {pct(ev.clean['dundi'])}):", ""]
             md += _table(["Attack"] + [f"n = {n}" for n in ns],

@@ -74,14 +74,18 @@ def test_two_workers_converge_write_a_run_and_resume_by_name(ray_local, tmp_path
     assert Run.load(out).oracle is not None
 
 
-def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_dir):
-    """Same seed → same rows, tuples, order and initial weights; the worker runs on one CPU
-    thread, so the local loop does too (thread count changes float summation order)."""
+@pytest.mark.parametrize("extra", [{"tuples": 3000},
+                                   {"tuples": 600, "adversarial": True, "adv_steps": 2, "adv_warmup": 2}],
+                         ids=["plain", "dundi-at"])
+def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_dir, extra):
+    """Same seed → same rows, tuples, order, initial weights and PGD starts; the worker runs on
+    one CPU thread, so the local loop does too (thread count changes float summation order).
+    DunDi-AT (adversarial anchors, budget warm-up) goes through the same epoch code."""
     from dundi.artifacts import load_model, read_meta
     from dundi.distributed.train_job import run_ray_training
     from dundi.pipeline import build_index, train_dundi_run
 
-    cfg = small_cfg(tuples=3000)
+    cfg = small_cfg(**extra)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -89,7 +93,7 @@ def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_
     finally:
         torch.set_num_threads(threads)
     build_index(tmp_path / "local", n=10, seed=cfg.seed, data_dir=data_dir)
-    run_ray_training("dundi", small_cfg(tuples=3000), tmp_path / "ray1", options(data_dir, workers=1))
+    run_ray_training("dundi", small_cfg(**extra), tmp_path / "ray1", options(data_dir, workers=1))
 
     local, ray1 = history(tmp_path / "local"), history(tmp_path / "ray1")
     assert [sorted(e) for e in local] == [sorted(e) for e in ray1]

@@ -50,7 +50,8 @@ def test_ray_evaluation_writes_one_row_per_key_with_sound_invariants(cfg, ray_re
     out, timing = ray_results
     assert timing["shards_run"] == 8 and timing["shards_skipped"] == 0
     table = read_results(out, require_complete=True)
-    expected = {(i, a, 0.3, t) for t in cfg.threats for a in cfg.attacks
+    # rows name an attack with the settings given explicitly: --steps 5 reaches BIM, not FGSM
+    expected = {(i, a, 0.3, t) for t in cfg.threats for a in ("fgsm", "ifgsm-a[steps=5]")
                 for i in table.column("sample_id").to_pylist()}
     assert len(set(table.column("sample_id").to_pylist())) == LIMIT
     assert sorted(keys(table)) == sorted(expected)  # exactly one row per key
@@ -65,7 +66,7 @@ def test_ray_evaluation_writes_one_row_per_key_with_sound_invariants(cfg, ray_re
         assert 1 <= r["steps_used"] <= r["steps"]
         assert r["n_values"] == [1, 5, 10] and r["dundi_adv_at_n"][-1] == r["dundi_adv"]
     assert {r["steps"] for r in rows if r["attack"] == "fgsm"} == {1}
-    assert {r["steps"] for r in rows if r["attack"] == "ifgsm-a"} == {5}
+    assert {r["steps"] for r in rows if r["attack"] == "ifgsm-a[steps=5]"} == {5}
 
     # recompute everything from the saved adversarial images and the clean test split
     images, labels, ids = load_split("mnist-10k", "test", data_dir)
@@ -159,15 +160,40 @@ def test_cli_evaluate_json_and_accumulating_settings(mnist_runs, data_dir, tmp_p
     assert main(base + ["--attacks", "jsma", "--threat", "transfer", "--attack-arg", "gamma=0.05"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 48
-    jsma = next(r for r in summary["attacks"] if r["attack"] == "jsma")
+    jsma = next(r for r in summary["attacks"] if r["attack"] == "jsma[gamma=0.05]")
     assert jsma["norm"] == "L0" and jsma["eps"] == 0.05 and jsma["steps"] == 19
     rows = read_results(out).to_pylist()
-    assert all(r["l0"] <= 2 * 19 for r in rows if r["attack"] == "jsma")
-    assert all(r["target_class"] not in (-1, r["label"]) for r in rows if r["attack"] == "jsma")
+    jsma_rows = [r for r in rows if r["attack"] == "jsma[gamma=0.05]"]
+    assert len(jsma_rows) == 16 and all(r["l0"] <= 2 * 19 for r in jsma_rows)
+    assert all(r["target_class"] not in (-1, r["label"]) for r in jsma_rows)
 
     assert main(["evaluate", str(mnist_runs["dundi"]), "--attacks", "fgsm", "--out", str(tmp_path / "x"),
                  "--workers", "0"]) == 2  # transfer without --native: a one-line error
     assert "--native" in capsys.readouterr().err
+
+
+def test_variants_of_one_attack_are_separate_rows_and_sum_into_the_worst_case(mnist_runs, data_dir, tmp_path):
+    """PGD with CE and with the margin loss at one eps, evaluated by two calls into one
+    directory: both stay, each under its own name, and the worst case needs both."""
+    from dundi.results import summarize
+
+    base = EvalConfig(run=str(mnist_runs["dundi"]), attacks=["pgd"], threats=["adaptive"], eps=[0.1],
+                      steps=3, limit=16, shard_size=16, data_dir=data_dir)
+    for loss in ("ce", "margin"):
+        evaluate_local(dataclasses.replace(base, attack_kw={"loss": loss}), tmp_path, progress=False,
+                       log=lambda s: None)
+    summary = summarize(tmp_path)
+    names = sorted(r["attack"] for r in summary["attacks"])
+    assert names == ["pgd[loss=ce,steps=3]", "pgd[loss=margin,steps=3]"] and summary["rows"] == 32
+    by = {r["attack"]: r for r in summary["attacks"]}
+    assert {json.loads(json.dumps(r["attack_params"]))["loss"] for r in by.values()} == {"ce", "margin"}
+    rows = read_results(tmp_path).to_pylist()
+    robust = {}
+    for r in rows:
+        robust.setdefault(r["sample_id"], []).append(r["dundi_clean"] == r["label"] == r["dundi_adv"])
+    worst = next(w for w in summary["worst_case"] if w["norm"] == "Linf")
+    assert worst["count"] == 16
+    assert worst["robust_accuracy"] == pytest.approx(np.mean([all(v) for v in robust.values()]))
 
 
 def test_attacks_on_distance_scores_default_to_the_margin_loss():

@@ -77,7 +77,7 @@ def test_cli_report_json(evaluation, tmp_path, capsys):
     ev = figures["evaluations"][0]
     assert ev["clean_accuracy"]["count"] == 24
     assert {(a["threat"], a["attack"], a["eps"]) for a in ev["attacks"]} == {
-        (t, a, e) for t in ("transfer", "adaptive") for a in ("fgsm", "ifgsm-a") for e in (0.1, 0.3)}
+        (t, a, e) for t in ("transfer", "adaptive") for a in ("fgsm", "ifgsm-a[steps=3]") for e in (0.1, 0.3)}
 
 
 @pytest.mark.realdata

@@ -64,7 +64,7 @@ ATTACK_NORMS: dict[str, str] = {
 }
 
 # Which constructor argument make_attack's ``steps`` sets (absent: steps is ignored).
-_STEPS_ARG = {"ifgsm-a": "steps", "ifgsm-b": "steps", "pgd": "steps", "deepfool": "max_iter",
+STEPS_ARG = {"ifgsm-a": "steps", "ifgsm-b": "steps", "pgd": "steps", "deepfool": "max_iter",
               "square": "n_queries"}
 _HAS_EPS = {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "square"}
 _HAS_SEED = {"pgd", "jsma", "square"}
@@ -80,8 +80,8 @@ def make_attack(name: str, model: nn.Module, eps: float | None = None, steps: in
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}") from None
     if eps is not None and name in _HAS_EPS:
         kw["eps"] = eps
-    if steps is not None and name in _STEPS_ARG:
-        kw[_STEPS_ARG[name]] = steps
+    if steps is not None and name in STEPS_ARG:
+        kw[STEPS_ARG[name]] = steps
     if name in _HAS_SEED:
         kw["seed"] = seed
     return cls(model, **kw)

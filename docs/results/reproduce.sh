@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Reproduce the paper's section 4 (and DunDi-AT) on the data reachable here, with the
+# product's own commands only, and regenerate the reports in docs/results/.
+#
+#   make results                      # everything (about 2 h on 2 CPU cores)
+#   STAGES="mnist report" make results
+#
+# Stages: mnist (Table 1, Fig. 6, Table 2, Fig. 7 + adaptive/feature on mnist-10k), fashion
+# (one native model and its DunDi_R / DunDi_P on full Fashion-MNIST), cifar (VGG-16, only when
+# CIFAR-10's files are present), at (DunDi-AT vs Madry-style adversarial training), report.
+#
+# Rerunning continues: a training stage whose run directory is complete is skipped and every
+# evaluation resumes from its finished shards. Runs and raw Parquet rows go to $OUT
+# (runs/results); the reports (Markdown, PNG, JSON summaries) go to $DOCS (docs/results).
+set -euo pipefail
+
+OUT=${OUT:-runs/results}
+DOCS=${DOCS:-docs/results}
+STAGES=${STAGES:-"mnist fashion cifar at report"}
+LIMIT=${LIMIT:-500}          # test samples per evaluation (a seeded random choice, same for every model)
+SEED=${SEED:-0}
+DUNDI=${DUNDI:-dundi}
+EVAL=(--workers "${EVAL_WORKERS:-0}" --limit "$LIMIT" --seed "$SEED" --no-progress)
+mkdir -p "$OUT" "$DOCS"
+STAGE_LOG="$OUT/stages.tsv"
+
+log() { printf '[reproduce %(%H:%M:%S)T] %s\n' -1 "$*"; }
+
+# timed NAME CMD...: run CMD, append "NAME<TAB>seconds" to the stage log.
+timed() {
+  local name=$1 start=$SECONDS
+  shift
+  log "$name"
+  "$@"
+  printf '%s\t%s\n' "$name" "$((SECONDS - start))" >> "$STAGE_LOG"
+}
+
+# train DIR CMD...: run a `dundi train*` command unless DIR already holds a finished run.
+train() {
+  local dir=$1
+  shift
+  if [[ -f "$dir/run.json" ]]; then
+    log "kept $dir (finished before)"
+    [[ "$1" == "train" && ! -f "$dir/oracle/index.faiss" ]] && "$DUNDI" index build "$dir" --oracles 20 --seed "$SEED"
+    return 0
+  fi
+  timed "$dir" "$DUNDI" "$@" --out "$dir" --seed "$SEED" --no-progress
+}
+
+# evaluate DUNDI_RUN NATIVE_RUN OUT_DIR [extra args]: the paper's four attacks under all three
+# threat models at the paper's budgets, then PGD robust accuracy vs eps (CE and margin).
+evaluate() {
+  local run=$1 native=$2 dir=$3 curve=$4
+  shift 4
+  local threats=(--threat transfer adaptive feature)
+  timed "$dir paper-attacks" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
+    --attacks paper "$@" "${EVAL[@]}" --out "$dir"
+  for loss in ce margin; do
+    timed "$dir pgd-$loss" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
+      --attacks pgd --eps $curve --steps 40 --attack-arg loss=$loss "${EVAL[@]}" --out "$dir"
+  done
+}
+
+# ---- mnist-10k: the paper's MNIST experiments ---------------------------------------------
+stage_mnist() {
+  local d=$OUT/mnist-10k
+  "$DUNDI" data fetch mnist-10k
+  for i in 1 4 5; do
+    train "$d/native$i" train-native --dataset mnist-10k --model "lenet$i" --epochs 10
+    train "$d/R$i" train --dataset mnist-10k --backbone "lenet$i" --tuples 360000 --epochs 1
+    train "$d/P$i" train --dataset mnist-10k --backbone "lenet$i" --pretrained "$d/native$i" \
+      --tuples 360000 --epochs 1
+  done
+  for t in 18000 36000 180000; do  # Table 2: DunDi_R1 vs the number of tuples (360K is R1)
+    train "$d/R1-tuples$t" train --dataset mnist-10k --backbone lenet1 --tuples "$t" --epochs 1
+  done
+  for i in 1 4 5; do
+    for kind in R P; do
+      evaluate "$d/$kind$i" "$d/native$i" "$d/eval/$kind$i" "0.05 0.1 0.2 0.3"
+    done
+  done
+  for t in 18000 36000 180000; do
+    evaluate "$d/R1-tuples$t" "$d/native1" "$d/eval/R1-tuples$t" "0.05 0.1 0.2 0.3"
+  done
+}
+
+# ---- full Fashion-MNIST: LeNet-5, eps scaled to 0.1 as is usual for this dataset ------------
+stage_fashion() {
+  local d=$OUT/fashion-mnist
+  "$DUNDI" data fetch fashion-mnist
+  train "$d/native5" train-native --dataset fashion-mnist --model lenet5 --epochs 10
+  train "$d/R5" train --dataset fashion-mnist --backbone lenet5 --tuples 360000 --epochs 1
+  train "$d/P5" train --dataset fashion-mnist --backbone lenet5 --pretrained "$d/native5" \
+    --tuples 360000 --epochs 1
+  for kind in R P; do
+    evaluate "$d/$kind"5 "$d/native5" "$d/eval/${kind}5" "0.025 0.05 0.1 0.2" --eps 0.1
+  done
+}
+
+# ---- CIFAR-10 (VGG-16): runs only where the files are ---------------------------------------
+stage_cifar() {
+  local d=$OUT/cifar10
+  if ! "$DUNDI" data fetch cifar10 ${CIFAR10_DIR:+--source-dir "$CIFAR10_DIR"}; then
+    log "CIFAR-10 is not present (set CIFAR10_DIR to the python-version batches): skipped"
+    printf 'cifar10\tskipped: no CIFAR-10 files\n' >> "$STAGE_LOG"
+    return 0
+  fi
+  train "$d/native" train-native --dataset cifar10 --model vgg16 --epochs 20
+  train "$d/R" train --dataset cifar10 --backbone vgg16 --tuples 360000 --epochs 1
+  train "$d/P" train --dataset cifar10 --backbone vgg16 --pretrained "$d/native" --tuples 360000 --epochs 1
+  for kind in R P; do
+    evaluate "$d/$kind" "$d/native" "$d/eval/$kind" "0.01 0.02 0.05"
+  done
+}
+
+# ---- DunDi-AT vs Madry-style adversarial training (mnist-10k, eps 0.3) ----------------------
+stage_at() {
+  local d=$OUT/mnist-10k at=$OUT/at
+  "$DUNDI" data fetch mnist-10k
+  [[ -f "$d/native5/run.json" ]] || train "$d/native5" train-native --dataset mnist-10k --model lenet5 --epochs 10
+  train "$at/madry5" train-native --dataset mnist-10k --model lenet5 --epochs "${MADRY_EPOCHS:-20}" \
+    --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 1.0 --adv-warmup 5
+  train "$at/AT5" train --dataset mnist-10k --backbone lenet5 --tuples "${AT_TUPLES:-30000}" \
+    --epochs "${AT_EPOCHS:-6}" --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 0.5 --adv-warmup 2
+  # One evaluation per model on the same samples: the strongest white-box attacks we have
+  # (PGD 100 steps x 5 restarts, CE and margin), a black-box check (Square), more steps as a
+  # masking check; the Madry model is the native run of its own evaluation, so its white-box
+  # robust accuracy is the transfer rows' native column.
+  local strong=(--attacks pgd --eps 0.3 --steps 100 --attack-arg restarts=5)
+  for subject in AT5 madry5; do
+    local run=$at/AT5 native=$d/native5
+    [[ $subject == madry5 ]] && native=$at/madry5
+    local threats=(--threat adaptive feature)
+    [[ $subject == madry5 ]] && threats=(--threat transfer)
+    for loss in ce margin; do
+      timed "$at/eval/$subject pgd100x5-$loss" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
+        "${strong[@]}" --attack-arg loss=$loss "${EVAL[@]}" --out "$at/eval/$subject"
+    done
+    timed "$at/eval/$subject pgd-curve" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
+      --attacks pgd --eps 0.1 0.2 0.3 0.4 --steps 40 "${EVAL[@]}" --out "$at/eval/$subject"
+    timed "$at/eval/$subject pgd1000" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
+      --attacks pgd --eps 0.3 --steps 1000 --attack-arg alpha=0.01 --attack-arg loss=margin \
+      "${EVAL[@]}" --out "$at/eval/$subject"
+    timed "$at/eval/$subject square" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
+      --attacks square --eps 0.3 --steps 2000 "${EVAL[@]}" --out "$at/eval/$subject"
+  done
+  # The paper's transfer protocol on DunDi-AT: crafted on the plain native LeNet-5.
+  timed "$at/eval/AT5 paper-attacks" "$DUNDI" evaluate "$at/AT5" --native "$d/native5" --threat transfer \
+    --attacks paper "${EVAL[@]}" --out "$at/eval/AT5"
+}
+
+stage_report() {
+  local d=$OUT/mnist-10k f=$OUT/fashion-mnist at=$OUT/at
+  [[ -d $d/eval ]] && "$DUNDI" report "$d"/eval/{R1,R4,R5,P1,P4,P5,R1-tuples*} --out "$DOCS/mnist-10k"
+  [[ -d $f/eval ]] && "$DUNDI" report "$f"/eval/* --out "$DOCS/fashion-mnist"
+  [[ -d $OUT/cifar10/eval ]] && "$DUNDI" report "$OUT"/cifar10/eval/* --out "$DOCS/cifar10"
+  [[ -d $at/eval ]] && "$DUNDI" report "$at"/eval/* "$d/eval/R5" --out "$DOCS/at"
+  cp "$STAGE_LOG" "$DOCS/stages.tsv"
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "python: $(python -c 'import sys; print(sys.version.split()[0])')"
+    python - <<'EOF'
+from importlib.metadata import version
+for p in ("dundi", "torch", "ray", "faiss-cpu", "numpy", "pyarrow"):
+    try:
+        print(f"{p}: {version(p)}")
+    except Exception:
+        print(f"{p}: not installed")
+EOF
+    echo "cpu: $(nproc) cores; torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
+    echo "seed: $SEED; samples per evaluation: $LIMIT"
+  } > "$DOCS/environment.txt"
+}
+
+for stage in $STAGES; do
+  "stage_$stage"
+done
+log "done: reports in $DOCS, runs and raw rows in $OUT"
