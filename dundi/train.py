@@ -22,6 +22,7 @@ from dundi.tuples import sample_tuples
 
 MINING = ("random", "batch-hard")
 ADV_TARGETS = ("classes", "tuple")
+ADV_LOSSES = ("prototype", "triplet")
 
 
 @dataclasses.dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     adv_mix: float = 0.5           # weight of the adversarial loss (1.0: adversarial only)
     adv_warmup: int = 0            # epochs over which the budget ramps linearly up to adv_eps
     adv_target: str = "classes"    # classes: leave the anchor's class; tuple: maximise its triplet loss
+    adv_loss: str = "prototype"    # classes target: prototype (N-pair softmax) | triplet (hardest negative)
 
     @property
     def adv_step_size(self) -> float:
@@ -70,6 +72,8 @@ class TrainConfig:
             raise DundiError("adversarial training needs 0 < adv_eps <= 1, adv_steps >= 1, 0 <= adv_mix <= 1")
         if self.adv_target not in ADV_TARGETS:
             raise DundiError(f"--adv-target {self.adv_target!r} is unknown: choose one of {', '.join(ADV_TARGETS)}")
+        if self.adv_loss not in ADV_LOSSES:
+            raise DundiError(f"--adv-loss {self.adv_loss!r} is unknown: choose one of {', '.join(ADV_LOSSES)}")
         if self.adv_warmup < 0:
             raise DundiError(f"adv_warmup must be 0 or more epochs, got {self.adv_warmup}")
         if not 0.0 <= self.val_fraction < 0.5:
@@ -114,13 +118,22 @@ def epoch_config(cfg: TrainConfig, epoch: int) -> TrainConfig:
     return dataclasses.replace(cfg, adv_eps=cfg.adv_eps * (epoch + 1) / cfg.adv_warmup)
 
 
+def adversarial_generator(cfg: TrainConfig, epoch: int, rank: int = 0) -> torch.Generator | None:
+    """The RNG of one epoch's PGD random starts, seeded by (seed, epoch, rank): a resumed or
+    distributed run draws the same starts as a local one, whatever else used torch's global RNG."""
+    if not cfg.adversarial:
+        return None
+    seed = int(np.random.default_rng([cfg.seed, epoch, rank]).integers(2**62))
+    return torch.Generator().manual_seed(seed)
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     """The order of ``n`` samples in one native-training epoch (seeded by seed and epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def triplet_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                       batch: np.ndarray, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                       batch: np.ndarray, cfg: TrainConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and the fraction of tuples ordered correctly (d_an > d_ap) for a (B, 3) batch.
 
     With ``cfg.dedupe`` each distinct image is embedded once and the tuples are formed from
@@ -148,38 +161,53 @@ def triplet_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Ten
             raise ValueError("adversarial triplet training uses the random tuples, not batch-hard mining")
         idx = torch.from_numpy(batch)
         adv_loss = (_adversarial_class_loss(model, images[idx[:, 0]], labels[idx], emb_p, emb_n, cfg,
-                                            int(labels.max()) + 1)
+                                            int(labels.max()) + 1, generator)
                     if cfg.adv_target == "classes" else
-                    _adversarial_tuple_loss(model, images[idx[:, 0]], emb_p, emb_n, cfg))
+                    _adversarial_tuple_loss(model, images[idx[:, 0]], emb_p, emb_n, cfg, generator))
         loss = (1 - cfg.adv_mix) * loss + cfg.adv_mix * adv_loss
     return loss, ordered
 
 
 def _adversarial_tuple_loss(model: nn.Module, x_a: torch.Tensor, emb_p: torch.Tensor,
-                            emb_n: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+                            emb_n: torch.Tensor, cfg: TrainConfig,
+                            generator: torch.Generator | None) -> torch.Tensor:
     """DunDi-AT, ``adv_target="tuple"``: the triplet loss of PGD anchors that maximise it."""
     def loss_of(ea: torch.Tensor, ep: torch.Tensor, en: torch.Tensor) -> torch.Tensor:
         return triplet_loss(*tuple_distances(ea, ep, en), cfg.loss, cfg.margin)
 
     x_adv = adversarial_anchors(model, x_a, emb_p, emb_n, loss_of, cfg.adv_eps,
-                                cfg.adv_step_size, cfg.adv_steps)
+                                cfg.adv_step_size, cfg.adv_steps, generator)
     return loss_of(model(x_adv), emb_p, emb_n).mean()
 
 
 def _adversarial_class_loss(model: nn.Module, x_a: torch.Tensor, tuple_labels: torch.Tensor,
                             emb_p: torch.Tensor, emb_n: torch.Tensor, cfg: TrainConfig,
-                            num_classes: int) -> torch.Tensor:
-    """DunDi-AT, ``adv_target="classes"`` (TLA-style): anchors pushed by PGD towards the nearest
-    other class (prototypes: the batch's positive and negative embeddings per class), then the
-    triplet loss of each adversarial anchor with its positive and its *hardest* negative in the
-    batch, which is the class the attack was heading for."""
+                            num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
+    """DunDi-AT, ``adv_target="classes"``: anchors pushed by PGD towards the nearest other
+    class (prototypes: the batch's positive and negative embeddings per class, as the oracle
+    database stands for them at test time), then trained to stay in their class.
+
+    ``adv_loss="prototype"`` (default): cross-entropy over the negated distances from each
+    adversarial anchor to every class prototype, i.e. the N-pair generalisation of the triplet
+    loss; it keeps a gradient for anchors pushed far into another class and does not reward a
+    collapsed embedding. ``adv_loss="triplet"`` (TLA, Mao et al. 2019): the triplet loss with
+    the anchor's positive and its hardest negative in the batch. Measured on mnist-10k LeNet-5
+    at eps 0.3 (docs/results): prototype 88.5% adaptive robust accuracy, triplet 24.5%; with
+    adv_mix 1.0 the triplet form collapsed."""
     ref = torch.cat([emb_p, emb_n])
     ref_labels = torch.cat([tuple_labels[:, 1], tuple_labels[:, 2]])
     y_a = tuple_labels[:, 0]
     prototypes = class_prototypes(ref.detach(), ref_labels, num_classes)
     x_adv = adversarial_anchors_to_classes(model, x_a, y_a, prototypes, cfg.adv_eps,
-                                           cfg.adv_step_size, cfg.adv_steps)
+                                           cfg.adv_step_size, cfg.adv_steps, generator)
     emb_adv = model(x_adv)
+    if cfg.adv_loss == "prototype":
+        # N-pair form: softmax over the (negated) distances to every class prototype; unlike a
+        # single triplet it neither saturates for far-misplaced anchors nor rewards collapse
+        logits = -torch.cdist(emb_adv, torch.nan_to_num(class_prototypes(ref, ref_labels, num_classes)))
+        present = torch.bincount(ref_labels, minlength=num_classes) > 0
+        logits = torch.where(present[None, :], logits, torch.full_like(logits, float("-inf")))
+        return nn.functional.cross_entropy(logits, y_a)
     d_ap = distance(emb_adv, emb_p)
     d_all = torch.cdist(emb_adv, ref)
     d_an = torch.where(ref_labels[None, :] != y_a[:, None], d_all,
@@ -189,16 +217,18 @@ def _adversarial_class_loss(model: nn.Module, x_a: torch.Tensor, tuple_labels: t
 
 def run_triplet_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                       labels: torch.Tensor, tuples: np.ndarray, cfg: TrainConfig,
-                      progress: bool = True, desc: str = "triplet") -> dict[str, float]:
+                      progress: bool = True, desc: str = "triplet",
+                      generator: torch.Generator | None = None) -> dict[str, float]:
     """One pass over ``tuples`` (already in this epoch's order). Returns mean loss and the
-    fraction of tuples ordered correctly."""
+    fraction of tuples ordered correctly. ``generator`` draws the PGD random starts of
+    adversarial training (:func:`adversarial_generator`)."""
     model.train()
     total_loss = total_ok = seen = 0.0
     steps = range(0, len(tuples), cfg.batch_size)
     bar = tqdm(steps, desc=desc, disable=not progress, leave=False)
     for start in bar:
         batch = tuples[start:start + cfg.batch_size]
-        loss, ok = triplet_batch_loss(model, images, labels, batch, cfg)
+        loss, ok = triplet_batch_loss(model, images, labels, batch, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,8 +241,8 @@ def run_triplet_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images
 
 def run_native_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                      labels: torch.Tensor, order: np.ndarray, cfg: TrainConfig,
-                     progress: bool = True) -> dict[str, float]:
-    """One cross-entropy pass over ``images[order]``."""
+                     progress: bool = True, generator: torch.Generator | None = None) -> dict[str, float]:
+    """One cross-entropy pass over ``images[order]`` (``generator``: as in run_triplet_epoch)."""
     model.train()
     total = correct = seen = 0.0
     bar = tqdm(range(0, len(order), cfg.batch_size), desc="native", disable=not progress, leave=False)
@@ -222,7 +252,7 @@ def run_native_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         loss = nn.functional.cross_entropy(logits, labels[idx])
         if cfg.adversarial:  # Madry et al. 2018: train on PGD examples of the current model
             x_adv = adversarial_inputs_ce(model, images[idx], labels[idx], cfg.adv_eps,
-                                          cfg.adv_step_size, cfg.adv_steps)
+                                          cfg.adv_step_size, cfg.adv_steps, generator)
             adv_loss = nn.functional.cross_entropy(model(x_adv), labels[idx])
             loss = (1 - cfg.adv_mix) * loss + cfg.adv_mix * adv_loss
         optimizer.zero_grad(set_to_none=True)
@@ -257,10 +287,12 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
         ecfg = epoch_config(cfg, epoch)
         if tuples is not None:
             metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), ecfg,
-                                        progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                                        progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                        generator=adversarial_generator(cfg, epoch))
         else:
             order = epoch_order(len(y), epoch, cfg.seed)
-            metrics = run_native_epoch(model, opt, x, y, order, ecfg, progress)
+            metrics = run_native_epoch(model, opt, x, y, order, ecfg, progress,
+                                       generator=adversarial_generator(cfg, epoch))
         if validate is not None:
             metrics["val_accuracy"] = validate(model)
         metrics["epoch"] = epoch

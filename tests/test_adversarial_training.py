@@ -1,5 +1,7 @@
 """DunDi-AT and Madry-style training steps: the inner PGD respects its budget and raises the loss."""
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -88,15 +90,19 @@ def test_adversarial_budget_warms_up_linearly():
     assert epoch_config(TrainConfig(adversarial=True), 0).adv_eps == 0.3
 
 
-@pytest.mark.parametrize("target", ["classes", "tuple"])
-def test_adversarial_triplet_step_mixes_losses_and_trains(target):
+@pytest.mark.parametrize("target,adv_loss", [("classes", "prototype"), ("classes", "triplet"),
+                                             ("tuple", "prototype")])
+def test_adversarial_triplet_step_mixes_losses_and_trains(target, adv_loss):
     torch.manual_seed(0)
     labels = np.repeat(np.arange(10), 6)
     images = torch.rand(len(labels), *SHAPE)
     batch = sample_tuples(labels, 32, seed=0)
     model = build_distance_net("lenet1", SHAPE)
-    clean, _ = triplet_batch_loss(model, images, torch.from_numpy(labels), batch, TrainConfig())
-    adv_cfg = TrainConfig(adversarial=True, adv_eps=0.3, adv_steps=5, adv_mix=1.0, adv_target=target)
+    adv_cfg = TrainConfig(adversarial=True, adv_eps=0.3, adv_steps=5, adv_mix=1.0, adv_target=target,
+                          adv_loss=adv_loss)
+    # the same loss with a budget too small to matter: the anchors are (nearly) clean
+    clean, _ = triplet_batch_loss(model, images, torch.from_numpy(labels), batch,
+                                  dataclasses.replace(adv_cfg, adv_eps=1e-6))
     adv, _ = triplet_batch_loss(model, images, torch.from_numpy(labels), batch, adv_cfg)
     assert adv > clean  # the adversarial anchors are worse for the current model
     adv.backward()

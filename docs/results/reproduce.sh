@@ -61,6 +61,23 @@ evaluate() {
   done
 }
 
+# table1 DOCS_FILE RUN...: accuracy on the whole test split, natives once, DunDi runs at n = 1, 10, 20
+# (the evaluations' Table 1 covers only their $LIMIT samples). One JSON object per line.
+table1() {
+  local file=$1 run
+  shift
+  mkdir -p "$(dirname "$file")"
+  : > "$file.tmp"
+  for run in "$@"; do
+    if grep -q '"kind": "native"' "$run/run.json"; then
+      "$DUNDI" classify "$run" --json | tail -n 1 >> "$file.tmp"
+    else
+      for n in 1 10 20; do "$DUNDI" classify "$run" --n "$n" --json | tail -n 1 >> "$file.tmp"; done
+    fi
+  done
+  mv "$file.tmp" "$file"
+}
+
 # ---- mnist-10k: the paper's MNIST experiments ---------------------------------------------
 stage_mnist() {
   local d=$OUT/mnist-10k
@@ -74,6 +91,7 @@ stage_mnist() {
   for t in 18000 36000 180000; do  # Table 2: DunDi_R1 vs the number of tuples (360K is R1)
     train "$d/R1-tuples$t" train --dataset mnist-10k --backbone lenet1 --tuples "$t" --epochs 1
   done
+  table1 "$DOCS/mnist-10k/table1_full_test.jsonl" "$d"/native{1,4,5} "$d"/{R,P}{1,4,5} "$d"/R1-tuples*
   for i in 1 4 5; do
     for kind in R P; do
       evaluate "$d/$kind$i" "$d/native$i" "$d/eval/$kind$i" "0.05 0.1 0.2 0.3"
@@ -92,6 +110,7 @@ stage_fashion() {
   train "$d/R5" train --dataset fashion-mnist --backbone lenet5 --tuples 360000 --epochs 1
   train "$d/P5" train --dataset fashion-mnist --backbone lenet5 --pretrained "$d/native5" \
     --tuples 360000 --epochs 1
+  table1 "$DOCS/fashion-mnist/table1_full_test.jsonl" "$d/native5" "$d/R5" "$d/P5"
   for kind in R P; do
     evaluate "$d/$kind"5 "$d/native5" "$d/eval/${kind}5" "0.025 0.05 0.1 0.2" --eps 0.1
   done
@@ -108,6 +127,7 @@ stage_cifar() {
   train "$d/native" train-native --dataset cifar10 --model vgg16 --epochs 20
   train "$d/R" train --dataset cifar10 --backbone vgg16 --tuples 360000 --epochs 1
   train "$d/P" train --dataset cifar10 --backbone vgg16 --pretrained "$d/native" --tuples 360000 --epochs 1
+  table1 "$DOCS/cifar10/table1_full_test.jsonl" "$d/native" "$d/R" "$d/P"
   for kind in R P; do
     evaluate "$d/$kind" "$d/native" "$d/eval/$kind" "0.01 0.02 0.05"
   done
@@ -118,7 +138,7 @@ stage_at() {
   local d=$OUT/mnist-10k at=$OUT/at
   "$DUNDI" data fetch mnist-10k
   [[ -f "$d/native5/run.json" ]] || train "$d/native5" train-native --dataset mnist-10k --model lenet5 --epochs 10
-  train "$at/madry5" train-native --dataset mnist-10k --model lenet5 --epochs "${MADRY_EPOCHS:-20}" \
+  train "$at/madry5" train-native --dataset mnist-10k --model lenet5 --epochs "${MADRY_EPOCHS:-40}" \
     --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 1.0 --adv-warmup 5
   train "$at/AT5" train --dataset mnist-10k --backbone lenet5 --tuples "${AT_TUPLES:-30000}" \
     --epochs "${AT_EPOCHS:-6}" --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 0.5 --adv-warmup 2

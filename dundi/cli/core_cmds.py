@@ -47,6 +47,9 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     adv.add_argument("--adv-target", default=d.adv_target,
                      help="DunDi-AT's PGD objective: classes (leave the anchor's class for the nearest "
                           "other, default) | tuple (maximise the tuple's triplet loss)")
+    adv.add_argument("--adv-loss", default=d.adv_loss,
+                     help="DunDi-AT's loss on adversarial anchors (classes target): prototype (softmax "
+                          "over the batch's class prototypes, default) | triplet (hardest negative, TLA)")
     adv.add_argument("--adv-warmup", type=int, default=d.adv_warmup,
                      help="epochs over which eps ramps linearly up to --adv-eps (default %(default)s)")
     adv.add_argument("--adv-mix", type=float, default=d.adv_mix,

@@ -280,8 +280,9 @@ def train_loop(config: dict) -> None:
 
     from dundi.artifacts import build_from_meta
     from dundi.pipeline import native_accuracy, triplet_validator
-    from dundi.train import (epoch_config, epoch_order, epoch_tuples, make_optimizer, run_native_epoch,
-                             run_triplet_epoch, split_train_val, worker_tuples)
+    from dundi.train import (adversarial_generator, epoch_config, epoch_order, epoch_tuples,
+                             make_optimizer, run_native_epoch, run_triplet_epoch, split_train_val,
+                             worker_tuples)
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
@@ -343,15 +344,16 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         ecfg = epoch_config(wcfg, epoch)
+        gen = adversarial_generator(cfg, epoch, rank)
         if kind == "dundi":
             m = run_triplet_epoch(model, optimizer, x_tr, y_tr, epoch_tuples(tuples, epoch, cfg.seed),
-                                  ecfg, progress=False)
+                                  ecfg, progress=False, generator=gen)
             train_figures = [m["loss"], m["ordered"]]
             names = ("loss", "ordered")
         else:
             order = (epoch_order(len(tr), epoch, cfg.seed) if world == 1 else
                      np.random.default_rng([cfg.seed, epoch, rank]).permutation(len(tr))[:n_train])
-            m = run_native_epoch(model, optimizer, x_tr, y_tr, order, ecfg, progress=False)
+            m = run_native_epoch(model, optimizer, x_tr, y_tr, order, ecfg, progress=False, generator=gen)
             train_figures = [m["loss"], m["train_accuracy"]]
             names = ("loss", "train_accuracy")
         train_seconds = time.perf_counter() - t0
