@@ -8,7 +8,9 @@ Each function reads its data through :mod:`dundi.data`, writes a run directory t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +28,7 @@ from dundi.oracle import OracleIndex
 from dundi.train import TrainConfig, fit, split_train_val
 
 METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
 
 
 def _spec(dataset: str):
@@ -35,10 +38,15 @@ def _spec(dataset: str):
 
 
 def _metrics_writer(run_dir: Path, log: Callable[[str], None]) -> Callable[[int, dict], None]:
-    """Per-epoch callback: prints the epoch's figures and rewrites metrics.json atomically."""
+    """Per-epoch callback: prints the epoch's figures and rewrites metrics.json atomically.
+    A resumed run keeps the epochs before the one it resumes at, once each."""
     history: list[dict] = []
 
     def on_epoch(epoch: int, metrics: dict) -> None:
+        nonlocal history
+        if not history and epoch > 0 and (run_dir / METRICS_FILE).exists():
+            history = [h for h in json.loads((run_dir / METRICS_FILE).read_text()) if h.get("epoch", 0) < epoch]
+            log(f"  resumed after epoch {epoch - 1} from {run_dir / CHECKPOINT_DIR}")
         history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
         atomic_write_json(run_dir / METRICS_FILE, history)
         log("  epoch " + " ".join(f"{k}={v}" for k, v in history[-1].items()))
@@ -80,11 +88,19 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
     model = new_native_net(cfg)
     validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
     t0 = time.time()
-    fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress)
+    fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress,
+        checkpoints=out / CHECKPOINT_DIR)
     test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
     metrics = {"test_accuracy": native_accuracy(model, test_x, test_y), "test_count": len(test_y),
                "train_seconds": round(time.time() - t0, 2)}
-    return save_model(out, model, run_meta("native", cfg, metrics=metrics))
+    return _finish(out, model, run_meta("native", cfg, metrics=metrics))
+
+
+def _finish(out: Path, model: nn.Module, meta: dict) -> dict:
+    """Save the run, then drop its training checkpoints (the run supersedes them)."""
+    saved = save_model(out, model, meta)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return saved
 
 
 def new_native_net(cfg: TrainConfig) -> nn.Module:
@@ -133,9 +149,10 @@ def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | 
     model, mode = new_distance_net(cfg, pretrained)
     t0 = time.time()
     history = fit(model, images[tr], labels[tr], cfg, "triplet",
-                  triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress)
+                  triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress,
+                  checkpoints=out / CHECKPOINT_DIR)
     metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
-    return save_model(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))
+    return _finish(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))
 
 
 def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,

@@ -277,7 +277,7 @@ def test_cli_with_an_unreachable_address_exits_with_a_message(tmp_path, data_dir
 
 
 def test_checkpoints_round_trip_optimizer_and_rng_state(tmp_path):
-    from dundi.distributed.train_job import read_checkpoint, write_checkpoint
+    from dundi.checkpoint import read_checkpoint, write_checkpoint
     from dundi.models import build_distance_net
 
     torch.manual_seed(0)

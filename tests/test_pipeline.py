@@ -82,3 +82,54 @@ def test_cli_bad_input_is_one_clear_line(args, message):
 def test_cli_refuses_out_of_range_n(mnist_runs, data_dir):
     out = _dundi("classify", str(mnist_runs["dundi"]), "--n", "50", "--data-dir", data_dir)
     assert out.returncode == 2 and "n=50 is out of range" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_killed_local_training_resumes_where_it_stopped(data_dir, tmp_path):
+    """SIGKILL `dundi train` (DunDi-AT, so PGD starts matter) once its first checkpoint is on
+    disk; the rerun continues from it and ends with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "--dataset", "mnist-10k", "--backbone", "lenet1", "--limit", "1500", "--tuples", "3000",
+            "--epochs", "4", "--adversarial", "--adv-steps", "2", "--oracles", "5", "--data-dir", data_dir,
+            "--no-progress"]
+    cmd = [sys.executable, "-m", "dundi"]
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / ".checkpoint" / "latest.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "run.json").exists(), "the run finished before it was killed: nothing was tested"
+    done = json.loads((out / ".checkpoint" / "latest.json").read_text())["directory"]
+
+    again = subprocess.run(cmd + args + ["--out", str(out)], env=env, check=True, capture_output=True, text=True)
+    assert "resumed after epoch" in again.stdout
+    assert int(done.split("-")[1]) < 3
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())] == [0, 1, 2, 3]
+    assert not (out / ".checkpoint").exists()
+    whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+    # a checkpoint of another configuration is refused, not silently mixed in
+    (out / "run.json").unlink()
+    proc = subprocess.Popen(cmd + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not (out / ".checkpoint" / "latest.json").exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = subprocess.run(cmd + [a if a != "4" else "5" for a in args] + ["--out", str(out)], env=env,
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and "another training configuration" in other.stderr

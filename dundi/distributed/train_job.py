@@ -40,17 +40,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dundi.checkpoint import STATE_FILE, read_checkpoint, write_checkpoint
 from dundi.errors import DundiError
 from dundi.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 KINDS = ("native", "dundi")
-CHECKPOINT_FORMAT = 1
-STATE_FILE = "state.json"          # written last: a checkpoint without it is incomplete
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
 RUN_DESCRIPTOR = "dundi_train.json"  # in <storage>/<name>/: what this run name trains
 STORAGE_TIMEOUT_S = 30.0
 # Changing these between a run and its resumption would silently mix two experiments.
@@ -175,59 +171,6 @@ def _check_descriptor(storage: str, name: str, descriptor: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state_dict → (tensors for safetensors, JSON-able rest)."""
-    tensors, scalars = {}, {}
-    for pid, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}/{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
-        pid, key = flat.split("/", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     state: dict) -> None:
-    """Weights, optimizer state and RNG state as safetensors; ``state.json`` last."""
-    from safetensors.torch import save_file
-
-    from dundi.artifacts import atomic_write_json
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(directory / MODEL_FILE))
-    tensors, rest = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(directory / OPTIM_FILE))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(directory / RNG_FILE))
-    atomic_write_json(directory / STATE_FILE, {**state, "optimizer": rest, "format": CHECKPOINT_FORMAT})
-
-
-def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
-    """(state, model tensors, optimizer state_dict, rng tensors) of a checkpoint directory."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    if not (directory / STATE_FILE).exists():
-        raise DundiError(f"checkpoint {directory} is incomplete (no {STATE_FILE})")
-    state = json.loads((directory / STATE_FILE).read_text())
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise DundiError(f"checkpoint {directory} has format {state.get('format')}, "
-                         f"this DunDi reads format {CHECKPOINT_FORMAT}")
-    optimizer = _unflatten_optimizer(load_file(str(directory / OPTIM_FILE)), state.pop("optimizer"))
-    return state, load_file(str(directory / MODEL_FILE)), optimizer, load_file(str(directory / RNG_FILE))
 
 
 # ----------------------------------------------------------------------------- the worker
