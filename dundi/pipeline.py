@@ -172,9 +172,10 @@ def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
     return index
 
 
-def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int = 3, k: int = 5,
+def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = 5,
                    split: str = "test", data_dir: str | None = None, limit: int | None = None) -> dict:
-    """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run)."""
+    """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
+    ``m`` defaults to min(3, n), the paper's setting, so n = 1 (Table 1) needs no extra flag."""
     run = Run.load(run_dir)
     images, labels, _ = load_split(run.meta["dataset"], split, data_dir, limit=limit)
     figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
@@ -182,5 +183,6 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int = 3,
     if run.oracle is None:
         return {**figures, "accuracy": native_accuracy(run.model, images, labels)}
     n = run.oracle.n if n is None else n
+    m = min(3, n) if m is None else m
     result = run.classify(images, n=n, m=m, k=k)
     return {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}

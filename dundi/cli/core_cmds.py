@@ -182,7 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="two-step classification accuracy of a run on a split")
     p.add_argument("run")
     p.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=int, default=3, help="coarse-step oracles per class")
+    p.add_argument("--m", type=int, default=None, help="coarse-step oracles per class (default min(3, n))")
     p.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
