@@ -288,7 +288,9 @@ def _robust_flags(table: pa.Table, idx: np.ndarray, model: str) -> tuple[np.ndar
 def worst_case(table: pa.Table) -> list[dict[str, Any]]:
     """Robust accuracy worst-case over attacks, per sample (auto-attack's ``robust_flags``):
     a sample counts as robust only if it is classified correctly clean and under every attack
-    of the group. Groups: (threat, norm, eps) — attacks of one norm and budget — and
+    of the group. Groups: (threat, norm, eps) — attacks of one norm with a budget up to eps
+    (an adversarial input within a smaller ball is within the larger one, so the curve cannot
+    rise with eps when a weaker large-eps attack misses what a small-eps one found) — and
     (threat, "any") — every attack and budget evaluated under that threat model. Only samples
     evaluated by every attack of a group are counted; ``count`` says how many."""
     out = []
@@ -300,7 +302,7 @@ def worst_case(table: pa.Table) -> list[dict[str, Any]]:
     for t in sorted(set(threat)):
         for nm in sorted(set(norm[threat == t])):
             for e in sorted(set(eps[(threat == t) & (norm == nm)])):
-                groups.append(((t, nm, float(e)), np.flatnonzero((threat == t) & (norm == nm) & (eps == e))))
+                groups.append(((t, nm, float(e)), np.flatnonzero((threat == t) & (norm == nm) & (eps <= e))))
         groups.append(((t, "any", float("nan")), np.flatnonzero(threat == t)))
     for (t, nm, e), idx in groups:
         settings = sorted({(str(a), float(x)) for a, x in zip(attack[idx], eps[idx])})
