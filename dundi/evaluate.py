@@ -265,7 +265,9 @@ def _model_info(run_dir: str | None) -> dict[str, Any]:
     cfg = meta.get("config", {})
     info = {"path": str(run_dir), "kind": meta.get("kind"), "arch": meta.get("arch"),
             "dataset": meta.get("dataset"), "mode": meta.get("mode"), "tuples": cfg.get("tuples"),
-            "epochs": cfg.get("epochs"), "limit": cfg.get("limit"), "loss": cfg.get("loss")}
+            "epochs": cfg.get("epochs"), "limit": cfg.get("limit"), "loss": cfg.get("loss"),
+            "adversarial": bool(cfg.get("adversarial")),
+            "adv_eps": cfg.get("adv_eps") if cfg.get("adversarial") else None}
     info["name"] = model_name(info)
     return info
 
@@ -274,11 +276,13 @@ _PAPER_INDEX = {"lenet1": "1", "lenet4": "2", "lenet5": "3", "vgg16": ""}
 
 
 def model_name(info: dict[str, Any]) -> str:
-    """The paper's naming: DunDi_R3 is a retrained LeNet-5 Distance NN, Native Model3 LeNet-5."""
+    """The paper's naming: DunDi_R3 is a retrained LeNet-5 Distance NN, Native Model3 LeNet-5;
+    adversarially trained runs are DunDi-AT_R3 and Madry-AT Model3."""
     idx = _PAPER_INDEX.get(info.get("arch") or "", f" ({info.get('arch')})")
     if info.get("kind") == "dundi":
-        return f"DunDi_{info.get('mode') or 'R'}{idx}"
-    return f"Native Model{idx}" if idx else "Native Model"
+        return f"DunDi{'-AT' if info.get('adversarial') else ''}_{info.get('mode') or 'R'}{idx}"
+    prefix = "Madry-AT" if info.get("adversarial") else "Native"
+    return f"{prefix} Model{idx}" if idx else f"{prefix} Model"
 
 
 def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSpec], list[ShardSpec]]:

@@ -208,3 +208,12 @@ def test_attacks_on_distance_scores_default_to_the_margin_loss():
     assert [loss_of(t) for t in ("transfer", "adaptive", "feature")] == ["ce", "margin", "margin"]
     forced = dataclasses.replace(cfg, attack_kw={"loss": "ce"})
     assert loss_of("adaptive", forced) == "ce"
+
+
+def test_model_names_follow_the_paper_and_mark_adversarial_training():
+    from dundi.evaluate import model_name
+
+    assert model_name({"kind": "dundi", "arch": "lenet5", "mode": "P"}) == "DunDi_P3"
+    assert model_name({"kind": "dundi", "arch": "lenet1", "mode": "R", "adversarial": True}) == "DunDi-AT_R1"
+    assert model_name({"kind": "native", "arch": "lenet4"}) == "Native Model2"
+    assert model_name({"kind": "native", "arch": "lenet5", "adversarial": True}) == "Madry-AT Model3"
