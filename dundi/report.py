@@ -186,8 +186,8 @@ def plot_robust_vs_eps(ev: Evaluation, path: Path) -> str:
     for ax, threat in zip(axes, threats):
         rows = ev.rows(threat)
         for attack in sorted({r["attack"] for r in rows}):
-            pts = sorted((r["eps"], r["robust_accuracy"]) for r in rows
-                         if r["attack"] == attack and not math.isinf(r["eps"]))
+            pts = sorted((r["eps"], r["robust_accuracy"]) for r in rows  # Linf axis: L0's γ is no eps
+                         if r["attack"] == attack and r["norm"] == "Linf" and not math.isinf(r["eps"]))
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=attack)
         worst = sorted((w["eps"], w["robust_accuracy"]) for w in ev.worst
