@@ -138,23 +138,27 @@ stage_at() {
   local d=$OUT/mnist-10k at=$OUT/at
   "$DUNDI" data fetch mnist-10k
   [[ -f "$d/native5/run.json" ]] || train "$d/native5" train-native --dataset mnist-10k --model lenet5 --epochs 10
-  train "$at/madry5" train-native --dataset mnist-10k --model lenet5 --epochs "${MADRY_EPOCHS:-40}" \
+  train "$at/madry5" train-native --dataset mnist-10k --model lenet5 --epochs 40 \
     --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 1.0 --adv-warmup 5
-  train "$at/AT5" train --dataset mnist-10k --backbone lenet5 --tuples "${AT_TUPLES:-30000}" \
-    --epochs "${AT_EPOCHS:-6}" --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 0.5 --adv-warmup 2
+  # DunDi-AT at two budgets: 6 epochs over 30K tuples (AT5) and over 60K tuples (AT5-long)
+  train "$at/AT5" train --dataset mnist-10k --backbone lenet5 --tuples 30000 --epochs 6 \
+    --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 0.5 --adv-warmup 2
+  train "$at/AT5-long" train --dataset mnist-10k --backbone lenet5 --tuples 60000 --epochs 6 \
+    --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 0.5 --adv-warmup 2
   # One evaluation per model on the same samples: the strongest white-box attacks we have
-  # (PGD 100 steps x 5 restarts, CE and margin), a black-box check (Square), more steps as a
-  # masking check; the Madry model is the native run of its own evaluation, so its white-box
-  # robust accuracy is the transfer rows' native column.
-  local strong=(--attacks pgd --eps 0.3 --steps 100 --attack-arg restarts=5)
-  for subject in AT5 madry5; do
-    local run=$at/AT5 native=$d/native5
-    [[ $subject == madry5 ]] && native=$at/madry5
-    local threats=(--threat adaptive feature)
-    [[ $subject == madry5 ]] && threats=(--threat transfer)
+  # (PGD 100 steps x 5 restarts, CE and margin; PGD 1,000 steps), a black-box check (Square,
+  # 2,000 queries) and the robust-accuracy curve. The Madry model is the native run of its own
+  # evaluation (subject AT5), so its white-box robust accuracy is the transfer rows' native column.
+  local subject run native threats loss
+  for subject in AT5 AT5-long madry5; do
+    run=$at/$subject native=$d/native5 threats=(--threat adaptive feature)
+    if [[ $subject == madry5 ]]; then
+      run=$at/AT5 native=$at/madry5 threats=(--threat transfer)
+    fi
     for loss in ce margin; do
       timed "$at/eval/$subject pgd100x5-$loss" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
-        "${strong[@]}" --attack-arg loss=$loss "${EVAL[@]}" --out "$at/eval/$subject"
+        --attacks pgd --eps 0.3 --steps 100 --attack-arg restarts=5 --attack-arg loss=$loss \
+        "${EVAL[@]}" --out "$at/eval/$subject"
     done
     timed "$at/eval/$subject pgd-curve" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
       --attacks pgd --eps 0.1 0.2 0.3 0.4 --steps 40 "${EVAL[@]}" --out "$at/eval/$subject"
@@ -163,10 +167,11 @@ stage_at() {
       "${EVAL[@]}" --out "$at/eval/$subject"
     timed "$at/eval/$subject square" "$DUNDI" evaluate "$run" --native "$native" "${threats[@]}" \
       --attacks square --eps 0.3 --steps 2000 "${EVAL[@]}" --out "$at/eval/$subject"
+    if [[ $subject != madry5 ]]; then  # the paper's transfer protocol: crafted on the plain native LeNet-5
+      timed "$at/eval/$subject paper-attacks" "$DUNDI" evaluate "$run" --native "$d/native5" \
+        --threat transfer --attacks paper "${EVAL[@]}" --out "$at/eval/$subject"
+    fi
   done
-  # The paper's transfer protocol on DunDi-AT: crafted on the plain native LeNet-5.
-  timed "$at/eval/AT5 paper-attacks" "$DUNDI" evaluate "$at/AT5" --native "$d/native5" --threat transfer \
-    --attacks paper "${EVAL[@]}" --out "$at/eval/AT5"
 }
 
 stage_report() {
@@ -174,7 +179,7 @@ stage_report() {
   [[ -d $d/eval ]] && "$DUNDI" report "$d"/eval/{R1,R4,R5,P1,P4,P5,R1-tuples*} --out "$DOCS/mnist-10k"
   [[ -d $f/eval ]] && "$DUNDI" report "$f"/eval/* --out "$DOCS/fashion-mnist"
   [[ -d $OUT/cifar10/eval ]] && "$DUNDI" report "$OUT"/cifar10/eval/* --out "$DOCS/cifar10"
-  [[ -d $at/eval ]] && "$DUNDI" report "$at"/eval/* "$d/eval/R5" --out "$DOCS/at"
+  [[ -d $at/eval ]] && "$DUNDI" report "$at"/eval/{AT5,AT5-long,madry5} "$d/eval/R5" --out "$DOCS/at"
   cp "$STAGE_LOG" "$DOCS/stages.tsv"
   {
     echo "date: $(date -u +%FT%TZ)"
