@@ -329,9 +329,12 @@ def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
     model (gradient masking makes white-box numbers meaningless), and a black-box attack that
     beats every white-box attack at the same threat model, norm and budget (the white-box
     attacks are then not working and their figures overstate robustness)."""
+    def is_black_box(row: dict) -> bool:  # "square" or a variant such as "square[steps=2000]"
+        return row["attack"].split("[")[0] == black_box
+
     warnings = []
     for row in summary:
-        if row["attack"] != black_box and row["zero_gradient_fraction"] > zero_grad_limit:
+        if not is_black_box(row) and row["zero_gradient_fraction"] > zero_grad_limit:
             warnings.append(
                 f"{row['threat']}/{row['attack']}@{row['eps']:g}: the loss gradient is exactly zero "
                 f"for {row['zero_gradient_fraction']:.0%} of the samples on {row['target_model']} — "
@@ -340,13 +343,13 @@ def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
     for row in summary:
         by_setting.setdefault((row["threat"], row["norm"], row["eps"]), []).append(row)
     for (threat, norm, eps), rows in by_setting.items():
-        bb = [r for r in rows if r["attack"] == black_box]
-        wb = [r for r in rows if r["attack"] != black_box]
+        bb = [r for r in rows if is_black_box(r)]
+        wb = [r for r in rows if not is_black_box(r)]
         if bb and wb:
             best_wb = min(wb, key=lambda r: r["robust_accuracy"])
             if bb[0]["robust_accuracy"] < best_wb["robust_accuracy"] - 1e-9:
                 warnings.append(
-                    f"{threat} {norm} eps={eps:g}: the black-box {black_box} attack brings robust "
+                    f"{threat} {norm} eps={eps:g}: the black-box {bb[0]['attack']} attack brings robust "
                     f"accuracy to {bb[0]['robust_accuracy']:.2%}, below the best white-box attack "
                     f"({best_wb['attack']}: {best_wb['robust_accuracy']:.2%}) — the white-box "
                     f"attacks are failing (masked gradients or too few steps)")

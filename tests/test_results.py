@@ -162,8 +162,10 @@ def test_clean_accuracy_over_distinct_samples():
         clean_accuracy(to_table(rows))
 
 
-def test_checks_warn_on_zero_gradients_and_black_box_beating_white_box():
-    rows = synthetic_rows(seed=1, samples=20, attacks=("fgsm", "square"), threats=("adaptive",), eps=(0.3,))
+@pytest.mark.parametrize("square", ["square", "square[steps=2000]"])
+def test_checks_warn_on_zero_gradients_and_black_box_beating_white_box(square):
+    """Also when the attacks carry their settings in their names (see evaluate.attack_label)."""
+    rows = synthetic_rows(seed=1, samples=20, attacks=("fgsm", square), threats=("adaptive",), eps=(0.3,))
     for r in rows:
         if r["attack"] == "fgsm":  # the white-box attack fails everywhere, with no gradient
             r["dundi_adv"], r["grad_norm"] = r["label"], 0.0
@@ -171,7 +173,7 @@ def test_checks_warn_on_zero_gradients_and_black_box_beating_white_box():
             r["dundi_adv"], r["grad_norm"] = (r["label"] + 1) % 3, 1.0
     warnings = checks(attack_summary(to_table(rows)))
     assert any("gradient is exactly zero" in w and "fgsm" in w for w in warnings)
-    assert any("black-box square" in w for w in warnings)
+    assert any(f"black-box {square}" in w for w in warnings)
     for r in rows:
         r["grad_norm"], r["dundi_adv"] = 1.0, r["label"]
     assert checks(attack_summary(to_table(rows))) == []
