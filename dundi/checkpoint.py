@@ -77,7 +77,6 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict, dic
     return state, load_file(str(directory / MODEL_FILE)), optimizer, load_file(str(directory / RNG_FILE))
 
 
-
 def save_local(root: Path, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                state: dict) -> None:
     """A local run's checkpoint of ``epoch``: a fresh ``epoch-NNNN`` directory, then the

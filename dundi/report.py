@@ -213,9 +213,10 @@ def _paper_rows(ev: "Evaluation") -> list[dict]:
     evaluation has them (other transfer attacks, e.g. PGD curves, go to the per-threat section),
     else every transfer row."""
     from dundi.evaluate import PAPER_ATTACKS
+    from dundi.results import attack_base
 
     rows = ev.rows("transfer")
-    return [r for r in rows if r["attack"].split("[")[0] in PAPER_ATTACKS] or rows
+    return [r for r in rows if attack_base(r["attack"]) in PAPER_ATTACKS] or rows
 
 
 def _slug(text: str) -> str:

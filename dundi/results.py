@@ -323,6 +323,11 @@ def worst_case(table: pa.Table) -> list[dict[str, Any]]:
     return out
 
 
+def attack_base(label: str) -> str:
+    """The registry name of an attack label: ``pgd`` for ``pgd[loss=margin,steps=100]``."""
+    return label.split("[")[0]
+
+
 def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
            black_box: str = "square") -> list[str]:
     """Warnings in the spirit of auto-attack's checks: gradients that vanish on the attacked
@@ -330,7 +335,7 @@ def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
     beats every white-box attack at the same threat model, norm and budget (the white-box
     attacks are then not working and their figures overstate robustness)."""
     def is_black_box(row: dict) -> bool:  # "square" or a variant such as "square[steps=2000]"
-        return row["attack"].split("[")[0] == black_box
+        return attack_base(row["attack"]) == black_box
 
     warnings = []
     for row in summary:
