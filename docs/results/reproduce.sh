@@ -2,7 +2,7 @@
 # Reproduce the paper's section 4 (and DunDi-AT) on the data reachable here, with the
 # product's own commands only, and regenerate the reports in docs/results/.
 #
-#   make results                      # everything (about 2 h on 2 CPU cores)
+#   make results                      # everything (2-3 h on 2 CPU cores)
 #   STAGES="mnist report" make results
 #
 # Stages: mnist (Table 1, Fig. 6, Table 2, Fig. 7 + adaptive/feature on mnist-10k), fashion
