@@ -61,13 +61,19 @@ def class_prototypes(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts  # 0/0 = NaN for absent classes
 
 
+def prototype_distances(emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(B, C) distances from each embedding to each class prototype; inf for classes whose
+    prototype is NaN (absent from the batch), so they are never the nearest."""
+    present = ~torch.isnan(prototypes).any(1)
+    d = torch.cdist(emb, torch.nan_to_num(prototypes))
+    return torch.where(present[None, :], d, torch.full_like(d, float("inf")))
+
+
 def prototype_margin(emb: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Per-sample CW margin of the nearest-prototype rule: the distance to the own class's
     prototype minus the distance to the nearest other prototype (positive = misclassified).
     Classes with a NaN prototype are skipped."""
-    present = ~torch.isnan(prototypes).any(1)
-    d = torch.cdist(emb, torch.nan_to_num(prototypes))
-    d = torch.where(present[None, :], d, torch.full_like(d, float("inf")))
+    d = prototype_distances(emb, prototypes)
     own = d.gather(1, labels[:, None]).squeeze(1)
     other = d.scatter(1, labels[:, None], float("inf")).amin(1)
     return own - other

@@ -126,6 +126,18 @@ def _attack_kwargs(cfg: EvalConfig, dataset: str, threat: str) -> dict[str, Any]
     return {**DATASET_DEFAULTS.get(dataset, {}), **THREAT_DEFAULTS.get(threat, {}), **cfg.attack_kw}
 
 
+def _accepted(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments the attack's constructor takes (all of them if it takes **kw)."""
+    import inspect
+
+    from dundi.attacks import ATTACKS
+
+    params = inspect.signature(ATTACKS[name].__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kw)
+    return {k: v for k, v in kw.items() if k in params}
+
+
 def make_attack_for(name: str, model: torch.nn.Module, eps: float | None, cfg: EvalConfig,
                     dataset: str, seed: int, threat: str = "transfer"):
     """The attack with the evaluation's settings. ``eps`` only reaches attacks with an eps
@@ -133,17 +145,13 @@ def make_attack_for(name: str, model: torch.nn.Module, eps: float | None, cfg: E
     take (e.g. alpha for FGSM) are dropped, so one --attack-arg can serve several attacks.
     Defaults come from the dataset, then the threat model (:data:`THREAT_DEFAULTS`), then
     ``--attack-arg``, the last winning."""
-    import inspect
-
-    from dundi.attacks import ATTACKS, make_attack
+    from dundi.attacks import make_attack
 
     kw = _attack_kwargs(cfg, dataset, threat)
     default_eps = kw.pop("eps", None)
     if eps is None or math.isinf(eps):
         eps = default_eps
-    params = inspect.signature(ATTACKS[name].__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kw = {k: v for k, v in kw.items() if k in params}
+    kw = _accepted(name, kw)
     kw.pop("seed", None)
     return make_attack(name, model, eps=eps, steps=cfg.steps, seed=seed, **kw)
 
@@ -153,13 +161,9 @@ def attack_label(name: str, cfg: EvalConfig) -> str:
     explicitly (``--steps``, ``--attack-arg``) that it takes, e.g. ``pgd[loss=margin,steps=100]``.
     Variants of one attack at one eps (CE and margin, 40 and 1,000 steps) are then separate
     rows, compared side by side and combined in the worst case."""
-    import inspect
-
-    from dundi.attacks import ATTACKS
     from dundi.attacks import STEPS_ARG as steps_arg
 
-    params = inspect.signature(ATTACKS[name].__init__).parameters
-    given = {k: v for k, v in cfg.attack_kw.items() if k in params and k not in ("eps", "seed")}
+    given = {k: v for k, v in _accepted(name, cfg.attack_kw).items() if k not in ("eps", "seed")}
     if cfg.steps is not None and name in steps_arg:
         given["steps"] = cfg.steps
     if not given:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_classes,
-                               adversarial_inputs_ce, class_prototypes)
+                               adversarial_inputs_ce, class_prototypes, prototype_distances)
 from dundi.checkpoint import load_local, save_local
 from dundi.errors import DundiError
 from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
@@ -201,17 +201,14 @@ def _adversarial_class_loss(model: nn.Module, x_a: torch.Tensor, tuple_labels: t
     ref = torch.cat([emb_p, emb_n])
     ref_labels = torch.cat([tuple_labels[:, 1], tuple_labels[:, 2]])
     y_a = tuple_labels[:, 0]
-    prototypes = class_prototypes(ref.detach(), ref_labels, num_classes)
+    prototypes = class_prototypes(ref, ref_labels, num_classes)  # PGD sees them detached
     x_adv = adversarial_anchors_to_classes(model, x_a, y_a, prototypes, cfg.adv_eps,
                                            cfg.adv_step_size, cfg.adv_steps, generator)
     emb_adv = model(x_adv)
     if cfg.adv_loss == "prototype":
         # N-pair form: softmax over the (negated) distances to every class prototype; unlike a
         # single triplet it neither saturates for far-misplaced anchors nor rewards collapse
-        logits = -torch.cdist(emb_adv, torch.nan_to_num(class_prototypes(ref, ref_labels, num_classes)))
-        present = torch.bincount(ref_labels, minlength=num_classes) > 0
-        logits = torch.where(present[None, :], logits, torch.full_like(logits, float("-inf")))
-        return nn.functional.cross_entropy(logits, y_a)
+        return nn.functional.cross_entropy(-prototype_distances(emb_adv, prototypes), y_a)
     d_ap = distance(emb_adv, emb_p)
     d_all = torch.cdist(emb_adv, ref)
     d_an = torch.where(ref_labels[None, :] != y_a[:, None], d_all,
