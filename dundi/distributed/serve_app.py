@@ -335,8 +335,8 @@ class ServeBackend:
         return self._info
 
     async def classify(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
-        if len(images) > self.EDGE_BATCH:
-            out = await self._classify_many([images])
+        if len(images) > self.EDGE_BATCH:  # too large to share a call: one call of its own
+            out = (await self._classify_many([images]))[0]
         else:
             out = await self._edge_batched(images)
         if isinstance(out, RequestError):

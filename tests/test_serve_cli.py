@@ -1,0 +1,130 @@
+"""`dundi serve` as users run it: a real subprocess on 127.0.0.1 (real Ray and Ray Serve, or
+the plain uvicorn app with --no-ray), driven over HTTP.
+
+Every batch size that matters (1, the edge batch ± 1, twice it, the limit) answers 200 with
+the labels of the in-process ``Run.classify`` on the same images, and limit + 1 gets a 413,
+on every backend. One server runs at a time (module-scoped, parametrized by backend).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 256                                 # `dundi serve`'s default --max-batch
+BATCH_SIZES = [1, 63, 64, 65, 128, LIMIT]   # 64 = the ingress's edge batch
+BACKENDS = ["ray", "plain"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def v2(x: np.ndarray) -> dict:
+    return {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+class Server:
+    """A `dundi serve` subprocess in its own session, its output in a file for diagnostics."""
+
+    def __init__(self, run: Path, extra: list[str], log_path: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "dundi", "serve", str(run), "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dundi serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"dundi serve not ready after {timeout} s:\n{self.output()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        """Send ``sig`` to the command (not its group: it must stop what it started itself)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"dundi serve ignored signal {sig} for {timeout} s:\n{self.output()[-3000:]}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def images(data_dir) -> np.ndarray:
+    from dundi.data import load_split
+
+    x, _, _ = load_split("mnist-10k", "test", data_dir, limit=LIMIT + 1)
+    assert len(x) == LIMIT + 1
+    return x
+
+
+@pytest.fixture(scope="module")
+def expected(mnist_runs, images) -> list[int]:
+    from dundi.artifacts import Run
+
+    return Run.load(mnist_runs["dundi"]).classify(images[:LIMIT]).labels.tolist()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, mnist_runs, tmp_path_factory):
+    extra = ["--no-ray"] if request.param == "plain" else ["--num-cpus", "2"]
+    srv = Server(mnist_runs["dundi"], extra, tmp_path_factory.mktemp("serve") / f"{request.param}.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("size", BATCH_SIZES)
+def test_every_batch_size_answers_like_dundi_classify(server, images, expected, size):
+    """Both routes that take arrays answer a batch of ``size`` with Run.classify's labels."""
+    x = images[:size]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v2/models/dundi/infer", json=v2(x))
+        assert r.status_code == 200, (size, r.status_code, r.text[:300])
+        labels = next(o for o in r.json()["outputs"] if o["name"] == "label")["data"]
+        assert labels == expected[:size]
+        r = c.post("/classify", json=x.tolist())
+        assert r.status_code == 200, (size, r.status_code, r.text[:300])
+        assert [res["label"] for res in r.json()["results"]] == expected[:size]
+
+
+def test_limit_plus_one_is_413(server, images):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for path, body in [("/v2/models/dundi/infer", v2(images)), ("/classify", images.tolist())]:
+            r = c.post(path, json=body)
+            assert r.status_code == 413 and r.json()["code"] == "batch_too_large", (path, r.status_code, r.text[:300])
