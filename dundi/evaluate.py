@@ -379,7 +379,8 @@ class Evaluator:
         if name not in self._threats:
             self._threats[name] = build_threat(
                 name, native=self.native.model if self.native else None, distance_net=self.run.model,
-                oracles=self.oracles, temperature=self.cfg.temperature, nearest=self.cfg.nearest)
+                oracles=self.oracles, temperature=self.cfg.temperature, nearest=self.cfg.nearest,
+                metric=self.run.oracle.metric)
         return self._threats[name]
 
     def _two_step(self, emb: np.ndarray, n: int) -> np.ndarray:

@@ -5,8 +5,11 @@ so a class's oracles are one contiguous id block. The per-class restriction of t
 reads those blocks directly instead of relying on FAISS ID selectors, which GPU indexes
 silently ignore.
 
-Similarity is the negative Euclidean distance, and a class score is the sum of similarities
-to that class's oracles (see docs/ARCHITECTURE.md). Ties break towards the lower class index.
+Similarity is the negative distance, and a class score is the sum of similarities to that
+class's oracles (see docs/ARCHITECTURE.md). The distance is a run setting (``metric``):
+``euclidean`` (the paper's) or ``sqeuclidean`` (squared Euclidean, under which every score
+difference is linear in the embedding and the rule can be certified: docs/certification.md).
+Ties break towards the lower class index.
 
 Step 1 (coarse) scores every class over its first ``m`` oracles. While the coarse set is
 small (``num_classes * m <= exact_coarse_limit``) FAISS computes all those distances exactly
@@ -45,26 +48,43 @@ class TwoStepResult:
     nearest_distance: np.ndarray  # (B,) float64
 
 
-def _distances(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distances (B, N) computed by FAISS (GPU where present)."""
+METRICS = ("euclidean", "sqeuclidean")
+
+
+def check_metric(metric: str) -> str:
+    """Refuse an unknown distance name with the accepted ones."""
+    if metric not in METRICS:
+        raise DundiError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def _finish_distance(d2: np.ndarray, squared: bool) -> np.ndarray:
+    """Squared distances as computed (clipped at 0), or their square roots."""
+    d2 = np.maximum(d2, 0.0, out=d2)
+    return d2 if squared else np.sqrt(d2, out=d2)
+
+
+def _distances(queries: np.ndarray, vectors: np.ndarray, squared: bool = False) -> np.ndarray:
+    """Exact Euclidean (or squared) distances (B, N) computed by FAISS (GPU where present)."""
     if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
         res = faiss.StandardGpuResources()
         d2 = faiss.pairwise_distance_gpu(res, queries, vectors)
     else:
         d2 = faiss.pairwise_distances(queries, vectors)
-    return np.sqrt(np.maximum(d2, 0.0, out=d2), out=d2)
+    return _finish_distance(d2, squared)
 
 
-def _block_distances(queries: np.ndarray, blocks: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
-    """Euclidean distances (B, K, n) of each query to its own K gathered class blocks.
+def _block_distances(queries: np.ndarray, blocks: np.ndarray, sq_norms: np.ndarray,
+                     squared: bool = False) -> np.ndarray:
+    """Euclidean (or squared) distances (B, K, n) of each query to its own K gathered blocks.
 
     queries (B, D), blocks (B, K, n, D), sq_norms (B, K, n) the blocks' squared norms.
     ‖q − o‖² = ‖q‖² + ‖o‖² − 2 q·o with one batched matrix product, as FAISS does.
     """
     b, kk, n, d = blocks.shape
     dots = np.matmul(blocks.reshape(b, kk * n, d), queries[:, :, None]).reshape(b, kk, n)
-    d2 = sq_norms + (queries * queries).sum(1)[:, None, None] - 2 * dots
-    return np.sqrt(np.maximum(d2, 0.0), dtype=np.float64)
+    d2 = (sq_norms + (queries * queries).sum(1)[:, None, None] - 2 * dots).astype(np.float64)
+    return _finish_distance(d2, squared)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -77,7 +97,8 @@ class OracleIndex:
 
     def __init__(self, vectors: np.ndarray, num_classes: int, *, full_limit: int = 4096,
                  exact_coarse_limit: int = 65536,
-                 shortlist: int | None = None, nprobe: int | None = None, meta: dict | None = None):
+                 shortlist: int | None = None, nprobe: int | None = None, meta: dict | None = None,
+                 metric: str = "euclidean"):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) % num_classes:
             raise DundiError(f"oracle vectors of shape {vectors.shape} do not split into "
@@ -91,7 +112,9 @@ class OracleIndex:
         self.exact_coarse_limit = exact_coarse_limit
         self.shortlist = shortlist
         self.nprobe = nprobe
-        self.meta = dict(meta or {})
+        self.metric = check_metric(metric)
+        self.squared = metric == "sqeuclidean"
+        self.meta = {**(meta or {}), "metric": metric}
         self._coarse: dict[int, faiss.Index] = {}
 
     @classmethod
@@ -131,13 +154,13 @@ class OracleIndex:
         """Top-k classes (B, k) and their coarse scores over the first m oracles."""
         if self.num_classes * m <= self.exact_coarse_limit:
             coarse = np.ascontiguousarray(self.blocks[:, :m].reshape(-1, self.dim))
-            scores = -_distances(q, coarse).reshape(len(q), self.num_classes, m).sum(-1)
+            scores = -_distances(q, coarse, self.squared).reshape(len(q), self.num_classes, m).sum(-1)
             top = _top_k(scores, k)
             return top, np.take_along_axis(scores, top, 1)
         _, cand = self._coarse_index(m).search(q, self.shortlist or max(8 * k, 64))
         cand = np.sort(cand, axis=1)  # -1 (a missing hit) first; ties then go to the lower class
         safe = np.maximum(cand, 0)
-        dist = _block_distances(q, self.blocks[safe, :m], self.sq_norms[safe, :m])
+        dist = _block_distances(q, self.blocks[safe, :m], self.sq_norms[safe, :m], self.squared)
         scores = np.where(cand < 0, -np.inf, -dist.sum(-1))
         top = _top_k(scores, k)
         return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
@@ -166,7 +189,7 @@ class OracleIndex:
         if self.num_classes * self.n <= self.full_limit:
             # Few oracles in all: one exact FAISS distance matrix serves both steps, so the
             # two-step rule costs about what brute force costs.
-            dist = _distances(q, self.blocks.reshape(-1, self.dim)).reshape(len(q), self.num_classes, self.n)
+            dist = _distances(q, self.blocks.reshape(-1, self.dim), self.squared).reshape(len(q), self.num_classes, self.n)
             coarse = -dist[:, :, :m].sum(-1)
             top = _top_k(coarse, k)
             coarse_scores = np.take_along_axis(coarse, top, 1)
@@ -175,9 +198,11 @@ class OracleIndex:
         else:
             top, coarse_scores = self._step1(q, m, k)
             safe = np.maximum(top, 0)  # the IVF shortlist may find fewer than k classes (-1)
-            fine_dist = _block_distances(q, self.blocks[safe, :n], self.sq_norms[safe, :n])
+            fine_dist = _block_distances(q, self.blocks[safe, :n], self.sq_norms[safe, :n], self.squared)
             fine = np.where(top >= 0, -fine_dist.sum(-1), -np.inf)
             nearest = np.where(top[:, :, None] >= 0, fine_dist, np.inf).reshape(len(q), -1).min(1)
+        if self.squared:  # report a distance whatever the metric ranks by
+            nearest = np.sqrt(nearest)
         best = np.argmax(fine, axis=1)  # first maximum: ties go to the better coarse rank
         labels = top[np.arange(len(q)), best]
         return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores, fine,
@@ -235,4 +260,4 @@ class OracleIndex:
         vectors = flat.reconstruct_n(0, flat.ntotal)
         if flat.ntotal != meta["num_classes"] * meta["n"] or flat.d != meta["dim"]:
             raise DundiError(f"oracle index in {directory} does not match its metadata")
-        return cls(vectors, meta["num_classes"], meta=meta, **kw)
+        return cls(vectors, meta["num_classes"], meta=meta, metric=meta.get("metric", "euclidean"), **kw)

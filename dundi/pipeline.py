@@ -66,9 +66,10 @@ def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 
 def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
                       images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      n: int | None = None, m: int = 3, k: int = 5) -> float:
+                      n: int | None = None, m: int = 3, k: int = 5, metric: str = "euclidean") -> float:
     """Two-step accuracy of a Distance NN with an oracle set given as images (validation)."""
-    index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes)
+    index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes,
+                                        metric=metric)
     return accuracy(index.classify(forward_batched(model, images), n=n, m=min(m, index.n), k=k).labels, labels)
 
 
@@ -136,7 +137,7 @@ def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, 
     num_classes = _spec(cfg.dataset).num_classes
     oracle_idx = tr[OracleIndex.select(labels[tr], cfg.val_oracles, cfg.seed, num_classes)]
     return lambda m: two_step_accuracy(m, images[oracle_idx], labels[oracle_idx], images[va],
-                                       labels[va], num_classes)
+                                       labels[va], num_classes, metric=cfg.metric)
 
 
 def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | None = None,
@@ -166,6 +167,7 @@ def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
                                      limit=meta["config"].get("limit"))
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
+                        metric=meta["config"].get("metric", "euclidean"),
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
                               "ids": ids[pick].tolist()})
     save_oracle(run_dir, index)

@@ -92,7 +92,7 @@ class ThreatModel:
 
 def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn.Module | None = None,
                  oracles: torch.Tensor | None = None, temperature: float = 1.0,
-                 nearest: int = 3) -> ThreatModel:
+                 nearest: int = 3, metric: str = "euclidean") -> ThreatModel:
     """The attacked model for a threat model. ``oracles`` is (C, n, D) — the same n oracles the
     two-step rule uses in the evaluation. Every returned module is in eval mode with frozen
     parameters (attacks differentiate with respect to the input only)."""
@@ -104,7 +104,7 @@ def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn
         if distance_net is None or oracles is None:
             raise DundiError(f"the {name} threat model needs the DunDi run and its oracle index")
         if name == "adaptive":
-            model = ScaledScores(OracleScorer(distance_net, oracles), oracles.shape[1] * temperature)
+            model = ScaledScores(OracleScorer(distance_net, oracles, metric), oracles.shape[1] * temperature)
             target = f"DunDi scorer: −mean distance to the n={oracles.shape[1]} oracles of each class"
         else:
             q = min(nearest, oracles.shape[1])

@@ -22,6 +22,7 @@ from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_class
 from dundi.checkpoint import load_local, save_local
 from dundi.errors import DundiError
 from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
+from dundi.oracle import check_metric
 from dundi.tuples import sample_tuples
 
 MINING = ("random", "batch-hard")
@@ -44,6 +45,7 @@ class TrainConfig:
     margin: float = 1.0
     mining: str = "random"         # paper's random tuples; or "batch-hard"
     embed_dim: int = 128
+    metric: str = "euclidean"      # the two-step rule's distance: euclidean (paper) | sqeuclidean
     dedupe: bool = True            # embed each distinct image of a batch once (same loss, faster)
     val_fraction: float = 0.1      # held out of the training split for per-epoch validation
     val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
@@ -67,6 +69,7 @@ class TrainConfig:
 
         if self.loss not in LOSSES:
             raise DundiError(f"--loss {self.loss!r} is unknown: choose one of {', '.join(LOSSES)}")
+        check_metric(self.metric)
         if self.mining not in MINING:
             raise DundiError(f"--mining {self.mining!r} is unknown: choose one of {', '.join(MINING)}")
         for name in ("epochs", "batch_size", "tuples", "embed_dim"):

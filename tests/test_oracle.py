@@ -114,3 +114,27 @@ def test_select_oracles_is_seeded_and_class_major():
     assert not (a == OracleIndex.select(labels, 5, seed=2, num_classes=4)).all()
     with pytest.raises(DundiError, match="fewer than n=31"):
         OracleIndex.select(labels, 31, seed=1, num_classes=4)
+
+
+@pytest.mark.parametrize("num_classes,n,m,k", [(10, 20, 3, 5), (7, 6, 2, 3), (5000, 4, 2, 5)])
+def test_two_step_sqeuclidean_equals_bruteforce_reference(num_classes, n, m, k):
+    """The squared-Euclidean rule (the certifiable metric) through FAISS, on the one-matrix path
+    and on the per-class block path (5000 classes), against the float64 reference."""
+    rng = np.random.default_rng(3)
+    oracles = rng.normal(size=(num_classes, n, 16)).astype(np.float32)
+    queries = oracles[rng.integers(num_classes, size=40), 0] + rng.normal(0, 0.3, (40, 16)).astype(np.float32)
+    index = OracleIndex(oracles.reshape(-1, 16), num_classes, metric="sqeuclidean")
+    got = index.classify(queries, n=n, m=m, k=k).labels
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k,
+                             metric="sqeuclidean").numpy()
+    np.testing.assert_array_equal(got, ref)
+    euclid = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k).numpy()
+    assert index.metric == "sqeuclidean" and got.shape == euclid.shape
+
+
+def test_metric_survives_save_and_load(tmp_path):
+    oracles = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    OracleIndex(oracles, 3, metric="sqeuclidean").save(tmp_path)
+    assert OracleIndex.load(tmp_path).metric == "sqeuclidean"
+    with pytest.raises(DundiError, match="unknown metric"):
+        OracleIndex(oracles, 3, metric="cosine")
