@@ -421,7 +421,7 @@ def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_ru
             while c.get("/v2/models/dundi").json()["parameters"]["k"] != 3 and time.monotonic() < deadline:
                 time.sleep(0.5)
             meta = c.get("/v2/models/dundi").json()["parameters"]
-            assert (meta["run"], meta["k"], meta["n"]) == (str(other), 3, 6)
+            assert (meta["run"], meta["k"], meta["n"]) == (other.name, 3, 6)
             assert labels_of(c.post("/v2/models/dundi/infer", json=v2(x[:16]))) == \
                 Run.load(other).classify(x[:16], k=3).labels.tolist()
             assert handle.describe.remote().result(timeout_s=30)["actor_name"] == actor  # not restarted

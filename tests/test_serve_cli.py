@@ -128,3 +128,46 @@ def test_limit_plus_one_is_413(server, images):
         for path, body in [("/v2/models/dundi/infer", v2(images)), ("/classify", images.tolist())]:
             r = c.post(path, json=body)
             assert r.status_code == 413 and r.json()["code"] == "batch_too_large", (path, r.status_code, r.text[:300])
+
+
+# ---------------------------------------------------------------------------- start-up errors
+
+def _serve_fails(run: Path, *extra: str) -> str:
+    """Run `dundi serve` expecting a refusal: exit code 2 and one line on stderr, nothing else."""
+    r = subprocess.run([sys.executable, "-m", "dundi", "serve", str(run), *extra], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("dundi: error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("backend", ["ray", "plain"])
+def test_bad_ports_are_one_line_errors(mnist_runs, backend):
+    extra = ["--no-ray"] if backend == "plain" else []
+    run = mnist_runs["dundi"]
+    for port in ("70000", "0", "-1", "65536"):
+        assert "1-65535" in _serve_fails(run, "--port", port, *extra)
+    assert "not an address of this machine" in _serve_fails(run, "--host", "192.0.2.1", *extra)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert "already in use" in _serve_fails(run, "--port", port, *extra)
+
+
+def test_metadata_names_the_run_without_paths(server, mnist_runs):
+    """Clients learn which run answers (its name and hashes), never where it lives."""
+    from dundi.artifacts import Run
+
+    run_dir = Path(mnist_runs["dundi"]).resolve()
+    files = Run.load(run_dir).meta["files"]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        texts = [c.get(path).text for path in ("/v2/models/dundi", "/v2", "/v2/health/ready")]
+        texts.append(c.post("/classify", json=[[[0.5] * 28] * 28]).text)
+        meta = c.get("/v2/models/dundi").json()["parameters"]
+    for text in texts:
+        assert str(run_dir.parent) not in text and str(Path.home()) not in text, text[:500]
+    assert meta["run"] == run_dir.name
+    assert (meta["weights_sha256"], meta["index_sha256"]) == (files["model.safetensors"], files["oracle/index.faiss"])

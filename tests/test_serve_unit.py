@@ -136,7 +136,8 @@ def test_multipart():
 def test_outputs_are_strict_json_even_with_unfilled_slots():
     from dundi.serving.model import ModelInfo, Prediction
 
-    info = ModelInfo("v", "r", "mnist-10k", "lenet5", (1, 28, 28), 10, tuple("0123456789"), 10, 3, 2, 10, 128, None)
+    info = ModelInfo("v", "r", "w" * 64, "i" * 64, "mnist-10k", "lenet5", (1, 28, 28), 10, tuple("0123456789"), 10, 3, 2, 10,
+                     128, None)
     pred = Prediction(np.array([3]), np.array([False]), np.array([[3, -1]]), np.array([[-1.0, -np.inf]]),
                       np.array([[-2.0, -np.inf]]), np.array([0.5]))
     out = json.loads(dumps(v2_response(pred, info, "dundi", "id-1", None)))

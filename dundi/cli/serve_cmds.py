@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 import time
 
@@ -21,6 +23,31 @@ def _autoscale(text: str) -> tuple[int, int]:
     if lo < 0 or hi < 1 or lo > hi:
         raise argparse.ArgumentTypeError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
     return lo, hi
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, in one line, a port outside 1-65535, a host that is not an address of this
+    machine, or a port something already listens on: found before Ray starts, these would
+    otherwise surface as a Ray traceback or (70000 mod 65536) a server on another port."""
+    if isinstance(port, bool) or not 1 <= port <= 65535:
+        raise DundiError(f"--port {port} is not a TCP port: give 1-65535 (the default is 8000)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DundiError(f"--host {host!r} does not resolve ({exc.strerror}); give an address of this "
+                         f"machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DundiError(f"port {port} on {host} is already in use; stop what listens there "
+                                 f"(ss -ltnp 'sport = :{port}') or choose another --port") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise DundiError(f"--host {host} is not an address of this machine") from None
+            raise DundiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _model_config(args: argparse.Namespace):
@@ -49,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from dundi.serving.settings import ServeSettings
 
+    if args.no_ray or args.address is None:  # on a cluster the proxies listen on other hosts
+        check_listen(args.host, args.port)
     config, model = _model_config(args)
     calibration = {}
     if args.abstain_quantile is not None:
@@ -75,11 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.no_ray:
         from dundi.serving.app import serve_plain
 
-        del model
         emit({**figures, "backend": "uvicorn (single process, no Ray)"}, args.json, f"serving {url}")
         if not args.json:
             print(example)
-        serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads)
+        serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads, model=model)
         return
 
     from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, shutdown

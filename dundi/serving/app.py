@@ -283,10 +283,10 @@ class LocalBackend:
     so requests in flight finish on the model they started with.
     """
 
-    def __init__(self, config: ModelConfig, concurrency: int = 1):
+    def __init__(self, config: ModelConfig, concurrency: int = 1, model: LoadedModel | None = None):
         import anyio
 
-        self._model = LoadedModel(config)
+        self._model = model if model is not None and model.config == config else LoadedModel(config)
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._reload_lock = asyncio.Lock()
 
@@ -321,13 +321,16 @@ class LocalBackend:
 
 
 def serve_plain(config: ModelConfig, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-                concurrency: int = 1, torch_threads: int | None = 1, log_level: str = "warning") -> None:
-    """Run the plain single-process uvicorn server until interrupted."""
+                concurrency: int = 1, torch_threads: int | None = 1, log_level: str = "warning",
+                model: LoadedModel | None = None) -> None:
+    """Run the plain single-process uvicorn server until interrupted. The model is loaded
+    before the port opens (``model``, if given, is used as is), so this server is ready the
+    moment it accepts a connection."""
     import torch
     import uvicorn
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
 
-    uvicorn.run(create_app(LocalBackend(config, concurrency), settings), host=host, port=port,
+    uvicorn.run(create_app(LocalBackend(config, concurrency, model), settings), host=host, port=port,
                 log_level=log_level, access_log=False)

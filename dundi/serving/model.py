@@ -75,7 +75,9 @@ class ModelInfo:
     """What clients and the HTTP layer need to know about the model being served."""
 
     version: str                  # changes whenever weights, index, n, m, k or threshold change
-    run: str
+    run: str                      # the run directory's name only: clients never see server paths
+    weights_sha256: str           # with index_sha256, names exactly which run answers
+    index_sha256: str
     dataset: str
     arch: str
     in_shape: tuple[int, int, int]
@@ -157,7 +159,8 @@ class LoadedModel:
                                   n, config.m, config.k, config.abstain_threshold])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
-            run=str(run_dir), dataset=meta["dataset"], arch=meta["arch"],
+            run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
+            index_sha256=files.get("oracle/index.faiss", ""), dataset=meta["dataset"], arch=meta["arch"],
             in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=int(meta["num_classes"]),
             class_names=class_names_for(meta["dataset"], int(meta["num_classes"])),
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
