@@ -63,3 +63,86 @@ class OracleScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return class_scores(self.distance_net(x), self.oracles, metric=self.metric)
+
+
+def step1_kept(coarse: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C) bool: the k classes step 1 keeps, ranked by coarse score with ties to the lower
+    class index (a stable descending sort, as :func:`dundi.oracle._top_k`)."""
+    order = torch.sort(-coarse, dim=1, stable=True).indices[:, :k]
+    return torch.zeros_like(coarse, dtype=torch.bool).scatter_(1, order, True)
+
+
+def two_step_labels(coarse: torch.Tensor, fine: torch.Tensor, k: int) -> torch.Tensor:
+    """Algorithm 1's label from (B, C) coarse and fine scores: the first maximum of the fine
+    score over the kept classes, taken in step-1 order."""
+    order = torch.sort(-coarse, dim=1, stable=True).indices[:, :k]
+    best = fine.gather(1, order).argmax(1)  # torch's argmax returns the first maximum
+    return order.gather(1, best[:, None]).squeeze(1)
+
+
+def two_step_scores(coarse: torch.Tensor, fine: torch.Tensor, k: int) -> torch.Tensor:
+    """Differentiable (B, C) scores whose argmax is Algorithm 1's label for any k.
+
+    A kept class scores its fine score. Every other class keeps its own fine score (so its
+    gradient and its order among the dropped classes survive) minus a per-row offset that
+    puts the best of them strictly below the worst kept class. A kept class tied with the
+    label on the fine score but later in step-1 order is nudged a few ulps down, so the
+    first-maximum rule of step 2 is also the plain argmax. Offsets are detached: they
+    decide the order, not the gradient.
+    """
+    with torch.no_grad():
+        kept = step1_kept(coarse, k)
+        label = two_step_labels(coarse, fine, k)
+        inf = torch.tensor(float("inf"), dtype=fine.dtype, device=fine.device)
+        floor = torch.where(kept, fine, inf).amin(1, keepdim=True)
+        top = fine.gather(1, label[:, None])
+        tiny = 8 * torch.finfo(fine.dtype).eps * (top.abs() + 1)
+        gap = 1e-3 * (floor.abs() + 1)
+        dropped_max = torch.where(kept, -inf, fine).amax(1, keepdim=True)
+        drop = (dropped_max - floor).clamp(min=0).nan_to_num(0.0) + gap
+        is_label = torch.zeros_like(kept).scatter_(1, label[:, None], True)
+        tied = kept & ~is_label & (fine >= top)
+        offset = torch.where(kept, torch.where(tied, fine - top + tiny, 0.0), drop)
+    return fine - offset
+
+
+class TwoStepScorer(nn.Module):
+    """The ``adaptive`` threat model's stand-in for Algorithm 1 at (n, m, k): Distance NN +
+    oracles (C, n, D) → (B, C) scores whose argmax is the two-step label
+    (:func:`two_step_scores`), divided by ``scale`` (argmax unchanged; keeps a cross-entropy
+    out of float32 saturation).
+
+    ``rule`` (optional) maps embeddings (B, D) to the deployed rule's labels, e.g. the FAISS
+    index's :meth:`~dundi.oracle.OracleIndex.classify`; :meth:`scores_and_labels` then
+    returns those labels, which attacks use for early stopping, restarts and black-box
+    acceptance (:func:`dundi.attacks.base.scores_and_labels`). :meth:`coarse_scores` is what
+    the step-1 attack climbs."""
+
+    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, m: int, k: int,
+                 metric: str = "euclidean", scale: float = 1.0, rule=None, eps: float = 1e-12):
+        super().__init__()
+        if oracles.ndim != 3 or not 1 <= m <= oracles.shape[1] or not 1 <= k <= oracles.shape[0]:
+            raise ValueError(f"need oracles (C, n, D) with 1 <= m <= n and 1 <= k <= C; got "
+                             f"{tuple(oracles.shape)}, m={m}, k={k}")
+        self.distance_net = distance_net
+        self.register_buffer("oracles", oracles.float())
+        self.m, self.k, self.metric, self.scale, self.rule, self.eps = m, k, metric, float(scale), rule, eps
+
+    def _coarse_fine(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = oracle_distances(emb[:, None, None, :] - self.oracles[None], self.metric, self.eps)
+        return -dist[:, :, :self.m].sum(-1), -dist.sum(-1)
+
+    def coarse_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) step-1 scores over the first m oracles, divided by ``scale``."""
+        return self._coarse_fine(self.distance_net(x))[0] / self.scale
+
+    def scores_and_labels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: the stand-in's scores and the deployed rule's labels."""
+        emb = self.distance_net(x)
+        scores = two_step_scores(*self._coarse_fine(emb), self.k) / self.scale
+        if self.rule is None:
+            return scores, scores.detach().argmax(1)
+        return scores, torch.as_tensor(self.rule(emb.detach()), device=scores.device).long()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return two_step_scores(*self._coarse_fine(self.distance_net(x)), self.k) / self.scale

@@ -35,7 +35,8 @@ from dundi.results import (attack_summary, checks, clean_accuracy, json_safe, re
 REPORT_FILE = "report.md"
 THREAT_TEXT = {
     "transfer": "transfer — crafted on the native model's logits, then classified by DunDi (the paper's protocol)",
-    "adaptive": "adaptive — white-box on DunDi through its differentiable per-class score (mean distance to the n oracles of each class)",
+    "adaptive": "adaptive — white-box on DunDi's two-step rule as deployed (a differentiable stand-in whose argmax is Algorithm 1 at the evaluation's n, m, k; success judged by the rule itself)",
+    "adaptive-all": "adaptive-all — white-box on DunDi's per-class score over all classes (mean distance to the n oracles of each class; the rule only when k = C)",
     "feature": "feature — white-box on DunDi's embedding, pulling f(x) towards the nearest oracles of another class",
 }
 

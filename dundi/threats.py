@@ -9,11 +9,18 @@ target is recorded beside it.
 ``transfer``  The paper's protocol (section 4.1, via Feinman et al. 2017): the attack sees only
               the native softmax model's logits; DunDi classifies what comes out. DunDi's
               weights are never looked at, so this measures transfer, not robustness.
-``adaptive``  White-box against DunDi: the Distance NN followed by the per-class score
-              s_c(x) = −mean_j ‖f(x) − o_cj‖ over the class's n oracles
-              (:class:`dundi.classify.OracleScorer` divided by n). Its argmax is the two-step
-              label whenever step 1 keeps all classes (k = C); dividing by n changes no argmax
-              and keeps a cross-entropy loss out of float32 saturation.
+``adaptive``  White-box against the rule as deployed: the Distance NN followed by
+              :class:`dundi.classify.TwoStepScorer` at the evaluation's (n, m, k) and metric —
+              the fine scores of the classes step 1 keeps, every other class strictly below
+              them, ties broken as Algorithm 1 breaks them — so its argmax *is* the two-step
+              label for any k. Scores are divided by n (no argmax changes; keeps a
+              cross-entropy out of float32 saturation). Given the FAISS index, attacks decide
+              success (early stopping, restarts, Square's acceptance) by the real rule's label.
+              The stand-in also exposes the coarse scores, which the step-1 attack
+              (``apgd-step1``) climbs to push the true class out of the top k.
+``adaptive-all`` The former adaptive scorer: s_c(x) = −mean_j ‖f(x) − o_cj‖ over the n oracles
+              of every class (:class:`dundi.classify.OracleScorer` divided by n). Its argmax
+              is the two-step label only when step 1 keeps all classes (k = C).
 ``feature``   Feature-space attack: s_c(x) = −(mean distance from f(x) to the q nearest oracles
               of class c). An untargeted attack raises the scores of the other classes and
               lowers the true one, i.e. it pulls f(x) towards the nearest oracle embeddings of
@@ -34,10 +41,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from dundi.classify import OracleScorer
+from dundi.classify import OracleScorer, TwoStepScorer
 from dundi.errors import DundiError
 
-THREATS = ("transfer", "adaptive", "feature")
+THREATS = ("transfer", "adaptive", "adaptive-all", "feature")
 
 
 class ScaledScores(nn.Module):
@@ -92,18 +99,27 @@ class ThreatModel:
 
 def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn.Module | None = None,
                  oracles: torch.Tensor | None = None, temperature: float = 1.0,
-                 nearest: int = 3, metric: str = "euclidean") -> ThreatModel:
+                 nearest: int = 3, metric: str = "euclidean", m: int = 3, k: int | None = None,
+                 rule=None) -> ThreatModel:
     """The attacked model for a threat model. ``oracles`` is (C, n, D) — the same n oracles the
-    two-step rule uses in the evaluation. Every returned module is in eval mode with frozen
-    parameters (attacks differentiate with respect to the input only)."""
+    two-step rule uses in the evaluation; ``m``, ``k`` its other settings (k None: all classes)
+    and ``rule`` (embeddings → labels) the deployed rule, for the ``adaptive`` stand-in. Every
+    returned module is in eval mode with frozen parameters (attacks differentiate with respect
+    to the input only)."""
     if name == "transfer":
         if native is None:
             raise DundiError("the transfer threat model needs the native run (--native)")
         model, target = ScaledScores(native, temperature), "native logits"
-    elif name in ("adaptive", "feature"):
+    elif name in ("adaptive", "adaptive-all", "feature"):
         if distance_net is None or oracles is None:
             raise DundiError(f"the {name} threat model needs the DunDi run and its oracle index")
         if name == "adaptive":
+            c, n = oracles.shape[:2]
+            m, k = min(m, n), c if k is None else k
+            model = TwoStepScorer(distance_net, oracles, m, k, metric, n * temperature, rule)
+            target = (f"DunDi two-step stand-in (n={n}, m={m}, k={k}, {metric}): fine scores of "
+                      f"the top-k classes, the others below")
+        elif name == "adaptive-all":
             model = ScaledScores(OracleScorer(distance_net, oracles, metric), oracles.shape[1] * temperature)
             target = f"DunDi scorer: −mean distance to the n={oracles.shape[1]} oracles of each class"
         else:

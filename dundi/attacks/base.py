@@ -90,6 +90,21 @@ def loss_per_sample(scores: Tensor, labels: Tensor, loss: str) -> Tensor:
     raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
 
 
+def scores_and_labels(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's scores at ``x`` and the labels that decide an attack's success there.
+
+    A model may name its deployed decision with a ``scores_and_labels(x)`` method (DunDi's
+    adaptive stand-in returns the real two-step rule's labels, computed from the same
+    forward pass); otherwise the label is the argmax of the scores. Attacks use these labels
+    for early stopping, restarts and black-box acceptance, so they stop on what is deployed,
+    not on a surrogate. Builds a graph only when grad mode is on."""
+    fn = getattr(model, "scores_and_labels", None)
+    if fn is None:
+        scores = model(x)
+        return scores, scores.detach().argmax(1)
+    return fn(x)
+
+
 def input_grad(model: nn.Module, x: Tensor, labels: Tensor, loss: str = "ce") -> tuple[Tensor, Tensor]:
     """Gradient of the summed per-sample loss w.r.t. ``x``, and the scores at ``x``.
 
@@ -160,6 +175,11 @@ class Attack:
         """Model scores without building a graph."""
         with torch.no_grad():
             return self.model(x)
+
+    def _decide(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores and deciding labels (:func:`scores_and_labels`) without building a graph."""
+        with torch.no_grad():
+            return scores_and_labels(self.model, x)
 
     @staticmethod
     def _check_labels(scores: Tensor, labels: Tensor) -> int:

@@ -22,7 +22,9 @@ class PGD(Attack):
     (signed gradient for Linf, L2-normalised gradient for L2) on the loss, projecting
     onto the eps-ball and [0, 1] after each step. Restarts after the first only attack
     the samples not fooled yet; per sample the result is the first misclassified
-    restart, else the restart with the highest loss (worst case over restarts).
+    restart, else the restart with the highest loss (worst case over restarts). "Fooled"
+    is the model's deciding label (:func:`~dundi.attacks.base.scores_and_labels`: DunDi's
+    two-step rule for its adaptive stand-in), else the argmax.
 
     Linf with ``restarts=1`` and ``loss="ce"`` is step for step ``torchattacks.PGD``; its
     random start draws ``uniform_(-eps, eps)`` from torch's global generator, ours from a
@@ -131,9 +133,9 @@ class PGD(Attack):
                 break
             adv = self._one_restart(images[todo], labels[todo], gen)
             used[todo] += self.steps
-            scores = self._scores(adv)
+            scores, decided = self._decide(adv)
             lss = loss_per_sample(scores, labels[todo], self.loss)
-            wrong = scores.argmax(1) != labels[todo]
+            wrong = decided != labels[todo]  # the model's own decision (the rule, for DunDi)
             better = wrong | (lss > best_loss[todo])
             upd = todo[better]
             best[upd], best_loss[upd], fooled[upd] = adv[better], lss[better], wrong[better]

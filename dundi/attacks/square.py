@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, AttackResult, margin
+from .base import Attack, AttackResult, margin, scores_and_labels
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -75,9 +75,13 @@ class Square(Attack):
         self.seed = int(seed)
 
     def _margin_and_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(true score - best other score, loss to minimise), both (N,); margin <= 0 is fooled."""
-        scores = self.model(x)
+        """(true score - best other score, loss to minimise), both (N,). The margin is
+        forced to <= 0 exactly when the model's deciding label (the two-step rule for
+        DunDi's stand-in, else the argmax) is wrong: that is what stops a sample."""
+        scores, decided = scores_and_labels(self.model, x)
         m = -margin(scores, y)
+        wrong = decided != y
+        m = torch.where(wrong, m.clamp(max=0.0), m.clamp(min=torch.finfo(m.dtype).tiny))
         if self.loss == "margin":
             return m, m
         return m, -F.cross_entropy(scores, y, reduction="none")
