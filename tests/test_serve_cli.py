@@ -52,7 +52,8 @@ class Server:
                                      start_new_session=True)
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 240) -> None:
@@ -171,3 +172,101 @@ def test_metadata_names_the_run_without_paths(server, mnist_runs):
         assert str(run_dir.parent) not in text and str(Path.home()) not in text, text[:500]
     assert meta["run"] == run_dir.name
     assert (meta["weights_sha256"], meta["index_sha256"]) == (files["model.safetensors"], files["oracle/index.faiss"])
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid → (ppid, session id, name) of every process on this machine."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    head, rest = f.read().rsplit(")", 1)
+                fields = rest.split()
+                if fields[0] != "Z":  # a zombie has exited; only its parent's wait is missing
+                    out[int(entry)] = (int(fields[1]), int(fields[3]), head.split("(", 1)[1])
+            except (OSError, IndexError):
+                continue
+    return out
+
+
+def started_by(root: int) -> dict[int, str]:
+    """Every live process the command started: its descendants and whatever runs in its
+    session (daemons re-parented to init keep the session)."""
+    procs = _processes()
+    mine = {pid for pid, (_, sid, _) in procs.items() if sid == root}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        mine.add(pid)
+        todo.extend(p for p, (ppid, _, _) in procs.items() if ppid == pid and p not in mine)
+    return {pid: procs[pid][2] for pid in mine if pid in procs}
+
+
+def listening_ports(pids) -> set[int]:
+    """TCP ports in LISTEN state owned by these processes."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def all_listening_ports() -> set[int]:
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            ports.update(int(c[1].rsplit(":", 1)[1], 16) for c in (ln.split() for ln in f.readlines()[1:])
+                         if c[3] == "0A")
+    return ports
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
+    """What systemd / Kubernetes (SIGTERM) and Ctrl-C (SIGINT) do: the command stops every
+    process it started, frees every port they listened on, and says so in one line."""
+    srv = Server(mnist_runs["dundi"], ["--num-cpus", "2"], tmp_path / "serve.log")
+    try:
+        srv.wait_ready()
+        procs = started_by(srv.proc.pid)
+        ports = listening_ports(procs)
+        names = set(procs.values())
+        assert srv.port in ports and {"raylet", "gcs_server"} <= names, (ports, names)
+        rc = srv.stop(sig)
+    finally:
+        if srv.proc.poll() is None:
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = {pid: name for pid, name in procs.items() if pid in _processes()}
+        still = ports & all_listening_ports()
+        if not left and not still:
+            break
+        time.sleep(0.5)
+    for pid in left:  # leave the machine clean even when the test fails
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left and not still, f"left running: {left}; still listening: {sorted(still)}"
+    out = srv.output()
+    assert rc == 0, (rc, out[-2000:])
+    assert out.count("dundi: service stopped") == 1, out[-2000:]
+    assert "SIGTERM received" not in out and "*** " not in out and "Traceback" not in out, out[-3000:]

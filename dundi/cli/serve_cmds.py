@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import socket
 import sys
 import time
@@ -48,6 +49,17 @@ def check_listen(host: str, port: int) -> None:
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise DundiError(f"--host {host} is not an address of this machine") from None
             raise DundiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (systemd, Kubernetes, ``kill``) stops the service the way Ctrl-C does: through
+    the clean-up that stops Serve and the local Ray, then one stop line."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _model_config(args: argparse.Namespace):
@@ -107,10 +119,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         emit({**figures, "backend": "uvicorn (single process, no Ray)"}, args.json, f"serving {url}")
         if not args.json:
             print(example)
-        serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads, model=model)
+        _stop_on_signals()  # uvicorn stops gracefully on either signal, then re-raises it here
+        try:
+            serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads, model=model)
+        except KeyboardInterrupt:
+            pass
+        print("dundi: service stopped", file=sys.stderr)
         return
 
-    from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, shutdown
+    from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, stop
 
     lo, hi = args.autoscale if args.autoscale else (None, None)
     app_args = ServeAppArgs(
@@ -123,31 +140,41 @@ def cmd_serve(args: argparse.Namespace) -> None:
         request_timeout_s=settings.request_timeout_s, auth_token_sha256=settings.auth_token_sha256,
         admin_token_sha256=settings.admin_token_sha256)
     del model
-    t0 = time.time()
-    deploy(app_args, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus,
-           access_log=args.access_log)
-    scaling = f"autoscale {lo}:{hi}" if args.autoscale else f"{args.replicas} replica(s)"
-    emit({**figures, "backend": f"Ray Serve, classifier {scaling}", "startup_s": round(time.time() - t0, 1)},
-         args.json, f"serving {url}")
-    if args.detach:
-        if args.address is None:
-            print("dundi: --detach keeps the app only on a cluster (--address); this local Ray ends with "
-                  "the command", file=sys.stderr)
-        else:
-            return
-    if not args.json:
-        print(example)
-        print("Ctrl-C stops the service.")
+    _stop_on_signals()
+    local = args.address is None
     try:
+        t0 = time.time()
+        from dundi.distributed.ray_init import init_ray
+
+        init_ray(args.address, num_cpus=args.num_cpus)
+        _stop_on_signals()  # Ray's start installs a C++ SIGTERM handler that dumps a stack: ours wins
+        deploy(app_args, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus,
+               access_log=args.access_log)
+        scaling = f"autoscale {lo}:{hi}" if args.autoscale else f"{args.replicas} replica(s)"
+        emit({**figures, "backend": f"Ray Serve, classifier {scaling}", "startup_s": round(time.time() - t0, 1)},
+             args.json, f"serving {url}")
+        if args.detach:
+            if local:
+                print("dundi: --detach keeps the app only on a cluster (--address); this local Ray ends with "
+                      "the command", file=sys.stderr)
+            else:
+                return
+        if not args.json:
+            print(example)
+            print("Ctrl-C (or SIGTERM) stops the service.")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        try:
-            shutdown(APP_NAME)
-        except KeyboardInterrupt:  # a second Ctrl-C: the local Ray goes down with this process anyway
-            pass
+        if not (args.detach and not local):
+            # a second signal must not cut the clean-up short and leave processes behind
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                stop(APP_NAME, local_ray=local)
+            except Exception as exc:  # what could not be stopped cleanly ends with this process anyway
+                print(f"dundi: warning: incomplete shutdown ({type(exc).__name__}: {exc})", file=sys.stderr)
     print("dundi: service stopped", file=sys.stderr)
 
 

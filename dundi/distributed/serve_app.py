@@ -534,3 +534,16 @@ def shutdown(app_name: str = APP_NAME) -> None:
         serve.delete(app_name)
     finally:
         reset_store(app_name)
+
+
+def stop(app_name: str = APP_NAME, local_ray: bool = True) -> None:
+    """Stop what ``dundi serve`` started. On a local Ray: Serve's controller, proxies (and the
+    HAProxy they run), replicas, then Ray's own processes (GCS, raylet, agents), so nothing is
+    left running or listening. On a cluster: only this app."""
+    if not local_ray:
+        shutdown(app_name)
+        return
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
