@@ -136,13 +136,22 @@ class TwoStepScorer(nn.Module):
         """(B, C) step-1 scores over the first m oracles, divided by ``scale``."""
         return self._coarse_fine(self.distance_net(x))[0] / self.scale
 
+    def _labels(self, emb: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        if self.rule is None:
+            return two_step_labels(coarse.detach(), fine.detach(), self.k)
+        return torch.as_tensor(self.rule(emb.detach()), device=coarse.device).long()
+
+    def coarse_scores_and_labels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: the step-1 scores (divided by ``scale``) and the rule's labels."""
+        emb = self.distance_net(x)
+        coarse, fine = self._coarse_fine(emb)
+        return coarse / self.scale, self._labels(emb, coarse, fine)
+
     def scores_and_labels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass: the stand-in's scores and the deployed rule's labels."""
         emb = self.distance_net(x)
-        scores = two_step_scores(*self._coarse_fine(emb), self.k) / self.scale
-        if self.rule is None:
-            return scores, scores.detach().argmax(1)
-        return scores, torch.as_tensor(self.rule(emb.detach()), device=scores.device).long()
+        coarse, fine = self._coarse_fine(emb)
+        return two_step_scores(coarse, fine, self.k) / self.scale, self._labels(emb, coarse, fine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return two_step_scores(*self._coarse_fine(self.distance_net(x)), self.k) / self.scale

@@ -116,3 +116,30 @@ def test_square_accepts_and_stops_on_the_rule_label():
     res = Square(scorer_with_rule(zero), eps=0.05, n_queries=30, seed=0).run(x, y)
     assert (res.steps[y != 0] == 1).all()
     assert (res.steps[y == 0] == 30).all()
+
+
+def test_step1_attack_drops_the_true_class_from_the_top_k():
+    """APGD on the coarse margin fools mostly through step 1 (the true class is no longer
+    among the k classes the FAISS rule keeps; it stops at any wrong label, so some fall on
+    the way by the fine step), and AutoAttack runs it on the stand-in only where step 1
+    drops classes."""
+    from dundi.attacks import APGDStep1, AutoAttack
+
+    o, _ = tied_oracles(3)
+    index = OracleIndex(o.reshape(-1, 3), 7)
+    rule = lambda emb: torch.from_numpy(index.classify(emb.numpy(), n=6, m=3, k=2).labels)  # noqa: E731
+    scorer = TwoStepScorer(Flat(), torch.from_numpy(o), 3, 2, "euclidean", rule=rule)
+    x = torch.rand(200, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.from_numpy(index.classify(Flat()(x).numpy(), n=6, m=3, k=2).labels)  # correct clean
+    res = APGDStep1(scorer, eps=0.1, steps=30, seed=0).run(x, y)
+    emb = Flat()(res.adv).numpy()
+    out = index.classify(emb, n=6, m=3, k=2)
+    fooled = out.labels != y.numpy()
+    assert fooled.sum() >= 20
+    dropped = ~(out.topk_classes == y.numpy()[:, None]).any(1)
+    assert dropped[fooled].mean() > 0.5 and dropped.sum() >= 15
+    assert (res.adv - x).abs().max() <= 0.1 + 1e-6
+    names = [a.name for a in AutoAttack(scorer, eps=0.1).components()]
+    assert names == ["apgd", "apgd-step1", "apgd-t", "fab-t", "square"]
+    every = TwoStepScorer(Flat(), torch.from_numpy(o), 3, 7, "euclidean")
+    assert "apgd-step1" not in [a.name for a in AutoAttack(every, eps=0.1).components()]

@@ -6,7 +6,8 @@ steps, target)``; images are float32 (N, C, H, W) in [0, 1], labels the true cla
 
 The registry holds the attacks of the DunDi paper (with Feinman et al. 2017's settings
 for MNIST as defaults) plus PGD, DeepFool and the black-box Square attack for the
-adaptive evaluation:
+adaptive evaluation, and AutoAttack's components (APGD, APGD-T, FAB-T; Square) with their
+cascade ``autoattack`` and the step-1 attack on DunDi's rule (``apgd-step1``):
 
     >>> from dundi.attacks import make_attack
     >>> attack = make_attack("ifgsm-a", model)            # BIM-A, eps 0.3, step 0.01, 50 its
@@ -33,15 +34,20 @@ from __future__ import annotations
 
 from torch import nn
 
+from .apgd import APGD
+from .apgdt import APGDT
+from .autoattack import AutoAttack
 from .base import Attack, AttackResult, eval_mode
 from .bim import BIM, BIMA, BIMB
 from .checks import (AttackCheckWarning, check_black_box_vs_white_box, check_gradients, check_outputs,
                      run_checks)
 from .deepfool import DeepFool
+from .fab import FABT
 from .fgsm import FGSM
 from .jsma import JSMA
 from .pgd import PGD
 from .square import Square
+from .step1 import APGDStep1
 
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
@@ -51,6 +57,11 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "deepfool": DeepFool,
     "square": Square,
+    "apgd": APGD,
+    "apgd-t": APGDT,
+    "fab-t": FABT,
+    "apgd-step1": APGDStep1,
+    "autoattack": AutoAttack,
 }
 
 ATTACK_NORMS: dict[str, str] = {
@@ -61,13 +72,22 @@ ATTACK_NORMS: dict[str, str] = {
     "jsma": "l0",
     "deepfool": "l2",
     "square": "linf",
+    "apgd": "linf",
+    "apgd-t": "linf",
+    "fab-t": "linf",
+    "apgd-step1": "linf",
+    "autoattack": "linf",
 }
 
 # Which constructor argument make_attack's ``steps`` sets (absent: steps is ignored).
 STEPS_ARG = {"ifgsm-a": "steps", "ifgsm-b": "steps", "pgd": "steps", "deepfool": "max_iter",
-              "square": "n_queries"}
-_HAS_EPS = {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "square"}
-_HAS_SEED = {"pgd", "jsma", "square"}
+              "square": "n_queries", "apgd": "steps", "apgd-t": "steps", "fab-t": "steps",
+              "apgd-step1": "steps", "autoattack": "steps"}
+_AUTOATTACK = {"apgd", "apgd-t", "fab-t", "apgd-step1", "autoattack"}
+_HAS_EPS = {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "square"} | _AUTOATTACK
+_HAS_SEED = {"pgd", "jsma", "square"} | _AUTOATTACK
+# Attacks that only make sense on DunDi's two-step stand-in (the adaptive threat model).
+STAND_IN_ONLY = ("apgd-step1",)
 
 
 def make_attack(name: str, model: nn.Module, eps: float | None = None, steps: int | None = None,
@@ -89,6 +109,7 @@ def make_attack(name: str, model: nn.Module, eps: float | None = None, steps: in
 
 __all__ = [
     "ATTACKS", "ATTACK_NORMS", "make_attack", "Attack", "AttackResult", "eval_mode",
-    "FGSM", "BIM", "BIMA", "BIMB", "PGD", "JSMA", "DeepFool", "Square",
+    "FGSM", "BIM", "BIMA", "BIMB", "PGD", "JSMA", "DeepFool", "Square", "APGD", "APGDT", "FABT",
+    "APGDStep1", "AutoAttack", "STAND_IN_ONLY",
     "AttackCheckWarning", "check_outputs", "check_gradients", "check_black_box_vs_white_box", "run_checks",
 ]
