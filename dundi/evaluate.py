@@ -100,6 +100,71 @@ class EvalConfig:
             raise DundiError(f"eps must be non-negative, got {self.eps}")
         if self.limit is not None and self.limit < 1:
             raise DundiError(f"limit must be positive, got {self.limit}")
+        if self.steps is not None and self.steps < 1:
+            raise DundiError(f"--steps must be at least 1, got {self.steps}")
+        from dundi.attacks import STAND_IN_ONLY
+
+        only = [a for a in self.attacks if a in STAND_IN_ONLY]
+        if only and any(t != "adaptive" for t in self.threats):
+            raise DundiError(f"{', '.join(only)} attacks step 1 of DunDi's two-step rule: use it with "
+                             f"--threat adaptive only")
+        check_attack_args(self.attacks, self.attack_kw)
+        check_linf_eps(self.attacks, self.eps, self.attack_kw)
+
+
+def _constructor_defaults(name: str) -> dict[str, Any]:
+    """Keyword → default of an attack's constructor (its settings, without model/device)."""
+    import inspect
+
+    from dundi.attacks import ATTACKS
+
+    params = inspect.signature(ATTACKS[name].__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ("self", "model", "device")
+            and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return default is None or isinstance(value, type(default))
+
+
+def check_attack_args(attacks: list[str], attack_kw: dict[str, Any]) -> None:
+    """Refuse an ``--attack-arg`` key that none of the selected attacks takes (a typo such as
+    ``restart=5`` would otherwise run the default silently) or a value of the wrong type,
+    naming the accepted keys / the expected type."""
+    defaults = {name: _constructor_defaults(name) for name in attacks}
+    for key, value in attack_kw.items():
+        takers = [n for n in attacks if key in defaults[n]]
+        if not takers:
+            accepted = sorted({k for d in defaults.values() for k in d})
+            raise DundiError(f"--attack-arg {key}: no selected attack ({', '.join(attacks)}) takes it; "
+                             f"accepted keys: {', '.join(accepted)}")
+        for name in takers:
+            default = defaults[name][key]
+            if not _type_ok(value, default):
+                raise DundiError(f"--attack-arg {key}={value}: {name} expects "
+                                 f"{_TYPE_NAMES.get(type(default), type(default).__name__)}")
+
+
+def check_linf_eps(attacks: list[str], eps: list[float] | None, attack_kw: dict[str, Any]) -> None:
+    """L∞ budgets must lie in (0, 1]: pixels are in [0, 1], so 0 is no attack (it would
+    enter the worst case as 100% robust) and anything above 1 is no constraint at all."""
+    from dundi.attacks import ATTACK_NORMS
+
+    linf = [a for a in attacks if ATTACK_NORMS.get(a) == "linf" and attack_kw.get("norm", "linf") == "linf"]
+    budgets = list(eps or []) + ([attack_kw["eps"]] if "eps" in attack_kw else [])
+    bad = [e for e in budgets if not 0 < e <= 1]
+    if linf and bad:
+        raise DundiError(f"L∞ eps must be in (0, 1] for {', '.join(linf)} (pixels are in [0, 1]); got "
+                         f"{', '.join(f'{e:g}' for e in bad)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +219,10 @@ def make_attack_for(name: str, model: torch.nn.Module, eps: float | None, cfg: E
         eps = default_eps
     kw = _accepted(name, kw)
     kw.pop("seed", None)
-    return make_attack(name, model, eps=eps, steps=cfg.steps, seed=seed, **kw)
+    try:
+        return make_attack(name, model, eps=eps, steps=cfg.steps, seed=seed, **kw)
+    except (ValueError, TypeError) as exc:  # an attack's own check on a setting's value
+        raise DundiError(f"{name}: {exc}") from None
 
 
 def attack_label(name: str, cfg: EvalConfig) -> str:
@@ -499,7 +567,8 @@ def evaluate_local(cfg: EvalConfig, out: str | os.PathLike, progress: bool = Tru
             evaluator = Evaluator(cfg)
             bar = _progress(len(todo), progress)
             for spec in todo:
-                write_shard(out, spec.name, evaluator.evaluate_shard(spec), evaluation["fingerprint"])
+                write_shard(out, spec.name, evaluator.evaluate_shard(spec), evaluation["fingerprint"],
+                            rows=spec.stop - spec.start)
                 bar.update(1)
             bar.close()
     finally:

@@ -107,8 +107,14 @@ def shard_name(attack: str, eps: float, threat: str, start: int, stop: int, sett
     return f"{threat}__{attack}__eps{eps:.6g}{tag}__{start:07d}-{stop:07d}"
 
 
-def write_shard(out: str | os.PathLike, name: str, table: pa.Table, fingerprint: str) -> Path:
-    """Write one finished shard atomically; its fingerprint goes into the Parquet metadata."""
+def write_shard(out: str | os.PathLike, name: str, table: pa.Table, fingerprint: str,
+                rows: int | None = None) -> Path:
+    """Write one finished shard atomically; its fingerprint goes into the Parquet metadata.
+    ``rows``: the size of the shard's slice; a table of another length is refused, never
+    written (a resumed evaluation would take it as finished and lose samples)."""
+    if rows is not None and table.num_rows != rows:
+        raise DundiError(f"shard {name} has {table.num_rows} rows for a slice of {rows} samples: not "
+                         f"written (the evaluator held another sample list; rerun the evaluation)")
     table = table.cast(SCHEMA).replace_schema_metadata(
         {FINGERPRINT_META: fingerprint.encode(), SHARD_META: name.encode()})
     path = shard_path(out, name)
@@ -274,8 +280,23 @@ def attack_summary(table: pa.Table) -> list[dict[str, Any]]:
             "mean_l2": float(_col(table, "l2")[idx][changed].mean()) if changed.any() else float("nan"),
             "mean_linf": float(_col(table, "linf")[idx][changed].mean()) if changed.any() else float("nan"),
             "zero_gradient_fraction": _rate(_col(table, "grad_norm")[idx] <= ZERO_GRAD),
+            "rule_disagreement": rule_disagreement(table, idx, threat),
         })
     return rows
+
+
+# Threat models whose attacked model stands in for DunDi's two-step rule itself: their label
+# on the adversarial input (target_adv) should be the rule's (dundi_adv).
+RULE_STAND_INS = ("adaptive",)
+DISAGREEMENT_LIMIT = 0.01
+
+
+def rule_disagreement(table: pa.Table, idx: np.ndarray, threat: str) -> float:
+    """How often the attacked stand-in's label differs from the deployed rule's on the
+    adversarial inputs (NaN for threat models that attack something else)."""
+    if threat not in RULE_STAND_INS:
+        return float("nan")
+    return _rate(_col(table, "target_adv")[idx] != _col(table, "dundi_adv")[idx])
 
 
 def _robust_flags(table: pa.Table, idx: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +352,8 @@ def attack_base(label: str) -> str:
 def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
            black_box: str = "square") -> list[str]:
     """Warnings in the spirit of auto-attack's checks: gradients that vanish on the attacked
-    model (gradient masking makes white-box numbers meaningless), and a black-box attack that
+    model (gradient masking makes white-box numbers meaningless), a stand-in that disagrees
+    with the deployed rule on more than 1% of the adversarial inputs, and a black-box attack that
     beats every white-box attack at the same threat model, norm and budget (the white-box
     attacks are then not working and their figures overstate robustness)."""
     def is_black_box(row: dict) -> bool:  # "square" or a variant such as "square[steps=2000]"
@@ -344,6 +366,12 @@ def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
                 f"{row['threat']}/{row['attack']}@{row['eps']:g}: the loss gradient is exactly zero "
                 f"for {row['zero_gradient_fraction']:.0%} of the samples on {row['target_model']} — "
                 f"gradient masking; its robustness figure is not trustworthy")
+    for row in summary:
+        if row.get("rule_disagreement", 0) > DISAGREEMENT_LIMIT:  # NaN compares False
+            warnings.append(
+                f"{row['threat']}/{row['attack']}@{row['eps']:g}: the attacked stand-in's label differs "
+                f"from the two-step rule's on {row['rule_disagreement']:.1%} of the adversarial inputs "
+                f"(above {DISAGREEMENT_LIMIT:.0%}): the attack optimised something the rule does not decide")
     by_setting: dict[tuple, list[dict]] = {}
     for row in summary:
         by_setting.setdefault((row["threat"], row["norm"], row["eps"]), []).append(row)

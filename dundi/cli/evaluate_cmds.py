@@ -28,12 +28,13 @@ def _parse_attack_args(items: list[str]) -> dict:
 
 
 def _attacks(names: list[str]) -> list[str]:
-    from dundi.attacks import ATTACKS
+    from dundi.attacks import ATTACKS, STAND_IN_ONLY
     from dundi.evaluate import PAPER_ATTACKS
 
+    everything = [a for a in ATTACKS if a not in STAND_IN_ONLY]
     out: list[str] = []
     for name in names:
-        expanded = list(PAPER_ATTACKS) if name == "paper" else list(ATTACKS) if name == "all" else [name]
+        expanded = list(PAPER_ATTACKS) if name == "paper" else everything if name == "all" else [name]
         out += [a for a in expanded if a not in out]
     return out
 
@@ -49,12 +50,13 @@ def print_summary(summary: dict) -> None:
           f"two-step n={clean.get('n')} m={clean.get('m')} k={clean.get('k')}; clean accuracy "
           f"DunDi {_pct(clean['dundi'])}, native {_pct(clean['native'])}")
     print(f"{'threat':9} {'attack':8} {'norm':4} {'eps':>9} {'steps':>5} {'defense':>8} "
-          f"{'robust':>8} {'atk-succ':>8} {'native-rob':>10}")
+          f"{'robust':>8} {'atk-succ':>8} {'native-rob':>10} {'rule≠stand-in':>13}")
     for r in summary["attacks"]:
         eps = "unbounded" if math.isinf(r["eps"]) else f"{r['eps']:g}"
         print(f"{r['threat']:9} {r['attack']:8} {r['norm']:4} {eps:>9} {r['steps']:>5} "
               f"{_pct(r['defense_success']):>8} {_pct(r['robust_accuracy']):>8} "
-              f"{_pct(r['attack_success_rate']):>8} {_pct(r['native_robust_accuracy']):>10}")
+              f"{_pct(r['attack_success_rate']):>8} {_pct(r['native_robust_accuracy']):>10} "
+              f"{_pct(r.get('rule_disagreement')):>13}")
     print("worst case over attacks, per sample:")
     for w in summary["worst_case"]:
         eps = "all" if w["norm"] == "any" else f"{w['eps']:g}"
@@ -114,16 +116,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--native", default=None, help="native run: the transfer threat model's target "
                    "and the native columns")
     p.add_argument("--attacks", nargs="+", default=["paper"],
-                   help="attack names, 'paper' (fgsm ifgsm-a ifgsm-b jsma, default) or 'all'")
+                   help="attack names, 'paper' (fgsm ifgsm-a ifgsm-b jsma, default), 'autoattack' "
+                        "(APGD-CE, APGD-T, FAB-T, Square as a cascade; + step-1 APGD on adaptive) or 'all'")
     p.add_argument("--threat", nargs="+", default=["transfer"],
                    help="transfer (paper: crafted on the native model) | adaptive (white-box on "
-                        "DunDi's score) | feature (pull f(x) to another class's oracles)")
+                        "DunDi's two-step rule as deployed) | adaptive-all (the all-class score) | "
+                        "feature (pull f(x) to another class's oracles)")
     p.add_argument("--eps", nargs="+", type=float, default=None,
                    help="budgets for attacks that take one (default: each attack's paper setting)")
     p.add_argument("--steps", type=int, default=None, help="iterations (default: each attack's)")
     p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra attack setting, e.g. loss=margin, restarts=5, alpha=0.005 (repeatable; "
-                        "attacks that do not take it ignore it)")
+                        "selected attacks that do not take it ignore it; a key none takes is refused)")
     p.add_argument("--limit", type=int, default=None, help="evaluate N samples (seeded random choice)")
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)

@@ -25,8 +25,10 @@ from dundi.artifacts import RUN_FILE, read_meta
 from dundi.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
 from dundi.results import write_shard
 
-# Per worker process: fingerprint → Evaluator (Ray reuses worker processes between tasks).
-_EVALUATORS: dict[str, Evaluator] = {}
+# Per worker process: (fingerprint, split, limit) → Evaluator (Ray reuses worker processes
+# between tasks). The fingerprint leaves out the sample count, which decides the Evaluator's
+# sample list: two evaluations of one run with other --limit must not share one.
+_EVALUATORS: dict[tuple, Evaluator] = {}
 
 
 def run_files(run_dir: str | os.PathLike) -> dict[str, bytes]:
@@ -44,14 +46,20 @@ def _materialize(files: dict[str, bytes], root: Path) -> str:
     return str(root)
 
 
+def evaluator_key(cfg_dict: dict, fingerprint: str) -> tuple:
+    """What an Evaluator's state depends on: the evaluation and its sample list."""
+    return fingerprint, cfg_dict.get("split"), cfg_dict.get("limit")
+
+
 def _evaluator(cfg_dict: dict, fingerprint: str, bundle: dict) -> Evaluator:
-    if fingerprint not in _EVALUATORS:
+    key = evaluator_key(cfg_dict, fingerprint)
+    if key not in _EVALUATORS:
         cfg = EvalConfig(**cfg_dict)
         root = Path(tempfile.mkdtemp(prefix=f"dundi-eval-{fingerprint}-"))
         run_dir = _materialize(bundle["dundi"], root / "dundi")
         native_dir = _materialize(bundle["native"], root / "native") if bundle["native"] else None
-        _EVALUATORS[fingerprint] = Evaluator(cfg, run_dir, native_dir, data=bundle["data"])
-    return _EVALUATORS[fingerprint]
+        _EVALUATORS[key] = Evaluator(cfg, run_dir, native_dir, data=bundle["data"])
+    return _EVALUATORS[key]
 
 
 @ray.remote(num_cpus=1, max_retries=1)
@@ -105,7 +113,8 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
                 name, table, seconds = ray.get(ref)
-                write_shard(out, name, table, evaluation["fingerprint"])
+                spec = evaluation["shards"][name]
+                write_shard(out, name, table, evaluation["fingerprint"], rows=spec["stop"] - spec["start"])
                 task_seconds += seconds
                 bar.update(1)
         bar.close()
