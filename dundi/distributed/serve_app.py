@@ -313,6 +313,7 @@ class ServeBackend:
         self._info_ttl_s = info_ttl_s
         self._rollout_timeout_s = rollout_timeout_s
         self._ready_time = -1e9
+        self._last_reason: Optional[str] = "the classifier is starting or loading the model"
         self._probe: Optional[asyncio.Future] = None
 
     async def _call(self, method: str, *args):
@@ -364,30 +365,31 @@ class ServeBackend:
             self._info, self._info_time = info, time.monotonic()
         return [(part, info) for part in pred.split([len(x) for x in items])]
 
-    READY_WAIT_S = 0.02   # a readiness probe answers within this (plus the route's own time)
+    READY_WAIT_S = 0.06   # a readiness probe answers within this (plus the route's own time)
     READY_TTL_S = 2.0     # a classifier answer this recent counts as ready
 
     async def ready(self) -> Optional[str]:
-        """None when a classifier answered recently; otherwise ask one, but answer 503 within
+        """None when a classifier answered recently; otherwise ask one, but answer within
         READY_WAIT_S rather than wait for a classifier that is still starting (load balancers
-        and Kubernetes probe readiness with short timeouts)."""
+        and Kubernetes probe readiness with short timeouts). While a refresh is under way the
+        last completed probe's verdict stands, so an idle, healthy service never reads 503."""
         if time.monotonic() - self._ready_time <= self.READY_TTL_S:
             return None
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._probe_once())
         try:
-            reason = await asyncio.wait_for(asyncio.shield(self._probe), self.READY_WAIT_S)
+            return await asyncio.wait_for(asyncio.shield(self._probe), self.READY_WAIT_S)
         except asyncio.TimeoutError:
-            return "the classifier is starting or loading the model"
-        return reason
+            return self._last_reason
 
     async def _probe_once(self) -> Optional[str]:
         try:
             described = await asyncio.wait_for(self._call("describe"), 10.0)
         except Exception as exc:
-            return f"the classifier is not ready ({type(exc).__name__})"
+            self._last_reason = f"the classifier is not ready ({type(exc).__name__})"
+            return self._last_reason
         self._info, self._info_time = ModelInfo.from_dict(described["info"]), time.monotonic()
-        self._ready_time = time.monotonic()
+        self._ready_time, self._last_reason = time.monotonic(), None
         return None
 
     async def reload(self, changes: dict) -> dict:
