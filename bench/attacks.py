@@ -1,6 +1,10 @@
 """Adversarial examples per second: dundi.attacks over torchattacks 3.5.1, same LeNet-5,
 same images, one process. Targets: JSMA >= 20x, DeepFool >= 3x; FGSM/BIM/PGD ~1x (both
-are batched; ours must simply not be slower).
+are batched; ours must simply not be slower). Last, the AutoAttack cascade (APGD-CE, APGD-T,
+FAB-T, Square 5,000 queries) against torchattacks' ``AutoAttack(version="standard")`` on the
+same model and images: speed ratio and robust accuracy (targets: >= 1x, ours <= theirs + 1 pt).
+``--aa-only`` runs just that; ``--native-run DIR`` attacks a trained native run (e.g. the
+Madry-style model) instead of the bench's own LeNet-5.
 
 A LeNet-5 (DeepXplore's Model3, defined here) is trained for a few seconds on synthetic
 10-class 28x28 images (noisy, shifted blocky prototypes), or on real MNIST digits with
@@ -11,6 +15,7 @@ alike; the best round of each is kept. Success rates are printed beside the spee
 show both sides did the same job.
 
     python bench/attacks.py [--batch 128] [--slow-batch 8] [--rounds 3] [--threads 1] [--dataset synthetic]
+        [--aa-eps 0.1] [--aa-batch 128] [--aa-only] [--native-run DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dundi.attacks import BIMB, FGSM, JSMA, PGD, DeepFool, Square
+from dundi.attacks import BIMB, FGSM, JSMA, PGD, AutoAttack, DeepFool, Square
 
 
 def load_torchattacks():
@@ -83,6 +88,23 @@ def timed(fn, images, labels) -> tuple[float, torch.Tensor]:
     return len(images) / (time.perf_counter() - t0), adv
 
 
+def autoattack_row(ta, net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+    """Our cascade vs torchattacks' standard AutoAttack: one run each (minutes), same images."""
+    def robust(adv):
+        with torch.no_grad():
+            return (net(adv).argmax(1) == y).float().mean().item()
+
+    r_o, adv_o = timed(AutoAttack(net, eps=eps, seed=0), x, y)
+    with torch.random.fork_rng():
+        r_t, adv_t = timed(ta.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0),
+                           x, y)
+    ra_o, ra_t = robust(adv_o), robust(adv_t)
+    assert (adv_o - x).abs().max() <= eps + 1e-6 and (adv_t - x).abs().max() <= eps + 1e-5
+    print(f"{'AutoAttack std, eps ' + f'{eps:g}':26s} {r_o:11.2f} {r_t:13.2f} {r_o / r_t:7.2f}x   robust accuracy "
+          f"ours {ra_o:.2%} / theirs {ra_t:.2%} ({100 * (ra_o - ra_t):+.1f} pt; target <= +1 pt, speed >= 1x) "
+          f"on {len(x)} images")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128, help="images for the batched attacks")
@@ -92,18 +114,33 @@ def main() -> None:
                     help="torch intra-op threads (default 1: on a shared 2-core machine two threads per "
                          "process oversubscribe the cores and both libraries slow down many times over)")
     ap.add_argument("--dataset", default="synthetic", help="'synthetic' or a dundi dataset, e.g. mnist-10k")
+    ap.add_argument("--aa-eps", type=float, default=0.1,
+                    help="AutoAttack's Linf budget (0.1 leaves the bench's plain LeNet-5 partly robust, so "
+                         "every component of the cascade runs; use 0.3 with a Madry-style --native-run)")
+    ap.add_argument("--aa-batch", type=int, default=128, help="images for the AutoAttack comparison")
+    ap.add_argument("--aa-only", action="store_true", help="only the AutoAttack comparison")
+    ap.add_argument("--native-run", default=None, help="attack this native run's model (needs --dataset)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ta = load_torchattacks()
 
     t0 = time.perf_counter()
-    (xtr, ytr), (xte, yte) = data(args.dataset, 3000, 2 * args.batch)
-    net = train(xtr, ytr, epochs=1 if args.dataset == "synthetic" else 3)
+    (xtr, ytr), (xte, yte) = data(args.dataset, 3000, 2 * max(args.batch, args.aa_batch))
+    if args.native_run:
+        from dundi.artifacts import Run
+
+        net = Run.load(args.native_run, with_oracle=False).model.eval()
+    else:
+        net = train(xtr, ytr, epochs=1 if args.dataset == "synthetic" else 3)
     with torch.no_grad():
         ok = net(xte).argmax(1) == yte
     clean_acc = ok.float().mean().item()
     x, y = xte[ok][: args.batch], yte[ok][: args.batch]  # correctly classified: success = label flipped
     xs, ys = x[: args.slow_batch], y[: args.slow_batch]
+    if args.aa_only:
+        print(f"{'attack':26s} {'ours img/s':>11s} {'theirs img/s':>13s} {'ratio':>7s}")
+        autoattack_row(ta, net, xte[ok][: args.aa_batch], yte[ok][: args.aa_batch], args.aa_eps)
+        return
     target = (y + 1 + torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(0))) % 10
     print(f"LeNet-5 on {args.dataset}: trained in {time.perf_counter() - t0:.1f} s, clean accuracy "
           f"{clean_acc:.3f}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -163,6 +200,7 @@ def main() -> None:
     # Our default JSMA (softmax space, as the paper's cleverhans code): no torchattacks twin.
     r, adv = timed(JSMA(net, theta=1.0, gamma=0.1, target=target, space="probs"), x, y)
     print(f"{'JSMA probs (our default)':26s} {r:11.1f} {'-':>13s} {'':7s}   {fooled(adv, y, target):.2f} / -")
+    autoattack_row(ta, net, xte[ok][: args.aa_batch], yte[ok][: args.aa_batch], args.aa_eps)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s. Targets: JSMA >= 20x, DeepFool >= 3x.")
 
 

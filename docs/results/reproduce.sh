@@ -7,7 +7,8 @@
 #
 # Stages: mnist (Table 1, Fig. 6, Table 2, Fig. 7 + adaptive/feature on mnist-10k), fashion
 # (one native model and its DunDi_R / DunDi_P on full Fashion-MNIST), cifar (VGG-16, only when
-# CIFAR-10's files are present), at (DunDi-AT vs Madry-style adversarial training), report.
+# CIFAR-10's files are present), at (DunDi-AT vs Madry-style adversarial training), autoattack
+# (AutoAttack on the exact two-step rule: DunDi-AT vs Madry on the same images), report.
 #
 # Rerunning continues: a training stage whose run directory is complete is skipped and every
 # evaluation resumes from its finished shards. Runs and raw Parquet rows go to $OUT
@@ -16,7 +17,7 @@ set -euo pipefail
 
 OUT=${OUT:-runs/results}
 DOCS=${DOCS:-docs/results}
-STAGES=${STAGES:-"mnist fashion cifar at report"}
+STAGES=${STAGES:-"mnist fashion cifar at autoattack report"}
 LIMIT=${LIMIT:-500}          # test samples per evaluation (a seeded random choice, same for every model)
 SEED=${SEED:-0}
 DUNDI=${DUNDI:-dundi}
@@ -174,12 +175,31 @@ stage_at() {
   done
 }
 
+# ---- AutoAttack on the exact rule (k = 5): the headline robustness figures ----------------------
+# One evaluation holds both models on the same images: DunDi-AT (the README's recipe, AT5-long)
+# under `adaptive` (the stand-in whose argmax is Algorithm 1, plus the step-1 attack), and the
+# Madry-style model as the native run, attacked white-box on its own logits under `transfer`
+# (its robust accuracy is the native column of those rows). AA_LIMIT test images (default: all).
+stage_autoattack() {
+  local d=$OUT/mnist-10k at=$OUT/at aa=$OUT/at/eval-autoattack
+  local aa_eval=(--workers "${EVAL_WORKERS:-0}" --limit "${AA_LIMIT:-2000}" --seed "$SEED" --no-progress)
+  [[ -f "$at/AT5-long/oracle/index.faiss" && -f "$at/madry5/run.json" ]] || stage_at
+  timed "$aa/AT5-long+madry5 autoattack" "$DUNDI" evaluate "$at/AT5-long" --native "$at/madry5" \
+    --threat adaptive transfer --attacks autoattack --eps 0.3 --k 5 "${aa_eval[@]}" --out "$aa/AT5-long+madry5"
+  for plain in R5 P5; do  # plain DunDi_R3 / DunDi_P3: one line each
+    [[ -f "$d/$plain/oracle/index.faiss" ]] || continue
+    timed "$aa/$plain autoattack" "$DUNDI" evaluate "$d/$plain" --native "$d/native5" --threat adaptive \
+      --attacks autoattack --eps 0.3 --k 5 "${aa_eval[@]}" --out "$aa/$plain"
+  done
+}
+
 stage_report() {
   local d=$OUT/mnist-10k f=$OUT/fashion-mnist at=$OUT/at
   [[ -d $d/eval ]] && "$DUNDI" report "$d"/eval/{R1,R4,R5,P1,P4,P5,R1-tuples*} --out "$DOCS/mnist-10k"
   [[ -d $f/eval ]] && "$DUNDI" report "$f"/eval/* --out "$DOCS/fashion-mnist"
   [[ -d $OUT/cifar10/eval ]] && "$DUNDI" report "$OUT"/cifar10/eval/* --out "$DOCS/cifar10"
   [[ -d $at/eval ]] && "$DUNDI" report "$at"/eval/{AT5,AT5-long,madry5} "$d/eval/R5" --out "$DOCS/at"
+  [[ -d $at/eval-autoattack ]] && "$DUNDI" report "$at"/eval-autoattack/* --out "$DOCS/autoattack"
   cp "$STAGE_LOG" "$DOCS/stages.tsv"
   {
     echo "date: $(date -u +%FT%TZ)"

@@ -2,9 +2,10 @@
 model × slice of samples), one CPU each.
 
 The driver plans the shards (:func:`dundi.evaluate.prepare`), skips the finished ones, puts
-the two runs' files and the evaluated samples into the object store once, and keeps at most
-``workers`` tasks in flight. Each task rebuilds the runs from those bytes in a per-process
-temporary directory (so workers need no shared filesystem; a worker process keeps its
+the two runs' files and the evaluated samples into the object store once, and keeps
+``workers`` tasks running and as many queued (so no worker waits for the driver's round
+trip). Each task rebuilds the runs from those bytes in a per-process temporary directory
+(so workers need no shared filesystem; a worker process keeps its
 :class:`~dundi.evaluate.Evaluator` for the next shard), evaluates its shard and returns the
 Arrow table; the driver writes it atomically the moment it arrives. A killed evaluation
 loses only the shards in flight: rerunning the same command skips every written shard.
@@ -95,6 +96,9 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
     started = not ray.is_initialized()
     resources = init_ray(address, num_cpus=workers if address is None else None)
     in_flight = max(1, int(workers or resources.get("CPU", 1)))
+    # Two tasks per worker slot: the next shard already waits at the raylet when one finishes,
+    # so a worker never idles for the driver's round trip (ray.wait → write → submit).
+    depth = 2 * in_flight
     t0 = time.perf_counter()
     try:
         data = Evaluator.load_samples(cfg, evaluation["dataset"])
@@ -106,7 +110,7 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
         bar = _progress(len(todo), progress)
         task_seconds = 0.0
         while queue or pending:
-            while queue and len(pending) < in_flight:
+            while queue and len(pending) < depth:
                 spec = queue.pop(0)
                 pending.append(evaluate_shard_task.remote(cfg_dict, evaluation["fingerprint"], bundle,
                                                           dataclasses.asdict(spec)))
