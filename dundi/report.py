@@ -349,12 +349,14 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
                f"Sample: {ev.scope()}; {ev.two_step()}; clean accuracy DunDi {pct(ev.clean['dundi'])}, "
                f"native {pct(ev.clean['native'])}.", ""]
         header = ["Threat model", "Attack", "Norm", "Budget (eps; L0: gamma)", "Steps", "Clean acc.", "Defense success",
-                  "Robust acc.", "Attack success on target", "Native robust acc.", "Mean Linf / L2 / L0 (flipped samples)"]
+                  "Robust acc.", "Attack success on target", "Native robust acc.", "Mean Linf / L2 / L0 (flipped samples)",
+                  "Stand-in ≠ rule (adv.)"]
         body = [[r["threat"], r["attack"], r["norm"], budget(r["norm"], r["eps"]), str(r["steps"]),
                  pct(r["clean_accuracy_dundi"]), pct(r["defense_success"]), pct(r["robust_accuracy"]),
                  pct(r["attack_success_rate"]), pct(r["native_robust_accuracy"]),
                  f"{r['mean_linf']:.3g} / {r['mean_l2']:.3g} / {r['mean_l0']:.0f}"
-                 if not math.isnan(r["mean_linf"]) else "—"] for r in ev.attacks]
+                 if not math.isnan(r["mean_linf"]) else "—",
+                 pct(r.get("rule_disagreement"))] for r in ev.attacks]
         md += _table(header, body) + [""]
         md += ["Worst case over attacks, per sample (clean accuracy "
                f"{pct(ev.clean['dundi'])}):", ""]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, AttackResult, scores_and_labels
+from .base import Attack, AttackResult, margin, scores_and_labels
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -55,7 +55,8 @@ class APGD(Attack):
         eps (float): Linf radius. (Default: 0.3)
         steps (int): iterations per restart. (Default: 100, as in AutoAttack)
         restarts (int): random restarts. (Default: 1)
-        loss (str): ``"ce"`` or ``"dlr"``. (Default: "ce")
+        loss (str): ``"ce"``, ``"dlr"`` or ``"margin"`` (the CW margin, which the evaluation
+            uses on DunDi's distance scores unless told otherwise). (Default: "ce")
         rho (float): fraction of rising steps below which the step is halved. (Default: 0.75)
         seed (int): (Default: 0)
         device: see :class:`~dundi.attacks.base.Attack`.
@@ -71,7 +72,7 @@ class APGD(Attack):
 
     name = "apgd"
     norm = "linf"
-    losses = ("ce", "dlr")
+    losses = ("ce", "dlr", "margin")
 
     def __init__(self, model: nn.Module, eps: float = 0.3, steps: int = 100, restarts: int = 1,
                  loss: str = "ce", rho: float = 0.75, seed: int = 0, device=None):
@@ -93,6 +94,8 @@ class APGD(Attack):
         scores, decided = scores_and_labels(self.model, x)
         if self.loss == "ce":
             return F.cross_entropy(scores, y, reduction="none"), decided
+        if self.loss == "margin":
+            return margin(scores, y), decided
         return dlr_loss(scores, y, target), decided
 
     def _targets(self, images: Tensor, labels: Tensor) -> list[Tensor | None]:
