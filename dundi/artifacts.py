@@ -189,6 +189,20 @@ class Run:
             raise DundiError(f"{self.path} is not a DunDi run with an oracle index")
         return self.oracle.classify(self.embed(images, batch_size), n=n, m=m, k=k)
 
+    def certifier(self, n: int | None = None, m: int = 3, k: int = 5):
+        """A :class:`dundi.certificate.Certifier` for this run's rule (n, m, k). Only runs whose
+        rule uses the squared Euclidean distance can be certified (train with --certified)."""
+        from dundi.certificate import Certifier
+
+        if self.oracle is None:
+            raise DundiError(f"{self.path} has no oracle index: only DunDi runs can be certified")
+        if self.oracle.metric != "sqeuclidean":
+            raise DundiError(f"{self.path} ranks by {self.oracle.metric} distance; certificates are "
+                             f"for the squared-Euclidean rule: train with `dundi train --certified`")
+        n = self.oracle.n if n is None else n
+        self.oracle.check_params(n, m, k)
+        return Certifier(self.model, self.oracle_tensor(n), n, m, k)
+
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:
         """Oracle embeddings (C, n, D) for the differentiable scorer."""
         assert self.oracle is not None, "no oracle index loaded"

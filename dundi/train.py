@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_classes,
                                adversarial_inputs_ce, class_prototypes, prototype_distances)
+from dundi.certified_training import balanced_batches, certified_batch_loss, schedule
 from dundi.checkpoint import load_local, save_local
 from dundi.errors import DundiError
 from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
@@ -59,6 +60,13 @@ class TrainConfig:
     adv_warmup: int = 0            # epochs over which the budget ramps linearly up to adv_eps
     adv_target: str = "classes"    # classes: leave the anchor's class; tuple: maximise its triplet loss
     adv_loss: str = "prototype"    # classes target: prototype (N-pair softmax) | triplet (hardest negative)
+    # Certified training (IBP through the embedding, dundi.certified_training): needs sqeuclidean
+    certified: bool = False
+    cert_eps: float = 0.3          # L∞ budget the worst-case loss is trained at (final value)
+    cert_mix: float = 0.5          # final weight of the worst-case loss
+    cert_warmup: float = 2.0       # epochs of clean training before the budget starts to grow
+    cert_ramp: float = 20.0        # epochs over which eps and mix grow linearly to their final values
+    cert_per_class: int = 20       # images of each class per batch (the batch is the oracle database)
 
     @property
     def adv_step_size(self) -> float:
@@ -83,6 +91,18 @@ class TrainConfig:
             raise DundiError(f"--adv-loss {self.adv_loss!r} is unknown: choose one of {', '.join(ADV_LOSSES)}")
         if self.adv_warmup < 0:
             raise DundiError(f"adv_warmup must be 0 or more epochs, got {self.adv_warmup}")
+        if self.certified:
+            if self.metric != "sqeuclidean":
+                raise DundiError("certified training certifies the squared-Euclidean rule: "
+                                 "use --metric sqeuclidean (the --certified default)")
+            if self.adversarial:
+                raise DundiError("--certified and --adversarial are two different trainings: pick one")
+            if not (0 < self.cert_eps <= 1 and 0 <= self.cert_mix <= 1):
+                raise DundiError(f"certified training needs 0 < cert_eps <= 1 and 0 <= cert_mix <= 1; "
+                                 f"got {self.cert_eps}, {self.cert_mix}")
+            if self.cert_per_class < 2 or self.cert_warmup < 0 or self.cert_ramp < 0:
+                raise DundiError("certified training needs cert_per_class >= 2 (a class's other members "
+                                 "are its oracles) and cert_warmup, cert_ramp >= 0 epochs")
         if not 0.0 <= self.val_fraction < 0.5:
             raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
 
@@ -269,6 +289,37 @@ def run_native_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
     return {"loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
+def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                        labels: torch.Tensor, cfg: TrainConfig, epoch: int, progress: bool = True,
+                        desc: str = "certified", rank: int = 0, steps: int | None = None,
+                        num_classes: int | None = None) -> dict[str, float]:
+    """One pass of certified training (:mod:`dundi.certified_training`) over class-balanced
+    batches of this process's images. ``steps`` caps the batches (data-parallel workers must
+    take the same number); eps and the loss mix follow the schedule within the epoch too."""
+    model.train()
+    num_classes = num_classes or int(labels.max()) + 1
+    batches = balanced_batches(labels.cpu().numpy(), cfg.cert_per_class, epoch, cfg.seed + 7919 * rank)
+    batches = batches[:steps] if steps is not None else batches
+    totals = {"loss": 0.0, "clean": 0.0, "certified": 0.0}
+    eps = 0.0
+    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+    for i, batch in enumerate(bar):
+        eps, mix = schedule(epoch + i / len(batches), cfg.cert_warmup, cfg.cert_ramp, cfg.cert_eps,
+                            cfg.cert_mix)
+        idx = torch.from_numpy(batch).to(images.device)
+        loss, stats = certified_batch_loss(model, images[idx], labels[idx], num_classes, eps, mix)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["loss"] += loss.item()
+        totals["clean"] += stats["clean"]
+        totals["certified"] += stats.get("certified", 0.0)
+        bar.set_postfix(loss=f"{totals['loss'] / (i + 1):.4f}", eps=f"{eps:.3f}")
+    count = max(len(batches), 1)
+    return {"loss": totals["loss"] / count, "batch_clean": totals["clean"] / count,
+            "batch_certified": totals["certified"] / count, "cert_eps": eps}
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=cfg.lr)
@@ -291,7 +342,7 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
     torch.manual_seed(cfg.seed)
     x, y = torch.as_tensor(images), torch.as_tensor(labels)
     opt = make_optimizer(model, cfg)
-    tuples = make_tuples(labels, cfg) if kind == "triplet" else None
+    tuples = make_tuples(labels, cfg) if kind == "triplet" and not cfg.certified else None
     history: list[dict] = []
     start = 0
     saved = load_local(checkpoints) if checkpoints is not None else None
@@ -306,7 +357,10 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
         history, start = state["history"], state["epoch"] + 1
     for epoch in range(start, cfg.epochs):
         ecfg = epoch_config(cfg, epoch)
-        if tuples is not None:
+        if kind == "triplet" and cfg.certified:
+            metrics = run_certified_epoch(model, opt, x, y, cfg, epoch, progress,
+                                          desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        elif tuples is not None:
             metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), ecfg,
                                         progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                                         generator=adversarial_generator(cfg, epoch))

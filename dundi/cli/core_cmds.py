@@ -20,7 +20,8 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     d = TrainConfig()
     p.add_argument("--dataset", default=d.dataset)
     p.add_argument("--model", "--backbone", dest="arch", default=d.arch,
-                   help="lenet1 | lenet4 | lenet5 | vgg16 (the DNN module)")
+                   help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp (the DNN module; cnn-ibp is the "
+                        "one built for --certified)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -39,6 +40,23 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
         p.add_argument("--paper-loop", action="store_true",
                        help="three forward passes per tuple, as in the paper (slower, same loss)")
         p.add_argument("--oracles", type=int, default=20, help="oracles per class in the final index")
+        p.add_argument("--metric", default=None,
+                       help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
+                            "(certifiable; the default with --certified)")
+        cert = p.add_argument_group("certified training (interval bounds through the embedding; "
+                                    "docs/certification.md)")
+        cert.add_argument("--certified", action="store_true",
+                          help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
+        cert.add_argument("--cert-eps", type=float, default=d.cert_eps,
+                          help="L-inf budget of the worst-case loss (default %(default)s)")
+        cert.add_argument("--cert-mix", type=float, default=d.cert_mix,
+                          help="final weight of the worst-case loss (default %(default)s)")
+        cert.add_argument("--cert-warmup", type=float, default=d.cert_warmup,
+                          help="clean epochs before the budget grows (default %(default)s)")
+        cert.add_argument("--cert-ramp", type=float, default=d.cert_ramp,
+                          help="epochs over which eps and mix grow to their final values (default %(default)s)")
+        cert.add_argument("--cert-per-class", type=int, default=d.cert_per_class,
+                          help="images of each class per batch (default %(default)s)")
     adv = p.add_argument_group("adversarial training (DunDi-AT for `train`, Madry-style PGD for `train-native`)")
     adv.add_argument("--adversarial", action="store_true", help="train on PGD examples crafted against the current model")
     adv.add_argument("--adv-eps", type=float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
@@ -69,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     if getattr(args, "paper_loop", False):
         cfg.dedupe = False
+    if cfg.certified and getattr(args, "metric", None) is None:
+        cfg.metric = "sqeuclidean"
     cfg.validate()
     return cfg
 
@@ -144,6 +164,14 @@ def cmd_classify(args: argparse.Namespace) -> None:
     emit(figures, args.json, "two-step classification")
 
 
+def cmd_certify(args: argparse.Namespace) -> None:
+    from dundi.pipeline import certify_split
+
+    figures = certify_split(args.run, eps=args.eps, n=args.n, m=args.m, k=args.k, split=args.split,
+                            data_dir=args.data_dir, limit=args.limit)
+    emit(figures, args.json, "certified accuracy of the two-step rule (L-inf, interval bounds)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from dundi.demo import run_demo
 
@@ -188,6 +216,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None)
     _add_common(p)
     p.set_defaults(handler=cmd_classify)
+
+    p = sub.add_parser("certify", help="certified accuracy of a run's two-step rule in L-inf balls")
+    p.add_argument("run")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                   help="L-inf radii on [0, 1] pixels (default %(default)s)")
+    p.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=int, default=None, help="coarse-step oracles per class (default min(3, n))")
+    p.add_argument("--k", type=int, default=5, help="classes kept by the coarse step (default %(default)s)")
+    p.add_argument("--split", default="test", help="dataset split (default %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    _add_common(p)
+    p.set_defaults(handler=cmd_certify)
 
     p = sub.add_parser("demo", help="the whole path on mnist-10k in minutes: Table 1 of the paper")
     p.add_argument("--out", default=os.environ.get("DUNDI_DEMO_OUT", "runs/demo"))
