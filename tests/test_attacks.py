@@ -131,7 +131,8 @@ class NoGradModel(nn.Module):
 
 def test_registry_and_paper_defaults(subject):
     net, _, _ = subject
-    assert set(ATTACKS) == set(ATTACK_NORMS) == {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "jsma", "deepfool", "square"}
+    assert set(ATTACKS) == set(ATTACK_NORMS) == {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "jsma", "deepfool", "square",
+                                                 "apgd", "apgd-t", "fab-t", "apgd-step1", "autoattack"}
     assert ATTACK_NORMS["jsma"] == "l0" and ATTACK_NORMS["deepfool"] == "l2" and ATTACK_NORMS["fgsm"] == "linf"
     a = make_attack("fgsm", net)
     assert isinstance(a, FGSM) and a.eps == 0.3
