@@ -4,7 +4,9 @@ process: same runs, same shards, same rows.
 One process: :func:`dundi.evaluate.evaluate_local`, with one torch thread (its default) and
 with torch's default thread count. Ray: :func:`dundi.distributed.evaluate_job.evaluate_on_ray` with
 ``--workers`` tasks of one CPU (one torch thread) each, on a local Ray started once (its
-start-up is timed separately; the speed-up is printed with and without it). Every round
+start-up is timed separately; the speed-up is printed with and without it), whose workers
+run at the driver's priority (:data:`~dundi.distributed.evaluate_job.LOCAL_RAY_CONFIG`; Ray's
+default niceness of 15 starves them on a shared machine). Every round
 writes every shard into empty directories, the three variants alternate so machine noise hits
 them alike, and medians are printed. The rows of all variants are compared at the end: they
 must be identical (attacks are seeded per shard).
@@ -64,7 +66,7 @@ def main() -> None:
     import ray
     import torch
 
-    from dundi.distributed.evaluate_job import evaluate_on_ray
+    from dundi.distributed.evaluate_job import LOCAL_RAY_CONFIG, evaluate_on_ray
     from dundi.distributed.ray_init import init_ray
     from dundi.evaluate import EvalConfig, evaluate_local
     from dundi.results import read_results
@@ -81,7 +83,7 @@ def main() -> None:
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    init_ray(None, num_cpus=args.workers, log_to_driver=False)
+    init_ray(None, num_cpus=args.workers, log_to_driver=False, _system_config=LOCAL_RAY_CONFIG)
     t_init = time.perf_counter() - t0
     variants = {} if args.no_threads_variant else {
         f"one process, {threads} torch threads": lambda out: local(out, threads)}

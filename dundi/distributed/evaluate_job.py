@@ -26,6 +26,12 @@ from dundi.artifacts import RUN_FILE, read_meta
 from dundi.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
 from dundi.results import write_shard
 
+# A local Ray started for an evaluation runs its workers at the driver's own priority. Ray's
+# default (worker_niceness 15) makes the shards, all the real work, yield to every other
+# process: on a shared 2-core machine that made 2 workers 4x slower than one plain process
+# (bench/evaluate_fanout.py). Ray Jobs use 0 for the same reason.
+LOCAL_RAY_CONFIG = {"worker_niceness": 0}
+
 # Per worker process: (fingerprint, split, limit) → Evaluator (Ray reuses worker processes
 # between tasks). The fingerprint leaves out the sample count, which decides the Evaluator's
 # sample list: two evaluations of one run with other --limit must not share one.
@@ -94,7 +100,9 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
     if not todo:
         return {**figures, "seconds": 0.0, "workers": 0}
     started = not ray.is_initialized()
-    resources = init_ray(address, num_cpus=workers if address is None else None)
+    local = address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+    resources = init_ray(address, num_cpus=workers if address is None else None,
+                         **({"_system_config": LOCAL_RAY_CONFIG} if local else {}))
     in_flight = max(1, int(workers or resources.get("CPU", 1)))
     # Two tasks per worker slot: the next shard already waits at the raylet when one finishes,
     # so a worker never idles for the driver's round trip (ray.wait → write → submit).
@@ -130,4 +138,4 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
             "workers": in_flight}
 
 
-__all__ = ["evaluate_on_ray", "evaluate_shard_task", "run_files"]
+__all__ = ["evaluate_on_ray", "evaluate_shard_task", "run_files", "LOCAL_RAY_CONFIG"]
