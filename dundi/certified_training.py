@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.bounds import input_box, propagate, split_last_linear
+from dundi.bounds import input_box, split_last_linear
 
 
 def class_statistics(emb: torch.Tensor, labels: torch.Tensor, num_classes: int
@@ -39,7 +39,7 @@ def oracle_head(emb: torch.Tensor, labels: torch.Tensor, num_classes: int
     """Per query the head's weights 2μ_c (B, C, D) and biases −ν̄_c (B, C), with the query
     left out of its own class's oracles. logits = z·W + bias ranks like −mean ‖z − o‖²."""
     sigma, nu, count = class_statistics(emb, labels, num_classes)
-    rows = torch.arange(len(labels))
+    rows = torch.arange(len(labels), device=labels.device)
     sig = sigma[None].repeat(len(labels), 1, 1)
     nus = nu[None].repeat(len(labels), 1)
     cnt = count[None].repeat(len(labels), 1)
@@ -54,7 +54,7 @@ def worst_case_logits(h_lo: torch.Tensor, h_hi: torch.Tensor, last: nn.Linear, w
                       biases: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Upper bounds of logit_c − logit_y over the box of the penultimate activations h (the
     true class's entry is 0): CE of these is IBP's robust loss."""
-    rows = torch.arange(len(labels))
+    rows = torch.arange(len(labels), device=labels.device)
     diff_w = weights - weights[rows, labels][:, None, :]                 # (B, C, D)
     diff_b = biases - biases[rows, labels][:, None]                      # (B, C)
     g = diff_w @ last.weight                                             # (B, C, H)
@@ -66,22 +66,21 @@ def worst_case_logits(h_lo: torch.Tensor, h_hi: torch.Tensor, last: nn.Linear, w
 def certified_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                          num_classes: int, eps: float, mix: float) -> tuple[torch.Tensor, dict]:
     """The mixed clean / worst-case loss of one class-balanced batch, and its clean and
-    batch-certified accuracy (certified against the batch's own oracles)."""
-    body, last = split_last_linear(model)
-    h = images
-    for layer in body:
-        h = layer(h)
-    emb = last(h)
+    batch-certified accuracy (certified against the batch's own oracles). ``model`` is a
+    Distance NN, possibly wrapped in DistributedDataParallel."""
+    _, last = split_last_linear(getattr(model, "module", model))
+    robust = eps > 0 and mix > 0
+    out = model(images, box=input_box(images, eps)) if robust else model(images)
+    emb = out[0] if robust else out
     weights, biases = oracle_head(emb, labels, num_classes)
     logits = (weights @ emb[:, :, None]).squeeze(-1) + biases
     loss = nn.functional.cross_entropy(logits, labels)
     stats = {"clean": (logits.argmax(1) == labels).float().mean().item()}
-    if eps > 0 and mix > 0:
-        h_lo, h_hi = propagate(body, *input_box(images, eps))
-        worst = worst_case_logits(h_lo, h_hi, last, weights, biases, labels)
+    if robust:
+        worst = worst_case_logits(out[1], out[2], last, weights, biases, labels)
         loss = (1 - mix) * loss + mix * nn.functional.cross_entropy(worst, labels)
-        others = worst.clone()
-        others[torch.arange(len(labels)), labels] = -torch.inf
+        others = worst.detach().clone()
+        others[torch.arange(len(labels), device=labels.device), labels] = -torch.inf
         stats["certified"] = (others.amax(1) < 0).float().mean().item()
     return loss, stats
 

@@ -145,8 +145,17 @@ class DistanceNet(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(self.backbone(x))
+    def forward(self, x: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """f(x); with ``box`` (lower, upper input bounds) also interval bounds on the
+        activations entering the last layer, for certified training. Computing both inside
+        ``forward`` keeps a DistributedDataParallel wrapper in charge of the gradients."""
+        emb = self.embedding(self.backbone(x))
+        if box is None:
+            return emb
+        from dundi.bounds import propagate, split_last_linear
+
+        h_lo, h_hi = propagate(split_last_linear(self)[0], *box)
+        return emb, h_lo, h_hi
 
 
 def build_distance_net(arch: str, in_shape: tuple[int, int, int], embed_dim: int = EMBED_DIM,

@@ -153,7 +153,20 @@ def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | 
                   triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress,
                   checkpoints=out / CHECKPOINT_DIR)
     metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
+    warn_if_collapsed(cfg, history, _spec(cfg.dataset).num_classes, log)
     return _finish(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))
+
+
+def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
+                      log: Callable[[str], None]) -> None:
+    """Certified training can collapse to a constant embedding (every worst-case margin 0, the
+    loss log C) when the budget grows faster than the network can follow; say so plainly."""
+    val = history[-1].get("val_accuracy") if history else None
+    if cfg.certified and val is not None and val < 2.0 / num_classes:
+        log(f"WARNING: certified training ended at {val:.1%} validation accuracy (chance is "
+            f"{1 / num_classes:.0%}): the embedding collapsed. Retrain with a longer --cert-warmup "
+            f"and --cert-ramp (e.g. {max(3.0, 2 * cfg.cert_warmup):g} and {max(10.0, 2 * cfg.cert_ramp):g}) "
+            f"or a smaller --lr.")
 
 
 def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,

@@ -43,3 +43,19 @@ def mnist_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     train_dundi_run(dundi, root / "dundi", None, data_dir, progress=False, log=lambda s: None)
     build_index(root / "dundi", n=10, seed=0, data_dir=data_dir)
     return {"native": root / "native", "dundi": root / "dundi"}
+
+
+@pytest.fixture(scope="session")
+def certified_run(tmp_path_factory, data_dir) -> Path:
+    """A small certified DunDi run (cnn-ibp, interval-bound training at eps 0.1, squared
+    Euclidean rule) on a real mnist-10k slice, with an oracle index of n=10 (~30 s)."""
+    from dundi.pipeline import build_index, train_dundi_run
+    from dundi.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("runs") / "certified"
+    # a gentle schedule: with 1 clean epoch and a 3-epoch ramp this slice collapsed to chance
+    cfg = TrainConfig("mnist-10k", "cnn-ibp", epochs=8, limit=3000, metric="sqeuclidean",
+                      certified=True, cert_eps=0.1, cert_warmup=2.0, cert_ramp=4.0, cert_per_class=10)
+    train_dundi_run(cfg, out, None, data_dir, progress=False, log=lambda s: None)
+    build_index(out, n=10, seed=0, data_dir=data_dir)
+    return out

@@ -75,12 +75,16 @@ def test_two_workers_converge_write_a_run_and_resume_by_name(ray_local, tmp_path
 
 
 @pytest.mark.parametrize("extra", [{"tuples": 3000},
-                                   {"tuples": 600, "adversarial": True, "adv_steps": 2, "adv_warmup": 2}],
-                         ids=["plain", "dundi-at"])
+                                   {"tuples": 600, "adversarial": True, "adv_steps": 2, "adv_warmup": 2},
+                                   {"arch": "cnn-ibp", "certified": True, "metric": "sqeuclidean",
+                                    "cert_eps": 0.1, "cert_warmup": 0.5, "cert_ramp": 1.0,
+                                    "cert_per_class": 10, "limit": 2000}],
+                         ids=["plain", "dundi-at", "certified"])
 def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_dir, extra):
     """Same seed → same rows, tuples, order, initial weights and PGD starts; the worker runs on
     one CPU thread, so the local loop does too (thread count changes float summation order).
-    DunDi-AT (adversarial anchors, budget warm-up) goes through the same epoch code."""
+    DunDi-AT (adversarial anchors, budget warm-up) and certified training (class-balanced
+    batches, interval bounds, eps schedule) go through the same epoch code."""
     from dundi.artifacts import load_model, read_meta
     from dundi.distributed.train_job import run_ray_training
     from dundi.pipeline import build_index, train_dundi_run
@@ -98,7 +102,7 @@ def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_
     local, ray1 = history(tmp_path / "local"), history(tmp_path / "ray1")
     assert [sorted(e) for e in local] == [sorted(e) for e in ray1]
     for a, b in zip(local, ray1):
-        for key in ("loss", "ordered", "val_accuracy"):
+        for key in {"loss", "ordered", "batch_certified", "val_accuracy"} & set(a):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
     # The run directories are interchangeable: same files, same metadata fields, same weights.
     assert files_of(tmp_path / "local") == files_of(tmp_path / "ray1") == RUN_FILES

@@ -223,9 +223,10 @@ def train_loop(config: dict) -> None:
 
     from dundi.artifacts import build_from_meta
     from dundi.pipeline import native_accuracy, triplet_validator
+    from dundi.certified_training import balanced_batches
     from dundi.train import (adversarial_generator, epoch_config, epoch_order, epoch_tuples,
-                             make_optimizer, run_native_epoch, run_triplet_epoch, split_train_val,
-                             worker_tuples)
+                             make_optimizer, run_certified_epoch, run_native_epoch, run_triplet_epoch,
+                             split_train_val, worker_tuples)
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
@@ -241,10 +242,19 @@ def train_loop(config: dict) -> None:
     if (present >= 2).sum() < 2:
         raise DundiError(f"worker {rank} of {world} got {len(tr)} training samples with fewer than "
                          f"two classes of two samples each: use more data (--limit) or fewer workers")
-    wcfg = cfg if world == 1 else dataclasses.replace(cfg, batch_size=math.ceil(cfg.batch_size / world))
+    wcfg = cfg if world == 1 else dataclasses.replace(
+        cfg, batch_size=math.ceil(cfg.batch_size / world),
+        cert_per_class=max(2, math.ceil(cfg.cert_per_class / world)))
     x_tr = torch.as_tensor(images[tr]).to(device)
     y_tr = torch.as_tensor(labels[tr]).to(device)
-    if kind == "dundi":
+    cert_steps = None
+    if kind == "dundi" and cfg.certified:
+        # class-balanced batches; DDP needs the same number of steps on every worker
+        cert_steps = int(_allreduce_min(len(balanced_batches(labels[tr], wcfg.cert_per_class, 0, cfg.seed)),
+                                        device))
+        validate = triplet_validator(cfg, images, labels, tr, va)
+        work_per_epoch = cert_steps * wcfg.cert_per_class * int(labels.max() + 1) * world
+    elif kind == "dundi":
         tuples = worker_tuples(labels[tr], cfg, rank, world)
         validate = triplet_validator(cfg, images, labels, tr, va)
         work_per_epoch = len(tuples) * world
@@ -288,7 +298,12 @@ def train_loop(config: dict) -> None:
         t0 = time.perf_counter()
         ecfg = epoch_config(wcfg, epoch)
         gen = adversarial_generator(cfg, epoch, rank)
-        if kind == "dundi":
+        if cert_steps is not None:
+            m = run_certified_epoch(model, optimizer, x_tr, y_tr, wcfg, epoch, progress=False,
+                                    rank=rank, steps=cert_steps, num_classes=int(labels.max()) + 1)
+            train_figures = [m["loss"], m["batch_certified"]]
+            names = ("loss", "batch_certified")
+        elif kind == "dundi":
             m = run_triplet_epoch(model, optimizer, x_tr, y_tr, epoch_tuples(tuples, epoch, cfg.seed),
                                   ecfg, progress=False, generator=gen)
             train_figures = [m["loss"], m["ordered"]]
