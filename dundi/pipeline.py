@@ -188,7 +188,8 @@ def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
 
 
 def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = 5,
-                   split: str = "test", data_dir: str | None = None, limit: int | None = None) -> dict:
+                   split: str = "test", data_dir: str | None = None, limit: int | None = None,
+                   radii: bool = False) -> dict:
     """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
     ``m`` defaults to min(3, n), the paper's setting, so n = 1 (Table 1) needs no extra flag."""
     run = Run.load(run_dir)
@@ -200,7 +201,12 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
     n = run.oracle.n if n is None else n
     m = min(3, n) if m is None else m
     result = run.classify(images, n=n, m=m, k=k)
-    return {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}
+    figures = {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}
+    if radii:  # per image: how far the input may move before the rule's answer can change
+        radius = run.certifier(n, m, k).batched(images, result.labels, radius=True)["radius"]
+        figures.update(labels=result.labels.tolist(), certified_radius=(np.floor(radius * 1e6) / 1e6).tolist(),
+                       median_certified_radius=float(np.median(radius)))
+    return figures
 
 
 def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = None,

@@ -71,6 +71,9 @@ class Evaluation:
         self.attacks = attack_summary(self.table)
         self.worst = worst_case(self.table)
         self.warnings = checks(self.attacks)
+        from dundi.certified_eval import certified_summary
+
+        self.certified = certified_summary(path) or []  # per L∞ eps; empty for uncertified runs
 
     def scope(self) -> str:
         """Dataset, split and sample count of every number from this evaluation."""
@@ -196,6 +199,9 @@ def plot_robust_vs_eps(ev: Evaluation, path: Path) -> str:
         if worst:
             ax.plot([w[0] for w in worst], [100 * w[1] for w in worst], "k--", marker="x",
                     label="worst case (Linf attacks)")
+        if ev.certified:  # a lower bound on every curve of the panel: the proof, not an attack
+            ax.plot([c["eps"] for c in ev.certified], [100 * c["certified_accuracy"] for c in ev.certified],
+                    color="green", marker="s", label="certified (interval bounds)")
         ax.axhline(100 * ev.clean["dundi"], color="grey", linestyle=":", label="clean accuracy")
         ax.set_xlabel("eps")
         ax.set_ylabel("robust accuracy (%)")
@@ -364,6 +370,13 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
                      [[w["threat"], w["norm"], "all" if w["norm"] == "any" else budget(w["norm"], w["eps"]),
                        ", ".join(w["settings"]), str(w["count"]), pct(w["robust_accuracy"]),
                        pct(w["native_robust_accuracy"])] for w in ev.worst]) + [""]
+        if ev.certified:
+            md += ["Certified accuracy (the two-step rule provably keeps the true label in the whole "
+                   "L∞ ball; interval bounds, docs/certification.md) beside the worst case over every "
+                   "L∞ attack at or below that eps, same samples; no attack flipped a certified sample:", ""]
+            md += _table(["Eps (Linf)", "Samples", "Clean acc.", "Robust acc. (worst case)", "Certified acc."],
+                         [[_eps(c["eps"]), str(c["count"]), pct(c["clean_accuracy"]),
+                           pct(c["robust_accuracy"]), pct(c["certified_accuracy"])] for c in ev.certified]) + [""]
         md += ["Attack settings:", *_settings_lines(ev.attacks), ""]
         name = plot_robust_vs_eps(ev, out / f"robust_vs_eps_{_slug(ev.name)}.png")
         md += [f"![robust accuracy vs eps, {ev.name}]({name})", ""]
@@ -376,7 +389,7 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
     atomic_write_text(out / REPORT_FILE, "\n".join(md) + "\n")
     figures["evaluations"] = [{"path": str(ev.path), "model": ev.name, "dataset": ev.dataset,
                                "clean_accuracy": ev.clean, "attacks": ev.attacks, "worst_case": ev.worst,
-                               "warnings": ev.warnings} for ev in evals]
+                               "warnings": ev.warnings, "certified": ev.certified} for ev in evals]
     atomic_write_json(out / "report.json", json_safe(figures))
     return figures
 

@@ -160,7 +160,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     from dundi.pipeline import classify_split
 
     figures = classify_split(args.run, n=args.n, m=args.m, k=args.k, split=args.split,
-                             data_dir=args.data_dir, limit=args.limit)
+                             data_dir=args.data_dir, limit=args.limit, radii=args.radius)
     emit(figures, args.json, "two-step classification")
 
 
@@ -214,6 +214,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--radius", action="store_true",
+                   help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
     _add_common(p)
     p.set_defaults(handler=cmd_classify)
 

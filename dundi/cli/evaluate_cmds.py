@@ -62,6 +62,10 @@ def print_summary(summary: dict) -> None:
         eps = "all" if w["norm"] == "any" else f"{w['eps']:g}"
         print(f"  {w['threat']:9} {w['norm']:4} eps={eps:<6} robust accuracy {_pct(w['robust_accuracy'])} "
               f"(native {_pct(w['native_robust_accuracy'])}) over {w['count']} samples: {', '.join(w['settings'])}")
+    for c in summary.get("certified") or []:
+        print(f"  certified  Linf eps={c['eps']:<6g} certified accuracy {_pct(c['certified_accuracy'])} "
+              f"<= robust {_pct(c['robust_accuracy'])} <= clean {_pct(c['clean_accuracy'])} "
+              f"over {c['count']} samples (no certified sample flipped)")
     for warning in summary["warnings"]:
         print(f"WARNING: {warning}")
 
@@ -86,6 +90,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                  progress=not args.no_progress, log=log)
     summary = summarize(args.out)
     summary["timing"] = timing
+    from dundi.certified_eval import certified_summary, certify_evaluation
+
+    if certify_evaluation(args.out) is not None:  # a certifiable run: certificates beside the attacks
+        summary["certified"] = certified_summary(args.out)
     if args.json:
         emit(json_safe(summary), True)
     else:
