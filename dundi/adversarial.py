@@ -22,7 +22,9 @@ def pgd_maximise(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     """L∞ PGD with a random start: returns x' in the eps-ball around x, pixels in [0, 1],
     that (locally) maximises ``loss_fn(x')`` (a scalar summed over the batch)."""
     x = x.detach()
-    delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
+    # drawn on the CPU generator, then moved: the same starts on every device, and CUDA tensors
+    # cannot be drawn from a CPU generator
+    delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * eps).to(x.device)
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
