@@ -42,6 +42,9 @@ from dundi.errors import DundiError
 # strict margins: a bound must beat zero by this fraction of the scores' scale
 RELATIVE_TOLERANCE = 1e-6
 RADIUS_STEPS = 14   # bisection steps: radius resolution is eps_max / 2**14
+# Up to this many classes step 2's possible rivals are narrowed with all C² coarse pairs;
+# beyond it every other class counts as a possible rival (sound, more conservative).
+PAIRWISE_CLASS_LIMIT = 64
 
 
 @dataclasses.dataclass
@@ -109,14 +112,19 @@ class Certifier:
         h_lo, h_hi = propagate(self.body, lo, hi)
         y = labels.long()
         rows = torch.arange(len(y))
-        coarse = _pair_lower_bounds(h_lo, h_hi, self.last, self.coarse)            # (B, C, C)
         others = torch.ones(len(y), self.num_classes, dtype=torch.bool)
         others[rows, y] = False
+        if self.num_classes <= PAIRWISE_CLASS_LIMIT:
+            coarse = _pair_lower_bounds(h_lo, h_hi, self.last, self.coarse)        # (B, C, C)
+            versus_y = coarse[rows, :, y]
+            # a class is out of the top k for certain when k classes are nearer everywhere
+            certainly_out = (coarse > 0).sum(2) >= self.k                           # (B, C)
+        else:  # C² pairs per query would not fit: every class stays a possible step-2 rival
+            versus_y = _pair_lower_bounds(h_lo, h_hi, self.last, self.coarse, rows=y)
+            certainly_out = torch.zeros_like(others)
         # step 1: classes that may rank at or above y somewhere in the ball
-        rivals = (coarse[rows, :, y] <= 0) & others
+        rivals = (versus_y <= 0) & others
         keeps_y = rivals.sum(1) <= self.k - 1
-        # a class is out of the top k for certain when k classes are nearer everywhere
-        certainly_out = (coarse > 0).sum(2) >= self.k                               # (B, C)
         fine = _pair_lower_bounds(h_lo, h_hi, self.last, self.fine, rows=y)         # (B, C)
         threats = others & ~certainly_out & (fine <= 0)
         return keeps_y & ~threats.any(1)

@@ -200,3 +200,19 @@ def test_training_worst_case_logits_bound_every_sampled_input():
             logits = z @ weights[i].T + biases[i]
             diff = logits - logits[:, labels[i]:labels[i] + 1]
             assert (diff <= worst[i] + 1e-9).all()
+
+
+def test_many_class_path_is_sound_and_never_less_conservative(monkeypatch):
+    """Beyond PAIRWISE_CLASS_LIMIT classes the certificate skips the C² coarse pairs: it must
+    certify a subset of what the pairwise form certifies (here forced on 4 classes)."""
+    import dundi.certificate as certificate
+
+    net, oracles, queries = _problem(8)
+    labels = _rule(net, oracles, queries, 5, 2, 2)
+    pairwise = Certifier(net, oracles, 5, 2, 2).certified_at(queries, labels, 0.02)
+    monkeypatch.setattr(certificate, "PAIRWISE_CLASS_LIMIT", 1)
+    single = Certifier(net, oracles, 5, 2, 2).certified_at(queries, labels, 0.02)
+    assert single.any() and not (single & ~pairwise).any()
+    for i in torch.nonzero(single).flatten().tolist():
+        pts = box_samples(queries[i:i + 1], 0.02, 300, i)[:, 0]
+        assert (_rule(net, oracles, pts.float(), 5, 2, 2) == labels[i]).all()
