@@ -162,6 +162,65 @@ def load_oracle(run_dir: str | os.PathLike, meta: dict | None = None) -> OracleI
     return index
 
 
+def _layouts(in_shape: tuple[int, ...]) -> str:
+    """The accepted array shapes for a model taking ``in_shape`` = (C, H, W), in words."""
+    c, h, w = in_shape
+    if c == 1:
+        return f"a batch (N, 1, {h}, {w}) or (N, {h}, {w}), or one image (1, {h}, {w}) or ({h}, {w})"
+    return f"a batch (N, {c}, {h}, {w}) or one image ({c}, {h}, {w})"
+
+
+def validate_images(images: Any, in_shape: tuple[int, ...]) -> np.ndarray:
+    """Check images for a model taking ``in_shape`` = (C, H, W) and return them as a
+    (N, C, H, W) float32 batch in [0, 1], or raise one :class:`DundiError` naming the problem.
+
+    The rules are the HTTP server's (dundi/serving/inputs.py) so that the Python API and the
+    service accept and refuse the same inputs: float pixels must be finite and within [0, 1]
+    (values above 1 are refused, not rescaled — 0..255 pixels by mistake would otherwise get
+    confident answers about a white image); uint8 arrays are 8-bit pixels, converted exactly as
+    the dataset cache converts them (``k / 255``); other integer, boolean and non-numeric
+    arrays are refused. An empty batch of the right shape is returned empty.
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    try:
+        arr = np.asarray(images)
+    except (ValueError, TypeError):
+        raise DundiError("images are a ragged sequence (rows of different lengths): pass a numpy "
+                         "array of float pixels in [0, 1]") from None
+    c, h, w = (int(v) for v in in_shape)
+    shape = tuple(arr.shape)
+    if len(shape) == 4 and shape[1:] == (c, h, w):
+        batch = arr
+    elif shape == (c, h, w):
+        batch = arr[None]
+    elif c == 1 and len(shape) == 3 and shape[1:] == (h, w):
+        batch = arr[:, None]
+    elif c == 1 and shape == (h, w):
+        batch = arr[None, None]
+    else:
+        raise DundiError(f"images have shape {shape}; this run takes {_layouts((c, h, w))}")
+    if arr.dtype == np.uint8:
+        return np.divide(batch, np.float32(255.0), dtype=np.float32)
+    if arr.dtype.kind != "f":
+        kind = {"b": "booleans", "i": "integers", "u": "integers", "c": "complex numbers"}.get(
+            arr.dtype.kind, "non-numeric values")
+        raise DundiError(f"images hold {kind} (dtype {arr.dtype}); pass float pixels in [0, 1], "
+                         f"or uint8 pixels 0..255")
+    values = np.ascontiguousarray(batch, dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise DundiError(f"images hold {int((~finite).sum())} NaN or Inf value(s); pixels must be "
+                         f"finite, in [0, 1]")
+    if values.size:
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0.0 or hi > 1.0:
+            hint = ("; divide by 255 (or pass uint8 pixels)" if hi > 1.0 else
+                    "; undo any normalisation (e.g. mean/std) before classifying")
+            raise DundiError(f"images have pixel values in [{lo:g}, {hi:g}]: pixels must be in [0, 1]{hint}")
+    return values
+
+
 @dataclasses.dataclass
 class Run:
     """A loaded run: model, metadata and (for DunDi runs) the oracle index."""
@@ -182,12 +241,58 @@ class Run:
 
         return forward_batched(self.model, images, batch_size)
 
-    def classify(self, images: np.ndarray, n: int | None = None, m: int = 3, k: int = 5,
-                 batch_size: int = 1024) -> TwoStepResult:
-        """Two-step classification of raw images (native runs: argmax of the logits)."""
+    def classify(self, images: np.ndarray | torch.Tensor, n: int | None = None, m: int | None = None,
+                 k: int = 5, batch_size: int = 1024) -> TwoStepResult:
+        """Classify raw images: Algorithm 1 for DunDi runs, the argmax of the logits for native runs.
+
+        ``images`` are float pixels in [0, 1] (or uint8 pixels 0..255, converted to ``k / 255``
+        as the dataset cache does), shaped like the run's ``in_shape`` (C, H, W) with or without
+        the batch axis; single-channel runs also take (N, H, W) and (H, W). Anything else is
+        refused with one :class:`DundiError` saying what is expected — the same contract as the
+        HTTP server, because a 0..255 image classified as if it were [0, 1] gets a confident,
+        wrong answer instead of an error. The result always has a batch axis (B = 1 for one
+        image).
+
+        DunDi runs: ``n`` defaults to every oracle in the index, ``m`` to min(3, n) (the paper's
+        setting), ``k`` is the number of classes step 1 keeps. Native runs have no oracles, so
+        ``n`` and ``m`` are refused; their result holds the top ``k`` classes by logit with the
+        logits as both coarse and fine scores, and NaN as the nearest-oracle distance.
+        """
+        if batch_size < 1:
+            raise DundiError(f"batch_size={batch_size} must be at least 1")
+        batch = validate_images(images, tuple(self.meta["in_shape"]))
+        if self.meta["kind"] == "native":
+            return self._classify_native(batch, n, m, k, batch_size)
         if self.oracle is None:
-            raise DundiError(f"{self.path} is not a DunDi run with an oracle index")
-        return self.oracle.classify(self.embed(images, batch_size), n=n, m=m, k=k)
+            raise DundiError(f"{self.path} was loaded without its oracle index: load it with "
+                             f"Run.load(path) (with_oracle=True), after `dundi index build {self.path}`")
+        n = self.oracle.n if n is None else n
+        m = min(3, n) if m is None else m
+        self.oracle.check_params(n, m, k)
+        if len(batch) == 0:  # the model would give (0, 0) embeddings; the index answers empty
+            return self.oracle.classify(np.zeros((0, self.oracle.dim), np.float32), n=n, m=m, k=k)
+        return self.oracle.classify(self.embed(batch, batch_size), n=n, m=m, k=k)
+
+    def _classify_native(self, batch: np.ndarray, n: int | None, m: int | None, k: int,
+                         batch_size: int) -> TwoStepResult:
+        """The native model's answer in the shape of a two-step result, so code written for
+        DunDi runs (labels, top-k with scores) reads a native run's answers unchanged."""
+        if n is not None or m is not None:
+            raise DundiError(f"{self.path} is a native run: it has no oracles, so n and m do not "
+                             f"apply; omit them (it classifies by the argmax of its logits)")
+        classes = int(self.meta["num_classes"])
+        if not 1 <= k <= classes:
+            raise DundiError(f"k={k} must be between 1 and the number of classes ({classes})")
+        if len(batch) == 0:
+            logits = np.zeros((0, classes), np.float32)
+        else:
+            from dundi.inference import forward_batched
+
+            logits = forward_batched(self.model, batch, batch_size)
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)  # ties: lower class
+        scores = np.take_along_axis(logits, top, 1).astype(np.float64)
+        return TwoStepResult(top[:, 0].copy(), top, scores, scores.copy(),
+                             np.full(len(batch), np.nan))
 
     def certifier(self, n: int | None = None, m: int = 3, k: int = 5):
         """A :class:`dundi.certificate.Certifier` for this run's rule (n, m, k). Only runs whose
