@@ -5,9 +5,9 @@ for one image per request at 1, 8 and 32 clients and for 16- and 64-image reques
 clients: requests/s, images/s, p50 and p99 latency, errors, and the server's CPU per request
 (the whole process tree: Ray's GCS, raylet, proxy or HAProxy, replicas), for
 
-* **proxy / direct / haproxy** — ``dundi serve --ingress MODE`` on a local Ray (FastAPI
-  ingress → batching Classifier deployment, ``@serve.batch``), reached through Serve's proxy
-  actor, the ingress replica's own HTTP server, or HAProxy, and
+* **proxy / direct / haproxy** — ``dundi serve --ingress MODE`` on a local Ray (one
+  deployment that parses, batches with ``@serve.batch`` and classifies), reached through
+  Serve's proxy actor, the replica's own HTTP server, or HAProxy, and
 * **plain** — ``dundi serve --no-ray``: the same FastAPI app (dundi.serving.app) and model in
   one uvicorn process, one request per model call (the reference).
 
@@ -214,7 +214,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="for one image per request")
     p.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="images per request, at 8 clients")
-    p.add_argument("--replicas", type=int, default=1, help="Serve classifier replicas")
+    p.add_argument("--replicas", type=int, default=1, help="Serve replicas")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--niceness", type=int, default=0, help="niceness of both servers (Ray's default "

@@ -60,7 +60,7 @@ def serve_url(ray_local, mnist_runs):
     from dundi.serving.settings import hash_token
 
     port = free_port()
-    args = ServeAppArgs(run=str(mnist_runs["dundi"]), replicas=2, classifier_cpus=0.1, ingress_cpus=0.1,
+    args = ServeAppArgs(run=str(mnist_runs["dundi"]), replicas=2, replica_cpus=0.1,
                         max_request_batch=MAX_BATCH, max_body_bytes=MAX_BODY, request_timeout_s=20,
                         admin_token_sha256=hash_token("admin-test-token"))
     t0 = time.time()
@@ -254,10 +254,10 @@ def test_loopback_load_has_no_errors(serve_url, sample_images):
     assert stats["ok"] > 100
 
 
-def _classifier_actors(expected: int, timeout: float = 60) -> list[str]:
+def _replica_actors(expected: int, timeout: float = 60) -> list[str]:
     from ray import serve
 
-    handle = serve.get_deployment_handle("Classifier", app_name="dundi")
+    handle = serve.get_deployment_handle("DunDi", app_name="dundi")
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
     while len(seen) < expected and time.monotonic() < deadline:
@@ -270,7 +270,7 @@ def test_replica_killed_during_load_recovers(serve_url, sample_images, ray_local
 
     ray = ray_local
     x, _ = sample_images
-    victims = _classifier_actors(2)
+    victims = _replica_actors(2)
     assert len(victims) == 2, victims
 
     async def kill() -> str:
@@ -285,12 +285,12 @@ def test_replica_killed_during_load_recovers(serve_url, sample_images, ray_local
     # Serve replaces the replica; the service answers throughout and after
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        running = serve.status().applications["dundi"].deployments["Classifier"].replica_states.get("RUNNING", 0)
+        running = serve.status().applications["dundi"].deployments["DunDi"].replica_states.get("RUNNING", 0)
         if running == 2:
             break
         time.sleep(1)
     assert running == 2
-    assert victims[0] not in _classifier_actors(2)
+    assert victims[0] not in _replica_actors(2)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -307,6 +307,7 @@ def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sampl
     other = _copy_run(mnist_runs["dundi"], tmp_path / "other")
     build_index(other, n=8, seed=7, data_dir=data_dir)  # another verified oracle index
     before = http.get("/v2/models/dundi").json()["versions"][0]
+    actors = _replica_actors(2)
 
     async def swap() -> dict:
         await asyncio.sleep(3)
@@ -322,6 +323,7 @@ def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sampl
     assert after != before and swap_result["body"]["replicas"] == 2
     late = {v for t, v in stats["versions"] if t > swap_result["at"] + 0.5}
     assert late == {after}, late  # once the reload answered, every replica serves the new index
+    assert _replica_actors(2) == actors  # reconfigured in place: the same replica actors
 
     # the new index answers like the offline classifier of the new run
     new = Run.load(other).classify(x[:32])
@@ -374,20 +376,23 @@ def test_serve_config_yaml_builds_the_app():
     assert app.import_path == "dundi.distributed.serve_app:app_builder"
     built = app_builder(ServeAppArgs.model_validate(app.args))
     assert type(built).__name__ == "Application"
-    classifier = next(d for d in app.deployments if d.name == "Classifier")
-    assert set(classifier.user_config) >= {"run", "n", "m", "k", "abstain_threshold"}
-    assert classifier.autoscaling_config["max_replicas"] >= classifier.autoscaling_config["min_replicas"]
+    assert [d.name for d in app.deployments] == ["DunDi"]
+    deployment = app.deployments[0]
+    assert set(deployment.user_config) >= {"run", "n", "m", "k", "abstain_threshold"}
+    assert deployment.autoscaling_config["max_replicas"] >= deployment.autoscaling_config["min_replicas"]
 
 
-def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_runs, tmp_path, data_dir, sample_images):
+def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, http, mnist_runs, tmp_path, data_dir,
+                                                            sample_images):
     """Apply cluster/serve_config.yaml the way `serve deploy` does (declaratively, through the
     Serve controller; the dashboard's REST API is not running here), then change only the
-    Classifier's user_config: Serve reconfigures the running replica in place (same actor)."""
+    user_config: Serve reconfigures the running replica in place (same actor). The app that
+    `deploy` (as `dundi serve`) started is declared the same way and keeps running."""
     import yaml
     from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
     from dundi.artifacts import Run
+    from dundi.distributed.serve_app import apply_app
     from dundi.pipeline import build_index
 
     x, _ = sample_images
@@ -395,28 +400,22 @@ def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_ru
     build_index(other, n=6, seed=11, data_dir=data_dir)
     path = Path(__file__).resolve().parents[1] / "cluster" / "serve_config.yaml"
     cfg = yaml.safe_load(path.read_text())
-    port = int(serve_url.rsplit(":", 1)[1])
-    cfg["http_options"].update(host="127.0.0.1", port=port)  # Serve is already up on this port
     app = cfg["applications"][0]
     app.update(name="dundi_yaml", route_prefix="/yaml")
     app["args"]["run"] = str(mnist_runs["dundi"])
-    for d in app["deployments"]:
-        d["ray_actor_options"]["num_cpus"] = 0.05
-        if d["name"] == "Classifier":
-            d["user_config"]["run"] = str(mnist_runs["dundi"])
-            d["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=1)
-        else:
-            d["num_replicas"] = 1
-    client = serve.context._get_global_client()
+    (d,) = app["deployments"]
+    d["ray_actor_options"]["num_cpus"] = 0.05
+    d["user_config"]["run"] = str(mnist_runs["dundi"])
+    d["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=1)
     try:
-        client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
-        handle = serve.get_deployment_handle("Classifier", app_name="dundi_yaml")
+        apply_app(app)
+        handle = serve.get_deployment_handle("DunDi", app_name="dundi_yaml")
         with httpx.Client(base_url=f"{serve_url}/yaml", timeout=30) as c:
             assert labels_of(c.post("/v2/models/dundi/infer", json=v2(x[:16]))) == \
                 Run.load(mnist_runs["dundi"]).classify(x[:16]).labels.tolist()
             actor = handle.describe.remote().result(timeout_s=30)["actor_name"]
-            next(d for d in app["deployments"] if d["name"] == "Classifier")["user_config"].update(run=str(other), k=3)
-            client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
+            d["user_config"].update(run=str(other), k=3)
+            apply_app(app)
             deadline = time.monotonic() + 60
             while c.get("/v2/models/dundi").json()["parameters"]["k"] != 3 and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -425,5 +424,6 @@ def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, mnist_ru
             assert labels_of(c.post("/v2/models/dundi/infer", json=v2(x[:16]))) == \
                 Run.load(other).classify(x[:16], k=3).labels.tolist()
             assert handle.describe.remote().result(timeout_s=30)["actor_name"] == actor  # not restarted
+        assert http.get("/v2/health/ready").status_code == 200  # the first app still runs
     finally:
         serve.delete("dundi_yaml")

@@ -273,14 +273,16 @@ def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
 
 
 def test_readiness_answers_at_once_during_start_up(mnist_runs, tmp_path):
-    """From the moment the port accepts connections, /v2/health/ready answers 503 (then 200)
-    at once instead of holding the probe while the classifier starts (direct ingress: the
-    port is the ingress replica's own)."""
+    """From the moment the port accepts connections, /v2/health/ready answers at once (503
+    while anything is missing, then 200) instead of holding the probe (direct ingress: the port
+    is the replica's own, and it opens once the replica has loaded the model). A few probes
+    after the first 200 give the median a steady state to speak for."""
     srv = Server(mnist_runs["dundi"], ["--num-cpus", "2", "--ingress", "direct"], tmp_path / "serve.log")
     answers: list[tuple[int, float]] = []
+    after_ready = 0
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and srv.proc.poll() is None:
+        while time.monotonic() < deadline and srv.proc.poll() is None and after_ready < 10:
             t0 = time.perf_counter()
             try:
                 status = httpx.get(f"{srv.url}/v2/health/ready", timeout=10).status_code
@@ -288,8 +290,7 @@ def test_readiness_answers_at_once_during_start_up(mnist_runs, tmp_path):
                 time.sleep(0.05)
                 continue
             answers.append((status, time.perf_counter() - t0))
-            if status == 200:
-                break
+            after_ready += bool(after_ready or status == 200)
             time.sleep(0.02)
     finally:
         srv.stop()

@@ -135,8 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise DundiError(f"--ingress {args.ingress} is chosen when Ray starts: start the cluster with the "
                              f"environment of `dundi serve --ingress {args.ingress}` (see README), or use "
                              f"--ingress proxy with --address")
-        if args.ingress == "direct" and args.ingress_replicas != 1:
-            raise DundiError("--ingress direct serves from one ingress replica on --port; for several, "
+        if args.ingress == "direct" and (args.replicas != 1 or args.autoscale):
+            raise DundiError("--ingress direct serves from one replica on --port; for several, "
                              "use --ingress haproxy (it balances over them)")
         os.environ.update(ingress_environment(args.ingress, args.port))
         if args.ingress == "direct":  # Serve's own proxy still starts: keep it off the service's port
@@ -148,8 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app_args = ServeAppArgs(
         run=config.run, n=config.n, m=config.m, k=config.k, abstain_threshold=config.abstain_threshold,
         model_name=settings.model_name, replicas=args.replicas, autoscale_min=lo, autoscale_max=hi,
-        target_ongoing_requests=args.target_ongoing, ingress_replicas=args.ingress_replicas,
-        classifier_cpus=args.classifier_cpus, ingress_cpus=args.ingress_cpus, torch_threads=args.torch_threads,
+        target_ongoing_requests=args.target_ongoing, replica_cpus=args.replica_cpus, torch_threads=args.torch_threads,
         max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
         max_request_batch=settings.max_batch, max_body_bytes=settings.max_body_bytes,
         request_timeout_s=settings.request_timeout_s, auth_token_sha256=settings.auth_token_sha256,
@@ -166,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         deploy(app_args, host=args.host, port=http_port, address=args.address, num_cpus=args.num_cpus,
                access_log=args.access_log)
         scaling = f"autoscale {lo}:{hi}" if args.autoscale else f"{args.replicas} replica(s)"
-        emit({**figures, "backend": f"Ray Serve ({args.ingress} ingress), classifier {scaling}",
+        emit({**figures, "backend": f"Ray Serve ({args.ingress} ingress), {scaling}",
               "startup_s": round(time.time() - t0, 1)},
              args.json, f"serving {url}")
         if args.detach:
@@ -202,15 +201,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and POST /classify (PNG/JPEG uploads or JSON arrays). Binds to 127.0.0.1 unless --host.")
     p.add_argument("run", help="DunDi run directory with an oracle index")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, default=1, help="classifier replicas (default 1)")
+    scale.add_argument("--replicas", type=int, default=1,
+                       help="replicas, each parsing and classifying (default 1)")
     scale.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
-                       help="autoscale the classifier between MIN and MAX replicas")
+                       help="autoscale between MIN and MAX replicas (default: off, a fixed --replicas)")
     p.add_argument("--target-ongoing", type=float, default=16.0,
-                   help="autoscaling target of requests in flight per classifier replica")
+                   help="autoscaling target of requests in flight per replica")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port of the service (1-65535)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this starts")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray this starts (default: all of this machine's)")
     p.add_argument("--detach", action="store_true", help="with --address: leave the app running and exit")
     p.add_argument("--ingress", choices=("proxy", "direct", "haproxy"), default="proxy",
                    help="how HTTP reaches the app: Serve's proxy actor (proxy), the ingress replica "
@@ -222,28 +223,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--m", type=int, default=3, help="coarse-step oracles per class")
     model.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
     model.add_argument("--abstain-threshold", type=float, default=None,
-                       help="answer 'unknown' when the nearest oracle is farther than this")
+                       help="answer 'unknown' when the nearest oracle is farther than this (default: none)")
     model.add_argument("--abstain-quantile", type=float, default=None,
                        help="calibrate the threshold: this quantile (e.g. 0.99) of nearest-oracle distances "
-                            "on held-out data")
+                            "on held-out data (default: off)")
     model.add_argument("--calibration-limit", type=int, default=2000, help="held-out images to calibrate on")
-    model.add_argument("--data-dir", default=None, help="dataset cache (for --abstain-quantile)")
+    model.add_argument("--data-dir", default=None,
+                       help="dataset cache for --abstain-quantile (default: $DUNDI_DATA_DIR, "
+                            "else the user cache dir)")
     limits = p.add_argument_group("limits and access")
     limits.add_argument("--model-name", default="dundi", help="the {name} in /v2/models/{name}")
     limits.add_argument("--max-batch", type=int, default=256, help="images per request")
-    limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                        help="largest request body accepted; larger ones get 413")
     limits.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for the model")
     limits.add_argument("--token", default=None,
-                        help="require 'Authorization: Bearer TOKEN' (prefer $DUNDI_SERVE_TOKEN: flags show in ps)")
+                        help="require 'Authorization: Bearer TOKEN' (default: $DUNDI_SERVE_TOKEN, else no token; "
+                             "prefer the variable: flags show in ps)")
     limits.add_argument("--admin-token", default=None,
-                        help="enable POST /admin/reload with this bearer token (prefer $DUNDI_ADMIN_TOKEN)")
+                        help="enable POST /admin/reload with this bearer token (default: $DUNDI_ADMIN_TOKEN, "
+                             "else reload is off; prefer the variable)")
     perf = p.add_argument_group("Ray Serve resources and batching")
     perf.add_argument("--batch-size", type=int, default=64, help="images per model call (@serve.batch)")
     perf.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    perf.add_argument("--classifier-cpus", type=float, default=0.25, help="CPUs reserved per classifier replica")
-    perf.add_argument("--ingress-cpus", type=float, default=0.1, help="CPUs reserved per ingress replica")
-    perf.add_argument("--ingress-replicas", type=int, default=1)
-    perf.add_argument("--torch-threads", type=int, default=1, help="torch threads per classifier replica")
+    perf.add_argument("--replica-cpus", "--classifier-cpus", type=float, default=0.25,
+                      help="CPUs Ray reserves per replica (scheduling only, not a limit)")
+    perf.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
     perf.add_argument("--access-log", action="store_true", help="log every request in Serve's replica logs")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
     p.set_defaults(handler=cmd_serve)
