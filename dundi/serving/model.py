@@ -89,6 +89,8 @@ class ModelInfo:
     oracles_per_class: int
     embed_dim: int
     abstain_threshold: float | None
+    metric: str = "euclidean"     # the distance the rule ranks by
+    certified: bool = False       # answers carry a certified L∞ radius (sqeuclidean runs)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -106,7 +108,12 @@ class Prediction:
     """Per image: the label (the two-step answer), whether it abstained, the k classes kept by
     step 1 (best first) with their coarse scores, their fine scores (same order) and the
     distance to the nearest oracle among those k classes' n oracles. Scores are summed
-    similarities (negative Euclidean distances): higher is better."""
+    similarities (negative distances, as the run's metric says): higher is better.
+
+    ``certified_radius`` (runs ranking by squared Euclidean distance only, else None): the
+    largest L∞ radius within which the rule provably keeps the answered label
+    (:meth:`dundi.certificate.Certifier.radius`; 0 = not certified); NaN where the service
+    abstained, since "unknown" is no label the certificate speaks about."""
 
     labels: np.ndarray            # (B,) int64
     abstained: np.ndarray         # (B,) bool
@@ -114,14 +121,17 @@ class Prediction:
     coarse_scores: np.ndarray     # (B, k) float64
     fine_scores: np.ndarray       # (B, k) float64
     nearest_distance: np.ndarray  # (B,) float64
+    certified_radius: np.ndarray | None = None  # (B,) float64, or None for uncertifiable runs
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def split(self, sizes: list[int]) -> list["Prediction"]:
+        """Consecutive parts of ``sizes`` images each (one batch back to its requests)."""
         bounds = np.cumsum([0, *sizes])
-        fields = dataclasses.astuple(self)
-        return [Prediction(*(f[a:b] for f in fields)) for a, b in zip(bounds[:-1], bounds[1:])]
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return [Prediction(*(None if f is None else f[a:b] for f in fields))
+                for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
@@ -164,7 +174,10 @@ class LoadedModel:
             in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=int(meta["num_classes"]),
             class_names=class_names_for(meta["dataset"], int(meta["num_classes"])),
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
-            embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold)
+            embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold,
+            metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean")
+        # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
+        self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
     def classify(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
@@ -173,8 +186,23 @@ class LoadedModel:
                               batch_size=self.embed_batch)
         thr = self.config.abstain_threshold
         abstained = (r.nearest_distance > thr) if thr is not None else np.zeros(len(r.labels), bool)
-        return Prediction(r.labels.astype(np.int64), abstained, r.topk_classes.astype(np.int64),
-                          r.coarse_scores, r.fine_scores, r.nearest_distance)
+        labels = r.labels.astype(np.int64)
+        radius = None
+        if self.certifier is not None:
+            radius = self.certified_radius(images, labels)
+            radius[abstained] = np.nan
+        return Prediction(labels, abstained, r.topk_classes.astype(np.int64),
+                          r.coarse_scores, r.fine_scores, r.nearest_distance, radius)
+
+    def certified_radius(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(B,) float64: for each image, the certified L∞ radius of ``labels`` under this
+        model's rule (the Certifier of the run for these n, m, k)."""
+        import torch
+
+        with torch.no_grad():
+            radius = self.certifier.radius(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+                                           torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        return radius.numpy().astype(np.float64, copy=True)
 
 
 def check_shape(images: np.ndarray, in_shape: tuple[int, ...]) -> None:

@@ -8,7 +8,11 @@ Two shapes, one content. For each image:
 * ``kept_classes`` with ``coarse_scores`` — the k classes kept by step 1, best first;
 * ``fine_scores`` — the step-2 scores of those k classes (same order);
 * ``nearest_oracle_distance`` — Euclidean distance in embedding space to the nearest oracle
-  among the kept classes' n oracles (what the abstain threshold is compared with).
+  among the kept classes' n oracles (what the abstain threshold is compared with);
+* ``certified_radius`` — for runs whose rule ranks by squared Euclidean distance
+  (``dundi train --certified``): the largest L∞ radius (pixels in [0, 1]) within which the
+  rule provably answers this label (0: not certified); null for other runs and for
+  abstained answers.
 
 Scores are summed similarities, sim = −‖a − b‖₂: higher is better. A score or class the coarse
 step could not fill (only possible with the IVF shortlist on very many classes) is null / -1.
@@ -25,7 +29,14 @@ import numpy as np
 from dundi.serving.model import ModelInfo, Prediction
 
 V2_OUTPUTS = ("label", "class_name", "abstained", "kept_classes", "coarse_scores", "fine_scores",
-              "nearest_oracle_distance")
+              "nearest_oracle_distance", "certified_radius")
+
+
+def _radii(pred: Prediction) -> list:
+    """Per image: the certified radius, or null (uncertifiable run, abstained answer)."""
+    if pred.certified_radius is None:
+        return [None] * len(pred)
+    return _floats(pred.certified_radius)
 
 
 def _floats(arr: np.ndarray) -> list:
@@ -56,6 +67,7 @@ def v2_response(pred: Prediction, info: ModelInfo, model_name: str, request_id: 
         "coarse_scores": ("FP64", [n, k], lambda: _floats(pred.coarse_scores.ravel())),
         "fine_scores": ("FP64", [n, k], lambda: _floats(pred.fine_scores.ravel())),
         "nearest_oracle_distance": ("FP64", [n], lambda: _floats(pred.nearest_distance)),
+        "certified_radius": ("FP64", [n], lambda: _radii(pred)),
     }
     out: dict[str, Any] = {"model_name": model_name, "model_version": info.version}
     if request_id is not None:
@@ -79,6 +91,7 @@ def classify_response(pred: Prediction, info: ModelInfo, model_name: str) -> dic
     coarse = [_floats(row) for row in pred.coarse_scores]
     fine = [_floats(row) for row in pred.fine_scores]
     nearest = _floats(pred.nearest_distance)
+    radii = _radii(pred)
     results = []
     for i in range(len(labels)):
         step1 = [{"class": c, "class_name": name(c), "coarse_score": s}
@@ -93,6 +106,7 @@ def classify_response(pred: Prediction, info: ModelInfo, model_name: str) -> dic
             "kept_classes": step1,
             "class_scores": final,
             "nearest_oracle_distance": nearest[i],
+            "certified_radius": radii[i],
         })
     return {"model_name": model_name, "model_version": info.version,
             "parameters": {"n": info.n, "m": info.m, "k": info.k,
@@ -117,6 +131,8 @@ def model_metadata(info: ModelInfo, model_name: str) -> dict:
             {"name": "coarse_scores", "datatype": "FP64", "shape": [-1, info.k]},
             {"name": "fine_scores", "datatype": "FP64", "shape": [-1, info.k]},
             {"name": "nearest_oracle_distance", "datatype": "FP64", "shape": [-1]},
+            {"name": "certified_radius", "datatype": "FP64", "shape": [-1],
+             "parameters": {"null_when": "the run is not certifiable or the answer abstained"}},
         ],
         "parameters": {**{k: v for k, v in info.to_dict().items() if k != "version"}},
     }
