@@ -67,16 +67,25 @@ def read_meta(run_dir: str | os.PathLike) -> dict:
         raise DundiError(f"{path} is not valid JSON ({exc}); the run is damaged") from None
 
 
+def _remedy(run_dir: Path, name: str) -> str:
+    """What to do about a damaged file: an oracle index can be rebuilt from the weights in
+    seconds, the weights only by training again (or restoring a copy)."""
+    if name.startswith(ORACLE_DIR + "/"):
+        return f"rebuild the index with `dundi index build {run_dir}`"
+    return "restore the file from a copy of the run, or train the run again"
+
+
 def _verify(run_dir: Path, meta: dict, name: str) -> Path:
     path = run_dir / name
     expected = meta.get("files", {}).get(name)
     if expected is None:
-        raise DundiError(f"{run_dir}: {name} is not recorded in {RUN_FILE}")
+        raise DundiError(f"{run_dir}: {name} is not recorded in {RUN_FILE}; {_remedy(run_dir, name)}")
     if not path.exists():
-        raise DundiError(f"{run_dir}: {name} is missing")
+        raise DundiError(f"{run_dir}: {name} is missing; {_remedy(run_dir, name)}")
     if sha256_file(path) != expected:
         raise DundiError(f"{run_dir}: {name} does not match the sha256 recorded in {RUN_FILE}; "
-                         f"it was modified or replaced after the run was written — refusing to load it")
+                         f"it was modified, truncated or replaced after the run was written, so it is "
+                         f"not loaded: {_remedy(run_dir, name)}")
     return path
 
 

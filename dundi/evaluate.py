@@ -364,9 +364,9 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
 
     Refuses an output directory holding an evaluation with another fingerprint (other
     weights or settings): its finished shards would not be comparable."""
+    meta = read_meta(cfg.run)  # first: a missing run is the mistake to report, not a missing --native
     cfg.validate()
     out = Path(out)
-    meta = read_meta(cfg.run)
     if meta.get("kind") != "dundi":
         raise DundiError(f"{cfg.run} is a {meta.get('kind')} run: `dundi evaluate` takes a DunDi run "
                          f"(pass the native run with --native)")

@@ -222,11 +222,16 @@ class OracleIndex:
 
     def check_params(self, n: int, m: int, k: int) -> None:
         """Refuse (n, m, k) this index cannot honour, saying what would work."""
-        if not 1 <= n <= self.n:
-            raise DundiError(f"n={n} is out of range: this index holds {self.n} oracles per class "
-                             f"(rebuild it with more oracles for a larger n)")
+        if n < 1:
+            raise DundiError(f"n={n} is out of range: n is the number of oracles per class in the "
+                             f"fine step, at least 1 and at most {self.n} (what this index holds)")
+        if n > self.n:
+            raise DundiError(f"n={n} is out of range: this index holds {self.n} oracles per class; "
+                             f"use n <= {self.n}, or rebuild the index with more "
+                             f"(`dundi index build RUN --oracles {n}`)")
         if not 1 <= m <= n:
-            raise DundiError(f"m={m} must be between 1 and n={n}")
+            raise DundiError(f"m={m} must be between 1 and n={n} (the coarse step's oracles per class "
+                             f"are the first m of the fine step's n)")
         if not 1 <= k <= self.num_classes:
             raise DundiError(f"k={k} must be between 1 and the number of classes ({self.num_classes})")
 

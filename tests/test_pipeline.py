@@ -68,9 +68,9 @@ def test_cli_classify_json_last_line(mnist_runs, data_dir):
 
 @pytest.mark.parametrize("args,message", [
     (["classify", "/nonexistent/run"], "is not a DunDi run"),
-    (["train", "--dataset", "imagenet", "--no-progress"], "unknown dataset 'imagenet'"),
-    (["train", "--loss", "hinge"], "--loss 'hinge' is unknown"),
-    (["train-native", "--model", "resnet"], "unknown model 'resnet'"),
+    (["train", "--dataset", "imagenet", "--no-progress"], "argument --dataset: invalid choice: 'imagenet'"),
+    (["train", "--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
+    (["train-native", "--model", "resnet"], "argument --model/--backbone: invalid choice: 'resnet'"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, message):
     out = _dundi(*args)

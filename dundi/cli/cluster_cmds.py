@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dundi.cli.main import emit
+from dundi.cli.main import emit, nonnegative_float, positive_float
 from dundi.errors import DundiError
 
 
@@ -107,9 +107,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--python", default=None,
                    help="interpreter on the cluster (default: this one for a cluster on this "
                    "machine, else `python`)")
-    p.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable for the job")
+    p.add_argument("--num-cpus", type=nonnegative_float, default=None,
+                   help="CPUs reserved for the job's driver (default: Ray's, none)")
+    p.add_argument("--num-gpus", type=nonnegative_float, default=None,
+                   help="GPUs reserved for the job's driver (default: none)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable; default: none beyond "
+                        "$DUNDI_DATA_DIR, which is forwarded)")
     p.add_argument("--working-dir", default=None, help="directory uploaded as the job's working_dir "
                    "(default: this DunDi checkout)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
@@ -117,20 +121,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="status, logs, stop and list of Ray jobs").add_subparsers(
-        dest="jobs_cmd", required=True)
+        dest="jobs_cmd", metavar="ACTION", required=True)
     p = jobs.add_parser("status", help="a job's status")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="submission id (see `dundi jobs list`)")
     _add_address(p)
     p.set_defaults(handler=cmd_status)
     p = jobs.add_parser("logs", help="a job's logs")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="submission id (see `dundi jobs list`)")
     p.add_argument("--follow", action="store_true", help="stream until the job ends")
     _add_address(p)
     p.set_defaults(handler=cmd_logs)
     p = jobs.add_parser("stop", help="stop a running job")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="submission id (see `dundi jobs list`)")
     p.add_argument("--wait", action="store_true", help="wait until it has stopped")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds --wait waits")
     _add_address(p)
     p.set_defaults(handler=cmd_stop)
     p = jobs.add_parser("list", help="all jobs of the cluster")

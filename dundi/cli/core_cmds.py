@@ -6,83 +6,102 @@ import argparse
 import dataclasses
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
-from dundi.cli.main import emit
-from dundi.train import TrainConfig
+from typing import TYPE_CHECKING
+
+from dundi.cli import choices
+from dundi.cli.main import (emit, fraction, nonnegative_float, nonnegative_int, positive_float,
+                            positive_int, unit_float)
+
+if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.choices
+    from dundi.train import TrainConfig
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, help="dataset cache (default $DUNDI_DATA_DIR or the user cache dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset cache (default: $DUNDI_DATA_DIR, else the user cache dir)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
 
 
 def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
-    d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset)
-    p.add_argument("--model", "--backbone", dest="arch", default=d.arch,
+    d = SimpleNamespace(**choices.TRAIN_DEFAULTS)
+    p.add_argument("--dataset", default=d.dataset, choices=choices.DATASETS, help="dataset to train on")
+    p.add_argument("--model", "--backbone", dest="arch", default=d.arch, choices=choices.ARCHITECTURES,
                    help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp (the DNN module; cnn-ibp is the "
                         "one built for --certified)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-<kind>)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training data")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="images (native) or tuples (triplet) per step")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, tuples and splits")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N training samples (default: all)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the training split held out for per-epoch validation, in [0, 0.5)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<model>-<kind>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they only show on a terminal)")
     if not native:
-        p.add_argument("--pretrained", default=None, help="native run: DunDi_P (frozen backbone)")
-        p.add_argument("--tuples", type=int, default=d.tuples, help="size of the tuple set (paper: 360000)")
-        p.add_argument("--loss", default=d.loss, help="sigmoid (paper) | margin")
-        p.add_argument("--margin", type=float, default=d.margin)
-        p.add_argument("--mining", default=d.mining, help="random (paper) | batch-hard")
-        p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+        p.add_argument("--pretrained", default=None,
+                       help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
+        p.add_argument("--tuples", type=positive_int, default=d.tuples, help="size of the tuple set (paper: 360000)")
+        p.add_argument("--loss", default=d.loss, choices=choices.LOSSES, help="sigmoid (paper) | margin")
+        p.add_argument("--margin", type=positive_float, default=d.margin, help="margin of the margin loss")
+        p.add_argument("--mining", default=d.mining, choices=choices.MINING, help="random (paper) | batch-hard")
+        p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
         p.add_argument("--paper-loop", action="store_true",
                        help="three forward passes per tuple, as in the paper (slower, same loss)")
-        p.add_argument("--oracles", type=int, default=20, help="oracles per class in the final index")
-        p.add_argument("--metric", default=None,
+        p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class in the final index")
+        p.add_argument("--metric", default=None, choices=choices.METRICS,
                        help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
                             "(certifiable; the default with --certified)")
         cert = p.add_argument_group("certified training (interval bounds through the embedding; "
                                     "docs/certification.md)")
         cert.add_argument("--certified", action="store_true",
                           help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
-        cert.add_argument("--cert-eps", type=float, default=d.cert_eps,
+        cert.add_argument("--cert-eps", type=unit_float, default=d.cert_eps,
                           help="L-inf budget of the worst-case loss (default %(default)s)")
-        cert.add_argument("--cert-mix", type=float, default=d.cert_mix,
+        cert.add_argument("--cert-mix", type=fraction, default=d.cert_mix,
                           help="final weight of the worst-case loss (default %(default)s)")
-        cert.add_argument("--cert-warmup", type=float, default=d.cert_warmup,
+        cert.add_argument("--cert-warmup", type=nonnegative_float, default=d.cert_warmup,
                           help="clean epochs before the budget grows (default %(default)s)")
-        cert.add_argument("--cert-ramp", type=float, default=d.cert_ramp,
+        cert.add_argument("--cert-ramp", type=nonnegative_float, default=d.cert_ramp,
                           help="epochs over which eps and mix grow to their final values (default %(default)s)")
-        cert.add_argument("--cert-per-class", type=int, default=d.cert_per_class,
+        cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
                           help="images of each class per batch (default %(default)s)")
     adv = p.add_argument_group("adversarial training (DunDi-AT for `train`, Madry-style PGD for `train-native`)")
     adv.add_argument("--adversarial", action="store_true", help="train on PGD examples crafted against the current model")
-    adv.add_argument("--adv-eps", type=float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
-    adv.add_argument("--adv-steps", type=int, default=d.adv_steps)
-    adv.add_argument("--adv-alpha", type=float, default=None, help="PGD step (default 2.5*eps/steps)")
-    adv.add_argument("--adv-target", default=d.adv_target,
+    adv.add_argument("--adv-eps", type=unit_float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
+    adv.add_argument("--adv-steps", type=positive_int, default=d.adv_steps, help="PGD iterations")
+    adv.add_argument("--adv-alpha", type=positive_float, default=None, help="PGD step (default: 2.5*eps/steps)")
+    adv.add_argument("--adv-target", default=d.adv_target, choices=choices.ADV_TARGETS,
                      help="DunDi-AT's PGD objective: classes (leave the anchor's class for the nearest "
                           "other, default) | tuple (maximise the tuple's triplet loss)")
-    adv.add_argument("--adv-loss", default=d.adv_loss,
+    adv.add_argument("--adv-loss", default=d.adv_loss, choices=choices.ADV_LOSSES,
                      help="DunDi-AT's loss on adversarial anchors (classes target): prototype (softmax "
                           "over the batch's class prototypes, default) | triplet (hardest negative, TLA)")
-    adv.add_argument("--adv-warmup", type=int, default=d.adv_warmup,
+    adv.add_argument("--adv-warmup", type=nonnegative_int, default=d.adv_warmup,
                      help="epochs over which eps ramps linearly up to --adv-eps (default %(default)s)")
-    adv.add_argument("--adv-mix", type=float, default=d.adv_mix,
+    adv.add_argument("--adv-mix", type=fraction, default=d.adv_mix,
                      help="weight of the adversarial loss; 1.0 trains on adversarial examples only")
     ray = p.add_argument_group("Ray Train (omit --workers to train in this process)")
-    ray.add_argument("--workers", type=int, default=0, help="train with Ray Train on W workers")
+    ray.add_argument("--workers", type=nonnegative_int, default=0,
+                     help="train with Ray Train on W workers; 0 trains in this process")
     ray.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     ray.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    ray.add_argument("--storage", default=None, help="checkpoint storage path or URI (s3://, gs://, ...)")
-    ray.add_argument("--name", default=None, help="run name; the same name resumes from its last checkpoint")
-    ray.add_argument("--max-failures", type=int, default=3)
+    ray.add_argument("--storage", default=None,
+                     help="checkpoint storage path or URI (s3://, gs://, ...) (default: <out>/../ray_storage)")
+    ray.add_argument("--name", default=None,
+                     help="run name; the same name resumes from its last checkpoint "
+                          "(default: the run directory's name)")
+    ray.add_argument("--max-failures", type=nonnegative_int, default=3,
+                     help="worker failures Ray Train recovers from before giving up")
     _add_common(p)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from dundi.train import TrainConfig
+
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     if getattr(args, "paper_loop", False):
@@ -161,7 +180,10 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     figures = classify_split(args.run, n=args.n, m=args.m, k=args.k, split=args.split,
                              data_dir=args.data_dir, limit=args.limit, radii=args.radius)
-    emit(figures, args.json, "two-step classification")
+    # a native run has no oracles: its accuracy is the argmax of its logits, and says so
+    title = ("native classification (argmax of the logits)" if figures.get("kind") == "native"
+             else "two-step classification")
+    emit(figures, args.json, title)
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
@@ -181,10 +203,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(
+        dest="data_cmd", metavar="ACTION", required=True)
     p = data.add_parser("fetch", help="materialise a dataset as Parquet shards in the cache")
-    p.add_argument("dataset", help="mnist | mnist-10k | fashion-mnist | cifar10")
-    p.add_argument("--source-dir", default=None, help="directory holding the dataset's standard files")
+    p.add_argument("dataset", choices=choices.DATASETS, help="mnist | mnist-10k | fashion-mnist | cifar10")
+    p.add_argument("--source-dir", default=None,
+                   help="directory holding the dataset's standard files (default: $DUNDI_SOURCE_DIR, "
+                        "else the standard download sources)")
     _add_common(p)
     p.set_defaults(handler=cmd_data_fetch)
     p = data.add_parser("info", help="list cached datasets")
@@ -199,42 +224,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_args(p, native=False)
     p.set_defaults(handler=lambda a: _train(a, "dundi"))
 
-    index = sub.add_parser("index", help="oracle index").add_subparsers(dest="index_cmd", required=True)
+    index = sub.add_parser("index", help="oracle index").add_subparsers(
+        dest="index_cmd", metavar="ACTION", required=True)
     p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
-    p.add_argument("run")
-    p.add_argument("--oracles", type=int, default=20, help="oracles per class (n)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("run", help="DunDi run directory")
+    p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class (n)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
     _add_common(p)
     p.set_defaults(handler=cmd_index_build)
 
     p = sub.add_parser("classify", help="two-step classification accuracy of a run on a split")
-    p.add_argument("run")
-    p.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=int, default=None, help="coarse-step oracles per class (default min(3, n))")
-    p.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=positive_int, default=None,
+                   help="coarse-step oracles per class (default: min(3, n))")
+    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step")
+    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N images of the split (default: all)")
     p.add_argument("--radius", action="store_true",
                    help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
     _add_common(p)
     p.set_defaults(handler=cmd_classify)
 
     p = sub.add_parser("certify", help="certified accuracy of a run's two-step rule in L-inf balls")
-    p.add_argument("run")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+    p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")
+    p.add_argument("--eps", type=unit_float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="L-inf radii on [0, 1] pixels (default %(default)s)")
-    p.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=int, default=None, help="coarse-step oracles per class (default min(3, n))")
-    p.add_argument("--k", type=int, default=5, help="classes kept by the coarse step (default %(default)s)")
-    p.add_argument("--split", default="test", help="dataset split (default %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=positive_int, default=None,
+                   help="coarse-step oracles per class (default: min(3, n))")
+    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step (default %(default)s)")
+    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N images of the split (default: all)")
     _add_common(p)
     p.set_defaults(handler=cmd_certify)
 
     p = sub.add_parser("demo", help="the whole path on mnist-10k in minutes: Table 1 of the paper")
-    p.add_argument("--out", default=os.environ.get("DUNDI_DEMO_OUT", "runs/demo"))
+    p.add_argument("--out", default=os.environ.get("DUNDI_DEMO_OUT", "runs/demo"),
+                   help="directory of the demo's runs and table (default: $DUNDI_DEMO_OUT, else runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller budget (CI smoke run)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they only show on a terminal)")
     _add_common(p)
     p.set_defaults(handler=cmd_demo)
-

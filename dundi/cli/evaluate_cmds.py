@@ -9,7 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from dundi.cli.main import emit
+from dundi.cli import choices
+from dundi.cli.main import emit, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dundi.errors import DundiError
 
 
@@ -122,43 +123,46 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "row per (sample, attack, eps, threat)")
     p.add_argument("run", help="DunDi run directory (with its oracle index)")
     p.add_argument("--native", default=None, help="native run: the transfer threat model's target "
-                   "and the native columns")
+                   "and the native columns (default: none; required by --threat transfer)")
     p.add_argument("--attacks", nargs="+", default=["paper"],
                    help="attack names, 'paper' (fgsm ifgsm-a ifgsm-b jsma, default), 'autoattack' "
                         "(APGD-CE, APGD-T, FAB-T, Square as a cascade; + step-1 APGD on adaptive) or 'all'")
     p.add_argument("--threat", nargs="+", default=["transfer"],
-                   help="transfer (paper: crafted on the native model) | adaptive (white-box on "
+                   help="transfer (paper: crafted on the native model; default) | adaptive (white-box on "
                         "DunDi's two-step rule as deployed) | adaptive-all (the all-class score) | "
                         "feature (pull f(x) to another class's oracles)")
-    p.add_argument("--eps", nargs="+", type=float, default=None,
+    p.add_argument("--eps", nargs="+", type=nonnegative_float, default=None,
                    help="budgets for attacks that take one (default: each attack's paper setting)")
-    p.add_argument("--steps", type=int, default=None, help="iterations (default: each attack's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="iterations (default: each attack's)")
     p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra attack setting, e.g. loss=margin, restarts=5, alpha=0.005 (repeatable; "
-                        "selected attacks that do not take it ignore it; a key none takes is refused)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate N samples (seeded random choice)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--n", type=int, default=None, help="fine-step oracles (default: all in the index)")
-    p.add_argument("--m", type=int, default=3)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--n-values", nargs="+", type=int, default=[1, 10, 20],
+                        "selected attacks that do not take it ignore it; a key none takes is refused; "
+                        "default: none)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate N samples (seeded random choice; default: the whole split)")
+    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample choice and the attacks")
+    p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard (unit of resume)")
+    p.add_argument("--n", type=positive_int, default=None, help="fine-step oracles (default: all in the index)")
+    p.add_argument("--m", type=positive_int, default=3, help="coarse-step oracles per class")
+    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step")
+    p.add_argument("--n-values", nargs="+", type=positive_int, default=[1, 10, 20],
                    help="also classify at these n (Table 1, Fig. 7)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the attacked scores")
-    p.add_argument("--nearest", type=int, default=3, help="oracles per class in the feature threat model")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="divides the attacked scores")
+    p.add_argument("--nearest", type=positive_int, default=3, help="oracles per class in the feature threat model")
     p.add_argument("--save-adv", action="store_true", help="keep adversarial images in the rows")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=nonnegative_int, default=None,
                    help="Ray tasks in flight (default: all CPUs of the cluster); 0 = this process, no Ray")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset cache (default: $DUNDI_DATA_DIR, else the user cache dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON object, last")
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("report", help="Markdown + PNG report from evaluation directories")
     p.add_argument("results", nargs="+", help="evaluation directories (one per model / tuple count)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", required=True, help="directory for the report and its plots")
+    p.add_argument("--json", action="store_true", help="print the report's paths as one JSON object, last")
     p.set_defaults(handler=cmd_report)
