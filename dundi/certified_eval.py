@@ -62,7 +62,7 @@ def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
                                "label": pa.array(labels, pa.int64()),
                                "radius": pa.array(found["radius"], pa.float64())}
     for i, e in enumerate(eps):
-        columns[f"certified@{e:g}"] = pa.array(found["certified"][:, i] if eps else [], pa.bool_())
+        columns[f"certified@{e:g}"] = pa.array(found["certified"][:, i], pa.bool_())
     table = pa.table(columns).replace_schema_metadata({b"dundi.key": key, b"dundi.n": str(n).encode()})
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     pq.write_table(table, tmp)
