@@ -578,9 +578,10 @@ def evaluate_local(cfg: EvalConfig, out: str | os.PathLike, progress: bool = Tru
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    """A shard bar on a terminal, one line every few shards in a log (dundi.progress)."""
+    from dundi.progress import counter
 
-    return tqdm(total=total, desc="shards", unit="shard", disable=not enabled, dynamic_ncols=True)
+    return counter(total, "shards", "shard", enabled)
 
 
 __all__ = ["EvalConfig", "ShardSpec", "Evaluator", "prepare", "plan_shards", "fingerprint",

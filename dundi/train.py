@@ -24,6 +24,7 @@ from dundi.checkpoint import load_local, save_local
 from dundi.errors import DundiError
 from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.oracle import check_metric
+from dundi.progress import on_terminal  # bars only on a terminal; epochs are logged as lines
 from dundi.tuples import sample_tuples
 
 MINING = ("random", "batch-hard")
@@ -249,7 +250,7 @@ def run_triplet_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images
     model.train()
     total_loss = total_ok = seen = 0.0
     steps = range(0, len(tuples), cfg.batch_size)
-    bar = tqdm(steps, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(steps, desc=desc, disable=not (progress and on_terminal()), leave=False)
     for start in bar:
         batch = tuples[start:start + cfg.batch_size]
         loss, ok = triplet_batch_loss(model, images, labels, batch, cfg, generator)
@@ -269,7 +270,8 @@ def run_native_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
     """One cross-entropy pass over ``images[order]`` (``generator``: as in run_triplet_epoch)."""
     model.train()
     total = correct = seen = 0.0
-    bar = tqdm(range(0, len(order), cfg.batch_size), desc="native", disable=not progress, leave=False)
+    bar = tqdm(range(0, len(order), cfg.batch_size), desc="native", disable=not (progress and on_terminal()),
+               leave=False)
     for start in bar:
         idx = torch.from_numpy(order[start:start + cfg.batch_size])
         logits = model(images[idx])
@@ -310,7 +312,7 @@ def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, imag
     batches = balanced_batches(labels.cpu().numpy(), cfg.cert_per_class, epoch, cfg.seed + 7919 * rank)
     batches = batches[:steps] if steps is not None else batches
     totals = {"loss": 0.0, "certified": 0.0}
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(batches, desc=desc, disable=not (progress and on_terminal()), leave=False)
     for i, batch in enumerate(bar):
         eps, mix = schedule(epoch + i / len(batches), cfg.cert_warmup, cfg.cert_ramp, cfg.cert_eps,
                             cfg.cert_mix)
