@@ -31,13 +31,18 @@ def aa_cfg(mnist_runs, data_dir) -> EvalConfig:
     (["--attacks", "autoattack", "--eps", "0"], ["(0, 1]"]),
     (["--attacks", "apgd-step1", "--threat", "feature"], ["--threat adaptive"]),
 ])
-def test_bad_settings_are_refused_in_one_line(tmp_path, capsys, args, words):
+def test_bad_settings_are_refused_in_one_line(mnist_runs, tmp_path, capsys, args, words):
     from dundi.cli.main import main
 
-    base = ["evaluate", str(tmp_path / "no-run"), "--out", str(tmp_path / "e"), "--workers", "0"]
+    base = ["evaluate", str(mnist_runs["dundi"]), "--out", str(tmp_path / "e"), "--workers", "0"]
     if "--threat" not in args:
         args = args + ["--threat", "adaptive"]
-    assert main(base + args) == 2
+    try:  # argparse-level checks (--steps) exit, the others return the code
+        code = main(base + args)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    assert not (tmp_path / "e" / "shards").exists()  # refused before any work
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     for word in words:
