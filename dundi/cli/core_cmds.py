@@ -202,6 +202,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     emit(figures, args.json, f"demo results in {args.out}")
 
 
+def _add_rule_args(p: argparse.ArgumentParser) -> None:
+    """The two-step rule's n, m, k and the evaluated split: shared by classify and certify."""
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=positive_int, default=None,
+                   help="coarse-step oracles per class (default: min(3, n))")
+    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step (default %(default)s)")
+    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N images of the split (default: all)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(
         dest="data_cmd", metavar="ACTION", required=True)
@@ -235,14 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("classify", help="two-step classification accuracy of a run on a split")
     p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
-    p.add_argument("--n", type=positive_int, default=None,
-                   help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=positive_int, default=None,
-                   help="coarse-step oracles per class (default: min(3, n))")
-    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step")
-    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="only the first N images of the split (default: all)")
+    _add_rule_args(p)
     p.add_argument("--radius", action="store_true",
                    help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
     _add_common(p)
@@ -252,14 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")
     p.add_argument("--eps", type=unit_float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="L-inf radii on [0, 1] pixels (default %(default)s)")
-    p.add_argument("--n", type=positive_int, default=None,
-                   help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=positive_int, default=None,
-                   help="coarse-step oracles per class (default: min(3, n))")
-    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step (default %(default)s)")
-    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split (default %(default)s)")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="only the first N images of the split (default: all)")
+    _add_rule_args(p)
     _add_common(p)
     p.set_defaults(handler=cmd_certify)
 
