@@ -300,3 +300,14 @@ def test_readiness_answers_at_once_during_start_up(mnist_runs, tmp_path):
     print(f"{len(answers)} readiness answers, {sum(s == 503 for s, _ in answers)} x 503; median "
           f"{1000 * slow[len(slow) // 2]:.0f} ms, max {1000 * slow[-1]:.0f} ms")
     assert slow[len(slow) // 2] <= 0.1 and slow[-1] <= 1.0, slow
+
+
+def test_default_ingress_is_haproxy_locally_and_proxy_on_a_cluster():
+    """HAProxy measured fastest in bench/serve.py; a cluster's ingress is fixed when its Ray
+    starts, so --address keeps Serve's proxy."""
+    from dundi.cli.serve_cmds import default_ingress
+    from dundi.distributed.serve_app import haproxy_binary
+
+    assert default_ingress("ray://10.0.0.1:10001") == "proxy"
+    assert os.path.exists(haproxy_binary())  # ray[serve] brings one here
+    assert default_ingress(None) == "haproxy"

@@ -130,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, ingress_environment, stop
 
     http_port = args.port
+    if args.ingress is None:
+        args.ingress = default_ingress(args.address)
     if args.ingress != "proxy":
         if args.address is not None:
             raise DundiError(f"--ingress {args.ingress} is chosen when Ray starts: start the cluster with the "
@@ -193,6 +195,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print("dundi: service stopped", file=sys.stderr)
 
 
+def default_ingress(address: str | None) -> str:
+    """HAProxy measured fastest on every request shape of bench/serve.py (README); a cluster's
+    ingress is fixed when its Ray starts, and a machine without the binary keeps Serve's proxy."""
+    if address is not None:
+        return "proxy"
+    from dundi.distributed.serve_app import haproxy_binary
+
+    try:
+        haproxy_binary()
+    except DundiError:
+        return "proxy"
+    return "haproxy"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="online two-step classification endpoint (Ray Serve; v2 inference protocol)",
@@ -213,9 +229,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs of the local Ray this starts (default: all of this machine's)")
     p.add_argument("--detach", action="store_true", help="with --address: leave the app running and exit")
-    p.add_argument("--ingress", choices=("proxy", "direct", "haproxy"), default="proxy",
+    p.add_argument("--ingress", choices=("proxy", "direct", "haproxy"), default=None,
                    help="how HTTP reaches the app: Serve's proxy actor (proxy), the ingress replica "
-                        "listening itself (direct), or HAProxy in front of the replicas (haproxy)")
+                        "listening itself (direct), or HAProxy in front of the replicas (haproxy) "
+                        "(default: haproxy on a local Ray when its binary is found — the fastest in "
+                        "bench/serve.py — else proxy; always proxy with --address)")
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
