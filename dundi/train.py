@@ -356,7 +356,7 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
     saved = load_local(checkpoints) if checkpoints is not None else None
     if saved is not None:
         state, weights, opt_state, rng = saved
-        if state.get("config") != json_config(cfg) or state.get("kind") != kind:
+        if with_defaults(state.get("config") or {}) != json_config(cfg) or state.get("kind") != kind:
             raise DundiError(f"{checkpoints} holds a checkpoint of another training configuration: "
                              f"delete it to start over, or use another --out")
         model.load_state_dict(weights)
@@ -386,6 +386,13 @@ def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
             save_local(checkpoints, epoch, model, opt,
                        {"config": json_config(cfg), "kind": kind, "history": history})
     return history
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config with the fields added to TrainConfig since it was written filled in with
+    their defaults: code that predates a field behaved as its default, so a checkpoint written
+    before the field existed is the same experiment, not "another configuration"."""
+    return {**json_config(TrainConfig()), **saved}
 
 
 def json_config(cfg: TrainConfig) -> dict:

@@ -133,3 +133,38 @@ def test_a_killed_local_training_resumes_where_it_stopped(data_dir, tmp_path):
     other = subprocess.run(cmd + [a if a != "4" else "5" for a in args] + ["--out", str(out)], env=env,
                            capture_output=True, text=True)
     assert other.returncode == 2 and "another training configuration" in other.stderr
+
+
+def test_a_checkpoint_older_than_a_config_field_still_resumes(tmp_path):
+    """A checkpoint written before a TrainConfig field existed is the same experiment (old code
+    behaved as the field's default); a changed setting is still refused."""
+    import dataclasses
+
+    from dundi.errors import DundiError
+    from dundi.models import build_native
+    from dundi.train import fit
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((120, 1, 28, 28), dtype=np.float32), np.arange(120) % 4
+    cfg = TrainConfig(arch="lenet1", epochs=2, batch_size=40)
+    ckpt = tmp_path / "ckpt"
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:  # a kill during the second epoch, after the first epoch's checkpoint
+            raise KeyboardInterrupt
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_native("lenet1", (1, 28, 28), 4), x, y, cfg, "native", on_epoch=stop_after_first,
+            progress=False, checkpoints=ckpt)
+    latest = json.loads((ckpt / "latest.json").read_text())["directory"]
+    state_file = ckpt / latest / "state.json"
+    state = json.loads(state_file.read_text())
+    for field in ("metric", "certified", "cert_eps"):  # as if written before these existed
+        del state["config"][field]
+    state_file.write_text(json.dumps(state))
+    history = fit(build_native("lenet1", (1, 28, 28), 4), x, y, cfg, "native", progress=False,
+                  checkpoints=ckpt)
+    assert [e["epoch"] for e in history] == [0, 1]
+    with pytest.raises(DundiError, match="another training configuration"):
+        fit(build_native("lenet1", (1, 28, 28), 4), x, y, dataclasses.replace(cfg, lr=0.5), "native",
+            progress=False, checkpoints=ckpt)

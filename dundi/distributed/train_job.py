@@ -148,7 +148,9 @@ def _check_descriptor(storage: str, name: str, descriptor: dict) -> dict | None:
     except (OSError, ValueError) as exc:
         raise DundiError(f"cannot read {storage}/{name}/{RUN_DESCRIPTOR}: {exc}") from None
     if previous is not None:
-        old, new = previous.get("config", {}), descriptor["config"]
+        from dundi.train import with_defaults
+
+        old, new = with_defaults(previous.get("config", {})), descriptor["config"]
         changed = sorted(k for k in set(old) | set(new)
                          if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
         if previous.get("kind") != descriptor["kind"]:
