@@ -84,7 +84,19 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def subject():
-    return trained()
+    """The cached trained net, with no parameter gradients left by another module's reference
+    attacks (torchattacks backpropagates into the parameters)."""
+    net, x, y = trained()
+    net.zero_grad(set_to_none=True)
+    return net, x, y
+
+
+@pytest.fixture(scope="module")
+def ta():
+    """torchattacks 3.5.1, the independent reference (installed with --no-deps by `make setup`)."""
+    import torchattacks
+
+    return torchattacks
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

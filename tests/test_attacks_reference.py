@@ -14,22 +14,9 @@ import torch
 from dundi.attacks import BIMB, FGSM, JSMA, PGD, DeepFool, Square
 
 try:
-    from test_attacks import K, accuracy, one_thread, trained  # noqa: F401  (one_thread: autouse fixture)
+    from test_attacks import K, accuracy, one_thread, trained, subject, ta  # noqa: F401  (one_thread: autouse fixture)
 except ImportError:  # collected as part of a package
-    from tests.test_attacks import K, accuracy, one_thread, trained  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def ta():
-    """torchattacks 3.5.1, the independent reference (installed with --no-deps by `make setup`)."""
-    import torchattacks
-
-    return torchattacks
-
-
-@pytest.fixture(scope="module")
-def subject():
-    return trained()
+    from tests.test_attacks import K, accuracy, one_thread, trained, subject, ta  # noqa: F401
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

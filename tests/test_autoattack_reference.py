@@ -13,23 +13,11 @@ import torch
 from dundi.attacks import APGD, APGDT, FABT, AutoAttack, make_attack
 
 try:
-    from test_attacks import K, one_thread, trained  # noqa: F401  (one_thread: autouse fixture)
+    from test_attacks import K, one_thread, trained, subject, ta  # noqa: F401  (one_thread: autouse fixture)
 except ImportError:  # collected as part of a package
-    from tests.test_attacks import K, one_thread, trained  # noqa: F401
+    from tests.test_attacks import K, one_thread, trained, subject, ta  # noqa: F401
 
 TOL = 2  # samples of 32
-
-
-@pytest.fixture(scope="module")
-def ta():
-    import torchattacks
-
-    return torchattacks
-
-
-@pytest.fixture(scope="module")
-def subject():
-    return trained()
 
 
 def fooled(net, adv, y) -> torch.Tensor:
