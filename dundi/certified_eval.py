@@ -38,15 +38,15 @@ def linf_eps(table: pa.Table) -> list[float]:
 def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
     """Compute (or reuse) the certificates of an evaluation's samples; None when the run's rule
     cannot be certified. Written atomically, keyed by the evaluation's fingerprint and eps."""
-    from dundi.artifacts import Run
+    from dundi.artifacts import Run, read_meta
     from dundi.evaluate import EvalConfig, Evaluator
 
     out = Path(out)
     evaluation = read_evaluation(out)
     cfg = EvalConfig(**evaluation["config"])
+    if read_meta(cfg.run).get("config", {}).get("metric") != "sqeuclidean":
+        return None  # decided from run.json: an uncertifiable run is not loaded again
     run = Run.load(cfg.run)
-    if run.oracle is None or run.oracle.metric != "sqeuclidean":
-        return None
     eps = linf_eps(read_results(out))
     key = f"{evaluation['fingerprint']}|{','.join(f'{e:g}' for e in eps)}".encode()
     path = out / CERTIFIED_FILE

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dundi.bounds import propagate, split_last_linear
+
 EMBED_DIM = 128
 
 
@@ -152,8 +154,6 @@ class DistanceNet(nn.Module):
         emb = self.embedding(self.backbone(x))
         if box is None:
             return emb
-        from dundi.bounds import propagate, split_last_linear
-
         h_lo, h_hi = propagate(split_last_linear(self)[0], *box)
         return emb, h_lo, h_hi
 
