@@ -25,7 +25,7 @@ from dundi.errors import DundiError
 from dundi.inference import accuracy, forward_batched
 from dundi.models import build_distance_net, build_native
 from dundi.oracle import OracleIndex
-from dundi.train import TrainConfig, fit, split_train_val
+from dundi.train import TrainConfig, drop_holdout, fit, kept_classes, split_train_val
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -56,8 +56,20 @@ def _metrics_writer(run_dir: Path, log: Callable[[str], None]) -> Callable[[int,
 
 def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
     spec = _spec(cfg.dataset)
+    kept = kept_classes(cfg, spec.num_classes)
+    holdout = {"dataset_classes": kept.tolist()} if cfg.holdout_classes else {}
     return {"kind": kind, "arch": cfg.arch, "dataset": cfg.dataset, "in_shape": list(spec.shape),
-            "num_classes": spec.num_classes, "seed": cfg.seed, "config": dataclasses.asdict(cfg), **extra}
+            "num_classes": len(kept), **holdout, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
+            **extra}
+
+
+def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A split's rows as the run sees them: for a run trained with held-out classes, only the
+    classes it was trained on, numbered as its index numbers them (``dataset_classes``)."""
+    if "dataset_classes" not in meta:
+        return images, labels, ids
+    return drop_holdout(images, labels, ids, np.asarray(meta["dataset_classes"], dtype=np.int64))
 
 
 def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -74,8 +86,9 @@ def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels
 
 
 def _train_val(cfg: TrainConfig, data_dir: str | None):
-    _spec(cfg.dataset)
-    images, labels, _ = load_split(cfg.dataset, "train", data_dir, limit=cfg.limit)
+    spec = _spec(cfg.dataset)
+    images, labels, ids = load_split(cfg.dataset, "train", data_dir, limit=cfg.limit)
+    images, labels, _ = drop_holdout(images, labels, ids, kept_classes(cfg, spec.num_classes))
     tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
     return images, labels, tr, va
 
@@ -134,7 +147,7 @@ def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, 
     """Per-epoch validation: two-step accuracy on the held-out part, oracles from the rest."""
     if not len(va):
         return None
-    num_classes = _spec(cfg.dataset).num_classes
+    num_classes = len(kept_classes(cfg, _spec(cfg.dataset).num_classes))
     oracle_idx = tr[OracleIndex.select(labels[tr], cfg.val_oracles, cfg.seed, num_classes)]
     return lambda m: two_step_accuracy(m, images[oracle_idx], labels[oracle_idx], images[va],
                                        labels[va], num_classes, metric=cfg.metric)
@@ -153,7 +166,7 @@ def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | 
                   triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress,
                   checkpoints=out / CHECKPOINT_DIR)
     metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
-    warn_if_collapsed(cfg, history, _spec(cfg.dataset).num_classes, log)
+    warn_if_collapsed(cfg, history, len(kept_classes(cfg, _spec(cfg.dataset).num_classes)), log)
     return _finish(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))
 
 
@@ -176,8 +189,8 @@ def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
-    images, labels, ids = load_split(meta["dataset"], "train", data_dir,
-                                     limit=meta["config"].get("limit"))
+    images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
+                                                     limit=meta["config"].get("limit")))
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
                         metric=meta["config"].get("metric", "euclidean"),
@@ -193,7 +206,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
     """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
     ``m`` defaults to min(3, n), the paper's setting, so n = 1 (Table 1) needs no extra flag."""
     run = Run.load(run_dir)
-    images, labels, _ = load_split(run.meta["dataset"], split, data_dir, limit=limit)
+    images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
                "run": str(run_dir), "kind": run.meta["kind"]}
     if run.oracle is None:
@@ -221,7 +234,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = 
     run = Run.load(run_dir)
     if run.oracle is None:
         raise DundiError(f"{run_dir} is a native run: certify a DunDi run (dundi train --certified)")
-    images, labels, _ = load_split(run.meta["dataset"], split, data_dir, limit=limit)
+    images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     n = run.oracle.n if n is None else n
     m = min(3, n) if m is None else m
     certifier = run.certifier(n, m, k)

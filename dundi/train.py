@@ -52,6 +52,7 @@ class TrainConfig:
     val_fraction: float = 0.1      # held out of the training split for per-epoch validation
     val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
     limit: int | None = None       # use only the first N training samples (quick runs)
+    holdout_classes: tuple[int, ...] = ()  # dataset classes left out of training (enrolled later)
     # Adversarial training (DunDi-AT for triplet runs, Madry-style PGD for native runs)
     adversarial: bool = False
     adv_eps: float = 0.3           # L∞ budget of the PGD examples crafted during training
@@ -68,6 +69,10 @@ class TrainConfig:
     cert_warmup: float = 3.0       # epochs of clean training before the budget starts to grow
     cert_ramp: float = 30.0        # epochs over which eps and mix grow linearly to their final values
     cert_per_class: int = 20       # images of each class per batch (the batch is the oracle database)
+
+    def __post_init__(self) -> None:
+        # JSON gives back a list; one canonical form keeps saved and resumed configs equal
+        self.holdout_classes = tuple(sorted({int(c) for c in self.holdout_classes}))
 
     @property
     def adv_step_size(self) -> float:
@@ -106,6 +111,31 @@ class TrainConfig:
                                  "are its oracles) and cert_warmup, cert_ramp >= 0 epochs")
         if not 0.0 <= self.val_fraction < 0.5:
             raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+
+
+def kept_classes(cfg: TrainConfig, num_classes: int) -> np.ndarray:
+    """The dataset classes a run trains on, in order: all but ``cfg.holdout_classes``."""
+    from dundi.errors import DundiError
+
+    bad = [c for c in cfg.holdout_classes if not 0 <= c < num_classes]
+    kept = np.array([c for c in range(num_classes) if c not in cfg.holdout_classes], dtype=np.int64)
+    if bad or len(kept) < 2:
+        raise DundiError(f"--holdout-classes {list(cfg.holdout_classes)} must name classes in "
+                         f"[0, {num_classes}) and leave at least two to train on")
+    return kept
+
+
+def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of the kept classes, labels renumbered 0..len(kept)-1 in ``kept``'s order.
+
+    Why renumber: every training path (tuples, certified batches, validation index) assumes
+    labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
+    dataset classes it holds (``dataset_classes`` in the run's metadata)."""
+    rows = np.isin(labels, kept)
+    remap = np.full(int(max(labels.max(initial=0), kept.max())) + 1, -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    return images[rows], remap[labels[rows]], ids[rows]
 
 
 def split_train_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

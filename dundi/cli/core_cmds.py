@@ -52,6 +52,12 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
         p.add_argument("--paper-loop", action="store_true",
                        help="three forward passes per tuple, as in the paper (slower, same loss)")
         p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class in the final index")
+        hold = p.add_mutually_exclusive_group()
+        hold.add_argument("--holdout-classes", type=nonnegative_int, nargs="+", default=None, metavar="CLASS",
+                          help="dataset class indices left out of training, to enroll later with "
+                               "`dundi index add` (default: none)")
+        hold.add_argument("--holdout-random", type=positive_int, default=None, metavar="N",
+                          help="leave out N dataset classes chosen with --seed (default: none)")
         p.add_argument("--metric", default=None, choices=choices.METRICS,
                        help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
                             "(certifiable; the default with --certified)")
@@ -104,12 +110,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if getattr(args, "holdout_random", None):
+        cfg.holdout_classes = holdout_by_seed(cfg.dataset, args.holdout_random, cfg.seed)
     if getattr(args, "paper_loop", False):
         cfg.dedupe = False
     if cfg.certified and getattr(args, "metric", None) is None:
         cfg.metric = "sqeuclidean"
     cfg.validate()
     return cfg
+
+
+def holdout_by_seed(dataset: str, count: int, seed: int) -> tuple[int, ...]:
+    """``count`` dataset classes drawn with ``seed``: the same classes on every machine."""
+    import numpy as np
+
+    from dundi.data import DATASETS
+    from dundi.errors import DundiError
+
+    num_classes = DATASETS[dataset].num_classes
+    if count > num_classes - 2:
+        raise DundiError(f"--holdout-random {count} leaves fewer than two of {dataset}'s "
+                         f"{num_classes} classes to train on: hold out at most {num_classes - 2}")
+    return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(num_classes, count, replace=False)))
 
 
 def default_out(cfg: TrainConfig, kind: str) -> Path:

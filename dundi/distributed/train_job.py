@@ -226,7 +226,8 @@ def train_loop(config: dict) -> None:
     from dundi.artifacts import build_from_meta
     from dundi.pipeline import native_accuracy, triplet_validator
     from dundi.certified_training import balanced_batches
-    from dundi.train import (adversarial_generator, epoch_config, epoch_order, epoch_tuples,
+    from dundi.data import DATASETS
+    from dundi.train import (adversarial_generator, drop_holdout, kept_classes, epoch_config, epoch_order, epoch_tuples,
                              make_optimizer, run_certified_epoch, run_native_epoch, run_triplet_epoch,
                              split_train_val, worker_tuples)
 
@@ -238,7 +239,8 @@ def train_loop(config: dict) -> None:
     say = _say if (rank == 0 and config.get("progress", True)) else (lambda line: None)
 
     # --- data: this worker's rows, its train/validation split, its tuples (all seeded)
-    images, labels, _ = worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world)
+    images, labels, _ = drop_holdout(*worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world),
+                                     kept_classes(cfg, DATASETS[cfg.dataset].num_classes))
     tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
     present = np.bincount(labels[tr], minlength=2)
     if (present >= 2).sum() < 2:
