@@ -120,16 +120,17 @@ def _thresholds_at(values: dict[str, np.ndarray], j: int) -> dict[str, float]:
 
 
 def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | None = None,
-                   rate: float = 0.01) -> dict:
-    """Thresholds of all SIGNALS at one common tail depth ``j`` — the largest for which the
-    union abstains on at most ``rate`` of ``images`` — with the figures behind them."""
+                   rate: float = 0.01, fields: tuple[str, ...] = tuple(SIGNALS)) -> dict:
+    """Thresholds of the signals ``fields`` (default: all SIGNALS; others off) at one common
+    tail depth ``j`` — the largest for which their union abstains on at most ``rate`` of
+    ``images`` — with the figures behind them."""
     if not 0.0 < rate < 1.0:
         raise DundiError(f"the false-abstain rate must be in (0, 1), got {rate}")
     if len(images) == 0:
         raise DundiError("no held-out images to calibrate the abstain rule on")
     emb = model.run.embed(images, model.embed_batch)
     r = model.run.oracle.classify(emb, n=model.n, m=model.config.m, k=model.config.k)
-    values = signal_values(images, emb, r.nearest_distance)
+    values = {f: v for f, v in signal_values(images, emb, r.nearest_distance).items() if f in fields}
     best_j, best = 0, _thresholds_at(values, 0)
     for j in range(1, int(np.ceil(rate * len(images))) + 1):
         th = _thresholds_at(values, j)
@@ -137,7 +138,7 @@ def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | 
             break
         best_j, best = j, th
     flags = abstain_flags(values, best)
-    out = {"thresholds": best, "rate": rate, "count": int(len(images)), "tail_depth": best_j,
+    out = {"thresholds": {**OFF, **best}, "rate": rate, "count": int(len(images)), "tail_depth": best_j,
            "abstain_rate": float(flags.mean()), "n": model.n, "m": model.config.m, "k": model.config.k,
            "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean()) for f, t in best.items()}}
     if labels is not None:
