@@ -217,6 +217,7 @@ def _classify_files(args: argparse.Namespace) -> None:
     from dundi.answers import classify_files, write_answers
     from dundi.artifacts import Run, read_meta
     from dundi.errors import DundiError
+    from dundi.image_files import read_images
 
     clash = [flag for flag, on in (("--split", args.split != "test"), ("--limit", args.limit is not None),
                                    ("--radius", args.radius), ("--json", args.json)) if on]
@@ -226,7 +227,9 @@ def _classify_files(args: argparse.Namespace) -> None:
                          f"where the run has one)")
     if args.format == "parquet" and not args.out:
         raise DundiError("--format parquet writes a file: give --out FILE.parquet")
-    if read_meta(args.run)["kind"] == "native":
+    meta = read_meta(args.run)
+    images, files = read_images(args.images, meta["in_shape"], resize=args.resize)  # bad files: fail first
+    if meta["kind"] == "native":
         if args.n is not None or args.m is not None:
             raise DundiError(f"{args.run} is a native run: it has no oracles, so --n and --m do not "
                              f"apply; omit them (it classifies by the argmax of its logits)")
@@ -237,7 +240,7 @@ def _classify_files(args: argparse.Namespace) -> None:
         run = Run.load(args.run)
         n = run.oracle.n if args.n is None else args.n
         _, model = loaded_model(args.run, args.n, min(3, n) if args.m is None else args.m, args.k, args)
-    rows, info = classify_files(model, args.images, k=args.k, resize=args.resize)
+    rows, info = classify_files(model, images, files, k=args.k)
     text = write_answers(rows, info, args.format, args.out)
     if text is not None:
         print(text, end="")

@@ -46,7 +46,7 @@ from ray.serve.handle import DeploymentHandle
 from dundi.errors import DundiError
 from dundi.serving.app import Unavailable, create_app
 from dundi.serving.errors import RequestError
-from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
+from dundi.serving.model import ABSTAIN_SIGNALS, LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
 from dundi.serving.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -319,6 +319,7 @@ class ServeAppArgs(BaseModel):
     abstain_threshold: Optional[float] = Field(None, description="answer 'unknown' beyond this nearest-oracle distance")
     abstain_min_norm: Optional[float] = Field(None, description="answer 'unknown' for embeddings shorter than this")
     abstain_max_grey: Optional[float] = Field(None, description="answer 'unknown' above this share of mid-grey pixels")
+    abstain_max_mean: Optional[float] = Field(None, description="answer 'unknown' above this mean pixel value")
     model_name: str = "dundi"
     replicas: int = Field(1, ge=1, description="replicas (ignored with autoscaling)")
     autoscale_min: Optional[int] = Field(None, ge=0)
@@ -344,8 +345,8 @@ class ServeAppArgs(BaseModel):
         return self
 
     def model_config_dict(self) -> dict:
-        return ModelConfig(self.run, self.n, self.m, self.k, self.abstain_threshold,
-                           self.abstain_min_norm, self.abstain_max_grey).to_dict()
+        return ModelConfig(self.run, self.n, self.m, self.k,
+                           **{f: getattr(self, f) for f in ABSTAIN_SIGNALS}).to_dict()
 
     def user_config(self) -> dict:
         return {**self.model_config_dict(), "max_batch_size": self.max_batch_size,

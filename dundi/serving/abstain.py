@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.serving.model import LoadedModel
+from dundi.serving.model import ABSTAIN_SIGNALS, LoadedModel
 
 
 def held_out_images(model: LoadedModel, data_dir: str | None = None, limit: int | None = 2000
@@ -64,22 +64,20 @@ def calibrate(model: LoadedModel, images: np.ndarray, labels: np.ndarray | None 
     return out
 
 
-# --- the abstain rule served by default: three signals calibrated together -----------------
+# --- the abstain rule served by default: four signals calibrated together ------------------
 #
-# Measured on the runs in docs/results/abstain: the nearest-oracle distance alone flags few
-# inverted digits and almost no uniform noise (noise embeds near the middle of the oracle
-# cloud, closer to some oracle than many real digits are). Two further signals cover it:
-# the embedding's norm (noise and inverted digits excite the trained filters weakly and land
-# near the origin) and an input statistic, the share of mid-grey pixels (neither near black
-# nor near white: the digits datasets are nearly binary, noise and photographs are not).
-# Each is thresholded at a common tail level chosen so that the union abstains on the stated
-# share of held-out clean images.
+# Measured in docs/results/abstain: the nearest-oracle distance alone flags few inverted
+# digits and almost no uniform noise (noise embeds near the middle of the oracle cloud,
+# closer to some oracle than many real digits are). Three further signals cover them: the
+# embedding's norm (noise and inverted digits excite the trained filters weakly and land
+# near the origin, on some runs), and two input statistics that need no model at all — the
+# share of mid-grey pixels (neither near black nor near white: digits are nearly binary,
+# noise and photographs are not) and the mean pixel value (an inverted digit is mostly
+# white). Their thresholds are set together so that the union abstains on the stated share
+# of held-out clean images.
 
 GREY_BAND = (0.1, 0.9)
-# field of ModelConfig -> (what it measures, +1: abstain above the threshold / -1: below)
-SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
-           "abstain_min_norm": ("embedding norm", -1),
-           "abstain_max_grey": ("share of mid-grey pixels", 1)}
+SIGNALS = ABSTAIN_SIGNALS
 
 
 def grey_share(images: np.ndarray) -> np.ndarray:
@@ -94,7 +92,8 @@ def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: 
     """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it."""
     return {"abstain_threshold": np.asarray(nearest_distance, np.float64),
             "abstain_min_norm": np.linalg.norm(embeddings.astype(np.float64), axis=1),
-            "abstain_max_grey": grey_share(images)}
+            "abstain_max_grey": grey_share(images),
+            "abstain_max_mean": images.reshape(len(images), -1).mean(axis=1).astype(np.float64)}
 
 
 def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | None]) -> np.ndarray:
@@ -109,21 +108,38 @@ def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | N
     return flags
 
 
-def _thresholds_at(values: dict[str, np.ndarray], j: int) -> dict[str, float]:
-    """Per signal, the threshold beyond which at most ``j`` calibration values lie (the
-    (j+1)-th most extreme value: strictly beyond it abstains)."""
-    out = {}
-    for field, v in values.items():
-        ordered = np.sort(v)[::-1] if SIGNALS[field][1] > 0 else np.sort(v)
-        out[field] = float(ordered[min(j, len(ordered) - 1)])
-    return out
+def _threshold(values: np.ndarray, field: str, depth: int) -> float:
+    """The threshold beyond which at most ``depth`` calibration values lie: the
+    (depth+1)-th most extreme value (strictly beyond it abstains)."""
+    ordered = np.sort(values)[::-1] if SIGNALS[field][1] > 0 else np.sort(values)
+    return float(ordered[min(depth, len(ordered) - 1)])
+
+
+def _deepen(values: dict[str, np.ndarray], rate: float) -> dict[str, int]:
+    """Per signal, how many calibration values lie beyond its threshold: all signals at one
+    common depth first (no signal favoured), then one step deeper at a time, in turn, while
+    the union stays within ``rate``."""
+    def union(d: dict[str, int]) -> float:
+        return float(abstain_flags(values, {f: _threshold(values[f], f, j) for f, j in d.items()}).mean())
+
+    depth = dict.fromkeys(values, 0)
+    while union({f: j + 1 for f, j in depth.items()}) <= rate:
+        depth = {f: j + 1 for f, j in depth.items()}
+    grown = True
+    while grown:
+        grown = False
+        for f in values:
+            trial = {**depth, f: depth[f] + 1}
+            if union(trial) <= rate:
+                depth, grown = trial, True
+    return depth
 
 
 def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | None = None,
                    rate: float = 0.01, fields: tuple[str, ...] = tuple(SIGNALS)) -> dict:
-    """Thresholds of the signals ``fields`` (default: all SIGNALS; others off) at one common
-    tail depth ``j`` — the largest for which their union abstains on at most ``rate`` of
-    ``images`` — with the figures behind them."""
+    """Thresholds of the signals ``fields`` (default: all SIGNALS; others off), set together so
+    that their union abstains on as many of ``images`` as possible but at most ``rate``, with
+    the figures behind them."""
     if not 0.0 < rate < 1.0:
         raise DundiError(f"the false-abstain rate must be in (0, 1), got {rate}")
     if len(images) == 0:
@@ -131,14 +147,10 @@ def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | 
     emb = model.run.embed(images, model.embed_batch)
     r = model.run.oracle.classify(emb, n=model.n, m=model.config.m, k=model.config.k)
     values = {f: v for f, v in signal_values(images, emb, r.nearest_distance).items() if f in fields}
-    best_j, best = 0, _thresholds_at(values, 0)
-    for j in range(1, int(np.ceil(rate * len(images))) + 1):
-        th = _thresholds_at(values, j)
-        if abstain_flags(values, th).mean() > rate:
-            break
-        best_j, best = j, th
+    depth = _deepen(values, rate)
+    best = {f: _threshold(values[f], f, j) for f, j in depth.items()}
     flags = abstain_flags(values, best)
-    out = {"thresholds": {**OFF, **best}, "rate": rate, "count": int(len(images)), "tail_depth": best_j,
+    out = {"thresholds": {**OFF, **best}, "rate": rate, "count": int(len(images)), "depth": depth,
            "abstain_rate": float(flags.mean()), "n": model.n, "m": model.config.m, "k": model.config.k,
            "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean()) for f, t in best.items()}}
     if labels is not None:
