@@ -141,3 +141,18 @@ def test_calibration_refuses_empty_data_and_bad_rates(model, held_out):
     for rate in (0.0, 1.0, -0.1):
         with pytest.raises(DundiError, match="false-abstain rate"):
             calibrate_rule(model, images, labels, rate=rate)
+
+
+def test_a_run_without_a_validation_part_is_refused_not_calibrated_on_test(run_copy, data_dir):
+    """The test split is never used to calibrate: without held-out training images there is
+    one line saying what to do instead."""
+    import json
+
+    meta = json.loads((run_copy / "run.json").read_text())
+    meta["config"]["val_fraction"] = 0.0
+    (run_copy / "run.json").write_text(json.dumps(meta))
+    model = LoadedModel(ModelConfig(str(run_copy)))
+    with pytest.raises(DundiError, match="--val-fraction 0.1, or serve with --abstain-threshold none"):
+        held_out_images(model, data_dir)
+    fields, _ = abstain_settings(model, "none")
+    assert all(v is None for v in fields.values())

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from dundi.cli import choices
+from dundi.cli.serve_cmds import add_abstain_args
 from dundi.cli.main import (emit, fraction, nonnegative_float, nonnegative_int, open_fraction,
                             positive_float, positive_int, unit_float)
 
@@ -289,6 +290,48 @@ def _add_rule_args(p: argparse.ArgumentParser) -> None:
                    help="only the first N images of the split (default: all)")
 
 
+def _register_index(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="oracle index").add_subparsers(
+        dest="index_cmd", metavar="ACTION", required=True)
+    p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
+    p.add_argument("run", help="DunDi run directory")
+    p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class (n)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
+    _add_common(p)
+    p.set_defaults(handler=cmd_index_build)
+    p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")
+    p.add_argument("run", help="DunDi run directory with an oracle index")
+    p.add_argument("--false-abstain", type=open_fraction, default=0.01,
+                   help="share of clean held-out images that may abstain (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=2000,
+                   help="held-out images to calibrate on (default %(default)s)")
+    p.add_argument("--n", type=positive_int, default=None, help="fine-step oracles per class, as served (default: all)")
+    p.add_argument("--m", type=positive_int, default=3, help="coarse-step oracles per class, as served (default 3)")
+    p.add_argument("--k", type=positive_int, default=5, help="classes kept by step 1, as served (default 5)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_index_calibrate)
+
+
+def _register_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
+    p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
+    p.add_argument("images", nargs="*", metavar="IMAGES",
+                   help="PNG/JPEG files, folders or glob patterns to classify (default: none, which "
+                        "measures accuracy on --split instead)")
+    _add_rule_args(p)
+    p.add_argument("--radius", action="store_true",
+                   help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
+    files = p.add_argument_group("with IMAGES")
+    files.add_argument("--format", default="table", choices=choices.CLASSIFY_FORMATS,
+                       help="table (aligned, default) | jsonl | csv | parquet (needs --out)")
+    files.add_argument("--out", default=None, help="write the answers to this file, atomically (default: stdout)")
+    files.add_argument("--resize", action="store_true",
+                       help="scale images of another size to the run's input size (default: refuse them)")
+    add_abstain_args(files)
+    _add_common(p)
+    p.set_defaults(handler=cmd_classify)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(
         dest="data_cmd", metavar="ACTION", required=True)
@@ -311,45 +354,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_args(p, native=False)
     p.set_defaults(handler=lambda a: _train(a, "dundi"))
 
-    index = sub.add_parser("index", help="oracle index").add_subparsers(
-        dest="index_cmd", metavar="ACTION", required=True)
-    p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
-    p.add_argument("run", help="DunDi run directory")
-    p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class (n)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
-    _add_common(p)
-    p.set_defaults(handler=cmd_index_build)
-    p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")
-    p.add_argument("run", help="DunDi run directory with an oracle index")
-    p.add_argument("--false-abstain", type=open_fraction, default=0.01,
-                   help="share of clean held-out images that may abstain (default %(default)s)")
-    p.add_argument("--limit", type=positive_int, default=2000,
-                   help="held-out images to calibrate on (default %(default)s)")
-    p.add_argument("--n", type=positive_int, default=None, help="fine-step oracles per class, as served (default: all)")
-    p.add_argument("--m", type=positive_int, default=3, help="coarse-step oracles per class, as served (default 3)")
-    p.add_argument("--k", type=positive_int, default=5, help="classes kept by step 1, as served (default 5)")
-    _add_common(p)
-    p.set_defaults(handler=cmd_index_calibrate)
-
-    p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
-    p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
-    p.add_argument("images", nargs="*", metavar="IMAGES",
-                   help="PNG/JPEG files, folders or glob patterns to classify (default: none, which "
-                        "measures accuracy on --split instead)")
-    _add_rule_args(p)
-    p.add_argument("--radius", action="store_true",
-                   help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
-    files = p.add_argument_group("with IMAGES")
-    files.add_argument("--format", default="table", choices=("table", "jsonl", "csv", "parquet"),
-                       help="table (aligned, default) | jsonl | csv | parquet (needs --out)")
-    files.add_argument("--out", default=None, help="write the answers to this file, atomically (default: stdout)")
-    files.add_argument("--resize", action="store_true",
-                       help="scale images of another size to the run's input size (default: refuse them)")
-    from dundi.cli.serve_cmds import add_abstain_args
-
-    add_abstain_args(files)
-    _add_common(p)
-    p.set_defaults(handler=cmd_classify)
+    _register_index(sub)
+    _register_classify(sub)
 
     p = sub.add_parser("certify", help="certified accuracy of a run's two-step rule in L-inf balls")
     p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")

@@ -2,7 +2,9 @@
 
     python docs/results/abstain/measure.py RUN [RUN ...] > docs/results/abstain/measure.jsonl
 
-For each run: calibrate at a 1 % false-abstain rate on the validation part of the train
+For each run: the median nearest-oracle distance of each probe set beside the held-out
+images' median and 99th percentile (first line, rule "nearest-oracle distance (no rule)");
+then calibrate at a 1 % false-abstain rate on the validation part of the train
 split (dundi.serving.abstain.calibrate_rule), once with the nearest-oracle distance alone and
 once with all signals, then measure the share of abstained answers on the mnist-10k test
 split (clean), the same digits inverted (1 - x), uniform noise and Fashion-MNIST test images.
@@ -37,7 +39,11 @@ def measure(run: str, sets: dict[str, np.ndarray]) -> list[dict]:
         emb = model.run.embed(x)
         r = model.run.oracle.classify(emb, n=model.n, m=model.config.m, k=model.config.k)
         values[name] = signal_values(x, emb, r.nearest_distance)
-    rows = []
+    held = model.run.oracle.classify(model.run.embed(images), n=model.n, m=model.config.m, k=model.config.k)
+    rows = [{"run": run, "rule": "nearest-oracle distance (no rule)", "calibration": source,
+             "held-out median": float(np.median(held.nearest_distance)),
+             "held-out 99th percentile": float(np.quantile(held.nearest_distance, 0.99)),
+             **{name: float(np.median(v["abstain_threshold"])) for name, v in values.items()}}]
     rules = {"distance only": ("abstain_threshold",), "all signals": tuple(SIGNALS)}
     rules.update({f"{SIGNALS[f][0]} only": (f,) for f in SIGNALS if f != "abstain_threshold"})
     for rule, fields in rules.items():
