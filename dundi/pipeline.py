@@ -25,7 +25,8 @@ from dundi.errors import DundiError
 from dundi.inference import accuracy, forward_batched
 from dundi.models import build_distance_net, build_native
 from dundi.oracle import OracleIndex
-from dundi.train import TrainConfig, drop_holdout, fit, kept_classes, split_train_val
+from dundi.train import TrainConfig, drop_holdout, kept_classes, split_train_val
+from dundi.training_loop import fit
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -94,7 +95,8 @@ def _train_val(cfg: TrainConfig, data_dir: str | None):
 
 
 def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | None = None,
-                     progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                     progress: bool = True, log: Callable[[str], None] = print,
+                     device: str | None = None) -> dict:
     """Train a native softmax model, save it as a run, return its metadata with test accuracy."""
     cfg.validate()
     out = Path(out)
@@ -103,7 +105,7 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
     validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
     t0 = time.time()
     fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress,
-        checkpoints=out / CHECKPOINT_DIR)
+        checkpoints=out / CHECKPOINT_DIR, device=device)
     test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
     metrics = {"test_accuracy": native_accuracy(model, test_x, test_y), "test_count": len(test_y),
                "train_seconds": round(time.time() - t0, 2)}
@@ -155,16 +157,16 @@ def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, 
 
 def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | None = None,
                     data_dir: str | None = None, progress: bool = True,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, device: str | None = None) -> dict:
     """Triplet-train a Distance NN (DunDi_R, or DunDi_P from ``pretrained``) and save the run."""
     cfg.validate()
     out = Path(out)
     images, labels, tr, va = _train_val(cfg, data_dir)
     model, mode = new_distance_net(cfg, pretrained)
     t0 = time.time()
-    history = fit(model, images[tr], labels[tr], cfg, "triplet",
+    history = fit(model, images[tr], labels[tr], cfg, "dundi",
                   triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress,
-                  checkpoints=out / CHECKPOINT_DIR)
+                  checkpoints=out / CHECKPOINT_DIR, device=device, pretrained=pretrained)
     metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
     warn_if_collapsed(cfg, history, len(kept_classes(cfg, _spec(cfg.dataset).num_classes)), log)
     return _finish(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))

@@ -41,6 +41,9 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                    help="share of the training split held out for per-epoch validation, in [0, 0.5)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<model>-<kind>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they only show on a terminal)")
+    p.add_argument("--device", default="auto", type=device_name,
+                   help="where a training in this process runs: auto (a CUDA GPU when PyTorch sees one, "
+                        "else the CPU), cpu, cuda or cuda:N (default %(default)s; Ray workers: --gpu)")
     if not native:
         p.add_argument("--pretrained", default=None,
                        help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
@@ -120,6 +123,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def device_name(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N (checked before torch is imported)."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+
+
 def holdout_by_seed(dataset: str, count: int, seed: int) -> tuple[int, ...]:
     """``count`` dataset classes drawn with ``seed``: the same classes on every machine."""
     import numpy as np
@@ -171,11 +181,12 @@ def _train(args: argparse.Namespace, kind: str) -> None:
     elif kind == "native":
         from dundi.pipeline import train_native_run
 
-        meta = train_native_run(cfg, out, args.data_dir, progress=not args.no_progress)
+        meta = train_native_run(cfg, out, args.data_dir, progress=not args.no_progress, device=args.device)
     else:
         from dundi.pipeline import train_dundi_run
 
-        meta = train_dundi_run(cfg, out, pretrained, args.data_dir, progress=not args.no_progress)
+        meta = train_dundi_run(cfg, out, pretrained, args.data_dir, progress=not args.no_progress,
+                               device=args.device)
     figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
     if kind == "dundi":
         from dundi.pipeline import build_index, classify_split

@@ -40,17 +40,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dundi.checkpoint import STATE_FILE, read_checkpoint, write_checkpoint
+from dundi.checkpoint import read_checkpoint, write_checkpoint
 from dundi.errors import DundiError
 from dundi.train import TrainConfig
+from dundi.training_loop import KINDS, resume_state
 
 log = logging.getLogger(__name__)
 
-KINDS = ("native", "dundi")
 RUN_DESCRIPTOR = "dundi_train.json"  # in <storage>/<name>/: what this run name trains
 STORAGE_TIMEOUT_S = 30.0
-# Changing these between a run and its resumption would silently mix two experiments.
-RESUME_MAY_CHANGE = {"epochs"}
 
 
 @dataclasses.dataclass
@@ -148,19 +146,11 @@ def _check_descriptor(storage: str, name: str, descriptor: dict) -> dict | None:
     except (OSError, ValueError) as exc:
         raise DundiError(f"cannot read {storage}/{name}/{RUN_DESCRIPTOR}: {exc}") from None
     if previous is not None:
-        from dundi.train import with_defaults
+        from dundi.training_loop import check_resume
 
-        old, new = with_defaults(previous.get("config", {})), descriptor["config"]
-        changed = sorted(k for k in set(old) | set(new)
-                         if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
-        if previous.get("kind") != descriptor["kind"]:
-            changed.insert(0, "kind")
-        if previous.get("pretrained") != descriptor.get("pretrained"):
-            changed.append("pretrained")
-        if changed:
-            raise DundiError(f"run name {name!r} in {storage} already holds a run with different "
-                             f"settings ({', '.join(changed)}); resume it with the same settings, "
-                             f"or pass another --name (or --out) to start a new one")
+        previous.setdefault("world_size", previous.get("workers"))  # descriptors before the rename
+        check_resume(previous, descriptor, f"run name {name!r} in {storage}",
+                     "pass another --name (or --out) to start a new one")
     try:
         fs.create_dir(run_dir, recursive=True)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -219,132 +209,79 @@ def _all_gather(obj: Any) -> list[Any]:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: one DDP worker (config is a plain dict)."""
+    """Ray Train's ``train_loop_per_worker``: one DDP worker running the core's epoch loop
+    (:func:`dundi.training_loop.train_epochs`) on its own rows; rank 0 checkpoints."""
     import ray.train
     import ray.train.torch
 
     from dundi.artifacts import build_from_meta
-    from dundi.pipeline import native_accuracy, triplet_validator
-    from dundi.certified_training import balanced_batches
     from dundi.data import DATASETS
-    from dundi.train import (adversarial_generator, drop_holdout, kept_classes, epoch_config, epoch_order, epoch_tuples,
-                             make_optimizer, run_certified_epoch, run_native_epoch, run_triplet_epoch,
-                             split_train_val, worker_tuples)
+    from dundi.pipeline import native_accuracy, triplet_validator
+    from dundi.train import drop_holdout, kept_classes, split_train_val
+    from dundi.training_loop import Worker, train_epochs
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    worker = Worker(rank, world, device, sum=lambda values: _allreduce(values, device),
+                    min=lambda value: _allreduce_min(value, device), wrap=ray.train.torch.prepare_model)
     say = _say if (rank == 0 and config.get("progress", True)) else (lambda line: None)
 
-    # --- data: this worker's rows, its train/validation split, its tuples (all seeded)
+    # --- data: this worker's rows and its train/validation split (seeded)
     images, labels, _ = drop_holdout(*worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world),
                                      kept_classes(cfg, DATASETS[cfg.dataset].num_classes))
     tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
-    present = np.bincount(labels[tr], minlength=2)
-    if (present >= 2).sum() < 2:
+    if (np.bincount(labels[tr], minlength=2) >= 2).sum() < 2:
         raise DundiError(f"worker {rank} of {world} got {len(tr)} training samples with fewer than "
                          f"two classes of two samples each: use more data (--limit) or fewer workers")
-    wcfg = cfg if world == 1 else dataclasses.replace(
-        cfg, batch_size=math.ceil(cfg.batch_size / world),
-        cert_per_class=max(2, math.ceil(cfg.cert_per_class / world)))
-    x_tr = torch.as_tensor(images[tr]).to(device)
-    y_tr = torch.as_tensor(labels[tr]).to(device)
-    cert_steps = None
-    if kind == "dundi" and cfg.certified:
-        # class-balanced batches; DDP needs the same number of steps on every worker
-        cert_steps = int(_allreduce_min(len(balanced_batches(labels[tr], wcfg.cert_per_class, 0, cfg.seed)),
-                                        device))
-        validate = triplet_validator(cfg, images, labels, tr, va)
-        work_per_epoch = cert_steps * wcfg.cert_per_class * int(labels.max() + 1) * world
-    elif kind == "dundi":
-        tuples = worker_tuples(labels[tr], cfg, rank, world)
-        validate = triplet_validator(cfg, images, labels, tr, va)
-        work_per_epoch = len(tuples) * world
-    else:
-        # DDP needs the same number of steps on every worker: train on the smallest share.
-        n_train = int(min(_allreduce_min(len(tr), device), len(tr)))
-        validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
-        work_per_epoch = n_train * world
+    validate = (triplet_validator(cfg, images, labels, tr, va) if kind == "dundi" else
+                (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None)
 
-    # --- model and optimizer: the driver's seeded initial weights, or the last checkpoint
-    torch.manual_seed(cfg.seed)
+    # --- model: the driver's seeded initial weights, or the last checkpoint's
     model = build_from_meta(config["model_meta"])
     model.load_state_dict(config["init_state"])
-    start_epoch, history, starts, seconds = 0, [], [], 0.0
-    checkpoint = ray.train.get_checkpoint()
-    opt_state = rng = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state, weights, opt_state, rng = read_checkpoint(d)
-        model.load_state_dict(weights)
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        starts, seconds = state["starts"], state["seconds"]
-    starts = [*starts, start_epoch]
-    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    optimizer = make_optimizer(inner, cfg)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and "cuda/0" in rng:
-            torch.cuda.set_rng_state_all([rng[f"cuda/{i}"] for i in range(torch.cuda.device_count())
-                                          if f"cuda/{i}" in rng])
+    resumed, starts = _resumed(ray.train.get_checkpoint())
+    starts = [*starts, resumed.epoch + 1 if resumed else 0]
     nodes = _all_gather({"rank": rank, "node": ray.get_runtime_context().get_node_id(),
                          "host": os.uname().nodename, "pid": os.getpid(), "rows": int(len(labels))})
-    if start_epoch:
-        say(f"[dundi] resuming {config['name']} from the checkpoint of epoch {start_epoch}")
+    if resumed:
+        say(f"[dundi] resuming {config['name']} from the checkpoint of epoch {resumed.epoch + 1}")
     say(f"[dundi] {kind} training on {world} worker(s): {[n['rows'] for n in nodes]} rows each, "
-        f"epochs {start_epoch + 1}..{cfg.epochs}")
+        f"epochs {starts[-1] + 1}..{cfg.epochs}")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        ecfg = epoch_config(wcfg, epoch)
-        gen = adversarial_generator(cfg, epoch, rank)
-        if cert_steps is not None:
-            m = run_certified_epoch(model, optimizer, x_tr, y_tr, wcfg, epoch, progress=False,
-                                    rank=rank, steps=cert_steps, num_classes=int(labels.max()) + 1)
-            train_figures = [m["loss"], m["batch_certified"]]
-            names = ("loss", "batch_certified")
-        elif kind == "dundi":
-            m = run_triplet_epoch(model, optimizer, x_tr, y_tr, epoch_tuples(tuples, epoch, cfg.seed),
-                                  ecfg, progress=False, generator=gen)
-            train_figures = [m["loss"], m["ordered"]]
-            names = ("loss", "ordered")
-        else:
-            order = (epoch_order(len(tr), epoch, cfg.seed) if world == 1 else
-                     np.random.default_rng([cfg.seed, epoch, rank]).permutation(len(tr))[:n_train])
-            m = run_native_epoch(model, optimizer, x_tr, y_tr, order, ecfg, progress=False, generator=gen)
-            train_figures = [m["loss"], m["train_accuracy"]]
-            names = ("loss", "train_accuracy")
-        train_seconds = time.perf_counter() - t0
-        val = [0.0, 0.0]
-        if validate is not None:
-            val = [validate(inner) * len(va), float(len(va))]
-        sums = _allreduce([*train_figures, *val], device)
-        metrics: dict[str, Any] = {names[0]: sums[0] / world, names[1]: sums[1] / world}
-        if validate is not None and sums[3] > 0:
-            metrics["val_accuracy"] = sums[2] / sums[3]
-        metrics["epoch"] = epoch
-        seconds += time.perf_counter() - t0
-        timing = {"seconds": round(train_seconds, 4),
-                  ("tuples_per_s" if kind == "dundi" else "images_per_s"): work_per_epoch / train_seconds}
-        history.append({**metrics, **timing})
+    def report(epoch: int, metrics: dict, inner: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               state: dict) -> None:
+        timing = {k: v for k, v in state["history"][-1].items() if k in ("seconds", "tuples_per_s", "images_per_s")}
         say(f"[dundi] epoch {epoch + 1}/{cfg.epochs} " +
             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch") +
-            f" ({train_seconds:.1f}s, {list(timing.values())[1]:.0f} {list(timing)[1][:-6]}/s)")
-        state = {"kind": kind, "epoch": epoch, "epochs": cfg.epochs, "history": history,
-                 "starts": starts, "seconds": seconds, "world_size": world, "nodes": nodes,
-                 "config": dataclasses.asdict(cfg)}
-        report = {**metrics, **timing, "world_size": world}
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="dundi-ckpt-") as tmp:
-                write_checkpoint(Path(tmp), inner, optimizer, state)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
-        else:
-            ray.train.report(report, checkpoint=None)
+            f" ({timing['seconds']:.1f}s)")
+        figures = {**metrics, **timing, "world_size": world}
+        if rank != 0:
+            ray.train.report(figures, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="dundi-ckpt-") as tmp:
+            write_checkpoint(Path(tmp), inner, optimizer, {**state, "starts": starts, "nodes": nodes})
+            ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+    train_epochs(model, images[tr], labels[tr], cfg, kind, worker, validate=validate, val_count=len(va),
+                 resumed=resumed, on_epoch=report, progress=False,
+                 state=resume_state(kind, cfg, world, config.get("pretrained")))
+
+
+def _resumed(checkpoint: Any) -> tuple[Any, list[int]]:
+    """The worker's starting point from Ray Train's last checkpoint (None on a fresh run) and
+    the epochs at which earlier attempts started."""
+    from dundi.training_loop import Resumed
+
+    if checkpoint is None:
+        return None, []
+    with checkpoint.as_directory() as d:
+        state, weights, optimizer, rng = read_checkpoint(d)
+    return (Resumed(state["epoch"], weights, optimizer, rng, state["history"], state.get("seconds", 0.0)),
+            state.get("starts", []))
 
 
 def _say(line: str) -> None:
@@ -433,8 +370,7 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
                f"cluster needs shared storage there (NFS) or a URI (--storage s3://...)")
 
     model, model_meta, extra = _initial_model(kind, cfg, pretrained)
-    descriptor = {"kind": kind, "config": dataclasses.asdict(cfg), "pretrained": pretrained,
-                  "workers": opts.workers}
+    descriptor = resume_state(kind, cfg, opts.workers, pretrained)
     previous = _check_descriptor(storage, name, descriptor)
 
     resources = init_ray(opts.address, num_cpus=max(os.cpu_count() or 1,
@@ -450,7 +386,7 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
         train_loop_config={
             "kind": kind, "cfg": dataclasses.asdict(cfg), "model_meta": model_meta,
             "init_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "data_dir": data_dir, "name": name, "progress": opts.progress,
+            "data_dir": data_dir, "name": name, "progress": opts.progress, "pretrained": pretrained,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                                resources_per_worker=per_worker),
