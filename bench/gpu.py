@@ -6,7 +6,7 @@ The CPU side uses every core torch is given (``torch.get_num_threads()``, printe
 train the same seeded model on the same mnist-10k tuples; the attack runs on a briefly
 trained DunDi_R with an index of n oracles per class.
 
-    python bench/gpu.py [--tuples 4096] [--adv-steps 10] [--images 512] [--apgd-steps 50] [--json]
+    python bench/gpu.py [--tuples 4096] [--batch 128] [--adv-steps 10] [--images 512] [--apgd-steps 50] [--json]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def sync(device: torch.device) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tuples", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=128, help="tuples per training step (default %(default)s)")
     p.add_argument("--adv-steps", type=int, default=10)
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--apgd-steps", type=int, default=50)
@@ -78,10 +79,11 @@ def main() -> None:
     gpu, cpu = torch.device(args.device), torch.device("cpu")
     x, y, _ = load_split("mnist-10k", "train")
     tx, ty, _ = load_split("mnist-10k", "test", limit=args.images)
-    cfg = TrainConfig(arch="lenet5", epochs=1, tuples=args.tuples, adversarial=True, adv_eps=0.3,
-                      adv_steps=args.adv_steps)
+    cfg = TrainConfig(arch="lenet5", epochs=1, tuples=args.tuples, batch_size=args.batch, adversarial=True,
+                      adv_eps=0.3, adv_steps=args.adv_steps)
     name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)
-    print(f"GPU side: {name}; CPU side: {torch.get_num_threads()} torch threads")
+    print(f"GPU side: {name}; CPU side: {torch.get_num_threads()} torch threads; DunDi-AT: {args.tuples} "
+          f"tuples, batch {args.batch}, PGD {args.adv_steps} steps; APGD: {len(ty)} images in one batch")
     rows = {}
     cpu_train, _ = train_rate(cfg, x, y, cpu)
     gpu_train, model = train_rate(cfg, x, y, gpu)

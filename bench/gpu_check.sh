@@ -22,6 +22,7 @@ time $PY -m dundi train --dataset mnist-10k --backbone lenet5 --adversarial \
     --adv-eps 0.3 --epochs 1 --tuples 20000 --device cuda --no-progress --out "$out/at" --json || rc=1
 rm -rf "$out"
 
-echo "== bench/gpu.py"
+echo "== bench/gpu.py (the CLI's defaults: batch 128; then large batches, where a GPU pays)"
 $PY bench/gpu.py || rc=1
+$PY bench/gpu.py --batch 1024 --tuples 32768 --images 4096 || rc=1
 exit $rc

@@ -62,8 +62,28 @@ def test_dundi_at_batch_on_cuda_equals_cpu(digits):
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten().cpu() for p in net.parameters()]))
     assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+    # PGD steps by the gradient's sign: where an entry is near zero its sign can differ between
+    # devices and move that pixel by 2*alpha, so the two gradients agree closely, not exactly
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
-    assert cos > 0.999
+    assert cos > 0.99
+
+
+def test_pgd_examples_on_cuda_equal_cpu_ones(digits):
+    """The PGD random start is drawn on the CPU generator on every device: a CUDA run crafts the
+    same examples as a CPU run (different starts would leave almost no pixel equal)."""
+    from dundi.adversarial import pgd_maximise
+
+    x = torch.as_tensor(digits[0][:64])
+    torch.manual_seed(0)
+    net = build_distance_net("lenet5", (1, 28, 28), 128)
+    target = torch.randn(64, 128)
+    out = []
+    for dev in ("cpu", CUDA):
+        net.to(dev)
+        loss = lambda xa: (net(xa) - target.to(dev)).square().sum()  # noqa: E731
+        out.append(pgd_maximise(loss, x.to(dev), 0.3, 0.1, 3, torch.Generator().manual_seed(5)).cpu())
+    same = torch.isclose(out[0], out[1], atol=1e-5).float().mean().item()
+    assert same > 0.98, f"only {same:.1%} of pixels agree"
 
 
 @pytest.mark.parametrize("kind,cfg", [
