@@ -11,7 +11,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from dundi.cli import choices
-from dundi.cli.main import (emit, fraction, nonnegative_float, nonnegative_int, positive_float,
+from dundi.rule import ORACLES_PER_CLASS
+from dundi.cli.main import (add_two_step_args, emit, fraction, nonnegative_float, nonnegative_int, positive_float,
                             positive_int, unit_float)
 
 if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.choices
@@ -54,7 +55,8 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
         p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
         p.add_argument("--paper-loop", action="store_true",
                        help="three forward passes per tuple, as in the paper (slower, same loss)")
-        p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class in the final index")
+        p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
+                       help="oracles per class in the final index (default %(default)s)")
         hold = p.add_mutually_exclusive_group()
         hold.add_argument("--holdout-classes", type=nonnegative_int, nargs="+", default=None, metavar="CLASS",
                           help="dataset class indices left out of training, to enroll later with "
@@ -237,11 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _add_rule_args(p: argparse.ArgumentParser) -> None:
     """The two-step rule's n, m, k and the evaluated split: shared by classify and certify."""
-    p.add_argument("--n", type=positive_int, default=None,
-                   help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=positive_int, default=None,
-                   help="coarse-step oracles per class (default: min(3, n))")
-    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step (default %(default)s)")
+    add_two_step_args(p)
     p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split (default %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N images of the split (default: all)")
@@ -273,7 +271,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="index_cmd", metavar="ACTION", required=True)
     p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
     p.add_argument("run", help="DunDi run directory")
-    p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class (n)")
+    p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
+                   help="oracles per class (n) (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
     _add_common(p)
     p.set_defaults(handler=cmd_index_build)

@@ -10,8 +10,9 @@ import socket
 import sys
 import time
 
-from dundi.cli.main import emit
+from dundi.cli.main import add_two_step_args, emit
 from dundi.errors import DundiError
+from dundi.rule import COARSE_ORACLES
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -237,9 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
-    model.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all)")
-    model.add_argument("--m", type=int, default=3, help="coarse-step oracles per class")
-    model.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
+    add_two_step_args(model, m_default=COARSE_ORACLES)
     model.add_argument("--abstain-threshold", type=float, default=None,
                        help="answer 'unknown' when the nearest oracle is farther than this (default: none)")
     model.add_argument("--abstain-quantile", type=float, default=None,

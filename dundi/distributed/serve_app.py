@@ -48,6 +48,7 @@ from dundi.serving.app import Unavailable, create_app
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
 from dundi.serving.settings import ServeSettings
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
 log = logging.getLogger("ray.serve")
 
@@ -314,8 +315,8 @@ class ServeAppArgs(BaseModel):
 
     run: str = Field(description="DunDi run directory with an oracle index (readable on every node)")
     n: Optional[int] = Field(None, description="fine-step oracles per class (None: all in the index)")
-    m: int = Field(3, description="coarse-step oracles per class")
-    k: int = Field(5, description="classes kept by the coarse step")
+    m: int = Field(COARSE_ORACLES, description="coarse-step oracles per class")
+    k: int = Field(KEPT_CLASSES, description="classes kept by the coarse step")
     abstain_threshold: Optional[float] = Field(None, description="answer 'unknown' beyond this nearest-oracle distance")
     model_name: str = "dundi"
     replicas: int = Field(1, ge=1, description="replicas (ignored with autoscaling)")

@@ -44,6 +44,7 @@ from dundi.checkpoint import read_checkpoint, write_checkpoint
 from dundi.errors import DundiError
 from dundi.train import TrainConfig
 from dundi.training_loop import KINDS, resume_state
+from dundi.rule import ORACLES_PER_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class RayOptions:
     max_failures: int = 3
     cpus_per_worker: float = 1.0
     data_dir: str | None = None
-    oracles: int = 20              # oracles per class in the final index (dundi runs)
+    oracles: int = ORACLES_PER_CLASS  # oracles per class in the final index (dundi runs)
     progress: bool = True          # rank 0 prints one line per epoch
 
     @classmethod
@@ -73,7 +74,7 @@ class RayOptions:
                    storage=get("storage", None), name=get("name", None),
                    max_failures=get("max_failures", 3),
                    cpus_per_worker=get("cpus_per_worker", None) or 1.0,
-                   data_dir=get("data_dir", None), oracles=get("oracles", 20),
+                   data_dir=get("data_dir", None), oracles=get("oracles", ORACLES_PER_CLASS),
                    progress=not get("no_progress", False))
 
 

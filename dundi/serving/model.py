@@ -21,6 +21,7 @@ import numpy as np
 from dundi.artifacts import Run
 from dundi.errors import DundiError
 from dundi.serving.errors import RequestError
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +35,8 @@ class ModelConfig:
 
     run: str
     n: int | None = None
-    m: int = 3
-    k: int = 5
+    m: int = COARSE_ORACLES
+    k: int = KEPT_CLASSES
     abstain_threshold: float | None = None
 
     FIELDS = ("run", "n", "m", "k", "abstain_threshold")
