@@ -46,40 +46,54 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                    help="where a training in this process runs: auto (a CUDA GPU when PyTorch sees one, "
                         "else the CPU), cpu, cuda or cuda:N (default %(default)s; Ray workers: --gpu)")
     if not native:
-        p.add_argument("--pretrained", default=None,
-                       help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
-        p.add_argument("--tuples", type=positive_int, default=d.tuples, help="size of the tuple set (paper: 360000)")
-        p.add_argument("--loss", default=d.loss, choices=choices.LOSSES, help="sigmoid (paper) | margin")
-        p.add_argument("--margin", type=positive_float, default=d.margin, help="margin of the margin loss")
-        p.add_argument("--mining", default=d.mining, choices=choices.MINING, help="random (paper) | batch-hard")
-        p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
-        p.add_argument("--paper-loop", action="store_true",
-                       help="three forward passes per tuple, as in the paper (slower, same loss)")
-        p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
-                       help="oracles per class in the final index (default %(default)s)")
-        hold = p.add_mutually_exclusive_group()
-        hold.add_argument("--holdout-classes", type=nonnegative_int, nargs="+", default=None, metavar="CLASS",
-                          help="dataset class indices left out of training, to enroll later with "
-                               "`dundi index add` (default: none)")
-        hold.add_argument("--holdout-random", type=positive_int, default=None, metavar="N",
-                          help="leave out N dataset classes chosen with --seed (default: none)")
-        p.add_argument("--metric", default=None, choices=choices.METRICS,
-                       help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
-                            "(certifiable; the default with --certified)")
-        cert = p.add_argument_group("certified training (interval bounds through the embedding; "
-                                    "docs/certification.md)")
-        cert.add_argument("--certified", action="store_true",
-                          help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
-        cert.add_argument("--cert-eps", type=unit_float, default=d.cert_eps,
-                          help="L-inf budget of the worst-case loss (default %(default)s)")
-        cert.add_argument("--cert-mix", type=fraction, default=d.cert_mix,
-                          help="final weight of the worst-case loss (default %(default)s)")
-        cert.add_argument("--cert-warmup", type=nonnegative_float, default=d.cert_warmup,
-                          help="clean epochs before the budget grows (default %(default)s)")
-        cert.add_argument("--cert-ramp", type=nonnegative_float, default=d.cert_ramp,
-                          help="epochs over which eps and mix grow to their final values (default %(default)s)")
-        cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
-                          help="images of each class per batch (default %(default)s)")
+        _add_triplet_args(p, d)
+        _add_certified_args(p, d)
+    _add_adversarial_args(p, d)
+    _add_ray_args(p)
+    _add_common(p)
+
+
+def _add_triplet_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
+    p.add_argument("--pretrained", default=None,
+                   help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
+    p.add_argument("--tuples", type=positive_int, default=d.tuples, help="size of the tuple set (paper: 360000)")
+    p.add_argument("--loss", default=d.loss, choices=choices.LOSSES, help="sigmoid (paper) | margin")
+    p.add_argument("--margin", type=positive_float, default=d.margin, help="margin of the margin loss")
+    p.add_argument("--mining", default=d.mining, choices=choices.MINING, help="random (paper) | batch-hard")
+    p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
+    p.add_argument("--paper-loop", action="store_true",
+                   help="three forward passes per tuple, as in the paper (slower, same loss)")
+    p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
+                   help="oracles per class in the final index (default %(default)s)")
+    hold = p.add_mutually_exclusive_group()
+    hold.add_argument("--holdout-classes", type=nonnegative_int, nargs="+", default=None, metavar="CLASS",
+                      help="dataset class indices left out of training, to enroll later with "
+                           "`dundi index add` (default: none)")
+    hold.add_argument("--holdout-random", type=positive_int, default=None, metavar="N",
+                      help="leave out N dataset classes chosen with --seed (default: none)")
+    p.add_argument("--metric", default=None, choices=choices.METRICS,
+                   help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
+                        "(certifiable; the default with --certified)")
+
+
+def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
+    cert = p.add_argument_group("certified training (interval bounds through the embedding; "
+                                "docs/certification.md)")
+    cert.add_argument("--certified", action="store_true",
+                      help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
+    cert.add_argument("--cert-eps", type=unit_float, default=d.cert_eps,
+                      help="L-inf budget of the worst-case loss (default %(default)s)")
+    cert.add_argument("--cert-mix", type=fraction, default=d.cert_mix,
+                      help="final weight of the worst-case loss (default %(default)s)")
+    cert.add_argument("--cert-warmup", type=nonnegative_float, default=d.cert_warmup,
+                      help="clean epochs before the budget grows (default %(default)s)")
+    cert.add_argument("--cert-ramp", type=nonnegative_float, default=d.cert_ramp,
+                      help="epochs over which eps and mix grow to their final values (default %(default)s)")
+    cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
+                      help="images of each class per batch (default %(default)s)")
+
+
+def _add_adversarial_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
     adv = p.add_argument_group("adversarial training (DunDi-AT for `train`, Madry-style PGD for `train-native`)")
     adv.add_argument("--adversarial", action="store_true", help="train on PGD examples crafted against the current model")
     adv.add_argument("--adv-eps", type=unit_float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
@@ -95,6 +109,9 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                      help="epochs over which eps ramps linearly up to --adv-eps (default %(default)s)")
     adv.add_argument("--adv-mix", type=fraction, default=d.adv_mix,
                      help="weight of the adversarial loss; 1.0 trains on adversarial examples only")
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray Train (omit --workers to train in this process)")
     ray.add_argument("--workers", type=nonnegative_int, default=0,
                      help="train with Ray Train on W workers; 0 trains in this process")
@@ -107,7 +124,6 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                           "(default: the run directory's name)")
     ray.add_argument("--max-failures", type=nonnegative_int, default=3,
                      help="worker failures Ray Train recovers from before giving up")
-    _add_common(p)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
