@@ -317,6 +317,8 @@ class ServeAppArgs(BaseModel):
     m: int = Field(3, description="coarse-step oracles per class")
     k: int = Field(5, description="classes kept by the coarse step")
     abstain_threshold: Optional[float] = Field(None, description="answer 'unknown' beyond this nearest-oracle distance")
+    abstain_min_norm: Optional[float] = Field(None, description="answer 'unknown' for embeddings shorter than this")
+    abstain_max_grey: Optional[float] = Field(None, description="answer 'unknown' above this share of mid-grey pixels")
     model_name: str = "dundi"
     replicas: int = Field(1, ge=1, description="replicas (ignored with autoscaling)")
     autoscale_min: Optional[int] = Field(None, ge=0)
@@ -342,7 +344,8 @@ class ServeAppArgs(BaseModel):
         return self
 
     def model_config_dict(self) -> dict:
-        return ModelConfig(self.run, self.n, self.m, self.k, self.abstain_threshold).to_dict()
+        return ModelConfig(self.run, self.n, self.m, self.k, self.abstain_threshold,
+                           self.abstain_min_norm, self.abstain_max_grey).to_dict()
 
     def user_config(self) -> dict:
         return {**self.model_config_dict(), "max_batch_size": self.max_batch_size,

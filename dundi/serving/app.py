@@ -269,7 +269,8 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         changes = parse_json(await read_body(request, 64 * 1024))
         if not isinstance(changes, dict) or not changes:
             raise RequestError(422, "invalid_config", "nothing to change",
-                               'a JSON object with any of "run", "n", "m", "k", "abstain_threshold"')
+                               'a JSON object with any of "run", "n", "m", "k", "abstain_threshold", '
+                               '"abstain_min_norm", "abstain_max_grey"')
         return json_response(await backend.reload(changes))
 
     return app

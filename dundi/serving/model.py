@@ -30,6 +30,9 @@ class ModelConfig:
     ``n`` None means every oracle in the index. ``abstain_threshold`` None never abstains;
     otherwise an input whose nearest oracle (among the k classes kept by step 1) is farther
     than the threshold gets the answer "unknown" (see :mod:`dundi.serving.abstain`).
+    ``abstain_min_norm`` and ``abstain_max_grey`` (None: off) also answer "unknown" for an
+    embedding shorter than the one, or an image with a larger share of mid-grey pixels than
+    the other: the signals `dundi index calibrate` sets with the distance threshold.
     """
 
     run: str
@@ -37,8 +40,10 @@ class ModelConfig:
     m: int = 3
     k: int = 5
     abstain_threshold: float | None = None
+    abstain_min_norm: float | None = None
+    abstain_max_grey: float | None = None
 
-    FIELDS = ("run", "n", "m", "k", "abstain_threshold")
+    FIELDS = ("run", "n", "m", "k", "abstain_threshold", "abstain_min_norm", "abstain_max_grey")
 
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
@@ -46,7 +51,8 @@ class ModelConfig:
         keep their value in ``base``. Raises RequestError 422 saying what is wrong."""
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles), "abstain_threshold" '
-                    '(positive number or null)')
+                    '(positive number or null), "abstain_min_norm", "abstain_max_grey" '
+                    '(non-negative numbers or null)')
         if not isinstance(data, dict):
             raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
         unknown = sorted(set(data) - set(cls.FIELDS))
@@ -64,6 +70,14 @@ class ModelConfig:
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
                 raise RequestError(422, "invalid_config", f"abstain_threshold={thr!r} is not a positive number", expected)
             merged["abstain_threshold"] = float(thr)
+        for name in ("abstain_min_norm", "abstain_max_grey"):
+            value = merged.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0:
+                    raise RequestError(422, "invalid_config", f"{name}={value!r} is not a non-negative number",
+                                       expected)
+                merged[name] = float(value)
         return cls(**merged)
 
     def to_dict(self) -> dict:
@@ -91,6 +105,8 @@ class ModelInfo:
     abstain_threshold: float | None
     metric: str = "euclidean"     # the distance the rule ranks by
     certified: bool = False       # answers carry a certified L∞ radius (sqeuclidean runs)
+    abstain_min_norm: float | None = None  # the other abstain signals (dundi.serving.abstain)
+    abstain_max_grey: float | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -166,7 +182,8 @@ class LoadedModel:
         meta = run.meta
         files = meta.get("files", {})
         fingerprint = json.dumps([files.get("model.safetensors"), files.get("oracle/index.faiss"),
-                                  n, config.m, config.k, config.abstain_threshold])
+                                  n, config.m, config.k, config.abstain_threshold,
+                                  config.abstain_min_norm, config.abstain_max_grey])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
             run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
@@ -175,17 +192,24 @@ class LoadedModel:
             class_names=class_names_for(meta["dataset"], int(meta["num_classes"])),
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
             embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold,
-            metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean")
+            metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean",
+            abstain_min_norm=config.abstain_min_norm, abstain_max_grey=config.abstain_max_grey)
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
     def classify(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
+        from dundi.serving.abstain import SIGNALS, abstain_flags, signal_values
+
         check_shape(images, self.info.in_shape)
-        r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k,
-                              batch_size=self.embed_batch)
-        thr = self.config.abstain_threshold
-        abstained = (r.nearest_distance > thr) if thr is not None else np.zeros(len(r.labels), bool)
+        if len(images) == 0:
+            r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k)
+            emb = np.zeros((0, self.run.oracle.dim), np.float32)
+        else:
+            emb = self.run.embed(images, self.embed_batch)
+            r = self.run.oracle.classify(emb, n=self.n, m=self.config.m, k=self.config.k)
+        values = signal_values(images, emb, r.nearest_distance)
+        abstained = abstain_flags(values, {f: getattr(self.config, f) for f in SIGNALS})
         labels = r.labels.astype(np.int64)
         radius = None
         if self.certifier is not None:
