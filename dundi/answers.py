@@ -32,15 +32,13 @@ FORMATS = ("table", "jsonl", "csv", "parquet")
 
 
 def _native_rows(run: Run, images: np.ndarray, k: int) -> tuple[list[dict], str]:
-    from dundi.serving.model import class_names_for
-
     from dundi.inference import forward_batched
 
     r = run.classify(images, k=k)  # labels and top-k by logit, ties to the lower class
     full = forward_batched(run.model, images).astype(np.float64)  # softmax needs every class
     probs = np.exp(full - full.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    names = class_names_for(run.meta["dataset"], int(run.meta["num_classes"]))
+    names = run.class_names
     rows = [{"label": int(lab), "class_name": names[lab], "topk_classes": [int(c) for c in top],
              "topk_scores": [float(probs[i, c]) for c in top]}
             for i, (lab, top) in enumerate(zip(r.labels, r.topk_classes))]

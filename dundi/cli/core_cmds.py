@@ -190,9 +190,10 @@ def _train(args: argparse.Namespace, kind: str) -> None:
                                device=args.device)
     figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
     if kind == "dundi":
+        from dundi.artifacts import index_version
         from dundi.pipeline import build_index, classify_split
 
-        if "oracle/index.faiss" not in meta.get("files", {}):
+        if index_version(meta) is None:
             build_index(out, n=args.oracles, seed=cfg.seed, data_dir=args.data_dir)
         result = classify_split(out, split="test", data_dir=args.data_dir)
         figures.update(mode=meta.get("mode"), test_accuracy=result["accuracy"], n=result["n"],
@@ -338,6 +339,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=positive_int, default=5, help="classes kept by step 1, as served (default 5)")
     _add_common(p)
     p.set_defaults(handler=cmd_index_calibrate)
+    from dundi.cli.index_cmds import register as register_index_changes
+
+    register_index_changes(index, _add_common)
 
     p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
     p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
