@@ -27,6 +27,10 @@ user_config through the Serve controller and answers once Serve reports every re
 reconfigured. The result is the declared configuration from then on (``serve status`` and
 ``serve build`` show it), not a side channel that a later deploy silently overrides.
 
+**``POST /admin/classes``** (same token) enrolls or removes a class: the receiving replica
+writes the run's next index version (dundi.enrollment, under the run's file lock) and rolls
+it out exactly as a reload does, with ``index_version`` pinned in the user_config.
+
 ``app_builder(ServeAppArgs)`` is the typed application builder used both by ``dundi serve`` and
 by ``serve deploy cluster/serve_config.yaml``.
 """
@@ -44,6 +48,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from dundi.errors import DundiError
+from dundi.serving import admin
+from dundi.serving.admin import ClassChange
 from dundi.serving.app import Unavailable, create_app
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
@@ -162,6 +168,7 @@ class ReplicaBackend:
         self._max_batch = 64
         self._swap_lock = asyncio.Lock()     # one model load at a time in this replica
         self._reload_lock = asyncio.Lock()   # one admin reload at a time through this replica
+        self._classes_lock = asyncio.Lock()  # one class change (write + rollout) at a time here
 
     # ---- configuration -----------------------------------------------------------------
     async def configure(self, user_config: Dict[str, Any]) -> None:
@@ -241,6 +248,14 @@ class ReplicaBackend:
             for i, part in zip(good, pred.split([len(items[i]) for i in good])):
                 out[i] = (part, model.info)
         return out
+
+    async def change_classes(self, change: ClassChange) -> dict:
+        """Enroll or remove a class in the run's index (under the run's file lock, so replicas
+        never lose each other's changes), then roll the new index version out to every replica."""
+        if self.model is None:
+            raise Unavailable("the model is loading")
+        async with self._classes_lock:
+            return await admin.change_classes(self.model.config, change, self.reload)
 
     async def reload(self, changes: dict) -> dict:
         """Load and verify the new settings here (422 and no change if that fails), then roll
