@@ -184,6 +184,16 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"or a smaller --lr.")
 
 
+def run_class_names(meta: dict) -> list[str]:
+    """Names of a run's classes in its label order: the dataset's names (of the classes it
+    was trained on, for a run with held-out classes), else "0".."C-1"."""
+    names = list(getattr(DATASETS.get(meta.get("dataset")), "class_names", None) or [])
+    dataset_classes = meta.get("dataset_classes", range(int(meta["num_classes"])))
+    if len(names) <= max(dataset_classes, default=0) or len(set(names)) != len(names):
+        return [str(c) for c in range(int(meta["num_classes"]))]
+    return [names[int(c)] for c in dataset_classes]
+
+
 def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
                 data_dir: str | None = None) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
@@ -195,6 +205,7 @@ def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
                                                      limit=meta["config"].get("limit")))
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
+                        class_names=run_class_names(meta),
                         metric=meta["config"].get("metric", "euclidean"),
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
                               "ids": ids[pick].tolist()})
