@@ -257,6 +257,10 @@ def load_oracle(run_dir: str | os.PathLike, meta: dict | None = None,
     if index.meta.get("weights_sha256") != meta["files"][WEIGHTS_FILE]:
         raise DundiError(f"{run_dir}: the oracle index was built with other weights than the "
                          f"run's model; rebuild it with `dundi index build {run_dir}`")
+    if "class_names" not in json.loads((run_dir / name / META_FILE).read_text()):
+        # written before indexes stored names: its classes are the run's trained classes
+        index = OracleIndex(index.vectors, counts=index.class_counts(), meta=index.meta,
+                            class_names=list(dataset_class_names(meta)), metric=index.metric)
     return index
 
 
@@ -329,14 +333,15 @@ def dataset_classes_of(meta: dict, oracle_meta: dict | None = None) -> list[int]
 
 
 def dataset_class_names(meta: dict) -> tuple[str, ...]:
-    """The dataset's names of the classes a run was trained on, by label (``dataset_classes``
-    for a run trained with held-out classes); label numbers as text for unknown datasets."""
+    """Names of a run's classes in its label order: the dataset's names (of the classes it
+    was trained on, for a run with held-out classes), else "0".."C-1"."""
     from dundi.data import DATASETS
 
+    names = list(getattr(DATASETS.get(meta.get("dataset")), "class_names", None) or [])
     kept = meta.get("dataset_classes", range(int(meta["num_classes"])))
-    spec = DATASETS.get(meta.get("dataset", ""))
-    names = tuple(spec.class_names) if spec is not None else ()
-    return tuple(names[c] if 0 <= c < len(names) else str(c) for c in kept)
+    if len(names) <= max(kept, default=0) or len(set(names)) != len(names):
+        return tuple(str(c) for c in range(int(meta["num_classes"])))
+    return tuple(names[int(c)] for c in kept)
 
 
 @dataclasses.dataclass
