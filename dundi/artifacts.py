@@ -194,13 +194,15 @@ def index_sha256(meta: dict, version: int | None = None) -> str:
 def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the run's write lock: two index changes (two CLI calls, two replicas of a service)
     must not both read version N and both write N + 1, losing one change."""
-    path = Path(run_dir) / ".lock"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the directory itself: no lock file
+    except FileNotFoundError:
+        raise DundiError(f"{run_dir} is not a DunDi run (no such directory)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_version(run_dir: Path, index: OracleIndex, **meta_fields: Any) -> dict:
