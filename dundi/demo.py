@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, read_meta
+from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, index_version, read_meta
 from dundi.data import fetch
 from dundi.report import demo_report
 from dundi.pipeline import build_index, classify_split, train_dundi_run, train_native_run
@@ -73,7 +73,7 @@ def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progre
     native_acc = classify_split(native_dir, data_dir=data_dir)
     rows = [{"model": "Native Model3 (LeNet-5)", "1": native_acc["accuracy"]}]
     for name, run_dir in (("DunDi_R3", r_dir), ("DunDi_P3", p_dir)):
-        if "oracle/index.faiss" not in read_meta(run_dir).get("files", {}):
+        if index_version(read_meta(run_dir)) is None:
             build_index(run_dir, n=max(N_VALUES), seed=0, data_dir=data_dir)
         row = {"model": name}
         for n in N_VALUES:

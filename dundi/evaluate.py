@@ -387,7 +387,9 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
                              f"(fingerprint {old.get('fingerprint')} ≠ {fp}); use another --out")
     from dundi.data import load_split
 
-    _, labels, _ = load_split(dataset, cfg.split, cfg.data_dir)
+    from dundi.pipeline import run_rows
+
+    _, labels, _ = run_rows(meta, *load_split(dataset, cfg.split, cfg.data_dir))
     positions = select_samples(len(labels), cfg.limit, cfg.seed)
     eps = resolve_eps(cfg, dataset)
     plan = plan_shards(cfg, len(positions), eps, dataset)
@@ -441,7 +443,10 @@ class Evaluator:
     def load_samples(cfg: EvalConfig, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from dundi.data import load_split
 
-        images, labels, ids = load_split(dataset, cfg.split, cfg.data_dir)
+        from dundi.pipeline import run_rows
+
+        # a run with held-out or enrolled classes answers with its index's labels
+        images, labels, ids = run_rows(read_meta(cfg.run), *load_split(dataset, cfg.split, cfg.data_dir))
         pos = select_samples(len(labels), cfg.limit, cfg.seed)
         return images[pos], labels[pos], ids[pos]
 

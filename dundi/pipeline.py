@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.artifacts import Run, atomic_write_json, load_model, save_model, save_oracle
+from dundi.artifacts import (Run, atomic_write_json, dataset_class_names, dataset_classes_of,
+                             load_model, save_model, save_oracle)
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
 from dundi.inference import accuracy, forward_batched
@@ -65,13 +66,15 @@ def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
             **extra}
 
 
-def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A split's rows as the run sees them: for a run trained with held-out classes, only the
-    classes it was trained on, numbered as its index numbers them (``dataset_classes``)."""
-    if "dataset_classes" not in meta:
+def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+             trained: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A split's rows as the run answers them: only the dataset classes its live oracle index
+    holds (trained or enrolled), numbered as the index numbers them; with ``trained``, the
+    classes the run was trained on (those `index build` picks oracles for)."""
+    classes = meta.get("dataset_classes") if trained else dataset_classes_of(meta)
+    if classes is None:
         return images, labels, ids
-    return drop_holdout(images, labels, ids, np.asarray(meta["dataset_classes"], dtype=np.int64))
+    return drop_holdout(images, labels, ids, np.asarray(classes, dtype=np.int64))
 
 
 def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -185,20 +188,29 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"or a smaller --lr.")
 
 
+def run_class_names(meta: dict) -> list[str]:
+    """Names of a run's classes in its label order (:func:`dundi.artifacts.dataset_class_names`)."""
+    return list(dataset_class_names(meta))
+
+
 def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
-    run's model and write the FAISS index into the run."""
+    run's model and write the FAISS index into the run as its next version. The index holds
+    the classes the run was trained on, named as the dataset names them: classes enrolled
+    since (`dundi index add`) are not carried over."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
     images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
-                                                     limit=meta["config"].get("limit")))
+                                                     limit=meta["config"].get("limit")), trained=True)
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
+    classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
+                        class_names=run_class_names(meta),
                         metric=meta["config"].get("metric", "euclidean"),
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
-                              "ids": ids[pick].tolist()})
+                              "ids": ids[pick].tolist(), "dataset_classes": classes})
     save_oracle(run_dir, index)
     return index
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from typing import TYPE_CHECKING
 
 from dundi.cli import choices
-from dundi.rule import ORACLES_PER_CLASS
-from dundi.cli.main import (add_two_step_args, emit, fraction, nonnegative_float, nonnegative_int, positive_float,
-                            positive_int, unit_float)
+from dundi.cli.main import (add_two_step_args, emit, fraction, nonnegative_float, nonnegative_int,
+                            open_fraction, positive_float, positive_int, unit_float)
+from dundi.rule import COARSE_ORACLES, ORACLES_PER_CLASS, coarse_default
 
 if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.choices
     from dundi.train import TrainConfig
@@ -207,9 +208,10 @@ def _train(args: argparse.Namespace, kind: str) -> None:
                                device=args.device)
     figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
     if kind == "dundi":
+        from dundi.artifacts import index_version
         from dundi.pipeline import build_index, classify_split
 
-        if "oracle/index.faiss" not in meta.get("files", {}):
+        if index_version(meta) is None:
             build_index(out, n=args.oracles, seed=cfg.seed, data_dir=args.data_dir)
         result = classify_split(out, split="test", data_dir=args.data_dir)
         figures.update(mode=meta.get("mode"), test_accuracy=result["accuracy"], n=result["n"],
@@ -226,7 +228,56 @@ def cmd_index_build(args: argparse.Namespace) -> None:
           "seed": args.seed}, args.json, f"built oracle index in {args.run}")
 
 
+def cmd_index_calibrate(args: argparse.Namespace) -> None:
+    """Calibrate the abstain rule on held-out data and store it with the index metadata."""
+    from dundi.serving import LoadedModel, ModelConfig
+    from dundi.serving.abstain import calibrate_rule, held_out_images, save_calibration
+
+    model = LoadedModel(ModelConfig(run=os.path.abspath(args.run), n=args.n, m=args.m, k=args.k))
+    images, labels, source = held_out_images(model, args.data_dir, limit=args.limit)
+    cal = calibrate_rule(model, images, labels, rate=args.false_abstain)
+    save_calibration(args.run, cal, source)
+    figures = {"run": args.run, "source": source, **{k: v for k, v in cal.items() if k != "per_signal_rate"},
+               **{f"rate_{k}": v for k, v in cal["per_signal_rate"].items()}}
+    emit(figures, args.json, f"abstain rule stored in {args.run}/run.json (served by default)")
+
+
+def _classify_files(args: argparse.Namespace) -> None:
+    """`classify RUN IMAGES...`: one answer per image, as a table or jsonl/csv/parquet."""
+    from dundi.answers import classify_files, write_answers
+    from dundi.artifacts import Run, read_meta
+    from dundi.errors import DundiError
+
+    clash = [flag for flag, on in (("--split", args.split != "test"), ("--limit", args.limit is not None),
+                                   ("--radius", args.radius), ("--json", args.json)) if on]
+    if clash:
+        raise DundiError(f"{', '.join(clash)} apply to a dataset split (classify RUN without IMAGES); "
+                         f"with IMAGES use --format jsonl|csv|parquet (the certified radius is shown "
+                         f"where the run has one)")
+    if args.format == "parquet" and not args.out:
+        raise DundiError("--format parquet writes a file: give --out FILE.parquet")
+    if read_meta(args.run)["kind"] == "native":
+        if args.n is not None or args.m is not None:
+            raise DundiError(f"{args.run} is a native run: it has no oracles, so --n and --m do not "
+                             f"apply; omit them (it classifies by the argmax of its logits)")
+        model = Run.load(args.run)
+    else:
+        from dundi.cli.serve_cmds import loaded_model
+
+        run = Run.load(args.run)
+        n = run.oracle.n if args.n is None else args.n
+        _, model = loaded_model(args.run, args.n, coarse_default(n) if args.m is None else args.m, args.k, args)
+    rows, info = classify_files(model, args.images, k=args.k, resize=args.resize)
+    text = write_answers(rows, info, args.format, args.out)
+    if text is not None:
+        print(text, end="")
+    else:
+        print(f"dundi: wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
+    if args.images:
+        return _classify_files(args)
     from dundi.pipeline import classify_split
 
     figures = classify_split(args.run, n=args.n, m=args.m, k=args.k, split=args.split,
@@ -292,12 +343,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
     _add_common(p)
     p.set_defaults(handler=cmd_index_build)
+    p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")
+    p.add_argument("run", help="DunDi run directory with an oracle index")
+    p.add_argument("--false-abstain", type=open_fraction, default=0.01,
+                   help="share of clean held-out images that may abstain (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=2000,
+                   help="held-out images to calibrate on (default %(default)s)")
+    add_two_step_args(p, m_default=COARSE_ORACLES)  # the rule as it will be served
+    _add_common(p)
+    p.set_defaults(handler=cmd_index_calibrate)
+    from dundi.cli.index_cmds import register as register_index_changes
 
-    p = sub.add_parser("classify", help="two-step classification accuracy of a run on a split")
+    register_index_changes(index, _add_common)
+
+    p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
     p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
+    p.add_argument("images", nargs="*", metavar="IMAGES",
+                   help="PNG/JPEG files, folders or glob patterns to classify (default: none, which "
+                        "measures accuracy on --split instead)")
     _add_rule_args(p)
     p.add_argument("--radius", action="store_true",
                    help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
+    files = p.add_argument_group("with IMAGES")
+    files.add_argument("--format", default="table", choices=("table", "jsonl", "csv", "parquet"),
+                       help="table (aligned, default) | jsonl | csv | parquet (needs --out)")
+    files.add_argument("--out", default=None, help="write the answers to this file, atomically (default: stdout)")
+    files.add_argument("--resize", action="store_true",
+                       help="scale images of another size to the run's input size (default: refuse them)")
+    from dundi.cli.serve_cmds import add_abstain_args
+
+    add_abstain_args(files)
     _add_common(p)
     p.set_defaults(handler=cmd_classify)
 

@@ -111,6 +111,7 @@ positive_float = _type(float, lambda v: math.isfinite(v) and v > 0, "a number ab
 nonnegative_float = _type(float, lambda v: math.isfinite(v) and v >= 0, "a number of at least 0")
 unit_float = _type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 fraction = _type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+open_fraction = _type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 port_number = _type(int, lambda v: 1 <= v <= 65535, "a TCP port in 1-65535")
 
 

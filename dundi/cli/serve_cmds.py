@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 
-from dundi.cli.main import add_two_step_args, emit
+from dundi.cli.main import add_two_step_args, emit, open_fraction, positive_int
 from dundi.errors import DundiError
 from dundi.rule import COARSE_ORACLES
 
@@ -63,41 +63,62 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _model_config(args: argparse.Namespace):
+def abstain_choice(text: str) -> float | str | None:
+    """--abstain-threshold: "calibrated" (None), "none", or a positive distance."""
+    if text in ("none", "calibrated"):
+        return None if text == "calibrated" else "none"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--abstain-threshold wants calibrated, none or a positive "
+                                         f"distance, got {text!r}")
+    return value
+
+
+def add_abstain_args(group) -> None:
+    """The abstain flags shared by `serve` and `classify IMAGES`."""
+    group.add_argument("--abstain-threshold", type=abstain_choice, default=None, metavar="calibrated|none|D",
+                       help="answer 'unknown' for inputs unlike the held-out data: calibrated (default: the "
+                            "rule `dundi index calibrate` stored, else calibrated at start), none (never "
+                            "abstain), or a nearest-oracle distance D (that signal only)")
+    group.add_argument("--false-abstain", type=open_fraction, default=None, metavar="RATE",
+                       help="calibrate the rule now at this share of clean held-out images abstaining "
+                            "(default: the stored rule, else 0.01)")
+    group.add_argument("--calibration-limit", type=positive_int, default=2000,
+                       help="held-out images to calibrate on (default %(default)s)")
+
+
+def loaded_model(run: str, n, m, k, args: argparse.Namespace):
+    """The run as served, with the abstain rule the flags ask for (a line on stderr says which)."""
+    import dataclasses
+
     from dundi.serving import LoadedModel, ModelConfig, RequestError
+    from dundi.serving.abstain import abstain_settings
 
     try:
-        config = ModelConfig.from_dict({"run": os.path.abspath(args.run), "n": args.n, "m": args.m, "k": args.k,
-                                        "abstain_threshold": args.abstain_threshold})
+        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": n, "m": m, "k": k})
     except RequestError as exc:
         raise DundiError(exc.message) from None
-    return config, LoadedModel(config)  # fails early, with the loader's message, on a bad run
-
-
-def _calibrate(args: argparse.Namespace, model) -> dict:
-    from dundi.serving.abstain import calibrate, held_out_images
-
-    images, labels, source = held_out_images(model, args.data_dir, limit=args.calibration_limit)
-    figures = calibrate(model, images, labels, quantile=args.abstain_quantile)
-    print(f"abstain threshold {figures['abstain_threshold']:.4f} = {args.abstain_quantile:g} quantile of "
-          f"nearest-oracle distances on {source}", file=sys.stderr)
-    return figures
+    if args.abstain_threshold is not None and args.false_abstain is not None:
+        raise DundiError("give --abstain-threshold or --false-abstain, not both")
+    model = LoadedModel(config)  # fails early, with the loader's message, on a bad run
+    fields, how = abstain_settings(model, args.abstain_threshold, args.false_abstain,
+                                   getattr(args, "data_dir", None), args.calibration_limit)
+    print(f"dundi: {how}", file=sys.stderr)
+    if not any(v is not None for v in fields.values()):
+        return config, model
+    config = dataclasses.replace(config, **fields)
+    return config, LoadedModel(config)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from dundi.serving.settings import ServeSettings
 
     if args.no_ray or args.address is None:  # on a cluster the proxies listen on other hosts
         check_listen(args.host, args.port)
-    config, model = _model_config(args)
-    calibration = {}
-    if args.abstain_quantile is not None:
-        if args.abstain_threshold is not None:
-            raise DundiError("give --abstain-threshold or --abstain-quantile, not both")
-        calibration = _calibrate(args, model)
-        config = dataclasses.replace(config, abstain_threshold=calibration["abstain_threshold"])
+    config, model = loaded_model(args.run, args.n, args.m, args.k, args)
     settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
                                     model_name=args.model_name, max_batch=args.max_batch,
                                     max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout)
@@ -108,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     figures = {"url": url, "run": config.run, "model_name": settings.model_name, "version": model.info.version,
                "dataset": model.info.dataset, "in_shape": list(model.info.in_shape),
                "n": model.n, "m": config.m, "k": config.k, "abstain_threshold": config.abstain_threshold,
-               **({"abstain_quantile": args.abstain_quantile} if calibration else {}),
+               "abstain_min_norm": config.abstain_min_norm, "abstain_max_grey": config.abstain_max_grey,
                "auth": bool(settings.auth_token_sha256), "admin_reload": bool(settings.admin_token_sha256)}
     example = (f"  curl -s -F file=@digit.png {url}/classify\n"
                f"  curl -s -H 'Content-Type: application/json' -d @request.json "
@@ -150,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     lo, hi = args.autoscale if args.autoscale else (None, None)
     app_args = ServeAppArgs(
         run=config.run, n=config.n, m=config.m, k=config.k, abstain_threshold=config.abstain_threshold,
+        abstain_min_norm=config.abstain_min_norm, abstain_max_grey=config.abstain_max_grey,
         model_name=settings.model_name, replicas=args.replicas, autoscale_min=lo, autoscale_max=hi,
         target_ongoing_requests=args.target_ongoing, replica_cpus=args.replica_cpus, torch_threads=args.torch_threads,
         max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
@@ -239,15 +261,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
     add_two_step_args(model, m_default=COARSE_ORACLES)
-    model.add_argument("--abstain-threshold", type=float, default=None,
-                       help="answer 'unknown' when the nearest oracle is farther than this (default: none)")
-    model.add_argument("--abstain-quantile", type=float, default=None,
-                       help="calibrate the threshold: this quantile (e.g. 0.99) of nearest-oracle distances "
-                            "on held-out data (default: off)")
-    model.add_argument("--calibration-limit", type=int, default=2000, help="held-out images to calibrate on")
+    add_abstain_args(model)
     model.add_argument("--data-dir", default=None,
-                       help="dataset cache for --abstain-quantile (default: $DUNDI_DATA_DIR, "
-                            "else the user cache dir)")
+                       help="dataset cache for calibrating (default: $DUNDI_DATA_DIR, else the user cache dir)")
     limits = p.add_argument_group("limits and access")
     limits.add_argument("--model-name", default="dundi", help="the {name} in /v2/models/{name}")
     limits.add_argument("--max-batch", type=int, default=256, help="images per request")

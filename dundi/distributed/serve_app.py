@@ -27,6 +27,10 @@ user_config through the Serve controller and answers once Serve reports every re
 reconfigured. The result is the declared configuration from then on (``serve status`` and
 ``serve build`` show it), not a side channel that a later deploy silently overrides.
 
+**``POST /admin/classes``** (same token) enrolls or removes a class: the receiving replica
+writes the run's next index version (dundi.enrollment, under the run's file lock) and rolls
+it out exactly as a reload does, with ``index_version`` pinned in the user_config.
+
 ``app_builder(ServeAppArgs)`` is the typed application builder used both by ``dundi serve`` and
 by ``serve deploy cluster/serve_config.yaml``.
 """
@@ -44,6 +48,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from dundi.errors import DundiError
+from dundi.serving import admin
+from dundi.serving.admin import ClassChange
 from dundi.serving.app import Unavailable, create_app
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
@@ -163,6 +169,7 @@ class ReplicaBackend:
         self._max_batch = 64
         self._swap_lock = asyncio.Lock()     # one model load at a time in this replica
         self._reload_lock = asyncio.Lock()   # one admin reload at a time through this replica
+        self._classes_lock = asyncio.Lock()  # one class change (write + rollout) at a time here
 
     # ---- configuration -----------------------------------------------------------------
     async def configure(self, user_config: Dict[str, Any]) -> None:
@@ -243,6 +250,14 @@ class ReplicaBackend:
                 out[i] = (part, model.info)
         return out
 
+    async def change_classes(self, change: ClassChange) -> dict:
+        """Enroll or remove a class in the run's index (under the run's file lock, so replicas
+        never lose each other's changes), then roll the new index version out to every replica."""
+        if self.model is None:
+            raise Unavailable("the model is loading")
+        async with self._classes_lock:
+            return await admin.change_classes(self.model.config, change, self.reload)
+
     async def reload(self, changes: dict) -> dict:
         """Load and verify the new settings here (422 and no change if that fails), then roll
         them out as the deployment's user_config and answer when every replica has them."""
@@ -318,6 +333,8 @@ class ServeAppArgs(BaseModel):
     m: int = Field(COARSE_ORACLES, description="coarse-step oracles per class")
     k: int = Field(KEPT_CLASSES, description="classes kept by the coarse step")
     abstain_threshold: Optional[float] = Field(None, description="answer 'unknown' beyond this nearest-oracle distance")
+    abstain_min_norm: Optional[float] = Field(None, description="answer 'unknown' for embeddings shorter than this")
+    abstain_max_grey: Optional[float] = Field(None, description="answer 'unknown' above this share of mid-grey pixels")
     model_name: str = "dundi"
     replicas: int = Field(1, ge=1, description="replicas (ignored with autoscaling)")
     autoscale_min: Optional[int] = Field(None, ge=0)
@@ -343,7 +360,8 @@ class ServeAppArgs(BaseModel):
         return self
 
     def model_config_dict(self) -> dict:
-        return ModelConfig(self.run, self.n, self.m, self.k, self.abstain_threshold).to_dict()
+        return ModelConfig(self.run, self.n, self.m, self.k, self.abstain_threshold,
+                           self.abstain_min_norm, self.abstain_max_grey).to_dict()
 
     def user_config(self) -> dict:
         return {**self.model_config_dict(), "max_batch_size": self.max_batch_size,

@@ -16,6 +16,7 @@ Routes (Open Inference Protocol v2, as served by KServe and Triton, plus two of 
     POST /v2/models/{name}/infer         v2 JSON inference (also .../versions/{v}/infer)
     POST /classify                       PNG/JPEG (raw body or multipart) or a JSON array
     POST /admin/reload                   swap run / n / m / k / abstain threshold (admin token)
+    POST /admin/classes                  enroll or remove a class of the index (admin token)
 
 Every refusal is a JSON body (see :mod:`dundi.serving.errors`); a request never reaches the
 model before its size, content type, JSON, shape, dtype and values are checked, and a model
@@ -37,6 +38,8 @@ from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dundi import __version__
+from dundi.serving import admin
+from dundi.serving.admin import ClassChange, parse_class_change
 from dundi.serving.errors import RequestError
 from dundi.serving.inputs import (IMAGE_TYPES, InputSpec, decode_image, images_from_parts,
                                   is_json_type, media_type, parse_classify_json, parse_json,
@@ -69,6 +72,10 @@ class Backend(Protocol):
     async def reload(self, changes: dict) -> dict:
         """Apply new model settings (a partial :class:`ModelConfig`), keeping the old model
         when the new one fails to load (RequestError 422)."""
+
+    async def change_classes(self, change: ClassChange) -> dict:
+        """Enroll or remove a class of the served run's index, then serve the new version
+        (:mod:`dundi.serving.admin`)."""
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -250,9 +257,8 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         return json_response(classify_response(pred, info, settings.model_name))
 
     # ---- admin ---------------------------------------------------------------------------
-    @app.post("/admin/reload")
-    @guarded
-    async def reload(request: Request) -> Response:
+    def authorize_admin(request: Request) -> None:
+        """Admin routes: enabled by an admin token, and only for requests bearing it, as JSON."""
         if not settings.admin_token_sha256:
             raise RequestError(403, "admin_disabled", "the admin routes are disabled",
                                "a service started with --admin-token (or $DUNDI_ADMIN_TOKEN)")
@@ -266,10 +272,25 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         if mtype and not is_json_type(mtype):
             raise RequestError(415, "unsupported_media_type", f"Content-Type {mtype!r} is not accepted",
                                "application/json")
+
+    @app.post("/admin/classes")
+    @guarded
+    async def classes_route(request: Request) -> Response:
+        authorize_admin(request)
+        body = await read_body(request, settings.max_body_bytes)
+        input_spec, _ = await spec()
+        change = await _off_loop(body, lambda: parse_class_change(parse_json(body), input_spec))
+        return json_response(await backend.change_classes(change))
+
+    @app.post("/admin/reload")
+    @guarded
+    async def reload(request: Request) -> Response:
+        authorize_admin(request)
         changes = parse_json(await read_body(request, 64 * 1024))
         if not isinstance(changes, dict) or not changes:
             raise RequestError(422, "invalid_config", "nothing to change",
-                               'a JSON object with any of "run", "n", "m", "k", "abstain_threshold"')
+                               'a JSON object with any of "run", "n", "m", "k", "abstain_threshold", '
+                               '"abstain_min_norm", "abstain_max_grey"')
         return json_response(await backend.reload(changes))
 
     return app
@@ -289,6 +310,7 @@ class LocalBackend:
         self._model = model if model is not None and model.config == config else LoadedModel(config)
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._reload_lock = asyncio.Lock()
+        self._classes_lock = asyncio.Lock()
 
     @property
     def model(self) -> LoadedModel:
@@ -306,6 +328,10 @@ class LocalBackend:
 
     async def ready(self) -> str | None:
         return None
+
+    async def change_classes(self, change: ClassChange) -> dict:
+        async with self._classes_lock:  # one change (write + swap) at a time: versions in order
+            return await admin.change_classes(self._model.config, change, self.reload)
 
     async def reload(self, changes: dict) -> dict:
         async with self._reload_lock:

@@ -48,6 +48,12 @@ def _floats(arr: np.ndarray) -> list:
     return [v if math.isfinite(v) else None for v in values]
 
 
+def abstain_parameters(info: ModelInfo) -> dict:
+    """The abstain rule's thresholds as answers report them (null: that signal is off)."""
+    return {"abstain_threshold": info.abstain_threshold, "abstain_min_norm": info.abstain_min_norm,
+            "abstain_max_grey": info.abstain_max_grey}
+
+
 def _class_names(info: ModelInfo, labels: np.ndarray, abstained: np.ndarray) -> list[str]:
     names = info.class_names
     return ["unknown" if a else (names[c] if 0 <= c < len(names) else str(c))
@@ -72,8 +78,7 @@ def v2_response(pred: Prediction, info: ModelInfo, model_name: str, request_id: 
     out: dict[str, Any] = {"model_name": model_name, "model_version": info.version}
     if request_id is not None:
         out["id"] = request_id
-    out["parameters"] = {"n": info.n, "m": info.m, "k": info.k,
-                         "abstain_threshold": info.abstain_threshold}
+    out["parameters"] = {"n": info.n, "m": info.m, "k": info.k, **abstain_parameters(info)}
     out["outputs"] = [{"name": name, "datatype": tensors[name][0], "shape": tensors[name][1],
                        "data": tensors[name][2]()} for name in (outputs or V2_OUTPUTS)]
     return out
@@ -109,8 +114,7 @@ def classify_response(pred: Prediction, info: ModelInfo, model_name: str) -> dic
             "certified_radius": radii[i],
         })
     return {"model_name": model_name, "model_version": info.version,
-            "parameters": {"n": info.n, "m": info.m, "k": info.k,
-                           "abstain_threshold": info.abstain_threshold},
+            "parameters": {"n": info.n, "m": info.m, "k": info.k, **abstain_parameters(info)},
             "results": results}
 
 
