@@ -73,3 +73,44 @@ def test_the_rule_module_holds_the_paper_s_settings():
     assert (rule.ORACLES_PER_CLASS, rule.COARSE_ORACLES, rule.KEPT_CLASSES) == (20, 3, 5)
     assert rule.coarse_default(1) == 1 and rule.coarse_default(20) == 3
     assert rule.TwoStepParams().resolved(10) == rule.TwoStepParams(10, 3, 5)
+
+
+def _serve_parser():
+    import argparse
+
+    from dundi.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
+def test_serve_flags_take_their_defaults_from_the_declarations():
+    """`dundi serve`'s flags and the Serve app's arguments are the serving declarations'
+    (DeploymentSettings, ServeSettings, ModelConfig, dundi.rule): change one, all follow."""
+    from dundi.serving.settings import DeploymentSettings, ServeSettings
+
+    d = vars(_serve_parser().parse_args(["RUN"]))
+    deploy, limits = DeploymentSettings(), ServeSettings()
+    assert (d["replicas"], d["target_ongoing"], d["batch_size"], d["replica_cpus"], d["torch_threads"]) == (
+        deploy.replicas, deploy.target_ongoing_requests, deploy.max_batch_size, deploy.replica_cpus,
+        deploy.torch_threads)
+    assert d["batch_wait_ms"] / 1000 == deploy.batch_wait_timeout_s
+    assert (d["model_name"], d["max_batch"], d["max_body_bytes"], d["timeout"]) == (
+        limits.model_name, limits.max_batch, limits.max_body_bytes, limits.request_timeout_s)
+    assert (d["n"], d["m"], d["k"]) == (None, rule.COARSE_ORACLES, rule.KEPT_CLASSES)
+
+
+def test_serve_app_args_are_composed_of_the_declarations():
+    import dataclasses
+
+    from dundi.distributed.serve_app import SETTINGS_RENAMED, ServeAppArgs
+    from dundi.serving.model import ModelConfig
+    from dundi.serving.settings import DeploymentSettings, ServeSettings
+
+    declared = {SETTINGS_RENAMED.get(f.name, f.name): f.default for c in (ModelConfig, ServeSettings, DeploymentSettings)
+                for f in dataclasses.fields(c)}
+    fields = ServeAppArgs.model_fields
+    assert set(fields) == set(declared)
+    assert all(fields[k].default == v for k, v in declared.items() if v is not dataclasses.MISSING)
+    args = ServeAppArgs(run="r", k=7, max_request_batch=9, replicas=2)
+    assert (args.model_config_dict()["k"], args.settings().max_batch, args.deployment().replicas) == (7, 9, 2)
