@@ -47,7 +47,7 @@ def _native_rows(run: Run, images: np.ndarray, k: int) -> tuple[list[dict], str]
 
 
 def _dundi_rows(model: "LoadedModel", images: np.ndarray) -> tuple[list[dict], str]:
-    p = model.classify(images)
+    p = model.predict(images)
     names = model.info.class_names
     rows = []
     for i in range(len(p)):

@@ -219,7 +219,7 @@ class ReplicaBackend:
     async def ready(self) -> Optional[str]:
         return None if self.model is not None else "the model is loading"
 
-    async def classify(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
+    async def answer(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
         if len(images) > self._max_batch:  # larger than a model batch: a call of its own
             out = (await self._infer([images]))[0]
         else:
@@ -246,7 +246,7 @@ class ReplicaBackend:
                 out[i] = exc
         if good:
             batch = np.concatenate([items[i] for i in good]) if len(good) > 1 else items[good[0]]
-            pred = await asyncio.to_thread(model.classify, batch)
+            pred = await asyncio.to_thread(model.predict, batch)
             for i, part in zip(good, pred.split([len(items[i]) for i in good])):
                 out[i] = (part, model.info)
         return out

@@ -194,7 +194,7 @@ class LoadedModel:
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
-    def classify(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
         from dundi.serving.abstain import SIGNALS, abstain_flags, signal_values
 
