@@ -23,6 +23,7 @@ import numpy as np
 
 from dundi.artifacts import Run, atomic_write_text
 from dundi.errors import DundiError
+from dundi.rule import KEPT_CLASSES
 
 if TYPE_CHECKING:
     from dundi.serving.model import LoadedModel
@@ -31,15 +32,13 @@ FORMATS = ("table", "jsonl", "csv", "parquet")
 
 
 def _native_rows(run: Run, images: np.ndarray, k: int) -> tuple[list[dict], str]:
-    from dundi.serving.model import class_names_for
-
     from dundi.inference import forward_batched
 
     r = run.classify(images, k=k)  # labels and top-k by logit, ties to the lower class
     full = forward_batched(run.model, images).astype(np.float64)  # softmax needs every class
     probs = np.exp(full - full.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    names = class_names_for(run.meta["dataset"], int(run.meta["num_classes"]))
+    names = run.class_names
     rows = [{"label": int(lab), "class_name": names[lab], "topk_classes": [int(c) for c in top],
              "topk_scores": [float(probs[i, c]) for c in top]}
             for i, (lab, top) in enumerate(zip(r.labels, r.topk_classes))]
@@ -47,7 +46,7 @@ def _native_rows(run: Run, images: np.ndarray, k: int) -> tuple[list[dict], str]
 
 
 def _dundi_rows(model: "LoadedModel", images: np.ndarray) -> tuple[list[dict], str]:
-    p = model.classify(images)
+    p = model.predict(images)
     names = model.info.class_names
     rows = []
     for i in range(len(p)):
@@ -65,7 +64,7 @@ def _dundi_rows(model: "LoadedModel", images: np.ndarray) -> tuple[list[dict], s
     return rows, f"fine score (summed -{model.info.metric} distance to {model.n} oracles)"
 
 
-def classify_files(run: "Run | LoadedModel", images: np.ndarray, files: Sequence[str], k: int = 5
+def classify_files(run: "Run | LoadedModel", images: np.ndarray, files: Sequence[str], k: int = KEPT_CLASSES
                    ) -> tuple[list[dict], dict]:
     """Answers for images read from ``files`` (:func:`dundi.image_files.read_images`) by a
     native :class:`Run` (softmax top ``k``) or a DunDi run loaded as the service loads it

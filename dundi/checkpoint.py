@@ -1,6 +1,6 @@
 """Training checkpoints: weights, optimizer and RNG state as safetensors, the rest as JSON.
 
-Shared by the local loop (:func:`dundi.train.fit`, which resumes a killed ``dundi train``) and
+Shared by the local loop (:func:`dundi.training_loop.fit`, which resumes a killed ``dundi train``) and
 the Ray Train workers (``dundi.distributed.train_job``). Nothing here unpickles: a checkpoint
 is tensors plus ``state.json``, which is written last, so a checkpoint without it is
 incomplete and refused.

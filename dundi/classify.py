@@ -19,23 +19,31 @@ def oracle_distances(diff: torch.Tensor, metric: str = "euclidean", eps: float =
 
 
 def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, n: int, m: int, k: int,
-                       metric: str = "euclidean") -> torch.Tensor:
+                       metric: str = "euclidean", counts: list[int] | None = None) -> torch.Tensor:
     """Algorithm 1, literally, in float64. ``oracles`` is (C, n_max, D); returns labels (B,).
 
     Step 1 ranks classes by summed similarity (−distance) to their first m oracles, ties to
     the lower class index; step 2 takes the first maximum over those k classes, in step-1
-    order, of the summed similarity to their first n oracles.
+    order, of the summed similarity to their first n oracles. ``counts`` (per class, optional)
+    says how many of a class's rows are real: a class holding fewer than m (n) uses all it
+    holds and scores its mean similarity times m (n), see :mod:`dundi.oracle`.
     """
     q = queries.double()
     o = oracles.double()
+    counts = [o.shape[1]] * len(o) if counts is None else [int(c) for c in counts]
+
+    def score(x: torch.Tensor, c: int, length: int) -> float:
+        eff = min(length, counts[c])
+        total = -oracle_distances(o[c, :eff] - x, metric).sum().item()
+        return total if eff == length else total * length / eff
+
     labels = []
     for x in q:
-        coarse = [-oracle_distances(o[c, :m] - x, metric).sum() for c in range(len(o))]
-        coarse = torch.stack(coarse)
-        selected = sorted(range(len(o)), key=lambda c: (-coarse[c].item(), c))[:k]
+        coarse = [score(x, c, m) for c in range(len(o))]
+        selected = sorted(range(len(o)), key=lambda c: (-coarse[c], c))[:k]
         best, best_sim = None, None
         for c in selected:
-            sim = -oracle_distances(o[c, :n] - x, metric).sum().item()
+            sim = score(x, c, n)
             if best_sim is None or sim > best_sim:
                 best, best_sim = c, sim
         labels.append(best)

@@ -1,22 +1,39 @@
-"""The oracle database as a FAISS index, and Algorithm 1 (two-step classification) over it.
+"""The oracle database as a FAISS-backed index, and Algorithm 1 (two-step classification) over it.
 
-Oracle embeddings are stored class-major: row ``c * n + j`` is oracle ``j`` of class ``c``,
-so a class's oracles are one contiguous id block. The per-class restriction of the fine step
-reads those blocks directly instead of relying on FAISS ID selectors, which GPU indexes
-silently ignore.
+**Classes.** The index holds named classes (``class_names``, by default ``"0"``..``"C-1"``, or
+the dataset's names when built from a dataset), each with its own number of oracles
+(``class_counts()``): a class enrolled later from a handful of images may hold 1 or 10 oracles
+while the others hold 20. Oracles are stored class-major in one array: class ``c`` owns rows
+``offsets[c]`` to ``offsets[c+1]`` in the order given, so its first ``m`` are its coarse oracles
+and a class's rows are one contiguous block (read directly, never through FAISS ID selectors,
+which GPU indexes silently ignore).
 
-Similarity is the negative distance, and a class score is the sum of similarities to that
-class's oracles (see docs/ARCHITECTURE.md). The distance is a run setting (``metric``):
-``euclidean`` (the paper's) or ``sqeuclidean`` (squared Euclidean, under which every score
-difference is linear in the embedding and the rule can be certified: docs/certification.md).
-Ties break towards the lower class index.
+**Labels** are positions in ``class_names`` of the index that answered. ``add_class`` appends
+(every existing label keeps its number); ``remove_class`` renumbers the classes after the
+removed one down by one. Labels stay a dense range [0, C) because every consumer expects one
+(accuracy against dataset labels, ``k <= C``, the (C, n, D) tensors of the differentiable
+scorers); stable ids with holes would make all of them special-case removed classes. The
+label-to-name mapping is unambiguous as long as names are read from the same index that
+answered (:meth:`OracleIndex.names_of`); a service changes a copy and swaps it in whole.
 
-Step 1 (coarse) scores every class over its first ``m`` oracles. While the coarse set is
-small (``num_classes * m <= exact_coarse_limit``) FAISS computes all those distances exactly
-(on the GPU where there is one). Beyond that, an IVF index over each class's coarse centroid
-(the mean of its first m oracles) shortlists candidate classes, and only those are scored
-exactly by Algorithm 1's coarse sum; this keeps the two-step rule cheap with 100,000 classes.
-Step 2 (fine) scores the top ``k`` classes over their first ``n`` oracles and returns the argmax.
+**Scores.** Similarity is the negative distance (``metric``: ``euclidean``, the paper's, or
+``sqeuclidean``, under which the rule can be certified: docs/certification.md). Algorithm 1
+sums a class's similarities over its n (step 2) or m (step 1) oracles. A class holding fewer
+oracles than that uses all it has, ``min(n, count)``, and is compared by its MEAN similarity;
+every score is reported as that mean times n (resp. m). So when every class holds at least n
+oracles the score is exactly the paper's sum (no rescaling happens at all) and the ranking is
+the paper's; a class with fewer oracles is neither penalised for missing terms (a sum would
+make it lose) nor favoured. Ties break towards the lower class index in step 1 and towards
+the better step-1 rank in step 2.
+
+**Search paths**, by size. With at most ``full_limit`` oracles in all, one exact FAISS distance
+matrix serves both steps. Otherwise step 1 is exact over every class's coarse oracles while
+they number at most ``exact_coarse_limit``; beyond that a FAISS structure over each class's
+coarse centroid (the mean of its first min(m, count) oracles; :class:`dundi.oracle_search.
+Shortlister`) shortlists candidate classes whose coarse scores are then computed exactly.
+Step 2 reads the kept classes' rows and scores them exactly.
+
+An index is not safe to change (add/remove) while another thread classifies with it.
 """
 
 from __future__ import annotations
@@ -30,9 +47,14 @@ import faiss
 import numpy as np
 
 from dundi.errors import DundiError
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
+from dundi.oracle_search import Shortlister, gathered, pairwise, top_k, use_gpu
 
 INDEX_FILE = "index.faiss"
 META_FILE = "oracle.json"
+FORMAT = 2  # 1: equal class blocks, no names; 2: per-class counts and names
+# metadata save() derives from the index itself: dropped on load so it cannot go stale
+DERIVED = ("class_names", "counts", "format", "layout", "num_classes", "n", "dim")
 
 
 @dataclasses.dataclass
@@ -49,6 +71,7 @@ class TwoStepResult:
 
 
 METRICS = ("euclidean", "sqeuclidean")
+SHORTLISTS = ("auto", "ivf", "hnsw")
 
 
 def check_metric(metric: str) -> str:
@@ -58,114 +81,275 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def _finish_distance(d2: np.ndarray, squared: bool) -> np.ndarray:
-    """Squared distances as computed (clipped at 0), or their square roots."""
-    d2 = np.maximum(d2, 0.0, out=d2)
-    return d2 if squared else np.sqrt(d2, out=d2)
+def class_scores_from(dist: np.ndarray, mask: np.ndarray, eff: np.ndarray, length: int) -> np.ndarray:
+    """Algorithm 1's class scores from per-oracle distances (..., L) of which ``mask`` marks
+    the class's first ``eff`` = min(length, count): the summed similarity, rescaled to
+    ``length`` terms (mean × length) only for a class holding fewer than ``length``."""
+    s = -np.where(mask, dist, 0.0).sum(-1)
+    return np.where(eff < length, s * length / np.maximum(eff, 1), s)
 
 
-def _distances(queries: np.ndarray, vectors: np.ndarray, squared: bool = False) -> np.ndarray:
-    """Exact Euclidean (or squared) distances (B, N) computed by FAISS (GPU where present)."""
-    if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
-        res = faiss.StandardGpuResources()
-        d2 = faiss.pairwise_distance_gpu(res, queries, vectors)
-    else:
-        d2 = faiss.pairwise_distances(queries, vectors)
-    return _finish_distance(d2, squared)
-
-
-def _block_distances(queries: np.ndarray, blocks: np.ndarray, sq_norms: np.ndarray,
-                     squared: bool = False) -> np.ndarray:
-    """Euclidean (or squared) distances (B, K, n) of each query to its own K gathered blocks.
-
-    queries (B, D), blocks (B, K, n, D), sq_norms (B, K, n) the blocks' squared norms.
-    ‖q − o‖² = ‖q‖² + ‖o‖² − 2 q·o with one batched matrix product, as FAISS does.
-    """
-    b, kk, n, d = blocks.shape
-    dots = np.matmul(blocks.reshape(b, kk * n, d), queries[:, :, None]).reshape(b, kk, n)
-    d2 = (sq_norms + (queries * queries).sum(1)[:, None, None] - 2 * dots).astype(np.float64)
-    return _finish_distance(d2, squared)
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores per row, best first, ties to the lower index."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise DundiError(f"class name {name!r} must be a non-empty string")
+    return name
 
 
 class OracleIndex:
-    """n oracle embeddings for each of C classes, with Algorithm 1 over them."""
+    """Named classes, each with its own oracle embeddings, and Algorithm 1 over them.
 
-    def __init__(self, vectors: np.ndarray, num_classes: int, *, full_limit: int = 4096,
-                 exact_coarse_limit: int = 65536,
-                 shortlist: int | None = None, nprobe: int | None = None, meta: dict | None = None,
-                 metric: str = "euclidean"):
+    ``OracleIndex(vectors, C)`` splits ``vectors`` into C equal class blocks; pass ``counts``
+    (oracles per class, class-major) for classes of different sizes.
+    """
+
+    CHUNK = 512  # queries per step: bounds the (chunk, k, n, D) fine-step buffer
+
+    def __init__(self, vectors: np.ndarray, num_classes: int | None = None, *,
+                 counts: np.ndarray | list[int] | None = None, class_names: list[str] | None = None,
+                 full_limit: int = 4096, exact_coarse_limit: int = 65536,
+                 shortlist: int | None = None, nprobe: int | None = None,
+                 shortlist_kind: str = "auto", meta: dict | None = None, metric: str = "euclidean"):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or len(vectors) % num_classes:
-            raise DundiError(f"oracle vectors of shape {vectors.shape} do not split into "
-                             f"{num_classes} equal class blocks")
-        self.num_classes = num_classes
-        self.n = len(vectors) // num_classes
+        counts = self._counts_for(vectors, num_classes, counts)
         self.dim = vectors.shape[1]
-        self.blocks = vectors.reshape(num_classes, self.n, self.dim)
-        self.sq_norms = (self.blocks ** 2).sum(-1)
-        self.full_limit = full_limit
-        self.exact_coarse_limit = exact_coarse_limit
-        self.shortlist = shortlist
-        self.nprobe = nprobe
+        self._vec, self._size = vectors, len(vectors)
+        self._sq = np.einsum("ij,ij->i", vectors, vectors)  # no (N, D) temporary
+        self._set_counts(counts)
+        names = [str(c) for c in range(len(counts))] if class_names is None else list(class_names)
+        self._set_names(names)
+        if shortlist_kind not in SHORTLISTS:
+            raise DundiError(f"unknown shortlist kind {shortlist_kind!r}: choose one of {', '.join(SHORTLISTS)}")
+        self.full_limit, self.exact_coarse_limit = full_limit, exact_coarse_limit
+        self.shortlist, self.nprobe, self.shortlist_kind = shortlist, nprobe, shortlist_kind
         self.metric = check_metric(metric)
         self.squared = metric == "sqeuclidean"
         self.meta = {**(meta or {}), "metric": metric}
-        self._coarse: dict[int, faiss.Index] = {}
+        self._coarse: dict[int, object] = {}
+
+    @staticmethod
+    def _counts_for(vectors: np.ndarray, num_classes: int | None, counts) -> np.ndarray:
+        """Per-class oracle counts: given, or ``num_classes`` equal blocks; refused if they do
+        not split ``vectors``."""
+        if vectors.ndim != 2:
+            raise DundiError(f"oracle vectors must be a (count, dim) array; got shape {vectors.shape}")
+        if counts is None:
+            if not num_classes or len(vectors) % num_classes:
+                raise DundiError(f"oracle vectors of shape {vectors.shape} do not split into "
+                                 f"{num_classes} equal class blocks")
+            return np.full(num_classes, len(vectors) // num_classes, np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.ndim != 1 or len(counts) == 0 or counts.min() < 1 or counts.sum() != len(vectors) \
+                or (num_classes is not None and num_classes != len(counts)):
+            raise DundiError(f"oracle counts {counts.tolist()[:20]} must be >= 1 per class and add up "
+                             f"to the {len(vectors)} oracle vectors")
+        return counts
+
+    def _set_counts(self, counts: np.ndarray) -> None:
+        self._counts = counts
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _set_names(self, names: list[str]) -> None:
+        for name in names:
+            _check_name(name)
+        if len(names) != len(self._counts):
+            raise DundiError(f"{len(names)} class names for {len(self._counts)} classes")
+        positions = {name: i for i, name in enumerate(names)}
+        if len(positions) != len(names):
+            dup = sorted({x for x in names if names.count(x) > 1})
+            raise DundiError(f"class names must be unique; repeated: {', '.join(dup[:5])}")
+        self._names, self._positions = names, positions
 
     @classmethod
     def from_embeddings(cls, embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
                         **kw) -> "OracleIndex":
-        """Arrange labelled embeddings (the same number per class) into class-major blocks,
-        keeping each class's given order (the first m are the coarse oracles)."""
+        """Arrange labelled embeddings into class-major blocks, keeping each class's given
+        order (its first m are the coarse oracles). Classes may hold different numbers."""
         labels = np.asarray(labels)
         counts = np.bincount(labels, minlength=num_classes)
-        if counts.min() != counts.max() or counts.min() == 0:
-            raise DundiError(f"every class needs the same number (>0) of oracles; got {counts.tolist()}")
+        if len(counts) != num_classes or counts.min() == 0:
+            raise DundiError(f"every one of the {num_classes} classes needs at least one oracle; "
+                             f"got counts {counts.tolist()[:20]}")
         order = np.argsort(labels, kind="stable")
-        return cls(np.asarray(embeddings)[order], num_classes, **kw)
+        return cls(np.asarray(embeddings)[order], counts=counts, **kw)
+
+    # ---- the classes -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self._counts)
+
+    @property
+    def n(self) -> int:
+        """The most oracles any class holds: the largest n the fine step can use."""
+        return int(self._counts.max())
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (a copy)."""
+        return list(self._names)
+
+    def class_counts(self) -> np.ndarray:
+        """Oracles held per class, in label order (a copy)."""
+        return self._counts.copy()
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """All oracle embeddings (N, D), class-major (a view; do not modify)."""
+        return self._vec[:self._size]
+
+    def label_of(self, name: str) -> int:
+        """The label (position) of a class name."""
+        if name not in self._positions:
+            raise DundiError(f"no class named {name!r} in this index; it holds "
+                             f"{self._names_hint()}")
+        return self._positions[name]
+
+    def names_of(self, labels: np.ndarray) -> list[str]:
+        """Class names of labels answered by this index."""
+        return [self._names[int(i)] for i in np.asarray(labels).ravel()]
+
+    def class_oracles(self, label: int) -> np.ndarray:
+        """The oracle embeddings (count, D) of one class (a view)."""
+        return self._vec[self._offsets[label]:self._offsets[label + 1]]
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """Oracles as (C, n, D) when every class holds the same number (a view)."""
+        if self._counts.min() != self._counts.max():
+            raise DundiError(f"this index's classes hold different numbers of oracles "
+                             f"({int(self._counts.min())} to {self.n}); per-class tensors need "
+                             f"equal counts: use class_oracles(label) or padded(n)")
+        return self.vectors.reshape(self.num_classes, self.n, self.dim)
+
+    def padded(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(C, n, D) oracles and a (C, n) mask of the real ones: each class's first
+        min(n, count) oracles, the rest filled with copies of its last (mask False)."""
+        n = self.n if n is None else n
+        rows, mask, _ = self._rows(np.arange(self.num_classes), n)
+        return self._vec[rows], mask
+
+    def _names_hint(self) -> str:
+        shown = ", ".join(self._names[:8]) + (", ..." if len(self._names) > 8 else "")
+        return f"{self.num_classes} classes ({shown}); `dundi index list RUN` lists them"
+
+    # ---- enrolment ---------------------------------------------------------------------
+    def add_class(self, name: str, embeddings: np.ndarray) -> int:
+        """Enrol a new class from its oracle embeddings (count, D), in the order given (the
+        first m are its coarse oracles). Returns its label, the last one. Existing labels are
+        unchanged; shortlist structures already built are extended in place."""
+        name = _check_name(name)
+        if name in self._positions:
+            raise DundiError(f"class {name!r} is already in the index (label {self._positions[name]}); "
+                             f"remove it first or choose another name")
+        emb = self._check_embeddings(name, embeddings)
+        self._append_rows(emb)
+        self._set_counts(np.append(self._counts, len(emb)))
+        self._names.append(name)
+        self._positions[name] = len(self._names) - 1
+        for m, cached in list(self._coarse.items()):
+            if isinstance(cached, Shortlister):
+                cached.add(self._centroids(m, np.array([self.num_classes - 1])))
+            else:
+                del self._coarse[m]
+        return self.num_classes - 1
+
+    def _check_embeddings(self, name: str, embeddings: np.ndarray) -> np.ndarray:
+        try:
+            emb = np.asarray(embeddings, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DundiError(f"embeddings for class {name!r} are not a numeric array") from None
+        if emb.ndim == 1:
+            emb = emb[None]
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise DundiError(f"embeddings for class {name!r} have shape {emb.shape}; this index "
+                             f"takes (count, {self.dim}): embed the images with the run's model")
+        if len(emb) == 0:
+            raise DundiError(f"no embeddings for class {name!r}: enrol a class from at least one image")
+        if not np.isfinite(emb).all():
+            raise DundiError(f"embeddings for class {name!r} hold NaN or Inf values; check the "
+                             f"images (finite pixels in [0, 1]) and the model")
+        return np.ascontiguousarray(emb)
+
+    def _append_rows(self, emb: np.ndarray) -> None:
+        """Append rows, growing the buffer by at least a quarter so that repeated enrolment
+        copies the database O(log) times, not once per class."""
+        need = self._size + len(emb)
+        if need > len(self._vec):  # the caller's array or a full buffer: never written into
+            cap = max(need, self._size + self._size // 4 + 64)
+            vec, sq = np.empty((cap, self.dim), np.float32), np.empty(cap, np.float32)
+            vec[:self._size], sq[:self._size] = self._vec[:self._size], self._sq[:self._size]
+            self._vec, self._sq = vec, sq
+        self._vec[self._size:need] = emb
+        self._sq[self._size:need] = np.einsum("ij,ij->i", emb, emb)
+        self._size = need
+
+    def remove_class(self, name: str) -> None:
+        """Remove a class and its oracles; the classes after it move down one label."""
+        label = self.label_of(name)
+        if self.num_classes == 1:
+            raise DundiError(f"class {name!r} is the only class in the index; an index needs at "
+                             f"least one: add another class before removing this one")
+        a, b = self._offsets[label], self._offsets[label + 1]
+        keep = np.r_[0:a, b:self._size]
+        self._vec, self._sq, self._size = self._vec[keep], self._sq[keep], len(keep)
+        self._set_counts(np.delete(self._counts, label))
+        self._set_names(self._names[:label] + self._names[label + 1:])
+        self._coarse.clear()  # rebuilt on the next query: ids are labels, and labels moved
 
     # ---- the two steps -------------------------------------------------------------------
-    def _coarse_index(self, m: int) -> faiss.Index:
-        """IVF index over each class's coarse centroid (mean of its first m oracles), built
-        once per m. It only shortlists candidate classes; their coarse scores are exact."""
+    def _rows(self, classes: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row numbers (..., length) of each class's first min(length, count) oracles, padded
+        with its last such row; the mask of real ones; and min(length, count) (...)."""
+        eff = np.minimum(self._counts[classes], length)
+        j = np.arange(length)
+        rows = self._offsets[classes][..., None] + np.minimum(j, eff[..., None] - 1)
+        return rows, j < eff[..., None], eff
+
+    def _centroids(self, m: int, classes: np.ndarray) -> np.ndarray:
+        """Mean of each class's first min(m, count) oracles (len(classes), D), one oracle
+        position at a time so no (C, m, D) copy is made."""
+        rows, mask, eff = self._rows(classes, m)
+        acc = np.zeros((len(classes), self.dim), np.float64)
+        for j in range(m):
+            acc += self._vec[rows[:, j]] * mask[:, j, None]
+        return np.ascontiguousarray(acc / eff[:, None], dtype=np.float32)
+
+    def _kind(self) -> str:
+        if self.shortlist_kind != "auto":
+            return self.shortlist_kind
+        return "ivf" if use_gpu() else "hnsw"
+
+    def _coarse_structure(self, m: int):
+        """Step 1's FAISS structure for m, built once: the packed coarse oracles for exact
+        search while they are few, else a shortlister over per-class coarse centroids."""
         if m not in self._coarse:
-            centroids = np.ascontiguousarray(self.blocks[:, :m].mean(1))
-            # ~4·sqrt(C) lists, but never so few points that k-means lacks 64 per centroid
-            nlist = int(max(1, min(4 * np.sqrt(len(centroids)), len(centroids) // 64)))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, nlist)
-            rng = np.random.default_rng(0)
-            index.train(centroids[rng.choice(len(centroids), min(len(centroids), 64 * nlist), replace=False)])
-            index.add(centroids)
-            # Probing 1/8 of the lists: ≥ 99 % top-1 agreement with exact search on synthetic
-            # classes as tight as face embeddings (bench/classify_scale.py); looser classes
-            # need more probes (nprobe=nlist/4 at noise 1.0). Tune with ``nprobe``.
-            index.nprobe = self.nprobe or max(16, nlist // 8)
-            if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
-                index = faiss.index_cpu_to_all_gpus(index)
-            self._coarse[m] = index
+            rows, mask, eff = self._rows(np.arange(self.num_classes), m)
+            if int(eff.sum()) <= self.exact_coarse_limit:
+                packed = np.concatenate([[0], np.cumsum(eff)])[:-1]
+                pos = packed[:, None] + np.minimum(np.arange(m), eff[:, None] - 1)
+                self._coarse[m] = (np.ascontiguousarray(self._vec[rows[mask]]), pos, mask, eff)
+            else:
+                self._coarse[m] = Shortlister(self._centroids(m, np.arange(self.num_classes)),
+                                              self._kind(), nprobe=self.nprobe)
         return self._coarse[m]
 
     def _step1(self, q: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k classes (B, k) and their coarse scores over the first m oracles."""
-        if self.num_classes * m <= self.exact_coarse_limit:
-            coarse = np.ascontiguousarray(self.blocks[:, :m].reshape(-1, self.dim))
-            scores = -_distances(q, coarse, self.squared).reshape(len(q), self.num_classes, m).sum(-1)
-            top = _top_k(scores, k)
+        """Top-k classes (B, k) and their coarse scores over the first min(m, count) oracles."""
+        structure = self._coarse_structure(m)
+        if not isinstance(structure, Shortlister):
+            packed, pos, mask, eff = structure
+            scores = class_scores_from(pairwise(q, packed, self.squared)[:, pos], mask, eff, m)
+            top = top_k(scores, k)
             return top, np.take_along_axis(scores, top, 1)
-        _, cand = self._coarse_index(m).search(q, self.shortlist or max(8 * k, 64))
+        cand = structure.search(q, min(self.num_classes, self.shortlist or max(8 * k, 64)))
         cand = np.sort(cand, axis=1)  # -1 (a missing hit) first; ties then go to the lower class
         safe = np.maximum(cand, 0)
-        dist = _block_distances(q, self.blocks[safe, :m], self.sq_norms[safe, :m], self.squared)
-        scores = np.where(cand < 0, -np.inf, -dist.sum(-1))
-        top = _top_k(scores, k)
+        rows, mask, eff = self._rows(safe, m)
+        dist = gathered(q, self._vec, self._sq, rows, self.squared)
+        scores = np.where(cand < 0, -np.inf, class_scores_from(dist, mask, eff, m))
+        top = top_k(scores, k)
         return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
 
-    def classify(self, queries: np.ndarray, n: int | None = None, m: int = 3, k: int = 5
+    def classify(self, queries: np.ndarray, n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES
                  ) -> TwoStepResult:
         """Algorithm 1 for a batch of query embeddings (B, D)."""
         n = self.n if n is None else n
@@ -183,30 +367,30 @@ class OracleIndex:
         fields = [f.name for f in dataclasses.fields(TwoStepResult)]
         return TwoStepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
-    CHUNK = 512  # queries per step: bounds the (chunk, k, n, D) float64 fine-step buffer
-
     def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
-        if self.num_classes * self.n <= self.full_limit:
+        if self._size <= self.full_limit:
             # Few oracles in all: one exact FAISS distance matrix serves both steps, so the
             # two-step rule costs about what brute force costs.
-            dist = _distances(q, self.blocks.reshape(-1, self.dim), self.squared).reshape(len(q), self.num_classes, self.n)
-            coarse = -dist[:, :, :m].sum(-1)
-            top = _top_k(coarse, k)
+            dist = pairwise(q, self.vectors, self.squared)
+            rows, mask, eff = self._rows(np.arange(self.num_classes), m)
+            coarse = class_scores_from(dist[:, rows], mask, eff, m)
+            top = top_k(coarse, k)
             coarse_scores = np.take_along_axis(coarse, top, 1)
-            fine = np.take_along_axis(-dist[:, :, :n].sum(-1), top, 1)
-            nearest = np.take_along_axis(dist[:, :, :n], top[:, :, None], 1).min(axis=(1, 2))
+            rows, mask, eff = self._rows(top, n)
+            fine_dist = np.take_along_axis(dist, rows.reshape(len(q), -1), 1).reshape(rows.shape)
         else:
             top, coarse_scores = self._step1(q, m, k)
-            safe = np.maximum(top, 0)  # the IVF shortlist may find fewer than k classes (-1)
-            fine_dist = _block_distances(q, self.blocks[safe, :n], self.sq_norms[safe, :n], self.squared)
-            fine = np.where(top >= 0, -fine_dist.sum(-1), -np.inf)
-            nearest = np.where(top[:, :, None] >= 0, fine_dist, np.inf).reshape(len(q), -1).min(1)
+            rows, mask, eff = self._rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
+            fine_dist = gathered(q, self._vec, self._sq, rows, self.squared)
+            mask = mask & (top[:, :, None] >= 0)
+        fine = np.where(top >= 0, class_scores_from(fine_dist, mask, eff, n), -np.inf)
+        nearest = np.where(mask, fine_dist, np.inf).reshape(len(q), -1).min(1)
         if self.squared:  # report a distance whatever the metric ranks by
             nearest = np.sqrt(nearest)
         best = np.argmax(fine, axis=1)  # first maximum: ties go to the better coarse rank
         labels = top[np.arange(len(q)), best]
-        return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores, fine,
-                             nearest)
+        return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores,
+                             fine.astype(np.float64), nearest.astype(np.float64))
 
     @staticmethod
     def select(labels: np.ndarray, n: int, seed: int, num_classes: int) -> np.ndarray:
@@ -221,13 +405,14 @@ class OracleIndex:
         return np.concatenate(picks).astype(np.int64)
 
     def check_params(self, n: int, m: int, k: int) -> None:
-        """Refuse (n, m, k) this index cannot honour, saying what would work."""
+        """Refuse (n, m, k) this index cannot honour, saying what would work. A class holding
+        fewer than n (or m) oracles uses all it holds (see the module docstring)."""
         if n < 1:
             raise DundiError(f"n={n} is out of range: n is the number of oracles per class in the "
                              f"fine step, at least 1 and at most {self.n} (what this index holds)")
         if n > self.n:
-            raise DundiError(f"n={n} is out of range: this index holds {self.n} oracles per class; "
-                             f"use n <= {self.n}, or rebuild the index with more "
+            raise DundiError(f"n={n} is out of range: this index holds at most {self.n} oracles per "
+                             f"class; use n <= {self.n}, or rebuild the index with more "
                              f"(`dundi index build RUN --oracles {n}`)")
         if not 1 <= m <= n:
             raise DundiError(f"m={m} must be between 1 and n={n} (the coarse step's oracles per class "
@@ -236,33 +421,44 @@ class OracleIndex:
             raise DundiError(f"k={k} must be between 1 and the number of classes ({self.num_classes})")
 
     # ---- persistence ---------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> dict[str, str]:
-        """Write the index (FAISS format) and JSON metadata atomically; returns file names."""
+    def save(self, directory: str | os.PathLike, index_file: str = INDEX_FILE,
+             meta_file: str = META_FILE) -> dict[str, str]:
+        """Write the oracles (FAISS's flat format, class-major) and JSON metadata holding class
+        names and counts, each atomically (temp file + os.replace); returns the file names.
+        Other file names let a caller keep several versions side by side."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         flat = faiss.IndexFlatL2(self.dim)
-        flat.add(np.ascontiguousarray(self.blocks.reshape(-1, self.dim)))
-        tmp = directory / (INDEX_FILE + ".tmp")
+        flat.add(self.vectors)
+        tmp = directory / (index_file + ".tmp")
         faiss.write_index(flat, str(tmp))
-        os.replace(tmp, directory / INDEX_FILE)
-        meta = {**self.meta, "num_classes": self.num_classes, "n": self.n, "dim": self.dim,
-                "layout": "class-major: row c*n+j is oracle j of class c"}
-        tmp = directory / (META_FILE + ".tmp")
+        os.replace(tmp, directory / index_file)
+        meta = {**self.meta, "format": FORMAT, "num_classes": self.num_classes, "n": self.n,
+                "dim": self.dim, "class_names": self.class_names,
+                "counts": self._counts.tolist(),
+                "layout": "class-major: class c holds the next counts[c] rows, in order"}
+        tmp = directory / (meta_file + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, directory / META_FILE)
-        return {"index": INDEX_FILE, "meta": META_FILE}
+        os.replace(tmp, directory / meta_file)
+        return {"index": index_file, "meta": meta_file}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, **kw) -> "OracleIndex":
-        """Read an index written by :meth:`save` (FAISS's own format, no pickle)."""
+    def load(cls, directory: str | os.PathLike, index_file: str = INDEX_FILE,
+             meta_file: str = META_FILE, **kw) -> "OracleIndex":
+        """Read an index written by :meth:`save` (FAISS's own format, no pickle). Indexes
+        written before names and counts were stored load with equal blocks and names "0".."C-1"."""
         directory = Path(directory)
         try:
-            meta = json.loads((directory / META_FILE).read_text())
-            flat = faiss.read_index(str(directory / INDEX_FILE))
+            meta = json.loads((directory / meta_file).read_text())
+            flat = faiss.read_index(str(directory / index_file))
         except (OSError, RuntimeError, ValueError) as exc:
             raise DundiError(f"cannot read the oracle index in {directory}: {exc}. "
                              f"Build it with `dundi index build RUN`.") from exc
-        vectors = flat.reconstruct_n(0, flat.ntotal)
-        if flat.ntotal != meta["num_classes"] * meta["n"] or flat.d != meta["dim"]:
+        counts = meta.get("counts") or [meta["n"]] * meta["num_classes"]
+        if flat.ntotal != sum(counts) or flat.d != meta["dim"] or len(counts) != meta["num_classes"]:
             raise DundiError(f"oracle index in {directory} does not match its metadata")
-        return cls(vectors, meta["num_classes"], meta=meta, metric=meta.get("metric", "euclidean"), **kw)
+        vectors = flat.reconstruct_n(0, flat.ntotal)
+        names = meta.get("class_names")
+        meta = {k: v for k, v in meta.items() if k not in DERIVED}
+        return cls(vectors, counts=counts, class_names=names, meta=meta,
+                   metric=meta.get("metric", "euclidean"), **kw)

@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.artifacts import Run, atomic_write_json, load_model, save_model, save_oracle
+from dundi.artifacts import (Run, atomic_write_json, dataset_class_names, dataset_classes_of,
+                             load_model, save_model, save_oracle)
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
 from dundi.inference import accuracy, forward_batched
 from dundi.models import build_distance_net, build_native
 from dundi.oracle import OracleIndex
-from dundi.train import TrainConfig, drop_holdout, fit, kept_classes, split_train_val
+from dundi.train import TrainConfig, drop_holdout, kept_classes, split_train_val
+from dundi.training_loop import fit
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES, ORACLES_PER_CLASS, coarse_default
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -63,13 +66,15 @@ def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
             **extra}
 
 
-def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A split's rows as the run sees them: for a run trained with held-out classes, only the
-    classes it was trained on, numbered as its index numbers them (``dataset_classes``)."""
-    if "dataset_classes" not in meta:
+def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+             trained: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A split's rows as the run answers them: only the dataset classes its live oracle index
+    holds (trained or enrolled), numbered as the index numbers them; with ``trained``, the
+    classes the run was trained on (those `index build` picks oracles for)."""
+    classes = meta.get("dataset_classes") if trained else dataset_classes_of(meta)
+    if classes is None:
         return images, labels, ids
-    return drop_holdout(images, labels, ids, np.asarray(meta["dataset_classes"], dtype=np.int64))
+    return drop_holdout(images, labels, ids, np.asarray(classes, dtype=np.int64))
 
 
 def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -78,7 +83,7 @@ def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 
 def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
                       images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      n: int | None = None, m: int = 3, k: int = 5, metric: str = "euclidean") -> float:
+                      n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES, metric: str = "euclidean") -> float:
     """Two-step accuracy of a Distance NN with an oracle set given as images (validation)."""
     index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes,
                                         metric=metric)
@@ -94,7 +99,8 @@ def _train_val(cfg: TrainConfig, data_dir: str | None):
 
 
 def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | None = None,
-                     progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                     progress: bool = True, log: Callable[[str], None] = print,
+                     device: str | None = None) -> dict:
     """Train a native softmax model, save it as a run, return its metadata with test accuracy."""
     cfg.validate()
     out = Path(out)
@@ -103,7 +109,7 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
     validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
     t0 = time.time()
     fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress,
-        checkpoints=out / CHECKPOINT_DIR)
+        checkpoints=out / CHECKPOINT_DIR, device=device)
     test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
     metrics = {"test_accuracy": native_accuracy(model, test_x, test_y), "test_count": len(test_y),
                "train_seconds": round(time.time() - t0, 2)}
@@ -155,16 +161,16 @@ def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, 
 
 def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | None = None,
                     data_dir: str | None = None, progress: bool = True,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, device: str | None = None) -> dict:
     """Triplet-train a Distance NN (DunDi_R, or DunDi_P from ``pretrained``) and save the run."""
     cfg.validate()
     out = Path(out)
     images, labels, tr, va = _train_val(cfg, data_dir)
     model, mode = new_distance_net(cfg, pretrained)
     t0 = time.time()
-    history = fit(model, images[tr], labels[tr], cfg, "triplet",
+    history = fit(model, images[tr], labels[tr], cfg, "dundi",
                   triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress,
-                  checkpoints=out / CHECKPOINT_DIR)
+                  checkpoints=out / CHECKPOINT_DIR, device=device, pretrained=pretrained)
     metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
     warn_if_collapsed(cfg, history, len(kept_classes(cfg, _spec(cfg.dataset).num_classes)), log)
     return _finish(out, model, run_meta("dundi", cfg, embed_dim=cfg.embed_dim, metrics=metrics, **mode))
@@ -182,25 +188,34 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"or a smaller --lr.")
 
 
-def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
+def run_class_names(meta: dict) -> list[str]:
+    """Names of a run's classes in its label order (:func:`dundi.artifacts.dataset_class_names`)."""
+    return list(dataset_class_names(meta))
+
+
+def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
-    run's model and write the FAISS index into the run."""
+    run's model and write the FAISS index into the run as its next version. The index holds
+    the classes the run was trained on, named as the dataset names them: classes enrolled
+    since (`dundi index add`) are not carried over."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
     images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
-                                                     limit=meta["config"].get("limit")))
+                                                     limit=meta["config"].get("limit")), trained=True)
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
+    classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
+                        class_names=run_class_names(meta),
                         metric=meta["config"].get("metric", "euclidean"),
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
-                              "ids": ids[pick].tolist()})
+                              "ids": ids[pick].tolist(), "dataset_classes": classes})
     save_oracle(run_dir, index)
     return index
 
 
-def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = 5,
+def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES,
                    split: str = "test", data_dir: str | None = None, limit: int | None = None,
                    radii: bool = False) -> dict:
     """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
@@ -212,7 +227,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
     if run.oracle is None:
         return {**figures, "accuracy": native_accuracy(run.model, images, labels)}
     n = run.oracle.n if n is None else n
-    m = min(3, n) if m is None else m
+    m = coarse_default(n) if m is None else m
     result = run.classify(images, n=n, m=m, k=k)
     figures = {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}
     if radii:  # per image: how far the input may move before the rule's answer can change
@@ -223,7 +238,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
 
 
 def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = None,
-                  m: int | None = None, k: int = 5, split: str = "test", data_dir: str | None = None,
+                  m: int | None = None, k: int = KEPT_CLASSES, split: str = "test", data_dir: str | None = None,
                   limit: int | None = None) -> dict:
     """Clean and certified accuracy of a run's deployed rule (n, m, k) on a split: an image
     counts as certified at eps when the rule answers its true label for every input in the
@@ -236,7 +251,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = 
         raise DundiError(f"{run_dir} is a native run: certify a DunDi run (dundi train --certified)")
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     n = run.oracle.n if n is None else n
-    m = min(3, n) if m is None else m
+    m = coarse_default(n) if m is None else m
     certifier = run.certifier(n, m, k)
     t0 = time.time()
     answers = run.classify(images, n=n, m=m, k=k).labels

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,8 +18,6 @@ from tqdm import tqdm
 from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_classes,
                                adversarial_inputs_ce, class_prototypes, prototype_distances)
 from dundi.certified_training import balanced_batches, certified_batch_loss, schedule
-from dundi.checkpoint import load_local, save_local
-from dundi.errors import DundiError
 from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.oracle import check_metric
 from dundi.progress import on_terminal  # bars only on a terminal; epochs are logged as lines
@@ -131,10 +127,12 @@ def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: 
 
     Why renumber: every training path (tuples, certified batches, validation index) assumes
     labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
-    dataset classes it holds (``dataset_classes`` in the run's metadata)."""
-    rows = np.isin(labels, kept)
-    remap = np.full(int(max(labels.max(initial=0), kept.max())) + 1, -1, dtype=np.int64)
-    remap[kept] = np.arange(len(kept))
+    dataset classes it holds (``dataset_classes`` in the run's metadata). A negative entry
+    (a class enrolled from images outside the dataset) matches no row."""
+    valid = kept >= 0
+    rows = np.isin(labels, kept[valid])
+    remap = np.full(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, -1, dtype=np.int64)
+    remap[kept[valid]] = np.flatnonzero(valid)
     return images[rows], remap[labels[rows]], ids[rows]
 
 
@@ -361,61 +359,6 @@ def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, imag
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=cfg.lr)
-
-
-EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-        kind: str = "triplet", validate: Callable[[nn.Module], float] | None = None,
-        on_epoch: EpochCallback | None = None, progress: bool = True,
-        checkpoints: Path | None = None) -> list[dict]:
-    """Train for ``cfg.epochs`` epochs: ``kind="native"`` is cross-entropy over the images,
-    ``kind="triplet"`` is the triplet loss over a fixed, seeded set of ``cfg.tuples`` tuples.
-
-    With ``checkpoints`` (a directory) every epoch ends with a checkpoint there, and a call that
-    finds one of the same configuration continues after its epoch instead of starting over:
-    tuples, sample order and PGD starts are seeded per epoch, so the resumed run is the run
-    that was not killed. A checkpoint of another configuration is refused."""
-    torch.manual_seed(cfg.seed)
-    x, y = torch.as_tensor(images), torch.as_tensor(labels)
-    opt = make_optimizer(model, cfg)
-    tuples = make_tuples(labels, cfg) if kind == "triplet" and not cfg.certified else None
-    history: list[dict] = []
-    start = 0
-    saved = load_local(checkpoints) if checkpoints is not None else None
-    if saved is not None:
-        state, weights, opt_state, rng = saved
-        if with_defaults(state.get("config") or {}) != json_config(cfg) or state.get("kind") != kind:
-            raise DundiError(f"{checkpoints} holds a checkpoint of another training configuration: "
-                             f"delete it to start over, or use another --out")
-        model.load_state_dict(weights)
-        opt.load_state_dict(opt_state)
-        torch.set_rng_state(rng["torch"])
-        history, start = state["history"], state["epoch"] + 1
-    for epoch in range(start, cfg.epochs):
-        ecfg = epoch_config(cfg, epoch)
-        if kind == "triplet" and cfg.certified:
-            metrics = run_certified_epoch(model, opt, x, y, cfg, epoch, progress,
-                                          desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        elif tuples is not None:
-            metrics = run_triplet_epoch(model, opt, x, y, epoch_tuples(tuples, epoch, cfg.seed), ecfg,
-                                        progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                        generator=adversarial_generator(cfg, epoch))
-        else:
-            order = epoch_order(len(y), epoch, cfg.seed)
-            metrics = run_native_epoch(model, opt, x, y, order, ecfg, progress,
-                                       generator=adversarial_generator(cfg, epoch))
-        if validate is not None:
-            metrics["val_accuracy"] = validate(model)
-        metrics["epoch"] = epoch
-        history.append(metrics)
-        if on_epoch:
-            on_epoch(epoch, metrics)
-        if checkpoints is not None:
-            save_local(checkpoints, epoch, model, opt,
-                       {"config": json_config(cfg), "kind": kind, "history": history})
-    return history
 
 
 def with_defaults(saved: dict) -> dict:

@@ -8,6 +8,19 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip, with the reason in the summary, where PyTorch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here: run `pytest -m gpu -rs` (or bench/gpu_check.sh) "
+                                   "on a machine with one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     """Real datasets are cached once per machine (DUNDI_DATA_DIR, else the user cache dir)."""

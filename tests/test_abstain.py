@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from dundi.artifacts import index_sha256
 from dundi.errors import DundiError
 from dundi.serving import ModelConfig, RequestError
 from dundi.serving.abstain import (SIGNALS, abstain_flags, abstain_settings, calibrate_rule,
@@ -44,7 +45,7 @@ def test_calibration_abstains_on_the_stated_share_of_its_own_data(model, held_ou
     images, labels = held_out
     cal = calibrate_rule(model, images, labels, rate=rate)
     served = LoadedModel(ModelConfig(str(model.run.path), **cal["thresholds"]))
-    abstained = served.classify(images).abstained
+    abstained = served.predict(images).abstained
     measured = float(abstained.mean())
     assert measured == pytest.approx(cal["abstain_rate"])
     assert measured <= rate
@@ -71,14 +72,14 @@ def test_plainly_foreign_inputs_abstain_and_digits_mostly_do_not(model, held_out
     served = LoadedModel(ModelConfig(str(model.run.path), **cal["thresholds"]))
     test, _, _ = load_split("mnist-10k", "test", data_dir, limit=300)
     noise = np.random.default_rng(0).random((100, 1, 28, 28), dtype=np.float32)
-    assert served.classify(noise).abstained.mean() >= 0.95
-    assert served.classify(1.0 - test[:100]).abstained.mean() >= 0.95  # inverted digits
-    assert served.classify(test).abstained.mean() <= 0.05
+    assert served.predict(noise).abstained.mean() >= 0.95
+    assert served.predict(1.0 - test[:100]).abstained.mean() >= 0.95  # inverted digits
+    assert served.predict(test).abstained.mean() <= 0.05
     # the distance alone, calibrated the same way, misses most noise: why the other signals exist
     dist_only = calibrate_rule(model, images, labels, rate=0.01, fields=("abstain_threshold",))
     assert dist_only["thresholds"]["abstain_min_norm"] is None
     alone = LoadedModel(ModelConfig(str(model.run.path), **dist_only["thresholds"]))
-    assert alone.classify(noise).abstained.mean() < served.classify(noise).abstained.mean()
+    assert alone.predict(noise).abstained.mean() < served.predict(noise).abstained.mean()
 
 
 def test_flags_follow_each_signal_direction():
@@ -100,10 +101,13 @@ def test_index_calibrate_stores_the_rule_and_serve_uses_it_by_default(run_copy, 
 
     assert main(["index", "calibrate", str(run_copy), "--false-abstain", "0.02", "--limit", "600",
                  "--data-dir", data_dir, "--json"]) == 0
-    stored = stored_calibration(read_meta(run_copy), 10, 3, 5)
+    meta = read_meta(run_copy)
+    sha = index_sha256(meta)
+    stored = stored_calibration(meta, 10, 3, 5, sha)
     assert stored and stored["rate"] == 0.02 and stored["abstain_rate"] <= 0.02
     assert "validation part" in stored["source"]
-    assert stored_calibration(read_meta(run_copy), 10, 3, 4) is None  # other k: other distances
+    assert stored_calibration(meta, 10, 3, 4, sha) is None  # other k: other distances
+    assert stored_calibration(meta, 10, 3, 5, "another index") is None
     config, _ = loaded_model(str(run_copy), None, 3, 5, _args(data_dir=data_dir))
     assert {f: getattr(config, f) for f in SIGNALS} == stored["thresholds"]
     assert "dundi index calibrate" in capsys.readouterr().err
@@ -119,9 +123,12 @@ def test_rebuilding_the_index_drops_the_stored_rule(run_copy, data_dir):
     from dundi.pipeline import build_index
 
     assert main(["index", "calibrate", str(run_copy), "--limit", "300", "--data-dir", data_dir]) == 0
-    assert stored_calibration(read_meta(run_copy), 10, 3, 5)
+    before = read_meta(run_copy)
+    assert stored_calibration(before, 10, 3, 5, index_sha256(before))
     build_index(run_copy, n=10, seed=1, data_dir=data_dir)
-    assert stored_calibration(read_meta(run_copy), 10, 3, 5) is None
+    after = read_meta(run_copy)
+    assert stored_calibration(after, 10, 3, 5, index_sha256(after)) is None
+    assert stored_calibration(after, 10, 3, 5, index_sha256(before)) is None
     model = LoadedModel(ModelConfig(str(run_copy)))
     fields, how = abstain_settings(model, None, data_dir=data_dir, limit=300)
     assert "calibrated now" in how and fields["abstain_threshold"] is not None

@@ -23,7 +23,7 @@ from dundi.train import TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.realdata, pytest.mark.slow]
 
-RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/index.faiss", "oracle/oracle.json"}
+RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/v1/index.faiss", "oracle/v1/oracle.json"}
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -255,19 +255,29 @@ def test_bad_input_fails_fast_with_a_message(tmp_path, data_dir):
 
 
 def test_a_run_name_refuses_a_different_experiment(tmp_path):
+    """The one resume rule (dundi.training_loop.resume_conflicts) guards a Ray run name: any
+    changed setting -- the worker count included -- is refused, naming the change; epochs may
+    change except for certified training, whose learning-rate schedule is placed by them."""
     import dataclasses
 
     from dundi.distributed.train_job import _check_descriptor
+    from dundi.training_loop import resume_state
 
     storage = str(tmp_path)
-    desc = {"kind": "dundi", "config": dataclasses.asdict(small_cfg()), "pretrained": None}
+    desc = resume_state("dundi", small_cfg(), 2)
     assert _check_descriptor(storage, "exp", desc) is None
-    more_epochs = {**desc, "config": dataclasses.asdict(small_cfg(epochs=9))}
-    assert _check_descriptor(storage, "exp", more_epochs) is not None  # resumable
-    with pytest.raises(DundiError, match=r"different settings \(lr\)"):
-        _check_descriptor(storage, "exp", {**desc, "config": dataclasses.asdict(small_cfg(lr=0.5))})
+    assert _check_descriptor(storage, "exp", resume_state("dundi", small_cfg(), 2)) is not None  # resumable
+    with pytest.raises(DundiError, match=r"other settings \(lr 0.001 -> 0.5\)"):
+        _check_descriptor(storage, "exp", resume_state("dundi", small_cfg(lr=0.5), 2))
+    assert _check_descriptor(storage, "exp", resume_state("dundi", small_cfg(epochs=9), 2)) is not None
+    cert = small_cfg(arch="cnn-ibp", certified=True, metric="sqeuclidean")
+    assert _check_descriptor(storage, "cert", resume_state("dundi", cert, 2)) is None
+    with pytest.raises(DundiError, match=r"epochs 2 -> 9"):
+        _check_descriptor(storage, "cert", resume_state("dundi", dataclasses.replace(cert, epochs=9), 2))
+    with pytest.raises(DundiError, match=r"workers 2 -> 1"):
+        _check_descriptor(storage, "exp", resume_state("dundi", small_cfg(), 1))
     with pytest.raises(DundiError, match="kind"):
-        _check_descriptor(storage, "exp", {**desc, "kind": "native"})
+        _check_descriptor(storage, "exp", resume_state("native", small_cfg(), 2))
 
 
 def test_cli_with_an_unreachable_address_exits_with_a_message(tmp_path, data_dir):

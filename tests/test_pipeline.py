@@ -130,9 +130,9 @@ def test_a_killed_local_training_resumes_where_it_stopped(data_dir, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    other = subprocess.run(cmd + [a if a != "4" else "5" for a in args] + ["--out", str(out)], env=env,
+    other = subprocess.run(cmd + [a if a != "3000" else "3100" for a in args] + ["--out", str(out)], env=env,
                            capture_output=True, text=True)
-    assert other.returncode == 2 and "another training configuration" in other.stderr
+    assert other.returncode == 2 and "other settings (tuples 3000 -> 3100)" in other.stderr
 
 
 def test_a_checkpoint_older_than_a_config_field_still_resumes(tmp_path):
@@ -142,7 +142,7 @@ def test_a_checkpoint_older_than_a_config_field_still_resumes(tmp_path):
 
     from dundi.errors import DundiError
     from dundi.models import build_native
-    from dundi.train import fit
+    from dundi.training_loop import fit
 
     rng = np.random.default_rng(0)
     x, y = rng.random((120, 1, 28, 28), dtype=np.float32), np.arange(120) % 4
@@ -165,6 +165,6 @@ def test_a_checkpoint_older_than_a_config_field_still_resumes(tmp_path):
     history = fit(build_native("lenet1", (1, 28, 28), 4), x, y, cfg, "native", progress=False,
                   checkpoints=ckpt)
     assert [e["epoch"] for e in history] == [0, 1]
-    with pytest.raises(DundiError, match="another training configuration"):
+    with pytest.raises(DundiError, match=r"other settings \(lr 0.001 -> 0.5\)"):
         fit(build_native("lenet1", (1, 28, 28), 4), x, y, dataclasses.replace(cfg, lr=0.5), "native",
             progress=False, checkpoints=ckpt)

@@ -40,17 +40,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dundi.checkpoint import STATE_FILE, read_checkpoint, write_checkpoint
+from dundi.checkpoint import read_checkpoint, write_checkpoint
 from dundi.errors import DundiError
 from dundi.train import TrainConfig
+from dundi.training_loop import KINDS, resume_state
+from dundi.rule import ORACLES_PER_CLASS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("native", "dundi")
 RUN_DESCRIPTOR = "dundi_train.json"  # in <storage>/<name>/: what this run name trains
 STORAGE_TIMEOUT_S = 30.0
-# Changing these between a run and its resumption would silently mix two experiments.
-RESUME_MAY_CHANGE = {"epochs"}
 
 
 @dataclasses.dataclass
@@ -65,7 +64,7 @@ class RayOptions:
     max_failures: int = 3
     cpus_per_worker: float = 1.0
     data_dir: str | None = None
-    oracles: int = 20              # oracles per class in the final index (dundi runs)
+    oracles: int = ORACLES_PER_CLASS  # oracles per class in the final index (dundi runs)
     progress: bool = True          # rank 0 prints one line per epoch
 
     @classmethod
@@ -75,7 +74,7 @@ class RayOptions:
                    storage=get("storage", None), name=get("name", None),
                    max_failures=get("max_failures", 3),
                    cpus_per_worker=get("cpus_per_worker", None) or 1.0,
-                   data_dir=get("data_dir", None), oracles=get("oracles", 20),
+                   data_dir=get("data_dir", None), oracles=get("oracles", ORACLES_PER_CLASS),
                    progress=not get("no_progress", False))
 
 
@@ -148,19 +147,11 @@ def _check_descriptor(storage: str, name: str, descriptor: dict) -> dict | None:
     except (OSError, ValueError) as exc:
         raise DundiError(f"cannot read {storage}/{name}/{RUN_DESCRIPTOR}: {exc}") from None
     if previous is not None:
-        from dundi.train import with_defaults
+        from dundi.training_loop import check_resume
 
-        old, new = with_defaults(previous.get("config", {})), descriptor["config"]
-        changed = sorted(k for k in set(old) | set(new)
-                         if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
-        if previous.get("kind") != descriptor["kind"]:
-            changed.insert(0, "kind")
-        if previous.get("pretrained") != descriptor.get("pretrained"):
-            changed.append("pretrained")
-        if changed:
-            raise DundiError(f"run name {name!r} in {storage} already holds a run with different "
-                             f"settings ({', '.join(changed)}); resume it with the same settings, "
-                             f"or pass another --name (or --out) to start a new one")
+        previous.setdefault("world_size", previous.get("workers"))  # descriptors before the rename
+        check_resume(previous, descriptor, f"run name {name!r} in {storage}",
+                     "pass another --name (or --out) to start a new one")
     try:
         fs.create_dir(run_dir, recursive=True)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -219,132 +210,79 @@ def _all_gather(obj: Any) -> list[Any]:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: one DDP worker (config is a plain dict)."""
+    """Ray Train's ``train_loop_per_worker``: one DDP worker running the core's epoch loop
+    (:func:`dundi.training_loop.train_epochs`) on its own rows; rank 0 checkpoints."""
     import ray.train
     import ray.train.torch
 
     from dundi.artifacts import build_from_meta
-    from dundi.pipeline import native_accuracy, triplet_validator
-    from dundi.certified_training import balanced_batches
     from dundi.data import DATASETS
-    from dundi.train import (adversarial_generator, drop_holdout, kept_classes, epoch_config, epoch_order, epoch_tuples,
-                             make_optimizer, run_certified_epoch, run_native_epoch, run_triplet_epoch,
-                             split_train_val, worker_tuples)
+    from dundi.pipeline import native_accuracy, triplet_validator
+    from dundi.train import drop_holdout, kept_classes, split_train_val
+    from dundi.training_loop import TIMING_KEYS, Worker, train_epochs
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    worker = Worker(rank, world, device, sum=lambda values: _allreduce(values, device),
+                    min=lambda value: _allreduce_min(value, device), wrap=ray.train.torch.prepare_model)
     say = _say if (rank == 0 and config.get("progress", True)) else (lambda line: None)
 
-    # --- data: this worker's rows, its train/validation split, its tuples (all seeded)
+    # --- data: this worker's rows and its train/validation split (seeded)
     images, labels, _ = drop_holdout(*worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world),
                                      kept_classes(cfg, DATASETS[cfg.dataset].num_classes))
     tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
-    present = np.bincount(labels[tr], minlength=2)
-    if (present >= 2).sum() < 2:
+    if (np.bincount(labels[tr], minlength=2) >= 2).sum() < 2:
         raise DundiError(f"worker {rank} of {world} got {len(tr)} training samples with fewer than "
                          f"two classes of two samples each: use more data (--limit) or fewer workers")
-    wcfg = cfg if world == 1 else dataclasses.replace(
-        cfg, batch_size=math.ceil(cfg.batch_size / world),
-        cert_per_class=max(2, math.ceil(cfg.cert_per_class / world)))
-    x_tr = torch.as_tensor(images[tr]).to(device)
-    y_tr = torch.as_tensor(labels[tr]).to(device)
-    cert_steps = None
-    if kind == "dundi" and cfg.certified:
-        # class-balanced batches; DDP needs the same number of steps on every worker
-        cert_steps = int(_allreduce_min(len(balanced_batches(labels[tr], wcfg.cert_per_class, 0, cfg.seed)),
-                                        device))
-        validate = triplet_validator(cfg, images, labels, tr, va)
-        work_per_epoch = cert_steps * wcfg.cert_per_class * int(labels.max() + 1) * world
-    elif kind == "dundi":
-        tuples = worker_tuples(labels[tr], cfg, rank, world)
-        validate = triplet_validator(cfg, images, labels, tr, va)
-        work_per_epoch = len(tuples) * world
-    else:
-        # DDP needs the same number of steps on every worker: train on the smallest share.
-        n_train = int(min(_allreduce_min(len(tr), device), len(tr)))
-        validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
-        work_per_epoch = n_train * world
+    validate = (triplet_validator(cfg, images, labels, tr, va) if kind == "dundi" else
+                (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None)
 
-    # --- model and optimizer: the driver's seeded initial weights, or the last checkpoint
-    torch.manual_seed(cfg.seed)
+    # --- model: the driver's seeded initial weights, or the last checkpoint's
     model = build_from_meta(config["model_meta"])
     model.load_state_dict(config["init_state"])
-    start_epoch, history, starts, seconds = 0, [], [], 0.0
-    checkpoint = ray.train.get_checkpoint()
-    opt_state = rng = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state, weights, opt_state, rng = read_checkpoint(d)
-        model.load_state_dict(weights)
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        starts, seconds = state["starts"], state["seconds"]
-    starts = [*starts, start_epoch]
-    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    optimizer = make_optimizer(inner, cfg)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and "cuda/0" in rng:
-            torch.cuda.set_rng_state_all([rng[f"cuda/{i}"] for i in range(torch.cuda.device_count())
-                                          if f"cuda/{i}" in rng])
+    resumed, starts = _resumed(ray.train.get_checkpoint())
+    starts = [*starts, resumed.epoch + 1 if resumed else 0]
     nodes = _all_gather({"rank": rank, "node": ray.get_runtime_context().get_node_id(),
                          "host": os.uname().nodename, "pid": os.getpid(), "rows": int(len(labels))})
-    if start_epoch:
-        say(f"[dundi] resuming {config['name']} from the checkpoint of epoch {start_epoch}")
+    if resumed:
+        say(f"[dundi] resuming {config['name']} from the checkpoint of epoch {resumed.epoch + 1}")
     say(f"[dundi] {kind} training on {world} worker(s): {[n['rows'] for n in nodes]} rows each, "
-        f"epochs {start_epoch + 1}..{cfg.epochs}")
+        f"epochs {starts[-1] + 1}..{cfg.epochs}")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        ecfg = epoch_config(wcfg, epoch)
-        gen = adversarial_generator(cfg, epoch, rank)
-        if cert_steps is not None:
-            m = run_certified_epoch(model, optimizer, x_tr, y_tr, wcfg, epoch, progress=False,
-                                    rank=rank, steps=cert_steps, num_classes=int(labels.max()) + 1)
-            train_figures = [m["loss"], m["batch_certified"]]
-            names = ("loss", "batch_certified")
-        elif kind == "dundi":
-            m = run_triplet_epoch(model, optimizer, x_tr, y_tr, epoch_tuples(tuples, epoch, cfg.seed),
-                                  ecfg, progress=False, generator=gen)
-            train_figures = [m["loss"], m["ordered"]]
-            names = ("loss", "ordered")
-        else:
-            order = (epoch_order(len(tr), epoch, cfg.seed) if world == 1 else
-                     np.random.default_rng([cfg.seed, epoch, rank]).permutation(len(tr))[:n_train])
-            m = run_native_epoch(model, optimizer, x_tr, y_tr, order, ecfg, progress=False, generator=gen)
-            train_figures = [m["loss"], m["train_accuracy"]]
-            names = ("loss", "train_accuracy")
-        train_seconds = time.perf_counter() - t0
-        val = [0.0, 0.0]
-        if validate is not None:
-            val = [validate(inner) * len(va), float(len(va))]
-        sums = _allreduce([*train_figures, *val], device)
-        metrics: dict[str, Any] = {names[0]: sums[0] / world, names[1]: sums[1] / world}
-        if validate is not None and sums[3] > 0:
-            metrics["val_accuracy"] = sums[2] / sums[3]
-        metrics["epoch"] = epoch
-        seconds += time.perf_counter() - t0
-        timing = {"seconds": round(train_seconds, 4),
-                  ("tuples_per_s" if kind == "dundi" else "images_per_s"): work_per_epoch / train_seconds}
-        history.append({**metrics, **timing})
+    def report(epoch: int, metrics: dict, inner: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               state: dict) -> None:
+        timing = {k: v for k, v in state["history"][-1].items() if k in TIMING_KEYS}
         say(f"[dundi] epoch {epoch + 1}/{cfg.epochs} " +
             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch") +
-            f" ({train_seconds:.1f}s, {list(timing.values())[1]:.0f} {list(timing)[1][:-6]}/s)")
-        state = {"kind": kind, "epoch": epoch, "epochs": cfg.epochs, "history": history,
-                 "starts": starts, "seconds": seconds, "world_size": world, "nodes": nodes,
-                 "config": dataclasses.asdict(cfg)}
-        report = {**metrics, **timing, "world_size": world}
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="dundi-ckpt-") as tmp:
-                write_checkpoint(Path(tmp), inner, optimizer, state)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
-        else:
-            ray.train.report(report, checkpoint=None)
+            f" ({timing['seconds']:.1f}s)")
+        figures = {**metrics, **timing, "world_size": world}
+        if rank != 0:
+            ray.train.report(figures, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="dundi-ckpt-") as tmp:
+            write_checkpoint(Path(tmp), inner, optimizer, {**state, "starts": starts, "nodes": nodes})
+            ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+    train_epochs(model, images[tr], labels[tr], cfg, kind, worker, validate=validate, val_count=len(va),
+                 resumed=resumed, on_epoch=report, progress=False,
+                 state=resume_state(kind, cfg, world, config.get("pretrained")))
+
+
+def _resumed(checkpoint: Any) -> tuple[Any, list[int]]:
+    """The worker's starting point from Ray Train's last checkpoint (None on a fresh run) and
+    the epochs at which earlier attempts started."""
+    from dundi.training_loop import Resumed
+
+    if checkpoint is None:
+        return None, []
+    with checkpoint.as_directory() as d:
+        state, weights, optimizer, rng = read_checkpoint(d)
+    return (Resumed(state["epoch"], weights, optimizer, rng, state["history"], state.get("seconds", 0.0)),
+            state.get("starts", []))
 
 
 def _say(line: str) -> None:
@@ -400,17 +338,8 @@ def _ray_failure_message(exc: BaseException) -> str:
             " | ".join(lines[-3:]) if lines else type(exc).__name__)
 
 
-def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: RayOptions,
-                     pretrained: str | None = None, log_fn: Callable[[str], None] = print) -> dict:
-    """Train on Ray Train and write the run directory ``out``; returns its run.json."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dundi.artifacts import atomic_write_json, build_from_meta, save_model
-    from dundi.data import DATASETS, fetch
-    from dundi.distributed.ray_init import check_reachable, init_ray, is_local_address
-    from dundi.pipeline import METRICS_FILE, build_index, native_accuracy
+def _check_options(kind: str, cfg: TrainConfig, opts: RayOptions) -> None:
+    from dundi.data import DATASETS
 
     if kind not in KINDS:
         raise DundiError(f"unknown training kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -421,46 +350,30 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
     cfg.validate()
     if cfg.dataset not in DATASETS:
         raise DundiError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
-    out = Path(out)
-    if opts.address and not ray.is_initialized():
-        check_reachable(opts.address)  # before anything is written
-    data_dir = opts.data_dir or os.environ.get("DUNDI_DATA_DIR")
-    fetch(cfg.dataset, data_dir)  # fail fast (DatasetUnavailable) before starting anything
-    storage = resolve_storage(opts.storage, out)
-    name = _run_name(opts.name, out)
-    if opts.address and not is_local_address(opts.address) and "://" not in storage:
-        log_fn(f"note: checkpoints go to {storage} on each node's local disk; a multi-machine "
-               f"cluster needs shared storage there (NFS) or a URI (--storage s3://...)")
 
-    model, model_meta, extra = _initial_model(kind, cfg, pretrained)
-    descriptor = {"kind": kind, "config": dataclasses.asdict(cfg), "pretrained": pretrained,
-                  "workers": opts.workers}
-    previous = _check_descriptor(storage, name, descriptor)
 
-    resources = init_ray(opts.address, num_cpus=max(os.cpu_count() or 1,
-                                                    math.ceil(opts.workers * opts.cpus_per_worker)))
-    _check_resources(opts, resources)
-    log_fn(f"Ray Train: {opts.workers} worker(s) ({'NCCL/GPU' if opts.gpu else 'gloo/CPU'}), "
-           f"run name {name!r}, checkpoints in {storage}/{name}"
-           + (" — resuming from its last checkpoint" if previous else ""))
+def _trainer(loop_config: dict, opts: RayOptions, name: str, storage: str):
+    """The TorchTrainer of one run: W workers (a GPU each with --gpu), checkpoints under
+    ``storage/name`` (the last two kept), ``max_failures`` retries from the last one."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     per_worker = {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "kind": kind, "cfg": dataclasses.asdict(cfg), "model_meta": model_meta,
-            "init_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "data_dir": data_dir, "name": name, "progress": opts.progress,
-        },
+    return TorchTrainer(
+        train_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if opts.gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    t0 = time.time()
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+
+
+def _fit(trainer: Any, name: str, storage: str, opts: RayOptions, epochs: int) -> tuple[dict, dict]:
+    """Run the trainer; (the last checkpoint's state, its weights), or one clear DundiError."""
+    import ray.train
+
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -471,36 +384,76 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
         raise DundiError(f"Ray Train run {name!r} finished without a checkpoint in {storage}/{name}")
     with result.checkpoint.as_directory() as d:
         state, weights, _, _ = read_checkpoint(d)
-    if state["epoch"] + 1 < cfg.epochs:
-        raise DundiError(f"the last checkpoint of {name!r} is epoch {state['epoch'] + 1} of {cfg.epochs}")
+    if state["epoch"] + 1 < epochs:
+        raise DundiError(f"the last checkpoint of {name!r} is epoch {state['epoch'] + 1} of {epochs}")
+    return state, weights
 
-    # --- the run directory, written exactly as the local path writes it
+
+def _write_run(out: Path, kind: str, cfg: TrainConfig, state: dict, weights: dict, model_meta: dict,
+               extra: dict, ray_facts: dict, opts: RayOptions, data_dir: str | None) -> dict:
+    """The run directory, written with the same calls as the local path (save_model,
+    metrics.json, build_index): nothing downstream can tell where a run was trained."""
+    from dundi.artifacts import atomic_write_json, build_from_meta, read_meta, save_model
+    from dundi.pipeline import METRICS_FILE, build_index, native_accuracy
+    from dundi.training_loop import TIMING_KEYS
+
     final = build_from_meta(model_meta)
     final.load_state_dict(weights)
     final.eval()
-    history = [{k: v for k, v in h.items() if k not in ("seconds", "tuples_per_s", "images_per_s")}
-               for h in state["history"]]
+    history = [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in state["history"]]
     atomic_write_json(out / METRICS_FILE, [{k: round(v, 6) if isinstance(v, float) else v
                                             for k, v in h.items()} for h in history])
-    ray_facts = {"workers": state["world_size"], "name": name, "storage": storage,
-                 "starts": state["starts"], "nodes": state["nodes"], "gpu": opts.gpu,
-                 "epoch_seconds": [h["seconds"] for h in state["history"]],
-                 "wall_seconds": round(time.time() - t0, 2)}
+    metrics: dict[str, Any] = {"train_seconds": round(state["seconds"], 2)}
     if kind == "native":
         from dundi.data import load_split
 
         test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
-        metrics = {"test_accuracy": native_accuracy(final, test_x, test_y), "test_count": len(test_y),
-                   "train_seconds": round(state["seconds"], 2)}
+        metrics.update(test_accuracy=native_accuracy(final, test_x, test_y), test_count=len(test_y))
     else:
-        metrics = {"train_seconds": round(state["seconds"], 2), "final": history[-1]}
+        metrics["final"] = history[-1]
     meta = save_model(out, final, {**model_meta, **extra, "metrics": metrics, "ray": ray_facts})
     if kind == "dundi":
         build_index(out, n=opts.oracles, seed=cfg.seed, data_dir=data_dir)
-        from dundi.artifacts import read_meta
-
         meta = read_meta(out)
     return meta
+
+
+def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: RayOptions,
+                     pretrained: str | None = None, log_fn: Callable[[str], None] = print) -> dict:
+    """Train on Ray Train and write the run directory ``out``; returns its run.json."""
+    import ray
+
+    from dundi.data import fetch
+    from dundi.distributed.ray_init import check_reachable, init_ray, is_local_address
+
+    _check_options(kind, cfg, opts)
+    out = Path(out)
+    if opts.address and not ray.is_initialized():
+        check_reachable(opts.address)  # before anything is written
+    data_dir = opts.data_dir or os.environ.get("DUNDI_DATA_DIR")
+    fetch(cfg.dataset, data_dir)  # fail fast (DatasetUnavailable) before starting anything
+    storage, name = resolve_storage(opts.storage, out), _run_name(opts.name, out)
+    if opts.address and not is_local_address(opts.address) and "://" not in storage:
+        log_fn(f"note: checkpoints go to {storage} on each node's local disk; a multi-machine "
+               f"cluster needs shared storage there (NFS) or a URI (--storage s3://...)")
+    model, model_meta, extra = _initial_model(kind, cfg, pretrained)
+    previous = _check_descriptor(storage, name, resume_state(kind, cfg, opts.workers, pretrained))
+    resources = init_ray(opts.address, num_cpus=max(os.cpu_count() or 1,
+                                                    math.ceil(opts.workers * opts.cpus_per_worker)))
+    _check_resources(opts, resources)
+    log_fn(f"Ray Train: {opts.workers} worker(s) ({'NCCL/GPU' if opts.gpu else 'gloo/CPU'}), "
+           f"run name {name!r}, checkpoints in {storage}/{name}"
+           + (" — resuming from its last checkpoint" if previous else ""))
+    loop_config = {"kind": kind, "cfg": dataclasses.asdict(cfg), "model_meta": model_meta,
+                   "init_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   "data_dir": data_dir, "name": name, "progress": opts.progress, "pretrained": pretrained}
+    t0 = time.time()
+    state, weights = _fit(_trainer(loop_config, opts, name, storage), name, storage, opts, cfg.epochs)
+    ray_facts = {"workers": state["world_size"], "name": name, "storage": storage,
+                 "starts": state["starts"], "nodes": state["nodes"], "gpu": opts.gpu,
+                 "epoch_seconds": [h["seconds"] for h in state["history"]],
+                 "wall_seconds": round(time.time() - t0, 2)}
+    return _write_run(out, kind, cfg, state, weights, model_meta, extra, ray_facts, opts, data_dir)
 
 
 def train_on_ray(kind: str, cfg: TrainConfig, out: str | os.PathLike, args: Any) -> dict:

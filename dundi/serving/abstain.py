@@ -142,22 +142,29 @@ def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | 
     return out
 
 
-def save_calibration(run_dir: str, calibration: dict, source: str) -> None:
-    """Store the calibrated rule with the index metadata in run.json; rebuilding the index
-    replaces that metadata, so a threshold never outlives the oracles it was measured on."""
-    from dundi.artifacts import read_meta, update_meta
+def save_calibration(model: LoadedModel, calibration: dict, source: str) -> None:
+    """Store the rule calibrated on ``model`` with the live index's metadata in run.json,
+    under the run's write lock. Every index change (build, add, remove) replaces that
+    metadata, and the rule names the index file it was measured on, so a threshold never
+    outlives the oracles it was measured against."""
+    from dundi.artifacts import atomic_write_json, index_sha256, read_meta, run_lock
 
-    meta = read_meta(run_dir)
-    if "oracle" not in meta:
-        raise DundiError(f"{run_dir} has no oracle index yet: run `dundi index build {run_dir}`")
-    oracle = {**meta["oracle"], "abstain": {**calibration, "source": source}}
-    update_meta(run_dir, oracle=oracle)
+    run_dir = model.run.path
+    with run_lock(run_dir):
+        meta = read_meta(run_dir)
+        if index_sha256(meta) != model.info.index_sha256:
+            raise DundiError(f"the oracle index of {run_dir} changed while calibrating (or a pinned "
+                             f"version was calibrated): calibrate the live index again")
+        record = {**calibration, "source": source, "index_sha256": model.info.index_sha256}
+        meta["oracle"] = {**meta["oracle"], "abstain": record}
+        atomic_write_json(run_dir / "run.json", meta)
 
 
-def stored_calibration(meta: dict, n: int, m: int, k: int) -> dict | None:
-    """The calibration stored for this index at these n, m, k (distances depend on them), or None."""
-    cal = meta.get("oracle", {}).get("abstain")
-    if cal and (cal.get("n"), cal.get("m"), cal.get("k")) == (n, m, k):
+def stored_calibration(meta: dict, n: int, m: int, k: int, index_sha: str) -> dict | None:
+    """The rule stored for the index file ``index_sha`` at these n, m, k (distances depend on
+    all four), or None."""
+    cal = (meta.get("oracle") or {}).get("abstain")
+    if cal and (cal.get("n"), cal.get("m"), cal.get("k"), cal.get("index_sha256")) == (n, m, k, index_sha):
         return cal
     return None
 
@@ -179,7 +186,8 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
         return {**OFF, "abstain_threshold": float(choice)}, \
             f"abstain when the nearest oracle is farther than {float(choice):g} (given)"
     cfg = model.config
-    stored = stored_calibration(model.run.meta, model.n, cfg.m, cfg.k) if rate is None else None
+    stored = (stored_calibration(model.run.meta, model.n, cfg.m, cfg.k, model.info.index_sha256)
+              if rate is None else None)
     if stored:
         return dict(stored["thresholds"]), (f"abstain rule calibrated by `dundi index calibrate`: "
                                             f"{stored['abstain_rate']:.2%} false abstains on {stored['source']}")

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from dundi.artifacts import Run
+from dundi.artifacts import Run, index_sha256, index_version
 from dundi.errors import DundiError
 from dundi.serving.errors import RequestError
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
 
 # The abstain rule's signals: ModelConfig field -> (what it measures, +1: abstain above the
@@ -46,15 +47,15 @@ class ModelConfig:
 
     run: str
     n: int | None = None
-    m: int = 3
-    k: int = 5
+    m: int = COARSE_ORACLES
+    k: int = KEPT_CLASSES
     abstain_threshold: float | None = None
     abstain_min_norm: float | None = None
     abstain_max_grey: float | None = None
     abstain_max_mean: float | None = None
-    abstain_max_mean: float | None = None
+    index_version: int | None = None
 
-    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS)
+    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version")
 
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
@@ -63,18 +64,21 @@ class ModelConfig:
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
-                    '"abstain_max_mean" (non-negative numbers or null)')
+                    '"abstain_max_mean" (non-negative numbers or null), "index_version" (an index '
+                    'version of the run, null for the live one)')
         if not isinstance(data, dict):
             raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
         unknown = sorted(set(data) - set(cls.FIELDS))
         if unknown:
             raise RequestError(422, "invalid_config", f"unknown setting(s) {', '.join(unknown)}", expected)
         merged = {**(dataclasses.asdict(base) if base else {}), **data}
+        if base is not None and data.get("run", base.run) != base.run and "index_version" not in data:
+            merged["index_version"] = None  # a pinned version belongs to the old run
         if not isinstance(merged.get("run"), str) or not merged["run"]:
             raise RequestError(422, "invalid_config", "no run directory given", expected)
-        for name in ("n", "m", "k"):
+        for name in ("n", "m", "k", "index_version"):
             value = merged.get(name, getattr(cls, name))
-            if not (value is None and name == "n") and (isinstance(value, bool) or not isinstance(value, int)):
+            if not (value is None and name in ("n", "index_version")) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RequestError(422, "invalid_config", f"{name}={value!r} is not an integer", expected)
         thr = merged.get("abstain_threshold")
         if thr is not None:
@@ -119,6 +123,7 @@ class ModelInfo:
     abstain_min_norm: float | None = None  # the other abstain signals (dundi.serving.abstain)
     abstain_max_grey: float | None = None
     abstain_max_mean: float | None = None
+    index_version: int | None = None       # the oracle index version answering (dundi index list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -162,18 +167,6 @@ class Prediction:
                 for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
-    try:
-        from dundi.data import DATASETS
-
-        names = tuple(DATASETS[dataset].class_names)
-        if len(names) == num_classes:
-            return names
-    except (ImportError, KeyError, AttributeError):
-        pass
-    return tuple(str(c) for c in range(num_classes))
-
-
 class LoadedModel:
     """A verified DunDi run with its oracle index, answering batches of images."""
 
@@ -181,7 +174,7 @@ class LoadedModel:
         run_dir = Path(config.run)
         if not run_dir.is_dir():
             raise DundiError(f"run directory {config.run} does not exist (on the host serving it)")
-        run = Run.load(run_dir)   # verifies the sha256 of weights and index
+        run = Run.load(run_dir, index_version=config.index_version)  # verifies weights and index
         if run.oracle is None:
             raise DundiError(f"{config.run} is a {run.meta['kind']} run: serving needs a DunDi run "
                              f"with an oracle index (`dundi train`, then `dundi index build`)")
@@ -193,21 +186,23 @@ class LoadedModel:
         self.embed_batch = embed_batch
         meta = run.meta
         files = meta.get("files", {})
-        fingerprint = json.dumps([files.get("model.safetensors"), files.get("oracle/index.faiss"),
+        index_hash = index_sha256(meta, config.index_version)
+        fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
                                   n, config.m, config.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS)])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
             run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
-            index_sha256=files.get("oracle/index.faiss", ""), dataset=meta["dataset"], arch=meta["arch"],
-            in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=int(meta["num_classes"]),
-            class_names=class_names_for(meta["dataset"], int(meta["num_classes"])),
+            index_sha256=index_hash, dataset=meta["dataset"], arch=meta["arch"],
+            in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=len(run.class_names),
+            class_names=run.class_names, index_version=index_version(meta) if config.index_version
+            is None else config.index_version,
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
             embed_dim=run.oracle.dim, metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean",
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
-    def classify(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
         from dundi.serving.abstain import abstain_flags, signal_values
 
