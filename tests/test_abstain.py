@@ -169,46 +169,23 @@ def test_dundi_serve_abstains_by_default_over_http(run_copy, data_dir, tmp_path)
     """`dundi serve RUN` with no abstain flag (plain uvicorn, real HTTP on 127.0.0.1): the rule
     is calibrated at start (none stored), reported in the model's parameters, and noise is
     answered "unknown" while digits get labels."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import httpx
+    from test_serve_cli import Server  # the serve tests' subprocess helper (tests/ is on sys.path)
 
     from dundi.data import load_split
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dundi", "serve", str(run_copy), "--no-ray", "--port", str(port),
-                             "--data-dir", data_dir], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    srv = Server(run_copy, ["--no-ray", "--data-dir", data_dir], tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "dundi serve not ready"
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        params = httpx.get(f"{url}/v2/models/dundi", timeout=30).json()["parameters"]
+        srv.wait_ready(timeout=300)
+        params = httpx.get(f"{srv.url}/v2/models/dundi", timeout=30).json()["parameters"]
         assert all(params[f] is not None for f in SIGNALS), params
         digits, _, _ = load_split("mnist-10k", "test", data_dir, limit=20)
         noise = np.random.default_rng(1).random((5, 28, 28), dtype=np.float32)
-        res = httpx.post(f"{url}/classify", json=np.concatenate([digits[:, 0], noise]).tolist(), timeout=60).json()
-        answers = res["results"]
+        body = np.concatenate([digits[:, 0], noise]).tolist()
+        answers = httpx.post(f"{srv.url}/classify", json=body, timeout=60).json()["results"]
         assert [a["abstained"] for a in answers[20:]] == [True] * 5
         assert all(a["label"] is None and a["class_name"] == "unknown" for a in answers[20:])
         assert sum(a["abstained"] for a in answers[:20]) <= 1
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-        log.close()
-    assert "abstain rule calibrated now" in (tmp_path / "serve.log").read_text()
+        assert srv.stop() == 0
+    assert "abstain rule calibrated now" in srv.output()
