@@ -236,7 +236,7 @@ def cmd_index_calibrate(args: argparse.Namespace) -> None:
     model = LoadedModel(ModelConfig(run=os.path.abspath(args.run), n=args.n, m=args.m, k=args.k))
     images, labels, source = held_out_images(model, args.data_dir, limit=args.limit)
     cal = calibrate_rule(model, images, labels, rate=args.false_abstain)
-    save_calibration(args.run, cal, source)
+    save_calibration(model, cal, source)
     figures = {"run": args.run, "source": source, **{k: v for k, v in cal.items() if k != "per_signal_rate"},
                **{f"rate_{k}": v for k, v in cal["per_signal_rate"].items()}}
     emit(figures, args.json, f"abstain rule stored in {args.run}/run.json (served by default)")
@@ -247,6 +247,7 @@ def _classify_files(args: argparse.Namespace) -> None:
     from dundi.answers import classify_files, write_answers
     from dundi.artifacts import Run, read_meta
     from dundi.errors import DundiError
+    from dundi.image_files import read_images
 
     clash = [flag for flag, on in (("--split", args.split != "test"), ("--limit", args.limit is not None),
                                    ("--radius", args.radius), ("--json", args.json)) if on]
@@ -256,7 +257,9 @@ def _classify_files(args: argparse.Namespace) -> None:
                          f"where the run has one)")
     if args.format == "parquet" and not args.out:
         raise DundiError("--format parquet writes a file: give --out FILE.parquet")
-    if read_meta(args.run)["kind"] == "native":
+    meta = read_meta(args.run)
+    images, files = read_images(args.images, meta["in_shape"], resize=args.resize)  # bad files: fail first
+    if meta["kind"] == "native":
         if args.n is not None or args.m is not None:
             raise DundiError(f"{args.run} is a native run: it has no oracles, so --n and --m do not "
                              f"apply; omit them (it classifies by the argmax of its logits)")
@@ -267,7 +270,7 @@ def _classify_files(args: argparse.Namespace) -> None:
         run = Run.load(args.run)
         n = run.oracle.n if args.n is None else args.n
         _, model = loaded_model(args.run, args.n, coarse_default(n) if args.m is None else args.m, args.k, args)
-    rows, info = classify_files(model, args.images, k=args.k, resize=args.resize)
+    rows, info = classify_files(model, images, files, k=args.k)
     text = write_answers(rows, info, args.format, args.out)
     if text is not None:
         print(text, end="")
@@ -312,28 +315,7 @@ def _add_rule_args(p: argparse.ArgumentParser) -> None:
                    help="only the first N images of the split (default: all)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(
-        dest="data_cmd", metavar="ACTION", required=True)
-    p = data.add_parser("fetch", help="materialise a dataset as Parquet shards in the cache")
-    p.add_argument("dataset", choices=choices.DATASETS, help="mnist | mnist-10k | fashion-mnist | cifar10")
-    p.add_argument("--source-dir", default=None,
-                   help="directory holding the dataset's standard files (default: $DUNDI_SOURCE_DIR, "
-                        "else the standard download sources)")
-    _add_common(p)
-    p.set_defaults(handler=cmd_data_fetch)
-    p = data.add_parser("info", help="list cached datasets")
-    _add_common(p)
-    p.set_defaults(handler=cmd_data_info)
-
-    p = sub.add_parser("train-native", help="train a native softmax model (LeNet-1/4/5, VGG-16)")
-    _add_train_args(p, native=True)
-    p.set_defaults(handler=lambda a: _train(a, "native"))
-
-    p = sub.add_parser("train", help="triplet-train a Distance NN (DunDi_R, or DunDi_P with --pretrained)")
-    _add_train_args(p, native=False)
-    p.set_defaults(handler=lambda a: _train(a, "dundi"))
-
+def _register_index(sub: argparse._SubParsersAction) -> None:
     index = sub.add_parser("index", help="oracle index").add_subparsers(
         dest="index_cmd", metavar="ACTION", required=True)
     p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
@@ -356,6 +338,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_index_changes(index, _add_common)
 
+
+def _register_classify(sub: argparse._SubParsersAction) -> None:
+    from dundi.cli.serve_cmds import add_abstain_args
+
     p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
     p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
     p.add_argument("images", nargs="*", metavar="IMAGES",
@@ -365,16 +351,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius", action="store_true",
                    help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
     files = p.add_argument_group("with IMAGES")
-    files.add_argument("--format", default="table", choices=("table", "jsonl", "csv", "parquet"),
+    files.add_argument("--format", default="table", choices=choices.CLASSIFY_FORMATS,
                        help="table (aligned, default) | jsonl | csv | parquet (needs --out)")
     files.add_argument("--out", default=None, help="write the answers to this file, atomically (default: stdout)")
     files.add_argument("--resize", action="store_true",
                        help="scale images of another size to the run's input size (default: refuse them)")
-    from dundi.cli.serve_cmds import add_abstain_args
-
     add_abstain_args(files)
     _add_common(p)
     p.set_defaults(handler=cmd_classify)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(
+        dest="data_cmd", metavar="ACTION", required=True)
+    p = data.add_parser("fetch", help="materialise a dataset as Parquet shards in the cache")
+    p.add_argument("dataset", choices=choices.DATASETS, help="mnist | mnist-10k | fashion-mnist | cifar10")
+    p.add_argument("--source-dir", default=None,
+                   help="directory holding the dataset's standard files (default: $DUNDI_SOURCE_DIR, "
+                        "else the standard download sources)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_data_fetch)
+    p = data.add_parser("info", help="list cached datasets")
+    _add_common(p)
+    p.set_defaults(handler=cmd_data_info)
+
+    p = sub.add_parser("train-native", help="train a native softmax model (LeNet-1/4/5, VGG-16)")
+    _add_train_args(p, native=True)
+    p.set_defaults(handler=lambda a: _train(a, "native"))
+
+    p = sub.add_parser("train", help="triplet-train a Distance NN (DunDi_R, or DunDi_P with --pretrained)")
+    _add_train_args(p, native=False)
+    p.set_defaults(handler=lambda a: _train(a, "dundi"))
+
+    _register_index(sub)
+    _register_classify(sub)
 
     p = sub.add_parser("certify", help="certified accuracy of a run's two-step rule in L-inf balls")
     p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")

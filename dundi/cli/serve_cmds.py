@@ -120,6 +120,7 @@ def loaded_model(run: str, n, m, k, args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from dundi.serving.model import ABSTAIN_SIGNALS
     from dundi.serving.settings import ServeSettings
 
     if args.no_ray or args.address is None:  # on a cluster the proxies listen on other hosts
@@ -134,8 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     figures = {"url": url, "run": config.run, "model_name": settings.model_name, "version": model.info.version,
                "dataset": model.info.dataset, "in_shape": list(model.info.in_shape),
-               "n": model.n, "m": config.m, "k": config.k, "abstain_threshold": config.abstain_threshold,
-               "abstain_min_norm": config.abstain_min_norm, "abstain_max_grey": config.abstain_max_grey,
+               "n": model.n, "m": config.m, "k": config.k, **{f: getattr(config, f) for f in ABSTAIN_SIGNALS},
                "auth": bool(settings.auth_token_sha256), "admin_reload": bool(settings.admin_token_sha256)}
     example = (f"  curl -s -F file=@digit.png {url}/classify\n"
                f"  curl -s -H 'Content-Type: application/json' -d @request.json "

@@ -290,7 +290,7 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         if not isinstance(changes, dict) or not changes:
             raise RequestError(422, "invalid_config", "nothing to change",
                                'a JSON object with any of "run", "n", "m", "k", "abstain_threshold", '
-                               '"abstain_min_norm", "abstain_max_grey"')
+                               '"abstain_min_norm", "abstain_max_grey", "abstain_max_mean"')
         return json_response(await backend.reload(changes))
 
     return app
