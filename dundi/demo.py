@@ -8,14 +8,13 @@ killed and started again continues where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, index_version, read_meta
 from dundi.data import fetch
 from dundi.report import demo_report
 from dundi.pipeline import build_index, classify_split, train_dundi_run, train_native_run
-from dundi.train import TrainConfig
+from dundi.train import TrainConfig, json_config
 from dundi.rule import KEPT_CLASSES, coarse_default
 
 DATASET = "mnist-10k"
@@ -39,7 +38,7 @@ def _done(run_dir: Path, cfg: TrainConfig) -> bool:
     """A stage is done when its run exists with exactly this configuration."""
     if not (run_dir / RUN_FILE).exists():
         return False
-    return read_meta(run_dir).get("config") == dataclasses.asdict(cfg)
+    return read_meta(run_dir).get("config") == json_config(cfg)  # as JSON gives it back (lists)
 
 
 def table_markdown(rows: list[dict]) -> str:
