@@ -26,6 +26,7 @@ that does not answer within the timeout gives 504 instead of a hang.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from typing import Any, Awaitable, Callable, Protocol
@@ -139,13 +140,63 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
                   description="Two-step oracle classification (Cui et al., ICCS 2019).")
     app.state.backend = backend
     app.state.settings = settings
-    name_expected = f'model name "{settings.model_name}"'
+    ctx = _Context(backend, settings)
+    _add_error_handlers(app, ctx)
+    _add_health_routes(app, ctx)
+    _add_inference_routes(app, ctx)
+    _add_admin_routes(app, ctx)
+    return app
 
+
+@dataclasses.dataclass
+class _Context:
+    """What every route checks and calls: the backend, the settings and their guards."""
+
+    backend: Backend
+    settings: ServeSettings
+
+    def authorize(self, request: Request) -> None:
+        if self.settings.auth_token_sha256 and not token_matches(request.headers.get("authorization"),
+                                                                 self.settings.auth_token_sha256):
+            raise RequestError(401, "unauthorized", "a valid bearer token is required",
+                               "an 'Authorization: Bearer <token>' header",
+                               {"WWW-Authenticate": 'Bearer realm="dundi"'})
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise RequestError(404, "unknown_model", f"unknown model {name!r}",
+                               f'model name "{self.settings.model_name}"')
+
+    async def spec(self) -> tuple[InputSpec, ModelInfo]:
+        info = await self.backend.info()
+        return InputSpec(info.in_shape, self.settings.max_batch), info
+
+    async def answer(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+        return await asyncio.wait_for(self.backend.answer(images), self.settings.request_timeout_s)
+
+    def authorize_admin(self, request: Request) -> None:
+        """Admin routes: enabled by an admin token, and only for requests bearing it, as JSON."""
+        if not self.settings.admin_token_sha256:
+            raise RequestError(403, "admin_disabled", "the admin routes are disabled",
+                               "a service started with --admin-token (or $DUNDI_ADMIN_TOKEN)")
+        header = request.headers.get("authorization")
+        if not token_matches(header, self.settings.admin_token_sha256):
+            raise RequestError(401 if not header else 403, "unauthorized" if not header else "forbidden",
+                               "a valid admin bearer token is required" if not header else "wrong admin token",
+                               "an 'Authorization: Bearer <admin token>' header",
+                               {"WWW-Authenticate": 'Bearer realm="dundi-admin"'} if not header else None)
+        mtype = media_type(request.headers.get("content-type"))
+        if mtype and not is_json_type(mtype):
+            raise RequestError(415, "unsupported_media_type", f"Content-Type {mtype!r} is not accepted",
+                               "application/json")
+
+
+def _add_error_handlers(app: FastAPI, ctx: _Context) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         codes = {404: "not_found", 405: "method_not_allowed"}
         expected = {404: "one of the routes GET /v2/health/live, /v2/health/ready, /v2/models/"
-                         f"{settings.model_name}; POST /v2/models/{settings.model_name}/infer, /classify",
+                         f"{ctx.settings.model_name}; POST /v2/models/{ctx.settings.model_name}/infer, /classify",
                     405: "the method listed in the Allow header"}
         body = RequestError(exc.status_code, codes.get(exc.status_code, "http_error"),
                             f"{request.method} {request.url.path}: {exc.detail}",
@@ -156,25 +207,8 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return json_response({"error": f"invalid request: {exc.errors()}", "code": "invalid_request"}, 422)
 
-    def authorize(request: Request) -> None:
-        if settings.auth_token_sha256 and not token_matches(request.headers.get("authorization"),
-                                                            settings.auth_token_sha256):
-            raise RequestError(401, "unauthorized", "a valid bearer token is required",
-                               "an 'Authorization: Bearer <token>' header",
-                               {"WWW-Authenticate": 'Bearer realm="dundi"'})
 
-    def check_model(name: str) -> None:
-        if name != settings.model_name:
-            raise RequestError(404, "unknown_model", f"unknown model {name!r}", name_expected)
-
-    async def spec() -> tuple[InputSpec, ModelInfo]:
-        info = await backend.info()
-        return InputSpec(info.in_shape, settings.max_batch), info
-
-    async def answer(images: np.ndarray) -> tuple[Prediction, ModelInfo]:
-        return await asyncio.wait_for(backend.answer(images), settings.request_timeout_s)
-
-    # ---- health and metadata -------------------------------------------------------------
+def _add_health_routes(app: FastAPI, ctx: _Context) -> None:
     @app.get("/v2/health/live")
     @guarded
     async def live() -> Response:
@@ -183,46 +217,47 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
     @app.get("/v2/health/ready")
     @guarded
     async def ready() -> Response:
-        reason = await backend.ready()
+        reason = await ctx.backend.ready()
         return json_response({"ready": reason is None, **({"reason": reason} if reason else {})},
                              200 if reason is None else 503)
 
     @app.get("/v2")
     @guarded
     async def server_metadata(request: Request) -> Response:
-        authorize(request)
+        ctx.authorize(request)
         return json_response({"name": "dundi", "version": __version__, "extensions": []})
 
     @app.get("/v2/models/{name}")
     @guarded
     async def metadata(name: str, request: Request) -> Response:
-        authorize(request)
-        check_model(name)
-        return json_response(model_metadata(await backend.info(), settings.model_name))
+        ctx.authorize(request)
+        ctx.check_model(name)
+        return json_response(model_metadata(await ctx.backend.info(), ctx.settings.model_name))
 
     @app.get("/v2/models/{name}/ready")
     @guarded
     async def model_ready(name: str) -> Response:
-        check_model(name)
-        reason = await backend.ready()
+        ctx.check_model(name)
+        reason = await ctx.backend.ready()
         return json_response({"name": name, "ready": reason is None}, 200 if reason is None else 503)
 
-    # ---- inference -----------------------------------------------------------------------
+
+def _add_inference_routes(app: FastAPI, ctx: _Context) -> None:
     async def infer(request: Request, name: str, version: str | None) -> Response:
-        authorize(request)
-        check_model(name)
+        ctx.authorize(request)
+        ctx.check_model(name)
         mtype = media_type(request.headers.get("content-type"))
         if mtype and not is_json_type(mtype):
             raise RequestError(415, "unsupported_media_type", f"Content-Type {mtype!r} is not accepted",
                                "application/json (Open Inference Protocol v2 JSON)")
-        body = await read_body(request, settings.max_body_bytes)
-        input_spec, info = await spec()
+        body = await read_body(request, ctx.settings.max_body_bytes)
+        input_spec, info = await ctx.spec()
         if version is not None and version != info.version:
             raise RequestError(404, "unknown_version", f"model {name!r} has no version {version!r}",
                                f"version {info.version!r} (or omit the version)")
         req = await _off_loop(body, lambda: parse_v2_infer(parse_json(body), input_spec, V2_OUTPUTS))
-        pred, info = await answer(req.images)
-        return json_response(v2_response(pred, info, settings.model_name, req.id, req.outputs))
+        pred, info = await ctx.answer(req.images)
+        return json_response(v2_response(pred, info, ctx.settings.model_name, req.id, req.outputs))
 
     @app.post("/v2/models/{name}/infer")
     @guarded
@@ -237,14 +272,14 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
     @app.post("/classify")
     @guarded
     async def classify_route(request: Request) -> Response:
-        authorize(request)
+        ctx.authorize(request)
         mtype = media_type(request.headers.get("content-type"))
         accepted = "application/json, image/png, image/jpeg or multipart/form-data (one file per image)"
         if not (is_json_type(mtype) or mtype in (*IMAGE_TYPES, "image/jpg") or mtype == "multipart/form-data"):
             raise RequestError(415, "unsupported_media_type",
                                f"Content-Type {mtype or '(none)'!r} is not accepted", accepted)
-        body = await read_body(request, settings.max_body_bytes)
-        input_spec, _ = await spec()
+        body = await read_body(request, ctx.settings.max_body_bytes)
+        input_spec, _ = await ctx.spec()
         if is_json_type(mtype):
             images = await _off_loop(body, lambda: parse_classify_json(parse_json(body), input_spec))
         elif mtype == "multipart/form-data":
@@ -253,47 +288,30 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
                                                                      input_spec))
         else:
             images = await _off_loop(body, lambda: decode_image(body, input_spec.in_shape)[None])
-        pred, info = await answer(images)
-        return json_response(classify_response(pred, info, settings.model_name))
+        pred, info = await ctx.answer(images)
+        return json_response(classify_response(pred, info, ctx.settings.model_name))
 
-    # ---- admin ---------------------------------------------------------------------------
-    def authorize_admin(request: Request) -> None:
-        """Admin routes: enabled by an admin token, and only for requests bearing it, as JSON."""
-        if not settings.admin_token_sha256:
-            raise RequestError(403, "admin_disabled", "the admin routes are disabled",
-                               "a service started with --admin-token (or $DUNDI_ADMIN_TOKEN)")
-        header = request.headers.get("authorization")
-        if not token_matches(header, settings.admin_token_sha256):
-            raise RequestError(401 if not header else 403, "unauthorized" if not header else "forbidden",
-                               "a valid admin bearer token is required" if not header else "wrong admin token",
-                               "an 'Authorization: Bearer <admin token>' header",
-                               {"WWW-Authenticate": 'Bearer realm="dundi-admin"'} if not header else None)
-        mtype = media_type(request.headers.get("content-type"))
-        if mtype and not is_json_type(mtype):
-            raise RequestError(415, "unsupported_media_type", f"Content-Type {mtype!r} is not accepted",
-                               "application/json")
 
+def _add_admin_routes(app: FastAPI, ctx: _Context) -> None:
     @app.post("/admin/classes")
     @guarded
     async def classes_route(request: Request) -> Response:
-        authorize_admin(request)
-        body = await read_body(request, settings.max_body_bytes)
-        input_spec, _ = await spec()
+        ctx.authorize_admin(request)
+        body = await read_body(request, ctx.settings.max_body_bytes)
+        input_spec, _ = await ctx.spec()
         change = await _off_loop(body, lambda: parse_class_change(parse_json(body), input_spec))
-        return json_response(await backend.change_classes(change))
+        return json_response(await ctx.backend.change_classes(change))
 
     @app.post("/admin/reload")
     @guarded
     async def reload(request: Request) -> Response:
-        authorize_admin(request)
+        ctx.authorize_admin(request)
         changes = parse_json(await read_body(request, 64 * 1024))
         if not isinstance(changes, dict) or not changes:
             raise RequestError(422, "invalid_config", "nothing to change",
                                'a JSON object with any of "run", "n", "m", "k", "abstain_threshold", '
                                '"abstain_min_norm", "abstain_max_grey", "abstain_max_mean"')
-        return json_response(await backend.reload(changes))
-
-    return app
+        return json_response(await ctx.backend.reload(changes))
 
 
 class LocalBackend:
