@@ -163,6 +163,15 @@ def holdout_by_seed(dataset: str, count: int, seed: int) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(num_classes, count, replace=False)))
 
 
+def ray_options(args: argparse.Namespace):
+    """The typed Ray options of `--workers W` runs: the edge takes these, never the namespace."""
+    from dundi.distributed.train_job import RayOptions
+
+    return RayOptions(workers=args.workers, gpu=args.gpu, address=args.address, storage=args.storage,
+                      name=args.name, max_failures=args.max_failures, data_dir=args.data_dir,
+                      oracles=getattr(args, "oracles", RayOptions.oracles), progress=not args.no_progress)
+
+
 def default_out(cfg: TrainConfig, kind: str) -> Path:
     return Path("runs") / f"{cfg.dataset}-{cfg.arch}-{kind}"
 
@@ -194,9 +203,9 @@ def _train(args: argparse.Namespace, kind: str) -> None:
     label = "native" if kind == "native" else ("dundi-P" if pretrained else "dundi-R")
     out = Path(args.out) if args.out else default_out(cfg, label)
     if args.workers > 0:
-        from dundi.distributed.train_job import train_on_ray
+        from dundi.distributed.train_job import run_ray_training
 
-        meta = train_on_ray(kind, cfg, out, args)
+        meta = run_ray_training(kind, cfg, out, ray_options(args), pretrained=pretrained)
     elif kind == "native":
         from dundi.pipeline import train_native_run
 

@@ -1,6 +1,6 @@
 """The Ray edge: Ray Train jobs, Ray Jobs submission, Ray Serve and Ray task fan-out.
 
 Everything here may import ``ray``; nothing in the core imports this package.
-Submodules are imported on demand (``from dundi.distributed.train_job import train_on_ray``)
+Submodules are imported on demand (``from dundi.distributed.train_job import run_ray_training``)
 so that ``import dundi.distributed`` stays cheap.
 """

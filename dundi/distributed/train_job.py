@@ -67,16 +67,6 @@ class RayOptions:
     oracles: int = ORACLES_PER_CLASS  # oracles per class in the final index (dundi runs)
     progress: bool = True          # rank 0 prints one line per epoch
 
-    @classmethod
-    def from_args(cls, args: Any) -> "RayOptions":
-        get = lambda name, default: getattr(args, name, default)  # noqa: E731
-        return cls(workers=get("workers", 1), gpu=get("gpu", False), address=get("address", None),
-                   storage=get("storage", None), name=get("name", None),
-                   max_failures=get("max_failures", 3),
-                   cpus_per_worker=get("cpus_per_worker", None) or 1.0,
-                   data_dir=get("data_dir", None), oracles=get("oracles", ORACLES_PER_CLASS),
-                   progress=not get("no_progress", False))
-
 
 # ----------------------------------------------------------------------------- storage
 
@@ -454,9 +444,3 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
                  "epoch_seconds": [h["seconds"] for h in state["history"]],
                  "wall_seconds": round(time.time() - t0, 2)}
     return _write_run(out, kind, cfg, state, weights, model_meta, extra, ray_facts, opts, data_dir)
-
-
-def train_on_ray(kind: str, cfg: TrainConfig, out: str | os.PathLike, args: Any) -> dict:
-    """The CLI's ``--workers W`` path (``dundi train`` / ``dundi train-native``)."""
-    return run_ray_training(kind, cfg, out, RayOptions.from_args(args),
-                            pretrained=getattr(args, "pretrained", None))
