@@ -188,7 +188,9 @@ class LoadedModel:
             is None else config.index_version,
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
             embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold,
-            metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean",
+            metric=run.oracle.metric,
+            # certificates need n oracles in every class: not after a few-image enrollment
+            certified=run.oracle.metric == "sqeuclidean" and int(run.oracle.class_counts().min()) >= n,
             abstain_min_norm=config.abstain_min_norm, abstain_max_grey=config.abstain_max_grey)
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
