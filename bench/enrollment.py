@@ -11,7 +11,7 @@ With --robust, every DunDi-AT model of the table is also attacked on the whole t
 `dundi evaluate --threat adaptive --attacks pgd --eps 0.3` (white-box on the two-step rule as
 deployed, resumable), and clean and robust accuracy are split into old and new classes.
 
-    python bench/enrollment.py --runs /work/main/runs/enroll --out runs/enrollment --robust
+    python bench/enrollment.py --runs runs/enroll --at10 runs/at/AT5 --out runs/enrollment --robust
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from dundi.data import load_split
 from dundi.enrollment import add_class, dataset_images
 from dundi.pipeline import run_rows
 
-PAIRS = (  # name, 8-class run, 10-class twin (relative to --runs unless absolute)
+PAIRS = (  # name, 8-class run, 10-class twin (in --runs; None: --at10)
     ("mnist-10k DunDi_R", "mnist-R8", "mnist-R10"),
     ("Fashion-MNIST DunDi_R", "fashion-R8", "fashion-R10"),
-    ("mnist-10k DunDi-AT", "mnist-AT8", "/work/main/runs/at/AT5"),
+    ("mnist-10k DunDi-AT", "mnist-AT8", None),
 )
 
 
@@ -140,7 +140,8 @@ def robust_table(rows: list[dict], out: Path, data_dir: str | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="/work/main/runs/enroll", help="folder holding the runs of PAIRS")
+    ap.add_argument("--runs", default="runs/enroll", help="folder holding the runs of PAIRS")
+    ap.add_argument("--at10", default="runs/at/AT5", help="the DunDi-AT run trained on all 10 classes")
     ap.add_argument("--out", default="runs/enrollment", help="where the enrolled copies are written")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 20], help="images per enrolled class")
     ap.add_argument("--data-dir", default=None)
@@ -151,7 +152,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, eight, ten in PAIRS:
-        src, twin = Path(args.runs) / eight, Path(args.runs) / ten
+        src, twin = Path(args.runs) / eight, Path(args.runs) / ten if ten else Path(args.at10)
         if not (src / "run.json").exists() or not (twin / "run.json").exists():
             print(f"skipped {name}: {src} or {twin} is missing")
             continue
