@@ -65,10 +65,12 @@ def scores(run_dir: Path, held_out: list[int], data_dir: str | None) -> dict:
     correct = answers == y
     new = np.isin(dataset_label, held_out)
     spread = oracle_spread(run)
+    new_labels = run_label_of(run, held_out)  # share of each old class answered as a new one
     return {"spread_old": float(np.mean([spread[c] for c in range(run.oracle.num_classes)
-                                         if c not in run_label_of(run, held_out)])),
-            "spread_new": float(np.mean([spread[c] for c in run_label_of(run, held_out)]))
-            if run_label_of(run, held_out) else None,
+                                         if c not in new_labels])),
+            "spread_new": float(np.mean([spread[c] for c in new_labels])) if new_labels else None,
+            "to_new": {run.class_names[c]: float(np.isin(answers[y == c], new_labels).mean())
+                       for c in range(run.oracle.num_classes) if c not in new_labels and (y == c).any()},
             "old": float(correct[~new].mean()), "new": float(correct[new].mean()) if new.any() else None,
             "all": float(correct.mean()), "count_old": int((~new).sum()), "count_new": int(new.sum()),
             "classes": run.oracle.num_classes, "seconds": round(time.time() - t0, 2)}
