@@ -23,7 +23,7 @@ import numpy as np
 
 from dundi.artifacts import Run, atomic_write_text
 from dundi.errors import DundiError
-from dundi.image_files import read_images
+from dundi.rule import KEPT_CLASSES
 
 if TYPE_CHECKING:
     from dundi.serving.model import LoadedModel
@@ -46,7 +46,7 @@ def _native_rows(run: Run, images: np.ndarray, k: int) -> tuple[list[dict], str]
 
 
 def _dundi_rows(model: "LoadedModel", images: np.ndarray) -> tuple[list[dict], str]:
-    p = model.classify(images)
+    p = model.predict(images)
     names = model.info.class_names
     rows = []
     for i in range(len(p)):
@@ -64,13 +64,13 @@ def _dundi_rows(model: "LoadedModel", images: np.ndarray) -> tuple[list[dict], s
     return rows, f"fine score (summed -{model.info.metric} distance to {model.n} oracles)"
 
 
-def classify_files(run: "Run | LoadedModel", patterns: Sequence[str], k: int = 5, resize: bool = False
+def classify_files(run: "Run | LoadedModel", images: np.ndarray, files: Sequence[str], k: int = KEPT_CLASSES
                    ) -> tuple[list[dict], dict]:
-    """Classify image files (files, folders, globs) with a native :class:`Run` (softmax top
-    ``k``) or a DunDi run loaded as the service loads it (:class:`LoadedModel`: its n, m, k and
-    abstain rule). Returns one dict per image, file first, and what the scores mean."""
+    """Answers for images read from ``files`` (:func:`dundi.image_files.read_images`) by a
+    native :class:`Run` (softmax top ``k``) or a DunDi run loaded as the service loads it
+    (:class:`LoadedModel`: its n, m, k and abstain rule). Returns one dict per image, file
+    first, and what the scores mean."""
     meta = run.meta if isinstance(run, Run) else run.run.meta
-    images, files = read_images(patterns, meta["in_shape"], resize=resize)
     if isinstance(run, Run):
         rows, score = _native_rows(run, images, k)
     else:

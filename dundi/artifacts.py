@@ -41,6 +41,7 @@ from torch import nn
 from dundi.errors import DundiError
 from dundi.models import build_distance_net, build_native
 from dundi.oracle import INDEX_FILE, META_FILE, OracleIndex, TwoStepResult
+from dundi.rule import KEPT_CLASSES, coarse_default
 
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -379,7 +380,7 @@ class Run:
         return forward_batched(self.model, images, batch_size)
 
     def classify(self, images: np.ndarray | torch.Tensor, n: int | None = None, m: int | None = None,
-                 k: int = 5, batch_size: int = 1024) -> TwoStepResult:
+                 k: int = KEPT_CLASSES, batch_size: int = 1024) -> TwoStepResult:
         """Classify raw images: Algorithm 1 for DunDi runs, the argmax of the logits for native runs.
 
         ``images`` are float pixels in [0, 1] (or uint8 pixels 0..255, converted to ``k / 255``
@@ -404,7 +405,7 @@ class Run:
             raise DundiError(f"{self.path} was loaded without its oracle index: load it with "
                              f"Run.load(path) (with_oracle=True), after `dundi index build {self.path}`")
         n = self.oracle.n if n is None else n
-        m = min(3, n) if m is None else m
+        m = coarse_default(n) if m is None else m
         self.oracle.check_params(n, m, k)
         if len(batch) == 0:  # the model would give (0, 0) embeddings; the index answers empty
             return self.oracle.classify(np.zeros((0, self.oracle.dim), np.float32), n=n, m=m, k=k)
@@ -431,7 +432,7 @@ class Run:
         return TwoStepResult(top[:, 0].copy(), top, scores, scores.copy(),
                              np.full(len(batch), np.nan))
 
-    def certifier(self, n: int | None = None, m: int = 3, k: int = 5):
+    def certifier(self, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES):
         """A :class:`dundi.certificate.Certifier` for this run's rule (n, m, k). Only runs whose
         rule uses the squared Euclidean distance can be certified (train with --certified)."""
         from dundi.certificate import Certifier
@@ -442,6 +443,7 @@ class Run:
             raise DundiError(f"{self.path} ranks by {self.oracle.metric} distance; certificates are "
                              f"for the squared-Euclidean rule: train with `dundi train --certified`")
         n = self.oracle.n if n is None else n
+        m = coarse_default(n) if m is None else m
         self.oracle.check_params(n, m, k)
         counts = self.oracle.class_counts()
         if counts.min() < n:

@@ -16,6 +16,7 @@ from dundi.data import fetch
 from dundi.report import demo_report
 from dundi.pipeline import build_index, classify_split, train_dundi_run, train_native_run
 from dundi.train import TrainConfig
+from dundi.rule import KEPT_CLASSES, coarse_default
 
 DATASET = "mnist-10k"
 ARCH = "lenet5"
@@ -76,7 +77,7 @@ def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progre
             build_index(run_dir, n=max(N_VALUES), seed=0, data_dir=data_dir)
         row = {"model": name}
         for n in N_VALUES:
-            row[str(n)] = classify_split(run_dir, n=n, m=min(3, n), k=5, data_dir=data_dir)["accuracy"]
+            row[str(n)] = classify_split(run_dir, n=n, m=coarse_default(n), k=KEPT_CLASSES, data_dir=data_dir)["accuracy"]
         rows.append(row)
     table = table_markdown(rows)
     print(table)

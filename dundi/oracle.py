@@ -47,6 +47,7 @@ import faiss
 import numpy as np
 
 from dundi.errors import DundiError
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 from dundi.oracle_search import Shortlister, gathered, pairwise, top_k, use_gpu
 
 INDEX_FILE = "index.faiss"
@@ -348,7 +349,7 @@ class OracleIndex:
         top = top_k(scores, k)
         return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
 
-    def classify(self, queries: np.ndarray, n: int | None = None, m: int = 3, k: int = 5
+    def classify(self, queries: np.ndarray, n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES
                  ) -> TwoStepResult:
         """Algorithm 1 for a batch of query embeddings (B, D)."""
         n = self.n if n is None else n

@@ -28,6 +28,7 @@ from dundi.models import build_distance_net, build_native
 from dundi.oracle import OracleIndex
 from dundi.train import TrainConfig, drop_holdout, kept_classes, split_train_val
 from dundi.training_loop import fit
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES, ORACLES_PER_CLASS, coarse_default
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -82,7 +83,7 @@ def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 
 def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
                       images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      n: int | None = None, m: int = 3, k: int = 5, metric: str = "euclidean") -> float:
+                      n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES, metric: str = "euclidean") -> float:
     """Two-step accuracy of a Distance NN with an oracle set given as images (validation)."""
     index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes,
                                         metric=metric)
@@ -192,7 +193,7 @@ def run_class_names(meta: dict) -> list[str]:
     return list(dataset_class_names(meta))
 
 
-def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
+def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
     run's model and write the FAISS index into the run as its next version. The index holds
@@ -214,7 +215,7 @@ def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
     return index
 
 
-def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = 5,
+def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES,
                    split: str = "test", data_dir: str | None = None, limit: int | None = None,
                    radii: bool = False) -> dict:
     """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
@@ -226,7 +227,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
     if run.oracle is None:
         return {**figures, "accuracy": native_accuracy(run.model, images, labels)}
     n = run.oracle.n if n is None else n
-    m = min(3, n) if m is None else m
+    m = coarse_default(n) if m is None else m
     result = run.classify(images, n=n, m=m, k=k)
     figures = {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}
     if radii:  # per image: how far the input may move before the rule's answer can change
@@ -237,7 +238,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
 
 
 def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = None,
-                  m: int | None = None, k: int = 5, split: str = "test", data_dir: str | None = None,
+                  m: int | None = None, k: int = KEPT_CLASSES, split: str = "test", data_dir: str | None = None,
                   limit: int | None = None) -> dict:
     """Clean and certified accuracy of a run's deployed rule (n, m, k) on a split: an image
     counts as certified at eps when the rule answers its true label for every input in the
@@ -250,7 +251,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = 
         raise DundiError(f"{run_dir} is a native run: certify a DunDi run (dundi train --certified)")
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     n = run.oracle.n if n is None else n
-    m = min(3, n) if m is None else m
+    m = coarse_default(n) if m is None else m
     certifier = run.certifier(n, m, k)
     t0 = time.time()
     answers = run.classify(images, n=n, m=m, k=k).labels

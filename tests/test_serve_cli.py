@@ -102,6 +102,7 @@ def expected(mnist_runs, images) -> list[int]:
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, mnist_runs, tmp_path_factory):
     extra = ["--no-ray"] if request.param == "plain" else ["--num-cpus", "2", "--ingress", request.param]
+    extra += ["--abstain-threshold", "none"]  # labels compared with Run.classify, which never abstains
     srv = Server(mnist_runs["dundi"], extra, tmp_path_factory.mktemp("serve") / f"{request.param}.log")
     try:
         srv.wait_ready()

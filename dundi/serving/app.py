@@ -63,7 +63,7 @@ class Backend(Protocol):
     async def info(self) -> ModelInfo:
         """The model being served (may be a few seconds stale)."""
 
-    async def classify(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+    async def answer(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
         """Classify (N, C, H, W) float32 images; the info of the model that answered."""
 
     async def ready(self) -> str | None:
@@ -171,8 +171,8 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         info = await backend.info()
         return InputSpec(info.in_shape, settings.max_batch), info
 
-    async def classify(images: np.ndarray) -> tuple[Prediction, ModelInfo]:
-        return await asyncio.wait_for(backend.classify(images), settings.request_timeout_s)
+    async def answer(images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+        return await asyncio.wait_for(backend.answer(images), settings.request_timeout_s)
 
     # ---- health and metadata -------------------------------------------------------------
     @app.get("/v2/health/live")
@@ -221,7 +221,7 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
             raise RequestError(404, "unknown_version", f"model {name!r} has no version {version!r}",
                                f"version {info.version!r} (or omit the version)")
         req = await _off_loop(body, lambda: parse_v2_infer(parse_json(body), input_spec, V2_OUTPUTS))
-        pred, info = await classify(req.images)
+        pred, info = await answer(req.images)
         return json_response(v2_response(pred, info, settings.model_name, req.id, req.outputs))
 
     @app.post("/v2/models/{name}/infer")
@@ -253,7 +253,7 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
                                                                      input_spec))
         else:
             images = await _off_loop(body, lambda: decode_image(body, input_spec.in_shape)[None])
-        pred, info = await classify(images)
+        pred, info = await answer(images)
         return json_response(classify_response(pred, info, settings.model_name))
 
     # ---- admin ---------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         if not isinstance(changes, dict) or not changes:
             raise RequestError(422, "invalid_config", "nothing to change",
                                'a JSON object with any of "run", "n", "m", "k", "abstain_threshold", '
-                               '"abstain_min_norm", "abstain_max_grey"')
+                               '"abstain_min_norm", "abstain_max_grey", "abstain_max_mean"')
         return json_response(await backend.reload(changes))
 
     return app
@@ -319,11 +319,11 @@ class LocalBackend:
     async def info(self) -> ModelInfo:
         return self._model.info
 
-    async def classify(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+    async def answer(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
         import anyio
 
         model = self._model
-        pred = await anyio.to_thread.run_sync(model.classify, images, limiter=self._limiter)
+        pred = await anyio.to_thread.run_sync(model.predict, images, limiter=self._limiter)
         return pred, model.info
 
     async def ready(self) -> str | None:

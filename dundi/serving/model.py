@@ -21,6 +21,15 @@ import numpy as np
 from dundi.artifacts import Run, index_sha256, index_version
 from dundi.errors import DundiError
 from dundi.serving.errors import RequestError
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
+
+
+# The abstain rule's signals: ModelConfig field -> (what it measures, +1: abstain above the
+# threshold / -1: below). dundi.serving.abstain computes and calibrates them.
+ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
+                   "abstain_min_norm": ("embedding norm", -1),
+                   "abstain_max_grey": ("share of mid-grey pixels", 1),
+                   "abstain_max_mean": ("mean pixel value", 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,22 +39,23 @@ class ModelConfig:
     ``n`` None means every oracle in the index. ``abstain_threshold`` None never abstains;
     otherwise an input whose nearest oracle (among the k classes kept by step 1) is farther
     than the threshold gets the answer "unknown" (see :mod:`dundi.serving.abstain`).
-    ``abstain_min_norm`` and ``abstain_max_grey`` (None: off) also answer "unknown" for an
-    embedding shorter than the one, or an image with a larger share of mid-grey pixels than
-    the other: the signals `dundi index calibrate` sets with the distance threshold.
+    ``abstain_min_norm``, ``abstain_max_grey`` and ``abstain_max_mean`` (None: off) also
+    answer "unknown" for an embedding shorter than the first, or an image with a larger share
+    of mid-grey pixels or a larger mean pixel value than the others: the signals `dundi index
+    calibrate` sets together with the distance threshold (ABSTAIN_SIGNALS).
     """
 
     run: str
     n: int | None = None
-    m: int = 3
-    k: int = 5
+    m: int = COARSE_ORACLES
+    k: int = KEPT_CLASSES
     abstain_threshold: float | None = None
     abstain_min_norm: float | None = None
     abstain_max_grey: float | None = None
+    abstain_max_mean: float | None = None
     index_version: int | None = None
 
-    FIELDS = ("run", "n", "m", "k", "abstain_threshold", "abstain_min_norm", "abstain_max_grey",
-              "index_version")
+    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version")
 
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
@@ -53,9 +63,9 @@ class ModelConfig:
         keep their value in ``base``. Raises RequestError 422 saying what is wrong."""
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles), "abstain_threshold" '
-                    '(positive number or null), "abstain_min_norm", "abstain_max_grey" '
-                    '(non-negative numbers or null), "index_version" (an index version of the run, '
-                    'null for the live one)')
+                    '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
+                    '"abstain_max_mean" (non-negative numbers or null), "index_version" (an index '
+                    'version of the run, null for the live one)')
         if not isinstance(data, dict):
             raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
         unknown = sorted(set(data) - set(cls.FIELDS))
@@ -75,7 +85,7 @@ class ModelConfig:
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
                 raise RequestError(422, "invalid_config", f"abstain_threshold={thr!r} is not a positive number", expected)
             merged["abstain_threshold"] = float(thr)
-        for name in ("abstain_min_norm", "abstain_max_grey"):
+        for name in list(ABSTAIN_SIGNALS)[1:]:
             value = merged.get(name)
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -112,6 +122,7 @@ class ModelInfo:
     certified: bool = False       # answers carry a certified L∞ radius (sqeuclidean runs)
     abstain_min_norm: float | None = None  # the other abstain signals (dundi.serving.abstain)
     abstain_max_grey: float | None = None
+    abstain_max_mean: float | None = None
     index_version: int | None = None       # the oracle index version answering (dundi index list)
 
     def to_dict(self) -> dict:
@@ -177,8 +188,7 @@ class LoadedModel:
         files = meta.get("files", {})
         index_hash = index_sha256(meta, config.index_version)
         fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
-                                  n, config.m, config.k, config.abstain_threshold,
-                                  config.abstain_min_norm, config.abstain_max_grey])
+                                  n, config.m, config.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS)])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
             run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
@@ -187,17 +197,16 @@ class LoadedModel:
             class_names=run.class_names, index_version=index_version(meta) if config.index_version
             is None else config.index_version,
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
-            embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold,
-            metric=run.oracle.metric,
+            embed_dim=run.oracle.dim, metric=run.oracle.metric,
             # certificates need n oracles in every class: not after a few-image enrollment
             certified=run.oracle.metric == "sqeuclidean" and int(run.oracle.class_counts().min()) >= n,
-            abstain_min_norm=config.abstain_min_norm, abstain_max_grey=config.abstain_max_grey)
+            **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
-    def classify(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
-        from dundi.serving.abstain import SIGNALS, abstain_flags, signal_values
+        from dundi.serving.abstain import abstain_flags, signal_values
 
         check_shape(images, self.info.in_shape)
         if len(images) == 0:
@@ -207,7 +216,7 @@ class LoadedModel:
             emb = self.run.embed(images, self.embed_batch)
             r = self.run.oracle.classify(emb, n=self.n, m=self.config.m, k=self.config.k)
         values = signal_values(images, emb, r.nearest_distance)
-        abstained = abstain_flags(values, {f: getattr(self.config, f) for f in SIGNALS})
+        abstained = abstain_flags(values, {f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         labels = r.labels.astype(np.int64)
         radius = None
         if self.certifier is not None:

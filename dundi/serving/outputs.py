@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dundi.serving.model import ModelInfo, Prediction
+from dundi.serving.model import ABSTAIN_SIGNALS, ModelInfo, Prediction
 
 V2_OUTPUTS = ("label", "class_name", "abstained", "kept_classes", "coarse_scores", "fine_scores",
               "nearest_oracle_distance", "certified_radius")
@@ -50,8 +50,7 @@ def _floats(arr: np.ndarray) -> list:
 
 def abstain_parameters(info: ModelInfo) -> dict:
     """The abstain rule's thresholds as answers report them (null: that signal is off)."""
-    return {"abstain_threshold": info.abstain_threshold, "abstain_min_norm": info.abstain_min_norm,
-            "abstain_max_grey": info.abstain_max_grey}
+    return {f: getattr(info, f) for f in ABSTAIN_SIGNALS}
 
 
 def _class_names(info: ModelInfo, labels: np.ndarray, abstained: np.ndarray) -> list[str]:
