@@ -445,9 +445,25 @@ class Run:
         n = self.oracle.n if n is None else n
         m = coarse_default(n) if m is None else m
         self.oracle.check_params(n, m, k)
+        counts = self.oracle.class_counts()
+        if counts.min() < n:
+            raise DundiError(f"{self.path}: certificates need every class to hold at least n={n} "
+                             f"oracles; the index's classes hold {int(counts.min())} to "
+                             f"{int(counts.max())} (use n <= {int(counts.min())})")
         return Certifier(self.model, self.oracle_tensor(n), n, m, k)
 
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:
-        """Oracle embeddings (C, n, D) for the differentiable scorer."""
+        """Oracle embeddings (C, n, D) for the differentiable scorer.
+
+        A class holding c < n oracles (enrolled from a few images) repeats its own oracles
+        cyclically: where c divides n, its summed similarity over the n rows is n/c times its
+        sum, which is exactly the rule's mean × n (:mod:`dundi.oracle`), and its first m rows
+        are the rule's min(m, c) coarse oracles when c = 1 or c >= m. Otherwise the stand-in
+        approximates the rule; evaluations judge every answer by the rule itself and report
+        how often the two disagree."""
         assert self.oracle is not None, "no oracle index loaded"
-        return torch.from_numpy(self.oracle.blocks[:, : (n or self.oracle.n)].copy())
+        n = n or self.oracle.n
+        counts = self.oracle.class_counts()
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rows = starts[:, None] + np.arange(n)[None, :] % counts[:, None]
+        return torch.from_numpy(np.ascontiguousarray(self.oracle.vectors[rows]))

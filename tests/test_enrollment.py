@@ -142,6 +142,31 @@ def test_dataset_classes_follow_labels_so_split_accuracy_counts_enrolled_classes
     assert trained.tolist() == [0, 1, 2, 3]  # `index build` still picks from the trained classes
 
 
+def test_the_adaptive_stand_in_follows_the_rule_on_enrolled_classes(tmp_path):
+    """With classes of 1, 5 and 10 oracles and n = 10, m = 3 (counts that divide n, or one
+    oracle), the differentiable stand-in's argmax (the adaptive threat model) equals the FAISS
+    rule and the float64 reference of Algorithm 1 on every query."""
+    from dundi.classify import TwoStepScorer, two_step_reference
+
+    rng = np.random.default_rng(0)
+    counts = [5, 10, 1, 5, 10, 1]
+    index = OracleIndex(rng.normal(size=(sum(counts), 8)).astype(np.float32), counts=counts)
+    run = Run(tmp_path, torch.nn.Identity(), {}, index)
+    emb = np.concatenate([index.vectors + 0.1 * rng.normal(size=index.vectors.shape),
+                          rng.normal(size=(300, 8))]).astype(np.float32)
+    expected = index.classify(emb, n=10, m=3, k=3).labels
+    tensor = run.oracle_tensor(10)
+    reference = two_step_reference(torch.from_numpy(emb), tensor, 10, 3, 3, counts=counts).numpy()
+    with torch.no_grad():
+        got = TwoStepScorer(torch.nn.Identity(), tensor, m=3, k=3)(torch.from_numpy(emb)).argmax(1).numpy()
+    assert set(expected.tolist()) == set(range(6))
+    np.testing.assert_array_equal(reference, expected)
+    np.testing.assert_array_equal(got, expected)
+    squared = Run(tmp_path, torch.nn.Identity(), {}, OracleIndex(index.vectors, counts=counts, metric="sqeuclidean"))
+    with pytest.raises(DundiError, match="certificates need every class"):
+        squared.certifier(10, 3, 3)  # a certificate must be exact: no stand-in for a class
+
+
 # ---------------------------------------------------------------------------- atomic versions
 
 def test_a_write_killed_before_its_commit_leaves_the_previous_version(tmp_path, monkeypatch):

@@ -197,7 +197,9 @@ class LoadedModel:
             class_names=run.class_names, index_version=index_version(meta) if config.index_version
             is None else config.index_version,
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
-            embed_dim=run.oracle.dim, metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean",
+            embed_dim=run.oracle.dim, metric=run.oracle.metric,
+            # certificates need n oracles in every class: not after a few-image enrollment
+            certified=run.oracle.metric == "sqeuclidean" and int(run.oracle.class_counts().min()) >= n,
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
