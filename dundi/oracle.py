@@ -47,7 +47,7 @@ import faiss
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.oracle_search import Shortlister, gathered, pairwise, top_k, use_gpu
+from dundi.oracle_search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
 
 INDEX_FILE = "index.faiss"
 META_FILE = "oracle.json"
@@ -70,7 +70,7 @@ class TwoStepResult:
 
 
 METRICS = ("euclidean", "sqeuclidean")
-SHORTLISTS = ("auto", "ivf", "hnsw")
+SHORTLISTS = ("auto", *SHORTLIST_KINDS)
 
 
 def check_metric(metric: str) -> str:
@@ -315,7 +315,7 @@ class OracleIndex:
     def _kind(self) -> str:
         if self.shortlist_kind != "auto":
             return self.shortlist_kind
-        return "ivf" if use_gpu() else "hnsw"
+        return "ivf" if use_gpu() else "ivfpq"
 
     def _coarse_structure(self, m: int):
         """Step 1's FAISS structure for m, built once: the packed coarse oracles for exact

@@ -31,10 +31,10 @@ def reference(queries, padded, counts, n, m, k, metric="euclidean"):
 
 # every search path: one matrix; exact step 1; shortlists covering every class (exact step 1)
 PATHS = {
-    "full": {},
+    "full": {"full_limit": 10**9},
     "exact-coarse": {"full_limit": 0},
     "ivf": {"full_limit": 0, "exact_coarse_limit": 0, "shortlist_kind": "ivf", "nprobe": 10_000},
-    "hnsw": {"full_limit": 0, "exact_coarse_limit": 0, "shortlist_kind": "hnsw"},
+    "ivfpq": {"full_limit": 0, "exact_coarse_limit": 0, "shortlist_kind": "ivfpq", "nprobe": 10_000},
 }
 
 
@@ -110,12 +110,12 @@ def _enrolled_reference_check(index, rows, names, queries, n=20, m=3, k=5):
 @pytest.mark.parametrize("path", PATHS)
 def test_add_and_remove_classes_equal_the_reference(path):
     rng = np.random.default_rng(7)
-    counts = [20] * 30
+    counts = [20] * 300  # enough classes for the 4-bit codes of the ivfpq shortlist
     vectors, _, queries = ragged(rng, counts, 12)
-    rows = list(vectors.reshape(30, 20, 12))
-    kw = dict(PATHS[path], shortlist=64) if "shortlist_kind" in PATHS[path] else PATHS[path]
-    index = OracleIndex(vectors, 30, **kw)
-    names = [str(c) for c in range(30)]
+    rows = list(vectors.reshape(300, 20, 12))
+    kw = dict(PATHS[path], shortlist=400) if "shortlist_kind" in PATHS[path] else PATHS[path]
+    index = OracleIndex(vectors, 300, **kw)
+    names = [str(c) for c in range(300)]
     index.classify(queries)  # builds the step-1 structure, which enrolment must extend
     new = {"ann": rng.normal(size=(1, 12)), "bob": rng.normal(size=(10, 12)) + 3, "cy": rng.normal(size=(20, 12))}
     for name, emb in new.items():
@@ -192,7 +192,7 @@ def test_shortlist_path_equals_exact_path_when_it_covers_every_class():
     counts = rng.integers(1, 21, size=2000)
     vectors, _, queries = ragged(rng, counts.tolist(), 16, spread=0.5)
     exact = OracleIndex(vectors, counts=counts, full_limit=0).classify(queries, n=20, m=3, k=5)
-    for kind in ("ivf", "hnsw"):
+    for kind in ("ivf", "ivfpq"):
         idx = OracleIndex(vectors, counts=counts, full_limit=0, exact_coarse_limit=0,
                           shortlist_kind=kind, shortlist=2000, nprobe=10_000)
         got = idx.classify(queries, n=20, m=3, k=5)
