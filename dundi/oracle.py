@@ -84,7 +84,7 @@ def class_scores_from(dist: np.ndarray, mask: np.ndarray, eff: np.ndarray, lengt
     """Algorithm 1's class scores from per-oracle distances (..., L) of which ``mask`` marks
     the class's first ``eff`` = min(length, count): the summed similarity, rescaled to
     ``length`` terms (mean × length) only for a class holding fewer than ``length``."""
-    s = -np.where(mask, dist, 0.0).sum(-1)
+    s = -np.where(mask, dist, 0.0).sum(-1, dtype=np.float64)
     return np.where(eff < length, s * length / np.maximum(eff, 1), s)
 
 
@@ -366,30 +366,45 @@ class OracleIndex:
         fields = [f.name for f in dataclasses.fields(TwoStepResult)]
         return TwoStepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
-    def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
-        if self._size <= self.full_limit:
-            # Few oracles in all: one exact FAISS distance matrix serves both steps, so the
-            # two-step rule costs about what brute force costs.
-            dist = pairwise(q, self.vectors, self.squared)
-            rows, mask, eff = self._rows(np.arange(self.num_classes), m)
-            coarse = class_scores_from(dist[:, rows], mask, eff, m)
+    def _full_step(self, q: np.ndarray, n: int, m: int, k: int) -> tuple[np.ndarray, ...]:
+        """Both steps from one exact FAISS distance matrix (few oracles in all, so the
+        two-step rule costs about what flat search costs). Equal class blocks are read as a
+        (B, C, n) view: no gather, no mask."""
+        dist = pairwise(q, self.vectors, self.squared)
+        if self._counts.min() >= n and self._counts.max() == self._counts.min():
+            d3 = dist.reshape(len(q), self.num_classes, self.n)
+            coarse = -d3[:, :, :m].sum(-1, dtype=np.float64)
             top = top_k(coarse, k)
-            coarse_scores = np.take_along_axis(coarse, top, 1)
-            rows, mask, eff = self._rows(top, n)
-            fine_dist = np.take_along_axis(dist, rows.reshape(len(q), -1), 1).reshape(rows.shape)
-        else:
-            top, coarse_scores = self._step1(q, m, k)
-            rows, mask, eff = self._rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
-            fine_dist = gathered(q, self._vec, self._sq, rows, self.squared)
-            mask = mask & (top[:, :, None] >= 0)
+            fine_dist = d3[np.arange(len(q))[:, None], top, :n]
+            return (top, np.take_along_axis(coarse, top, 1), -fine_dist.sum(-1, dtype=np.float64),
+                    fine_dist.min(axis=(1, 2)))
+        rows, mask, eff = self._rows(np.arange(self.num_classes), m)
+        coarse = class_scores_from(dist[:, rows], mask, eff, m)
+        top = top_k(coarse, k)
+        rows, mask, eff = self._rows(top, n)
+        fine_dist = np.take_along_axis(dist, rows.reshape(len(q), -1), 1).reshape(rows.shape)
+        return (top, np.take_along_axis(coarse, top, 1), class_scores_from(fine_dist, mask, eff, n),
+                np.where(mask, fine_dist, np.inf).min(axis=(1, 2)))
+
+    def _listed_step(self, q: np.ndarray, n: int, m: int, k: int) -> tuple[np.ndarray, ...]:
+        """Step 1 through its FAISS structure, step 2 over the kept classes' rows."""
+        top, coarse_scores = self._step1(q, m, k)
+        rows, mask, eff = self._rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
+        fine_dist = gathered(q, self._vec, self._sq, rows, self.squared)
+        mask = mask & (top[:, :, None] >= 0)
         fine = np.where(top >= 0, class_scores_from(fine_dist, mask, eff, n), -np.inf)
-        nearest = np.where(mask, fine_dist, np.inf).reshape(len(q), -1).min(1)
+        return top, coarse_scores, fine, np.where(mask, fine_dist, np.inf).min(axis=(1, 2))
+
+    def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
+        step = self._full_step if self._size <= self.full_limit else self._listed_step
+        top, coarse_scores, fine, nearest = step(q, n, m, k)
+        nearest = nearest.astype(np.float64)
         if self.squared:  # report a distance whatever the metric ranks by
             nearest = np.sqrt(nearest)
         best = np.argmax(fine, axis=1)  # first maximum: ties go to the better coarse rank
         labels = top[np.arange(len(q)), best]
         return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores,
-                             fine.astype(np.float64), nearest.astype(np.float64))
+                             fine, nearest)
 
     @staticmethod
     def select(labels: np.ndarray, n: int, seed: int, num_classes: int) -> np.ndarray:

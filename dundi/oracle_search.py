@@ -62,8 +62,21 @@ def gathered(queries: np.ndarray, vectors: np.ndarray, sq_norms: np.ndarray, row
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores per row, best first, ties to the lower index."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    """Indices of the k largest scores per row, best first, ties to the lower index.
+
+    A partial selection (O(C) per row) finds each row's k largest; rows where the k-th
+    value ties with one left out fall back to a full stable sort, so ties resolve exactly
+    as ``np.argsort(-scores, kind="stable")[:, :k]`` resolves them.
+    """
+    if 4 * k >= scores.shape[1]:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    part = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)  # ascending index
+    vals = np.take_along_axis(scores, part, 1)
+    order = np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), 1)
+    tied = (scores >= vals.min(1, keepdims=True)).sum(1) > k
+    if tied.any():
+        order[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :k]
+    return order
 
 
 SHORTLIST_KINDS = ("ivfpq", "ivf")

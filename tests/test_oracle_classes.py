@@ -198,3 +198,14 @@ def test_shortlist_path_equals_exact_path_when_it_covers_every_class():
         got = idx.classify(queries, n=20, m=3, k=5)
         np.testing.assert_array_equal(got.labels, exact.labels)
         np.testing.assert_array_equal(got.topk_classes, exact.topk_classes)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 40])
+def test_top_k_matches_a_full_stable_sort_with_ties(k):
+    from dundi.oracle_search import top_k
+
+    rng = np.random.default_rng(k)
+    scores = rng.integers(-4, 1, size=(300, 50)).astype(np.float64)  # many ties, at every rank
+    scores[::7] = rng.normal(size=(len(scores[::7]), 50))           # and rows without ties
+    scores[5, :] = -np.inf                                           # a row of missing hits
+    np.testing.assert_array_equal(top_k(scores, k), np.argsort(-scores, axis=1, kind="stable")[:, :k])
