@@ -221,3 +221,26 @@ def test_an_index_built_from_a_dataset_is_named_after_its_classes():
     assert run_class_names({"dataset": "fashion-mnist", "num_classes": 8, "dataset_classes": kept}) == \
         [names[c] for c in kept]
     assert run_class_names({"dataset": "synthetic", "num_classes": 3}) == ["0", "1", "2"]
+
+
+def test_enrolled_index_in_a_run_keeps_its_hash_check(tmp_path):
+    """An index with enrolled classes saved into a run loads through the run's sha256
+    verification, names and counts intact; a renamed class in its metadata is refused."""
+    from dundi.artifacts import load_oracle, save_model, save_oracle
+    from dundi.models import build_distance_net
+
+    model = build_distance_net("lenet5", (1, 28, 28), 16)
+    save_model(tmp_path, model, {"kind": "dundi", "arch": "lenet5", "dataset": "mnist-10k",
+                                 "in_shape": [1, 28, 28], "num_classes": 10, "embed_dim": 16,
+                                 "mode": "R", "config": {}})
+    rng = np.random.default_rng(2)
+    index = OracleIndex(rng.normal(size=(40, 16)).astype(np.float32), 10)
+    index.add_class("eleven", rng.normal(size=(2, 16)))
+    index.remove_class("3")
+    save_oracle(tmp_path, index)
+    loaded = load_oracle(tmp_path)
+    assert loaded.class_names == index.class_names and loaded.class_counts().tolist() == [4] * 9 + [2]
+    meta_path = tmp_path / "oracle" / "oracle.json"
+    meta_path.write_text(meta_path.read_text().replace('"eleven"', '"twelve"'))
+    with pytest.raises(DundiError, match="oracle.json does not match the sha256"):
+        load_oracle(tmp_path)
