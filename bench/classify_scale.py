@@ -90,10 +90,10 @@ def rate(fn, count: int, min_s: float = 1.0) -> tuple[float, np.ndarray]:
             return reps * count / (time.perf_counter() - t0), result
 
 
-def one(classes: int, n_queries: int, noise: float, flat_queries: int) -> dict:
+def one(classes: int, n_queries: int, noise: float, flat_queries: int, nprobe: int | None) -> dict:
     oracles, queries, truth = synthetic(classes, n_queries, noise)
     t0 = time.perf_counter()
-    index = OracleIndex(oracles, classes)
+    index = OracleIndex(oracles, classes, nprobe=nprobe)
     index.classify(queries[:8], N, M, K)  # builds step 1's structure where it has one
     build = time.perf_counter() - t0
     qps_two, two = rate(lambda: index.classify(queries, N, M, K).labels, n_queries)
@@ -119,19 +119,21 @@ def main() -> None:
                     help="queries flat search is timed on (default: all up to 1,000 classes, "
                          "500 up to 100,000, 100 beyond)")
     ap.add_argument("--noise", type=float, default=0.7, help="within-class σ (centres are N(0, I))")
+    ap.add_argument("--nprobe", type=int, default=None, help="step-1 IVF lists probed (default: 1/16)")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
     if args.one is not None:
         nf = args.flat_queries or (args.queries if args.one <= 1000 else 500 if args.one <= 100_000 else 100)
-        print(json.dumps(one(args.one, args.queries, args.noise, nf)))
+        print(json.dumps(one(args.one, args.queries, args.noise, nf, args.nprobe)))
         return
-    print(f"n={N} m={M} k={K} dim={DIM} noise={args.noise}; faiss {faiss.__version__}, "
+    print(f"n={N} m={M} k={K} dim={DIM} noise={args.noise} nprobe={args.nprobe or 'nlist/16'}; faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} threads", flush=True)
     print(f"{'classes':>8} {'step 1':>12} {'build s':>8} {'two-step q/s':>13} {'flat q/s':>9} "
           f"{'ratio':>8} {'agree':>8} {'rule':>8} {'(on)':>5} {'acc':>7} {'data GiB':>8} {'peak GiB':>8}", flush=True)
     for c in args.classes:
         cmd = [sys.executable, __file__, "--one", str(c), "--queries", str(args.queries),
-               "--noise", str(args.noise)] + (["--flat-queries", str(args.flat_queries)] if args.flat_queries else [])
+               "--noise", str(args.noise)] + (["--flat-queries", str(args.flat_queries)] if args.flat_queries else []) \
+            + (["--nprobe", str(args.nprobe)] if args.nprobe else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         print(f"{r['classes']:>8} {r['path']:>12} {r['build_s']:>8.1f} {r['two_step_qps']:>13.0f} "
               f"{r['flat_qps']:>9.1f} {r['ratio']:>7.1f}x {r['agreement'] * 100:>7.2f}% {r['rule_agreement'] * 100:>7.2f}% {r['flat_queries']:>5} "

@@ -246,6 +246,15 @@ class OracleIndex:
         shown = ", ".join(self._names[:8]) + (", ..." if len(self._names) > 8 else "")
         return f"{self.num_classes} classes ({shown}); `dundi index list RUN` lists them"
 
+    def copy(self) -> "OracleIndex":
+        """An independent copy (oracles, names, settings; step-1 structures are rebuilt on
+        first use), so a service can enrol or remove classes on it while the original keeps
+        answering, then swap it in whole."""
+        return OracleIndex(self.vectors.copy(), counts=self._counts.copy(), class_names=self.class_names,
+                           full_limit=self.full_limit, exact_coarse_limit=self.exact_coarse_limit,
+                           shortlist=self.shortlist, nprobe=self.nprobe, shortlist_kind=self.shortlist_kind,
+                           meta=json.loads(json.dumps(self.meta)), metric=self.metric)
+
     # ---- enrolment ---------------------------------------------------------------------
     def add_class(self, name: str, embeddings: np.ndarray) -> int:
         """Enrol a new class from its oracle embeddings (count, D), in the order given (the

@@ -244,3 +244,19 @@ def test_enrolled_index_in_a_run_keeps_its_hash_check(tmp_path):
     meta_path.write_text(meta_path.read_text().replace('"eleven"', '"twelve"'))
     with pytest.raises(DundiError, match="oracle.json does not match the sha256"):
         load_oracle(tmp_path)
+
+
+def test_a_copy_changes_without_touching_the_original():
+    rng = np.random.default_rng(4)
+    vectors, _, queries = ragged(rng, [5] * 12, 8)
+    index = OracleIndex(vectors, 12, metric="sqeuclidean", meta={"seed": 1, "ids": [1, 2]})
+    before = index.classify(queries, n=5, m=2, k=3)
+    twin = index.copy()
+    twin.add_class("new", queries[:3])
+    twin.remove_class("0")
+    twin.meta["ids"].append(3)
+    assert index.class_names == [str(c) for c in range(12)] and index.meta["ids"] == [1, 2]
+    assert twin.class_names == [str(c) for c in range(1, 12)] + ["new"] and twin.metric == "sqeuclidean"
+    after = index.classify(queries, n=5, m=2, k=3)
+    np.testing.assert_array_equal(before.labels, after.labels)
+    np.testing.assert_array_equal(before.fine_scores, after.fine_scores)
