@@ -4,23 +4,34 @@ A run directory holds::
 
     run.json             kind, dataset, arch, config, seed, metrics, sha256 of every file
     model.safetensors    the model's state dict
-    oracle/index.faiss   oracle embeddings (written by `dundi index build`)
-    oracle/oracle.json   n, seed, oracle sample ids, sha256 of the weights they came from
+    oracle/vN/index.faiss   version N of the oracle embeddings (`dundi index build`, `index add`,
+    oracle/vN/oracle.json   `index remove`): class names, counts, seed, sample ids, weights sha256
 
 Every file is written atomically (temporary file, then rename) and its sha256 recorded in
 ``run.json``; loading re-hashes and refuses a file that changed. Nothing is unpickled.
+
+Oracle index versions: every change of the index writes a whole new version directory next to
+the old ones, and only then rewrites ``run.json`` (one ``os.replace``) to name it as the live
+version. ``run.json`` is the commit point: a process killed before it leaves the previous
+version live and loadable, and the half-written directory is never read (it is not recorded in
+``run.json``; the next change overwrites it). Older versions stay on disk with their hashes, so
+a service can pin one (``index_version``) while another is written. Runs written before
+versions existed keep their index in ``oracle/`` itself: version 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +41,7 @@ from torch import nn
 from dundi.errors import DundiError
 from dundi.models import build_distance_net, build_native
 from dundi.oracle import INDEX_FILE, META_FILE, OracleIndex, TwoStepResult
+from dundi.rule import KEPT_CLASSES, coarse_default
 
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -145,29 +157,113 @@ def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     return model, meta
 
 
-def save_oracle(run_dir: str | os.PathLike, index: OracleIndex) -> dict:
-    """Write the oracle index into the run and record its hashes."""
-    run_dir = Path(run_dir)
+def _version_dir(version: int) -> str:
+    """The run-relative directory of an index version (0: the unversioned ``oracle/``)."""
+    return ORACLE_DIR if version == 0 else f"{ORACLE_DIR}/v{version}"
+
+
+def index_versions(meta: dict) -> list[int]:
+    """The index versions recorded in ``run.json`` (committed ones only), oldest first."""
+    files = meta.get("files", {})
+    parts = (k.split("/") for k in files)
+    named = {int(p[1][1:]) for p in parts if len(p) == 3 and p[0] == ORACLE_DIR
+             and p[1][:1] == "v" and p[1][1:].isdigit()}
+    return sorted(v for v in {0, *named} if f"{_version_dir(v)}/{INDEX_FILE}" in files)
+
+
+def index_version(meta: dict) -> int | None:
+    """The live index version (None: the run has no index yet)."""
+    versions = index_versions(meta)
+    if not versions:
+        return None
+    return int((meta.get("oracle") or {}).get("version", versions[-1]))
+
+
+def index_file_key(meta: dict, version: int | None = None) -> str | None:
+    """The ``files`` key of the FAISS index of ``version`` (default: the live one), or None."""
+    version = index_version(meta) if version is None else version
+    return None if version is None else f"{_version_dir(version)}/{INDEX_FILE}"
+
+
+def index_sha256(meta: dict, version: int | None = None) -> str:
+    """sha256 of an index version's FAISS file ("" without an index): names the oracle set."""
+    key = index_file_key(meta, version)
+    return meta.get("files", {}).get(key, "") if key else ""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the run's write lock: two index changes (two CLI calls, two replicas of a service)
+    must not both read version N and both write N + 1, losing one change."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the directory itself: no lock file
+    except FileNotFoundError:
+        raise DundiError(f"{run_dir} is not a DunDi run (no such directory)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_version(run_dir: Path, index: OracleIndex, **meta_fields: Any) -> dict:
+    """Write ``index`` as the next version and commit it in run.json. Hold the run lock."""
     meta = read_meta(run_dir)
     index.meta["weights_sha256"] = meta["files"][WEIGHTS_FILE]
-    index.save(run_dir / ORACLE_DIR)
+    version = max(index_versions(meta), default=0) + 1
+    name = _version_dir(version)
+    staging = run_dir / ORACLE_DIR / f".v{version}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    index.save(staging)
+    shutil.rmtree(run_dir / name, ignore_errors=True)  # uncommitted: a killed earlier write
+    os.replace(staging, run_dir / name)
     files = dict(meta["files"])
-    for name in (INDEX_FILE, META_FILE):
-        files[f"{ORACLE_DIR}/{name}"] = sha256_file(run_dir / ORACLE_DIR / name)
-    return update_meta(run_dir, files=files, oracle={k: v for k, v in index.meta.items() if k != "ids"})
+    for fname in (INDEX_FILE, META_FILE):
+        files[f"{name}/{fname}"] = sha256_file(run_dir / name / fname)
+    oracle = {k: v for k, v in index.meta.items() if k != "ids"}
+    meta.update(meta_fields, files=files, oracle={**oracle, "version": version})
+    atomic_write_json(run_dir / RUN_FILE, meta)  # the commit point
+    return meta
 
 
-def load_oracle(run_dir: str | os.PathLike, meta: dict | None = None) -> OracleIndex:
+def save_oracle(run_dir: str | os.PathLike, index: OracleIndex, **meta_fields: Any) -> dict:
+    """Write ``index`` as the run's next index version and make it live (see the module
+    docstring); ``meta_fields`` are merged into run.json in the same atomic write."""
+    with run_lock(run_dir):
+        return _write_version(Path(run_dir), index, **meta_fields)
+
+
+def change_oracle(run_dir: str | os.PathLike, change: Callable[["Run"], dict]) -> dict:
+    """Read-modify-write of the live index under the run's lock: ``change`` gets the loaded,
+    verified run, changes ``run.oracle`` in place (or raises DundiError: nothing is written)
+    and returns run.json fields to merge; the index is written as the next version."""
+    with run_lock(run_dir):
+        run = Run.load(run_dir)
+        fields = change(run)
+        return _write_version(Path(run_dir), run.oracle, **fields)
+
+
+def load_oracle(run_dir: str | os.PathLike, meta: dict | None = None,
+                version: int | None = None) -> OracleIndex:
+    """The run's live index version (or ``version``), every file verified against run.json."""
     run_dir = Path(run_dir)
     meta = meta or read_meta(run_dir)
-    if f"{ORACLE_DIR}/{INDEX_FILE}" not in meta.get("files", {}):
+    if index_version(meta) is None:
         raise DundiError(f"{run_dir} has no oracle index yet: run `dundi index build {run_dir}`")
-    for name in (INDEX_FILE, META_FILE):
-        _verify(run_dir, meta, f"{ORACLE_DIR}/{name}")
-    index = OracleIndex.load(run_dir / ORACLE_DIR)
+    if version is not None and version not in index_versions(meta):
+        raise DundiError(f"{run_dir} has no index version {version}: it holds versions "
+                         f"{', '.join(map(str, index_versions(meta)))} (see `dundi index list {run_dir}`)")
+    name = _version_dir(index_version(meta) if version is None else version)
+    for fname in (INDEX_FILE, META_FILE):
+        _verify(run_dir, meta, f"{name}/{fname}")
+    index = OracleIndex.load(run_dir / name)
     if index.meta.get("weights_sha256") != meta["files"][WEIGHTS_FILE]:
         raise DundiError(f"{run_dir}: the oracle index was built with other weights than the "
                          f"run's model; rebuild it with `dundi index build {run_dir}`")
+    if "class_names" not in json.loads((run_dir / name / META_FILE).read_text()):
+        # written before indexes stored names: its classes are the run's trained classes
+        index = OracleIndex(index.vectors, counts=index.class_counts(), meta=index.meta,
+                            class_names=list(dataset_class_names(meta)), metric=index.metric)
     return index
 
 
@@ -230,6 +326,27 @@ def validate_images(images: Any, in_shape: tuple[int, ...]) -> np.ndarray:
     return values
 
 
+def dataset_classes_of(meta: dict, oracle_meta: dict | None = None) -> list[int] | None:
+    """Per class of the oracle index (``oracle_meta``, default the live one recorded in
+    run.json): the dataset class it stands for, -1 for a class enrolled from other images;
+    None for a run that answers with the dataset's own labels."""
+    oracle_meta = (meta.get("oracle") or {}) if oracle_meta is None else oracle_meta
+    recorded = oracle_meta.get("dataset_classes", meta.get("dataset_classes"))
+    return None if recorded is None else [int(c) for c in recorded]
+
+
+def dataset_class_names(meta: dict) -> tuple[str, ...]:
+    """Names of a run's classes in its label order: the dataset's names (of the classes it
+    was trained on, for a run with held-out classes), else "0".."C-1"."""
+    from dundi.data import DATASETS
+
+    names = list(getattr(DATASETS.get(meta.get("dataset")), "class_names", None) or [])
+    kept = meta.get("dataset_classes", range(int(meta["num_classes"])))
+    if len(names) <= max(kept, default=0) or len(set(names)) != len(names):
+        return tuple(str(c) for c in range(int(meta["num_classes"])))
+    return tuple(names[int(c)] for c in kept)
+
+
 @dataclasses.dataclass
 class Run:
     """A loaded run: model, metadata and (for DunDi runs) the oracle index."""
@@ -240,10 +357,22 @@ class Run:
     oracle: OracleIndex | None = None
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, with_oracle: bool = True) -> "Run":
+    def load(cls, run_dir: str | os.PathLike, with_oracle: bool = True,
+             index_version: int | None = None) -> "Run":
+        """Load and verify a run; ``index_version`` pins an oracle index version (default:
+        the live one), so a service can name exactly which oracle set answers."""
         model, meta = load_model(run_dir)
-        oracle = load_oracle(run_dir, meta) if with_oracle and meta["kind"] == "dundi" else None
+        oracle = (load_oracle(run_dir, meta, index_version)
+                  if with_oracle and meta["kind"] == "dundi" else None)
         return cls(Path(run_dir), model, meta, oracle)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The name of every class the run answers with, by label: the oracle index's names
+        (enrolled classes included) for DunDi runs, the dataset's for native runs."""
+        if self.oracle is not None:
+            return tuple(self.oracle.class_names)
+        return dataset_class_names(self.meta)
 
     def embed(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         from dundi.inference import forward_batched
@@ -251,7 +380,7 @@ class Run:
         return forward_batched(self.model, images, batch_size)
 
     def classify(self, images: np.ndarray | torch.Tensor, n: int | None = None, m: int | None = None,
-                 k: int = 5, batch_size: int = 1024) -> TwoStepResult:
+                 k: int = KEPT_CLASSES, batch_size: int = 1024) -> TwoStepResult:
         """Classify raw images: Algorithm 1 for DunDi runs, the argmax of the logits for native runs.
 
         ``images`` are float pixels in [0, 1] (or uint8 pixels 0..255, converted to ``k / 255``
@@ -276,7 +405,7 @@ class Run:
             raise DundiError(f"{self.path} was loaded without its oracle index: load it with "
                              f"Run.load(path) (with_oracle=True), after `dundi index build {self.path}`")
         n = self.oracle.n if n is None else n
-        m = min(3, n) if m is None else m
+        m = coarse_default(n) if m is None else m
         self.oracle.check_params(n, m, k)
         if len(batch) == 0:  # the model would give (0, 0) embeddings; the index answers empty
             return self.oracle.classify(np.zeros((0, self.oracle.dim), np.float32), n=n, m=m, k=k)
@@ -303,7 +432,7 @@ class Run:
         return TwoStepResult(top[:, 0].copy(), top, scores, scores.copy(),
                              np.full(len(batch), np.nan))
 
-    def certifier(self, n: int | None = None, m: int = 3, k: int = 5):
+    def certifier(self, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES):
         """A :class:`dundi.certificate.Certifier` for this run's rule (n, m, k). Only runs whose
         rule uses the squared Euclidean distance can be certified (train with --certified)."""
         from dundi.certificate import Certifier
@@ -314,6 +443,7 @@ class Run:
             raise DundiError(f"{self.path} ranks by {self.oracle.metric} distance; certificates are "
                              f"for the squared-Euclidean rule: train with `dundi train --certified`")
         n = self.oracle.n if n is None else n
+        m = coarse_default(n) if m is None else m
         self.oracle.check_params(n, m, k)
         return Certifier(self.model, self.oracle_tensor(n), n, m, k)
 

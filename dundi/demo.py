@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, read_meta
+from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, index_version, read_meta
 from dundi.data import fetch
 from dundi.report import demo_report
 from dundi.pipeline import build_index, classify_split, train_dundi_run, train_native_run
 from dundi.train import TrainConfig
+from dundi.rule import KEPT_CLASSES, coarse_default
 
 DATASET = "mnist-10k"
 ARCH = "lenet5"
@@ -72,11 +73,11 @@ def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progre
     native_acc = classify_split(native_dir, data_dir=data_dir)
     rows = [{"model": "Native Model3 (LeNet-5)", "1": native_acc["accuracy"]}]
     for name, run_dir in (("DunDi_R3", r_dir), ("DunDi_P3", p_dir)):
-        if "oracle/index.faiss" not in read_meta(run_dir).get("files", {}):
+        if index_version(read_meta(run_dir)) is None:
             build_index(run_dir, n=max(N_VALUES), seed=0, data_dir=data_dir)
         row = {"model": name}
         for n in N_VALUES:
-            row[str(n)] = classify_split(run_dir, n=n, m=min(3, n), k=5, data_dir=data_dir)["accuracy"]
+            row[str(n)] = classify_split(run_dir, n=n, m=coarse_default(n), k=KEPT_CLASSES, data_dir=data_dir)["accuracy"]
         rows.append(row)
     table = table_markdown(rows)
     print(table)

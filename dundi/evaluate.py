@@ -43,6 +43,7 @@ from dundi.inference import forward_batched
 from dundi.results import (EVALUATION_FILE, L0_TOL, SCHEMA, finished_shards, shard_name,
                            write_shard)
 from dundi.threats import THREATS, build_threat
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
 FORMAT_VERSION = 2  # 2: ``adaptive`` attacks the exact two-step stand-in (1: all-class scorer)
 PAPER_ATTACKS = ("fgsm", "ifgsm-a", "ifgsm-b", "jsma")
@@ -71,8 +72,8 @@ class EvalConfig:
     split: str = "test"
     shard_size: int = 64
     n: int | None = None                      # oracles per class in the fine step (None: all)
-    m: int = 3
-    k: int = 5
+    m: int = COARSE_ORACLES
+    k: int = KEPT_CLASSES
     n_values: list[int] = dataclasses.field(default_factory=lambda: list(PAPER_N_VALUES))
     temperature: float = 1.0                  # divides the target model's scores (threats.py)
     nearest: int = 3                          # oracles per class the feature scorer uses
@@ -386,7 +387,9 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
                              f"(fingerprint {old.get('fingerprint')} ≠ {fp}); use another --out")
     from dundi.data import load_split
 
-    _, labels, _ = load_split(dataset, cfg.split, cfg.data_dir)
+    from dundi.pipeline import run_rows
+
+    _, labels, _ = run_rows(meta, *load_split(dataset, cfg.split, cfg.data_dir))
     positions = select_samples(len(labels), cfg.limit, cfg.seed)
     eps = resolve_eps(cfg, dataset)
     plan = plan_shards(cfg, len(positions), eps, dataset)
@@ -440,7 +443,10 @@ class Evaluator:
     def load_samples(cfg: EvalConfig, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from dundi.data import load_split
 
-        images, labels, ids = load_split(dataset, cfg.split, cfg.data_dir)
+        from dundi.pipeline import run_rows
+
+        # a run with held-out or enrolled classes answers with its index's labels
+        images, labels, ids = run_rows(read_meta(cfg.run), *load_split(dataset, cfg.split, cfg.data_dir))
         pos = select_samples(len(labels), cfg.limit, cfg.seed)
         return images[pos], labels[pos], ids[pos]
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from dundi.errors import DundiError
 from dundi.oracle_search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
 INDEX_FILE = "index.faiss"
 META_FILE = "oracle.json"
@@ -376,7 +377,7 @@ class OracleIndex:
         top = top_k(scores, k)
         return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
 
-    def classify(self, queries: np.ndarray, n: int | None = None, m: int = 3, k: int = 5
+    def classify(self, queries: np.ndarray, n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES
                  ) -> TwoStepResult:
         """Algorithm 1 for a batch of query embeddings (B, D)."""
         n = self.n if n is None else n

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.artifacts import Run, atomic_write_json, load_model, save_model, save_oracle
+from dundi.artifacts import (Run, atomic_write_json, dataset_class_names, dataset_classes_of,
+                             load_model, save_model, save_oracle)
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
 from dundi.inference import accuracy, forward_batched
@@ -27,6 +28,7 @@ from dundi.models import build_distance_net, build_native
 from dundi.oracle import OracleIndex
 from dundi.train import TrainConfig, drop_holdout, kept_classes, split_train_val
 from dundi.training_loop import fit
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES, ORACLES_PER_CLASS, coarse_default
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -64,13 +66,15 @@ def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
             **extra}
 
 
-def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A split's rows as the run sees them: for a run trained with held-out classes, only the
-    classes it was trained on, numbered as its index numbers them (``dataset_classes``)."""
-    if "dataset_classes" not in meta:
+def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+             trained: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A split's rows as the run answers them: only the dataset classes its live oracle index
+    holds (trained or enrolled), numbered as the index numbers them; with ``trained``, the
+    classes the run was trained on (those `index build` picks oracles for)."""
+    classes = meta.get("dataset_classes") if trained else dataset_classes_of(meta)
+    if classes is None:
         return images, labels, ids
-    return drop_holdout(images, labels, ids, np.asarray(meta["dataset_classes"], dtype=np.int64))
+    return drop_holdout(images, labels, ids, np.asarray(classes, dtype=np.int64))
 
 
 def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -79,7 +83,7 @@ def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 
 def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
                       images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      n: int | None = None, m: int = 3, k: int = 5, metric: str = "euclidean") -> float:
+                      n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES, metric: str = "euclidean") -> float:
     """Two-step accuracy of a Distance NN with an oracle set given as images (validation)."""
     index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes,
                                         metric=metric)
@@ -185,35 +189,33 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
 
 
 def run_class_names(meta: dict) -> list[str]:
-    """Names of a run's classes in its label order: the dataset's names (of the classes it
-    was trained on, for a run with held-out classes), else "0".."C-1"."""
-    names = list(getattr(DATASETS.get(meta.get("dataset")), "class_names", None) or [])
-    dataset_classes = meta.get("dataset_classes", range(int(meta["num_classes"])))
-    if len(names) <= max(dataset_classes, default=0) or len(set(names)) != len(names):
-        return [str(c) for c in range(int(meta["num_classes"]))]
-    return [names[int(c)] for c in dataset_classes]
+    """Names of a run's classes in its label order (:func:`dundi.artifacts.dataset_class_names`)."""
+    return list(dataset_class_names(meta))
 
 
-def build_index(run_dir: str | os.PathLike, n: int = 20, seed: int = 0,
+def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
-    run's model and write the FAISS index into the run."""
+    run's model and write the FAISS index into the run as its next version. The index holds
+    the classes the run was trained on, named as the dataset names them: classes enrolled
+    since (`dundi index add`) are not carried over."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
     images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
-                                                     limit=meta["config"].get("limit")))
+                                                     limit=meta["config"].get("limit")), trained=True)
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
+    classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
                         class_names=run_class_names(meta),
                         metric=meta["config"].get("metric", "euclidean"),
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
-                              "ids": ids[pick].tolist()})
+                              "ids": ids[pick].tolist(), "dataset_classes": classes})
     save_oracle(run_dir, index)
     return index
 
 
-def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = 5,
+def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES,
                    split: str = "test", data_dir: str | None = None, limit: int | None = None,
                    radii: bool = False) -> dict:
     """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
@@ -225,7 +227,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
     if run.oracle is None:
         return {**figures, "accuracy": native_accuracy(run.model, images, labels)}
     n = run.oracle.n if n is None else n
-    m = min(3, n) if m is None else m
+    m = coarse_default(n) if m is None else m
     result = run.classify(images, n=n, m=m, k=k)
     figures = {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}
     if radii:  # per image: how far the input may move before the rule's answer can change
@@ -236,7 +238,7 @@ def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | No
 
 
 def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = None,
-                  m: int | None = None, k: int = 5, split: str = "test", data_dir: str | None = None,
+                  m: int | None = None, k: int = KEPT_CLASSES, split: str = "test", data_dir: str | None = None,
                   limit: int | None = None) -> dict:
     """Clean and certified accuracy of a run's deployed rule (n, m, k) on a split: an image
     counts as certified at eps when the rule answers its true label for every input in the
@@ -249,7 +251,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = 
         raise DundiError(f"{run_dir} is a native run: certify a DunDi run (dundi train --certified)")
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     n = run.oracle.n if n is None else n
-    m = min(3, n) if m is None else m
+    m = coarse_default(n) if m is None else m
     certifier = run.certifier(n, m, k)
     t0 = time.time()
     answers = run.classify(images, n=n, m=m, k=k).labels

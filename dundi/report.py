@@ -149,21 +149,57 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
     return fig, axes
 
 
+def _wrap(text: str, width: int = 38) -> str:
+    """Long model and attack names on several lines instead of clipped or overlapping."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)) or text
+
+
+def _percent_axis(ax) -> None:
+    """0-100 % with room below 0 and above 100, so 0 % markers and zero-height bars sit visibly
+    off the axis line and 100 % markers are not cut in half."""
+    ax.set_ylim(-5, 108)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _legend(ax, entries: int) -> None:
+    """Below the axes (never over the data); the saved figure's tight box keeps it whole."""
+    if entries:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1 if entries > 3 else entries,
+                  frameon=False)
+
+
+def _eps_axis(ax, eps_values: list[float]) -> None:
+    """An axis from 0 to a little beyond the largest eps, ticked at the evaluated values: one
+    evaluated eps is a point at a readable position, not a dot on a 0.285-0.315 axis."""
+    eps_values = sorted(set(eps_values))
+    if not eps_values:
+        return
+    ax.set_xlim(0, max(eps_values) * 1.15)
+    ax.set_xticks([0.0] + eps_values, ["0"] + [f"{e:g}" for e in eps_values])
+    ax.set_xlabel("eps (L-inf, pixels in [0, 1]); eps 0 = clean accuracy")
+
+
 def plot_defense_bars(evals: list[Evaluation], settings: list[tuple[str, float]], path: Path,
                       norms: dict | None = None) -> str:
     norms = norms or {}
-    fig, (ax,) = _figure(width=max(6.0, 1.6 * len(settings) + 2))
+    fig, (ax,) = _figure(width=max(6.0, 1.6 * len(settings) * max(1, len(evals)) ** 0.5 + 2))
     width = 0.8 / max(1, len(evals))
     x = np.arange(len(settings))
     for i, ev in enumerate(evals):
         by = {(r["attack"], r["eps"]): r["defense_success"] for r in ev.rows("transfer")}
         vals = [100 * by.get(s, float("nan")) for s in settings]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=ev.name)
-    ax.set_xticks(x, [f"{a}\n{budget(norms.get((a, e), ''), e)}" for a, e in settings])
+        bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=_wrap(ev.name),
+                      edgecolor="black", linewidth=0.8)
+        ax.bar_label(bars, labels=["—" if math.isnan(v) else f"{v:.1f}%" for v in vals], fontsize=7, padding=2)
+    ax.set_xticks(x, [f"{_wrap(a, 16)}\n{budget(norms.get((a, e), ''), e)}" for a, e in settings])
     ax.set_ylabel("defense success rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"Defense success per attack (transfer, {evals[0].dataset})")
-    ax.legend(fontsize=8)
+    _percent_axis(ax)
+    ax.set_title(_wrap(f"Defense success per attack — {evals[0].dataset}, threat model transfer, "
+                       f"{evals[0].clean['count']:,}\u00a0samples", 70))
+    _legend(ax, len(evals))
     return _save(fig, path)
 
 
@@ -171,45 +207,60 @@ def plot_defense_vs_n(evals: list[Evaluation], path: Path, norms: dict | None = 
     norms = norms or {}
     fig, axes = _figure(ncols=len(evals), width=5.0)
     for ax, ev in zip(axes, evals):
+        shown = 0
         for (a, e), curve in ev.defense_at_n("transfer").items():
             if (a, e) not in norms:  # not one of the paper's attacks (see _paper_rows)
                 continue
             ns = sorted(curve)
-            ax.plot(ns, [100 * curve[n] for n in ns], marker="o", label=f"{a} {budget(norms.get((a, e), ''), e)}")
+            ax.plot(ns, [100 * curve[n] for n in ns], marker="o", clip_on=False,
+                    label=_wrap(f"{a} {budget(norms.get((a, e), ''), e)}"))
+            shown += 1
         ax.set_xlabel("oracle images per class (n)")
         ax.set_ylabel("defense success rate (%)")
-        ax.set_title(f"{ev.name} (transfer)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=8)
+        ax.set_title(_wrap(f"{ev.name} — {ev.dataset}, transfer, {ev.clean['count']:,}\u00a0samples", 45), fontsize=9)
+        _percent_axis(ax)
+        _legend(ax, shown)
     return _save(fig, path)
+
+
+def _robust_panel(ax, ev: Evaluation, threat: str) -> None:
+    rows = ev.rows(threat)
+    clean = 100 * ev.clean["dundi"]
+    curves = 0
+    for attack in sorted({r["attack"] for r in rows}):
+        pts = sorted((r["eps"], r["robust_accuracy"]) for r in rows  # Linf axis: L0's γ is no eps
+                     if r["attack"] == attack and r["norm"] == "Linf" and not math.isinf(r["eps"]))
+        if pts:
+            ax.plot([0.0] + [p[0] for p in pts], [clean] + [100 * p[1] for p in pts], marker="o",
+                    clip_on=False, label=_wrap(attack))
+            curves += 1
+    worst = sorted((w["eps"], w["robust_accuracy"]) for w in ev.worst
+                   if w["threat"] == threat and w["norm"] == "Linf")
+    if worst:
+        ax.plot([0.0] + [w[0] for w in worst], [clean] + [100 * w[1] for w in worst], "k--", marker="x",
+                markersize=9, clip_on=False, label="worst case (Linf attacks)")
+        for e, acc in worst:
+            ax.annotate(f"{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    if ev.certified:  # a lower bound on every curve of the panel: the proof, not an attack
+        ax.plot([c["eps"] for c in ev.certified], [100 * c["certified_accuracy"] for c in ev.certified],
+                color="green", marker="s", clip_on=False, label="certified (interval bounds)")
+    ax.axhline(clean, color="grey", linestyle=":", label="clean accuracy")
+    eps_values = [r["eps"] for r in rows if r["norm"] == "Linf" and not math.isinf(r["eps"])]
+    _eps_axis(ax, eps_values + [c["eps"] for c in ev.certified])
+    ax.set_ylabel("robust accuracy (%)")
+    _percent_axis(ax)
+    ax.set_title(_wrap(f"{ev.name} — {ev.dataset}, threat model {threat}, {ev.clean['count']:,}\u00a0samples", 45),
+                 fontsize=9)
+    _legend(ax, curves + 2 + bool(ev.certified))
 
 
 def plot_robust_vs_eps(ev: Evaluation, path: Path) -> str:
     threats = sorted({r["threat"] for r in ev.attacks})
     fig, axes = _figure(ncols=max(1, len(threats)), width=5.0)
     for ax, threat in zip(axes, threats):
-        rows = ev.rows(threat)
-        for attack in sorted({r["attack"] for r in rows}):
-            pts = sorted((r["eps"], r["robust_accuracy"]) for r in rows  # Linf axis: L0's γ is no eps
-                         if r["attack"] == attack and r["norm"] == "Linf" and not math.isinf(r["eps"]))
-            if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=attack)
-        worst = sorted((w["eps"], w["robust_accuracy"]) for w in ev.worst
-                       if w["threat"] == threat and w["norm"] == "Linf")
-        if worst:
-            ax.plot([w[0] for w in worst], [100 * w[1] for w in worst], "k--", marker="x",
-                    label="worst case (Linf attacks)")
-        if ev.certified:  # a lower bound on every curve of the panel: the proof, not an attack
-            ax.plot([c["eps"] for c in ev.certified], [100 * c["certified_accuracy"] for c in ev.certified],
-                    color="green", marker="s", label="certified (interval bounds)")
-        ax.axhline(100 * ev.clean["dundi"], color="grey", linestyle=":", label="clean accuracy")
-        ax.set_xlabel("eps")
-        ax.set_ylabel("robust accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"{ev.name}: {threat}")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{ev.scope()}; clean accuracy {pct(ev.clean['dundi'])}; steps per attack in report.md",
-                 fontsize=9, y=1.02)
+        _robust_panel(ax, ev, threat)
+    fig.suptitle(_wrap(f"{ev.scope()}; clean accuracy {pct(ev.clean['dundi'])}; steps per attack in report.md",
+                       110), fontsize=9, y=1.08)
     return _save(fig, path)
 
 
@@ -230,40 +281,76 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()
 
 
-def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
-    """Write ``report.md``, its PNG plots and ``report.json`` into ``out``; return figures."""
-    evals = [Evaluation(p) for p in results]
-    if not evals:
-        from dundi.errors import DundiError
+def _intro(datasets: list[str]) -> list[str]:
+    return ["# DunDi adversarial evaluation", "",
+            f"Dataset(s): {', '.join(datasets)}. Every number below names its dataset, the evaluated "
+            f"sample, the clean accuracy, the attack (norm, eps, steps) and the threat model.", ""]
 
-        raise DundiError("dundi report needs at least one evaluation directory")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [ev.name for ev in evals]
-    for i, ev in enumerate(evals):  # the same model name twice (e.g. several tuple counts)
-        if names.count(ev.name) > 1:
-            ev.name = f"{ev.name} ({ev.model.get('tuples')} tuples, {ev.path.name})"
-    datasets = sorted({ev.dataset for ev in evals})
-    md: list[str] = ["# DunDi adversarial evaluation", ""]
-    md += [f"Dataset(s): {', '.join(datasets)}. Every number below names its dataset, the evaluated "
-           f"sample, the clean accuracy, the attack (norm, eps, steps) and the threat model.", "",
-           "Threat models:", *[f"- {THREAT_TEXT[t]}" for t in
-                               sorted({r['threat'] for ev in evals for r in ev.attacks}) if t in THREAT_TEXT], "",
-           "Defense success rate = correctly classified adversarial samples / all adversarial "
-           "samples (one per evaluated test image), as in the paper (§4.3). Robust accuracy = "
-           "correct on the clean and on the adversarial input; worst case = correct clean and "
-           "under every attack of the group, per sample.", ""]
-    md += ["## Evaluations", ""]
+
+def _definitions(evals: list[Evaluation]) -> list[str]:
+    threats = sorted({r["threat"] for ev in evals for r in ev.attacks})
+    return ["Threat models:", *[f"- {THREAT_TEXT[t]}" for t in threats if t in THREAT_TEXT], "",
+            "Defense success rate = correctly classified adversarial samples / all adversarial "
+            "samples (one per evaluated test image), as in the paper (§4.3). Robust accuracy = "
+            "correct on the clean and on the adversarial input; worst case = correct clean and "
+            "under every attack of the group, per sample.", ""]
+
+
+def summary_rows(ev: Evaluation) -> list[dict[str, Any]]:
+    """The summary's rows for one evaluation: per threat model and budget, the worst case over
+    its attacks (results.worst_case), with the certified accuracy at that L∞ eps when the run
+    has certificates; certificates at an eps no attack used get rows of their own."""
+    certified = {float(c["eps"]): c for c in ev.certified}
+    budgets = {t: sum(1 for w in ev.worst if w["threat"] == t and w["norm"] != "any") for t in
+               {w["threat"] for w in ev.worst}}
+    rows = []
+    for w in ev.worst:
+        if w["norm"] == "any" and budgets[w["threat"]] <= 1:  # the same samples as its one budget
+            continue
+        cert = certified.get(float(w["eps"])) if w["norm"] == "Linf" else None
+        rows.append({"model": ev.name, "dataset": ev.dataset, "count": w["count"],
+                     "clean_accuracy": ev.clean["dundi"], "threat": w["threat"], "norm": w["norm"],
+                     "eps": w["eps"], "robust_accuracy": w["robust_accuracy"],
+                     "certified_accuracy": cert["certified_accuracy"] if cert else None})
+    attacked = {float(w["eps"]) for w in ev.worst if w["norm"] == "Linf"}
+    for e, c in sorted(certified.items()):
+        if e not in attacked:
+            rows.append({"model": ev.name, "dataset": ev.dataset, "count": c["count"],
+                         "clean_accuracy": ev.clean["dundi"], "threat": None, "norm": "Linf", "eps": e,
+                         "robust_accuracy": None, "certified_accuracy": c["certified_accuracy"]})
+    return rows
+
+
+def _summary(evals: list[Evaluation]) -> tuple[list[str], list[dict]]:
+    """The report's first table: what matters, per model, before any of the paper's figures."""
+    rows = [r for ev in evals for r in summary_rows(ev)]
+    md = ["## Summary", "",
+          "Per model: clean accuracy, the **worst case over every attack** run under each threat model "
+          "at each budget (a sample counts only if it survives all of them), certified accuracy where "
+          "the run is certifiable, and the number of evaluated samples. The sections after it "
+          "reproduce the paper's figures (transfer threat model: attacks crafted on another model) "
+          "and list every attack.", ""]
+    size = {ev.name: ev.meta.get("split_size", 0) for ev in evals}
+    body = [[r["model"], r["dataset"], f"{r['count']:,} of {size[r['model']]:,}", pct(r["clean_accuracy"]), r["threat"] or "— (proof)",
+             "all attacks" if r["norm"] == "any" else f"{r['norm']} {budget(r['norm'], r['eps'])}",
+             pct(r["robust_accuracy"]), pct(r["certified_accuracy"])] for r in rows]
+    md += _table(["Model", "Dataset", "Samples", "Clean acc.", "Threat model", "Budget",
+                  "Worst-case robust acc.", "Certified acc."], body) + [""]
+    return md, rows
+
+
+def _evaluations_table(evals: list[Evaluation]) -> list[str]:
+    md = ["## Evaluations", ""]
     md += _table(["Model", "Run", "Native run", "Sample", "DunDi setting", "Clean acc. native",
                   "Clean acc. DunDi"],
                  [[ev.name, f"`{ev.model.get('path')}`", f"`{ev.native.get('path')}`", ev.scope(),
                    ev.two_step(), pct(ev.clean["native"]), pct(ev.clean["dundi"])] for ev in evals])
-    md.append("")
-    figures: dict[str, Any] = {"report": str(out / REPORT_FILE), "plots": []}
+    return md + [""]
 
-    # Table 1 -----------------------------------------------------------------------------
+
+def _table1(evals: list[Evaluation], datasets: list[str]) -> list[str]:
     n_all = sorted({n for ev in evals for n in ev.clean["dundi_at_n"]})
-    md += ["## Table 1 — accuracy vs number of oracle images n", ""]
+    md = ["## Table 1 — accuracy vs number of oracle images n", ""]
     for ds in datasets:
         group = [ev for ev in evals if ev.dataset == ds]
         body, natives = [], {}
@@ -274,109 +361,137 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
         body += list(natives.values())
         for ev in group:
             body.append([ev.name] + [pct(ev.clean["dundi_at_n"].get(n)) for n in n_all])
-        md += [f"Clean accuracy on {group[0].scope()}; two-step with m = min({group[0].clean.get('m')}, n), "
-               f"k = {group[0].clean.get('k')}. No attack, no threat model: clean inputs.", ""]
+        md += [f"Clean accuracy on {group[0].scope()}; two-step with m = min({group[0].clean.get('m')}, n) "
+               f"coarse oracles per class, k = {group[0].clean.get('k')}. No attack, no threat model: "
+               f"clean inputs.", ""]
         md += _table(["Model"] + [f"n = {n}" for n in n_all], body) + [""]
-    figures["table1"] = {ev.name: ev.clean["dundi_at_n"] for ev in evals}
+    return md
 
-    # Fig. 6 ------------------------------------------------------------------------------------
+
+def _fig6(transfer: list[Evaluation], settings: list, norms: dict, out: Path, figures: dict) -> list[str]:
+    md = ["## Fig. 6 — defense success rate per attack and model (threat model: transfer)", ""]
+    md += [f"Threat model: {THREAT_TEXT['transfer']}. Sample: {transfer[0].scope()}.", ""]
+    header = ["Model", "Clean acc. DunDi", "Clean acc. native"] + \
+             [f"{a} ({norms[(a, e)]}, {budget(norms[(a, e)], e)})" for a, e in settings] + ["Average"]
+    body, body_fooled = [], []
+    for ev in transfer:
+        by = {(r["attack"], r["eps"]): r for r in _paper_rows(ev)}
+        vals = [by[s]["defense_success"] if s in by else None for s in settings]
+        present = [v for v in vals if v is not None]
+        body.append([ev.name, pct(ev.clean["dundi"]), pct(ev.clean["native"])] + [pct(v) for v in vals]
+                    + [pct(sum(present) / len(present)) if present else "—"])
+        body_fooled.append([ev.name, pct(ev.clean["dundi"]), pct(ev.clean["native"])] +
+                           [f"{pct(by[s]['defense_success_fooled'])} of {by[s]['native_fooled']}"
+                            if s in by else "—" for s in settings] + ["—"])
+    md += _table(header, body) + [""]
+    md += ["Same, counted only over adversarial samples that fooled the native model "
+           "(native correct clean, wrong adversarially) — the samples an attack on the native "
+           "model actually produced:", ""]
+    md += _table(header, body_fooled) + [""]
+    md += ["Attack settings:", *_settings_lines([r for ev in transfer for r in _paper_rows(ev)]), ""]
+    name = plot_defense_bars(transfer, settings, out / "fig6_defense_success.png", norms)
+    figures["plots"].append(name)
+    figures["fig6"] = {ev.name: {f"{r['attack']}@{_eps(r['eps'])}": r["defense_success"]
+                                 for r in _paper_rows(ev)} for ev in transfer}
+    return md + [f"![Fig. 6]({name})", ""]
+
+
+def _table2(transfer: list[Evaluation], settings: list, norms: dict) -> list[str]:
+    md = ["## Table 2 — accuracy and defense success vs number of training tuples", ""]
+    by_model: dict[str, list[Evaluation]] = {}
+    for ev in transfer:
+        key = f"DunDi_{ev.model.get('mode')} {ev.model.get('arch')} on {ev.dataset}"
+        by_model.setdefault(key, []).append(ev)
+    for key, group in by_model.items():
+        group = sorted(group, key=lambda e: e.model.get("tuples") or 0)
+        md += [f"{key}; sample: {group[0].scope()}; threat model: transfer; defense success = "
+               f"mean over the attacks {', '.join(f'{a} ({budget(norms[(a, e)], e)})' for a, e in settings)}; "
+               f"{group[0].two_step()}.", ""]
+        acc, ds_row = ["Clean accuracy"], ["Defense success rate"]
+        for ev in group:
+            vals = [r["defense_success"] for r in _paper_rows(ev)]
+            acc.append(pct(ev.clean["dundi"]))
+            ds_row.append(pct(sum(vals) / len(vals)) if vals else "—")
+        md += _table(["Tuples"] + [f"{ev.model.get('tuples'):,}" if ev.model.get("tuples") else "?"
+                                    for ev in group], [acc, ds_row]) + [""]
+        if len(group) == 1:
+            md += ["(One tuple count evaluated; the paper varies 18,000 … 360,000. Pass one "
+                   "evaluation directory per trained tuple count to fill this table.)", ""]
+    return md
+
+
+def _fig7(transfer: list[Evaluation], norms: dict, out: Path, figures: dict) -> list[str]:
+    md = ["## Fig. 7 — defense success rate vs number of oracle images n (threat model: transfer)", ""]
+    md += [f"Adversarial samples are the transfer ones above; DunDi classifies them with n oracles "
+           f"per class and min(m, n) coarse oracles per class in step 1. Sample: {transfer[0].scope()}.", ""]
+    for ev in transfer:
+        keep = {(r["attack"], r["eps"]) for r in _paper_rows(ev)}
+        curves = {key: c for key, c in ev.defense_at_n("transfer").items() if key in keep}
+        ns = sorted({n for c in curves.values() for n in c})
+        md += [f"{ev.name} (clean accuracy {pct(ev.clean['dundi'])}):", ""]
+        md += _table(["Attack"] + [f"n = {n}" for n in ns],
+                     [[f"{a} ({budget(norms.get((a, e), ''), e)})"] + [pct(c.get(n)) for n in ns]
+                      for (a, e), c in curves.items()]) + [""]
+    name = plot_defense_vs_n(transfer, out / "fig7_defense_vs_n.png", norms)
+    figures["plots"].append(name)
+    return md + [f"![Fig. 7]({name})", ""]
+
+
+def _paper_sections(evals: list[Evaluation], out: Path, figures: dict) -> list[str]:
+    """Fig. 6, Table 2 and Fig. 7: the paper's transfer figures, when there are transfer rows."""
     transfer = [ev for ev in evals if ev.rows("transfer")]
-    if transfer:
-        settings = sorted({(r["attack"], r["eps"]) for ev in transfer for r in _paper_rows(ev)})
-        norms = {(r["attack"], r["eps"]): r["norm"] for ev in transfer for r in _paper_rows(ev)}
-        md += ["## Fig. 6 — defense success rate per attack and model (threat model: transfer)", ""]
-        md += [f"Threat model: {THREAT_TEXT['transfer']}. Sample: {transfer[0].scope()}.", ""]
-        header = ["Model", "Clean acc. DunDi", "Clean acc. native"] + \
-                 [f"{a} ({norms[(a, e)]}, {budget(norms[(a, e)], e)})" for a, e in settings] + ["Average"]
-        body, body_fooled = [], []
-        for ev in transfer:
-            by = {(r["attack"], r["eps"]): r for r in _paper_rows(ev)}
-            vals = [by[s]["defense_success"] if s in by else None for s in settings]
-            present = [v for v in vals if v is not None]
-            body.append([ev.name, pct(ev.clean["dundi"]), pct(ev.clean["native"])] + [pct(v) for v in vals]
-                        + [pct(sum(present) / len(present)) if present else "—"])
-            body_fooled.append([ev.name, pct(ev.clean["dundi"]), pct(ev.clean["native"])] +
-                               [f"{pct(by[s]['defense_success_fooled'])} of {by[s]['native_fooled']}"
-                                if s in by else "—" for s in settings] + ["—"])
-        md += _table(header, body) + [""]
-        md += ["Same, counted only over adversarial samples that fooled the native model "
-               "(native correct clean, wrong adversarially) — the samples an attack on the native "
-               "model actually produced:", ""]
-        md += _table(header, body_fooled) + [""]
-        md += ["Attack settings:", *_settings_lines([r for ev in transfer for r in _paper_rows(ev)]), ""]
-        name = plot_defense_bars(transfer, settings, out / "fig6_defense_success.png", norms)
-        md += [f"![Fig. 6]({name})", ""]
-        figures["plots"].append(name)
-        figures["fig6"] = {ev.name: {f"{r['attack']}@{_eps(r['eps'])}": r["defense_success"]
-                                     for r in _paper_rows(ev)} for ev in transfer}
+    if not transfer:
+        return []
+    settings = sorted({(r["attack"], r["eps"]) for ev in transfer for r in _paper_rows(ev)})
+    norms = {(r["attack"], r["eps"]): r["norm"] for ev in transfer for r in _paper_rows(ev)}
+    return (_fig6(transfer, settings, norms, out, figures) + _table2(transfer, settings, norms)
+            + _fig7(transfer, norms, out, figures))
 
-        # Table 2 ---------------------------------------------------------------------------------
-        md += ["## Table 2 — accuracy and defense success vs number of training tuples", ""]
-        by_model: dict[str, list[Evaluation]] = {}
-        for ev in transfer:
-            key = f"DunDi_{ev.model.get('mode')} {ev.model.get('arch')} on {ev.dataset}"
-            by_model.setdefault(key, []).append(ev)
-        for key, group in by_model.items():
-            group = sorted(group, key=lambda e: e.model.get("tuples") or 0)
-            md += [f"{key}; sample: {group[0].scope()}; threat model: transfer; defense success = "
-                   f"mean over the attacks {', '.join(f'{a} ({budget(norms[(a, e)], e)})' for a, e in settings)}; "
-                   f"{group[0].two_step()}.", ""]
-            acc, ds_row = ["Clean accuracy"], ["Defense success rate"]
-            for ev in group:
-                vals = [r["defense_success"] for r in _paper_rows(ev)]
-                acc.append(pct(ev.clean["dundi"]))
-                ds_row.append(pct(sum(vals) / len(vals)) if vals else "—")
-            md += _table(["Tuples"] + [f"{ev.model.get('tuples'):,}" if ev.model.get("tuples") else "?"
-                                        for ev in group], [acc, ds_row]) + [""]
-            if len(group) == 1:
-                md += ["(One tuple count evaluated; the paper varies 18,000 … 360,000. Pass one "
-                       "evaluation directory per trained tuple count to fill this table.)", ""]
 
-        # Fig. 7 ------------------------------------------------------------------------------------
-        md += ["## Fig. 7 — defense success rate vs number of oracle images n (threat model: transfer)", ""]
-        md += [f"Adversarial samples are the transfer ones above; DunDi classifies them with n oracles "
-               f"per class, m = min(m, n). Sample: {transfer[0].scope()}.", ""]
-        for ev in transfer:
-            keep = {(r["attack"], r["eps"]) for r in _paper_rows(ev)}
-            curves = {key: c for key, c in ev.defense_at_n("transfer").items() if key in keep}
-            ns = sorted({n for c in curves.values() for n in c})
-            md += [f"{ev.name} (clean accuracy {pct(ev.clean['dundi'])}):", ""]
-            md += _table(["Attack"] + [f"n = {n}" for n in ns],
-                         [[f"{a} ({budget(norms.get((a, e), ''), e)})"] + [pct(c.get(n)) for n in ns]
-                          for (a, e), c in curves.items()]) + [""]
-        name = plot_defense_vs_n(transfer, out / "fig7_defense_vs_n.png", norms)
-        md += [f"![Fig. 7]({name})", ""]
-        figures["plots"].append(name)
+NATIVE_ROBUST_NOTE = ("Native robust acc. = the native model's accuracy on the same adversarial inputs, "
+                      "correct clean and adversarially. Under transfer they were crafted on the native "
+                      "model (a white-box attack on it); under adaptive, adaptive-all and feature they "
+                      "were crafted on DunDi, so the native column shows how those inputs transfer to "
+                      "the native model, not how robust it is.")
 
-    # Robustness per threat model ---------------------------------------------------------------
-    md += ["## Robust accuracy per threat model", ""]
+
+def _attack_table(ev: Evaluation) -> list[str]:
+    header = ["Threat model", "Attack", "Norm", "Budget (eps; L0: gamma)", "Steps", "Clean acc.", "Defense success",
+              "Robust acc.", "Attack success on target", "Native robust acc.", "Mean Linf / L2 / L0 (flipped samples)",
+              "Stand-in ≠ rule (adv.)"]
+    body = [[r["threat"], r["attack"], r["norm"], budget(r["norm"], r["eps"]), str(r["steps"]),
+             pct(r["clean_accuracy_dundi"]), pct(r["defense_success"]), pct(r["robust_accuracy"]),
+             pct(r["attack_success_rate"]), pct(r["native_robust_accuracy"]),
+             f"{r['mean_linf']:.3g} / {r['mean_l2']:.3g} / {r['mean_l0']:.0f}"
+             if not math.isnan(r["mean_linf"]) else "—",
+             pct(r.get("rule_disagreement"))] for r in ev.attacks]
+    return _table(header, body) + ["", NATIVE_ROBUST_NOTE, ""]
+
+
+def _worst_and_certified(ev: Evaluation) -> list[str]:
+    md = ["Worst case over attacks, per sample (clean accuracy "
+          f"{pct(ev.clean['dundi'])}):", ""]
+    md += _table(["Threat model", "Norm", "Budget", "Attacks", "Samples", "Robust acc. DunDi", "Robust acc. native"],
+                 [[w["threat"], w["norm"], "all" if w["norm"] == "any" else budget(w["norm"], w["eps"]),
+                   ", ".join(w["settings"]), str(w["count"]), pct(w["robust_accuracy"]),
+                   pct(w["native_robust_accuracy"])] for w in ev.worst]) + [""]
+    if ev.certified:
+        md += ["Certified accuracy (the two-step rule provably keeps the true label in the whole "
+               "L∞ ball; interval bounds, docs/certification.md) beside the worst case over every "
+               "L∞ attack at or below that eps, same samples; no attack flipped a certified sample:", ""]
+        md += _table(["Eps (Linf)", "Samples", "Clean acc.", "Robust acc. (worst case)", "Certified acc."],
+                     [[_eps(c["eps"]), str(c["count"]), pct(c["clean_accuracy"]),
+                       pct(c["robust_accuracy"]), pct(c["certified_accuracy"])] for c in ev.certified]) + [""]
+    return md
+
+
+def _robustness(evals: list[Evaluation], out: Path, figures: dict) -> list[str]:
+    md = ["## Robust accuracy per threat model", ""]
     for ev in evals:
         md += [f"### {ev.name}", "",
                f"Sample: {ev.scope()}; {ev.two_step()}; clean accuracy DunDi {pct(ev.clean['dundi'])}, "
                f"native {pct(ev.clean['native'])}.", ""]
-        header = ["Threat model", "Attack", "Norm", "Budget (eps; L0: gamma)", "Steps", "Clean acc.", "Defense success",
-                  "Robust acc.", "Attack success on target", "Native robust acc.", "Mean Linf / L2 / L0 (flipped samples)",
-                  "Stand-in ≠ rule (adv.)"]
-        body = [[r["threat"], r["attack"], r["norm"], budget(r["norm"], r["eps"]), str(r["steps"]),
-                 pct(r["clean_accuracy_dundi"]), pct(r["defense_success"]), pct(r["robust_accuracy"]),
-                 pct(r["attack_success_rate"]), pct(r["native_robust_accuracy"]),
-                 f"{r['mean_linf']:.3g} / {r['mean_l2']:.3g} / {r['mean_l0']:.0f}"
-                 if not math.isnan(r["mean_linf"]) else "—",
-                 pct(r.get("rule_disagreement"))] for r in ev.attacks]
-        md += _table(header, body) + [""]
-        md += ["Worst case over attacks, per sample (clean accuracy "
-               f"{pct(ev.clean['dundi'])}):", ""]
-        md += _table(["Threat model", "Norm", "Budget", "Attacks", "Samples", "Robust acc. DunDi", "Robust acc. native"],
-                     [[w["threat"], w["norm"], "all" if w["norm"] == "any" else budget(w["norm"], w["eps"]),
-                       ", ".join(w["settings"]), str(w["count"]), pct(w["robust_accuracy"]),
-                       pct(w["native_robust_accuracy"])] for w in ev.worst]) + [""]
-        if ev.certified:
-            md += ["Certified accuracy (the two-step rule provably keeps the true label in the whole "
-                   "L∞ ball; interval bounds, docs/certification.md) beside the worst case over every "
-                   "L∞ attack at or below that eps, same samples; no attack flipped a certified sample:", ""]
-            md += _table(["Eps (Linf)", "Samples", "Clean acc.", "Robust acc. (worst case)", "Certified acc."],
-                         [[_eps(c["eps"]), str(c["count"]), pct(c["clean_accuracy"]),
-                           pct(c["robust_accuracy"]), pct(c["certified_accuracy"])] for c in ev.certified]) + [""]
+        md += _attack_table(ev) + _worst_and_certified(ev)
         md += ["Attack settings:", *_settings_lines(ev.attacks), ""]
         name = plot_robust_vs_eps(ev, out / f"robust_vs_eps_{_slug(ev.name)}.png")
         md += [f"![robust accuracy vs eps, {ev.name}]({name})", ""]
@@ -386,6 +501,36 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
         else:
             md += ["Checks (auto-attack style): no zero gradients beyond 5% of samples; no black-box "
                    "attack beat the white-box ones (where both were run).", ""]
+    return md
+
+
+def _load(results: Iterable[str | os.PathLike]) -> list[Evaluation]:
+    evals = [Evaluation(p) for p in results]
+    if not evals:
+        from dundi.errors import DundiError
+
+        raise DundiError("dundi report needs at least one evaluation directory")
+    names = [ev.name for ev in evals]
+    for ev in evals:  # the same model name twice (e.g. several tuple counts)
+        if names.count(ev.name) > 1:
+            ev.name = f"{ev.name} ({ev.model.get('tuples')} tuples, {ev.path.name})"
+    return evals
+
+
+def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """Write ``report.md``, its PNG plots and ``report.json`` into ``out``; return figures.
+    The report opens with the summary (worst case per threat model, certified accuracy) so the
+    decisive number is on the first screen; the paper's figures follow."""
+    evals = _load(results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = sorted({ev.dataset for ev in evals})
+    figures: dict[str, Any] = {"report": str(out / REPORT_FILE), "plots": []}
+    summary_md, figures["summary"] = _summary(evals)
+    md = _intro(datasets) + summary_md + _definitions(evals) + _evaluations_table(evals)
+    md += _table1(evals, datasets)
+    figures["table1"] = {ev.name: ev.clean["dundi_at_n"] for ev in evals}
+    md += _paper_sections(evals, out, figures) + _robustness(evals, out, figures)
     atomic_write_text(out / REPORT_FILE, "\n".join(md) + "\n")
     figures["evaluations"] = [{"path": str(ev.path), "model": ev.name, "dataset": ev.dataset,
                                "clean_accuracy": ev.clean, "attacks": ev.attacks, "worst_case": ev.worst,

@@ -43,6 +43,7 @@ from torch import nn
 
 from dundi.classify import OracleScorer, TwoStepScorer
 from dundi.errors import DundiError
+from dundi.rule import COARSE_ORACLES
 
 THREATS = ("transfer", "adaptive", "adaptive-all", "feature")
 
@@ -99,7 +100,7 @@ class ThreatModel:
 
 def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn.Module | None = None,
                  oracles: torch.Tensor | None = None, temperature: float = 1.0,
-                 nearest: int = 3, metric: str = "euclidean", m: int = 3, k: int | None = None,
+                 nearest: int = 3, metric: str = "euclidean", m: int = COARSE_ORACLES, k: int | None = None,
                  rule=None) -> ThreatModel:
     """The attacked model for a threat model. ``oracles`` is (C, n, D) — the same n oracles the
     two-step rule uses in the evaluation; ``m``, ``k`` its other settings (k None: all classes)

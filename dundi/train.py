@@ -127,10 +127,12 @@ def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: 
 
     Why renumber: every training path (tuples, certified batches, validation index) assumes
     labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
-    dataset classes it holds (``dataset_classes`` in the run's metadata)."""
-    rows = np.isin(labels, kept)
-    remap = np.full(int(max(labels.max(initial=0), kept.max())) + 1, -1, dtype=np.int64)
-    remap[kept] = np.arange(len(kept))
+    dataset classes it holds (``dataset_classes`` in the run's metadata). A negative entry
+    (a class enrolled from images outside the dataset) matches no row."""
+    valid = kept >= 0
+    rows = np.isin(labels, kept[valid])
+    remap = np.full(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, -1, dtype=np.int64)
+    remap[kept[valid]] = np.flatnonzero(valid)
     return images[rows], remap[labels[rows]], ids[rows]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir copy of dundi
 
-from dundi.distributed.jobs_api import job_main  # noqa: E402
+from dundi.cli.job_command import job_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(job_main(["train", *sys.argv[1:]]))

@@ -60,9 +60,9 @@ def test_tampered_weights_are_refused(tmp_path):
 
 def test_tampered_index_is_refused(tmp_path):
     _dundi_run(tmp_path)
-    with open(tmp_path / "oracle" / "index.faiss", "ab") as f:
+    with open(tmp_path / "oracle" / "v1" / "index.faiss", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(DundiError, match="oracle/index.faiss does not match"):
+    with pytest.raises(DundiError, match="oracle/v1/index.faiss does not match"):
         Run.load(tmp_path)
 
 
@@ -71,9 +71,9 @@ def test_index_from_other_weights_is_refused(tmp_path):
     _dundi_run(tmp_path / "b")
     # copy b's oracle into a, and even fix up a's recorded hashes: the weights link still fails
     for name in ("index.faiss", "oracle.json"):
-        (tmp_path / "a" / "oracle" / name).write_bytes((tmp_path / "b" / "oracle" / name).read_bytes())
+        (tmp_path / "a" / "oracle" / "v1" / name).write_bytes((tmp_path / "b" / "oracle" / "v1" / name).read_bytes())
     meta_a, meta_b = read_meta(tmp_path / "a"), read_meta(tmp_path / "b")
-    for name in ("oracle/index.faiss", "oracle/oracle.json"):
+    for name in ("oracle/v1/index.faiss", "oracle/v1/oracle.json"):
         meta_a["files"][name] = meta_b["files"][name]
     (tmp_path / "a" / "run.json").write_text(json.dumps(meta_a))
     with pytest.raises(DundiError, match="built with other weights"):

@@ -67,11 +67,11 @@ def test_n_0_does_not_advise_more_oracles():
 
 def test_truncated_index_names_the_command_that_rebuilds_it(tmp_path):
     run = _dundi(tmp_path / "r")
-    path = run / "oracle" / "index.faiss"
+    path = run / "oracle" / "v1" / "index.faiss"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DundiError, match=rf"truncated.*`dundi index build {run}`"):
         Run.load(run)
-    (run / "oracle" / "index.faiss").unlink()
+    path.unlink()
     with pytest.raises(DundiError, match=rf"index.faiss is missing; rebuild the index with `dundi index build {run}`"):
         Run.load(run)
 

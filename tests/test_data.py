@@ -37,10 +37,12 @@ from dundi.data import (
 from dundi.data import cache, download, mnist10k, registry, shards, sources
 from dundi.data.formats import (
     parse_cifar_batch,
+    parse_cifar_binary,
     read_cifar10,
     read_idx,
     read_idx_dataset,
     write_cifar_batch,
+    write_cifar_binary,
     write_idx,
 )
 from dundi.data.safe_pickle import safe_loads
@@ -167,6 +169,44 @@ def test_cifar_batches_dir_parent_and_tarball(tmp_path):
     _assert_same(read_cifar10(tar_path), want)
     _assert_same(read_cifar10(tar_path.parent), want)
     assert read_cifar10(tar_path)["train"][0].shape == (15, 3, 32, 32)
+
+
+def test_cifar_binary_release_reads_records_as_bytes(tmp_path):
+    """The binary release, built byte by byte as its page documents it (a label byte, then
+    1,024 red, 1,024 green, 1,024 blue bytes per image): directory, parent and archive; and it is
+    preferred where the python release lies beside it."""
+    rng = np.random.default_rng(1)
+    batches = tmp_path / "src" / "cifar-10-batches-bin"
+    batches.mkdir(parents=True)
+    want = {"train": [], "test": []}
+    for name, split in [*((f"data_batch_{i}.bin", "train") for i in range(1, 6)), ("test_batch.bin", "test")]:
+        imgs, lbls = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 4)
+        (batches / name).write_bytes(b"".join(bytes([int(l)]) + im.tobytes() for im, l in zip(imgs, lbls)))
+        want[split].append((imgs, lbls))
+    want = {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in want.items()}
+    _assert_same(read_cifar10(batches), want)
+    _assert_same(read_cifar10(batches.parent), want)
+    _write_cifar_dir(tmp_path / "src" / "cifar-10-batches-py")  # other images, python release
+    _assert_same(read_cifar10(batches.parent), want)
+    tar_path = tmp_path / "tar" / "cifar-10-binary.tar.gz"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(batches, arcname="cifar-10-batches-bin")
+    _assert_same(read_cifar10(tar_path), want)
+    _assert_same(read_cifar10(tar_path.parent), want)
+    one, label = want["test"][0][:1], want["test"][1][:1]
+    write_cifar_binary(tmp_path / "w.bin", one, label)
+    assert (tmp_path / "w.bin").read_bytes() == bytes([int(label[0])]) + one.tobytes()
+
+
+def test_cifar_binary_refuses_truncated_and_bad_labels(tmp_path):
+    record = bytes([3]) + bytes(3072)
+    with pytest.raises(DataFormatError, match="whole number of 3073-byte"):
+        parse_cifar_binary(record * 2 + record[:100], "t.bin")
+    with pytest.raises(DataFormatError, match="outside 0..9"):
+        parse_cifar_binary(bytes([12]) + bytes(3072), "t.bin")
+    with pytest.raises(FileNotFoundError, match="binary release"):
+        read_cifar10(tmp_path)
 
 
 def test_cifar_channel_layout_is_chw(tmp_path):

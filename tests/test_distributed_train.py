@@ -23,7 +23,7 @@ from dundi.train import TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.realdata, pytest.mark.slow]
 
-RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/index.faiss", "oracle/oracle.json"}
+RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/v1/index.faiss", "oracle/v1/oracle.json"}
 
 
 def small_cfg(**kw) -> TrainConfig:

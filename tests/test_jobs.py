@@ -69,7 +69,7 @@ def test_jobs_status_logs_list_and_stop(cluster, tmp_path, data_dir):
     address = cluster["dashboard"]
     job_id = jobs_api.submit(["train", "--dataset", "mnist-10k", "--epochs", "100", "--tuples", "2000",
                               "--out", str(tmp_path / "long"), "--no-progress", "--data-dir", data_dir],
-                             address, warn=lambda s: None)
+                             address)
     deadline = time.monotonic() + 120
     while (st := jobs_api.status(job_id, address))["status"] != "RUNNING":
         assert st["status"] == "PENDING" and time.monotonic() < deadline, st
@@ -96,18 +96,19 @@ def test_unreachable_jobs_api_fails_fast():
 
 
 def test_bad_commands_are_refused_before_submission():
-    from dundi.distributed import jobs_api
+    from dundi.cli.job_command import submit_command
 
     with pytest.raises(DundiError, match="not a valid command"):
-        jobs_api.submit(["train", "--no-such-flag"], "http://127.0.0.1:1")
+        submit_command(["train", "--no-such-flag"], "http://127.0.0.1:1")
     with pytest.raises(DundiError, match="cannot itself be submitted"):
-        jobs_api.submit(["submit", "train"], "http://127.0.0.1:1")
+        submit_command(["submit", "train"], "http://127.0.0.1:1")
     with pytest.raises(DundiError, match="nothing to submit"):
-        jobs_api.submit([], "http://127.0.0.1:1")
+        submit_command([], "http://127.0.0.1:1")
 
 
 def test_paths_are_made_absolute_for_a_local_cluster(tmp_path, monkeypatch):
-    from dundi.distributed.jobs_api import entrypoint_script, prepare_command
+    from dundi.cli.job_command import prepare_command
+    from dundi.distributed.jobs_api import entrypoint_script
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "r5").mkdir(parents=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -88,7 +89,114 @@ def test_demo_report_evaluates_and_reports(mnist_runs, data_dir, tmp_path):
     for attack in ("fgsm", "ifgsm-a", "ifgsm-b", "jsma", "pgd"):
         assert attack in text
     assert "L0" in text and "adaptive" in text and "transfer" in text
-    # a rerun finds every shard finished and only rewrites the report
+    # a rerun finds every shard finished and only rewrites the report: every shard file keeps
+    # its bytes and modification time (a recomputed shard would be rewritten atomically, new inode)
+    shards = sorted(p for ev in figures["evaluations"] for p in Path(ev).rglob("*.parquet"))
+    assert shards
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) for p in shards}
+    report_before = Path(figures["report"]).stat().st_mtime_ns
     again = demo_report(mnist_runs["native"], {"DunDi_R3": mnist_runs["dundi"]}, tmp_path, data_dir,
                         progress=False, log=lambda s: None, limit=8, steps=2)
-    assert again["report"] == figures["report"]
+    after = sorted(p for ev in again["evaluations"] for p in Path(ev).rglob("*.parquet"))
+    assert after == shards
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) for p in after} == before
+    assert Path(again["report"]).stat().st_mtime_ns >= report_before
+
+
+def _summary_table(markdown: str) -> list[dict[str, str]]:
+    body = sections(markdown)["Summary"]
+    lines = [ln for ln in body.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
+def test_summary_opens_the_report_with_worst_case_numbers_from_summarize(evaluation, tmp_path):
+    """The first section is the summary, and each of its numbers is results.summarize()'s
+    worst case for that threat model and budget, its clean accuracy and its sample count."""
+    from dundi.report import pct
+    from dundi.results import summarize
+
+    figures = write_report([evaluation], tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert list(sections(text))[0] == "Summary"
+    assert text.index("## Summary") < text.index("## Fig. 6") < text.index("## Robust accuracy")
+    truth = summarize(evaluation)
+    worst = {(w["threat"], w["norm"], w["eps"]): w for w in truth["worst_case"] if w["norm"] != "any"}
+    rows = _summary_table(text)
+    # two eps per threat: each threat model has its two budgets and the all-attacks row
+    assert len(rows) == 2 * 3 and {r["Threat model"] for r in rows} == {"transfer", "adaptive"}
+    for row in rows:
+        assert row["Clean acc."] == pct(truth["clean_accuracy"]["dundi"])
+        assert row["Certified acc."] == "—"  # an uncertified run
+        if row["Budget"] == "all attacks":
+            w = next(w for w in truth["worst_case"] if w["threat"] == row["Threat model"] and w["norm"] == "any")
+        else:
+            norm, _, eps = row["Budget"].split()
+            w = worst[(row["Threat model"], norm, float(eps))]
+        assert row["Worst-case robust acc."] == pct(w["robust_accuracy"])
+        assert row["Samples"] == f"{w['count']:,} of 2,000" == "24 of 2,000"
+    # the same rows, unrounded, in report.json
+    assert {(r["threat"], r["norm"], r["eps"]): r["robust_accuracy"] for r in figures["summary"]
+            if r["norm"] != "any"} == {k: w["robust_accuracy"] for k, w in worst.items()}
+
+
+def test_summary_rows_add_certified_accuracy_at_matching_eps(evaluation):
+    """Certified accuracy goes beside the worst case at the same L-inf eps; an eps that only
+    the certificate covers gets its own row (no attack, so no robust accuracy)."""
+    from dundi.report import Evaluation, summary_rows
+
+    ev = Evaluation(evaluation)
+    ev.certified = [{"eps": 0.1, "count": 24, "certified_accuracy": 0.25},
+                    {"eps": 0.2, "count": 24, "certified_accuracy": 0.125}]
+    rows = summary_rows(ev)
+    at = {(r["threat"], r["norm"], r["eps"]): r for r in rows}
+    assert at[("adaptive", "Linf", 0.1)]["certified_accuracy"] == 0.25
+    assert at[("transfer", "Linf", 0.1)]["certified_accuracy"] == 0.25
+    assert at[("adaptive", "Linf", 0.3)]["certified_accuracy"] is None
+    proof_only = at[(None, "Linf", 0.2)]
+    assert proof_only["robust_accuracy"] is None and proof_only["certified_accuracy"] == 0.125
+
+
+def test_report_wording_explains_its_columns(evaluation, tmp_path):
+    write_report([evaluation], tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "m = min(m, n)" not in text and "min(m, n) coarse oracles per class" in text
+    robust = sections(text)["Robust accuracy per threat model"]
+    assert "Native robust acc." in robust and "crafted on DunDi, so the native column shows how" in robust
+
+
+def test_plot_axes_stay_legible_with_one_eps_and_zero_values(evaluation, tmp_path):
+    """One eps, a 0 % curve and zero-height bars: the eps axis starts at 0 and is ticked at the
+    evaluated eps, the percent axis leaves room below 0, every bar carries its value label,
+    and every title names dataset, threat model and sample size."""
+    from matplotlib.figure import Figure
+
+    import dundi.report as report
+
+    ev = report.Evaluation(evaluation)
+    ev.attacks = [dict(r, robust_accuracy=0.0) for r in ev.attacks if r["eps"] == 0.3]
+    ev.worst = [dict(w, robust_accuracy=0.0) for w in ev.worst if w["eps"] == 0.3]
+    saved: list[Figure] = []
+    real_save = report._save
+    report._save = lambda fig, path: (saved.append(fig), real_save(fig, path))[1]
+    try:
+        report.plot_robust_vs_eps(ev, tmp_path / "robust.png")
+        for r in ev.attacks:
+            r["defense_success"] = 0.0
+        ev.rows = lambda threat: [r for r in ev.attacks if r["threat"] == threat]
+        settings = sorted({(r["attack"], r["eps"]) for r in ev.rows("transfer")})
+        report.plot_defense_bars([ev], settings, tmp_path / "bars.png")
+    finally:
+        report._save = real_save
+    robust, bars = saved
+    for ax in robust.axes:
+        lo, hi = ax.get_xlim()
+        assert lo == 0 and hi > 0.3 and 0.3 in list(ax.get_xticks())
+        assert ax.get_ylim()[0] < 0  # 0 % markers sit above the axis line
+        title = " ".join(ax.get_title().replace("\u00a0", " ").split())
+        assert "mnist-10k" in title and "24 samples" in title and ("transfer" in title or "adaptive" in title)
+    (ax,) = bars.axes
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == len(settings) and set(labels) == {"0.0%"}
+    title = " ".join(ax.get_title().replace("\u00a0", " ").split())
+    assert ax.get_ylim()[0] < 0 and "transfer" in title and "24 samples" in title

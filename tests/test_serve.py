@@ -339,7 +339,9 @@ def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sampl
     # failed loads keep the old model and answer 4xx
     current = http.get("/v2/models/dundi").json()["versions"][0]
     tampered = _copy_run(other, tmp_path / "tampered")
-    with open(tampered / "oracle" / "index.faiss", "r+b") as f:
+    from dundi.artifacts import index_file_key, read_meta
+
+    with open(tampered / index_file_key(read_meta(tampered)), "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\x00" * 8)
     for changes, code in [({"run": str(tampered)}, "reload_failed"), ({"run": str(tmp_path / "missing")}, "reload_failed"),

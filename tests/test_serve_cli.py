@@ -102,6 +102,7 @@ def expected(mnist_runs, images) -> list[int]:
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, mnist_runs, tmp_path_factory):
     extra = ["--no-ray"] if request.param == "plain" else ["--num-cpus", "2", "--ingress", request.param]
+    extra += ["--abstain-threshold", "none"]  # labels compared with Run.classify, which never abstains
     srv = Server(mnist_runs["dundi"], extra, tmp_path_factory.mktemp("serve") / f"{request.param}.log")
     try:
         srv.wait_ready()
@@ -160,7 +161,7 @@ def test_bad_ports_are_one_line_errors(mnist_runs, backend):
 
 def test_metadata_names_the_run_without_paths(server, mnist_runs):
     """Clients learn which run answers (its name and hashes), never where it lives."""
-    from dundi.artifacts import Run
+    from dundi.artifacts import Run, index_file_key
 
     run_dir = Path(mnist_runs["dundi"]).resolve()
     files = Run.load(run_dir).meta["files"]
@@ -171,7 +172,7 @@ def test_metadata_names_the_run_without_paths(server, mnist_runs):
     for text in texts:
         assert str(run_dir.parent) not in text and str(Path.home()) not in text, text[:500]
     assert meta["run"] == run_dir.name
-    assert (meta["weights_sha256"], meta["index_sha256"]) == (files["model.safetensors"], files["oracle/index.faiss"])
+    assert (meta["weights_sha256"], meta["index_sha256"]) == (files["model.safetensors"], files[index_file_key(Run.load(run_dir).meta)])
 
 
 # ---------------------------------------------------------------------------- shutdown

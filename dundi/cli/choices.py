@@ -20,6 +20,7 @@ METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean")                       # 
 MINING: tuple[str, ...] = ("random", "batch-hard")                            # dundi.train
 ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.train
 ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.train
+CLASSIFY_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")      # dundi.answers
 
 # dundi.train.TrainConfig's defaults for the fields the CLI exposes
 TRAIN_DEFAULTS: dict[str, Any] = {

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from typing import TYPE_CHECKING
 
 from dundi.cli import choices
-from dundi.cli.main import (emit, fraction, nonnegative_float, nonnegative_int, positive_float,
-                            positive_int, unit_float)
+from dundi.cli.main import (add_two_step_args, emit, fraction, nonnegative_float, nonnegative_int,
+                            open_fraction, positive_float, positive_int, unit_float)
+from dundi.rule import COARSE_ORACLES, ORACLES_PER_CLASS, coarse_default
 
 if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.choices
     from dundi.train import TrainConfig
@@ -45,39 +47,54 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                    help="where a training in this process runs: auto (a CUDA GPU when PyTorch sees one, "
                         "else the CPU), cpu, cuda or cuda:N (default %(default)s; Ray workers: --gpu)")
     if not native:
-        p.add_argument("--pretrained", default=None,
-                       help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
-        p.add_argument("--tuples", type=positive_int, default=d.tuples, help="size of the tuple set (paper: 360000)")
-        p.add_argument("--loss", default=d.loss, choices=choices.LOSSES, help="sigmoid (paper) | margin")
-        p.add_argument("--margin", type=positive_float, default=d.margin, help="margin of the margin loss")
-        p.add_argument("--mining", default=d.mining, choices=choices.MINING, help="random (paper) | batch-hard")
-        p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
-        p.add_argument("--paper-loop", action="store_true",
-                       help="three forward passes per tuple, as in the paper (slower, same loss)")
-        p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class in the final index")
-        hold = p.add_mutually_exclusive_group()
-        hold.add_argument("--holdout-classes", type=nonnegative_int, nargs="+", default=None, metavar="CLASS",
-                          help="dataset class indices left out of training, to enroll later with "
-                               "`dundi index add` (default: none)")
-        hold.add_argument("--holdout-random", type=positive_int, default=None, metavar="N",
-                          help="leave out N dataset classes chosen with --seed (default: none)")
-        p.add_argument("--metric", default=None, choices=choices.METRICS,
-                       help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
-                            "(certifiable; the default with --certified)")
-        cert = p.add_argument_group("certified training (interval bounds through the embedding; "
-                                    "docs/certification.md)")
-        cert.add_argument("--certified", action="store_true",
-                          help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
-        cert.add_argument("--cert-eps", type=unit_float, default=d.cert_eps,
-                          help="L-inf budget of the worst-case loss (default %(default)s)")
-        cert.add_argument("--cert-mix", type=fraction, default=d.cert_mix,
-                          help="final weight of the worst-case loss (default %(default)s)")
-        cert.add_argument("--cert-warmup", type=nonnegative_float, default=d.cert_warmup,
-                          help="clean epochs before the budget grows (default %(default)s)")
-        cert.add_argument("--cert-ramp", type=nonnegative_float, default=d.cert_ramp,
-                          help="epochs over which eps and mix grow to their final values (default %(default)s)")
-        cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
-                          help="images of each class per batch (default %(default)s)")
+        _add_triplet_args(p, d)
+        _add_certified_args(p, d)
+    _add_adversarial_args(p, d)
+    _add_ray_args(p)
+    _add_common(p)
+
+
+def _add_triplet_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
+    p.add_argument("--pretrained", default=None,
+                   help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
+    p.add_argument("--tuples", type=positive_int, default=d.tuples, help="size of the tuple set (paper: 360000)")
+    p.add_argument("--loss", default=d.loss, choices=choices.LOSSES, help="sigmoid (paper) | margin")
+    p.add_argument("--margin", type=positive_float, default=d.margin, help="margin of the margin loss")
+    p.add_argument("--mining", default=d.mining, choices=choices.MINING, help="random (paper) | batch-hard")
+    p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
+    p.add_argument("--paper-loop", action="store_true",
+                   help="three forward passes per tuple, as in the paper (slower, same loss)")
+    p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
+                   help="oracles per class in the final index (default %(default)s)")
+    hold = p.add_mutually_exclusive_group()
+    hold.add_argument("--holdout-classes", type=nonnegative_int, nargs="+", default=None, metavar="CLASS",
+                      help="dataset class indices left out of training, to enroll later with "
+                           "`dundi index add` (default: none)")
+    hold.add_argument("--holdout-random", type=positive_int, default=None, metavar="N",
+                      help="leave out N dataset classes chosen with --seed (default: none)")
+    p.add_argument("--metric", default=None, choices=choices.METRICS,
+                   help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
+                        "(certifiable; the default with --certified)")
+
+
+def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
+    cert = p.add_argument_group("certified training (interval bounds through the embedding; "
+                                "docs/certification.md)")
+    cert.add_argument("--certified", action="store_true",
+                      help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
+    cert.add_argument("--cert-eps", type=unit_float, default=d.cert_eps,
+                      help="L-inf budget of the worst-case loss (default %(default)s)")
+    cert.add_argument("--cert-mix", type=fraction, default=d.cert_mix,
+                      help="final weight of the worst-case loss (default %(default)s)")
+    cert.add_argument("--cert-warmup", type=nonnegative_float, default=d.cert_warmup,
+                      help="clean epochs before the budget grows (default %(default)s)")
+    cert.add_argument("--cert-ramp", type=nonnegative_float, default=d.cert_ramp,
+                      help="epochs over which eps and mix grow to their final values (default %(default)s)")
+    cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
+                      help="images of each class per batch (default %(default)s)")
+
+
+def _add_adversarial_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
     adv = p.add_argument_group("adversarial training (DunDi-AT for `train`, Madry-style PGD for `train-native`)")
     adv.add_argument("--adversarial", action="store_true", help="train on PGD examples crafted against the current model")
     adv.add_argument("--adv-eps", type=unit_float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
@@ -93,6 +110,9 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                      help="epochs over which eps ramps linearly up to --adv-eps (default %(default)s)")
     adv.add_argument("--adv-mix", type=fraction, default=d.adv_mix,
                      help="weight of the adversarial loss; 1.0 trains on adversarial examples only")
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray Train (omit --workers to train in this process)")
     ray.add_argument("--workers", type=nonnegative_int, default=0,
                      help="train with Ray Train on W workers; 0 trains in this process")
@@ -105,7 +125,6 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                           "(default: the run directory's name)")
     ray.add_argument("--max-failures", type=nonnegative_int, default=3,
                      help="worker failures Ray Train recovers from before giving up")
-    _add_common(p)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -189,9 +208,10 @@ def _train(args: argparse.Namespace, kind: str) -> None:
                                device=args.device)
     figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
     if kind == "dundi":
+        from dundi.artifacts import index_version
         from dundi.pipeline import build_index, classify_split
 
-        if "oracle/index.faiss" not in meta.get("files", {}):
+        if index_version(meta) is None:
             build_index(out, n=args.oracles, seed=cfg.seed, data_dir=args.data_dir)
         result = classify_split(out, split="test", data_dir=args.data_dir)
         figures.update(mode=meta.get("mode"), test_accuracy=result["accuracy"], n=result["n"],
@@ -208,7 +228,59 @@ def cmd_index_build(args: argparse.Namespace) -> None:
           "seed": args.seed}, args.json, f"built oracle index in {args.run}")
 
 
+def cmd_index_calibrate(args: argparse.Namespace) -> None:
+    """Calibrate the abstain rule on held-out data and store it with the index metadata."""
+    from dundi.serving import LoadedModel, ModelConfig
+    from dundi.serving.abstain import calibrate_rule, held_out_images, save_calibration
+
+    model = LoadedModel(ModelConfig(run=os.path.abspath(args.run), n=args.n, m=args.m, k=args.k))
+    images, labels, source = held_out_images(model, args.data_dir, limit=args.limit)
+    cal = calibrate_rule(model, images, labels, rate=args.false_abstain)
+    save_calibration(model, cal, source)
+    figures = {"run": args.run, "source": source, **{k: v for k, v in cal.items() if k != "per_signal_rate"},
+               **{f"rate_{k}": v for k, v in cal["per_signal_rate"].items()}}
+    emit(figures, args.json, f"abstain rule stored in {args.run}/run.json (served by default)")
+
+
+def _classify_files(args: argparse.Namespace) -> None:
+    """`classify RUN IMAGES...`: one answer per image, as a table or jsonl/csv/parquet."""
+    from dundi.answers import classify_files, write_answers
+    from dundi.artifacts import Run, read_meta
+    from dundi.errors import DundiError
+    from dundi.image_files import read_images
+
+    clash = [flag for flag, on in (("--split", args.split != "test"), ("--limit", args.limit is not None),
+                                   ("--radius", args.radius), ("--json", args.json)) if on]
+    if clash:
+        raise DundiError(f"{', '.join(clash)} apply to a dataset split (classify RUN without IMAGES); "
+                         f"with IMAGES use --format jsonl|csv|parquet (the certified radius is shown "
+                         f"where the run has one)")
+    if args.format == "parquet" and not args.out:
+        raise DundiError("--format parquet writes a file: give --out FILE.parquet")
+    meta = read_meta(args.run)
+    images, files = read_images(args.images, meta["in_shape"], resize=args.resize)  # bad files: fail first
+    if meta["kind"] == "native":
+        if args.n is not None or args.m is not None:
+            raise DundiError(f"{args.run} is a native run: it has no oracles, so --n and --m do not "
+                             f"apply; omit them (it classifies by the argmax of its logits)")
+        model = Run.load(args.run)
+    else:
+        from dundi.cli.serve_cmds import loaded_model
+
+        run = Run.load(args.run)
+        n = run.oracle.n if args.n is None else args.n
+        _, model = loaded_model(args.run, args.n, coarse_default(n) if args.m is None else args.m, args.k, args)
+    rows, info = classify_files(model, images, files, k=args.k)
+    text = write_answers(rows, info, args.format, args.out)
+    if text is not None:
+        print(text, end="")
+    else:
+        print(f"dundi: wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
+    if args.images:
+        return _classify_files(args)
     from dundi.pipeline import classify_split
 
     figures = classify_split(args.run, n=args.n, m=args.m, k=args.k, split=args.split,
@@ -237,14 +309,56 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _add_rule_args(p: argparse.ArgumentParser) -> None:
     """The two-step rule's n, m, k and the evaluated split: shared by classify and certify."""
-    p.add_argument("--n", type=positive_int, default=None,
-                   help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=positive_int, default=None,
-                   help="coarse-step oracles per class (default: min(3, n))")
-    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step (default %(default)s)")
+    add_two_step_args(p)
     p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split (default %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N images of the split (default: all)")
+
+
+def _register_index(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="oracle index").add_subparsers(
+        dest="index_cmd", metavar="ACTION", required=True)
+    p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
+    p.add_argument("run", help="DunDi run directory")
+    p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
+                   help="oracles per class (n) (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
+    _add_common(p)
+    p.set_defaults(handler=cmd_index_build)
+    p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")
+    p.add_argument("run", help="DunDi run directory with an oracle index")
+    p.add_argument("--false-abstain", type=open_fraction, default=0.01,
+                   help="share of clean held-out images that may abstain (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=2000,
+                   help="held-out images to calibrate on (default %(default)s)")
+    add_two_step_args(p, m_default=COARSE_ORACLES)  # the rule as it will be served
+    _add_common(p)
+    p.set_defaults(handler=cmd_index_calibrate)
+    from dundi.cli.index_cmds import register as register_index_changes
+
+    register_index_changes(index, _add_common)
+
+
+def _register_classify(sub: argparse._SubParsersAction) -> None:
+    from dundi.cli.serve_cmds import add_abstain_args
+
+    p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
+    p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
+    p.add_argument("images", nargs="*", metavar="IMAGES",
+                   help="PNG/JPEG files, folders or glob patterns to classify (default: none, which "
+                        "measures accuracy on --split instead)")
+    _add_rule_args(p)
+    p.add_argument("--radius", action="store_true",
+                   help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
+    files = p.add_argument_group("with IMAGES")
+    files.add_argument("--format", default="table", choices=choices.CLASSIFY_FORMATS,
+                       help="table (aligned, default) | jsonl | csv | parquet (needs --out)")
+    files.add_argument("--out", default=None, help="write the answers to this file, atomically (default: stdout)")
+    files.add_argument("--resize", action="store_true",
+                       help="scale images of another size to the run's input size (default: refuse them)")
+    add_abstain_args(files)
+    _add_common(p)
+    p.set_defaults(handler=cmd_classify)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -269,22 +383,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_args(p, native=False)
     p.set_defaults(handler=lambda a: _train(a, "dundi"))
 
-    index = sub.add_parser("index", help="oracle index").add_subparsers(
-        dest="index_cmd", metavar="ACTION", required=True)
-    p = index.add_parser("build", help="embed n oracles per class into a FAISS index in the run")
-    p.add_argument("run", help="DunDi run directory")
-    p.add_argument("--oracles", type=positive_int, default=20, help="oracles per class (n)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
-    _add_common(p)
-    p.set_defaults(handler=cmd_index_build)
-
-    p = sub.add_parser("classify", help="two-step classification accuracy of a run on a split")
-    p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
-    _add_rule_args(p)
-    p.add_argument("--radius", action="store_true",
-                   help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
-    _add_common(p)
-    p.set_defaults(handler=cmd_classify)
+    _register_index(sub)
+    _register_classify(sub)
 
     p = sub.add_parser("certify", help="certified accuracy of a run's two-step rule in L-inf balls")
     p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")

@@ -10,7 +10,9 @@ import math
 from pathlib import Path
 
 from dundi.cli import choices
-from dundi.cli.main import emit, nonnegative_float, nonnegative_int, positive_float, positive_int
+from dundi.cli.main import (add_two_step_args, emit, nonnegative_float, nonnegative_int, positive_float,
+                            positive_int)
+from dundi.rule import COARSE_ORACLES
 from dundi.errors import DundiError
 
 
@@ -143,9 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample choice and the attacks")
     p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard (unit of resume)")
-    p.add_argument("--n", type=positive_int, default=None, help="fine-step oracles (default: all in the index)")
-    p.add_argument("--m", type=positive_int, default=3, help="coarse-step oracles per class")
-    p.add_argument("--k", type=positive_int, default=5, help="classes kept by the coarse step")
+    add_two_step_args(p, m_default=COARSE_ORACLES)
     p.add_argument("--n-values", nargs="+", type=positive_int, default=[1, 10, 20],
                    help="also classify at these n (Table 1, Fig. 7)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="divides the attacked scores")

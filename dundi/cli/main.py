@@ -111,7 +111,21 @@ positive_float = _type(float, lambda v: math.isfinite(v) and v > 0, "a number ab
 nonnegative_float = _type(float, lambda v: math.isfinite(v) and v >= 0, "a number of at least 0")
 unit_float = _type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 fraction = _type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+open_fraction = _type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 port_number = _type(int, lambda v: 1 <= v <= 65535, "a TCP port in 1-65535")
+
+
+def add_two_step_args(p: Any, m_default: int | None = None) -> None:
+    """--n, --m, --k of the two-step rule, with the defaults of :mod:`dundi.rule` (one home)."""
+    from dundi import rule
+
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=positive_int, default=m_default,
+                   help="coarse-step oracles per class (default: " +
+                        (f"min({rule.COARSE_ORACLES}, n))" if m_default is None else "%(default)s)"))
+    p.add_argument("--k", type=positive_int, default=rule.KEPT_CLASSES,
+                   help="classes kept by the coarse step (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,15 @@ import socket
 import sys
 import time
 
-from dundi.cli.main import emit
+from dundi.cli.main import (add_two_step_args, emit, nonnegative_float, open_fraction, port_number,
+                            positive_float, positive_int)
 from dundi.errors import DundiError
+from dundi.rule import COARSE_ORACLES
+from dundi.serving.settings import DeploymentSettings, ServeSettings
+
+# the defaults of the flags below are the declarations' own (one home per setting)
+DEPLOY = DeploymentSettings()
+LIMITS = ServeSettings()
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -62,41 +69,63 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _model_config(args: argparse.Namespace):
+def abstain_choice(text: str) -> float | str | None:
+    """--abstain-threshold: "calibrated" (None), "none", or a positive distance."""
+    if text in ("none", "calibrated"):
+        return None if text == "calibrated" else "none"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--abstain-threshold wants calibrated, none or a positive "
+                                         f"distance, got {text!r}")
+    return value
+
+
+def add_abstain_args(group) -> None:
+    """The abstain flags shared by `serve` and `classify IMAGES`."""
+    group.add_argument("--abstain-threshold", type=abstain_choice, default=None, metavar="calibrated|none|D",
+                       help="answer 'unknown' for inputs unlike the held-out data: calibrated (default: the "
+                            "rule `dundi index calibrate` stored, else calibrated at start), none (never "
+                            "abstain), or a nearest-oracle distance D (that signal only)")
+    group.add_argument("--false-abstain", type=open_fraction, default=None, metavar="RATE",
+                       help="calibrate the rule now at this share of clean held-out images abstaining "
+                            "(default: the stored rule, else 0.01)")
+    group.add_argument("--calibration-limit", type=positive_int, default=2000,
+                       help="held-out images to calibrate on (default %(default)s)")
+
+
+def loaded_model(run: str, n, m, k, args: argparse.Namespace):
+    """The run as served, with the abstain rule the flags ask for (a line on stderr says which)."""
+    import dataclasses
+
     from dundi.serving import LoadedModel, ModelConfig, RequestError
+    from dundi.serving.abstain import abstain_settings
 
     try:
-        config = ModelConfig.from_dict({"run": os.path.abspath(args.run), "n": args.n, "m": args.m, "k": args.k,
-                                        "abstain_threshold": args.abstain_threshold})
+        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": n, "m": m, "k": k})
     except RequestError as exc:
         raise DundiError(exc.message) from None
-    return config, LoadedModel(config)  # fails early, with the loader's message, on a bad run
-
-
-def _calibrate(args: argparse.Namespace, model) -> dict:
-    from dundi.serving.abstain import calibrate, held_out_images
-
-    images, labels, source = held_out_images(model, args.data_dir, limit=args.calibration_limit)
-    figures = calibrate(model, images, labels, quantile=args.abstain_quantile)
-    print(f"abstain threshold {figures['abstain_threshold']:.4f} = {args.abstain_quantile:g} quantile of "
-          f"nearest-oracle distances on {source}", file=sys.stderr)
-    return figures
+    if args.abstain_threshold is not None and args.false_abstain is not None:
+        raise DundiError("give --abstain-threshold or --false-abstain, not both")
+    model = LoadedModel(config)  # fails early, with the loader's message, on a bad run
+    fields, how = abstain_settings(model, args.abstain_threshold, args.false_abstain,
+                                   getattr(args, "data_dir", None), args.calibration_limit)
+    print(f"dundi: {how}", file=sys.stderr)
+    if not any(v is not None for v in fields.values()):
+        return config, model
+    config = dataclasses.replace(config, **fields)
+    return config, LoadedModel(config)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import dataclasses
-
+    from dundi.serving.model import ABSTAIN_SIGNALS
     from dundi.serving.settings import ServeSettings
 
     if args.no_ray or args.address is None:  # on a cluster the proxies listen on other hosts
         check_listen(args.host, args.port)
-    config, model = _model_config(args)
-    calibration = {}
-    if args.abstain_quantile is not None:
-        if args.abstain_threshold is not None:
-            raise DundiError("give --abstain-threshold or --abstain-quantile, not both")
-        calibration = _calibrate(args, model)
-        config = dataclasses.replace(config, abstain_threshold=calibration["abstain_threshold"])
+    config, model = loaded_model(args.run, args.n, args.m, args.k, args)
     settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
                                     model_name=args.model_name, max_batch=args.max_batch,
                                     max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout)
@@ -106,76 +135,95 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     figures = {"url": url, "run": config.run, "model_name": settings.model_name, "version": model.info.version,
                "dataset": model.info.dataset, "in_shape": list(model.info.in_shape),
-               "n": model.n, "m": config.m, "k": config.k, "abstain_threshold": config.abstain_threshold,
-               **({"abstain_quantile": args.abstain_quantile} if calibration else {}),
+               "n": model.n, "m": config.m, "k": config.k, **{f: getattr(config, f) for f in ABSTAIN_SIGNALS},
                "auth": bool(settings.auth_token_sha256), "admin_reload": bool(settings.admin_token_sha256)}
     example = (f"  curl -s -F file=@digit.png {url}/classify\n"
                f"  curl -s -H 'Content-Type: application/json' -d @request.json "
                f"{url}/v2/models/{settings.model_name}/infer")
-
     if args.no_ray:
-        from dundi.serving.app import serve_plain
-
-        emit({**figures, "backend": "uvicorn (single process, no Ray)"}, args.json, f"serving {url}")
-        if not args.json:
-            print(example)
-        _stop_on_signals()  # uvicorn stops gracefully on either signal, then re-raises it here
-        try:
-            serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads, model=model)
-        except KeyboardInterrupt:
-            pass
-        print("dundi: service stopped", file=sys.stderr)
+        _serve_plain(args, config, settings, model, figures, example)
         return
+    http_port = _choose_ingress(args)
+    app_args = _app_args(args, config, settings)
+    del model
+    _serve_on_ray(args, app_args, http_port, figures, example)
 
-    from dundi.distributed.serve_app import APP_NAME, ServeAppArgs, deploy, ingress_environment, stop
 
-    http_port = args.port
+def _serve_plain(args: argparse.Namespace, config, settings, model, figures: dict, example: str) -> None:
+    """One process, uvicorn, no Ray: the same API."""
+    from dundi.serving.app import serve_plain
+
+    emit({**figures, "backend": "uvicorn (single process, no Ray)"}, args.json, f"serving {figures['url']}")
+    if not args.json:
+        print(example)
+    _stop_on_signals()  # uvicorn stops gracefully on either signal, then re-raises it here
+    try:
+        serve_plain(config, settings, args.host, args.port, torch_threads=args.torch_threads, model=model)
+    except KeyboardInterrupt:
+        pass
+    print("dundi: service stopped", file=sys.stderr)
+
+
+def _choose_ingress(args: argparse.Namespace) -> int:
+    """Settle --ingress (set in the environment Ray starts with); returns the port Serve's own
+    HTTP proxy takes (the service's port, except with direct ingress)."""
+    from dundi.distributed.serve_app import ingress_environment
+
     if args.ingress is None:
         args.ingress = default_ingress(args.address)
-    if args.ingress != "proxy":
-        if args.address is not None:
-            raise DundiError(f"--ingress {args.ingress} is chosen when Ray starts: start the cluster with the "
-                             f"environment of `dundi serve --ingress {args.ingress}` (see README), or use "
-                             f"--ingress proxy with --address")
-        if args.ingress == "direct" and (args.replicas != 1 or args.autoscale):
-            raise DundiError("--ingress direct serves from one replica on --port; for several, "
-                             "use --ingress haproxy (it balances over them)")
-        os.environ.update(ingress_environment(args.ingress, args.port))
-        if args.ingress == "direct":  # Serve's own proxy still starts: keep it off the service's port
-            with socket.socket() as s:
-                s.bind((args.host, 0))
-                http_port = s.getsockname()[1]
+    if args.ingress == "proxy":
+        return args.port
+    if args.address is not None:
+        raise DundiError(f"--ingress {args.ingress} is chosen when Ray starts: start the cluster with the "
+                         f"environment of `dundi serve --ingress {args.ingress}` (see README), or use "
+                         f"--ingress proxy with --address")
+    if args.ingress == "direct" and (args.replicas != 1 or args.autoscale):
+        raise DundiError("--ingress direct serves from one replica on --port; for several, "
+                         "use --ingress haproxy (it balances over them)")
+    os.environ.update(ingress_environment(args.ingress, args.port))
+    if args.ingress != "direct":
+        return args.port
+    with socket.socket() as s:  # Serve's own proxy still starts: keep it off the service's port
+        s.bind((args.host, 0))
+        return s.getsockname()[1]
+
+
+def _app_args(args: argparse.Namespace, config, settings):
+    """The Serve app's arguments: the model's, the HTTP layer's and the deployment's settings."""
+    import dataclasses
+
+    from dundi.distributed.serve_app import SETTINGS_RENAMED, ServeAppArgs
 
     lo, hi = args.autoscale if args.autoscale else (None, None)
-    app_args = ServeAppArgs(
-        run=config.run, n=config.n, m=config.m, k=config.k, abstain_threshold=config.abstain_threshold,
-        model_name=settings.model_name, replicas=args.replicas, autoscale_min=lo, autoscale_max=hi,
-        target_ongoing_requests=args.target_ongoing, replica_cpus=args.replica_cpus, torch_threads=args.torch_threads,
-        max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
-        max_request_batch=settings.max_batch, max_body_bytes=settings.max_body_bytes,
-        request_timeout_s=settings.request_timeout_s, auth_token_sha256=settings.auth_token_sha256,
-        admin_token_sha256=settings.admin_token_sha256)
-    del model
+    http = {SETTINGS_RENAMED.get(k, k): v for k, v in dataclasses.asdict(settings).items()}
+    return ServeAppArgs(**dataclasses.asdict(config), **http, replicas=args.replicas, autoscale_min=lo,
+                        autoscale_max=hi, target_ongoing_requests=args.target_ongoing,
+                        replica_cpus=args.replica_cpus, torch_threads=args.torch_threads,
+                        max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0)
+
+
+def _serve_on_ray(args: argparse.Namespace, app_args, http_port: int, figures: dict, example: str) -> None:
+    """Start (or join) Ray, deploy, wait for a signal, and stop what was started."""
+    from dundi.distributed.ray_init import init_ray
+    from dundi.distributed.serve_app import APP_NAME, deploy, stop
+
     _stop_on_signals()
     local = args.address is None
     try:
         t0 = time.time()
-        from dundi.distributed.ray_init import init_ray
-
         init_ray(args.address, num_cpus=args.num_cpus)
         _stop_on_signals()  # Ray's start installs a C++ SIGTERM handler that dumps a stack: ours wins
         deploy(app_args, host=args.host, port=http_port, address=args.address, num_cpus=args.num_cpus,
                access_log=args.access_log)
-        scaling = f"autoscale {lo}:{hi}" if args.autoscale else f"{args.replicas} replica(s)"
+        scaling = (f"autoscale {app_args.autoscale_min}:{app_args.autoscale_max}" if args.autoscale
+                   else f"{args.replicas} replica(s)")
         emit({**figures, "backend": f"Ray Serve ({args.ingress} ingress), {scaling}",
-              "startup_s": round(time.time() - t0, 1)},
-             args.json, f"serving {url}")
+              "startup_s": round(time.time() - t0, 1)}, args.json, f"serving {figures['url']}")
+        if args.detach and not local:
+            return
         if args.detach:
-            if local:
-                print("dundi: --detach keeps the app only on a cluster (--address); this local Ray ends with "
-                      "the command", file=sys.stderr)
-            else:
-                return
+            print("dundi: --detach keeps the app only on a cluster (--address); this local Ray ends with "
+                  "the command", file=sys.stderr)
         if not args.json:
             print(example)
             print("Ctrl-C (or SIGTERM) stops the service.")
@@ -185,14 +233,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pass
     finally:
         if not (args.detach and not local):
-            # a second signal must not cut the clean-up short and leave processes behind
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            try:
-                stop(APP_NAME, local_ray=local)
-            except Exception as exc:  # what could not be stopped cleanly ends with this process anyway
-                print(f"dundi: warning: incomplete shutdown ({type(exc).__name__}: {exc})", file=sys.stderr)
+            _stop_quietly(APP_NAME, local, stop)
     print("dundi: service stopped", file=sys.stderr)
+
+
+def _stop_quietly(app_name: str, local: bool, stop) -> None:
+    # a second signal must not cut the clean-up short and leave processes behind
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        stop(app_name, local_ray=local)
+    except Exception as exc:  # what could not be stopped cleanly ends with this process anyway
+        print(f"dundi: warning: incomplete shutdown ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def default_ingress(address: str | None) -> str:
@@ -217,16 +269,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and POST /classify (PNG/JPEG uploads or JSON arrays). Binds to 127.0.0.1 unless --host.")
     p.add_argument("run", help="DunDi run directory with an oracle index")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, default=1,
-                       help="replicas, each parsing and classifying (default 1)")
+    scale.add_argument("--replicas", type=positive_int, default=DEPLOY.replicas,
+                       help="replicas, each parsing and classifying (default %(default)s)")
     scale.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
                        help="autoscale between MIN and MAX replicas (default: off, a fixed --replicas)")
-    p.add_argument("--target-ongoing", type=float, default=16.0,
-                   help="autoscaling target of requests in flight per replica")
+    p.add_argument("--target-ongoing", type=positive_float, default=DEPLOY.target_ongoing_requests,
+                   help="autoscaling target of requests in flight per replica (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port of the service (1-65535)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port of the service, 1-65535 (default %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="CPUs of the local Ray this starts (default: all of this machine's)")
     p.add_argument("--detach", action="store_true", help="with --address: leave the app running and exit")
     p.add_argument("--ingress", choices=("proxy", "direct", "haproxy"), default=None,
@@ -237,24 +289,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
-    model.add_argument("--n", type=int, default=None, help="fine-step oracles per class (default: all)")
-    model.add_argument("--m", type=int, default=3, help="coarse-step oracles per class")
-    model.add_argument("--k", type=int, default=5, help="classes kept by the coarse step")
-    model.add_argument("--abstain-threshold", type=float, default=None,
-                       help="answer 'unknown' when the nearest oracle is farther than this (default: none)")
-    model.add_argument("--abstain-quantile", type=float, default=None,
-                       help="calibrate the threshold: this quantile (e.g. 0.99) of nearest-oracle distances "
-                            "on held-out data (default: off)")
-    model.add_argument("--calibration-limit", type=int, default=2000, help="held-out images to calibrate on")
+    add_two_step_args(model, m_default=COARSE_ORACLES)
+    add_abstain_args(model)
     model.add_argument("--data-dir", default=None,
-                       help="dataset cache for --abstain-quantile (default: $DUNDI_DATA_DIR, "
-                            "else the user cache dir)")
+                       help="dataset cache for calibrating (default: $DUNDI_DATA_DIR, else the user cache dir)")
     limits = p.add_argument_group("limits and access")
-    limits.add_argument("--model-name", default="dundi", help="the {name} in /v2/models/{name}")
-    limits.add_argument("--max-batch", type=int, default=256, help="images per request")
-    limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
-                        help="largest request body accepted; larger ones get 413")
-    limits.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for the model")
+    limits.add_argument("--model-name", default=LIMITS.model_name,
+                        help="the {name} in /v2/models/{name} (default %(default)s)")
+    limits.add_argument("--max-batch", type=positive_int, default=LIMITS.max_batch,
+                        help="images per request (default %(default)s)")
+    limits.add_argument("--max-body-bytes", type=positive_int, default=LIMITS.max_body_bytes,
+                        help="largest request body accepted, at least 1024; larger ones get 413 (default %(default)s)")
+    limits.add_argument("--timeout", type=positive_float, default=LIMITS.request_timeout_s,
+                        help="seconds a request may wait for the model (default %(default)s)")
     limits.add_argument("--token", default=None,
                         help="require 'Authorization: Bearer TOKEN' (default: $DUNDI_SERVE_TOKEN, else no token; "
                              "prefer the variable: flags show in ps)")
@@ -262,11 +309,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="enable POST /admin/reload with this bearer token (default: $DUNDI_ADMIN_TOKEN, "
                              "else reload is off; prefer the variable)")
     perf = p.add_argument_group("Ray Serve resources and batching")
-    perf.add_argument("--batch-size", type=int, default=64, help="images per model call (@serve.batch)")
-    perf.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    perf.add_argument("--replica-cpus", "--classifier-cpus", type=float, default=0.25,
-                      help="CPUs Ray reserves per replica (scheduling only, not a limit)")
-    perf.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
+    perf.add_argument("--batch-size", type=positive_int, default=DEPLOY.max_batch_size,
+                      help="images per model call (@serve.batch) (default %(default)s)")
+    perf.add_argument("--batch-wait-ms", type=nonnegative_float, default=DEPLOY.batch_wait_timeout_s * 1000,
+                      help="how long a batch waits to fill, in ms (default %(default)s)")
+    perf.add_argument("--replica-cpus", "--classifier-cpus", type=positive_float, default=DEPLOY.replica_cpus,
+                      help="CPUs Ray reserves per replica (scheduling only, not a limit) (default %(default)s)")
+    perf.add_argument("--torch-threads", type=positive_int, default=DEPLOY.torch_threads,
+                      help="torch threads per replica (default %(default)s)")
     perf.add_argument("--access-log", action="store_true", help="log every request in Serve's replica logs")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
     p.set_defaults(handler=cmd_serve)

@@ -46,7 +46,8 @@ URLS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     }),
     "cifar10": (("https://www.cs.toronto.edu/~kriz/",), {
-        "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+        # the binary release: fixed-length records, read without unpickling (data/formats.py)
+        "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
     }),
 }
 

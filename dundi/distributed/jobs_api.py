@@ -1,15 +1,12 @@
 """Long DunDi commands as Ray Jobs: submit, follow, status, logs, stop, list.
 
-``submit(["train", "--workers", "2", ...], address)`` checks the command with DunDi's own
-parser, uploads the project as the job's ``working_dir`` and runs the matching thin
+``submit(["train", "--workers", "2", ...], address)`` uploads the project as the job's ``working_dir`` and runs the matching thin
 entrypoint in ``jobs/`` (``jobs/train.py`` for ``train``, ``jobs/run.py`` for any other
 command) on the cluster. The job's driver joins the cluster through ``RAY_ADDRESS``, so
 ``--workers`` inside a job trains on the whole cluster.
 
-Paths in a job resolve on the cluster, inside the job's unpacked working directory. For a
-cluster on this machine relative ``--out``/``--data-dir``/... paths are made absolute (and
-``train`` gets an explicit ``--out``) so results land where the user expects them; for a
-remote cluster give paths on storage the cluster shares.
+The command arrives checked and with its paths prepared by the CLI (``dundi submit``, see
+:mod:`dundi.cli.job_command`): this edge module never imports the CLI.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Dedicated entrypoints (jobs/<file>) for these commands; anything else goes through jobs/run.py.
 ENTRYPOINTS = {("train",): "jobs/train.py", ("train-native",): "jobs/train_native.py",
                ("index", "build"): "jobs/index_build.py", ("evaluate",): "jobs/evaluate.py"}
-PATH_FLAGS = ("--out", "--data-dir", "--storage", "--pretrained", "--results", "--run", "--report")
 WORKING_DIR_EXCLUDES = [".venv/", "venv/", ".git/", "runs/", "build/", "dist/", "*.egg-info/",
                         "**/__pycache__/", ".pytest_cache/", "*.parquet", "*.safetensors",
                         "*.faiss", "node_modules/"]
@@ -117,95 +113,16 @@ def entrypoint_script(argv: list[str]) -> tuple[str, list[str]]:
     return "jobs/run.py", argv
 
 
-def _absolute(value: str) -> str:
-    return value if "://" in value else str(Path(value).expanduser().resolve())
-
-
-def check_command(argv: list[str]):
-    """Parse a dundi command line with the real parser; DundiError instead of an exit."""
-    from dundi.cli.main import build_parser
-
-    if not argv:
-        raise DundiError("nothing to submit: give a dundi command, e.g. "
-                         "`dundi submit -- train --dataset mnist-10k --workers 2`")
-    if argv[0] in ("submit", "jobs"):
-        raise DundiError(f"`dundi {argv[0]}` runs on your machine; it cannot itself be submitted")
-    try:
-        return build_parser().parse_args(argv)
-    except SystemExit:
-        raise DundiError(f"`dundi {shlex.join(argv)}` is not a valid command "
-                         f"(the parser's message is above; see `dundi {argv[0]} --help`)") from None
-
-
-def _command_words(argv: list[str]) -> int:
-    """How many leading words name the command (1 for `train`, 2 for `index build`)."""
-    import argparse
-
-    from dundi.cli.main import build_parser
-
-    parser, n = build_parser(), 0
-    while n < len(argv):
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subs or argv[n] not in subs[0].choices:
-            break
-        parser, n = subs[0].choices[argv[n]], n + 1
-    return n
-
-
-def prepare_command(argv: list[str], local: bool, warn: Callable[[str], None] = print) -> list[str]:
-    """Validate the command and make its paths mean on the cluster what they mean here.
-
-    For a cluster on this machine: path flags (and positional arguments naming existing
-    files) become absolute, and ``train``/``train-native`` get an explicit ``--out``. For a
-    remote cluster relative paths are left alone with a warning.
-    """
-    args = check_command(argv)
-    argv = list(argv)
-    words = _command_words(argv)
-    relative = []
-    for i, token in enumerate(argv):
-        flag, eq, value = token.partition("=")
-        if flag in PATH_FLAGS and eq:
-            if not Path(value).is_absolute() and "://" not in value:
-                relative.append(flag)
-                if local:
-                    argv[i] = f"{flag}={_absolute(value)}"
-        elif token in PATH_FLAGS and i + 1 < len(argv):
-            value = argv[i + 1]
-            if not Path(value).is_absolute() and "://" not in value:
-                relative.append(token)
-                if local:
-                    argv[i + 1] = _absolute(value)
-        elif local and i >= words and not token.startswith("-") and not argv[i - 1].startswith("-") \
-                and not Path(token).is_absolute() and Path(token).exists():
-            argv[i] = _absolute(token)  # a positional path, e.g. `index build runs/x`
-    if argv[0] in ("train", "train-native") and getattr(args, "out", None) is None:
-        from dundi.cli.core_cmds import config_from_args, default_out
-
-        cfg = config_from_args(args)
-        label = "native" if argv[0] == "train-native" else (
-            "dundi-P" if getattr(args, "pretrained", None) else "dundi-R")
-        out = default_out(cfg, label)
-        if local:
-            argv += ["--out", _absolute(str(out))]
-        else:
-            relative.append(f"--out (default {out})")
-    if relative and not local:
-        warn(f"note: {', '.join(relative)} are relative paths: on the cluster they resolve inside "
-             f"the job's temporary working directory; use paths on storage the cluster shares")
-    return argv
-
-
 def submit(argv: list[str], address: str | None = None, *, job_id: str | None = None,
            python: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
-           env: dict[str, str] | None = None, working_dir: str | None = None,
-           warn: Callable[[str], None] = print) -> str:
-    """Submit a dundi command as a Ray job; returns the job id."""
+           env: dict[str, str] | None = None, working_dir: str | None = None) -> str:
+    """Submit a dundi command line as a Ray job; returns the job id. The command is taken as
+    given: the CLI (``dundi submit``) checks it with its parser and makes its paths absolute
+    first (:mod:`dundi.cli.job_command`), so this layer never reaches up into the CLI."""
     from dundi.distributed.ray_init import is_local_address
 
     url = dashboard_address(address)
     local = is_local_address(url)
-    argv = prepare_command(argv, local, warn)
     root = Path(working_dir).resolve() if working_dir else project_root()
     script, rest = entrypoint_script(argv)
     # On this machine the job can use this very interpreter (its packages are installed);
@@ -283,17 +200,3 @@ def list_jobs(address: str | None = None) -> list[dict]:
                      "entrypoint": info.entrypoint, "start_time": info.start_time,
                      "end_time": info.end_time})
     return sorted(rows, key=lambda r: r["start_time"] or 0)
-
-
-# ----------------------------------------------------------------------------- on the cluster
-
-
-def job_main(argv: list[str]) -> int:
-    """What a jobs/*.py entrypoint runs on the cluster: the dundi command, with a header."""
-    from dundi.cli.main import main
-
-    where = os.environ.get("RAY_ADDRESS", "(no RAY_ADDRESS)")
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID") or "-"
-    print(f"[dundi job {job}] dundi {shlex.join(argv)}  (cluster {where}, cwd {os.getcwd()})",
-          flush=True)
-    return main(argv)

@@ -27,27 +27,35 @@ user_config through the Serve controller and answers once Serve reports every re
 reconfigured. The result is the declared configuration from then on (``serve status`` and
 ``serve build`` show it), not a side channel that a later deploy silently overrides.
 
+**``POST /admin/classes``** (same token) enrolls or removes a class: the receiving replica
+writes the run's next index version (dundi.enrollment, under the run's file lock) and rolls
+it out exactly as a reload does, with ``index_version`` pinned in the user_config.
+
 ``app_builder(ServeAppArgs)`` is the typed application builder used both by ``dundi serve`` and
 by ``serve deploy cluster/serve_config.yaml``.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
+import typing
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import ray
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, create_model, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from dundi.errors import DundiError
+from dundi.serving import admin
+from dundi.serving.admin import ClassChange
 from dundi.serving.app import Unavailable, create_app
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
-from dundi.serving.settings import ServeSettings
+from dundi.serving.settings import DeploymentSettings, ServeSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -162,6 +170,7 @@ class ReplicaBackend:
         self._max_batch = 64
         self._swap_lock = asyncio.Lock()     # one model load at a time in this replica
         self._reload_lock = asyncio.Lock()   # one admin reload at a time through this replica
+        self._classes_lock = asyncio.Lock()  # one class change (write + rollout) at a time here
 
     # ---- configuration -----------------------------------------------------------------
     async def configure(self, user_config: Dict[str, Any]) -> None:
@@ -210,7 +219,7 @@ class ReplicaBackend:
     async def ready(self) -> Optional[str]:
         return None if self.model is not None else "the model is loading"
 
-    async def classify(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
+    async def answer(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
         if len(images) > self._max_batch:  # larger than a model batch: a call of its own
             out = (await self._infer([images]))[0]
         else:
@@ -237,10 +246,18 @@ class ReplicaBackend:
                 out[i] = exc
         if good:
             batch = np.concatenate([items[i] for i in good]) if len(good) > 1 else items[good[0]]
-            pred = await asyncio.to_thread(model.classify, batch)
+            pred = await asyncio.to_thread(model.predict, batch)
             for i, part in zip(good, pred.split([len(items[i]) for i in good])):
                 out[i] = (part, model.info)
         return out
+
+    async def change_classes(self, change: ClassChange) -> dict:
+        """Enroll or remove a class in the run's index (under the run's file lock, so replicas
+        never lose each other's changes), then roll the new index version out to every replica."""
+        if self.model is None:
+            raise Unavailable("the model is loading")
+        async with self._classes_lock:
+            return await admin.change_classes(self.model.config, change, self.reload)
 
     async def reload(self, changes: dict) -> dict:
         """Load and verify the new settings here (422 and no change if that fails), then roll
@@ -309,49 +326,44 @@ class DunDi:
 
 # ------------------------------------------------------------------------------ builder
 
-class ServeAppArgs(BaseModel):
-    """Arguments of :func:`app_builder` (the ``args:`` of a Serve config file)."""
+SETTINGS_RENAMED = {"max_batch": "max_request_batch"}  # ServeSettings.max_batch, as Serve configs name it
 
-    run: str = Field(description="DunDi run directory with an oracle index (readable on every node)")
-    n: Optional[int] = Field(None, description="fine-step oracles per class (None: all in the index)")
-    m: int = Field(3, description="coarse-step oracles per class")
-    k: int = Field(5, description="classes kept by the coarse step")
-    abstain_threshold: Optional[float] = Field(None, description="answer 'unknown' beyond this nearest-oracle distance")
-    model_name: str = "dundi"
-    replicas: int = Field(1, ge=1, description="replicas (ignored with autoscaling)")
-    autoscale_min: Optional[int] = Field(None, ge=0)
-    autoscale_max: Optional[int] = Field(None, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling target per replica")
-    replica_cpus: float = Field(0.25, gt=0, description="CPUs reserved per replica")
-    torch_threads: int = Field(1, ge=1)
-    max_batch_size: int = Field(64, ge=1, description="images per model call (@serve.batch)")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_ongoing_requests: int = Field(256, ge=1, description="per replica")
-    max_request_batch: int = Field(256, ge=1, description="images per HTTP request")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    request_timeout_s: float = Field(30.0, gt=0)
-    auth_token_sha256: Optional[str] = None
-    admin_token_sha256: Optional[str] = None
+
+def _fields_of(declaration: type, rename: dict[str, str] | None = None) -> dict[str, tuple]:
+    """pydantic field specs taken from a settings dataclass: its names, types and defaults."""
+    hints = typing.get_type_hints(declaration)
+    return {(rename or {}).get(f.name, f.name): (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(declaration)}
+
+
+def _pick(args: BaseModel, declaration: type, rename: dict[str, str] | None = None) -> dict:
+    return {f.name: getattr(args, (rename or {}).get(f.name, f.name)) for f in dataclasses.fields(declaration)}
+
+
+class _ServeAppMethods(BaseModel):
+    """What a Serve app's arguments do; the fields come from the three declarations below."""
 
     @model_validator(mode="after")
     def _check(self):
-        if (self.autoscale_min is None) != (self.autoscale_max is None):
-            raise ValueError("give both autoscale_min and autoscale_max, or neither")
-        if self.autoscale_max is not None and self.autoscale_min > self.autoscale_max:
-            raise ValueError(f"autoscale_min {self.autoscale_min} > autoscale_max {self.autoscale_max}")
+        try:  # each declaration checks its own ranges
+            self.deployment()
+            self.settings()
+        except DundiError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def model_config_dict(self) -> dict:
-        return ModelConfig(self.run, self.n, self.m, self.k, self.abstain_threshold).to_dict()
+        return ModelConfig(**_pick(self, ModelConfig)).to_dict()
 
     def user_config(self) -> dict:
         return {**self.model_config_dict(), "max_batch_size": self.max_batch_size,
                 "batch_wait_timeout_s": self.batch_wait_timeout_s}
 
     def settings(self) -> ServeSettings:
-        return ServeSettings(model_name=self.model_name, max_batch=self.max_request_batch,
-                             max_body_bytes=self.max_body_bytes, request_timeout_s=self.request_timeout_s,
-                             auth_token_sha256=self.auth_token_sha256, admin_token_sha256=self.admin_token_sha256)
+        return ServeSettings(**_pick(self, ServeSettings, SETTINGS_RENAMED))
+
+    def deployment(self) -> DeploymentSettings:
+        return DeploymentSettings(**_pick(self, DeploymentSettings))
 
     def autoscaling_config(self) -> Optional[dict]:
         if self.autoscale_max is None:
@@ -360,6 +372,14 @@ class ServeAppArgs(BaseModel):
                 "initial_replicas": max(1, self.autoscale_min),
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
+
+
+# Arguments of :func:`app_builder` (the ``args:`` of a Serve config file): the model's settings
+# (ModelConfig), the HTTP layer's (ServeSettings) and the deployment's (DeploymentSettings),
+# each declared once in dundi/serving and composed here, flat, as Serve config files give them.
+ServeAppArgs = create_model("ServeAppArgs", __base__=_ServeAppMethods,
+                            **_fields_of(ModelConfig), **_fields_of(ServeSettings, SETTINGS_RENAMED),
+                            **_fields_of(DeploymentSettings))
 
 
 def app_builder(args: ServeAppArgs) -> Application:

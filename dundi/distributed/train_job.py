@@ -44,6 +44,7 @@ from dundi.checkpoint import read_checkpoint, write_checkpoint
 from dundi.errors import DundiError
 from dundi.train import TrainConfig
 from dundi.training_loop import KINDS, resume_state
+from dundi.rule import ORACLES_PER_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class RayOptions:
     max_failures: int = 3
     cpus_per_worker: float = 1.0
     data_dir: str | None = None
-    oracles: int = 20              # oracles per class in the final index (dundi runs)
+    oracles: int = ORACLES_PER_CLASS  # oracles per class in the final index (dundi runs)
     progress: bool = True          # rank 0 prints one line per epoch
 
     @classmethod
@@ -73,7 +74,7 @@ class RayOptions:
                    storage=get("storage", None), name=get("name", None),
                    max_failures=get("max_failures", 3),
                    cpus_per_worker=get("cpus_per_worker", None) or 1.0,
-                   data_dir=get("data_dir", None), oracles=get("oracles", 20),
+                   data_dir=get("data_dir", None), oracles=get("oracles", ORACLES_PER_CLASS),
                    progress=not get("no_progress", False))
 
 
@@ -218,7 +219,7 @@ def train_loop(config: dict) -> None:
     from dundi.data import DATASETS
     from dundi.pipeline import native_accuracy, triplet_validator
     from dundi.train import drop_holdout, kept_classes, split_train_val
-    from dundi.training_loop import Worker, train_epochs
+    from dundi.training_loop import TIMING_KEYS, Worker, train_epochs
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
@@ -253,7 +254,7 @@ def train_loop(config: dict) -> None:
 
     def report(epoch: int, metrics: dict, inner: torch.nn.Module, optimizer: torch.optim.Optimizer,
                state: dict) -> None:
-        timing = {k: v for k, v in state["history"][-1].items() if k in ("seconds", "tuples_per_s", "images_per_s")}
+        timing = {k: v for k, v in state["history"][-1].items() if k in TIMING_KEYS}
         say(f"[dundi] epoch {epoch + 1}/{cfg.epochs} " +
             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch") +
             f" ({timing['seconds']:.1f}s)")
@@ -337,17 +338,8 @@ def _ray_failure_message(exc: BaseException) -> str:
             " | ".join(lines[-3:]) if lines else type(exc).__name__)
 
 
-def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: RayOptions,
-                     pretrained: str | None = None, log_fn: Callable[[str], None] = print) -> dict:
-    """Train on Ray Train and write the run directory ``out``; returns its run.json."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dundi.artifacts import atomic_write_json, build_from_meta, save_model
-    from dundi.data import DATASETS, fetch
-    from dundi.distributed.ray_init import check_reachable, init_ray, is_local_address
-    from dundi.pipeline import METRICS_FILE, build_index, native_accuracy
+def _check_options(kind: str, cfg: TrainConfig, opts: RayOptions) -> None:
+    from dundi.data import DATASETS
 
     if kind not in KINDS:
         raise DundiError(f"unknown training kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -358,45 +350,30 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
     cfg.validate()
     if cfg.dataset not in DATASETS:
         raise DundiError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
-    out = Path(out)
-    if opts.address and not ray.is_initialized():
-        check_reachable(opts.address)  # before anything is written
-    data_dir = opts.data_dir or os.environ.get("DUNDI_DATA_DIR")
-    fetch(cfg.dataset, data_dir)  # fail fast (DatasetUnavailable) before starting anything
-    storage = resolve_storage(opts.storage, out)
-    name = _run_name(opts.name, out)
-    if opts.address and not is_local_address(opts.address) and "://" not in storage:
-        log_fn(f"note: checkpoints go to {storage} on each node's local disk; a multi-machine "
-               f"cluster needs shared storage there (NFS) or a URI (--storage s3://...)")
 
-    model, model_meta, extra = _initial_model(kind, cfg, pretrained)
-    descriptor = resume_state(kind, cfg, opts.workers, pretrained)
-    previous = _check_descriptor(storage, name, descriptor)
 
-    resources = init_ray(opts.address, num_cpus=max(os.cpu_count() or 1,
-                                                    math.ceil(opts.workers * opts.cpus_per_worker)))
-    _check_resources(opts, resources)
-    log_fn(f"Ray Train: {opts.workers} worker(s) ({'NCCL/GPU' if opts.gpu else 'gloo/CPU'}), "
-           f"run name {name!r}, checkpoints in {storage}/{name}"
-           + (" — resuming from its last checkpoint" if previous else ""))
+def _trainer(loop_config: dict, opts: RayOptions, name: str, storage: str):
+    """The TorchTrainer of one run: W workers (a GPU each with --gpu), checkpoints under
+    ``storage/name`` (the last two kept), ``max_failures`` retries from the last one."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     per_worker = {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "kind": kind, "cfg": dataclasses.asdict(cfg), "model_meta": model_meta,
-            "init_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "data_dir": data_dir, "name": name, "progress": opts.progress, "pretrained": pretrained,
-        },
+    return TorchTrainer(
+        train_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if opts.gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    t0 = time.time()
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+
+
+def _fit(trainer: Any, name: str, storage: str, opts: RayOptions, epochs: int) -> tuple[dict, dict]:
+    """Run the trainer; (the last checkpoint's state, its weights), or one clear DundiError."""
+    import ray.train
+
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -407,36 +384,76 @@ def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: 
         raise DundiError(f"Ray Train run {name!r} finished without a checkpoint in {storage}/{name}")
     with result.checkpoint.as_directory() as d:
         state, weights, _, _ = read_checkpoint(d)
-    if state["epoch"] + 1 < cfg.epochs:
-        raise DundiError(f"the last checkpoint of {name!r} is epoch {state['epoch'] + 1} of {cfg.epochs}")
+    if state["epoch"] + 1 < epochs:
+        raise DundiError(f"the last checkpoint of {name!r} is epoch {state['epoch'] + 1} of {epochs}")
+    return state, weights
 
-    # --- the run directory, written exactly as the local path writes it
+
+def _write_run(out: Path, kind: str, cfg: TrainConfig, state: dict, weights: dict, model_meta: dict,
+               extra: dict, ray_facts: dict, opts: RayOptions, data_dir: str | None) -> dict:
+    """The run directory, written with the same calls as the local path (save_model,
+    metrics.json, build_index): nothing downstream can tell where a run was trained."""
+    from dundi.artifacts import atomic_write_json, build_from_meta, read_meta, save_model
+    from dundi.pipeline import METRICS_FILE, build_index, native_accuracy
+    from dundi.training_loop import TIMING_KEYS
+
     final = build_from_meta(model_meta)
     final.load_state_dict(weights)
     final.eval()
-    history = [{k: v for k, v in h.items() if k not in ("seconds", "tuples_per_s", "images_per_s")}
-               for h in state["history"]]
+    history = [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in state["history"]]
     atomic_write_json(out / METRICS_FILE, [{k: round(v, 6) if isinstance(v, float) else v
                                             for k, v in h.items()} for h in history])
-    ray_facts = {"workers": state["world_size"], "name": name, "storage": storage,
-                 "starts": state["starts"], "nodes": state["nodes"], "gpu": opts.gpu,
-                 "epoch_seconds": [h["seconds"] for h in state["history"]],
-                 "wall_seconds": round(time.time() - t0, 2)}
+    metrics: dict[str, Any] = {"train_seconds": round(state["seconds"], 2)}
     if kind == "native":
         from dundi.data import load_split
 
         test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
-        metrics = {"test_accuracy": native_accuracy(final, test_x, test_y), "test_count": len(test_y),
-                   "train_seconds": round(state["seconds"], 2)}
+        metrics.update(test_accuracy=native_accuracy(final, test_x, test_y), test_count=len(test_y))
     else:
-        metrics = {"train_seconds": round(state["seconds"], 2), "final": history[-1]}
+        metrics["final"] = history[-1]
     meta = save_model(out, final, {**model_meta, **extra, "metrics": metrics, "ray": ray_facts})
     if kind == "dundi":
         build_index(out, n=opts.oracles, seed=cfg.seed, data_dir=data_dir)
-        from dundi.artifacts import read_meta
-
         meta = read_meta(out)
     return meta
+
+
+def run_ray_training(kind: str, cfg: TrainConfig, out: str | os.PathLike, opts: RayOptions,
+                     pretrained: str | None = None, log_fn: Callable[[str], None] = print) -> dict:
+    """Train on Ray Train and write the run directory ``out``; returns its run.json."""
+    import ray
+
+    from dundi.data import fetch
+    from dundi.distributed.ray_init import check_reachable, init_ray, is_local_address
+
+    _check_options(kind, cfg, opts)
+    out = Path(out)
+    if opts.address and not ray.is_initialized():
+        check_reachable(opts.address)  # before anything is written
+    data_dir = opts.data_dir or os.environ.get("DUNDI_DATA_DIR")
+    fetch(cfg.dataset, data_dir)  # fail fast (DatasetUnavailable) before starting anything
+    storage, name = resolve_storage(opts.storage, out), _run_name(opts.name, out)
+    if opts.address and not is_local_address(opts.address) and "://" not in storage:
+        log_fn(f"note: checkpoints go to {storage} on each node's local disk; a multi-machine "
+               f"cluster needs shared storage there (NFS) or a URI (--storage s3://...)")
+    model, model_meta, extra = _initial_model(kind, cfg, pretrained)
+    previous = _check_descriptor(storage, name, resume_state(kind, cfg, opts.workers, pretrained))
+    resources = init_ray(opts.address, num_cpus=max(os.cpu_count() or 1,
+                                                    math.ceil(opts.workers * opts.cpus_per_worker)))
+    _check_resources(opts, resources)
+    log_fn(f"Ray Train: {opts.workers} worker(s) ({'NCCL/GPU' if opts.gpu else 'gloo/CPU'}), "
+           f"run name {name!r}, checkpoints in {storage}/{name}"
+           + (" — resuming from its last checkpoint" if previous else ""))
+    loop_config = {"kind": kind, "cfg": dataclasses.asdict(cfg), "model_meta": model_meta,
+                   "init_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   "data_dir": data_dir, "name": name, "progress": opts.progress, "pretrained": pretrained}
+    t0 = time.time()
+    state, weights = _fit(_trainer(loop_config, opts, name, storage), name, storage, opts, cfg.epochs)
+    ray_facts = {"workers": state["world_size"], "name": name, "storage": storage,
+                 "starts": state["starts"], "nodes": state["nodes"], "gpu": opts.gpu,
+                 "epoch_seconds": [h["seconds"] for h in state["history"]],
+                 "wall_seconds": round(time.time() - t0, 2)}
+    return _write_run(out, kind, cfg, state, weights, model_meta, extra, ray_facts, opts, data_dir)
 
 
 def train_on_ray(kind: str, cfg: TrainConfig, out: str | os.PathLike, args: Any) -> dict:

@@ -6,7 +6,6 @@ Nothing here imports ray (tests/test_core_imports.py).
 """
 
 from dundi.serving.errors import RequestError
-from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction
 from dundi.serving.settings import ServeSettings
 
 __all__ = ["LoadedModel", "ModelConfig", "ModelInfo", "Prediction", "RequestError", "ServeSettings",
@@ -14,8 +13,14 @@ __all__ = ["LoadedModel", "ModelConfig", "ModelInfo", "Prediction", "RequestErro
 
 
 def __getattr__(name: str):
-    if name == "create_app":  # FastAPI is imported only by those who build the app
+    # torch (the model) and FastAPI (the app) are imported only by those who use them: the
+    # CLI's parser reads the settings' defaults without either
+    if name == "create_app":
         from dundi.serving.app import create_app
 
         return create_app
+    if name in ("LoadedModel", "ModelConfig", "ModelInfo", "Prediction"):
+        from dundi.serving import model
+
+        return getattr(model, name)
     raise AttributeError(name)

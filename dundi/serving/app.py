@@ -16,6 +16,7 @@ Routes (Open Inference Protocol v2, as served by KServe and Triton, plus two of 
     POST /v2/models/{name}/infer         v2 JSON inference (also .../versions/{v}/infer)
     POST /classify                       PNG/JPEG (raw body or multipart) or a JSON array
     POST /admin/reload                   swap run / n / m / k / abstain threshold (admin token)
+    POST /admin/classes                  enroll or remove a class of the index (admin token)
 
 Every refusal is a JSON body (see :mod:`dundi.serving.errors`); a request never reaches the
 model before its size, content type, JSON, shape, dtype and values are checked, and a model
@@ -37,6 +38,8 @@ from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dundi import __version__
+from dundi.serving import admin
+from dundi.serving.admin import ClassChange, parse_class_change
 from dundi.serving.errors import RequestError
 from dundi.serving.inputs import (IMAGE_TYPES, InputSpec, decode_image, images_from_parts,
                                   is_json_type, media_type, parse_classify_json, parse_json,
@@ -60,7 +63,7 @@ class Backend(Protocol):
     async def info(self) -> ModelInfo:
         """The model being served (may be a few seconds stale)."""
 
-    async def classify(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+    async def answer(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
         """Classify (N, C, H, W) float32 images; the info of the model that answered."""
 
     async def ready(self) -> str | None:
@@ -69,6 +72,10 @@ class Backend(Protocol):
     async def reload(self, changes: dict) -> dict:
         """Apply new model settings (a partial :class:`ModelConfig`), keeping the old model
         when the new one fails to load (RequestError 422)."""
+
+    async def change_classes(self, change: ClassChange) -> dict:
+        """Enroll or remove a class of the served run's index, then serve the new version
+        (:mod:`dundi.serving.admin`)."""
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -164,8 +171,8 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         info = await backend.info()
         return InputSpec(info.in_shape, settings.max_batch), info
 
-    async def classify(images: np.ndarray) -> tuple[Prediction, ModelInfo]:
-        return await asyncio.wait_for(backend.classify(images), settings.request_timeout_s)
+    async def answer(images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+        return await asyncio.wait_for(backend.answer(images), settings.request_timeout_s)
 
     # ---- health and metadata -------------------------------------------------------------
     @app.get("/v2/health/live")
@@ -214,7 +221,7 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
             raise RequestError(404, "unknown_version", f"model {name!r} has no version {version!r}",
                                f"version {info.version!r} (or omit the version)")
         req = await _off_loop(body, lambda: parse_v2_infer(parse_json(body), input_spec, V2_OUTPUTS))
-        pred, info = await classify(req.images)
+        pred, info = await answer(req.images)
         return json_response(v2_response(pred, info, settings.model_name, req.id, req.outputs))
 
     @app.post("/v2/models/{name}/infer")
@@ -246,13 +253,12 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
                                                                      input_spec))
         else:
             images = await _off_loop(body, lambda: decode_image(body, input_spec.in_shape)[None])
-        pred, info = await classify(images)
+        pred, info = await answer(images)
         return json_response(classify_response(pred, info, settings.model_name))
 
     # ---- admin ---------------------------------------------------------------------------
-    @app.post("/admin/reload")
-    @guarded
-    async def reload(request: Request) -> Response:
+    def authorize_admin(request: Request) -> None:
+        """Admin routes: enabled by an admin token, and only for requests bearing it, as JSON."""
         if not settings.admin_token_sha256:
             raise RequestError(403, "admin_disabled", "the admin routes are disabled",
                                "a service started with --admin-token (or $DUNDI_ADMIN_TOKEN)")
@@ -266,10 +272,25 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
         if mtype and not is_json_type(mtype):
             raise RequestError(415, "unsupported_media_type", f"Content-Type {mtype!r} is not accepted",
                                "application/json")
+
+    @app.post("/admin/classes")
+    @guarded
+    async def classes_route(request: Request) -> Response:
+        authorize_admin(request)
+        body = await read_body(request, settings.max_body_bytes)
+        input_spec, _ = await spec()
+        change = await _off_loop(body, lambda: parse_class_change(parse_json(body), input_spec))
+        return json_response(await backend.change_classes(change))
+
+    @app.post("/admin/reload")
+    @guarded
+    async def reload(request: Request) -> Response:
+        authorize_admin(request)
         changes = parse_json(await read_body(request, 64 * 1024))
         if not isinstance(changes, dict) or not changes:
             raise RequestError(422, "invalid_config", "nothing to change",
-                               'a JSON object with any of "run", "n", "m", "k", "abstain_threshold"')
+                               'a JSON object with any of "run", "n", "m", "k", "abstain_threshold", '
+                               '"abstain_min_norm", "abstain_max_grey", "abstain_max_mean"')
         return json_response(await backend.reload(changes))
 
     return app
@@ -289,6 +310,7 @@ class LocalBackend:
         self._model = model if model is not None and model.config == config else LoadedModel(config)
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._reload_lock = asyncio.Lock()
+        self._classes_lock = asyncio.Lock()
 
     @property
     def model(self) -> LoadedModel:
@@ -297,15 +319,19 @@ class LocalBackend:
     async def info(self) -> ModelInfo:
         return self._model.info
 
-    async def classify(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
+    async def answer(self, images: np.ndarray) -> tuple[Prediction, ModelInfo]:
         import anyio
 
         model = self._model
-        pred = await anyio.to_thread.run_sync(model.classify, images, limiter=self._limiter)
+        pred = await anyio.to_thread.run_sync(model.predict, images, limiter=self._limiter)
         return pred, model.info
 
     async def ready(self) -> str | None:
         return None
+
+    async def change_classes(self, change: ClassChange) -> dict:
+        async with self._classes_lock:  # one change (write + swap) at a time: versions in order
+            return await admin.change_classes(self._model.config, change, self.reload)
 
     async def reload(self, changes: dict) -> dict:
         async with self._reload_lock:

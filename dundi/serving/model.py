@@ -18,9 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from dundi.artifacts import Run
+from dundi.artifacts import Run, index_sha256, index_version
 from dundi.errors import DundiError
 from dundi.serving.errors import RequestError
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
+
+
+# The abstain rule's signals: ModelConfig field -> (what it measures, +1: abstain above the
+# threshold / -1: below). dundi.serving.abstain computes and calibrates them.
+ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
+                   "abstain_min_norm": ("embedding norm", -1),
+                   "abstain_max_grey": ("share of mid-grey pixels", 1),
+                   "abstain_max_mean": ("mean pixel value", 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +39,23 @@ class ModelConfig:
     ``n`` None means every oracle in the index. ``abstain_threshold`` None never abstains;
     otherwise an input whose nearest oracle (among the k classes kept by step 1) is farther
     than the threshold gets the answer "unknown" (see :mod:`dundi.serving.abstain`).
+    ``abstain_min_norm``, ``abstain_max_grey`` and ``abstain_max_mean`` (None: off) also
+    answer "unknown" for an embedding shorter than the first, or an image with a larger share
+    of mid-grey pixels or a larger mean pixel value than the others: the signals `dundi index
+    calibrate` sets together with the distance threshold (ABSTAIN_SIGNALS).
     """
 
     run: str
     n: int | None = None
-    m: int = 3
-    k: int = 5
+    m: int = COARSE_ORACLES
+    k: int = KEPT_CLASSES
     abstain_threshold: float | None = None
+    abstain_min_norm: float | None = None
+    abstain_max_grey: float | None = None
+    abstain_max_mean: float | None = None
+    index_version: int | None = None
 
-    FIELDS = ("run", "n", "m", "k", "abstain_threshold")
+    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version")
 
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
@@ -46,24 +63,36 @@ class ModelConfig:
         keep their value in ``base``. Raises RequestError 422 saying what is wrong."""
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles), "abstain_threshold" '
-                    '(positive number or null)')
+                    '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
+                    '"abstain_max_mean" (non-negative numbers or null), "index_version" (an index '
+                    'version of the run, null for the live one)')
         if not isinstance(data, dict):
             raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
         unknown = sorted(set(data) - set(cls.FIELDS))
         if unknown:
             raise RequestError(422, "invalid_config", f"unknown setting(s) {', '.join(unknown)}", expected)
         merged = {**(dataclasses.asdict(base) if base else {}), **data}
+        if base is not None and data.get("run", base.run) != base.run and "index_version" not in data:
+            merged["index_version"] = None  # a pinned version belongs to the old run
         if not isinstance(merged.get("run"), str) or not merged["run"]:
             raise RequestError(422, "invalid_config", "no run directory given", expected)
-        for name in ("n", "m", "k"):
+        for name in ("n", "m", "k", "index_version"):
             value = merged.get(name, getattr(cls, name))
-            if not (value is None and name == "n") and (isinstance(value, bool) or not isinstance(value, int)):
+            if not (value is None and name in ("n", "index_version")) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RequestError(422, "invalid_config", f"{name}={value!r} is not an integer", expected)
         thr = merged.get("abstain_threshold")
         if thr is not None:
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
                 raise RequestError(422, "invalid_config", f"abstain_threshold={thr!r} is not a positive number", expected)
             merged["abstain_threshold"] = float(thr)
+        for name in list(ABSTAIN_SIGNALS)[1:]:
+            value = merged.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0:
+                    raise RequestError(422, "invalid_config", f"{name}={value!r} is not a non-negative number",
+                                       expected)
+                merged[name] = float(value)
         return cls(**merged)
 
     def to_dict(self) -> dict:
@@ -91,6 +120,10 @@ class ModelInfo:
     abstain_threshold: float | None
     metric: str = "euclidean"     # the distance the rule ranks by
     certified: bool = False       # answers carry a certified L∞ radius (sqeuclidean runs)
+    abstain_min_norm: float | None = None  # the other abstain signals (dundi.serving.abstain)
+    abstain_max_grey: float | None = None
+    abstain_max_mean: float | None = None
+    index_version: int | None = None       # the oracle index version answering (dundi index list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -134,18 +167,6 @@ class Prediction:
                 for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
-    try:
-        from dundi.data import DATASETS
-
-        names = tuple(DATASETS[dataset].class_names)
-        if len(names) == num_classes:
-            return names
-    except (ImportError, KeyError, AttributeError):
-        pass
-    return tuple(str(c) for c in range(num_classes))
-
-
 class LoadedModel:
     """A verified DunDi run with its oracle index, answering batches of images."""
 
@@ -153,7 +174,7 @@ class LoadedModel:
         run_dir = Path(config.run)
         if not run_dir.is_dir():
             raise DundiError(f"run directory {config.run} does not exist (on the host serving it)")
-        run = Run.load(run_dir)   # verifies the sha256 of weights and index
+        run = Run.load(run_dir, index_version=config.index_version)  # verifies weights and index
         if run.oracle is None:
             raise DundiError(f"{config.run} is a {run.meta['kind']} run: serving needs a DunDi run "
                              f"with an oracle index (`dundi train`, then `dundi index build`)")
@@ -165,27 +186,35 @@ class LoadedModel:
         self.embed_batch = embed_batch
         meta = run.meta
         files = meta.get("files", {})
-        fingerprint = json.dumps([files.get("model.safetensors"), files.get("oracle/index.faiss"),
-                                  n, config.m, config.k, config.abstain_threshold])
+        index_hash = index_sha256(meta, config.index_version)
+        fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
+                                  n, config.m, config.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS)])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
             run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
-            index_sha256=files.get("oracle/index.faiss", ""), dataset=meta["dataset"], arch=meta["arch"],
-            in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=int(meta["num_classes"]),
-            class_names=class_names_for(meta["dataset"], int(meta["num_classes"])),
+            index_sha256=index_hash, dataset=meta["dataset"], arch=meta["arch"],
+            in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=len(run.class_names),
+            class_names=run.class_names, index_version=index_version(meta) if config.index_version
+            is None else config.index_version,
             n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
-            embed_dim=run.oracle.dim, abstain_threshold=config.abstain_threshold,
-            metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean")
+            embed_dim=run.oracle.dim, metric=run.oracle.metric, certified=run.oracle.metric == "sqeuclidean",
+            **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
-    def classify(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
+        from dundi.serving.abstain import abstain_flags, signal_values
+
         check_shape(images, self.info.in_shape)
-        r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k,
-                              batch_size=self.embed_batch)
-        thr = self.config.abstain_threshold
-        abstained = (r.nearest_distance > thr) if thr is not None else np.zeros(len(r.labels), bool)
+        if len(images) == 0:
+            r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k)
+            emb = np.zeros((0, self.run.oracle.dim), np.float32)
+        else:
+            emb = self.run.embed(images, self.embed_batch)
+            r = self.run.oracle.classify(emb, n=self.n, m=self.config.m, k=self.config.k)
+        values = signal_values(images, emb, r.nearest_distance)
+        abstained = abstain_flags(values, {f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         labels = r.labels.astype(np.int64)
         radius = None
         if self.certifier is not None:

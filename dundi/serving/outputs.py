@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dundi.serving.model import ModelInfo, Prediction
+from dundi.serving.model import ABSTAIN_SIGNALS, ModelInfo, Prediction
 
 V2_OUTPUTS = ("label", "class_name", "abstained", "kept_classes", "coarse_scores", "fine_scores",
               "nearest_oracle_distance", "certified_radius")
@@ -46,6 +46,11 @@ def _floats(arr: np.ndarray) -> list:
     if np.isfinite(arr).all():
         return values
     return [v if math.isfinite(v) else None for v in values]
+
+
+def abstain_parameters(info: ModelInfo) -> dict:
+    """The abstain rule's thresholds as answers report them (null: that signal is off)."""
+    return {f: getattr(info, f) for f in ABSTAIN_SIGNALS}
 
 
 def _class_names(info: ModelInfo, labels: np.ndarray, abstained: np.ndarray) -> list[str]:
@@ -72,8 +77,7 @@ def v2_response(pred: Prediction, info: ModelInfo, model_name: str, request_id: 
     out: dict[str, Any] = {"model_name": model_name, "model_version": info.version}
     if request_id is not None:
         out["id"] = request_id
-    out["parameters"] = {"n": info.n, "m": info.m, "k": info.k,
-                         "abstain_threshold": info.abstain_threshold}
+    out["parameters"] = {"n": info.n, "m": info.m, "k": info.k, **abstain_parameters(info)}
     out["outputs"] = [{"name": name, "datatype": tensors[name][0], "shape": tensors[name][1],
                        "data": tensors[name][2]()} for name in (outputs or V2_OUTPUTS)]
     return out
@@ -109,8 +113,7 @@ def classify_response(pred: Prediction, info: ModelInfo, model_name: str) -> dic
             "certified_radius": radii[i],
         })
     return {"model_name": model_name, "model_version": info.version,
-            "parameters": {"n": info.n, "m": info.m, "k": info.k,
-                           "abstain_threshold": info.abstain_threshold},
+            "parameters": {"n": info.n, "m": info.m, "k": info.k, **abstain_parameters(info)},
             "results": results}
 
 

@@ -73,3 +73,36 @@ class ServeSettings:
             self,
             auth_token_sha256=self.auth_token_sha256 or (hash_token(auth) if auth else None),
             admin_token_sha256=self.admin_token_sha256 or (hash_token(admin) if admin else None))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentSettings:
+    """How the classifier is deployed on Ray Serve: replicas, their resources and batching.
+    Declared here (not in the Ray edge) so the CLI's flags take their defaults from it
+    without importing Ray; :class:`dundi.distributed.serve_app.ServeAppArgs` is composed of
+    this, :class:`ServeSettings` and the model's settings."""
+
+    replicas: int = 1                      # replicas (ignored with autoscaling)
+    autoscale_min: int | None = None       # autoscaling bounds: both or neither
+    autoscale_max: int | None = None
+    target_ongoing_requests: float = 16.0  # autoscaling target per replica
+    replica_cpus: float = 0.25             # CPUs reserved per replica (below 1 on small machines)
+    torch_threads: int = 1                 # torch threads per replica
+    max_batch_size: int = 64               # images per model call (@serve.batch)
+    batch_wait_timeout_s: float = 0.005    # how long a model batch waits to fill
+    max_ongoing_requests: int = 256        # per replica
+
+    def __post_init__(self):
+        for name in ("replicas", "torch_threads", "max_batch_size", "max_ongoing_requests"):
+            if getattr(self, name) < 1:
+                raise DundiError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("target_ongoing_requests", "replica_cpus"):
+            if not getattr(self, name) > 0:
+                raise DundiError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_wait_timeout_s < 0:
+            raise DundiError(f"batch_wait_timeout_s must be 0 or more, got {self.batch_wait_timeout_s}")
+        if (self.autoscale_min is None) != (self.autoscale_max is None):
+            raise DundiError("give both autoscale_min and autoscale_max, or neither")
+        if self.autoscale_max is not None and not 0 <= self.autoscale_min <= self.autoscale_max:
+            raise DundiError(f"autoscaling needs 0 <= min <= max, got {self.autoscale_min}:{self.autoscale_max}")
+
