@@ -47,8 +47,8 @@ import faiss
 import numpy as np
 
 from dundi.errors import DundiError
+from dundi.oracle_search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
 from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
-from dundi.oracle_search import Shortlister, gathered, pairwise, top_k, use_gpu
 
 INDEX_FILE = "index.faiss"
 META_FILE = "oracle.json"
@@ -71,7 +71,7 @@ class TwoStepResult:
 
 
 METRICS = ("euclidean", "sqeuclidean")
-SHORTLISTS = ("auto", "ivf", "hnsw")
+SHORTLISTS = ("auto", *SHORTLIST_KINDS)
 
 
 def check_metric(metric: str) -> str:
@@ -85,8 +85,23 @@ def class_scores_from(dist: np.ndarray, mask: np.ndarray, eff: np.ndarray, lengt
     """Algorithm 1's class scores from per-oracle distances (..., L) of which ``mask`` marks
     the class's first ``eff`` = min(length, count): the summed similarity, rescaled to
     ``length`` terms (mean × length) only for a class holding fewer than ``length``."""
-    s = -np.where(mask, dist, 0.0).sum(-1)
+    s = -np.where(mask, dist, 0.0).sum(-1, dtype=np.float64)
     return np.where(eff < length, s * length / np.maximum(eff, 1), s)
+
+
+def _block_reductions(d3: np.ndarray, n: int, m: int) -> tuple[np.ndarray, ...]:
+    """Coarse sums (first m), fine sums (first n) and minima (first n) per class of equal
+    class blocks (B, C, n_max), in one pass over oracle positions: NumPy reduces a short last
+    axis slowly, and at 10 classes these reductions would cost more than the distances.
+    float32, like FAISS's distances; added in oracle order, so equal rows give equal sums."""
+    total, low = d3[:, :, 0].copy(), d3[:, :, 0].copy()
+    coarse = total.copy() if m == 1 else None
+    for j in range(1, n):
+        total += d3[:, :, j]
+        np.minimum(low, d3[:, :, j], out=low)
+        if j == m - 1:
+            coarse = total.copy()
+    return -coarse, -total, low
 
 
 def _check_name(name: object) -> str:
@@ -146,6 +161,7 @@ class OracleIndex:
 
     def _set_counts(self, counts: np.ndarray) -> None:
         self._counts = counts
+        self._uniform = bool(counts.min() == counts.max())  # equal blocks: (C, n, D) views
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def _set_names(self, names: list[str]) -> None:
@@ -167,8 +183,8 @@ class OracleIndex:
         labels = np.asarray(labels)
         counts = np.bincount(labels, minlength=num_classes)
         if len(counts) != num_classes or counts.min() == 0:
-            raise DundiError(f"every one of the {num_classes} classes needs at least one oracle; "
-                             f"got counts {counts.tolist()[:20]}")
+            raise DundiError(f"oracle labels must cover every class 0..{num_classes - 1} with at "
+                             f"least one oracle (and nothing else); got counts {counts.tolist()[:20]}")
         order = np.argsort(labels, kind="stable")
         return cls(np.asarray(embeddings)[order], counts=counts, **kw)
 
@@ -231,6 +247,15 @@ class OracleIndex:
         shown = ", ".join(self._names[:8]) + (", ..." if len(self._names) > 8 else "")
         return f"{self.num_classes} classes ({shown}); `dundi index list RUN` lists them"
 
+    def copy(self) -> "OracleIndex":
+        """An independent copy (oracles, names, settings; step-1 structures are rebuilt on
+        first use), so a service can enrol or remove classes on it while the original keeps
+        answering, then swap it in whole."""
+        return OracleIndex(self.vectors.copy(), counts=self._counts.copy(), class_names=self.class_names,
+                           full_limit=self.full_limit, exact_coarse_limit=self.exact_coarse_limit,
+                           shortlist=self.shortlist, nprobe=self.nprobe, shortlist_kind=self.shortlist_kind,
+                           meta=json.loads(json.dumps(self.meta)), metric=self.metric)
+
     # ---- enrolment ---------------------------------------------------------------------
     def add_class(self, name: str, embeddings: np.ndarray) -> int:
         """Enrol a new class from its oracle embeddings (count, D), in the order given (the
@@ -283,7 +308,10 @@ class OracleIndex:
         self._size = need
 
     def remove_class(self, name: str) -> None:
-        """Remove a class and its oracles; the classes after it move down one label."""
+        """Remove a class and its oracles; the classes after it move down one label.
+
+        Costs a copy of the oracle array, and step 1's FAISS structure (class ids are labels)
+        is rebuilt on the next query: seconds at 100,000 classes, minutes at 1,000,000."""
         label = self.label_of(name)
         if self.num_classes == 1:
             raise DundiError(f"class {name!r} is the only class in the index; an index needs at "
@@ -316,7 +344,7 @@ class OracleIndex:
     def _kind(self) -> str:
         if self.shortlist_kind != "auto":
             return self.shortlist_kind
-        return "ivf" if use_gpu() else "hnsw"
+        return "ivf" if use_gpu() else "ivfpq"
 
     def _coarse_structure(self, m: int):
         """Step 1's FAISS structure for m, built once: the packed coarse oracles for exact
@@ -367,30 +395,44 @@ class OracleIndex:
         fields = [f.name for f in dataclasses.fields(TwoStepResult)]
         return TwoStepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
-    def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
-        if self._size <= self.full_limit:
-            # Few oracles in all: one exact FAISS distance matrix serves both steps, so the
-            # two-step rule costs about what brute force costs.
-            dist = pairwise(q, self.vectors, self.squared)
-            rows, mask, eff = self._rows(np.arange(self.num_classes), m)
-            coarse = class_scores_from(dist[:, rows], mask, eff, m)
+    def _full_step(self, q: np.ndarray, n: int, m: int, k: int) -> tuple[np.ndarray, ...]:
+        """Both steps from one exact FAISS distance matrix (few oracles in all, so the
+        two-step rule costs about what flat search costs). Equal class blocks are read as a
+        (B, C, n) view: no gather, no mask."""
+        dist = pairwise(q, self.vectors, self.squared)
+        if self._uniform:
+            coarse, fine, nearest = _block_reductions(dist.reshape(len(q), self.num_classes, self.n), n, m)
             top = top_k(coarse, k)
-            coarse_scores = np.take_along_axis(coarse, top, 1)
-            rows, mask, eff = self._rows(top, n)
-            fine_dist = np.take_along_axis(dist, rows.reshape(len(q), -1), 1).reshape(rows.shape)
-        else:
-            top, coarse_scores = self._step1(q, m, k)
-            rows, mask, eff = self._rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
-            fine_dist = gathered(q, self._vec, self._sq, rows, self.squared)
-            mask = mask & (top[:, :, None] >= 0)
+            return (top, np.take_along_axis(coarse, top, 1).astype(np.float64),
+                    np.take_along_axis(fine, top, 1).astype(np.float64),
+                    np.take_along_axis(nearest, top, 1).min(1))
+        rows, mask, eff = self._rows(np.arange(self.num_classes), m)
+        coarse = class_scores_from(dist[:, rows], mask, eff, m)
+        top = top_k(coarse, k)
+        rows, mask, eff = self._rows(top, n)
+        fine_dist = np.take_along_axis(dist, rows.reshape(len(q), -1), 1).reshape(rows.shape)
+        return (top, np.take_along_axis(coarse, top, 1), class_scores_from(fine_dist, mask, eff, n),
+                np.where(mask, fine_dist, np.inf).min(axis=(1, 2)))
+
+    def _listed_step(self, q: np.ndarray, n: int, m: int, k: int) -> tuple[np.ndarray, ...]:
+        """Step 1 through its FAISS structure, step 2 over the kept classes' rows."""
+        top, coarse_scores = self._step1(q, m, k)
+        rows, mask, eff = self._rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
+        fine_dist = gathered(q, self._vec, self._sq, rows, self.squared)
+        mask = mask & (top[:, :, None] >= 0)
         fine = np.where(top >= 0, class_scores_from(fine_dist, mask, eff, n), -np.inf)
-        nearest = np.where(mask, fine_dist, np.inf).reshape(len(q), -1).min(1)
+        return top, coarse_scores, fine, np.where(mask, fine_dist, np.inf).min(axis=(1, 2))
+
+    def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
+        step = self._full_step if self._size <= self.full_limit else self._listed_step
+        top, coarse_scores, fine, nearest = step(q, n, m, k)
+        nearest = nearest.astype(np.float64)
         if self.squared:  # report a distance whatever the metric ranks by
             nearest = np.sqrt(nearest)
         best = np.argmax(fine, axis=1)  # first maximum: ties go to the better coarse rank
         labels = top[np.arange(len(q)), best]
         return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores,
-                             fine.astype(np.float64), nearest.astype(np.float64))
+                             fine, nearest)
 
     @staticmethod
     def select(labels: np.ndarray, n: int, seed: int, num_classes: int) -> np.ndarray:

@@ -31,10 +31,10 @@ def reference(queries, padded, counts, n, m, k, metric="euclidean"):
 
 # every search path: one matrix; exact step 1; shortlists covering every class (exact step 1)
 PATHS = {
-    "full": {},
+    "full": {"full_limit": 10**9},
     "exact-coarse": {"full_limit": 0},
     "ivf": {"full_limit": 0, "exact_coarse_limit": 0, "shortlist_kind": "ivf", "nprobe": 10_000},
-    "hnsw": {"full_limit": 0, "exact_coarse_limit": 0, "shortlist_kind": "hnsw"},
+    "ivfpq": {"full_limit": 0, "exact_coarse_limit": 0, "shortlist_kind": "ivfpq", "nprobe": 10_000},
 }
 
 
@@ -110,12 +110,12 @@ def _enrolled_reference_check(index, rows, names, queries, n=20, m=3, k=5):
 @pytest.mark.parametrize("path", PATHS)
 def test_add_and_remove_classes_equal_the_reference(path):
     rng = np.random.default_rng(7)
-    counts = [20] * 30
+    counts = [20] * 300  # enough classes for the 4-bit codes of the ivfpq shortlist
     vectors, _, queries = ragged(rng, counts, 12)
-    rows = list(vectors.reshape(30, 20, 12))
-    kw = dict(PATHS[path], shortlist=64) if "shortlist_kind" in PATHS[path] else PATHS[path]
-    index = OracleIndex(vectors, 30, **kw)
-    names = [str(c) for c in range(30)]
+    rows = list(vectors.reshape(300, 20, 12))
+    kw = dict(PATHS[path], shortlist=400) if "shortlist_kind" in PATHS[path] else PATHS[path]
+    index = OracleIndex(vectors, 300, **kw)
+    names = [str(c) for c in range(300)]
     index.classify(queries)  # builds the step-1 structure, which enrolment must extend
     new = {"ann": rng.normal(size=(1, 12)), "bob": rng.normal(size=(10, 12)) + 3, "cy": rng.normal(size=(20, 12))}
     for name, emb in new.items():
@@ -192,9 +192,73 @@ def test_shortlist_path_equals_exact_path_when_it_covers_every_class():
     counts = rng.integers(1, 21, size=2000)
     vectors, _, queries = ragged(rng, counts.tolist(), 16, spread=0.5)
     exact = OracleIndex(vectors, counts=counts, full_limit=0).classify(queries, n=20, m=3, k=5)
-    for kind in ("ivf", "hnsw"):
+    for kind in ("ivf", "ivfpq"):
         idx = OracleIndex(vectors, counts=counts, full_limit=0, exact_coarse_limit=0,
                           shortlist_kind=kind, shortlist=2000, nprobe=10_000)
         got = idx.classify(queries, n=20, m=3, k=5)
         np.testing.assert_array_equal(got.labels, exact.labels)
         np.testing.assert_array_equal(got.topk_classes, exact.topk_classes)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 40])
+def test_top_k_matches_a_full_stable_sort_with_ties(k):
+    from dundi.oracle_search import top_k
+
+    rng = np.random.default_rng(k)
+    scores = rng.integers(-4, 1, size=(300, 50)).astype(np.float64)  # many ties, at every rank
+    scores[::7] = rng.normal(size=(len(scores[::7]), 50))           # and rows without ties
+    scores[5, :] = -np.inf                                           # a row of missing hits
+    np.testing.assert_array_equal(top_k(scores, k), np.argsort(-scores, axis=1, kind="stable")[:, :k])
+
+
+def test_an_index_built_from_a_dataset_is_named_after_its_classes():
+    from dundi.data import DATASETS
+    from dundi.pipeline import run_class_names
+
+    names = list(DATASETS["fashion-mnist"].class_names)
+    assert run_class_names({"dataset": "fashion-mnist", "num_classes": 10}) == names
+    kept = [0, 2, 3, 5, 6, 7, 8, 9]  # a run trained with two held-out classes
+    assert run_class_names({"dataset": "fashion-mnist", "num_classes": 8, "dataset_classes": kept}) == \
+        [names[c] for c in kept]
+    assert run_class_names({"dataset": "synthetic", "num_classes": 3}) == ["0", "1", "2"]
+
+
+def test_enrolled_index_in_a_run_keeps_its_hash_check(tmp_path):
+    """An index with enrolled classes saved into a run loads through the run's sha256
+    verification, names and counts intact; a renamed class in its metadata is refused."""
+    from dundi.artifacts import load_oracle, save_model, save_oracle
+    from dundi.models import build_distance_net
+
+    model = build_distance_net("lenet5", (1, 28, 28), 16)
+    save_model(tmp_path, model, {"kind": "dundi", "arch": "lenet5", "dataset": "mnist-10k",
+                                 "in_shape": [1, 28, 28], "num_classes": 10, "embed_dim": 16,
+                                 "mode": "R", "config": {}})
+    rng = np.random.default_rng(2)
+    index = OracleIndex(rng.normal(size=(40, 16)).astype(np.float32), 10)
+    index.add_class("eleven", rng.normal(size=(2, 16)))
+    index.remove_class("3")
+    save_oracle(tmp_path, index)
+    loaded = load_oracle(tmp_path)
+    assert loaded.class_names == index.class_names and loaded.class_counts().tolist() == [4] * 9 + [2]
+    run_meta = json.loads((tmp_path / "run.json").read_text())
+    (meta_name,) = [f for f in run_meta["files"] if f.endswith("oracle.json")]  # the live version's
+    meta_path = tmp_path / meta_name
+    meta_path.write_text(meta_path.read_text().replace('"eleven"', '"twelve"'))
+    with pytest.raises(DundiError, match="oracle.json does not match the sha256"):
+        load_oracle(tmp_path)
+
+
+def test_a_copy_changes_without_touching_the_original():
+    rng = np.random.default_rng(4)
+    vectors, _, queries = ragged(rng, [5] * 12, 8)
+    index = OracleIndex(vectors, 12, metric="sqeuclidean", meta={"seed": 1, "ids": [1, 2]})
+    before = index.classify(queries, n=5, m=2, k=3)
+    twin = index.copy()
+    twin.add_class("new", queries[:3])
+    twin.remove_class("0")
+    twin.meta["ids"].append(3)
+    assert index.class_names == [str(c) for c in range(12)] and index.meta["ids"] == [1, 2]
+    assert twin.class_names == [str(c) for c in range(1, 12)] + ["new"] and twin.metric == "sqeuclidean"
+    after = index.classify(queries, n=5, m=2, k=3)
+    np.testing.assert_array_equal(before.labels, after.labels)
+    np.testing.assert_array_equal(before.fine_scores, after.fine_scores)
