@@ -14,7 +14,7 @@ $PY -c "import torch, faiss; print('torch', torch.__version__, 'CUDA', torch.ver
 '|', torch.cuda.get_device_name(0), '| faiss', faiss.__version__, 'GPUs seen by faiss:', faiss.get_num_gpus())" || exit 1
 
 echo "== pytest -m gpu"
-$PY -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py || rc=1
+$PY -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_oracle_gpu.py || rc=1
 
 echo "== dundi train --device cuda (DunDi-AT, mnist-10k, 1 epoch)"
 out=$(mktemp -d)
