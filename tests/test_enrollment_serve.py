@@ -8,7 +8,6 @@ from the same oracle images, so only its name and label change."""
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,22 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.test_serve_cli import free_port, v2
+
 pytestmark = [pytest.mark.realdata]
 
 ADMIN = {"Authorization": "Bearer admin-test-token"}
 HELD_OUT = 7          # the digit removed from the subject's index, then enrolled while serving
 CLIENTS = 4           # request threads
 LOAD_S = 6.0          # seconds of load around the enrollment
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def v2(x: np.ndarray) -> dict:
-    return {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
 
 
 @pytest.fixture(scope="module")
