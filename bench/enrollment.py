@@ -7,6 +7,9 @@ the first N images of each in the train split (``dundi index add RUN --class NAM
 classes (the 8 it was trained on), new classes (the 2 enrolled) and all. Both sides are
 computed in this one run and printed side by side as a Markdown table (and JSON with --json).
 
+With --certified, every certified DunDi model is certified on the whole test split at L∞ eps
+0.1, 0.2 and 0.3 (dundi.certificate, the deployed n, m, k), split into old and new classes.
+
 With --robust, every DunDi-AT model of the table is also attacked on the whole test split by
 `dundi evaluate --threat adaptive --attacks pgd --eps 0.3` (white-box on the two-step rule as
 deployed, resumable), and clean and robust accuracy are split into old and new classes.
@@ -31,11 +34,13 @@ from dundi.data import load_split
 from dundi.enrollment import add_class, dataset_images
 from dundi.pipeline import run_rows
 
-PAIRS = (  # name, 8-class run, 10-class twin (in --runs; None: --at10)
+PAIRS = (  # name, 8-class run, 10-class twin (in --runs; "at10"/"cert10": the flag's run)
     ("mnist-10k DunDi_R", "mnist-R8", "mnist-R10"),
     ("Fashion-MNIST DunDi_R", "fashion-R8", "fashion-R10"),
-    ("mnist-10k DunDi-AT", "mnist-AT8", None),
+    ("mnist-10k DunDi-AT", "mnist-AT8", "at10"),
+    ("mnist-10k certified DunDi", "mnist-C8", "cert10"),
 )
+CERT_EPS = (0.1, 0.2, 0.3)
 
 
 def enrolled_copy(src: Path, dst: Path, size: int, data_dir: str | None) -> Path:
@@ -53,13 +58,19 @@ def enrolled_copy(src: Path, dst: Path, size: int, data_dir: str | None) -> Path
     return dst
 
 
+def dataset_labels(labels: np.ndarray, ids: np.ndarray, kept_ids: np.ndarray) -> np.ndarray:
+    """The dataset labels of the rows a run kept (by sample id)."""
+    if np.all(np.diff(ids) > 0):
+        return labels[np.searchsorted(ids, kept_ids)]
+    return np.array([labels[np.flatnonzero(ids == i)[0]] for i in kept_ids])
+
+
 def scores(run_dir: Path, held_out: list[int], data_dir: str | None) -> dict:
     """Test-split accuracy of a run on its old classes, the held-out ones and all it answers."""
     run = Run.load(run_dir)
     images, labels, ids = load_split(run.meta["dataset"], "test", data_dir)
     x, y, kept_ids = run_rows(run.meta, images, labels, ids)
-    dataset_label = labels[np.searchsorted(ids, kept_ids)] if np.all(np.diff(ids) > 0) else \
-        np.array([labels[np.flatnonzero(ids == i)[0]] for i in kept_ids])
+    dataset_label = dataset_labels(labels, ids, kept_ids)
     t0 = time.time()
     answers = run.classify(x).labels
     correct = answers == y
@@ -120,6 +131,36 @@ def pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}%"
 
 
+def certified(run_dir: Path, held_out: list[int], data_dir: str | None) -> dict:
+    """Certified accuracy (the deployed rule's answer provably unchanged in the L∞ ball) on old
+    and new classes at CERT_EPS; None where a class holds fewer than n oracles (refused)."""
+    from dundi.errors import DundiError
+
+    run = Run.load(run_dir)
+    images, labels, ids = load_split(run.meta["dataset"], "test", data_dir)
+    x, y, kept_ids = run_rows(run.meta, images, labels, ids)
+    new = np.isin(dataset_labels(labels, ids, kept_ids), held_out)
+    try:
+        cert = run.certifier().batched(x, y, eps=list(CERT_EPS))["certified"]
+    except DundiError as exc:
+        return {"refused": str(exc)}
+    return {f"{group}@{e}": float(cert[mask, i].mean()) if mask.any() else None
+            for i, e in enumerate(CERT_EPS) for group, mask in (("old", ~new), ("new", new))}
+
+
+def certified_table(rows: list[dict], data_dir: str | None) -> None:
+    """Certify every model of the certified pair, old vs new classes."""
+    print("\n| model | images per new class | " + " | ".join(f"certified old / new @ {e}" for e in CERT_EPS) + " |")
+    print("|---|---|" + "---|" * len(CERT_EPS))
+    for r in rows:
+        if "certified" not in r["pair"]:
+            continue
+        r["certificates"] = c = certified(Path(r.get("run") or r["src"]), r["held_out"], data_dir)
+        cells = (["refused: a class holds fewer than n oracles"] if "refused" in c else
+                 [f"{pct(c[f'old@{e}'])} / {pct(c[f'new@{e}'])}" for e in CERT_EPS])
+        print(f"| {r['model']} | {r['images'] or '—'} | " + " | ".join(cells) + " |")
+
+
 def robust_table(rows: list[dict], out: Path, data_dir: str | None) -> None:
     """Attack every DunDi-AT model of ``rows`` and print clean/robust accuracy, old vs new."""
     print("\n| model | images per new class | clean old | clean new | robust old | robust new | attacked |")
@@ -144,27 +185,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/enroll", help="folder holding the runs of PAIRS")
     ap.add_argument("--at10", default="runs/at/AT5", help="the DunDi-AT run trained on all 10 classes")
+    ap.add_argument("--cert10", default="runs/results/cert/mnist-C",
+                    help="the certified DunDi run trained on all 10 classes")
     ap.add_argument("--out", default="runs/enrollment", help="where the enrolled copies are written")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 20], help="images per enrolled class")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--robust", action="store_true", help="also attack the DunDi-AT models (adaptive PGD)")
+    ap.add_argument("--certified", action="store_true", help="also certify the certified DunDi models")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, eight, ten in PAIRS:
-        src, twin = Path(args.runs) / eight, Path(args.runs) / ten if ten else Path(args.at10)
+        src, twin = Path(args.runs) / eight, Path(getattr(args, ten)) if ten in ("at10", "cert10") else Path(args.runs) / ten
         if not (src / "run.json").exists() or not (twin / "run.json").exists():
             print(f"skipped {name}: {src} or {twin} is missing")
             continue
         held_out = json.loads((src / "run.json").read_text())["config"]["holdout_classes"]
         rows.append({"pair": name, "model": "8 classes, before enrollment", "images": None, "src": str(src),
-                     **scores(src, held_out, args.data_dir)})
+                     "held_out": held_out, **scores(src, held_out, args.data_dir)})
         for size in args.sizes:
             run = enrolled_copy(src, out / f"{eight}-enrolled-{size}", size, args.data_dir)
             rows.append({"pair": name, "model": "8 classes + 2 enrolled", "images": size, "run": str(run),
-                         **scores(run, held_out, args.data_dir)})
+                         "held_out": held_out, **scores(run, held_out, args.data_dir)})
         rows.append({"pair": name, "model": "trained on all 10", "images": None, "src": str(twin),
                      "held_out": held_out, **scores(twin, held_out, args.data_dir)})
     print("| data, method | model | images per new class | old classes | new classes | all |")
@@ -173,6 +217,8 @@ def main() -> None:
         print(f"| {r['pair']} | {r['model']} | {r['images'] or '—'} | {pct(r['old'])} | {pct(r['new'])} | {pct(r['all'])} |")
     if args.robust:
         robust_table(rows, out, args.data_dir)
+    if args.certified:
+        certified_table(rows, args.data_dir)
     if args.json:
         print(json.dumps(rows))
 
