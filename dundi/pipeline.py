@@ -188,11 +188,6 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"or a smaller --lr.")
 
 
-def run_class_names(meta: dict) -> list[str]:
-    """Names of a run's classes in its label order (:func:`dundi.artifacts.dataset_class_names`)."""
-    return list(dataset_class_names(meta))
-
-
 def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
@@ -207,7 +202,7 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
     pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
     classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
-                        class_names=run_class_names(meta),
+                        class_names=list(dataset_class_names(meta)),
                         metric=meta["config"].get("metric", "euclidean"),
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
                               "ids": ids[pick].tolist(), "dataset_classes": classes})

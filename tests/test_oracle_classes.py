@@ -213,14 +213,14 @@ def test_top_k_matches_a_full_stable_sort_with_ties(k):
 
 def test_an_index_built_from_a_dataset_is_named_after_its_classes():
     from dundi.data import DATASETS
-    from dundi.pipeline import run_class_names
+    from dundi.artifacts import dataset_class_names
 
     names = list(DATASETS["fashion-mnist"].class_names)
-    assert run_class_names({"dataset": "fashion-mnist", "num_classes": 10}) == names
+    assert list(dataset_class_names({"dataset": "fashion-mnist", "num_classes": 10})) == names
     kept = [0, 2, 3, 5, 6, 7, 8, 9]  # a run trained with two held-out classes
-    assert run_class_names({"dataset": "fashion-mnist", "num_classes": 8, "dataset_classes": kept}) == \
+    assert list(dataset_class_names({"dataset": "fashion-mnist", "num_classes": 8, "dataset_classes": kept})) == \
         [names[c] for c in kept]
-    assert run_class_names({"dataset": "synthetic", "num_classes": 3}) == ["0", "1", "2"]
+    assert list(dataset_class_names({"dataset": "synthetic", "num_classes": 3})) == ["0", "1", "2"]
 
 
 def test_enrolled_index_in_a_run_keeps_its_hash_check(tmp_path):

@@ -278,7 +278,8 @@ def _classify_files(args: argparse.Namespace) -> None:
 
         run = Run.load(args.run)
         n = run.oracle.n if args.n is None else args.n
-        _, model = loaded_model(args.run, args.n, coarse_default(n) if args.m is None else args.m, args.k, args)
+        _, model = loaded_model(args.run, args.n, coarse_default(n) if args.m is None else args.m, args.k, args,
+                                loaded=run)
     rows, info = classify_files(model, images, files, k=args.k)
     text = write_answers(rows, info, args.format, args.out)
     if text is not None:

@@ -96,8 +96,9 @@ def add_abstain_args(group) -> None:
                        help="held-out images to calibrate on (default %(default)s)")
 
 
-def loaded_model(run: str, n, m, k, args: argparse.Namespace):
-    """The run as served, with the abstain rule the flags ask for (a line on stderr says which)."""
+def loaded_model(run: str, n, m, k, args: argparse.Namespace, loaded=None):
+    """The run as served, with the abstain rule the flags ask for (a line on stderr says which).
+    ``loaded``: the run already loaded (a :class:`dundi.artifacts.Run`), not read again."""
     import dataclasses
 
     from dundi.serving import LoadedModel, ModelConfig, RequestError
@@ -109,14 +110,14 @@ def loaded_model(run: str, n, m, k, args: argparse.Namespace):
         raise DundiError(exc.message) from None
     if args.abstain_threshold is not None and args.false_abstain is not None:
         raise DundiError("give --abstain-threshold or --false-abstain, not both")
-    model = LoadedModel(config)  # fails early, with the loader's message, on a bad run
+    model = LoadedModel(config, run=loaded)  # fails early, with the loader's message, on a bad run
     fields, how = abstain_settings(model, args.abstain_threshold, args.false_abstain,
                                    getattr(args, "data_dir", None), args.calibration_limit)
     print(f"dundi: {how}", file=sys.stderr)
     if not any(v is not None for v in fields.values()):
         return config, model
     config = dataclasses.replace(config, **fields)
-    return config, LoadedModel(config)
+    return config, LoadedModel(config, run=model.run)  # the same run, other abstain settings
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -170,11 +170,14 @@ class Prediction:
 class LoadedModel:
     """A verified DunDi run with its oracle index, answering batches of images."""
 
-    def __init__(self, config: ModelConfig, embed_batch: int = 1024):
+    def __init__(self, config: ModelConfig, embed_batch: int = 1024, run: Run | None = None):
+        """``run``: that run already loaded and verified (its directory and index version are
+        ``config``'s), so a change of the abstain settings does not load it again."""
         run_dir = Path(config.run)
         if not run_dir.is_dir():
             raise DundiError(f"run directory {config.run} does not exist (on the host serving it)")
-        run = Run.load(run_dir, index_version=config.index_version)  # verifies weights and index
+        if run is None:
+            run = Run.load(run_dir, index_version=config.index_version)  # verifies weights and index
         if run.oracle is None:
             raise DundiError(f"{config.run} is a {run.meta['kind']} run: serving needs a DunDi run "
                              f"with an oracle index (`dundi train`, then `dundi index build`)")
