@@ -375,6 +375,15 @@ class Run:
         return dataset_class_names(self.meta)
 
     def embed(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Embeddings (B, D) float32. A run ranking by squared Euclidean distance (certifiable)
+        embeds through :func:`dundi.exact_rule.embed_invariant`, so an image's embedding -- and
+        so its answer and certificate -- is the same bits in any batch."""
+        if self.oracle is not None and self.oracle.metric == "sqeuclidean":
+            from dundi.bounds import layers_of
+            from dundi.exact_rule import embed_invariant
+
+            self.model.eval()
+            return embed_invariant(layers_of(self.model), images, min(batch_size, 256))
         from dundi.inference import forward_batched
 
         return forward_batched(self.model, images, batch_size)

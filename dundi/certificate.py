@@ -1,30 +1,24 @@
-"""A certificate for Algorithm 1 as deployed: no input in the L∞ ball changes its label.
+"""A certificate for the answer a certified run serves: no input in the L∞ ball changes its
+label, and (with an abstain gate) none withdraws it as "unknown".
 
-Under the squared Euclidean distance (the run setting ``metric="sqeuclidean"``) a class's
-summed distance to a fixed set of oracles o_1..o_t is
+What is proven is the served computation itself (docs/certification.md): the float32
+network run by :func:`dundi.exact_rule.embed_invariant`, then Algorithm 1 decided in float64
+by :class:`dundi.exact_rule.ExactRule`. Under the squared Euclidean distance a class's summed
+distance to t oracles is S_c(z) = t‖z‖² + u_c(z), u_c(z) = ν_c − 2 z·σ_c, and the rule ranks
+by u_c. The embedding is z = W h + b (the last Linear layer), so
 
-    S_c(z) = Σ_j ‖z − o_cj‖² = t‖z‖² − 2 z·σ_c + ν_c,   σ_c = Σ_j o_cj,  ν_c = Σ_j ‖o_cj‖²,
+    u_c − u_a = (g_c − g_a)·h + (κ_c − κ_a),   g_c = −2 Wᵀσ_c,  κ_c = −2 b·σ_c + ν_c,
 
-and since every class sums over the same count t (m in step 1, n in step 2), the difference
-of two classes' sums is linear in the embedding z:
+linear in the penultimate activations h, whose box comes from float32-aware interval bounds
+(:func:`dundi.bounds.propagate_served`). Its exact minimum over the box, less an allowance
+for every rounding of the served path and of this computation (:meth:`Certifier._allowance`),
+is a lower bound that holds for what the server computes, in any batch. The label y is
+certified when
 
-    S_c(z) − S_a(z) = −2 z·(σ_c − σ_a) + ν_c − ν_a.
+1. step 1 keeps y: fewer than k other classes c can reach u^m_c ≤ u^m_y in the ball;
+2. step 2 picks y: every other class that can still be kept has u^n_c > u^n_y throughout.
 
-The embedding is z = W h + b (the Distance NN's last Linear layer), so the difference is
-linear in the penultimate activations h, and its exact minimum over the interval box of h
-(from :mod:`dundi.bounds`) is a lower bound over every input in the ball. The derivation,
-including ties, is in docs/certification.md. In short, the label y is certified when
-
-1. step 1 keeps y: fewer than k other classes c can reach S^m_c ≤ S^m_y anywhere in the
-   ball (a class that cannot is always ranked below y, whatever the tie rule);
-2. step 2 picks y: every other class c that can still enter the top k (it is not beaten
-   for certain by k classes in step 1) has S^n_c > S^n_y everywhere in the ball.
-
-Each condition uses strict inequalities with a small relative tolerance, so a tie — broken
-either way by the deployed rule, or by float32 rounding in FAISS — is never certified.
-
-Everything here is float64 and depends only on the query's bounds and the fixed oracle
-embeddings: adding or swapping oracles never invalidates the method, only the numbers.
+With a :class:`AbstainGate`, no abstain signal may cross its threshold in the ball either.
 """
 
 from __future__ import annotations
@@ -36,59 +30,74 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.bounds import input_box, propagate, split_last_linear
+from dundi.abstain_signals import GREY_BAND
+from dundi.bounds import input_box, propagate_served, split_last_linear
 from dundi.errors import DundiError
+from dundi.exact_rule import U32, U64, ClassSums, ExactRule, fixed_sum, gamma
 
-# strict margins: a bound must beat zero by this fraction of the scores' scale
-RELATIVE_TOLERANCE = 1e-6
-RADIUS_STEPS = 14   # bisection steps: radius resolution is eps_max / 2**14
+RADIUS_STEPS = 12   # bisection steps: radius resolution is eps_max / 2**12
 # Up to this many classes step 2's possible rivals are narrowed with all C² coarse pairs;
 # beyond it every other class counts as a possible rival (sound, more conservative).
 PAIRWISE_CLASS_LIMIT = 64
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstainGate:
+    """The served abstain thresholds (None: signal off), as ModelConfig names them. An
+    answer abstains when the nearest-oracle distance exceeds ``abstain_threshold``, the
+    embedding norm is below ``abstain_min_norm``, or the mid-grey share or mean pixel exceed
+    theirs (:mod:`dundi.abstain_signals`)."""
+
+    abstain_threshold: float | None = None
+    abstain_min_norm: float | None = None
+    abstain_max_grey: float | None = None
+    abstain_max_mean: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
+
+
 @dataclasses.dataclass
-class OracleSums:
-    """σ_c (C, D) and ν_c (C,) of the first ``count`` oracles of each class, float64."""
+class _Step:
+    """One step's sums folded through the last layer: g (C, H), κ (C,), and what the
+    rounding allowance needs: |σ_c| (C, D), |ν_c| (C,) and, for C² pairs, |σ_c − σ_a|."""
 
     sigma: torch.Tensor
-    nu: torch.Tensor
-    count: int
+    g: torch.Tensor
+    kappa: torch.Tensor
+    abs_sigma: torch.Tensor
+    abs_nu: torch.Tensor
+    pair_g: torch.Tensor | None       # (C, C, H) |g_c − g_a|
+    pair_sigma: torch.Tensor | None   # (C, C, D) |σ_c − σ_a|
 
     @classmethod
-    def of(cls, oracles: torch.Tensor, count: int) -> "OracleSums":
-        o = oracles[:, :count].double()
-        return cls(o.sum(1), (o * o).sum((1, 2)), count)
+    def of(cls, sums: ClassSums, w: torch.Tensor, b: torch.Tensor, pairwise: bool) -> "_Step":
+        sigma, nu = torch.from_numpy(sums.sigma), torch.from_numpy(sums.nu)
+        g = -2.0 * sigma @ w
+        return cls(sigma, g, -2.0 * sigma @ b + nu, sigma.abs(), nu.abs(),
+                   (g[:, None] - g[None]).abs() if pairwise else None,
+                   (sigma[:, None] - sigma[None]).abs() if pairwise else None)
 
 
-def _pair_lower_bounds(h_lo: torch.Tensor, h_hi: torch.Tensor, last: nn.Linear, sums: OracleSums,
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Lower bounds of S_c(z) − S_a(z) over the box of h.
+@dataclasses.dataclass
+class _HBox:
+    """The box of h for a batch, and what the allowance derives from it: the float32 last
+    layer's rounding bound ``e`` (B, D) and a bound ``zabs`` on |z| (B, D)."""
 
-    Returns (B, C, C) for every pair (c, a), or with ``rows`` (B,) class indices a, (B, C)
-    for S_c − S_{a_b}. A positive bound means class a is strictly nearer than c everywhere.
-    """
-    w, b = last.weight.double(), last.bias.double()
-    centre, radius = (h_hi + h_lo) / 2, (h_hi - h_lo) / 2
-    g = -2.0 * sums.sigma @ w            # (C, H): S_c − S_a = (g_c − g_a)·h + (k_c − k_a)
-    kc = -2.0 * sums.sigma @ b + sums.nu  # (C,)
-    lin = centre @ g.T + kc               # (B, C): the value at the box centre, up to S_a
-    scale = RELATIVE_TOLERANCE * (sums.nu.abs().max() + 1.0)
-    if rows is None:
-        diff_g = (g[:, None, :] - g[None, :, :]).abs()                 # (C, C, H)
-        spread = torch.einsum("bh,cah->bca", radius, diff_g)
-        return lin[:, :, None] - lin[:, None, :] - spread - scale
-    diff_g = (g[None, :, :] - g[rows][:, None, :]).abs()              # (B, C, H)
-    spread = torch.einsum("bh,bch->bc", radius, diff_g)
-    return lin - lin.gather(1, rows[:, None]) - spread - scale
+    centre: torch.Tensor
+    radius: torch.Tensor
+    e: torch.Tensor
+    zabs: torch.Tensor
 
 
 class Certifier:
-    """Certificates of one Distance NN with one oracle set for Algorithm 1 (n, m, k).
+    """Certificates of one Distance NN with one oracle set for Algorithm 1 (n, m, k), for the
+    answers :class:`ExactRule` gives on :func:`embed_invariant` embeddings.
 
-    Holds a float64 copy of the network (interval arithmetic in float32 would round the
-    bounds in either direction) and the oracle sums of both steps, so each call costs one
-    interval pass through the network plus a few small matrix products.
+    Holds a float64 copy of the network's body (bounds in float64, widened by the float32
+    network's rounding) and the rule's own float64 class sums, so the proof and the answer
+    read the same numbers.
     """
 
     def __init__(self, net: nn.Module, oracles: torch.Tensor, n: int, m: int, k: int):
@@ -98,67 +107,147 @@ class Certifier:
                              f"1 <= k <= {num_classes}; got n={n}, m={m}, k={k}")
         body, last = split_last_linear(net)
         self.body = [copy.deepcopy(layer).double().eval() for layer in body]
-        self.last = copy.deepcopy(last).double()
-        self.coarse = OracleSums.of(oracles, m)
-        self.fine = OracleSums.of(oracles, n)
+        self.w = last.weight.detach().double().clone()
+        self.b = (last.bias.detach().double().clone() if last.bias is not None
+                  else torch.zeros(self.w.shape[0], dtype=torch.float64))
+        self.rule = ExactRule(oracles.detach().cpu().numpy(), n, m, k)
+        pairwise = num_classes <= PAIRWISE_CLASS_LIMIT
+        self.coarse = _Step.of(self.rule.coarse, self.w, self.b, pairwise)
+        self.fine = _Step.of(self.rule.fine, self.w, self.b, pairwise)
         self.num_classes, self.k = num_classes, k
+        dim, hidden = self.w.shape
+        # every float64 rounding of the served rule and of these bounds, relative to the terms
+        self.rel = 8 * gamma(hidden + dim + 8, U64)
+        self.last_rel = gamma(hidden + 1, U32) + 4 * gamma(hidden + 2, U64)
 
-    @torch.no_grad()
-    def certified_at(self, images: torch.Tensor, labels: torch.Tensor,
-                     eps: float | torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the rule answers ``labels`` for every input within L∞ distance ``eps``
-        (a scalar or one per image) of ``images``, clipped to [0, 1]."""
-        lo, hi = input_box(images.double(), eps.double() if torch.is_tensor(eps) else float(eps))
-        h_lo, h_hi = propagate(self.body, lo, hi)
-        y = labels.long()
+    # ---- the box of h and the pair bounds ---------------------------------------------------
+    def _box(self, images: torch.Tensor, eps, slacks: list | None = None) -> tuple[_HBox, list, tuple]:
+        """The h box for inputs within ``eps`` of ``images`` (with the slacks used) and the
+        input box itself."""
+        x = images.double()
+        lo, hi = input_box(x, eps.double() if torch.is_tensor(eps) else float(eps))
+        h_lo, h_hi, slacks = propagate_served(self.body, lo, hi, slacks)
+        a = torch.maximum(h_lo.abs(), h_hi.abs())
+        mag = a @ self.w.abs().T + self.b.abs()
+        e = self.last_rel * mag
+        return _HBox((h_hi + h_lo) / 2, (h_hi - h_lo) / 2, e, mag + e), slacks, (lo, hi)
+
+    def _pair_bounds(self, box: _HBox, step: _Step, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Lower bounds of u_c − u_a over the box, less the rounding allowance: (B, C, C) for
+        every pair (c, a), or with ``rows`` (B,) class indices a, (B, C) for u_c − u_{a_b}.
+        A positive bound means class a is strictly nearer than c in the served rule."""
+        lin = box.centre @ step.g.T + step.kappa                          # (B, C)
+        s = 2.0 * box.zabs @ step.abs_sigma.T + step.abs_nu                # (B, C): term sizes
+        if rows is None:
+            spread = torch.einsum("bh,cah->bca", box.radius, step.pair_g)
+            last = 2.0 * torch.einsum("bd,cad->bca", box.e, step.pair_sigma)
+            allowance = last + self.rel * (s[:, :, None] + s[:, None, :])
+            return lin[:, :, None] - lin[:, None, :] - spread - allowance
+        g_a = step.g[rows]                                                  # (B, H)
+        spread = torch.einsum("bh,bch->bc", box.radius, (step.g[None] - g_a[:, None]).abs())
+        pair_sigma = (step.sigma[None] - step.sigma[rows][:, None]).abs()  # (B, C, D)
+        last = 2.0 * torch.einsum("bd,bcd->bc", box.e, pair_sigma)
+        allowance = last + self.rel * (s + s.gather(1, rows[:, None]))
+        return lin - lin.gather(1, rows[:, None]) - spread - allowance
+
+    def _label_ok(self, box: _HBox, y: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(len(y))
         others = torch.ones(len(y), self.num_classes, dtype=torch.bool)
         others[rows, y] = False
         if self.num_classes <= PAIRWISE_CLASS_LIMIT:
-            coarse = _pair_lower_bounds(h_lo, h_hi, self.last, self.coarse)        # (B, C, C)
+            coarse = self._pair_bounds(box, self.coarse)                    # (B, C, C)
             versus_y = coarse[rows, :, y]
             # a class is out of the top k for certain when k classes are nearer everywhere
-            certainly_out = (coarse > 0).sum(2) >= self.k                           # (B, C)
-        else:  # C² pairs per query would not fit: every class stays a possible step-2 rival
-            versus_y = _pair_lower_bounds(h_lo, h_hi, self.last, self.coarse, rows=y)
+            certainly_out = (coarse > 0).sum(2) >= self.k
+        else:
+            versus_y = self._pair_bounds(box, self.coarse, rows=y)
             certainly_out = torch.zeros_like(others)
-        # step 1: classes that may rank at or above y somewhere in the ball
-        rivals = (versus_y <= 0) & others
-        keeps_y = rivals.sum(1) <= self.k - 1
-        fine = _pair_lower_bounds(h_lo, h_hi, self.last, self.fine, rows=y)         # (B, C)
+        keeps_y = ((versus_y <= 0) & others).sum(1) <= self.k - 1
+        fine = self._pair_bounds(box, self.fine, rows=y)
         threats = others & ~certainly_out & (fine <= 0)
         return keeps_y & ~threats.any(1)
 
+    # ---- the abstain gate ---------------------------------------------------------------
+    def _gate_ok(self, box: _HBox, x_box: tuple, y: torch.Tensor, gate: AbstainGate) -> torch.Tensor:
+        """(B,) True where no abstain signal can cross its threshold anywhere in the ball
+        (given that y is answered, so y is among the kept classes)."""
+        lo, hi = (t.reshape(len(t), -1).numpy() for t in x_box)
+        ok = np.ones(len(lo), bool)
+        if gate.abstain_max_mean is not None:  # the mean is largest at the box's top corner
+            pixels = lo.shape[1]
+            ok &= fixed_sum(hi) / pixels * (1 + 4 * gamma(pixels + 2, U64)) <= gate.abstain_max_mean
+        if gate.abstain_max_grey is not None:  # a pixel can turn mid-grey if its range meets the band
+            reach = (lo < GREY_BAND[1]) & (hi > GREY_BAND[0])
+            ok &= reach.sum(1) / lo.shape[1] <= gate.abstain_max_grey
+        if gate.abstain_min_norm is not None or gate.abstain_threshold is not None:
+            z_lo, z_hi = self._z_box(box)
+            dim = z_lo.shape[1]
+            rel = 8 * gamma(dim + 4, U64)
+            if gate.abstain_min_norm is not None:
+                gap = np.maximum(0.0, np.maximum(z_lo, -z_hi))
+                ok &= np.sqrt(fixed_sum(gap * gap)) * (1 - rel) >= gate.abstain_min_norm
+            if gate.abstain_threshold is not None:  # y's nearest oracle is at most this far
+                o = self.rule.oracles[y.numpy()].astype(np.float64)                   # (B, n, D)
+                far = np.maximum((z_lo[:, None] - o) ** 2, (z_hi[:, None] - o) ** 2)
+                ok &= np.sqrt(fixed_sum(far).min(1)) * (1 + rel) <= gate.abstain_threshold
+        return torch.from_numpy(ok)
+
+    def _z_box(self, box: _HBox) -> tuple[np.ndarray, np.ndarray]:
+        """A box holding every served float32 embedding for h in the box (float64 arrays)."""
+        centre = box.centre @ self.w.T + self.b
+        radius = box.radius @ self.w.abs().T + box.e + self.rel * box.zabs
+        return (centre - radius).numpy(), (centre + radius).numpy()
+
+    # ---- the public API -------------------------------------------------------------------
+    @torch.no_grad()
+    def certified_at(self, images: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor,
+                     gate: AbstainGate | None = None, slacks: list | None = None) -> torch.Tensor:
+        """(B,) bool: the served rule answers ``labels`` for every input within L∞ distance
+        ``eps`` (a scalar or one per image) of ``images``, clipped to [0, 1] -- and, with an
+        active ``gate``, never abstains there."""
+        return self._check(images, labels.long(), eps, gate, slacks)[0]
+
+    def _check(self, images, y, eps, gate, slacks):
+        box, slacks, x_box = self._box(images, eps, slacks)
+        ok = self._label_ok(box, y)
+        if gate is not None and gate.active:
+            ok &= self._gate_ok(box, x_box, y, gate)
+        return ok, slacks
+
+    @torch.no_grad()
     def radius(self, images: torch.Tensor, labels: torch.Tensor, eps_max: float = 1.0,
-               steps: int = RADIUS_STEPS) -> torch.Tensor:
+               steps: int = RADIUS_STEPS, gate: AbstainGate | None = None) -> torch.Tensor:
         """(B,) the largest eps (to eps_max / 2**steps, rounded down) at which
-        :meth:`certified_at` holds; 0 where even the image itself is not answered ``labels``
-        with a strict margin. Interval bounds only widen as the box grows, so certification
-        is monotone in eps and bisection finds the threshold."""
+        :meth:`certified_at` holds; 0 where even the image itself is not certified. Bounds
+        only widen as the box grows, so certification is monotone in eps and bisection finds
+        the threshold; the rounding slacks of the largest box serve every smaller one."""
+        y = labels.long()
         lo = torch.zeros(len(images), dtype=torch.float64)
         hi = torch.full_like(lo, float(eps_max))
-        ok0 = self.certified_at(images, labels, 0.0)
-        lo[self.certified_at(images, labels, hi)] = eps_max
+        at_max, slacks = self._check(images, y, hi, gate, None)
+        lo[at_max] = eps_max
         for _ in range(steps):
             mid = (lo + hi) / 2
-            ok = self.certified_at(images, labels, mid)
+            ok = self._check(images, y, mid, gate, slacks)[0]
             lo = torch.where(ok, mid, lo)
             hi = torch.where(ok, hi, mid)
-        return torch.where(ok0, lo, torch.zeros_like(lo))
+        return lo
 
     def batched(self, images: np.ndarray, labels: np.ndarray, eps: list[float] | None = None,
-                radius: bool = False, batch_size: int = 256) -> dict[str, np.ndarray]:
+                radius: bool = False, batch_size: int = 256, gate: AbstainGate | None = None
+                ) -> dict[str, np.ndarray]:
         """Certificates for many images: ``certified`` (B, len(eps)) bools and, with ``radius``,
         ``radius`` (B,). ``labels`` are the labels to certify (the rule's answers, or the truth)."""
         out: dict[str, list] = {"certified": [], "radius": []}
         for start in range(0, len(images), batch_size):
-            x = torch.as_tensor(images[start:start + batch_size])
+            x = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size]))
             y = torch.as_tensor(labels[start:start + batch_size])
             if eps:
-                out["certified"].append(torch.stack([self.certified_at(x, y, e) for e in eps], 1).numpy())
+                out["certified"].append(torch.stack(
+                    [self.certified_at(x, y, e, gate) for e in eps], 1).numpy())
             if radius:
-                out["radius"].append(self.radius(x, y).numpy())
+                out["radius"].append(self.radius(x, y, gate=gate).numpy())
         return {key: np.concatenate(v) for key, v in out.items() if v}
 
 
-__all__ = ["OracleSums", "Certifier", "RELATIVE_TOLERANCE"]
+__all__ = ["AbstainGate", "Certifier", "RADIUS_STEPS"]

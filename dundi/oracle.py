@@ -47,6 +47,7 @@ import faiss
 import numpy as np
 
 from dundi.errors import DundiError
+from dundi.exact_rule import ExactRule
 from dundi.oracle_search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
 from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
@@ -140,6 +141,7 @@ class OracleIndex:
         self.squared = metric == "sqeuclidean"
         self.meta = {**(meta or {}), "metric": metric}
         self._coarse: dict[int, object] = {}
+        self._exact: dict[tuple[int, int, int], ExactRule] = {}
 
     @staticmethod
     def _counts_for(vectors: np.ndarray, num_classes: int | None, counts) -> np.ndarray:
@@ -270,6 +272,7 @@ class OracleIndex:
         self._set_counts(np.append(self._counts, len(emb)))
         self._names.append(name)
         self._positions[name] = len(self._names) - 1
+        self._exact.clear()
         for m, cached in list(self._coarse.items()):
             if isinstance(cached, Shortlister):
                 cached.add(self._centroids(m, np.array([self.num_classes - 1])))
@@ -322,6 +325,7 @@ class OracleIndex:
         self._set_counts(np.delete(self._counts, label))
         self._set_names(self._names[:label] + self._names[label + 1:])
         self._coarse.clear()  # rebuilt on the next query: ids are labels, and labels moved
+        self._exact.clear()
 
     # ---- the two steps -------------------------------------------------------------------
     def _rows(self, classes: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -388,6 +392,8 @@ class OracleIndex:
         if len(q) == 0:
             empty = np.zeros((0, k))
             return TwoStepResult(np.zeros(0, np.int64), empty.astype(np.int64), empty, empty, np.zeros(0))
+        if self.answers_exactly(n):
+            return self.exact_rule(n, m, k).classify(q)
         parts = [self._classify_chunk(q[i:i + self.CHUNK], n, m, k)
                  for i in range(0, len(q), self.CHUNK)]
         if len(parts) == 1:
@@ -433,6 +439,34 @@ class OracleIndex:
         labels = top[np.arange(len(q)), best]
         return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores,
                              fine, nearest)
+
+    def answers_exactly(self, n: int) -> bool:
+        """Whether this index answers through :class:`dundi.exact_rule.ExactRule` at this n:
+        it ranks by squared Euclidean distance and every class holds at least n oracles --
+        exactly the indexes whose answers can be certified. Step 1 is then exact over every
+        class at any size, never a shortlist."""
+        return self.squared and int(self._counts.min()) >= n
+
+    def step1_kind(self, n: int, m: int) -> str:
+        """How step 1 is answered at this (n, m): "exact (float64)" for indexes answering
+        exactly, else "exact (FAISS float32)" or "shortlist (FAISS IVF over class centroids)"."""
+        if self.answers_exactly(n):
+            return "exact (float64)"
+        if self._size <= self.full_limit or int(np.minimum(self._counts, m).sum()) <= self.exact_coarse_limit:
+            return "exact (FAISS float32)"
+        return "shortlist (FAISS IVF over class centroids)"
+
+    def exact_rule(self, n: int, m: int, k: int) -> ExactRule:
+        """The float64 rule for (n, m, k) over each class's first n oracles, built once."""
+        if not self.answers_exactly(n):
+            raise DundiError(f"the exact rule needs the squared Euclidean metric and at least n={n} "
+                             f"oracles in every class; this index ranks by {self.metric} distance and "
+                             f"its classes hold {int(self._counts.min())} to {self.n}")
+        key = (n, m, k)
+        if key not in self._exact:
+            rows = self._offsets[:-1, None] + np.arange(n)[None, :]
+            self._exact[key] = ExactRule(self._vec[rows], n, m, k)
+        return self._exact[key]
 
     @staticmethod
     def select(labels: np.ndarray, n: int, seed: int, num_classes: int) -> np.ndarray:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.serving.model import ABSTAIN_SIGNALS, LoadedModel
+from dundi.abstain_signals import ABSTAIN_SIGNALS, GREY_BAND, abstain_flags, grey_share, signal_values  # noqa: F401 (re-exported)
+from dundi.serving.model import LoadedModel
 
 
 def held_out_images(model: LoadedModel, data_dir: str | None = None, limit: int | None = 2000
@@ -58,36 +59,7 @@ def held_out_images(model: LoadedModel, data_dir: str | None = None, limit: int 
 # white). Their thresholds are set together so that the union abstains on the stated share
 # of held-out clean images.
 
-GREY_BAND = (0.1, 0.9)
 SIGNALS = ABSTAIN_SIGNALS
-
-
-def grey_share(images: np.ndarray) -> np.ndarray:
-    """(B,) share of each image's pixels strictly inside GREY_BAND."""
-    lo, hi = GREY_BAND
-    flat = images.reshape(len(images), -1)
-    return ((flat > lo) & (flat < hi)).mean(axis=1).astype(np.float64)
-
-
-def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: np.ndarray
-                  ) -> dict[str, np.ndarray]:
-    """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it."""
-    return {"abstain_threshold": np.asarray(nearest_distance, np.float64),
-            "abstain_min_norm": np.linalg.norm(embeddings.astype(np.float64), axis=1),
-            "abstain_max_grey": grey_share(images),
-            "abstain_max_mean": images.reshape(len(images), -1).mean(axis=1).astype(np.float64)}
-
-
-def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | None]) -> np.ndarray:
-    """(B,) True where any signal with a threshold lies beyond it (None: signal off)."""
-    size = len(next(iter(values.values())))
-    flags = np.zeros(size, bool)
-    for field, thr in thresholds.items():
-        if thr is None:
-            continue
-        v = values[field]
-        flags |= (v > thr) if SIGNALS[field][1] > 0 else (v < thr)
-    return flags
 
 
 def _threshold(values: np.ndarray, field: str, depth: int) -> float:

@@ -18,18 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from dundi.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
 from dundi.artifacts import Run, index_sha256, index_version
 from dundi.errors import DundiError
 from dundi.serving.errors import RequestError
 from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
-
-
-# The abstain rule's signals: ModelConfig field -> (what it measures, +1: abstain above the
-# threshold / -1: below). dundi.serving.abstain computes and calibrates them.
-ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
-                   "abstain_min_norm": ("embedding norm", -1),
-                   "abstain_max_grey": ("share of mid-grey pixels", 1),
-                   "abstain_max_mean": ("mean pixel value", 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +117,7 @@ class ModelInfo:
     abstain_max_grey: float | None = None
     abstain_max_mean: float | None = None
     index_version: int | None = None       # the oracle index version answering (dundi index list)
+    step1: str = ""               # how step 1 is answered: exact (float64), exact (FAISS), shortlist
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -144,9 +138,10 @@ class Prediction:
     similarities (negative distances, as the run's metric says): higher is better.
 
     ``certified_radius`` (runs ranking by squared Euclidean distance only, else None): the
-    largest L∞ radius within which the rule provably keeps the answered label
-    (:meth:`dundi.certificate.Certifier.radius`; 0 = not certified); NaN where the service
-    abstained, since "unknown" is no label the certificate speaks about."""
+    largest L∞ radius within which this service provably gives the same answer -- the same
+    label, computed as served, and never "unknown" (the abstain thresholds are inside the
+    proof; :meth:`dundi.certificate.Certifier.radius`; 0 = not certified); NaN where the
+    service abstained."""
 
     labels: np.ndarray            # (B,) int64
     abstained: np.ndarray         # (B,) bool
@@ -203,14 +198,13 @@ class LoadedModel:
             embed_dim=run.oracle.dim, metric=run.oracle.metric,
             # certificates need n oracles in every class: not after a few-image enrollment
             certified=run.oracle.metric == "sqeuclidean" and int(run.oracle.class_counts().min()) >= n,
+            step1=run.oracle.step1_kind(n, config.m),
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
 
     def predict(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
-        from dundi.serving.abstain import abstain_flags, signal_values
-
         check_shape(images, self.info.in_shape)
         if len(images) == 0:
             r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k)
@@ -229,13 +223,17 @@ class LoadedModel:
                           r.coarse_scores, r.fine_scores, r.nearest_distance, radius)
 
     def certified_radius(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """(B,) float64: for each image, the certified L∞ radius of ``labels`` under this
-        model's rule (the Certifier of the run for these n, m, k)."""
+        """(B,) float64: for each image, the L∞ radius within which this service provably
+        answers ``labels`` and never abstains (the Certifier of the run for these n, m, k, with
+        this config's abstain thresholds as its gate)."""
         import torch
 
+        from dundi.certificate import AbstainGate
+
+        gate = AbstainGate(**{f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         with torch.no_grad():
             radius = self.certifier.radius(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
-                                           torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+                                           torch.from_numpy(np.asarray(labels, dtype=np.int64)), gate=gate)
         return radius.numpy().astype(np.float64, copy=True)
 
 

@@ -10,9 +10,10 @@ Two shapes, one content. For each image:
 * ``nearest_oracle_distance`` — Euclidean distance in embedding space to the nearest oracle
   among the kept classes' n oracles (what the abstain threshold is compared with);
 * ``certified_radius`` — for runs whose rule ranks by squared Euclidean distance
-  (``dundi train --certified``): the largest L∞ radius (pixels in [0, 1]) within which the
-  rule provably answers this label (0: not certified); null for other runs and for
-  abstained answers.
+  (``dundi train --certified``): the largest L∞ radius (pixels in [0, 1]) within which this
+  service provably gives this same answer: the same label, as computed by the server in any
+  batch, and never "unknown" (docs/certification.md); 0: not certified; null for other runs
+  and for abstained answers.
 
 Scores are summed similarities, sim = −‖a − b‖₂: higher is better. A score or class the coarse
 step could not fill (only possible with the IVF shortlist on very many classes) is null / -1.
@@ -77,7 +78,7 @@ def v2_response(pred: Prediction, info: ModelInfo, model_name: str, request_id: 
     out: dict[str, Any] = {"model_name": model_name, "model_version": info.version}
     if request_id is not None:
         out["id"] = request_id
-    out["parameters"] = {"n": info.n, "m": info.m, "k": info.k, **abstain_parameters(info)}
+    out["parameters"] = {"n": info.n, "m": info.m, "k": info.k, "step1": info.step1, **abstain_parameters(info)}
     out["outputs"] = [{"name": name, "datatype": tensors[name][0], "shape": tensors[name][1],
                        "data": tensors[name][2]()} for name in (outputs or V2_OUTPUTS)]
     return out
@@ -113,7 +114,8 @@ def classify_response(pred: Prediction, info: ModelInfo, model_name: str) -> dic
             "certified_radius": radii[i],
         })
     return {"model_name": model_name, "model_version": info.version,
-            "parameters": {"n": info.n, "m": info.m, "k": info.k, **abstain_parameters(info)},
+            "parameters": {"n": info.n, "m": info.m, "k": info.k, "step1": info.step1,
+                           **abstain_parameters(info)},
             "results": results}
 
 

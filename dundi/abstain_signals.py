@@ -1,0 +1,66 @@
+"""The abstain rule's signals: what each measures, and their values for a batch.
+
+Core, not serving: the certificate (:mod:`dundi.certificate`) bounds every signal over an
+L∞ ball, so "certified" covers the answer being withdrawn as "unknown" too. Thresholds are
+calibrated and stored by :mod:`dundi.serving.abstain`. Every value is computed row by row in
+one fixed order (:func:`dundi.exact_rule.fixed_sum`), so whether an image abstains never
+depends on the other images of its batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dundi.exact_rule import fixed_sum
+
+# ModelConfig field -> (what it measures, +1: abstain above the threshold / -1: below).
+ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
+                   "abstain_min_norm": ("embedding norm", -1),
+                   "abstain_max_grey": ("share of mid-grey pixels", 1),
+                   "abstain_max_mean": ("mean pixel value", 1)}
+GREY_BAND = (0.1, 0.9)  # a pixel strictly inside is "mid-grey"
+
+
+def grey_share(images: np.ndarray) -> np.ndarray:
+    """(B,) share of each image's pixels strictly inside GREY_BAND (a count over the pixel
+    count: exact)."""
+    lo, hi = GREY_BAND
+    flat = images.reshape(len(images), -1)
+    return ((flat > lo) & (flat < hi)).sum(axis=1) / flat.shape[1]
+
+
+def mean_pixel(images: np.ndarray) -> np.ndarray:
+    """(B,) mean pixel value, float64, summed in fixed order."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    return fixed_sum(flat) / flat.shape[1]
+
+
+def embedding_norm(embeddings: np.ndarray) -> np.ndarray:
+    """(B,) Euclidean norm of each embedding, float64, summed in fixed order."""
+    z = np.asarray(embeddings, dtype=np.float64)
+    return np.sqrt(fixed_sum(z * z))
+
+
+def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it."""
+    return {"abstain_threshold": np.asarray(nearest_distance, np.float64),
+            "abstain_min_norm": embedding_norm(embeddings),
+            "abstain_max_grey": grey_share(images),
+            "abstain_max_mean": mean_pixel(images)}
+
+
+def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | None]) -> np.ndarray:
+    """(B,) True where any signal with a threshold lies beyond it (None: signal off)."""
+    size = len(next(iter(values.values())))
+    flags = np.zeros(size, bool)
+    for field, thr in thresholds.items():
+        if thr is None:
+            continue
+        v = values[field]
+        flags |= (v > thr) if ABSTAIN_SIGNALS[field][1] > 0 else (v < thr)
+    return flags
+
+
+__all__ = ["ABSTAIN_SIGNALS", "GREY_BAND", "grey_share", "mean_pixel", "embedding_norm",
+           "signal_values", "abstain_flags"]
