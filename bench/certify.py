@@ -3,9 +3,9 @@
 Three paths on the same images, same batch, alternating rounds so machine noise hits all
 alike; the median ratio to classify alone is printed:
 
-- classify            Run.classify (float32 embedding + FAISS two-step rule)
-- + certified@eps      one float64 interval pass through the network + the two-step bounds
-- + radius             the radius by bisection (16 interval passes)
+- classify            the served path: batch-invariant float32 embedding + the float64 rule
+- + certified@eps      one float32-aware interval pass (float64) + the two-step bounds
+- + radius             the radius by bisection (1 + RADIUS_STEPS interval passes)
 
 The certificate of an IBP-trained network is one interval pass (about two forward passes)
 in float64, so it cannot reach the 1.1× a closed-form Lipschitz certificate would cost; the
@@ -18,13 +18,16 @@ bench says how far from it it is. Timing does not depend on the weights' values:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from dundi.bounds import layers_of
 from dundi.certificate import Certifier
+from dundi.exact_rule import embed_invariant
 from dundi.inference import forward_batched
 from dundi.models import build_distance_net
 from dundi.oracle import OracleIndex
@@ -51,9 +54,10 @@ def main() -> None:
                                             10, metric="sqeuclidean")
     oracles = torch.from_numpy(index.blocks.copy())
     certifier = Certifier(net, oracles, index.n, min(3, index.n), 5)
+    layers = layers_of(net)
 
     def classify() -> np.ndarray:
-        return np.concatenate([index.classify(forward_batched(net, images[i:i + args.batch]), m=3, k=5).labels
+        return np.concatenate([index.classify(embed_invariant(layers, images[i:i + args.batch]), m=3, k=5).labels
                                for i in range(0, len(images), args.batch)])
 
     def with_certificate() -> None:
@@ -71,8 +75,16 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - t0)
+    passes = {}
+    for name, fn in (("certified@eps", lambda: certifier.batched(images, classify(), eps=[args.eps])),
+                     ("radius", lambda: certifier.batched(images, classify(), radius=True))):
+        certifier.bounded = 0
+        fn()
+        passes[name] = certifier.bounded / len(images)
     base = seconds["classify"]
-    print(f"{args.images} images, batch {args.batch}, {args.rounds} rounds, {torch.get_num_threads()} threads")
+    print(f"{args.images} images, batch {args.batch}, {args.rounds} rounds, {torch.get_num_threads()} threads, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print("  interval passes per image: " + ", ".join(f"{k} {v:.2f}" for k, v in passes.items()))
     for name, times in seconds.items():
         ratios = [t / b for t, b in zip(times, base)]
         print(f"  {name:20} {1e3 * statistics.median(times) / args.images:8.3f} ms/image   "

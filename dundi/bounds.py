@@ -16,6 +16,9 @@ than silently mis-bounded.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -75,67 +78,114 @@ def propagate(layers: list[nn.Module], lower: torch.Tensor, upper: torch.Tensor)
 
 
 # ---- the served float32 network: bounds that contain what it computes -------------------
+#
+# The certificate must hold for the float32 network the server runs, in whatever order its
+# kernels sum. These bounds are computed in float32 too (twice as fast as float64, which the
+# CPU convolution kernels do not accelerate), so each affine layer's box is widened by
+# rounding terms that cover both the served computation and this one (docs/certification.md §5).
 
-def _fan_in(layer: nn.Module) -> int:
-    """Terms in each output's sum: inputs per output plus the bias."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features + 1
-    if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return layer.in_channels // layer.groups * kh * kw + 1
-    if isinstance(layer, nn.AvgPool2d):
-        k = layer.kernel_size
-        return (k * k if isinstance(k, int) else k[0] * k[1]) + 1
-    return 2
+@dataclasses.dataclass
+class ServedLayer:
+    """One float32 layer as served, with what its bounds need kept once: |W| and |b| (for
+    batch norm, the per-channel |scale| and |shift| + |mean·scale|) and its terms per sum."""
+
+    layer: nn.Module
+    abs_weight: torch.Tensor | None = None
+    abs_bias: torch.Tensor | None = None
+    terms: int = 0
+
+    def abs_map(self, x: torch.Tensor) -> torch.Tensor:
+        """|W| x without the bias."""
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return nn.functional.linear(x, self.abs_weight)
+        if isinstance(layer, nn.Conv2d):
+            return nn.functional.conv2d(x, self.abs_weight, None, layer.stride, layer.padding,
+                                        layer.dilation, layer.groups)
+        return x * self.abs_weight  # batch norm: a per-channel scale
 
 
-def rounding_slack(layer: nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor | None:
-    """How far the served float32 layer (any summation order, with or without FMA) and this
-    float64 bound computation can each round away from the exact value, for every input in
-    [lower, upper]: γ_K (|W|·max|x| + |b|) for a K-term affine sum (Higham, Thm 3.5); None for
-    layers that compute exactly (ReLU, max pooling, flatten)."""
-    from dundi.exact_rule import U32, U64, gamma
+def served_layers(layers: list[nn.Module]) -> list[ServedLayer]:
+    """float32 copies of ``layers`` prepared for :func:`propagate_served`; refuses what
+    :func:`propagate` refuses."""
+    out = []
+    for layer in layers:
+        layer = copy.deepcopy(layer).float().eval()
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+                raise DundiError(f"interval bounds support zero padding only; this Conv2d pads with "
+                                 f"{layer.padding_mode!r}: use padding_mode='zeros' in a certified network")
+            bias = None if layer.bias is None else layer.bias.detach().abs()
+            kh, kw = (1, 1) if isinstance(layer, nn.Linear) else layer.kernel_size
+            fan = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels // layer.groups * kh * kw
+            out.append(ServedLayer(layer, layer.weight.detach().abs(), bias, fan + 1))
+        elif isinstance(layer, nn.BatchNorm2d):
+            scale = (layer.weight / torch.sqrt(layer.running_var + layer.eps)).detach()
+            shift = (layer.bias.abs() + (layer.running_mean * scale).abs()).detach()
+            out.append(ServedLayer(layer, scale.abs()[None, :, None, None], shift[None, :, None, None], 16))
+        elif isinstance(layer, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            out.append(ServedLayer(layer, terms=-1))
+        elif isinstance(layer, MONOTONE):
+            out.append(ServedLayer(layer))
+        else:
+            raise DundiError(f"interval bounds do not support the layer {type(layer).__name__}; "
+                             f"certify a network of Linear/Conv2d/BatchNorm2d/ReLU/pooling layers")
+    return out
 
-    a = torch.maximum(lower.abs(), upper.abs())
-    if isinstance(layer, nn.Linear):
-        mag = nn.functional.linear(a, layer.weight.abs(), layer.bias.abs() if layer.bias is not None else None)
-    elif isinstance(layer, nn.Conv2d):
-        mag = nn.functional.conv2d(a, layer.weight.abs(), None if layer.bias is None else layer.bias.abs(),
-                                   layer.stride, layer.padding, layer.dilation, layer.groups)
-    elif isinstance(layer, nn.BatchNorm2d):  # alpha = w/sqrt(var+eps), x·alpha + (b − mean·alpha)
-        alpha = (layer.weight / torch.sqrt(layer.running_var + layer.eps)).abs()[None, :, None, None]
-        mag = (a + layer.running_mean.abs()[None, :, None, None]) * alpha + layer.bias.abs()[None, :, None, None]
-        return 16 * (U32 + U64) * mag
-    elif isinstance(layer, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-        mag = layer(a)
+
+def _outward32(lower64: torch.Tensor, upper64: torch.Tensor) -> Box:
+    """float32 bounds that contain the float64 box ``[lower64, upper64]``."""
+    lo, hi = lower64.float(), upper64.float()
+    lo = torch.where(lo.double() > lower64, torch.nextafter(lo, torch.full_like(lo, -torch.inf)), lo)
+    hi = torch.where(hi.double() < upper64, torch.nextafter(hi, torch.full_like(hi, torch.inf)), hi)
+    return lo, hi
+
+
+def _served_affine(sl: ServedLayer, lower: torch.Tensor, upper: torch.Tensor, slack: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One affine layer's float32 box and the rounding slack used (computed if None)."""
+    from dundi.exact_rule import U32, gamma
+
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2
+    out_c = sl.layer(centre)
+    if slack is None:
+        both = sl.abs_map(torch.cat([radius, centre.abs() + radius]))
+        out_r, reach = both[:len(radius)], both[len(radius):]
+        if sl.abs_bias is not None:
+            reach = reach + (sl.abs_bias if sl.abs_bias.ndim == 4 else
+                             sl.abs_bias.view(1, -1, *([1] * (reach.ndim - 2))))
+        # reach = |W|·max|x| + |b| bounds |W c + b|, |W| r and every partial sum, so one
+        # multiple of it covers: the served sum's rounding and this one's (γ_K each, Higham
+        # Thm 3.5), the rounding of c and r (2u, through |W|) and of c ± r here (≈ 9u)
+        slack = (2.5 * gamma(sl.terms + 2, U32) + 12 * U32) * reach
     else:
-        return None
-    count = _fan_in(layer) if not isinstance(layer, nn.AdaptiveAvgPool2d) else a[0, 0].numel() + 1
-    return (gamma(count, U32) + 4 * gamma(count + 1, U64)) * mag
+        out_r = sl.abs_map(radius)
+    out_r = out_r + slack
+    return out_c - out_r, out_c + out_r, slack
 
 
-def outward(lower: torch.Tensor, upper: torch.Tensor) -> Box:
-    """The box one float64 step wider on each side: covers the rounding of lower and upper."""
-    return (torch.nextafter(lower, torch.full_like(lower, -torch.inf)),
-            torch.nextafter(upper, torch.full_like(upper, torch.inf)))
-
-
-def propagate_served(layers: list[nn.Module], lower: torch.Tensor, upper: torch.Tensor,
+def propagate_served(layers: list[ServedLayer], lower: torch.Tensor, upper: torch.Tensor,
                      slacks: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """:func:`propagate` for float64 ``layers`` of a network that is served in float32: the
-    returned box contains every activation the float32 network computes for an input in the
-    box, in any batch (docs/certification.md §5). Each layer's box is widened by its
-    :func:`rounding_slack`. ``slacks`` from a call on a larger box may be passed back to skip
-    their computation (a slack valid for a box is valid for any box inside it); the slacks
-    used are returned."""
+    """Bounds (float32) that contain every activation the float32 network computes, in any
+    summation order, for an input in the float64 box ``[lower, upper]``. ``slacks`` from a call
+    on a larger box may be passed back to skip computing them (a slack valid for a box is
+    valid for every box inside it); the slacks used are returned."""
+    from dundi.exact_rule import U32, gamma
+
     record = [] if slacks is None else slacks
-    lower, upper = outward(lower, upper)
-    for i, layer in enumerate(layers):
+    lower, upper = _outward32(lower, upper)
+    for i, sl in enumerate(layers):
+        given = None if slacks is None else slacks[i]
+        if sl.abs_weight is not None:
+            lower, upper, used = _served_affine(sl, lower, upper, given)
+        elif sl.terms < 0:  # average pooling: an average of up to K values, rounded
+            reach = sl.layer(torch.maximum(lower.abs(), upper.abs()))
+            used = given if given is not None else 2.5 * gamma(reach[0].numel() + lower[0].numel() + 2, U32) * reach
+            lower, upper = sl.layer(lower) - used, sl.layer(upper) + used
+        else:  # ReLU, max pooling, flatten: exact in floating point
+            lower, upper, used = sl.layer(lower), sl.layer(upper), None
         if slacks is None:
-            record.append(rounding_slack(layer, lower, upper))
-        lower, upper = propagate([layer], lower, upper)
-        if record[i] is not None:
-            lower, upper = outward(lower - record[i], upper + record[i])
+            record.append(used)
     return lower, upper, record
 
 
@@ -164,5 +214,5 @@ def interval_bounds(net: nn.Module, lower: torch.Tensor, upper: torch.Tensor) ->
     return propagate(layers_of(net), lower, upper)
 
 
-__all__ = ["Box", "layers_of", "propagate", "propagate_served", "rounding_slack", "split_last_linear",
-           "input_box", "interval_bounds"]
+__all__ = ["Box", "layers_of", "propagate", "ServedLayer", "served_layers", "propagate_served",
+           "split_last_linear", "input_box", "interval_bounds"]

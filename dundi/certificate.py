@@ -23,7 +23,6 @@ With a :class:`AbstainGate`, no abstain signal may cross its threshold in the ba
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from dundi.abstain_signals import GREY_BAND
-from dundi.bounds import input_box, propagate_served, split_last_linear
+from dundi.bounds import input_box, propagate_served, served_layers, split_last_linear
 from dundi.errors import DundiError
 from dundi.exact_rule import U32, U64, ClassSums, ExactRule, fixed_sum, gamma
 
@@ -95,9 +94,10 @@ class Certifier:
     """Certificates of one Distance NN with one oracle set for Algorithm 1 (n, m, k), for the
     answers :class:`ExactRule` gives on :func:`embed_invariant` embeddings.
 
-    Holds a float64 copy of the network's body (bounds in float64, widened by the float32
-    network's rounding) and the rule's own float64 class sums, so the proof and the answer
-    read the same numbers.
+    Holds the network's body prepared for float32 bounds that contain what the served
+    float32 network computes (:func:`dundi.bounds.propagate_served`), the last layer in
+    float64, and the rule's own float64 class sums, so the proof and the answer read the
+    same numbers.
     """
 
     def __init__(self, net: nn.Module, oracles: torch.Tensor, n: int, m: int, k: int):
@@ -106,7 +106,7 @@ class Certifier:
             raise DundiError(f"certify needs 1 <= m <= n <= {oracles.shape[1]} and "
                              f"1 <= k <= {num_classes}; got n={n}, m={m}, k={k}")
         body, last = split_last_linear(net)
-        self.body = [copy.deepcopy(layer).double().eval() for layer in body]
+        self.body = served_layers(body)
         self.w = last.weight.detach().double().clone()
         self.b = (last.bias.detach().double().clone() if last.bias is not None
                   else torch.zeros(self.w.shape[0], dtype=torch.float64))
@@ -115,6 +115,7 @@ class Certifier:
         self.coarse = _Step.of(self.rule.coarse, self.w, self.b, pairwise)
         self.fine = _Step.of(self.rule.fine, self.w, self.b, pairwise)
         self.num_classes, self.k = num_classes, k
+        self.bounded = 0   # images pushed through an interval pass so far (bench/certify.py)
         dim, hidden = self.w.shape
         # every float64 rounding of the served rule and of these bounds, relative to the terms
         self.rel = 8 * gamma(hidden + dim + 8, U64)
@@ -124,9 +125,11 @@ class Certifier:
     def _box(self, images: torch.Tensor, eps, slacks: list | None = None) -> tuple[_HBox, list, tuple]:
         """The h box for inputs within ``eps`` of ``images`` (with the slacks used) and the
         input box itself."""
+        self.bounded += len(images)
         x = images.double()
         lo, hi = input_box(x, eps.double() if torch.is_tensor(eps) else float(eps))
         h_lo, h_hi, slacks = propagate_served(self.body, lo, hi, slacks)
+        h_lo, h_hi = h_lo.double(), h_hi.double()
         a = torch.maximum(h_lo.abs(), h_hi.abs())
         mag = a @ self.w.abs().T + self.b.abs()
         e = self.last_rel * mag
@@ -150,7 +153,10 @@ class Certifier:
         allowance = last + self.rel * (s + s.gather(1, rows[:, None]))
         return lin - lin.gather(1, rows[:, None]) - spread - allowance
 
-    def _label_ok(self, box: _HBox, y: torch.Tensor) -> torch.Tensor:
+    def _label_slack(self, box: _HBox, y: torch.Tensor) -> torch.Tensor:
+        """(B, 2) margins of §4's two conditions, each positive exactly when it holds: the
+        k-th smallest coarse bound of y against another class (step 1 keeps y), and the
+        smallest fine bound against a class that may still be kept (step 2 picks y)."""
         rows = torch.arange(len(y))
         others = torch.ones(len(y), self.num_classes, dtype=torch.bool)
         others[rows, y] = False
@@ -162,35 +168,37 @@ class Certifier:
         else:
             versus_y = self._pair_bounds(box, self.coarse, rows=y)
             certainly_out = torch.zeros_like(others)
-        keeps_y = ((versus_y <= 0) & others).sum(1) <= self.k - 1
+        inf = torch.tensor(torch.inf, dtype=torch.float64)
+        keeps = torch.where(others, versus_y, inf).kthvalue(self.k, dim=1).values
         fine = self._pair_bounds(box, self.fine, rows=y)
-        threats = others & ~certainly_out & (fine <= 0)
-        return keeps_y & ~threats.any(1)
+        picks = torch.where(others & ~certainly_out, fine, inf).min(1).values
+        return torch.stack([keeps, picks], 1)
 
     # ---- the abstain gate ---------------------------------------------------------------
-    def _gate_ok(self, box: _HBox, x_box: tuple, y: torch.Tensor, gate: AbstainGate) -> torch.Tensor:
-        """(B,) True where no abstain signal can cross its threshold anywhere in the ball
-        (given that y is answered, so y is among the kept classes)."""
+    def _gate_slack(self, box: _HBox, x_box: tuple, y: torch.Tensor, gate: AbstainGate) -> torch.Tensor:
+        """(B, J) margins, positive exactly where a signal cannot cross its threshold anywhere
+        in the ball (given that y is answered, so y is among the kept classes)."""
         lo, hi = (t.reshape(len(t), -1).numpy() for t in x_box)
-        ok = np.ones(len(lo), bool)
+        up = lambda t: np.nextafter(t, np.inf)      # bound <= t  <=>  up(t) - bound > 0
+        down = lambda t: np.nextafter(t, -np.inf)   # bound >= t  <=>  bound - down(t) > 0
+        out = []
         if gate.abstain_max_mean is not None:  # the mean is largest at the box's top corner
             pixels = lo.shape[1]
-            ok &= fixed_sum(hi) / pixels * (1 + 4 * gamma(pixels + 2, U64)) <= gate.abstain_max_mean
+            out.append(up(gate.abstain_max_mean) - fixed_sum(hi) / pixels * (1 + 4 * gamma(pixels + 2, U64)))
         if gate.abstain_max_grey is not None:  # a pixel can turn mid-grey if its range meets the band
             reach = (lo < GREY_BAND[1]) & (hi > GREY_BAND[0])
-            ok &= reach.sum(1) / lo.shape[1] <= gate.abstain_max_grey
+            out.append(up(gate.abstain_max_grey) - reach.sum(1) / lo.shape[1])
         if gate.abstain_min_norm is not None or gate.abstain_threshold is not None:
             z_lo, z_hi = self._z_box(box)
-            dim = z_lo.shape[1]
-            rel = 8 * gamma(dim + 4, U64)
+            rel = 8 * gamma(z_lo.shape[1] + 4, U64)
             if gate.abstain_min_norm is not None:
                 gap = np.maximum(0.0, np.maximum(z_lo, -z_hi))
-                ok &= np.sqrt(fixed_sum(gap * gap)) * (1 - rel) >= gate.abstain_min_norm
+                out.append(np.sqrt(fixed_sum(gap * gap)) * (1 - rel) - down(gate.abstain_min_norm))
             if gate.abstain_threshold is not None:  # y's nearest oracle is at most this far
                 o = self.rule.oracles[y.numpy()].astype(np.float64)                   # (B, n, D)
                 far = np.maximum((z_lo[:, None] - o) ** 2, (z_hi[:, None] - o) ** 2)
-                ok &= np.sqrt(fixed_sum(far).min(1)) * (1 + rel) <= gate.abstain_threshold
-        return torch.from_numpy(ok)
+                out.append(up(gate.abstain_threshold) - np.sqrt(fixed_sum(far).min(1)) * (1 + rel))
+        return torch.from_numpy(np.stack(out, 1))
 
     def _z_box(self, box: _HBox) -> tuple[np.ndarray, np.ndarray]:
         """A box holding every served float32 embedding for h in the box (float64 arrays)."""
@@ -201,36 +209,63 @@ class Certifier:
     # ---- the public API -------------------------------------------------------------------
     @torch.no_grad()
     def certified_at(self, images: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor,
-                     gate: AbstainGate | None = None, slacks: list | None = None) -> torch.Tensor:
+                     gate: AbstainGate | None = None) -> torch.Tensor:
         """(B,) bool: the served rule answers ``labels`` for every input within L∞ distance
         ``eps`` (a scalar or one per image) of ``images``, clipped to [0, 1] -- and, with an
         active ``gate``, never abstains there."""
-        return self._check(images, labels.long(), eps, gate, slacks)[0]
+        return (self._slack(images, labels.long(), eps, gate, None)[0] > 0).all(1)
 
-    def _check(self, images, y, eps, gate, slacks):
+    def _slack(self, images, y, eps, gate, slacks) -> tuple[torch.Tensor, list]:
+        """(B, J) margins of every condition (certified where all are positive), and the
+        rounding slacks of the interval pass."""
         box, slacks, x_box = self._box(images, eps, slacks)
-        ok = self._label_ok(box, y)
+        margins = self._label_slack(box, y)
         if gate is not None and gate.active:
-            ok &= self._gate_ok(box, x_box, y, gate)
-        return ok, slacks
+            margins = torch.cat([margins, self._gate_slack(box, x_box, y, gate)], 1)
+        return margins, slacks
 
     @torch.no_grad()
     def radius(self, images: torch.Tensor, labels: torch.Tensor, eps_max: float = 1.0,
                steps: int = RADIUS_STEPS, gate: AbstainGate | None = None) -> torch.Tensor:
         """(B,) the largest eps (to eps_max / 2**steps, rounded down) at which
-        :meth:`certified_at` holds; 0 where even the image itself is not certified. Bounds
-        only widen as the box grows, so certification is monotone in eps and bisection finds
-        the threshold; the rounding slacks of the largest box serve every smaller one."""
-        y = labels.long()
-        lo = torch.zeros(len(images), dtype=torch.float64)
+        :meth:`certified_at` holds; 0 where even the image itself is not certified.
+
+        Bounds only widen as the box grows, so certification is monotone in eps and a
+        bracket [certified, not certified] shrinks onto the threshold. Each image's bracket is
+        cut where its margins, scaled by their values at eps 0, cross zero on the chord
+        (false position, Illinois variant; a bisection step whenever a cut did not halve the
+        bracket), which needs a few interval passes where bisection needs ``steps``. The
+        rounding slacks of the largest box serve every smaller one."""
+        y, count = labels.long(), len(images)
+        resolution = eps_max / 2 ** steps
+        top, slacks = self._slack(images, y, eps_max, gate, None)
+        zero = self._slack(images, y, 0.0, gate, slacks)[0]
+        scale = torch.where(torch.isfinite(zero) & (zero > 0), zero, torch.ones_like(zero))
+        level = lambda m, s: (torch.nan_to_num(m / s, posinf=1e6)).min(1).values
+        lo = torch.zeros(count, dtype=torch.float64)
         hi = torch.full_like(lo, float(eps_max))
-        at_max, slacks = self._check(images, y, hi, gate, None)
-        lo[at_max] = eps_max
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            ok = self._check(images, y, mid, gate, slacks)[0]
-            lo = torch.where(ok, mid, lo)
-            hi = torch.where(ok, hi, mid)
+        certified_top = (top > 0).all(1)
+        lo[certified_top] = eps_max
+        active = ~certified_top & (zero > 0).all(1)
+        f_lo, f_hi = torch.ones_like(lo), level(top, scale)
+        moved = torch.zeros(count, dtype=torch.int8)     # +1 lo moved last, -1 hi moved last
+        bisect = torch.zeros(count, dtype=torch.bool)
+        for _ in range(4 * steps):
+            idx = torch.nonzero(active & (hi - lo > resolution)).flatten()
+            if not len(idx):
+                break
+            a, b, fa, fb = lo[idx], hi[idx], f_lo[idx], f_hi[idx]
+            cut = torch.where(bisect[idx], (a + b) / 2, a + (b - a) * fa / (fa - fb))
+            cut = torch.minimum(torch.maximum(cut, a + resolution / 2), b - resolution / 2)
+            margins = self._slack(images[idx], y[idx], cut, gate,
+                                  [None if s is None else s[idx] for s in slacks])[0]
+            ok, f = (margins > 0).all(1), level(margins, scale[idx])
+            # Illinois: an end kept twice in a row has its value halved, so the chord turns
+            f_hi[idx] = torch.where(ok, torch.where(moved[idx] > 0, fb / 2, fb), f)
+            f_lo[idx] = torch.where(ok, f, torch.where(moved[idx] < 0, fa / 2, fa))
+            lo[idx], hi[idx] = torch.where(ok, cut, a), torch.where(ok, b, cut)
+            moved[idx] = torch.where(ok, 1, -1).to(torch.int8)
+            bisect[idx] = hi[idx] - lo[idx] > (b - a) / 2
         return lo
 
     def batched(self, images: np.ndarray, labels: np.ndarray, eps: list[float] | None = None,

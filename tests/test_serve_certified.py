@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from dundi.certificate import RADIUS_STEPS
+
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 ROOT = Path(__file__).resolve().parents[1]
-RESOLUTION = 2.0 ** -14  # Certifier.radius bisects [0, 1] in 14 steps
+RESOLUTION = 2.0 ** -RADIUS_STEPS  # Certifier.radius resolves [0, 1] to this
 ADMIN = "certified-admin-token"
 
 

@@ -47,8 +47,9 @@ class ModelConfig:
     abstain_max_grey: float | None = None
     abstain_max_mean: float | None = None
     index_version: int | None = None
+    certify_eps: float | None = None
 
-    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version")
+    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version", "certify_eps")
 
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
@@ -58,7 +59,8 @@ class ModelConfig:
                     '(positive integers; n may be null for all oracles), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
                     '"abstain_max_mean" (non-negative numbers or null), "index_version" (an index '
-                    'version of the run, null for the live one)')
+                    'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
+                    '(0, 1] to certify each answer at, null for the full radius)')
         if not isinstance(data, dict):
             raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
         unknown = sorted(set(data) - set(cls.FIELDS))
@@ -73,6 +75,11 @@ class ModelConfig:
             value = merged.get(name, getattr(cls, name))
             if not (value is None and name in ("n", "index_version")) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RequestError(422, "invalid_config", f"{name}={value!r} is not an integer", expected)
+        ceps = merged.get("certify_eps")
+        if ceps is not None:
+            if isinstance(ceps, bool) or not isinstance(ceps, (int, float)) or not 0 < ceps <= 1:
+                raise RequestError(422, "invalid_config", f"certify_eps={ceps!r} is not a radius in (0, 1]", expected)
+            merged["certify_eps"] = float(ceps)
         thr = merged.get("abstain_threshold")
         if thr is not None:
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
@@ -118,6 +125,7 @@ class ModelInfo:
     abstain_max_mean: float | None = None
     index_version: int | None = None       # the oracle index version answering (dundi index list)
     step1: str = ""               # how step 1 is answered: exact (float64), exact (FAISS), shortlist
+    certify_eps: float | None = None  # certified_radius is this eps or 0 (None: the full radius)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -141,7 +149,9 @@ class Prediction:
     largest L∞ radius within which this service provably gives the same answer -- the same
     label, computed as served, and never "unknown" (the abstain thresholds are inside the
     proof; :meth:`dundi.certificate.Certifier.radius`; 0 = not certified); NaN where the
-    service abstained."""
+    service abstained. With ``ModelConfig.certify_eps`` set, it is that eps where the answer is
+    certified there and 0 elsewhere: a radius the answer provably holds within (a lower bound
+    of the largest), at the cost of one interval pass instead of a bisection."""
 
     labels: np.ndarray            # (B,) int64
     abstained: np.ndarray         # (B,) bool
@@ -186,7 +196,8 @@ class LoadedModel:
         files = meta.get("files", {})
         index_hash = index_sha256(meta, config.index_version)
         fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
-                                  n, config.m, config.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS)])
+                                  n, config.m, config.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS),
+                                  config.certify_eps])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
             run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
@@ -198,7 +209,7 @@ class LoadedModel:
             embed_dim=run.oracle.dim, metric=run.oracle.metric,
             # certificates need n oracles in every class: not after a few-image enrollment
             certified=run.oracle.metric == "sqeuclidean" and int(run.oracle.class_counts().min()) >= n,
-            step1=run.oracle.step1_kind(n, config.m),
+            step1=run.oracle.step1_kind(n, config.m), certify_eps=config.certify_eps,
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
         self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
@@ -231,10 +242,14 @@ class LoadedModel:
         from dundi.certificate import AbstainGate
 
         gate = AbstainGate(**{f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        eps = self.config.certify_eps
         with torch.no_grad():
-            radius = self.certifier.radius(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
-                                           torch.from_numpy(np.asarray(labels, dtype=np.int64)), gate=gate)
-        return radius.numpy().astype(np.float64, copy=True)
+            if eps is not None:  # one interval pass: eps where certified there, else 0
+                ok = self.certifier.certified_at(x, y, eps, gate=gate).numpy()
+                return np.where(ok, eps, 0.0)
+            return self.certifier.radius(x, y, gate=gate).numpy().astype(np.float64, copy=True)
 
 
 def check_shape(images: np.ndarray, in_shape: tuple[int, ...]) -> None:
