@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dundi.errors import DundiError
+from dundi.exact_rule import U32, gamma, invariant_linear
 
 Box = tuple[torch.Tensor, torch.Tensor]
 
@@ -98,11 +99,17 @@ class ServedLayer:
         """|W| x without the bias."""
         layer = self.layer
         if isinstance(layer, nn.Linear):
-            return nn.functional.linear(x, self.abs_weight)
+            return invariant_linear(x, self.abs_weight)
         if isinstance(layer, nn.Conv2d):
             return nn.functional.conv2d(x, self.abs_weight, None, layer.stride, layer.padding,
                                         layer.dilation, layer.groups)
         return x * self.abs_weight  # batch norm: a per-channel scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer itself, with Linear layers computed batch-invariantly as served."""
+        if isinstance(self.layer, nn.Linear):
+            return invariant_linear(x, self.layer.weight, self.layer.bias)
+        return self.layer(x)
 
 
 def served_layers(layers: list[nn.Module]) -> list[ServedLayer]:
@@ -144,10 +151,8 @@ def _outward32(lower64: torch.Tensor, upper64: torch.Tensor) -> Box:
 def _served_affine(sl: ServedLayer, lower: torch.Tensor, upper: torch.Tensor, slack: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One affine layer's float32 box and the rounding slack used (computed if None)."""
-    from dundi.exact_rule import U32, gamma
-
     centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    out_c = sl.layer(centre)
+    out_c = sl(centre)
     if slack is None:
         both = sl.abs_map(torch.cat([radius, centre.abs() + radius]))
         out_r, reach = both[:len(radius)], both[len(radius):]
@@ -170,8 +175,6 @@ def propagate_served(layers: list[ServedLayer], lower: torch.Tensor, upper: torc
     summation order, for an input in the float64 box ``[lower, upper]``. ``slacks`` from a call
     on a larger box may be passed back to skip computing them (a slack valid for a box is
     valid for every box inside it); the slacks used are returned."""
-    from dundi.exact_rule import U32, gamma
-
     record = [] if slacks is None else slacks
     lower, upper = _outward32(lower, upper)
     for i, sl in enumerate(layers):
@@ -179,11 +182,11 @@ def propagate_served(layers: list[ServedLayer], lower: torch.Tensor, upper: torc
         if sl.abs_weight is not None:
             lower, upper, used = _served_affine(sl, lower, upper, given)
         elif sl.terms < 0:  # average pooling: an average of up to K values, rounded
-            reach = sl.layer(torch.maximum(lower.abs(), upper.abs()))
+            reach = sl(torch.maximum(lower.abs(), upper.abs()))
             used = given if given is not None else 2.5 * gamma(reach[0].numel() + lower[0].numel() + 2, U32) * reach
-            lower, upper = sl.layer(lower) - used, sl.layer(upper) + used
+            lower, upper = sl(lower) - used, sl(upper) + used
         else:  # ReLU, max pooling, flatten: exact in floating point
-            lower, upper, used = sl.layer(lower), sl.layer(upper), None
+            lower, upper, used = sl(lower), sl(upper), None
         if slacks is None:
             record.append(used)
     return lower, upper, record

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dundi.rule import TwoStepResult
+
 U32 = 2.0 ** -24   # unit roundoff of float32 (round to nearest)
 U64 = 2.0 ** -53   # and of float64
 EXACT_CLASSES = 4096  # up to this many classes step 1 is scored in fixed order directly;
@@ -53,11 +55,16 @@ def fixed_sum(p: np.ndarray) -> np.ndarray:
     return p[..., 0]
 
 
-def _linear_as_conv(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """A Linear layer through the convolution kernel: BLAS's matrix product blocks a batch of
-    16 differently from a batch of 2 (other bits per row); a 1×1 convolution does not."""
-    out = nn.functional.conv2d(h[:, :, None, None], layer.weight[:, :, None, None], layer.bias)
-    return out[:, :, 0, 0]
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b whose every row is the same bits in any batch: BLAS's matrix product blocks a
+    batch of 16 differently from a batch of 2 (other bits per row); a 1×1 convolution does
+    not, once a batch of one is computed as a batch of two (the kernels take another path
+    for a single row)."""
+    single = len(x) == 1
+    if single:
+        x = torch.cat([x, x])
+    out = nn.functional.conv2d(x[:, :, None, None], weight[:, :, None, None], bias)[:, :, 0, 0]
+    return out[:1] if single else out
 
 
 @torch.no_grad()
@@ -77,7 +84,7 @@ def embed_invariant(layers: list[nn.Module], images: np.ndarray | torch.Tensor,
         if single:
             h = torch.cat([h, h])
         for layer in layers:
-            h = _linear_as_conv(layer, h) if isinstance(layer, nn.Linear) else layer(h)
+            h = invariant_linear(h, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(h)
         outs.append((h[:1] if single else h).float().cpu())
     if not outs:
         return np.zeros((0, 0), np.float32)
@@ -164,8 +171,6 @@ class ExactRule:
     def classify(self, z: np.ndarray):
         """Algorithm 1 for embeddings (B, D); a :class:`dundi.oracle.TwoStepResult` whose
         scores are the summed similarities −S_c = −(t‖z‖² + u_c) of the kept classes."""
-        from dundi.oracle import TwoStepResult
-
         z = np.asarray(z, dtype=np.float32)
         if len(z) > self.ROWS:
             parts = [self.classify(z[i:i + self.ROWS]) for i in range(0, len(z), self.ROWS)]
@@ -183,4 +188,4 @@ class ExactRule:
                              -(self.n * sq + u_fine), nearest)
 
 
-__all__ = ["U32", "U64", "gamma", "fixed_sum", "embed_invariant", "ClassSums", "ExactRule"]
+__all__ = ["U32", "U64", "gamma", "fixed_sum", "invariant_linear", "embed_invariant", "ClassSums", "ExactRule"]

@@ -49,26 +49,13 @@ import numpy as np
 from dundi.errors import DundiError
 from dundi.exact_rule import ExactRule
 from dundi.oracle_search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
-from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
+from dundi.rule import COARSE_ORACLES, KEPT_CLASSES, TwoStepResult  # noqa: F401 (re-exported)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "oracle.json"
 FORMAT = 2  # 1: equal class blocks, no names; 2: per-class counts and names
 # metadata save() derives from the index itself: dropped on load so it cannot go stale
 DERIVED = ("class_names", "counts", "format", "layout", "num_classes", "n", "dim")
-
-
-@dataclasses.dataclass
-class TwoStepResult:
-    """Per query: the label, the classes kept by step 1 with their coarse scores (best first),
-    the fine scores of those classes (same order), and the distance to the nearest oracle
-    among the kept classes' n oracles."""
-
-    labels: np.ndarray          # (B,) int64
-    topk_classes: np.ndarray    # (B, k) int64
-    coarse_scores: np.ndarray   # (B, k) float64
-    fine_scores: np.ndarray     # (B, k) float64
-    nearest_distance: np.ndarray  # (B,) float64
 
 
 METRICS = ("euclidean", "sqeuclidean")

@@ -8,7 +8,10 @@ the CLI and the Serve config -- takes its defaults from these names
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import numpy as np
 
 ORACLES_PER_CLASS = 20   # n at `index build`: the paper's largest database (Table 1)
 COARSE_ORACLES = 3       # m: the paper's coarse step; never more than n (see coarse_default)
@@ -32,3 +35,16 @@ class TwoStepParams:
         """The concrete (n, m, k) on an index that holds ``index_n`` oracles per class."""
         n = index_n if self.n is None else self.n
         return TwoStepParams(n, coarse_default(n) if self.m is None else self.m, self.k)
+
+
+@dataclasses.dataclass
+class TwoStepResult:
+    """Per query: the label, the classes kept by step 1 with their coarse scores (best first),
+    the fine scores of those classes (same order), and the distance to the nearest oracle
+    among the kept classes' n oracles."""
+
+    labels: np.ndarray          # (B,) int64
+    topk_classes: np.ndarray    # (B, k) int64
+    coarse_scores: np.ndarray   # (B, k) float64
+    fine_scores: np.ndarray     # (B, k) float64
+    nearest_distance: np.ndarray  # (B,) float64
