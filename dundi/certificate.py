@@ -233,7 +233,7 @@ class Certifier:
         Bounds only widen as the box grows, so certification is monotone in eps and a
         bracket [certified, not certified] shrinks onto the threshold. Each image's bracket is
         cut where its margins, scaled by their values at eps 0, cross zero on the chord
-        (false position, Illinois variant; a bisection step whenever a cut did not halve the
+        (false position, Anderson-Björck variant; a bisection step whenever a cut did not halve the
         bracket), which needs a few interval passes where bisection needs ``steps``. The
         rounding slacks of the largest box serve every smaller one."""
         y, count = labels.long(), len(images)
@@ -241,7 +241,9 @@ class Certifier:
         top, slacks = self._slack(images, y, eps_max, gate, None)
         zero = self._slack(images, y, 0.0, gate, slacks)[0]
         scale = torch.where(torch.isfinite(zero) & (zero > 0), zero, torch.ones_like(zero))
-        level = lambda m, s: (torch.nan_to_num(m / s, posinf=1e6)).min(1).values
+        # margins scaled by their value at eps 0, through asinh: they fall slowly, then plunge
+        # as interval bounds blow up; asinh makes the chord a fair guess on both stretches
+        level = lambda m, s: torch.asinh(torch.nan_to_num(m / s, posinf=1e6).min(1).values)
         lo = torch.zeros(count, dtype=torch.float64)
         hi = torch.full_like(lo, float(eps_max))
         certified_top = (top > 0).all(1)
@@ -260,9 +262,12 @@ class Certifier:
             margins = self._slack(images[idx], y[idx], cut, gate,
                                   [None if s is None else s[idx] for s in slacks])[0]
             ok, f = (margins > 0).all(1), level(margins, scale[idx])
-            # Illinois: an end kept twice in a row has its value halved, so the chord turns
-            f_hi[idx] = torch.where(ok, torch.where(moved[idx] > 0, fb / 2, fb), f)
-            f_lo[idx] = torch.where(ok, f, torch.where(moved[idx] < 0, fa / 2, fa))
+            # Anderson-Björck: an end kept twice in a row has its value scaled down, so the
+            # chord turns towards it
+            shrink_hi = torch.where(1 - f / fa > 0, 1 - f / fa, torch.full_like(f, 0.5))
+            shrink_lo = torch.where(1 - f / fb > 0, 1 - f / fb, torch.full_like(f, 0.5))
+            f_hi[idx] = torch.where(ok, torch.where(moved[idx] > 0, fb * shrink_hi, fb), f)
+            f_lo[idx] = torch.where(ok, f, torch.where(moved[idx] < 0, fa * shrink_lo, fa))
             lo[idx], hi[idx] = torch.where(ok, cut, a), torch.where(ok, b, cut)
             moved[idx] = torch.where(ok, 1, -1).to(torch.int8)
             bisect[idx] = hi[idx] - lo[idx] > (b - a) / 2

@@ -253,10 +253,29 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = 
     certified = certifier.batched(images, labels, eps=list(eps))["certified"]
     correct = answers == labels
     if (certified & ~correct[:, None]).any():  # a certificate at eps implies the right answer at 0
-        raise DundiError("internal error: a certified image is misclassified by the FAISS rule; "
+        raise DundiError("internal error: a certified image is misclassified by the served rule; "
                          "please report it with the run")
-    return {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
-            "run": Path(run_dir).name, "n": n, "m": m, "k": k, "metric": run.oracle.metric,
-            "clean_accuracy": accuracy(answers, labels),
-            "certified_accuracy": {f"{e:g}": float(certified[:, i].mean()) for i, e in enumerate(eps)},
-            "seconds": round(time.time() - t0, 2)}
+    figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
+               "run": Path(run_dir).name, "n": n, "m": m, "k": k, "metric": run.oracle.metric,
+               "step1": run.oracle.step1_kind(n, m), "clean_accuracy": accuracy(answers, labels),
+               "certified_accuracy": {f"{e:g}": float(certified[:, i].mean()) for i, e in enumerate(eps)}}
+    figures.update(_served_certified(run, certifier, images, labels, eps, n, m, k))
+    return {**figures, "seconds": round(time.time() - t0, 2)}
+
+
+def _served_certified(run: Run, certifier, images: np.ndarray, labels: np.ndarray, eps: list[float],
+                      n: int, m: int, k: int) -> dict:
+    """With the abstain rule `dundi index calibrate` stored for these n, m, k: the share of
+    images the service answers correctly with a certificate that covers the abstain gate too
+    (no input of the ball is answered otherwise or withdrawn as "unknown")."""
+    from dundi.artifacts import index_sha256
+    from dundi.certificate import AbstainGate
+    from dundi.serving.abstain import stored_calibration
+
+    stored = stored_calibration(run.meta, n, m, k, index_sha256(run.meta))
+    if not stored:
+        return {}
+    gate = AbstainGate(**stored["thresholds"])
+    served = certifier.batched(images, labels, eps=list(eps), gate=gate)["certified"]
+    return {"served_certified_accuracy": {f"{e:g}": float(served[:, i].mean()) for i, e in enumerate(eps)},
+            "abstain_rule": f"calibrated at {stored['rate']:.0%} false abstains ({stored['source']})"}
