@@ -9,9 +9,6 @@ same on the Serve backend, including a swap through POST /admin/reload."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,24 +20,8 @@ from dundi.certificate import RADIUS_STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 2.0 ** -RADIUS_STEPS  # Certifier.radius resolves [0, 1] to this
 ADMIN = "certified-admin-token"
-
-
-@pytest.fixture(scope="session")
-def tiny_certified_run(tmp_path_factory, data_dir) -> Path:
-    """A tiny certified run made the way a user makes one (the CLI), once per session; the
-    subprocesses read the same dataset cache ($DUNDI_DATA_DIR or the user cache)."""
-    out = tmp_path_factory.mktemp("runs") / "certified-tiny"
-    dundi = [sys.executable, "-m", "dundi"]
-    for cmd in ([*dundi, "train", "--dataset", "mnist-10k", "--backbone", "cnn-ibp", "--certified",
-                 "--epochs", "2", "--cert-warmup", "0.5", "--cert-ramp", "1", "--cert-eps", "0.1",
-                 "--limit", "2000", "--no-progress", "--out", str(out)],
-                [*dundi, "index", "build", str(out), "--oracles", "20"]):
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +81,16 @@ def client(run_dir: Path):
                                  ServeSettings.create(use_env=False, admin_token=ADMIN)))
 
 
-def test_plain_app_answers_carry_the_certified_radius(tiny_certified_run, images):
-    c = client(tiny_certified_run)
+def test_plain_app_answers_carry_the_certified_radius(certified_run, images):
+    c = client(certified_run)
     meta = c.get("/v2/models/dundi").json()
     assert meta["parameters"]["certified"] is True and meta["parameters"]["metric"] == "sqeuclidean"
-    radii = check_radii(c, tiny_certified_run, images)
+    radii = check_radii(c, certified_run, images)
     assert (radii > 0).any(), radii  # the tiny run certifies some answers: the check is not vacuous
     # another n, m, k: another certifier
     r = c.post("/admin/reload", json={"n": 10, "m": 2, "k": 3}, headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 200, r.text
-    other = check_radii(c, tiny_certified_run, images, n=10, m=2, k=3)
+    other = check_radii(c, certified_run, images, n=10, m=2, k=3)
     assert not np.array_equal(other, radii)
     # abstained answers name no label, so they carry no radius
     r = c.post("/admin/reload", json={"abstain_threshold": 1e-9}, headers={"Authorization": f"Bearer {ADMIN}"})
@@ -134,23 +115,23 @@ def free_port() -> int:
 
 
 @pytest.mark.ray
-def test_serve_answers_carry_the_certified_radius_and_swap_it(ray_local, tiny_certified_run, mnist_runs, images):
+def test_serve_answers_carry_the_certified_radius_and_swap_it(ray_local, certified_run, mnist_runs, images):
     from ray import serve
 
     from dundi.distributed.serve_app import ServeAppArgs, deploy, shutdown
     from dundi.serving.settings import hash_token
 
     port = free_port()
-    deploy(ServeAppArgs(run=str(tiny_certified_run), replica_cpus=0.1, admin_token_sha256=hash_token(ADMIN)),
+    deploy(ServeAppArgs(run=str(certified_run), replica_cpus=0.1, admin_token_sha256=hash_token(ADMIN)),
            host="127.0.0.1", port=port)
     try:
         admin = {"Authorization": f"Bearer {ADMIN}"}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            radii = check_radii(c, tiny_certified_run, images)
+            radii = check_radii(c, certified_run, images)
             assert (radii > 0).any(), radii
             r = c.post("/admin/reload", json={"n": 10, "m": 2, "k": 3}, headers=admin)
             assert r.status_code == 200, r.text
-            check_radii(c, tiny_certified_run, images, n=10, m=2, k=3)
+            check_radii(c, certified_run, images, n=10, m=2, k=3)
             # swapping to an uncertified run: null radii
             r = c.post("/admin/reload", json={"run": str(mnist_runs["dundi"]), "n": None, "m": 3, "k": 5},
                        headers=admin)
