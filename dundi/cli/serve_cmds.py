@@ -129,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config, model = loaded_model(args.run, args.n, args.m, args.k, args)
     settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
                                     model_name=args.model_name, max_batch=args.max_batch,
-                                    max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout)
+                                    max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout,
+                                    max_pending=args.max_pending)
     if args.host not in LOOPBACK and not settings.auth_token_sha256:
         print(f"dundi: warning: serving on {args.host} without a bearer token; set $DUNDI_SERVE_TOKEN "
               f"(or --token) unless the network in front of it authenticates", file=sys.stderr)
@@ -303,6 +304,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="largest request body accepted, at least 1024; larger ones get 413 (default %(default)s)")
     limits.add_argument("--timeout", type=positive_float, default=LIMITS.request_timeout_s,
                         help="seconds a request may wait for the model (default %(default)s)")
+    limits.add_argument("--max-pending", type=positive_int, default=LIMITS.max_pending,
+                        help="inference requests in progress per process (per replica on Ray) before "
+                             "more are answered 503 with Retry-After at once (default %(default)s)")
     limits.add_argument("--token", default=None,
                         help="require 'Authorization: Bearer TOKEN' (default: $DUNDI_SERVE_TOKEN, else no token; "
                              "prefer the variable: flags show in ps)")

@@ -4,7 +4,7 @@
 
     HTTP ─▶ Serve proxy / HAProxy / the replica itself (direct ingress)
               ─▶ DunDi × N  (FastAPI app of dundi.serving.app: parse, validate, 4xx;
-                             @serve.batch: requests arriving together share one model call —
+                             adaptive batching: requests queued together share one model call —
                              embed with the Distance NN, then Algorithm 1 on the FAISS index)
 
 One hop: each replica answers HTTP and runs the model in the same process. An earlier layout
@@ -53,6 +53,7 @@ from dundi.errors import DundiError
 from dundi.serving import admin
 from dundi.serving.admin import ClassChange
 from dundi.serving.app import Unavailable, create_app
+from dundi.serving.batching import AdaptiveBatcher
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
 from dundi.serving.settings import DeploymentSettings, ServeSettings
@@ -65,10 +66,6 @@ IMPORT_PATH = "dundi.distributed.serve_app:app_builder"
 BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")
 RELOAD_EXPECTED = ("a DunDi run directory (readable on every node) with a verified oracle index, "
                    "and n, m, k it can honour")
-
-
-def _image_count(items: List[np.ndarray]) -> int:
-    return sum(len(x) for x in items)
 
 
 # ------------------------------------------------------------------------------ rollout
@@ -153,11 +150,13 @@ def wait_for_user_config(app_name: str, deployment: str, model: Dict[str, Any], 
 # ------------------------------------------------------------------------------ the deployment
 
 class ReplicaBackend:
-    """The app's backend inside a replica: the model itself, batched with ``@serve.batch``.
+    """The app's backend inside a replica: the model itself, batched by an
+    :class:`~dundi.serving.batching.AdaptiveBatcher`.
 
-    Requests arriving together (up to ``max_batch_size`` images, waiting at most
-    ``batch_wait_timeout_s``) share one model call; a request larger than a batch runs on its
-    own. The model is swapped by :meth:`configure` (Serve's ``reconfigure``)."""
+    Requests queued together (up to ``max_batch_size`` images) share one model call, and a
+    request that finds the model idle goes to it at once; ``batch_wait_timeout_s`` is an extra
+    wait for company used only under load. A request larger than a batch runs on its own. The
+    model is swapped by :meth:`configure` (Serve's ``reconfigure``)."""
 
     def __init__(self, app_name: str, deployment: str, rollout_timeout_s: float = 120.0):
         self._app = app_name
@@ -167,7 +166,8 @@ class ReplicaBackend:
         self.declared: Optional[ModelConfig] = None
         self.last_error: Optional[str] = None
         self._staged: Optional[LoadedModel] = None   # loaded by /admin/reload, adopted by configure
-        self._max_batch = 64
+        defaults = DeploymentSettings()
+        self._batcher = AdaptiveBatcher(self._infer, defaults.max_batch_size, defaults.batch_wait_timeout_s)
         self._swap_lock = asyncio.Lock()     # one model load at a time in this replica
         self._reload_lock = asyncio.Lock()   # one admin reload at a time through this replica
         self._classes_lock = asyncio.Lock()  # one class change (write + rollout) at a time here
@@ -180,11 +180,7 @@ class ReplicaBackend:
         ``last_error`` (metadata and logs) rather than dropping out of service."""
         user_config = dict(user_config or {})
         batching = {k: user_config.pop(k) for k in BATCH_KEYS if k in user_config}
-        if "max_batch_size" in batching:
-            self._max_batch = int(batching["max_batch_size"])
-            self._batched.set_max_batch_size(self._max_batch)
-        if "batch_wait_timeout_s" in batching:
-            self._batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+        self._batcher.configure(batching.get("max_batch_size"), batching.get("batch_wait_timeout_s"))
         try:
             declared = ModelConfig.from_dict(user_config)
         except RequestError as exc:
@@ -220,17 +216,10 @@ class ReplicaBackend:
         return None if self.model is not None else "the model is loading"
 
     async def answer(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
-        if len(images) > self._max_batch:  # larger than a model batch: a call of its own
-            out = (await self._infer([images]))[0]
-        else:
-            out = await self._batched(images)
+        out = await self._batcher.submit(images)
         if isinstance(out, (RequestError, Unavailable)):
             raise out
         return out
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_image_count)
-    async def _batched(self, items: List[np.ndarray]) -> list:
-        return await self._infer(items)
 
     async def _infer(self, items: List[np.ndarray]) -> list:
         model = self.model  # one model for the whole batch, even if a swap lands meanwhile

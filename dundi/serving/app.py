@@ -26,6 +26,7 @@ that does not answer within the timeout gives 504 instead of a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -154,6 +155,20 @@ class _Context:
 
     backend: Backend
     settings: ServeSettings
+    pending: int = 0  # inference requests in progress (one event loop: no lock needed)
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """Admit one inference request, or refuse it at once (503, Retry-After) when
+        ``max_pending`` are already in progress: overload gets an answer, not a queue."""
+        if self.pending >= self.settings.max_pending:
+            raise RequestError(503, "overloaded", f"the service is at capacity ({self.pending} requests "
+                               f"in progress)", "a retry after the Retry-After delay", {"Retry-After": "1"})
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     def authorize(self, request: Request) -> None:
         if self.settings.auth_token_sha256 and not token_matches(request.headers.get("authorization"),
@@ -262,16 +277,22 @@ def _add_inference_routes(app: FastAPI, ctx: _Context) -> None:
     @app.post("/v2/models/{name}/infer")
     @guarded
     async def infer_latest(name: str, request: Request) -> Response:
-        return await infer(request, name, None)
+        with ctx.admitted():
+            return await infer(request, name, None)
 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     @guarded
     async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await infer(request, name, version)
+        with ctx.admitted():
+            return await infer(request, name, version)
 
     @app.post("/classify")
     @guarded
     async def classify_route(request: Request) -> Response:
+        with ctx.admitted():
+            return await classify(request)
+
+    async def classify(request: Request) -> Response:
         ctx.authorize(request)
         mtype = media_type(request.headers.get("content-type"))
         accepted = "application/json, image/png, image/jpeg or multipart/form-data (one file per image)"
