@@ -182,7 +182,12 @@ def _choose_ingress(args: argparse.Namespace) -> int:
     if args.ingress == "direct" and (args.replicas != 1 or args.autoscale):
         raise DundiError("--ingress direct serves from one replica on --port; for several, "
                          "use --ingress haproxy (it balances over them)")
-    os.environ.update(ingress_environment(args.ingress, args.port))
+    if args.ingress == "haproxy":  # HAProxy's files, private to this service; removed when it stops
+        import tempfile
+
+        args.private_dir = tempfile.mkdtemp(prefix="dundi-hap-")
+    os.environ.update(ingress_environment(args.ingress, args.port, getattr(args, "private_dir", None),
+                                          args.haproxy_stats_port, args.haproxy_metrics_port))
     if args.ingress != "direct":
         return args.port
     with socket.socket() as s:  # Serve's own proxy still starts: keep it off the service's port
@@ -236,6 +241,10 @@ def _serve_on_ray(args: argparse.Namespace, app_args, http_port: int, figures: d
     finally:
         if not (args.detach and not local):
             _stop_quietly(APP_NAME, local, stop)
+        if getattr(args, "private_dir", None):
+            import shutil
+
+            shutil.rmtree(args.private_dir, ignore_errors=True)
     print("dundi: service stopped", file=sys.stderr)
 
 
@@ -288,6 +297,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "listening itself (direct), or HAProxy in front of the replicas (haproxy) "
                         "(default: haproxy on a local Ray when its binary is found — the fastest in "
                         "bench/serve.py — else proxy; always proxy with --address)")
+    p.add_argument("--haproxy-stats-port", type=port_number, default=0, metavar="PORT",
+                   help="with --ingress haproxy: serve HAProxy's stats page on 127.0.0.1:PORT (default: off)")
+    p.add_argument("--haproxy-metrics-port", type=port_number, default=0, metavar="PORT",
+                   help="with --ingress haproxy: serve HAProxy's Prometheus metrics on 127.0.0.1:PORT "
+                        "(default: off)")
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")

@@ -38,6 +38,7 @@ by ``serve deploy cluster/serve_config.yaml``.
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import typing
 from typing import Any, Dict, List, Optional, Tuple
@@ -477,7 +478,36 @@ def haproxy_binary() -> str:
                          f"(apt-get install haproxy), or use --ingress proxy|direct") from None
 
 
-def ingress_environment(mode: str, port: int) -> Dict[str, str]:
+HAPROXY_BUFSIZE = 64 * 1024   # requests up to this size can be retried on another replica
+HAPROXY_MAXCONN = 1024        # with the buffer size, bounds HAProxy's memory (2 buffers a connection)
+
+
+def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int = 0) -> Dict[str, str]:
+    """Serve's HAProxy settings for ``dundi serve``: every file it writes (config, admin socket,
+    server state) in ``directory``, private to this service, rather than a /tmp path shared by
+    every user of the machine; HAProxy started by :mod:`dundi.distributed.haproxy_guard` (ends
+    with the service, stats and metrics on loopback or off); and an inference request whose
+    replica dies before answering retried on another one (inference is idempotent; ``/admin/``
+    is never retried). HAProxy can retry only a request still in its buffer: one-image requests
+    (about 15 kB of JSON) and PNG uploads fit, a 64-image JSON request (about 1 MB) does not."""
+    from dundi.distributed import haproxy_guard
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_guard.install(directory, haproxy_binary(), stats_port,
+                                                                   metrics_port),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(directory, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(directory, "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(directory, "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": directory,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(directory, "server-state"),
+            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+            "RAY_SERVE_HAPROXY_RETRIES": "3",
+            "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFSIZE),
+            "RAY_SERVE_HAPROXY_MAXCONN": str(HAPROXY_MAXCONN)}
+
+
+def ingress_environment(mode: str, port: int, private_dir: Optional[str] = None, stats_port: int = 0,
+                        metrics_port: int = 0) -> Dict[str, str]:
     """Environment that selects Serve's ingress. Serve reads these once, when its modules are
     imported, in every process (controller, proxy, replicas): they must be in the environment
     before Ray starts, which is why setting them on an already running cluster (or in the
@@ -489,6 +519,7 @@ def ingress_environment(mode: str, port: int) -> Dict[str, str]:
       but no request passes through it.
     * ``haproxy``: Serve runs HAProxy on ``port``; it balances over the ingress replicas'
       own HTTP ports (direct ingress, Serve's pool 30000-30999), health-checking them.
+      ``private_dir`` (required) holds its files; see :func:`haproxy_environment`.
     """
     if mode not in INGRESS_MODES:
         raise DundiError(f"--ingress {mode!r}: choose one of {', '.join(INGRESS_MODES)}")
@@ -497,7 +528,9 @@ def ingress_environment(mode: str, port: int) -> Dict[str, str]:
         env.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
                    RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 1))
     elif mode == "haproxy":
-        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_BINARY_PATH=haproxy_binary())
+        if private_dir is None:
+            raise ValueError("--ingress haproxy needs a private directory for HAProxy's files")
+        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", **haproxy_environment(private_dir, stats_port, metrics_port))
     if mode != "proxy":
         # A replica's port is otherwise held back for a minute after it stops (so proxies drop
         # it first) and the drain lasts 30 s: on one machine that only delays restarts and stops.
