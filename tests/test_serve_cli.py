@@ -242,6 +242,22 @@ def all_listening_ports() -> set[int]:
     return ports
 
 
+def _wait_gone(procs: dict[int, str], srv: Server, deadline_s: float) -> tuple[dict, set]:
+    """Wait until none of ``procs`` and nothing else of the command's session runs, and
+    nothing listens on the service port; returns what is left and the ports still held.
+    (Ports are checked by owner: on a shared machine another user's Ray may bind a fixed
+    port such as the dashboard agent's 52365 the moment ours lets it go.)"""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        alive = _processes()
+        session = {pid: name for pid, (_, sid, name) in alive.items() if sid == srv.proc.pid}
+        left = {**{pid: name for pid, name in procs.items() if pid in alive}, **session}
+        still = listening_ports(left) | ({srv.port} & all_listening_ports())
+        if (not left and not still) or time.monotonic() > deadline:
+            return left, still
+        time.sleep(0.2)
+
+
 def _serving(srv: Server, deadline_s: float = 30.0) -> tuple[dict[int, str], set[int]]:
     """The command's processes and their listening ports once one of them listens on the
     service port: HAProxy is reloaded (a new process takes the port over) several times
@@ -273,13 +289,7 @@ def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
     finally:
         if srv.proc.poll() is None:
             os.killpg(srv.proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        left = {pid: name for pid, name in procs.items() if pid in _processes()}
-        still = ports & all_listening_ports()
-        if not left and not still:
-            break
-        time.sleep(0.5)
+    left, still = _wait_gone(procs, srv, 20.0)
     for pid in left:  # leave the machine clean even when the test fails
         try:
             os.kill(pid, signal.SIGKILL)
@@ -348,16 +358,6 @@ def _cmdlines(pids) -> dict[int, list[str]]:
     return out
 
 
-def _wait_gone(procs: dict[int, str], ports: set[int], deadline_s: float) -> tuple[dict, set]:
-    """Wait until none of ``procs`` runs and nothing listens on ``ports``; what is left."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        alive = _processes()
-        left = {pid: name for pid, name in procs.items() if pid in alive}
-        still = ports & all_listening_ports()
-        if (not left and not still) or time.monotonic() > deadline:
-            return left, still
-        time.sleep(0.2)
 
 
 def test_kill_9_of_the_process_group_leaves_nothing_listening(mnist_runs, tmp_path):
@@ -379,7 +379,7 @@ def test_kill_9_of_the_process_group_leaves_nothing_listening(mnist_runs, tmp_pa
         assert "disable-l7-retry if { path_beg /admin/ }" in text
         os.killpg(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(30)
-        left, still = _wait_gone(procs, {srv.port}, 30.0)
+        left, still = _wait_gone(procs, srv, 30.0)
         assert not left and not still, f"after kill -9 of the group: left running {left}; " \
                                        f"still listening {sorted(still)}"
     finally:
