@@ -228,28 +228,42 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def measure(kind: str, run: Path, args: argparse.Namespace, levels: list, images, expected,
-            batch: tuple[int, float] | None = None, label: str | None = None) -> dict:
-    """Start one server, run every load level against it, stop it."""
-    port = free_port()
-    proc = start(kind, run, port, args, batch)
+def _level(port: int, proc: subprocess.Popen, size: int, c: int, images, expected, args, label: str) -> dict:
+    reqs = requests_for(images, expected, port, size)
+    row = asyncio.run(load(port, reqs, c, args.duration, args.warmup, lambda: tree_cpu_seconds(proc.pid)))
+    row["images_per_s"] = row["rps"] * size
+    print(f"{label:16s} {size:2d} img x {c:2d} clients {row['rps']:7.1f} req/s "
+          f"{row['images_per_s']:7.0f} img/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+          f"errors {row['errors']}  abstained {row['abstained']}  wrong {row['mismatches']}  "
+          f"server CPU {row['server_cpu_ms_per_req']:.1f} ms/req  (load {load_average()})", flush=True)
+    return row
+
+
+def measure_pair(kind: str, run: Path, args: argparse.Namespace, levels: list, images, expected,
+                 batch: tuple[int, float] | None, label: str) -> tuple[dict, dict]:
+    """Plain uvicorn and one Serve configuration, both started, measured level by level in
+    turn (plain first at even levels, Serve first at odd ones): on a shared machine whose load
+    drifts over minutes, each ratio compares figures taken seconds apart. The idle one of the
+    two still runs meanwhile (Ray's idle processes take a few % of a core)."""
+    ports = {"plain": free_port(), kind: free_port()}
+    procs = {"plain": start("plain", run, ports["plain"], args), kind: start(kind, run, ports[kind], args, batch)}
     try:
-        t0 = time.time()
-        wait_ready(port, proc)
-        startup = time.time() - t0
-        rows = {}
-        for size, c in levels:
-            reqs = requests_for(images, expected, port, size)
-            row = asyncio.run(load(port, reqs, c, args.duration, args.warmup, lambda: tree_cpu_seconds(proc.pid)))
-            row["images_per_s"] = row["rps"] * size
-            rows[f"{size}x{c}"] = row
-            print(f"{label or kind:16s} {size:2d} img x {c:2d} clients {row['rps']:7.1f} req/s "
-                  f"{row['images_per_s']:7.0f} img/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
-                  f"errors {row['errors']}  abstained {row['abstained']}  wrong {row['mismatches']}  "
-                  f"server CPU {row['server_cpu_ms_per_req']:.1f} ms/req  (load {load_average()})", flush=True)
-        return {"startup_s": startup, "levels": rows}
+        startup = {}
+        for name, proc in procs.items():
+            t0 = time.time()
+            wait_ready(ports[name], proc)
+            startup[name] = time.time() - t0
+        rows: dict = {"plain": {}, kind: {}}
+        for i, (size, c) in enumerate(levels):
+            order = ["plain", kind] if i % 2 == 0 else [kind, "plain"]
+            for name in order:
+                rows[name][f"{size}x{c}"] = _level(ports[name], procs[name], size, c, images, expected, args,
+                                                   "plain" if name == "plain" else label)
+        return ({"startup_s": startup["plain"], "levels": rows["plain"]},
+                {"startup_s": startup[kind], "levels": rows[kind]})
     finally:
-        stop(proc)
+        for proc in procs.values():
+            stop(proc)
 
 
 def verdicts(r: dict) -> str:
@@ -292,6 +306,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     args.serve_args = [] if args.abstain else ["--abstain-threshold", "none"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve.py: stopped by SIGTERM"))  # servers stop too
 
     from dundi.artifacts import Run
     from dundi.data import load_split
@@ -304,19 +319,17 @@ def main() -> None:
 
     levels = [(1, c) for c in args.concurrency] + [(b, 8) for b in args.batches]
     print(f"load before: {load_average()} (cpus={os.cpu_count()}, replicas={args.replicas})", flush=True)
-    results: dict[str, dict] = {"plain": measure("plain", run, args, levels, images, expected)}
+    results: dict[str, dict] = {}
+    plains: dict[str, dict] = {}
     sweep = [(b, w) for b in args.batch_size for w in args.batch_wait_ms]
     for kind in args.modes:
         for b, w in sweep:
             label = kind if len(sweep) == 1 else f"{kind}/b{b}/w{w:g}"
-            results[label] = measure(kind, run, args, levels, images, expected, (b, w), label)
-    plain = results["plain"]["levels"]
-    print(f"\nratios to plain uvicorn (load after: {load_average()}):")
+            plains[label], results[label] = measure_pair(kind, run, args, levels, images, expected, (b, w), label)
+    print(f"\nratios to plain uvicorn measured beside each (load after: {load_average()}):")
     ratios = {}
     for label in results:
-        if label == "plain":
-            continue
-        lv = results[label]["levels"]
+        lv, plain = results[label]["levels"], plains[label]["levels"]
         ratios[label] = {key: {"throughput": lv[key]["images_per_s"] / plain[key]["images_per_s"],
                                "p50": lv[key]["p50_ms"] / plain[key]["p50_ms"],
                                "p99": lv[key]["p99_ms"] / plain[key]["p99_ms"],
@@ -325,6 +338,7 @@ def main() -> None:
         print(f"  {label:16s} " + "  ".join(f"{k}: {r['throughput']:.2f}x thr, p50 {r['p50']:.2f}x, "
                                             f"p99 {r['p99']:.2f}x" for k, r in ratios[label].items()))
         print(f"  {label:16s} {verdicts(ratios[label])}")
+    results = {**results, **{f"plain beside {k}": v for k, v in plains.items()}}
     if args.json:
         print(json.dumps({"results": results, "ratios": ratios, "cpus": os.cpu_count(), "replicas": args.replicas}))
 

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -196,6 +197,7 @@ def main() -> None:
     args = p.parse_args()
     args.throughput_optimized = False
     args.serve_args = ["--abstain-threshold", "none"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve_overload.py: stopped by SIGTERM"))
 
     from dundi.artifacts import Run
     from dundi.data import load_split

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256                                 # `dundi serve`'s default --max-batch
-BATCH_SIZES = [1, 63, 64, 65, 128, LIMIT]   # 64 = the ingress's edge batch
+EDGE = 16                                   # images per model call (DeploymentSettings.max_batch_size)
+BATCH_SIZES = [1, EDGE - 1, EDGE, EDGE + 1, 64, 128, LIMIT]
 BACKENDS = ["proxy", "direct", "haproxy", "plain"]   # the three Serve ingress modes and --no-ray
 STOP_DEADLINE_S = 30.0                      # a signal stops everything well within this
 
@@ -116,6 +117,9 @@ def server(request, mnist_runs, tmp_path_factory):
 
 @pytest.mark.parametrize("size", BATCH_SIZES)
 def test_every_batch_size_answers_like_dundi_classify(server, images, expected, size):
+    from dundi.serving.settings import DeploymentSettings
+
+    assert DeploymentSettings().max_batch_size == EDGE, "update EDGE: the sizes around it are the edge cases"
     """Both routes that take arrays answer a batch of ``size`` with Run.classify's labels."""
     x = images[:size]
     with httpx.Client(base_url=server.url, timeout=60) as c:

@@ -97,8 +97,8 @@ class DeploymentSettings:
     target_ongoing_requests: float = 16.0  # autoscaling target per replica
     replica_cpus: float = 0.25             # CPUs reserved per replica (below 1 on small machines)
     torch_threads: int = 1                 # torch threads per replica
-    max_batch_size: int = 64               # images per model call (@serve.batch)
-    batch_wait_timeout_s: float = 0.005    # how long a model batch waits to fill
+    max_batch_size: int = 16               # images per model call (docs/serving.md: the sweep)
+    batch_wait_timeout_s: float = 0.0      # extra wait for a batch to fill, under load only
     max_ongoing_requests: int = 256        # per replica
 
     def __post_init__(self):
