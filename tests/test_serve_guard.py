@@ -67,3 +67,13 @@ def test_install_writes_an_executable_stdlib_only_launcher(tmp_path):
     assert "import dundi" not in text and "from dundi" not in text  # runs where DunDi is not importable
     page = (tmp_path / "503.http").read_bytes().decode()
     assert page.startswith("HTTP/1.1 503 ") and "Retry-After: 1\r\n" in page and '"code": "unavailable"' in page
+
+
+def test_replicas_limited_to_max_pending_and_the_queue_bounded():
+    out = rewrite_config(SERVE_CONFIG, "/p/503.http", server_maxconn=64, queue_timeout_s=1.0)
+    assert "server SERVE_REPLICA_a 127.0.0.1:30000 check maxconn 64" in out
+    backend = out[out.index("backend http-dundi"):out.index("listen stats") if "listen stats" in out else None]
+    assert "timeout queue 1000ms" in backend
+    assert rewrite_config(out, "/p/503.http", server_maxconn=64) == out  # idempotent
+    backup = SERVE_CONFIG.replace("check\n", "check\n    server SERVE_PROXY_ACTOR-fallback 127.0.0.1:8500 check backup\n", 1)
+    assert "8500 check backup\n" in rewrite_config(backup, "/p/503.http", server_maxconn=64)  # fallback unlimited

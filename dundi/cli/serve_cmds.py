@@ -187,7 +187,7 @@ def _choose_ingress(args: argparse.Namespace) -> int:
 
         args.private_dir = tempfile.mkdtemp(prefix="dundi-hap-")
     os.environ.update(ingress_environment(args.ingress, args.port, getattr(args, "private_dir", None),
-                                          args.haproxy_stats_port, args.haproxy_metrics_port))
+                                          args.haproxy_stats_port, args.haproxy_metrics_port, args.max_pending))
     if args.ingress != "direct":
         return args.port
     with socket.socket() as s:  # Serve's own proxy still starts: keep it off the service's port

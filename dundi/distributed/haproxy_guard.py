@@ -19,7 +19,9 @@ without DunDi importable) in place of the HAProxy binary. The launcher
   for; inference may be retried on another replica when one dies mid-request (Serve's own
   ``retry-on``, widened by :func:`dundi.distributed.serve_app.ingress_environment`) but
   ``/admin/`` requests never are (they change state); HAProxy's own 503 (no replica ready)
-  becomes a JSON 503 with ``Retry-After`` instead of Serve's 500. Splicing (kernel zero-copy
+  becomes a JSON 503 with ``Retry-After`` instead of Serve's 500, and it is also the answer
+  under overload: each replica gets at most ``max_pending`` requests at once from HAProxy, the
+  rest wait in HAProxy's queue at most ``queue_timeout_s`` (1 s), then get that 503. Splicing (kernel zero-copy
   of bodies) is turned off: a spliced request never sits in HAProxy's buffer, so a request
   in flight on a replica that died was dropped (the client's connection closed) instead of
   retried.
@@ -56,8 +58,24 @@ def _local_bind(section: list[str], port: int) -> list[str]:
     return [f"    bind 127.0.0.1:{port}" if ln.strip().startswith("bind ") else ln for ln in section]
 
 
-def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port: int = 0) -> str:
-    """Serve's HAProxy config with the changes above (a port of 0 removes that listener)."""
+def _limit_servers(section: list[str], server_maxconn: int, queue_timeout_s: float) -> list[str]:
+    """Each replica takes at most ``server_maxconn`` requests at once; the rest wait in
+    HAProxy's queue at most ``queue_timeout_s``, then get the JSON 503 (Retry-After)."""
+    out = []
+    for ln in section:
+        words = ln.split()
+        if words[:1] == ["server"] and "backup" not in words and "maxconn" not in words:
+            ln = f"{ln} maxconn {server_maxconn}"
+        out.append(ln)
+        if words[:1] == ["backend"] and not any(w.strip().startswith("timeout queue") for w in section):
+            out.append(f"    timeout queue {int(queue_timeout_s * 1000)}ms")
+    return out
+
+
+def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port: int = 0,
+                   server_maxconn: int = 0, queue_timeout_s: float = 1.0) -> str:
+    """Serve's HAProxy config with the changes above (a port of 0 removes that listener; a
+    ``server_maxconn`` of 0 leaves the replicas unlimited)."""
     kept: list[str] = []
     for section in _sections(text):
         head = section[0].split()
@@ -68,6 +86,8 @@ def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port:
         elif head[:2] == ["frontend", "http_frontend"] and NO_ADMIN_RETRY not in section:
             at = next((i for i, ln in enumerate(section) if ln.strip().startswith("bind ")), 0)
             section = section[:at + 1] + [NO_ADMIN_RETRY] + section[at + 1:]
+        elif head[:1] == ["backend"] and server_maxconn:
+            section = _limit_servers(section, server_maxconn, queue_timeout_s)
         section = [f"    errorfile 503 {error_503}" if ln.strip().startswith("errorfile 503 ") else ln
                    for ln in section if ln.strip() not in NO_RETRY_OPTIONS]
         kept.extend(section)
@@ -86,13 +106,14 @@ def _die_with_parent() -> None:
         sys.exit("haproxy launcher: the process that started HAProxy is gone")
 
 
-def launch(real: str, argv: list[str], error_503: str, stats_port: int, metrics_port: int) -> None:
+def launch(real: str, argv: list[str], error_503: str, stats_port: int, metrics_port: int,
+           server_maxconn: int = 0, queue_timeout_s: float = 1.0) -> None:
     """Rewrite the ``-f`` config, tie HAProxy's life to its parent and become HAProxy."""
     args = list(argv)
     if "-f" in args:  # rewritten in place: Serve finds its HAProxy processes by this path
         path = args[args.index("-f") + 1]
         with open(path) as f:
-            text = rewrite_config(f.read(), error_503, stats_port, metrics_port)
+            text = rewrite_config(f.read(), error_503, stats_port, metrics_port, server_maxconn, queue_timeout_s)
         with open(f"{path}.tmp", "w") as f:
             f.write(text)
         os.replace(f"{path}.tmp", path)
@@ -100,7 +121,8 @@ def launch(real: str, argv: list[str], error_503: str, stats_port: int, metrics_
     os.execv(real, [real, *args])
 
 
-def install(directory: str, real: str, stats_port: int = 0, metrics_port: int = 0) -> str:
+def install(directory: str, real: str, stats_port: int = 0, metrics_port: int = 0, server_maxconn: int = 0,
+            queue_timeout_s: float = 1.0) -> str:
     """Write the launcher (this file plus its settings) and the JSON 503 page into
     ``directory``; returns the launcher's path (for ``RAY_SERVE_HAPROXY_BINARY_PATH``)."""
     error_503 = os.path.join(directory, "503.http")
@@ -111,6 +133,7 @@ def install(directory: str, real: str, stats_port: int = 0, metrics_port: int = 
     path = os.path.join(directory, "haproxy")
     with open(path, "w") as f:
         f.write(f"#!{sys.executable} -IS\n{source}\n\nif __name__ == '__main__':\n"
-                f"    launch({real!r}, sys.argv[1:], {error_503!r}, {int(stats_port)}, {int(metrics_port)})\n")
+                f"    launch({real!r}, sys.argv[1:], {error_503!r}, {int(stats_port)}, {int(metrics_port)}, "
+                f"{int(server_maxconn)}, {float(queue_timeout_s)!r})\n")
     os.chmod(path, 0o700)
     return path

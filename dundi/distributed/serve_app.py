@@ -463,19 +463,22 @@ HAPROXY_BUFSIZE = 64 * 1024   # requests up to this size can be retried on anoth
 HAPROXY_MAXCONN = 1024        # with the buffer size, bounds HAProxy's memory (2 buffers a connection)
 
 
-def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int = 0) -> Dict[str, str]:
+def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int = 0,
+                        server_maxconn: int = ServeSettings.max_pending) -> Dict[str, str]:
     """Serve's HAProxy settings for ``dundi serve``: every file it writes (config, admin socket,
     server state) in ``directory``, private to this service, rather than a /tmp path shared by
     every user of the machine; HAProxy started by :mod:`dundi.distributed.haproxy_guard` (ends
     with the service, stats and metrics on loopback or off); and an inference request whose
     replica dies before answering retried on another one (inference is idempotent; ``/admin/``
-    is never retried). HAProxy can retry only a request still in its buffer: one-image requests
+    is never retried); each replica given at most ``server_maxconn`` requests at once (its
+    ``max_pending``), the rest queued in HAProxy at most 1 s, then answered 503 with
+    Retry-After. HAProxy can retry only a request still in its buffer: one-image requests
     (about 15 kB of JSON) and PNG uploads fit, a 64-image JSON request (about 1 MB) does not."""
     from dundi.distributed import haproxy_guard
 
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    return {"RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_guard.install(directory, haproxy_binary(), stats_port,
-                                                                   metrics_port),
+    launcher = haproxy_guard.install(directory, haproxy_binary(), stats_port, metrics_port, server_maxconn)
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": launcher,
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(directory, "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(directory, "admin.sock"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(directory, "metrics.sock"),
@@ -488,7 +491,7 @@ def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int =
 
 
 def ingress_environment(mode: str, port: int, private_dir: Optional[str] = None, stats_port: int = 0,
-                        metrics_port: int = 0) -> Dict[str, str]:
+                        metrics_port: int = 0, max_pending: int = ServeSettings.max_pending) -> Dict[str, str]:
     """Environment that selects Serve's ingress. Serve reads these once, when its modules are
     imported, in every process (controller, proxy, replicas): they must be in the environment
     before Ray starts, which is why setting them on an already running cluster (or in the
@@ -511,7 +514,7 @@ def ingress_environment(mode: str, port: int, private_dir: Optional[str] = None,
     elif mode == "haproxy":
         if private_dir is None:
             raise ValueError("--ingress haproxy needs a private directory for HAProxy's files")
-        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", **haproxy_environment(private_dir, stats_port, metrics_port))
+        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", **haproxy_environment(private_dir, stats_port, metrics_port, max_pending))
     if mode != "proxy":
         # A replica's port is otherwise held back for a minute after it stops (so proxies drop
         # it first) and the drain lasts 30 s: on one machine that only delays restarts and stops.

@@ -130,6 +130,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _drain(request: Request, limit: int) -> None:
+    """Read and drop a request body, at most ``limit`` bytes of it."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return
+    except ClientDisconnect:
+        return
+
+
 async def _off_loop(body: bytes, fn: Callable[[], Any]) -> Any:
     """Parse small bodies inline, large ones in a thread so the event loop keeps serving."""
     return await asyncio.to_thread(fn) if len(body) > PARSE_IN_THREAD_BYTES else fn()
@@ -157,11 +169,14 @@ class _Context:
     settings: ServeSettings
     pending: int = 0  # inference requests in progress (one event loop: no lock needed)
 
-    @contextlib.contextmanager
-    def admitted(self):
+    @contextlib.asynccontextmanager
+    async def admitted(self, request: Request):
         """Admit one inference request, or refuse it at once (503, Retry-After) when
-        ``max_pending`` are already in progress: overload gets an answer, not a queue."""
+        ``max_pending`` are already in progress: overload gets an answer, not a queue. A
+        refused request's body is read and dropped first (at most ``max_body_bytes``), so
+        the kept-alive connection can carry the client's next request."""
         if self.pending >= self.settings.max_pending:
+            await _drain(request, self.settings.max_body_bytes)
             raise RequestError(503, "overloaded", f"the service is at capacity ({self.pending} requests "
                                f"in progress)", "a retry after the Retry-After delay", {"Retry-After": "1"})
         self.pending += 1
@@ -277,19 +292,19 @@ def _add_inference_routes(app: FastAPI, ctx: _Context) -> None:
     @app.post("/v2/models/{name}/infer")
     @guarded
     async def infer_latest(name: str, request: Request) -> Response:
-        with ctx.admitted():
+        async with ctx.admitted(request):
             return await infer(request, name, None)
 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     @guarded
     async def infer_version(name: str, version: str, request: Request) -> Response:
-        with ctx.admitted():
+        async with ctx.admitted(request):
             return await infer(request, name, version)
 
     @app.post("/classify")
     @guarded
     async def classify_route(request: Request) -> Response:
-        with ctx.admitted():
+        async with ctx.admitted(request):
             return await classify(request)
 
     async def classify(request: Request) -> Response:
