@@ -66,8 +66,16 @@ async def open_loop(port: int, reqs: list, rate: float, seconds: float, timeout:
     busy = 0
 
     async def exchange(i: int, conn):
-        if conn is None:
-            conn = await asyncio.open_connection("127.0.0.1", port)
+        if conn is not None:  # a kept-alive connection the server may have closed meanwhile
+            try:
+                conn[1].write(reqs[i % len(reqs)][0])
+                return conn, await read_head_and_body(conn[0])
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                    raise  # an answer had begun: a real failure
+                conn[1].close()  # closed before any answer (idle timeout): resend on a new one,
+                # as HTTP clients do with a stale pooled connection
+        conn = await asyncio.open_connection("127.0.0.1", port)
         conn[1].write(reqs[i % len(reqs)][0])
         return conn, await read_head_and_body(conn[0])
 

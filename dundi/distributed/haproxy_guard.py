@@ -21,7 +21,7 @@ without DunDi importable) in place of the HAProxy binary. The launcher
   ``/admin/`` requests never are (they change state); HAProxy's own 503 (no replica ready)
   becomes a JSON 503 with ``Retry-After`` instead of Serve's 500, and it is also the answer
   under overload: each replica gets at most ``max_pending`` requests at once from HAProxy, the
-  rest wait in HAProxy's queue at most ``queue_timeout_s`` (1 s), then get that 503. Splicing (kernel zero-copy
+  rest wait in HAProxy's queue at most ``queue_timeout_s``, then get that 503. Splicing (kernel zero-copy
   of bodies) is turned off: a spliced request never sits in HAProxy's buffer, so a request
   in flight on a replica that died was dropped (the client's connection closed) instead of
   retried.

@@ -460,7 +460,8 @@ def haproxy_binary() -> str:
 
 
 HAPROXY_BUFSIZE = 64 * 1024   # requests up to this size can be retried on another replica
-HAPROXY_MAXCONN = 1024        # with the buffer size, bounds HAProxy's memory (2 buffers a connection)
+HAPROXY_MAXCONN = 2048        # with the buffer size, bounds HAProxy's memory (2 buffers a connection)
+HAPROXY_QUEUE_S = 0.25        # longest wait in HAProxy's queue for a replica before a 503
 
 
 def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int = 0,
@@ -471,13 +472,14 @@ def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int =
     with the service, stats and metrics on loopback or off); and an inference request whose
     replica dies before answering retried on another one (inference is idempotent; ``/admin/``
     is never retried); each replica given at most ``server_maxconn`` requests at once (its
-    ``max_pending``), the rest queued in HAProxy at most 1 s, then answered 503 with
+    ``max_pending``), the rest queued in HAProxy at most 0.25 s, then answered 503 with
     Retry-After. HAProxy can retry only a request still in its buffer: one-image requests
     (about 15 kB of JSON) and PNG uploads fit, a 64-image JSON request (about 1 MB) does not."""
     from dundi.distributed import haproxy_guard
 
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    launcher = haproxy_guard.install(directory, haproxy_binary(), stats_port, metrics_port, server_maxconn)
+    launcher = haproxy_guard.install(directory, haproxy_binary(), stats_port, metrics_port, server_maxconn,
+                                     HAPROXY_QUEUE_S)
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": launcher,
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(directory, "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(directory, "admin.sock"),
