@@ -70,8 +70,10 @@ class AdaptiveBatcher:
         self.last_batch = len(items)
         return await self._infer(items)
 
-    def _take(self) -> List[_Item]:
-        """Queued requests up to ``max_images`` images, oldest first; cancelled ones dropped."""
+    def _take(self, room: int | None = None) -> List[_Item]:
+        """Queued requests up to ``room`` images (``max_images``), oldest first; cancelled
+        ones dropped. The first request always fits an empty batch."""
+        room = self.max_images if room is None else room
         batch: List[_Item] = []
         count = 0
         while self._queue:
@@ -79,7 +81,7 @@ class AdaptiveBatcher:
             if item.future.done():  # its caller gave up (timeout, disconnect)
                 self._queue.popleft()
                 continue
-            if batch and count + len(item.images) > self.max_images:
+            if (batch or room < self.max_images) and count + len(item.images) > room:
                 break
             batch.append(self._queue.popleft())
             count += len(item.images)
@@ -101,15 +103,8 @@ class AdaptiveBatcher:
             room = self.max_images - sum(len(i.images) for i in batch)
             if self._queue and len(self._queue[0].images) > room:
                 break
-            batch += self._take_up_to(room)
+            batch += self._take(room)
         return batch
-
-    def _take_up_to(self, room: int) -> List[_Item]:
-        saved, self.max_images = self.max_images, room
-        try:
-            return self._take()
-        finally:
-            self.max_images = saved
 
     async def _run(self) -> None:
         while True:
