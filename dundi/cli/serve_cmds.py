@@ -329,9 +329,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "else reload is off; prefer the variable)")
     perf = p.add_argument_group("Ray Serve resources and batching")
     perf.add_argument("--batch-size", type=positive_int, default=DEPLOY.max_batch_size,
-                      help="images per model call (@serve.batch) (default %(default)s)")
+                      help="most images per model call; requests queued while the model works share the "
+                           "next call (default %(default)s)")
     perf.add_argument("--batch-wait-ms", type=nonnegative_float, default=DEPLOY.batch_wait_timeout_s * 1000,
-                      help="how long a batch waits to fill, in ms (default %(default)s)")
+                      help="extra wait for a batch to fill, in ms, under load only: a request that finds "
+                           "the model idle never waits (default %(default)s)")
     perf.add_argument("--replica-cpus", "--classifier-cpus", type=positive_float, default=DEPLOY.replica_cpus,
                       help="CPUs Ray reserves per replica (scheduling only, not a limit) (default %(default)s)")
     perf.add_argument("--torch-threads", type=positive_int, default=DEPLOY.torch_threads,
