@@ -1,6 +1,8 @@
 """The DunDi endpoint on real Ray Serve, over HTTP on 127.0.0.1: answers equal the offline
-two-step classifier, every bad input gets a JSON 4xx, loopback load has no errors, a killed
-replica costs ≤ 1 % of requests, and an index swap under load drops none.
+two-step classifier, every bad input gets a JSON 4xx, loopback load has no errors, and an
+index swap under load drops none. (A replica killed under load is tested through `dundi serve`
+with its default HAProxy ingress, which retries the requests the replica held:
+test_serve_cli.py.)
 
 One Serve app (ingress + 2 classifier replicas) serves the whole module (~10 s to start)."""
 
@@ -214,11 +216,13 @@ def test_still_serving_after_bad_input(http, sample_images):
 # ---------------------------------------------------------------------------- load
 
 async def _load(url: str, bodies: list[dict], clients: int, seconds: float, per_client_max: int = 5000,
-                during=None) -> dict:
+                during=None, warm_after: int = 100) -> dict:
     """Closed-loop load: ``clients`` concurrent clients, bounded in time and count. ``during``
-    (an async callable) runs alongside, e.g. a kill or a reload."""
+    (an async callable given an event set once ``warm_after`` requests were answered) runs
+    alongside, e.g. a reload."""
     stats = {"ok": 0, "failed": 0, "statuses": {}, "versions": []}
     deadline = time.monotonic() + seconds
+    warm = asyncio.Event()
 
     async def one(c: httpx.AsyncClient, j: int) -> None:
         for i in range(per_client_max):
@@ -234,12 +238,14 @@ async def _load(url: str, bodies: list[dict], clients: int, seconds: float, per_
             stats["ok" if status == 200 else "failed"] += 1
             if status != 200:
                 stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
+            if stats["ok"] >= warm_after:
+                warm.set()
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
         tasks = [one(c, j) for j in range(clients)]
         if during is not None:
-            tasks.append(during())
+            tasks.append(during(warm))
         results = await asyncio.gather(*tasks)
     stats["during"] = results[-1] if during is not None else None
     return stats
@@ -251,7 +257,7 @@ def test_loopback_load_has_no_errors(serve_url, sample_images):
     stats = asyncio.run(_load(serve_url, bodies, CLIENTS, LOAD_S))
     print(f"load: {stats['ok']} ok in {LOAD_S} s with {CLIENTS} clients ({stats['ok'] / LOAD_S:.0f} req/s)")
     assert stats["failed"] == 0, stats["statuses"]
-    assert stats["ok"] > 100
+    assert stats["ok"] >= CLIENTS, f"only {stats['ok']} answers for {CLIENTS} clients in {LOAD_S} s"
 
 
 def _replica_actors(expected: int, timeout: float = 60) -> list[str]:
@@ -263,34 +269,6 @@ def _replica_actors(expected: int, timeout: float = 60) -> list[str]:
     while len(seen) < expected and time.monotonic() < deadline:
         seen.update(handle.describe.remote().result(timeout_s=10)["actor_name"] for _ in range(8))
     return sorted(seen)
-
-
-def test_replica_killed_during_load_recovers(serve_url, sample_images, ray_local):
-    from ray import serve
-
-    ray = ray_local
-    x, _ = sample_images
-    victims = _replica_actors(2)
-    assert len(victims) == 2, victims
-
-    async def kill() -> str:
-        await asyncio.sleep(3)
-        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
-        return victims[0]
-
-    stats = asyncio.run(_load(serve_url, [v2(x[i:i + 1]) for i in range(32)], CLIENTS, LOAD_S, during=kill))
-    total = stats["ok"] + stats["failed"]
-    print(f"kill: {stats['failed']} failed of {total} ({stats['statuses']})")
-    assert stats["failed"] <= 0.01 * total, stats["statuses"]
-    # Serve replaces the replica; the service answers throughout and after
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        running = serve.status().applications["dundi"].deployments["DunDi"].replica_states.get("RUNNING", 0)
-        if running == 2:
-            break
-        time.sleep(1)
-    assert running == 2
-    assert victims[0] not in _replica_actors(2)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -309,8 +287,8 @@ def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sampl
     before = http.get("/v2/models/dundi").json()["versions"][0]
     actors = _replica_actors(2)
 
-    async def swap() -> dict:
-        await asyncio.sleep(3)
+    async def swap(warm: asyncio.Event) -> dict:
+        await asyncio.wait_for(warm.wait(), 60)  # under load first: 100 answers, not a sleep
         async with httpx.AsyncClient(base_url=serve_url, timeout=120) as c:
             r = await c.post("/admin/reload", json={"run": str(other), "n": None}, headers=ADMIN)
         return {"status": r.status_code, "body": r.json(), "at": time.monotonic()}

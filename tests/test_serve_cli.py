@@ -8,6 +8,7 @@ on every backend: Serve's proxy, direct ingress, HAProxy, and plain uvicorn. One
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -24,8 +25,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256                                 # `dundi serve`'s default --max-batch
-BATCH_SIZES = [1, 63, 64, 65, 128, LIMIT]   # 64 = the ingress's edge batch
+EDGE = 16                                   # images per model call (DeploymentSettings.max_batch_size)
+BATCH_SIZES = [1, EDGE - 1, EDGE, EDGE + 1, 64, 128, LIMIT]
 BACKENDS = ["proxy", "direct", "haproxy", "plain"]   # the three Serve ingress modes and --no-ray
+STOP_DEADLINE_S = 30.0                      # a signal stops everything well within this
 
 
 def free_port() -> int:
@@ -41,8 +44,9 @@ def v2(x: np.ndarray) -> dict:
 class Server:
     """A `dundi serve` subprocess in its own session, its output in a file for diagnostics."""
 
-    def __init__(self, run: Path, extra: list[str], log_path: Path, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, run: Path, extra: list[str], log_path: Path, env: dict | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -113,6 +117,9 @@ def server(request, mnist_runs, tmp_path_factory):
 
 @pytest.mark.parametrize("size", BATCH_SIZES)
 def test_every_batch_size_answers_like_dundi_classify(server, images, expected, size):
+    from dundi.serving.settings import DeploymentSettings
+
+    assert DeploymentSettings().max_batch_size == EDGE, "update EDGE: the sizes around it are the edge cases"
     """Both routes that take arrays answer a batch of ``size`` with Run.classify's labels."""
     x = images[:size]
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -239,6 +246,37 @@ def all_listening_ports() -> set[int]:
     return ports
 
 
+def _wait_gone(procs: dict[int, str], srv: Server, deadline_s: float) -> tuple[dict, set]:
+    """Wait until none of ``procs`` and nothing else of the command's session runs, and
+    nothing listens on the service port; returns what is left and the ports still held.
+    (Ports are checked by owner: on a shared machine another user's Ray may bind a fixed
+    port such as the dashboard agent's 52365 the moment ours lets it go.)"""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        alive = _processes()
+        session = {pid: name for pid, (_, sid, name) in alive.items() if sid == srv.proc.pid}
+        left = {**{pid: name for pid, name in procs.items() if pid in alive}, **session}
+        still = listening_ports(left) | ({srv.port} & all_listening_ports())
+        if (not left and not still) or time.monotonic() > deadline:
+            return left, still
+        time.sleep(0.2)
+
+
+def _serving(srv: Server, deadline_s: float = 30.0) -> tuple[dict[int, str], set[int]]:
+    """The command's processes and their listening ports once one of them listens on the
+    service port: HAProxy is reloaded (a new process takes the port over) several times
+    during start-up, so a single snapshot can fall between two of them."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        procs = started_by(srv.proc.pid)
+        ports = listening_ports(procs)
+        if srv.port in ports:
+            return procs, ports
+        assert time.monotonic() < deadline, f"nothing started by the command listens on {srv.port}: " \
+                                            f"{sorted(ports)} {sorted(set(procs.values()))}"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
     """What systemd / Kubernetes (SIGTERM) and Ctrl-C (SIGINT) do: the command stops every
@@ -246,21 +284,16 @@ def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
     srv = Server(mnist_runs["dundi"], ["--num-cpus", "2"], tmp_path / "serve.log")
     try:
         srv.wait_ready()
-        procs = started_by(srv.proc.pid)
-        ports = listening_ports(procs)
+        procs, ports = _serving(srv)
         names = set(procs.values())
-        assert srv.port in ports and {"raylet", "gcs_server"} <= names, (ports, names)
+        assert {"raylet", "gcs_server"} <= names, (ports, names)
+        t0 = time.monotonic()
         rc = srv.stop(sig)
+        took = time.monotonic() - t0
     finally:
         if srv.proc.poll() is None:
             os.killpg(srv.proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        left = {pid: name for pid, name in procs.items() if pid in _processes()}
-        still = ports & all_listening_ports()
-        if not left and not still:
-            break
-        time.sleep(0.5)
+    left, still = _wait_gone(procs, srv, 20.0)
     for pid in left:  # leave the machine clean even when the test fails
         try:
             os.kill(pid, signal.SIGKILL)
@@ -269,6 +302,8 @@ def test_signal_stops_everything_it_started(mnist_runs, tmp_path, sig):
     assert not left and not still, f"left running: {left}; still listening: {sorted(still)}"
     out = srv.output()
     assert rc == 0, (rc, out[-2000:])
+    print(f"stopped by {sig.name} in {took:.1f} s")
+    assert took < STOP_DEADLINE_S, f"stopping took {took:.1f} s (about 4 s when it was written)"
     assert out.count("dundi: service stopped") == 1, out[-2000:]
     assert "SIGTERM received" not in out and "*** " not in out and "Traceback" not in out, out[-3000:]
 
@@ -312,3 +347,130 @@ def test_default_ingress_is_haproxy_locally_and_proxy_on_a_cluster():
     assert default_ingress("ray://10.0.0.1:10001") == "proxy"
     assert os.path.exists(haproxy_binary())  # ray[serve] brings one here
     assert default_ingress(None) == "haproxy"
+
+
+# ---------------------------------------------------------------------------- crashes
+
+def _cmdlines(pids) -> dict[int, list[str]]:
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[pid] = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+    return out
+
+
+
+
+def test_kill_9_of_the_process_group_leaves_nothing_listening(mnist_runs, tmp_path):
+    """What an OOM kill or a crashed supervisor does: SIGKILL to `dundi serve`'s whole process
+    group, so no clean-up runs. HAProxy (the default ingress) must not outlive it holding the
+    service port, and must never have listened anywhere but the service port (no stats or
+    metrics on the network); a new `dundi serve` then starts on the same port."""
+    srv = Server(mnist_runs["dundi"], ["--num-cpus", "2"], tmp_path / "serve.log")
+    procs: dict[int, str] = {}
+    try:
+        srv.wait_ready()
+        procs, _ = _serving(srv)
+        haproxy = [pid for pid, name in procs.items() if name == "haproxy"]
+        assert haproxy, f"no haproxy among {sorted(set(procs.values()))}"
+        assert listening_ports(haproxy) <= {srv.port}, listening_ports(haproxy)  # never stats or metrics
+        config = next(a[i + 1] for a in _cmdlines(haproxy).values() for i, x in enumerate(a) if x == "-f")
+        text = Path(config).read_text()
+        assert "listen stats" not in text and "frontend prometheus" not in text, text[:2000]
+        assert "disable-l7-retry if { path_beg /admin/ }" in text
+        os.killpg(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(30)
+        left, still = _wait_gone(procs, srv, 30.0)
+        assert not left and not still, f"after kill -9 of the group: left running {left}; " \
+                                       f"still listening {sorted(still)}"
+    finally:
+        for pid in procs:  # leave the machine clean even when the test fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    again = Server(mnist_runs["dundi"], ["--num-cpus", "2"], tmp_path / "again.log", port=srv.port)
+    try:
+        again.wait_ready()
+        assert httpx.get(f"{again.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        assert again.stop() == 0, again.output()[-2000:]
+
+
+def _replicas(root: int) -> list[int]:
+    procs = started_by(root)
+    return sorted(pid for pid, a in _cmdlines(procs).items() if a and a[0].startswith("ray::ServeReplica"))
+
+
+async def _load_with_kill(url: str, bodies: list[dict], clients: int, seconds: float, kill_after: int,
+                          kill) -> dict:
+    """Closed-loop load, bounded in time and count; ``kill()`` runs once ``kill_after``
+    requests have been answered (an event, not a sleep)."""
+    stats = {"ok": 0, "failed": 0, "statuses": {}, "ok_at_kill": None, "victim": None}
+    deadline = time.monotonic() + seconds
+    reached = asyncio.Event()
+
+    async def one(c: httpx.AsyncClient, j: int) -> None:
+        for i in range(20000):
+            if time.monotonic() > deadline:
+                return
+            try:
+                status = (await c.post("/v2/models/dundi/infer", json=bodies[(i * clients + j) % len(bodies)])).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            stats["ok" if status == 200 else "failed"] += 1
+            if status != 200:
+                stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
+            if stats["ok"] >= kill_after:
+                reached.set()
+
+    async def killer() -> None:
+        try:
+            await asyncio.wait_for(reached.wait(), seconds)
+        except asyncio.TimeoutError:
+            return
+        stats["ok_at_kill"], stats["victim"] = stats["ok"], kill()
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
+        await asyncio.gather(killer(), *(one(c, j) for j in range(clients)))
+    return stats
+
+
+def test_a_replica_killed_under_load_costs_no_request(mnist_runs, tmp_path, images):
+    """Two replicas behind the default ingress (HAProxy) under 16 clients; one replica's
+    process gets a real SIGKILL. Inference is idempotent, so the requests it held are retried
+    on the other replica: not one request fails, and Serve starts a new replica."""
+    srv = Server(mnist_runs["dundi"], ["--num-cpus", "2", "--replicas", "2"], tmp_path / "serve.log")
+    try:
+        srv.wait_ready()
+        deadline = time.monotonic() + 60
+        while len(_replicas(srv.proc.pid)) < 2:
+            assert time.monotonic() < deadline, f"2 replica processes never seen: {started_by(srv.proc.pid)}"
+            time.sleep(0.2)
+        before = _replicas(srv.proc.pid)
+
+        def kill() -> int:
+            os.kill(before[0], signal.SIGKILL)
+            return before[0]
+
+        bodies = [v2(images[i:i + 1]) for i in range(32)]
+        stats = asyncio.run(_load_with_kill(srv.url, bodies, 16, 12.0, 200, kill))
+        print(f"replica kill under load: {stats}")
+        assert stats["victim"] == before[0], f"the kill never ran (answers: {stats['ok']}): {stats}"
+        assert stats["ok"] > stats["ok_at_kill"], f"nothing answered after the kill: {stats}"
+        assert stats["failed"] == 0, f"requests failed around the replica's death: {stats['statuses']}"
+        deadline = time.monotonic() + 120
+        while True:
+            now = _replicas(srv.proc.pid)
+            if len(now) == 2 and before[0] not in now:
+                break
+            assert time.monotonic() < deadline, f"no replacement replica within 120 s: {now} (before {before})"
+            time.sleep(0.5)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.post("/v2/models/dundi/infer", json=v2(images[:4])).status_code == 200
+    finally:
+        srv.stop()

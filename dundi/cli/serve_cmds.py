@@ -129,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config, model = loaded_model(args.run, args.n, args.m, args.k, args)
     settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
                                     model_name=args.model_name, max_batch=args.max_batch,
-                                    max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout)
+                                    max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout,
+                                    max_pending=args.max_pending)
     if args.host not in LOOPBACK and not settings.auth_token_sha256:
         print(f"dundi: warning: serving on {args.host} without a bearer token; set $DUNDI_SERVE_TOKEN "
               f"(or --token) unless the network in front of it authenticates", file=sys.stderr)
@@ -181,7 +182,12 @@ def _choose_ingress(args: argparse.Namespace) -> int:
     if args.ingress == "direct" and (args.replicas != 1 or args.autoscale):
         raise DundiError("--ingress direct serves from one replica on --port; for several, "
                          "use --ingress haproxy (it balances over them)")
-    os.environ.update(ingress_environment(args.ingress, args.port))
+    if args.ingress == "haproxy":  # HAProxy's files, private to this service; removed when it stops
+        import tempfile
+
+        args.private_dir = tempfile.mkdtemp(prefix="dundi-hap-")
+    os.environ.update(ingress_environment(args.ingress, args.port, getattr(args, "private_dir", None),
+                                          args.haproxy_stats_port, args.haproxy_metrics_port, args.max_pending))
     if args.ingress != "direct":
         return args.port
     with socket.socket() as s:  # Serve's own proxy still starts: keep it off the service's port
@@ -235,6 +241,10 @@ def _serve_on_ray(args: argparse.Namespace, app_args, http_port: int, figures: d
     finally:
         if not (args.detach and not local):
             _stop_quietly(APP_NAME, local, stop)
+        if getattr(args, "private_dir", None):
+            import shutil
+
+            shutil.rmtree(args.private_dir, ignore_errors=True)
     print("dundi: service stopped", file=sys.stderr)
 
 
@@ -287,6 +297,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "listening itself (direct), or HAProxy in front of the replicas (haproxy) "
                         "(default: haproxy on a local Ray when its binary is found — the fastest in "
                         "bench/serve.py — else proxy; always proxy with --address)")
+    p.add_argument("--haproxy-stats-port", type=port_number, default=0, metavar="PORT",
+                   help="with --ingress haproxy: serve HAProxy's stats page on 127.0.0.1:PORT (default: off)")
+    p.add_argument("--haproxy-metrics-port", type=port_number, default=0, metavar="PORT",
+                   help="with --ingress haproxy: serve HAProxy's Prometheus metrics on 127.0.0.1:PORT "
+                        "(default: off)")
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
@@ -303,6 +318,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="largest request body accepted, at least 1024; larger ones get 413 (default %(default)s)")
     limits.add_argument("--timeout", type=positive_float, default=LIMITS.request_timeout_s,
                         help="seconds a request may wait for the model (default %(default)s)")
+    limits.add_argument("--max-pending", type=positive_int, default=LIMITS.max_pending,
+                        help="inference requests in progress per process (per replica on Ray) before "
+                             "more are answered 503 with Retry-After at once (default %(default)s)")
     limits.add_argument("--token", default=None,
                         help="require 'Authorization: Bearer TOKEN' (default: $DUNDI_SERVE_TOKEN, else no token; "
                              "prefer the variable: flags show in ps)")
@@ -311,9 +329,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "else reload is off; prefer the variable)")
     perf = p.add_argument_group("Ray Serve resources and batching")
     perf.add_argument("--batch-size", type=positive_int, default=DEPLOY.max_batch_size,
-                      help="images per model call (@serve.batch) (default %(default)s)")
+                      help="most images per model call; requests queued while the model works share the "
+                           "next call (default %(default)s)")
     perf.add_argument("--batch-wait-ms", type=nonnegative_float, default=DEPLOY.batch_wait_timeout_s * 1000,
-                      help="how long a batch waits to fill, in ms (default %(default)s)")
+                      help="extra wait for a batch to fill, in ms, under load only: a request that finds "
+                           "the model idle never waits (default %(default)s)")
     perf.add_argument("--replica-cpus", "--classifier-cpus", type=positive_float, default=DEPLOY.replica_cpus,
                       help="CPUs Ray reserves per replica (scheduling only, not a limit) (default %(default)s)")
     perf.add_argument("--torch-threads", type=positive_int, default=DEPLOY.torch_threads,

@@ -108,11 +108,9 @@ def enable_local_token_auth(address: str | None) -> bool:
     """
     if "RAY_AUTH_MODE" in os.environ or not is_local_address(address) or not _token_available():
         return False
-    try:  # also refreshes Ray's cached config, which read the environment at import
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from dundi.distributed.ray_private import enable_token_auth
 
-        _enable_token_auth()
-    except ImportError:
+    if not enable_token_auth():  # it also refreshes Ray's cached config, read at import
         os.environ["RAY_AUTH_MODE"] = "token"
     return True
 

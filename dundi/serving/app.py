@@ -26,6 +26,7 @@ that does not answer within the timeout gives 504 instead of a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -129,6 +130,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _drain(request: Request, limit: int) -> None:
+    """Read and drop a request body, at most ``limit`` bytes of it."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return
+    except ClientDisconnect:
+        return
+
+
 async def _off_loop(body: bytes, fn: Callable[[], Any]) -> Any:
     """Parse small bodies inline, large ones in a thread so the event loop keeps serving."""
     return await asyncio.to_thread(fn) if len(body) > PARSE_IN_THREAD_BYTES else fn()
@@ -154,6 +167,23 @@ class _Context:
 
     backend: Backend
     settings: ServeSettings
+    pending: int = 0  # inference requests in progress (one event loop: no lock needed)
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, request: Request):
+        """Admit one inference request, or refuse it at once (503, Retry-After) when
+        ``max_pending`` are already in progress: overload gets an answer, not a queue. A
+        refused request's body is read and dropped first (at most ``max_body_bytes``), so
+        the kept-alive connection can carry the client's next request."""
+        if self.pending >= self.settings.max_pending:
+            await _drain(request, self.settings.max_body_bytes)
+            raise RequestError(503, "overloaded", f"the service is at capacity ({self.pending} requests "
+                               f"in progress)", "a retry after the Retry-After delay", {"Retry-After": "1"})
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     def authorize(self, request: Request) -> None:
         if self.settings.auth_token_sha256 and not token_matches(request.headers.get("authorization"),
@@ -262,16 +292,22 @@ def _add_inference_routes(app: FastAPI, ctx: _Context) -> None:
     @app.post("/v2/models/{name}/infer")
     @guarded
     async def infer_latest(name: str, request: Request) -> Response:
-        return await infer(request, name, None)
+        async with ctx.admitted(request):
+            return await infer(request, name, None)
 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     @guarded
     async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await infer(request, name, version)
+        async with ctx.admitted(request):
+            return await infer(request, name, version)
 
     @app.post("/classify")
     @guarded
     async def classify_route(request: Request) -> Response:
+        async with ctx.admitted(request):
+            return await classify(request)
+
+    async def classify(request: Request) -> Response:
         ctx.authorize(request)
         mtype = media_type(request.headers.get("content-type"))
         accepted = "application/json, image/png, image/jpeg or multipart/form-data (one file per image)"

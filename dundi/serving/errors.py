@@ -12,7 +12,8 @@ Statuses: 400 the request is malformed (JSON, multipart, image bytes, v2 structu
 wrong; 404 unknown model or route; 405 wrong method; 413 body or batch too large;
 415 unsupported content type; 422 well-formed but invalid content (shape, dtype, NaN/Inf,
 range, empty batch, bad reload settings); 503 the model is not loaded or its workers are
-unavailable (retry); 504 the model did not answer in time.
+unavailable, or the service is at capacity (``max_pending``; retry after ``Retry-After``);
+504 the model did not answer in time.
 """
 
 from __future__ import annotations

@@ -33,12 +33,19 @@ def token_matches(authorization: str | None, token_sha256: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    """What the HTTP layer enforces. Defaults suit 28×28 and 32×32 images on one host."""
+    """What the HTTP layer enforces. Defaults suit 28×28 and 32×32 images on one host.
+
+    ``max_pending`` is the overload valve: a process already answering that many inference
+    requests (reading, queued or in the model) answers the next one 503 with ``Retry-After``
+    at once, so under too much traffic every request still gets a prompt answer, memory is
+    bounded by ``max_pending`` bodies, and the wait of an accepted request by ``max_pending``
+    model calls (bench/serve_overload.py measures both)."""
 
     model_name: str = "dundi"              # the {name} in /v2/models/{name}/...
     max_batch: int = 256                   # images per request
     max_body_bytes: int = 16 * 1024 * 1024  # request body, before parsing
     request_timeout_s: float = 30.0        # a request waiting longer for the model gets 504
+    max_pending: int = 64                  # inference requests in progress per process; more get 503
     auth_token_sha256: str | None = None   # None: inference routes are open
     admin_token_sha256: str | None = None  # None: /admin/reload is disabled
 
@@ -49,6 +56,8 @@ class ServeSettings:
             raise DundiError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.max_body_bytes < 1024:
             raise DundiError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_pending < 1:
+            raise DundiError(f"max_pending must be at least 1, got {self.max_pending}")
         if not self.request_timeout_s > 0:
             raise DundiError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
 
@@ -88,8 +97,8 @@ class DeploymentSettings:
     target_ongoing_requests: float = 16.0  # autoscaling target per replica
     replica_cpus: float = 0.25             # CPUs reserved per replica (below 1 on small machines)
     torch_threads: int = 1                 # torch threads per replica
-    max_batch_size: int = 64               # images per model call (@serve.batch)
-    batch_wait_timeout_s: float = 0.005    # how long a model batch waits to fill
+    max_batch_size: int = 16               # images per model call (docs/serving.md: the sweep)
+    batch_wait_timeout_s: float = 0.0      # extra wait for a batch to fill, under load only
     max_ongoing_requests: int = 256        # per replica
 
     def __post_init__(self):

@@ -1,0 +1,227 @@
+"""Overload: open-loop traffic at 4x the sustainable rate for 30 s, plain uvicorn and Serve.
+
+For each server (``dundi serve --no-ray`` and ``dundi serve --ingress MODE``), in one run:
+
+1. **sustainable rate**: closed loop, 32 clients, one image per request (bench/serve.py's
+   client) — the requests/s the server completes when it is never idle;
+2. **overload**: open loop (requests sent on a fixed schedule whatever the answers, as real
+   users do) at ``--factor`` (4) times that rate for ``--seconds`` (30) s. Every request must
+   get 200, or 503 with ``Retry-After`` (``max_pending`` reached): the bench prints how many
+   got each, the slowest answer (the bound on the wait; latency counts from the scheduled send
+   time, so a lagging client does not hide queueing), the answered throughput as a ratio to
+   the sustainable rate, and the server's memory (resident set of its whole process tree)
+   before and at its peak;
+3. **recovery**: at once, open loop at half the sustainable rate for 5 s: the share answered
+   200 in its first second and overall.
+
+Traffic goes to 127.0.0.1 only; every loop is bounded in count and time. The machine's load
+average is printed beside the figures (2 shared cores: the load generator itself competes
+with the server, which the ratio to the sustainable rate, measured the same way, absorbs).
+
+    python bench/serve_overload.py [--run RUN] [--modes haproxy] [--seconds 30] [--factor 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import (free_port, load, load_average, requests_for, small_run, start, stop,  # noqa: E402
+                   wait_ready)
+
+MAX_CONNECTIONS = 1000  # open connections of the load generator at most (file descriptors)
+
+
+async def read_head_and_body(reader: asyncio.StreamReader) -> tuple[int, dict]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    else:
+        while True:  # chunked
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    return int(lines[0].split(" ", 2)[1]), headers
+
+
+async def open_loop(port: int, reqs: list, rate: float, seconds: float, timeout: float = 30.0) -> dict:
+    """Send ``rate * seconds`` requests on schedule; each on an idle kept-alive connection or
+    a new one. Returns per-request (status, latency from the scheduled time, Retry-After)."""
+    idle: list = []
+    out: list[tuple] = []
+    skipped = 0
+    busy = 0
+
+    async def exchange(i: int, conn):
+        if conn is not None:  # a kept-alive connection the server may have closed meanwhile
+            try:
+                conn[1].write(reqs[i % len(reqs)][0])
+                return conn, await read_head_and_body(conn[0])
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                    raise  # an answer had begun: a real failure
+                conn[1].close()  # closed before any answer (idle timeout): resend on a new one,
+                # as HTTP clients do with a stale pooled connection
+        conn = await asyncio.open_connection("127.0.0.1", port)
+        conn[1].write(reqs[i % len(reqs)][0])
+        return conn, await read_head_and_body(conn[0])
+
+    async def one(i: int, due: float) -> None:
+        nonlocal busy
+        busy += 1
+        conn = idle.pop() if idle else None
+        try:
+            conn, (status, headers) = await asyncio.wait_for(exchange(i, conn), timeout)  # connect included
+            out.append((status, time.perf_counter() - due, headers.get("retry-after")))
+            if headers.get("connection", "").lower() == "close":
+                conn[1].close()
+            else:
+                idle.append(conn)
+        except Exception as exc:  # asyncio.TimeoutError: no answer within ``timeout``
+            out.append((type(exc).__name__, time.perf_counter() - due, None))
+            if conn is not None:
+                conn[1].close()
+        finally:
+            busy -= 1
+
+    tasks = []
+    t0 = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if busy >= MAX_CONNECTIONS:
+            skipped += 1
+            continue
+        tasks.append(asyncio.ensure_future(one(i, due)))
+    await asyncio.gather(*tasks)  # each ends within ``timeout``
+    for _, writer in idle:
+        writer.close()
+    return {"results": out, "skipped": skipped, "elapsed": time.perf_counter() - t0}
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants, in MB."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    mine, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        mine.add(pid)
+        todo.extend(p for p, pp in parents.items() if pp == pid and p not in mine)
+    total = 0
+    for pid in mine:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return total / 2**20
+
+
+async def with_memory(root: int, coro) -> tuple[dict, float]:
+    """Run ``coro`` while sampling the server's memory every 0.5 s; (its result, peak MB)."""
+    peak = 0.0
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        peak = max(peak, tree_rss_mb(root))
+        await asyncio.wait([task], timeout=0.5)
+    return task.result(), peak
+
+
+def summarize(phase: dict, seconds: float) -> dict:
+    rows = phase["results"]
+    statuses: dict = {}
+    for status, _, _ in rows:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    lat = np.array([t for _, t, _ in rows]) * 1000 if rows else np.array([np.nan])
+    ok = [t for s, t, _ in rows if s == 200]
+    refused = [(t, ra) for s, t, ra in rows if s == 503]
+    return {"sent": len(rows), "skipped": phase["skipped"], "statuses": statuses,
+            "ok_per_s": len(ok) / seconds, "503_without_retry_after": sum(ra is None for _, ra in refused),
+            "max_ms": float(lat.max()), "p99_ms": float(np.percentile(lat, 99)),
+            "ok_p99_ms": float(np.percentile(np.array(ok) * 1000, 99)) if ok else None,
+            "refused_p99_ms": float(np.percentile([t * 1000 for t, _ in refused], 99)) if refused else None}
+
+
+def overload(kind: str, run: Path, args: argparse.Namespace, images, expected) -> dict:
+    port = free_port()
+    proc = start(kind, run, port, args)
+    try:
+        wait_ready(port, proc)
+        one = requests_for(images, expected, port, 1)
+        closed = asyncio.run(load(port, one, 32, args.measure, 1.0))
+        rate = closed["rps"]
+        rss0 = tree_rss_mb(proc.pid)
+        phase, peak = asyncio.run(with_memory(proc.pid, open_loop(port, one, args.factor * rate, args.seconds)))
+        over = summarize(phase, args.seconds)
+        after = asyncio.run(open_loop(port, one, rate / 2, 5.0))
+        first = [s for s, t, _ in after["results"][: max(1, int(rate / 2))]]
+        rec = summarize(after, 5.0)
+        row = {"sustainable_rps": rate, "overload": over, "answered_ratio": over["ok_per_s"] / rate,
+               "rss_mb_before": rss0, "rss_mb_peak": peak, "recovery": rec,
+               "recovery_first_second_ok": sum(s == 200 for s in first) / len(first), "load": load_average()}
+        print(f"{kind:8s} sustainable {rate:6.0f} req/s; at {args.factor:g}x for {args.seconds:g} s: "
+              f"sent {over['sent']} (skipped {over['skipped']}), statuses {over['statuses']}, 503 without "
+              f"Retry-After {over['503_without_retry_after']}; slowest answer {over['max_ms']:.0f} ms "
+              f"(p99 {over['p99_ms']:.0f} ms; 200s p99 {over['ok_p99_ms']} ms, 503s p99 {over['refused_p99_ms']} ms); "
+              f"answered {over['ok_per_s']:.0f} req/s = {row['answered_ratio']:.2f}x sustainable "
+              f"(target >= 0.9x {'met' if row['answered_ratio'] >= 0.9 else 'MISSED'}); memory {rss0:.0f} -> peak "
+              f"{peak:.0f} MB; recovery: first second {100 * row['recovery_first_second_ok']:.0f}% 200, "
+              f"5 s {rec['statuses']} p99 {rec['p99_ms']:.0f} ms  (load {row['load']})", flush=True)
+        return row
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--modes", nargs="+", default=["haproxy"], choices=["proxy", "direct", "haproxy"])
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the overload")
+    p.add_argument("--factor", type=float, default=4.0, help="overload rate / sustainable rate")
+    p.add_argument("--measure", type=float, default=5.0, help="seconds measuring the sustainable rate")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--niceness", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    args.throughput_optimized = False
+    args.serve_args = ["--abstain-threshold", "none"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve_overload.py: stopped by SIGTERM"))
+
+    from dundi.artifacts import Run
+    from dundi.data import load_split
+
+    tmp = tempfile.TemporaryDirectory()
+    run = Path(args.run) if args.run else small_run(Path(tmp.name) / "dundi", args.data_dir)
+    images, _, _ = load_split(Run.load(run).meta["dataset"], "test", args.data_dir, limit=64)
+    expected = Run.load(run).classify(images).labels
+    print(f"load before: {load_average()} (cpus={os.cpu_count()})", flush=True)
+    rows = {kind: overload(kind, run, args, images, expected) for kind in ("plain", *args.modes)}
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

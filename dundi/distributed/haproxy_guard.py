@@ -1,0 +1,139 @@
+"""Start Serve's HAProxy tied to the process that starts it, with private ports kept private.
+
+Ray Serve runs HAProxy as a child of its proxy actor. Left as Serve configures it, HAProxy
+outlives a crash (``kill -9`` of ``dundi serve``'s process group, an OOM kill): it keeps the
+service port, answering 500 to everything, so a load balancer sees a live instance and a
+restart on the same port fails; and it listens on ``*:8404`` (stats) and ``*:9101``
+(Prometheus metrics) for the whole network. Serve offers no option for either.
+
+So ``dundi serve --ingress haproxy`` points Serve at a launcher (this file, copied into the
+service's private directory with the real binary's path appended: stdlib only, it must run
+without DunDi importable) in place of the HAProxy binary. The launcher
+
+* asks the kernel to send HAProxy SIGTERM when the process that started it dies
+  (``PR_SET_PDEATHSIG``, kept across ``exec``), then ``exec``\\ s HAProxy in its own
+  process, so the pid Serve manages, reloads (``-sf``) and stops is HAProxy's;
+* rewrites the configuration file Serve wrote (in place: Serve recognises its HAProxy
+  processes by that path in their command line) and starts HAProxy on it:
+  the stats and metrics listeners are removed, or bound to 127.0.0.1 when a port is asked
+  for; inference may be retried on another replica when one dies mid-request (Serve's own
+  ``retry-on``, widened by :func:`dundi.distributed.serve_app.ingress_environment`) but
+  ``/admin/`` requests never are (they change state); HAProxy's own 503 (no replica ready)
+  becomes a JSON 503 with ``Retry-After`` instead of Serve's 500, and it is also the answer
+  under overload: each replica gets at most ``max_pending`` requests at once from HAProxy, the
+  rest wait in HAProxy's queue at most ``queue_timeout_s``, then get that 503. Splicing (kernel zero-copy
+  of bodies) is turned off: a spliced request never sits in HAProxy's buffer, so a request
+  in flight on a replica that died was dropped (the client's connection closed) instead of
+  retried.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+UNAVAILABLE_BODY = ('{"error": "no replica is ready to answer; retry after the Retry-After delay", '
+                    '"code": "unavailable"}\n')
+SERVICE_UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(UNAVAILABLE_BODY)}\r\nRetry-After: 1\r\nCache-Control: no-cache\r\n"
+                       f"Connection: close\r\n\r\n{UNAVAILABLE_BODY}")
+# a spliced request body bypasses HAProxy's buffer, so it could not be sent again to another replica
+NO_RETRY_OPTIONS = ("option splice-request", "option splice-response")
+NO_ADMIN_RETRY = "    http-request disable-l7-retry if { path_beg /admin/ }"
+
+
+def _sections(text: str) -> list[list[str]]:
+    """The config's lines grouped by section (a section starts at an unindented line)."""
+    out: list[list[str]] = []
+    for line in text.splitlines():
+        if line and not line[0].isspace() or not out:
+            out.append([])
+        out[-1].append(line)
+    return out
+
+
+def _local_bind(section: list[str], port: int) -> list[str]:
+    return [f"    bind 127.0.0.1:{port}" if ln.strip().startswith("bind ") else ln for ln in section]
+
+
+def _limit_servers(section: list[str], server_maxconn: int, queue_timeout_s: float) -> list[str]:
+    """Each replica takes at most ``server_maxconn`` requests at once; the rest wait in
+    HAProxy's queue at most ``queue_timeout_s``, then get the JSON 503 (Retry-After)."""
+    out = []
+    for ln in section:
+        words = ln.split()
+        if words[:1] == ["server"] and "backup" not in words and "maxconn" not in words:
+            ln = f"{ln} maxconn {server_maxconn}"
+        out.append(ln)
+        if words[:1] == ["backend"] and not any(w.strip().startswith("timeout queue") for w in section):
+            out.append(f"    timeout queue {int(queue_timeout_s * 1000)}ms")
+    return out
+
+
+def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port: int = 0,
+                   server_maxconn: int = 0, queue_timeout_s: float = 1.0) -> str:
+    """Serve's HAProxy config with the changes above (a port of 0 removes that listener; a
+    ``server_maxconn`` of 0 leaves the replicas unlimited)."""
+    kept: list[str] = []
+    for section in _sections(text):
+        head = section[0].split()
+        if head[:2] == ["frontend", "prometheus"]:
+            section = _local_bind(section, metrics_port) if metrics_port else []
+        elif head[:2] == ["listen", "stats"]:
+            section = _local_bind(section, stats_port) if stats_port else []
+        elif head[:2] == ["frontend", "http_frontend"] and NO_ADMIN_RETRY not in section:
+            at = next((i for i, ln in enumerate(section) if ln.strip().startswith("bind ")), 0)
+            section = section[:at + 1] + [NO_ADMIN_RETRY] + section[at + 1:]
+        elif head[:1] == ["backend"] and server_maxconn:
+            section = _limit_servers(section, server_maxconn, queue_timeout_s)
+        section = [f"    errorfile 503 {error_503}" if ln.strip().startswith("errorfile 503 ") else ln
+                   for ln in section if ln.strip() not in NO_RETRY_OPTIONS]
+        kept.extend(section)
+    return "\n".join(kept) + "\n"
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the starting process dies; exit now if it already has."""
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        sys.exit("haproxy launcher: the process that started HAProxy is gone")
+
+
+def launch(real: str, argv: list[str], error_503: str, stats_port: int, metrics_port: int,
+           server_maxconn: int = 0, queue_timeout_s: float = 1.0) -> None:
+    """Rewrite the ``-f`` config, tie HAProxy's life to its parent and become HAProxy."""
+    args = list(argv)
+    if "-f" in args:  # rewritten in place: Serve finds its HAProxy processes by this path
+        path = args[args.index("-f") + 1]
+        with open(path) as f:
+            text = rewrite_config(f.read(), error_503, stats_port, metrics_port, server_maxconn, queue_timeout_s)
+        with open(f"{path}.tmp", "w") as f:
+            f.write(text)
+        os.replace(f"{path}.tmp", path)
+    _die_with_parent()
+    os.execv(real, [real, *args])
+
+
+def install(directory: str, real: str, stats_port: int = 0, metrics_port: int = 0, server_maxconn: int = 0,
+            queue_timeout_s: float = 1.0) -> str:
+    """Write the launcher (this file plus its settings) and the JSON 503 page into
+    ``directory``; returns the launcher's path (for ``RAY_SERVE_HAPROXY_BINARY_PATH``)."""
+    error_503 = os.path.join(directory, "503.http")
+    with open(error_503, "w") as f:
+        f.write(SERVICE_UNAVAILABLE)
+    with open(__file__) as f:
+        source = f.read()
+    path = os.path.join(directory, "haproxy")
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable} -IS\n{source}\n\nif __name__ == '__main__':\n"
+                f"    launch({real!r}, sys.argv[1:], {error_503!r}, {int(stats_port)}, {int(metrics_port)}, "
+                f"{int(server_maxconn)}, {float(queue_timeout_s)!r})\n")
+    os.chmod(path, 0o700)
+    return path
