@@ -60,6 +60,8 @@ class Square(Attack):
 
     name = "square"
     norm = "linf"
+    steps_arg = "n_queries"
+    seeded = True
 
     def __init__(self, model: nn.Module, eps: float = 0.3, n_queries: int = 1000, p_init: float = 0.8,
                  loss: str = "margin", seed: int = 0, device=None):
