@@ -15,7 +15,7 @@ cut into shards of ``shard_size`` samples. Evaluating a shard:
 
 It returns one row per sample (:data:`dundi.results.SCHEMA`). :func:`prepare` plans the shards
 and writes ``evaluation.json``; :func:`evaluate_local` runs the unfinished shards in this
-process; ``dundi.distributed.evaluate_job`` runs them as Ray tasks. Both write each shard
+process; ``dundi.distributed.evaluate_job`` runs them on Ray worker actors. Both write each shard
 atomically, so a killed evaluation restarts where it stopped.
 
 Defense success is DunDi's two-step label on the adversarial input equal to the true label;
@@ -434,8 +434,11 @@ class Evaluator:
         return images[pos], labels[pos], ids[pos]
 
     def warm_up(self) -> None:
-        """One forward pass of every model on two samples: torch builds its kernels' state on
-        the first call, which would otherwise land on the first shard's clock."""
+        """One forward pass of every model on two samples, and one Arrow array from Python
+        objects: torch builds its kernels' state on the first call and pyarrow imports pandas
+        on its first conversion (half a second in a fresh Ray worker, seen with py-spy), which
+        would otherwise land on the first shard's clock."""
+        pa.array(["warm-up"])
         x_np = np.array(self.images[:2], dtype=np.float32)
         with torch.no_grad():
             self.run.embed(x_np)

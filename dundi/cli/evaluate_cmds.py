@@ -83,7 +83,7 @@ def print_summary(summary: dict) -> None:
     model = summary.get("model", {})
     print(f"{model.get('name', 'DunDi')} on {summary['dataset']}: {clean['count']} samples, "
           f"two-step n={clean.get('n')} m={clean.get('m')} k={clean.get('k')}; clean accuracy "
-          f"DunDi {_pct(clean['dundi'])}, native {_pct(clean['native'])}")
+          f"DunDi {_pct(clean['dundi'])}{_ci(clean.get('dundi_ci95'))}, native {_pct(clean['native'])}")
     print(f"{'threat':9} {'attack':8} {'norm':4} {'eps':>9} {'steps':>5} {'defense':>8} "
           f"{'robust':>8} {'atk-succ':>8} {'native-rob':>10} {'rule≠stand-in':>13}")
     for r in summary["attacks"]:
@@ -186,7 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nearest", type=positive_int, default=3, help="oracles per class in the feature threat model")
     p.add_argument("--save-adv", action="store_true", help="keep adversarial images in the rows")
     p.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="Ray tasks in flight (default: all CPUs of the cluster); 0 = this process, no Ray")
+                   help="Ray worker actors, one CPU each (default: all CPUs of the cluster); 0 = this process, no Ray")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
     p.add_argument("--data-dir", default=None,
