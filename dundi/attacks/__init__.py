@@ -14,7 +14,9 @@ cascade ``autoattack`` and the step-1 attack on DunDi's rule (``apgd-step1``):
     >>> res = attack.run(images, labels); res.adv, res.steps
     >>> make_attack("pgd", model, eps=0.1, steps=100, restarts=5, loss="margin")
 
-``make_attack(name, model, eps=None, steps=None, seed=0, **kw)``:
+``make_attack(name, model, eps=None, steps=None, seed=0, **kw)`` reads what each attack class
+declares about itself (``norm``, ``budget_arg``, ``steps_arg``, ``seeded``; see
+:class:`~dundi.attacks.base.Attack`):
 
 - ``eps`` sets the Linf budget of fgsm / ifgsm-a / ifgsm-b / pgd / square. It is
   **ignored** by the minimal-perturbation attacks jsma (L0, bounded by ``gamma``) and
