@@ -49,6 +49,35 @@ def train_runs(root: Path) -> tuple[str, str]:
     return str(root / "dundi"), str(root / "native")
 
 
+def print_figures(args, times: dict[str, list[float]], figures: dict, rows: int, identical: bool,
+                  load0: tuple, load1: tuple) -> None:
+    """The medians, the speed-up with Ray's start-up included, and what explains it (the
+    workers' own clocks: start-up, overlap, CPU seconds per shard)."""
+    from dundi.distributed.evaluate_job import busy_overlap
+
+    shards = len(args.attacks) * len(args.threats) * len(args.eps) * -(-args.limit // args.shard_size)
+    print(f"{rows} rows: {', '.join(args.attacks)} x {', '.join(args.threats)} x eps "
+          f"{', '.join(f'{e:g}' for e in args.eps)} x {args.limit} samples, steps {args.steps}, "
+          f"{shards} shards of {args.shard_size}; {args.rounds} alternating rounds")
+    print(f"cores {os.cpu_count()}, load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    for name, ts in times.items():
+        print(f"{name:32s}: median {statistics.median(ts):7.2f} s  (rounds: "
+              f"{', '.join(f'{t:.2f}' for t in ts)})")
+    names = list(times)
+    best_local = min(statistics.median(times[name]) for name in names[:-1])
+    ray_t = statistics.median(times[names[-1]])
+    print(f"speed-up, best one-process / Ray : {best_local / ray_t:.2f}x, Ray's start-up included "
+          f"(target >= 1.8x with 2 workers on 2 cores)")
+    tasks = figures["ray"]["tasks"]
+    span = max(t["end"] for t in tasks) - min(t["start"] for t in tasks)
+    print(f"Ray: first shard starts {ray_t - span:.2f} s after the call (start-up), shards span "
+          f"{span:.2f} s, two or more workers busy for {busy_overlap(tasks):.2f} s of it; "
+          f"worker niceness {sorted({t['niceness'] for t in tasks})}")
+    print(f"CPU seconds per shard: Ray workers {figures['ray']['cpu_seconds'] / len(tasks):.2f}, one process "
+          f"(1 thread, its last round, loading included) {figures['local1']['cpu'] / shards:.2f}")
+    print(f"rows identical across variants   : {identical}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=None)
@@ -67,7 +96,7 @@ def main() -> None:
 
     import torch
 
-    from dundi.distributed.evaluate_job import busy_overlap, evaluate_on_ray
+    from dundi.distributed.evaluate_job import evaluate_on_ray
     from dundi.evaluate import EvalConfig, evaluate_local
     from dundi.results import read_results
 
@@ -107,27 +136,7 @@ def main() -> None:
               for i in range(len(variants))]
     identical = all(t == tables[0] for t in tables[1:])
 
-    shards = len(args.attacks) * len(args.threats) * len(args.eps) * -(-args.limit // args.shard_size)
-    print(f"{len(tables[0])} rows: {', '.join(args.attacks)} x {', '.join(args.threats)} x eps "
-          f"{', '.join(f'{e:g}' for e in args.eps)} x {args.limit} samples, steps {args.steps}, "
-          f"{shards} shards of {args.shard_size}; {args.rounds} alternating rounds")
-    print(f"cores {os.cpu_count()}, load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    for name, ts in times.items():
-        print(f"{name:32s}: median {statistics.median(ts):7.2f} s  (rounds: "
-              f"{', '.join(f'{t:.2f}' for t in ts)})")
-    names = list(variants)
-    best_local = min(statistics.median(times[name]) for name in names[:-1])
-    ray_t = statistics.median(times[names[-1]])
-    print(f"speed-up, best one-process / Ray : {best_local / ray_t:.2f}x, Ray's start-up included "
-          f"(target >= 1.8x with 2 workers on 2 cores)")
-    tasks = figures["ray"]["tasks"]
-    span = max(t["end"] for t in tasks) - min(t["start"] for t in tasks)
-    print(f"Ray: first shard starts {ray_t - span:.2f} s after the call (start-up), shards span "
-          f"{span:.2f} s, two or more workers busy for {busy_overlap(tasks):.2f} s of it; "
-          f"worker niceness {sorted({t['niceness'] for t in tasks})}")
-    print(f"CPU seconds per shard: Ray workers {figures['ray']['cpu_seconds'] / len(tasks):.2f}, one process "
-          f"(1 thread, its last round, loading included) {figures['local1']['cpu'] / shards:.2f}")
-    print(f"rows identical across variants   : {identical}")
+    print_figures(args, times, figures, len(tables[0]), identical, load0, load1)
 
 
 if __name__ == "__main__":
