@@ -163,13 +163,14 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
                          **({"_system_config": LOCAL_RAY_CONFIG} if local else {}))
     count = max(1, min(int(workers or resources.get("CPU", 1)), len(todo)))
     tasks: list[dict] = []
+    actors: list = []
     try:
         data = Evaluator.load_samples(cfg, evaluation["dataset"])
         bundle = ray.put({"dundi": run_files(cfg.run), "native": run_files(cfg.native) if cfg.native else None,
                           "data": data})
         driver_niceness = os.getpriority(os.PRIO_PROCESS, 0)
-        actors = [ShardWorker.remote(dataclasses.asdict(cfg), [bundle], niceness=driver_niceness)
-                  for _ in range(count)]
+        actors += [ShardWorker.remote(dataclasses.asdict(cfg), [bundle], niceness=driver_niceness)
+                   for _ in range(count)]
         bar = _progress(sum(s.stop - s.start for s in todo), progress, evaluation)
 
         def on_result(name: str, table: Any, info: dict) -> None:
@@ -185,6 +186,8 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
         _dispatch(actors, todo, on_result)
         bar.close()
     finally:
+        for actor in actors:  # free their CPUs on a Ray that outlives this call (a cluster)
+            ray.kill(actor, no_restart=True)
         if started and address is None:
             ray.shutdown()
     wall = time.perf_counter() - t0
