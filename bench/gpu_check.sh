@@ -17,7 +17,7 @@ echo "== pytest -m gpu"
 $PY -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_oracle_gpu.py || rc=1
 
 echo "== dundi train --device cuda (DunDi-AT, mnist-10k, 1 epoch)"
-out=$(mktemp -d)
+out=$(mktemp -d ./.gpu-check.XXXXXX)  # inside the repository: the log names the run relative to it
 time $PY -m dundi train --dataset mnist-10k --backbone lenet5 --adversarial \
     --adv-eps 0.3 --epochs 1 --tuples 20000 --device cuda --no-progress --out "$out/at" --json || rc=1
 rm -rf "$out"

@@ -15,7 +15,7 @@ cut into shards of ``shard_size`` samples. Evaluating a shard:
 
 It returns one row per sample (:data:`dundi.results.SCHEMA`). :func:`prepare` plans the shards
 and writes ``evaluation.json``; :func:`evaluate_local` runs the unfinished shards in this
-process; ``dundi.distributed.evaluate_job`` runs them as Ray tasks. Both write each shard
+process; ``dundi.distributed.evaluate_job`` runs them on Ray worker actors. Both write each shard
 atomically, so a killed evaluation restarts where it stopped.
 
 Defense success is DunDi's two-step label on the adversarial input equal to the true label;
@@ -40,7 +40,7 @@ import torch
 from dundi.artifacts import Run, atomic_write_json, load_oracle, read_meta
 from dundi.errors import DundiError
 from dundi.inference import forward_batched
-from dundi.results import (EVALUATION_FILE, L0_TOL, SCHEMA, finished_shards, shard_name,
+from dundi.results import (EVALUATION_FILE, L0_TOL, SCHEMA, finished_shards, record_timing, shard_name,
                            write_shard)
 from dundi.threats import THREATS, build_threat
 from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
@@ -114,14 +114,10 @@ class EvalConfig:
 
 
 def _constructor_defaults(name: str) -> dict[str, Any]:
-    """Keyword → default of an attack's constructor (its settings, without model/device)."""
-    import inspect
-
+    """Keyword → default of an attack's settings, as the attack declares them."""
     from dundi.attacks import ATTACKS
 
-    params = inspect.signature(ATTACKS[name].__init__).parameters
-    return {k: p.default for k, p in params.items() if k not in ("self", "model", "device")
-            and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return ATTACKS[name].options()
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -158,9 +154,9 @@ def check_attack_args(attacks: list[str], attack_kw: dict[str, Any]) -> None:
 def check_linf_eps(attacks: list[str], eps: list[float] | None, attack_kw: dict[str, Any]) -> None:
     """L∞ budgets must lie in (0, 1]: pixels are in [0, 1], so 0 is no attack (it would
     enter the worst case as 100% robust) and anything above 1 is no constraint at all."""
-    from dundi.attacks import ATTACK_NORMS
+    from dundi.attacks import ATTACKS
 
-    linf = [a for a in attacks if ATTACK_NORMS.get(a) == "linf" and attack_kw.get("norm", "linf") == "linf"]
+    linf = [a for a in attacks if ATTACKS[a].norm == "linf" and attack_kw.get("norm", "linf") == "linf"]
     budgets = list(eps or []) + ([attack_kw["eps"]] if "eps" in attack_kw else [])
     bad = [e for e in budgets if not 0 < e <= 1]
     if linf and bad:
@@ -194,15 +190,9 @@ def _attack_kwargs(cfg: EvalConfig, dataset: str, threat: str) -> dict[str, Any]
 
 
 def _accepted(name: str, kw: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments the attack's constructor takes (all of them if it takes **kw)."""
-    import inspect
-
-    from dundi.attacks import ATTACKS
-
-    params = inspect.signature(ATTACKS[name].__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kw)
-    return {k: v for k, v in kw.items() if k in params}
+    """The keyword arguments the attack takes (its declared options)."""
+    options = _constructor_defaults(name)
+    return {k: v for k, v in kw.items() if k in options}
 
 
 def make_attack_for(name: str, model: torch.nn.Module, eps: float | None, cfg: EvalConfig,
@@ -231,10 +221,10 @@ def attack_label(name: str, cfg: EvalConfig) -> str:
     explicitly (``--steps``, ``--attack-arg``) that it takes, e.g. ``pgd[loss=margin,steps=100]``.
     Variants of one attack at one eps (CE and margin, 40 and 1,000 steps) are then separate
     rows, compared side by side and combined in the worst case."""
-    from dundi.attacks import STEPS_ARG as steps_arg
+    from dundi.attacks import ATTACKS
 
     given = {k: v for k, v in _accepted(name, cfg.attack_kw).items() if k not in ("eps", "seed")}
-    if cfg.steps is not None and name in steps_arg:
+    if cfg.steps is not None and ATTACKS[name].steps_arg:
         given["steps"] = cfg.steps
     if not given:
         return name
@@ -242,12 +232,10 @@ def attack_label(name: str, cfg: EvalConfig) -> str:
 
 
 def attack_eps(attack) -> float:
-    """The budget an attack object enforces, in its norm: eps (Linf / L2 attacks), gamma — the
-    largest fraction of pixels changed — for JSMA (L0), inf for unbounded DeepFool."""
-    for key in ("eps", "gamma"):
-        if getattr(attack, key, None) is not None:
-            return float(getattr(attack, key))
-    return float("inf")
+    """The budget an attack object enforces, in its norm (:attr:`Attack.budget`): eps for Linf /
+    L2 attacks, gamma — the largest fraction of pixels changed — for JSMA (L0), inf for
+    unbounded DeepFool."""
+    return attack.budget
 
 
 def attack_params(attack) -> dict[str, Any]:
@@ -264,14 +252,9 @@ def attack_params(attack) -> dict[str, Any]:
 
 
 def attack_steps(attack, num_features: int) -> int:
-    """Configured iterations: steps / max_iter / n_queries; JSMA's largest number of pixel-pair
-    updates (gamma · pixels / 2); 1 for FGSM."""
-    for key in ("steps", "max_iter", "n_queries"):
-        if isinstance(getattr(attack, key, None), int):
-            return int(getattr(attack, key))
-    if getattr(attack, "gamma", None) is not None:
-        return int(math.floor(num_features * attack.gamma / 2))
-    return 1
+    """Configured iterations, as the attack declares them (:meth:`Attack.configured_steps`):
+    steps / max_iter / n_queries; JSMA's largest number of pixel-pair updates; 1 for FGSM."""
+    return attack.configured_steps(num_features)
 
 
 def resolve_eps(cfg: EvalConfig, dataset: str) -> dict[str, list[float]]:
@@ -280,7 +263,7 @@ def resolve_eps(cfg: EvalConfig, dataset: str) -> dict[str, list[float]]:
     out = {}
     for name in cfg.attacks:
         default = make_attack_for(name, torch.nn.Identity(), None, cfg, dataset, 0)
-        if cfg.eps is None or not hasattr(default, "eps"):
+        if cfg.eps is None or type(default).budget_arg != "eps":
             out[name] = [attack_eps(default)]
         else:
             out[name] = [float(e) for e in cfg.eps]
@@ -450,6 +433,18 @@ class Evaluator:
         pos = select_samples(len(labels), cfg.limit, cfg.seed)
         return images[pos], labels[pos], ids[pos]
 
+    def warm_up(self) -> None:
+        """One forward pass of every model on two samples, and one Arrow array from Python
+        objects: torch builds its kernels' state on the first call and pyarrow imports pandas
+        on its first conversion (half a second in a fresh Ray worker, seen with py-spy), which
+        would otherwise land on the first shard's clock."""
+        pa.array(["warm-up"])
+        x_np = np.array(self.images[:2], dtype=np.float32)
+        with torch.no_grad():
+            self.run.embed(x_np)
+            if self.native is not None:
+                forward_batched(self.native.model, x_np)
+
     def threat(self, name: str):
         if name not in self._threats:
             self._threats[name] = build_threat(
@@ -571,23 +566,29 @@ def evaluate_local(cfg: EvalConfig, out: str | os.PathLike, progress: bool = Tru
     try:
         if todo:
             evaluator = Evaluator(cfg)
-            bar = _progress(len(todo), progress)
+            bar = _progress(sum(s.stop - s.start for s in todo), progress, evaluation)
             for spec in todo:
                 write_shard(out, spec.name, evaluator.evaluate_shard(spec), evaluation["fingerprint"],
                             rows=spec.stop - spec.start)
-                bar.update(1)
+                bar.update(spec.stop - spec.start)
             bar.close()
     finally:
         torch.set_num_threads(before)
-    return {"shards_run": len(todo), "shards_skipped": skipped,
-            "seconds": round(time.perf_counter() - t0, 3), "workers": 1, "mode": "local"}
+    timing = {"shards_run": len(todo), "shards_skipped": skipped, "rows": sum(s.stop - s.start for s in todo),
+              "seconds": round(time.perf_counter() - t0, 3), "workers": 1,
+              "cores": threads or torch.get_num_threads(), "mode": "local"}
+    if todo:
+        record_timing(out, timing)
+    return timing
 
 
-def _progress(total: int, enabled: bool):
-    """A shard bar on a terminal, one line every few shards in a log (dundi.progress)."""
+def _progress(total: int, enabled: bool, evaluation: dict | None = None):
+    """Progress in image-attacks (one sample under one attack setting: a row), with rate and
+    ETA: a bar on a terminal, a line every few percent or minute in a job's log (dundi.progress)."""
     from dundi.progress import counter
 
-    return counter(total, "shards", "shard", enabled)
+    desc = f"evaluation {evaluation['fingerprint'][:8]}" if evaluation else "evaluation"
+    return counter(total, desc, "image-attack", enabled)
 
 
 __all__ = ["EvalConfig", "ShardSpec", "Evaluator", "prepare", "plan_shards", "fingerprint",

@@ -30,7 +30,7 @@ import numpy as np
 
 from dundi.artifacts import atomic_write_json, atomic_write_text
 from dundi.results import (attack_summary, checks, clean_accuracy, json_safe, read_evaluation,
-                           read_results, worst_case)
+                           read_results, repo_relative, worst_case)
 
 REPORT_FILE = "report.md"
 THREAT_TEXT = {
@@ -343,7 +343,8 @@ def _evaluations_table(evals: list[Evaluation]) -> list[str]:
     md = ["## Evaluations", ""]
     md += _table(["Model", "Run", "Native run", "Sample", "DunDi setting", "Clean acc. native",
                   "Clean acc. DunDi"],
-                 [[ev.name, f"`{ev.model.get('path')}`", f"`{ev.native.get('path')}`", ev.scope(),
+                 [[ev.name, f"`{repo_relative(ev.model.get('path'))}`", f"`{repo_relative(ev.native.get('path'))}`",
+                   ev.scope(),
                    ev.two_step(), pct(ev.clean["native"]), pct(ev.clean["dundi"])] for ev in evals])
     return md + [""]
 
@@ -535,7 +536,10 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
     figures["evaluations"] = [{"path": str(ev.path), "model": ev.name, "dataset": ev.dataset,
                                "clean_accuracy": ev.clean, "attacks": ev.attacks, "worst_case": ev.worst,
                                "warnings": ev.warnings, "certified": ev.certified} for ev in evals]
-    atomic_write_json(out / "report.json", json_safe(figures))
+    # the published copy names the report and the evaluations relative to the repository
+    published = {**figures, "report": repo_relative(figures["report"]),
+                 "evaluations": [{**e, "path": repo_relative(e["path"])} for e in figures["evaluations"]]}
+    atomic_write_json(out / "report.json", json_safe(published))
     return figures
 
 

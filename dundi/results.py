@@ -188,6 +188,22 @@ def _rate(mask: np.ndarray) -> float:
     return float(mask.mean()) if len(mask) else float("nan")
 
 
+def wilson_interval(successes: int, count: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: unlike the normal approximation it stays
+    inside [0, 1] and is honest at 0 or 100% (a robust accuracy of 1.0 on 32 samples is
+    [0.89, 1.0], not [1.0, 1.0]). NaN for no samples."""
+    if count <= 0:
+        return float("nan"), float("nan")
+    p = successes / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval(mask: np.ndarray) -> list[float]:
+    return list(wilson_interval(int(mask.sum()), int(len(mask))))
+
+
 def _native_rate(mask: np.ndarray, native_clean: np.ndarray) -> float:
     """A rate about the native model: NaN when the evaluation had no native run (its
     predictions are stored as -1)."""
@@ -216,6 +232,7 @@ def clean_accuracy(table: pa.Table) -> dict[str, Any]:
     return {"count": int(len(first)),
             "native": _native_rate(_col(table, "native_clean")[first] == lab, _col(table, "native_clean")[first]),
             "dundi": _rate(_col(table, "dundi_clean")[first] == lab),
+            "dundi_ci95": _interval(_col(table, "dundi_clean")[first] == lab),
             "dundi_at_n": {int(n): _rate(at_n[:, i] == lab) for i, n in enumerate(n_values)},
             "n": int(_col(table, "n")[first[0]]), "m": int(_col(table, "m")[first[0]]),
             "k": int(_col(table, "k")[first[0]])}
@@ -269,6 +286,7 @@ def attack_summary(table: pa.Table) -> list[dict[str, Any]]:
             "clean_accuracy_dundi": _rate(dundi_clean[idx] == y),
             "defense_success": _rate(dundi_adv[idx] == y),
             "robust_accuracy": _rate((dundi_clean[idx] == y) & (dundi_adv[idx] == y)),
+            "robust_accuracy_ci95": _interval((dundi_clean[idx] == y) & (dundi_adv[idx] == y)),
             "native_robust_accuracy": _native_rate((native_clean[idx] == y) & (native_adv[idx] == y),
                                                    native_clean[idx]),
             "native_fooled": int(fooled.sum()),
@@ -334,13 +352,16 @@ def worst_case(table: pa.Table) -> list[dict[str, Any]]:
             for i, flag in zip(ids.tolist(), ok.tolist()):
                 per_sample.setdefault(i, []).append(flag)
             complete = [flags for flags in per_sample.values() if len(flags) == len(settings)]
-            figures[model] = _rate(np.array([all(f) for f in complete], dtype=bool))
+            robust = np.array([all(f) for f in complete], dtype=bool)
+            figures[model] = _rate(robust)
+            figures[f"{model}_ci"] = _interval(robust)
             if model == "native" and not (_col(table, "native_clean")[idx] >= 0).any():
                 figures[model] = float("nan")  # no native run in this evaluation
             figures["count"] = len(complete)
         out.append({"threat": str(t), "norm": str(nm), "eps": e, "attacks": [str(a) for a, _ in settings],
                     "settings": [f"{a}@{x:g}" for a, x in settings], "count": figures["count"],
-                    "robust_accuracy": figures["dundi"], "native_robust_accuracy": figures["native"]})
+                    "robust_accuracy": figures["dundi"], "robust_accuracy_ci95": figures["dundi_ci"],
+                    "native_robust_accuracy": figures["native"]})
     return out
 
 
@@ -389,12 +410,66 @@ def checks(summary: list[dict[str, Any]], zero_grad_limit: float = 0.05,
     return warnings
 
 
+def repo_relative(path: str | os.PathLike | None, root: str | os.PathLike | None = None) -> str | None:
+    """How a published file (a report, a results page) names a run or an evaluation: relative
+    to the repository (``root``; default the checkout holding this package, else the working
+    directory), never as an absolute path of the machine that made it. A path outside the
+    repository keeps only its last two parts, marked as such (``<outside>/at/AT5``)."""
+    if path is None or str(path) == "":
+        return None if path is None else ""
+    p = Path(path).resolve()
+    roots = [Path(root).resolve()] if root else [Path(__file__).resolve().parents[1], Path.cwd().resolve()]
+    for base in roots:
+        if p == base or base in p.parents:
+            return p.relative_to(base).as_posix() or "."
+    return "<outside>/" + "/".join(p.parts[-2:])
+
+
+TIMING_FILE = "timing.jsonl"
+
+
+def record_timing(out: str | os.PathLike, timing: dict[str, Any]) -> None:
+    """Append one call's cost (mode, workers, cores, wall and CPU seconds, image-attacks
+    evaluated) to ``timing.jsonl``: a resumed evaluation's cost is the sum over its calls.
+    One line per call, written with a single append (a killed call leaves no line, its
+    shards count again in the call that finishes them)."""
+    keep = ("mode", "workers", "cores", "seconds", "cpu_seconds", "rows", "shards_run", "node_count")
+    line = json.dumps({k: timing[k] for k in keep if k in timing}, sort_keys=True) + "\n"
+    with open(Path(out) / TIMING_FILE, "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
+def cost(out: str | os.PathLike) -> dict[str, Any]:
+    """What the evaluation cost over every call that ran shards: image-attacks (rows)
+    evaluated, wall seconds, core-seconds (cores held × wall: what a cluster bills), the rate
+    in image-attacks per second and core-seconds per 1,000 image-attacks."""
+    path = Path(out) / TIMING_FILE
+    calls = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    calls = [c for c in calls if c.get("rows")]
+    rows = sum(c["rows"] for c in calls)
+    wall = sum(c["seconds"] for c in calls)
+    core_s = sum(c["seconds"] * c.get("cores", c.get("workers", 1)) for c in calls)
+    return {"calls": len(calls), "image_attacks": rows, "seconds": round(wall, 3),
+            "core_seconds": round(core_s, 3),
+            "image_attacks_per_second": rows / wall if wall > 0 else float("nan"),
+            "core_seconds_per_1000": 1000 * core_s / rows if rows else float("nan")}
+
+
+def sample(evaluation: dict) -> dict[str, Any]:
+    """Which samples the figures rest on: how many of the split, and how they were chosen."""
+    count, size = evaluation.get("samples"), evaluation.get("split_size")
+    return {"dataset": evaluation.get("dataset"), "split": evaluation.get("split"), "samples": count,
+            "split_size": size, "seed": evaluation.get("config", {}).get("seed"),
+            "selection": "whole split" if count == size else "seeded random choice"}
+
+
 def summarize(out: str | os.PathLike) -> dict[str, Any]:
     """Everything `dundi evaluate --json` and the report print for one evaluation directory."""
     evaluation = read_evaluation(out)
     table = read_results(out)
     summary = attack_summary(table)
-    return {"results": str(out), "dataset": evaluation.get("dataset"),
+    return {"results": str(out), "dataset": evaluation.get("dataset"), "sample": sample(evaluation),
+            "cost": cost(out),
             "rows": table.num_rows, "shards_planned": len(evaluation["plan"]),
             "shards_finished": len(set(finished_shards(out, evaluation["fingerprint"])) & set(evaluation["plan"])),
             "clean_accuracy": clean_accuracy(table), "attacks": summary,
@@ -416,4 +491,4 @@ def json_safe(obj: Any) -> Any:
 
 __all__ = ["SCHEMA", "KEY", "shard_name", "write_shard", "finished_shards", "read_results",
            "read_evaluation", "clean_accuracy", "attack_summary", "worst_case", "checks",
-           "summarize", "json_safe"]
+           "summarize", "json_safe", "wilson_interval", "record_timing", "cost", "sample", "repo_relative"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dundi.attacks import (ATTACK_NORMS, ATTACKS, BIM, BIMA, BIMB, FGSM, JSMA, PGD, AttackCheckWarning,
+from dundi.attacks import (BIM, BIMA, BIMB, FGSM, JSMA, PGD, AttackCheckWarning,
                            AttackResult, DeepFool, Square, check_black_box_vs_white_box, check_gradients,
                            check_outputs, make_attack, run_checks)
 from dundi.attacks.jsma import best_pixel_pairs
@@ -142,10 +142,9 @@ class NoGradModel(nn.Module):
 # -------------------------------------------------------------------------- registry
 
 def test_registry_and_paper_defaults(subject):
+    # what each attack declares (norm, budget, steps, seeding) is checked by running it, in
+    # test_attacks_metadata.py; here: the paper's MNIST settings are the defaults
     net, _, _ = subject
-    assert set(ATTACKS) == set(ATTACK_NORMS) == {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "jsma", "deepfool", "square",
-                                                 "apgd", "apgd-t", "fab-t", "apgd-step1", "autoattack"}
-    assert ATTACK_NORMS["jsma"] == "l0" and ATTACK_NORMS["deepfool"] == "l2" and ATTACK_NORMS["fgsm"] == "linf"
     a = make_attack("fgsm", net)
     assert isinstance(a, FGSM) and a.eps == 0.3
     a = make_attack("ifgsm-a", net)

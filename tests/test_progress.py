@@ -42,3 +42,23 @@ def test_line_progress_default_interval_keeps_logs_short():
         progress.update()
     progress.close()
     assert len(out.getvalue().splitlines()) == 20
+
+
+def test_line_progress_states_rate_and_time_left_and_prints_on_a_timer():
+    """A job's log line carries the rate and the time left; a slow job still gets a line
+    every ``interval`` seconds although fewer than ``every`` units arrived."""
+    now = [0.0]
+    out = io.StringIO()
+    progress = LineProgress(1000, "eval", "image-attack", every=500, stream=out, interval=60.0,
+                            now=lambda: now[0])
+    now[0] = 50.0
+    progress.update(100)            # 100 in 50 s: not yet 500 units, not yet 60 s: no line
+    assert out.getvalue() == ""
+    now[0] = 100.0
+    progress.update(100)            # 200 in 100 s: the timer prints
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith("eval: 200/1000 image-attacks (20%), 2 image-attacks/s")
+    assert "1:40 elapsed" in line and "~6:40 left" in line  # 800 left at 2/s = 400 s
+    now[0] = 130.0
+    progress.update(10)             # 30 s after the last line: quiet
+    assert len(out.getvalue().splitlines()) == 1

@@ -177,3 +177,24 @@ def test_checks_warn_on_zero_gradients_and_black_box_beating_white_box(square):
     for r in rows:  # the stand-in agrees with the rule too (else that is warned about)
         r["grad_norm"], r["dundi_adv"], r["target_adv"] = 1.0, r["label"], r["label"]
     assert checks(attack_summary(to_table(rows))) == []
+
+
+def test_published_names_are_relative_to_the_repository(tmp_path):
+    from dundi.results import repo_relative
+
+    assert repo_relative(tmp_path / "runs" / "at5", root=tmp_path) == "runs/at5"
+    assert repo_relative(tmp_path, root=tmp_path) == "."
+    outside = repo_relative("/somewhere/else/runs/at5", root=tmp_path)
+    assert outside == "<outside>/runs/at5" and not outside.startswith("/")
+
+
+def test_published_files_carry_no_machine_paths():
+    """docs/ is published: a report or log there must not name this machine's directories."""
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    pattern = re.compile(r"(?<![\w.])/(?:work|tmp|home|root|Users|private/var|mnt|scratch)/[\w.-]")
+    found = [f"{path.relative_to(docs.parent)}: {m.group(0)}" for path in docs.rglob("*")
+             if path.suffix in (".md", ".json", ".txt", ".tsv", ".sh") for m in pattern.finditer(path.read_text())]
+    assert not found, f"machine paths in published files: {found[:5]}"

@@ -14,7 +14,9 @@ cascade ``autoattack`` and the step-1 attack on DunDi's rule (``apgd-step1``):
     >>> res = attack.run(images, labels); res.adv, res.steps
     >>> make_attack("pgd", model, eps=0.1, steps=100, restarts=5, loss="margin")
 
-``make_attack(name, model, eps=None, steps=None, seed=0, **kw)``:
+``make_attack(name, model, eps=None, steps=None, seed=0, **kw)`` reads what each attack class
+declares about itself (``norm``, ``budget_arg``, ``steps_arg``, ``seeded``; see
+:class:`~dundi.attacks.base.Attack`):
 
 - ``eps`` sets the Linf budget of fgsm / ifgsm-a / ifgsm-b / pgd / square. It is
   **ignored** by the minimal-perturbation attacks jsma (L0, bounded by ``gamma``) and
@@ -64,30 +66,12 @@ ATTACKS: dict[str, type[Attack]] = {
     "autoattack": AutoAttack,
 }
 
-ATTACK_NORMS: dict[str, str] = {
-    "fgsm": "linf",
-    "ifgsm-a": "linf",
-    "ifgsm-b": "linf",
-    "pgd": "linf",
-    "jsma": "l0",
-    "deepfool": "l2",
-    "square": "linf",
-    "apgd": "linf",
-    "apgd-t": "linf",
-    "fab-t": "linf",
-    "apgd-step1": "linf",
-    "autoattack": "linf",
-}
-
-# Which constructor argument make_attack's ``steps`` sets (absent: steps is ignored).
-STEPS_ARG = {"ifgsm-a": "steps", "ifgsm-b": "steps", "pgd": "steps", "deepfool": "max_iter",
-              "square": "n_queries", "apgd": "steps", "apgd-t": "steps", "fab-t": "steps",
-              "apgd-step1": "steps", "autoattack": "steps"}
-_AUTOATTACK = {"apgd", "apgd-t", "fab-t", "apgd-step1", "autoattack"}
-_HAS_EPS = {"fgsm", "ifgsm-a", "ifgsm-b", "pgd", "square"} | _AUTOATTACK
-_HAS_SEED = {"pgd", "jsma", "square"} | _AUTOATTACK
+# Facts each attack declares on its class (norm, budget_arg, steps_arg, seeded, stand_in_only),
+# gathered here for callers that want the table.
+ATTACK_NORMS: dict[str, str] = {name: cls.norm for name, cls in ATTACKS.items()}
+STEPS_ARG: dict[str, str] = {name: cls.steps_arg for name, cls in ATTACKS.items() if cls.steps_arg}
 # Attacks that only make sense on DunDi's two-step stand-in (the adaptive threat model).
-STAND_IN_ONLY = ("apgd-step1",)
+STAND_IN_ONLY = tuple(name for name, cls in ATTACKS.items() if cls.stand_in_only)
 
 
 def make_attack(name: str, model: nn.Module, eps: float | None = None, steps: int | None = None,
@@ -98,11 +82,11 @@ def make_attack(name: str, model: nn.Module, eps: float | None = None, steps: in
         cls = ATTACKS[name]
     except KeyError:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}") from None
-    if eps is not None and name in _HAS_EPS:
+    if eps is not None and cls.budget_arg == "eps":
         kw["eps"] = eps
-    if steps is not None and name in STEPS_ARG:
-        kw[STEPS_ARG[name]] = steps
-    if name in _HAS_SEED:
+    if steps is not None and cls.steps_arg:
+        kw[cls.steps_arg] = steps
+    if cls.seeded:
         kw["seed"] = seed
     return cls(model, **kw)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, AttackResult, margin, scores_and_labels
+from .base import Attack, AttackResult, margin, project_linf, scores_and_labels
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -72,6 +72,7 @@ class APGD(Attack):
 
     name = "apgd"
     norm = "linf"
+    seeded = True
     losses = ("ce", "dlr", "margin")
 
     def __init__(self, model: nn.Module, eps: float = 0.3, steps: int = 100, restarts: int = 1,
@@ -111,7 +112,7 @@ class APGD(Attack):
         return loss.detach(), grad.detach(), decided
 
     def _project(self, x: Tensor, x0: Tensor) -> Tensor:
-        return torch.min(torch.max(x, x0 - self.eps), x0 + self.eps).clamp_(0.0, 1.0)
+        return project_linf(x, x0, self.eps)
 
     def _start(self, x0: Tensor, gen: torch.Generator) -> Tensor:
         t = torch.rand(x0.shape, generator=gen, device=x0.device).mul_(2).sub_(1)

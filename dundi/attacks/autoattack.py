@@ -48,6 +48,7 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     norm = "linf"
+    seeded = True
 
     def __init__(self, model: nn.Module, eps: float = 0.3, steps: int = 100, targets: int = 9,
                  n_queries: int = 5000, step1: bool = True, seed: int = 0, device=None):

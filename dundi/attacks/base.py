@@ -105,6 +105,26 @@ def scores_and_labels(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return fn(x)
 
 
+def project_linf(x: Tensor, x0: Tensor, eps: float | Tensor) -> Tensor:
+    """Clip ``x`` into the Linf eps-ball around ``x0`` and into [0, 1]: the projection of
+    every Linf attack (BIM, PGD, APGD). Written as min/max against ``x0 ± eps`` (not
+    ``x0 + clamp(x - x0)``) so the result is bit-identical to torchattacks' BIM, which clips
+    the same way; ``eps`` may be a per-sample tensor broadcasting against ``x``."""
+    return torch.min(torch.max(x, x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+
+
+def grad_and_decision(model: nn.Module, x: Tensor, labels: Tensor, loss: str = "ce"
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`input_grad` plus the deciding labels at ``x`` (:func:`scores_and_labels`) from the
+    same forward pass: for attacks that stop a sample once the deployed rule gets it wrong."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores, decided = scores_and_labels(model, x)
+        total = loss_per_sample(scores, labels, loss).sum()
+        (grad,) = torch.autograd.grad(total, x)
+    return grad, scores.detach(), decided
+
+
 def input_grad(model: nn.Module, x: Tensor, labels: Tensor, loss: str = "ce") -> tuple[Tensor, Tensor]:
     """Gradient of the summed per-sample loss w.r.t. ``x``, and the scores at ``x``.
 
@@ -119,7 +139,18 @@ def input_grad(model: nn.Module, x: Tensor, labels: Tensor, loss: str = "ce") ->
 
 
 class Attack:
-    """Base class: subclasses set ``name`` and ``norm`` and implement ``_run``.
+    """Base class: subclasses implement ``_run`` and declare what they are, so that the registry
+    (:func:`dundi.attacks.make_attack`) and the evaluation read the facts from the attack
+    instead of probing its constructor:
+
+    ``name``        registry name;
+    ``norm``        the distance the attack bounds or minimises: ``"linf"``, ``"l2"`` or ``"l0"``;
+    ``budget_arg``  the constructor argument holding its budget in that norm (``"eps"``; JSMA:
+                    ``"gamma"``, the fraction of pixels it may change), None if unbounded;
+    ``steps_arg``   the constructor argument holding its iterations (``"steps"``, DeepFool's
+                    ``"max_iter"``, Square's ``"n_queries"``), None if its work is fixed;
+    ``seeded``      whether it draws random numbers from a ``seed`` argument;
+    ``stand_in_only`` whether it only applies to DunDi's two-step stand-in.
 
     Arguments:
         model (nn.Module): maps (N, C, H, W) images in [0, 1] to (N, K) logits/scores.
@@ -129,6 +160,10 @@ class Attack:
 
     name: str = "attack"
     norm: str = "linf"
+    budget_arg: str | None = "eps"
+    steps_arg: str | None = "steps"
+    seeded: bool = False
+    stand_in_only: bool = False
 
     def __init__(self, model: nn.Module, device: torch.device | str | None = None):
         if not isinstance(model, nn.Module):
@@ -155,6 +190,25 @@ class Attack:
 
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         raise NotImplementedError
+
+    @property
+    def budget(self) -> float:
+        """The budget this attack enforces, in its norm; inf for an unbounded one."""
+        return float("inf") if self.budget_arg is None else float(getattr(self, self.budget_arg))
+
+    def configured_steps(self, num_features: int) -> int:
+        """The most iterations (or queries) it may spend per sample; 1 for a one-step attack."""
+        return 1 if self.steps_arg is None else int(getattr(self, self.steps_arg))
+
+    @classmethod
+    def options(cls) -> dict[str, object]:
+        """Keyword → default of the constructor's settings (without model and device): what
+        ``--attack-arg`` may set, and the type each expects."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in params.items() if k not in ("self", "model", "device")
+                and p.kind is p.POSITIONAL_OR_KEYWORD}
 
     def _prepare(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if not torch.is_tensor(images) or images.dim() != 4:
@@ -196,8 +250,9 @@ class Attack:
         return f"{type(self).__name__}({args})"
 
 
-def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Scores (N, K) and their Jacobian w.r.t. the input, (N, K, C*H*W), for all classes.
+def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores (N, K), their Jacobian w.r.t. the input, (N, K, C*H*W), for all classes, and the
+    deciding labels (:func:`scores_and_labels`) from the same forward pass.
 
     One forward pass, then all K vector-Jacobian products in one batched backward
     (``is_grads_batched``, i.e. vmap over the backward graph). Models whose backward has
@@ -207,7 +262,7 @@ def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        scores = model(x)
+        scores, decided = scores_and_labels(model, x)
         n, k = scores.shape
         eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
         try:
@@ -218,4 +273,4 @@ def jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
             jac = torch.stack(
                 [torch.autograd.grad(scores[:, c].sum(), x, retain_graph=c < k - 1)[0] for c in range(k)]
             )
-    return scores.detach(), jac.reshape(k, n, -1).transpose(0, 1)
+    return scores.detach(), jac.reshape(k, n, -1).transpose(0, 1), decided

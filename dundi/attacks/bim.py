@@ -5,16 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Attack, AttackResult, input_grad
-
-
-def project_linf(adv: Tensor, images: Tensor, eps: float) -> Tensor:
-    """Clip ``adv`` into the eps-ball around ``images`` and into [0, 1].
-
-    Written as min/max against ``images ± eps`` (not ``images + clamp(adv - images)``) so
-    the result is bit-identical to torchattacks' BIM, which clips the same way.
-    """
-    return torch.min(torch.max(adv, images - eps), images + eps).clamp_(0.0, 1.0)
+from .base import Attack, AttackResult, grad_and_decision, input_grad, project_linf
 
 
 class BIM(Attack):
@@ -85,13 +76,16 @@ class BIM(Attack):
         for i in range(self.steps):
             if len(active) == 0:
                 break
-            grad, scores = input_grad(self.model, adv[active], labels[active], self.loss)
+            if self.early_stop:  # the deciding label (the rule, for DunDi) stops a sample
+                grad, scores, decided = grad_and_decision(self.model, adv[active], labels[active], self.loss)
+            else:
+                grad, scores = input_grad(self.model, adv[active], labels[active], self.loss)
             if i == 0:
                 self._check_labels(scores, labels[active])
             if self.early_stop and i > 0:
                 # The forward pass for this step also tells which current iterates are
                 # already misclassified: freeze those (their gradient goes unused).
-                keep = scores.argmax(1) == labels[active]
+                keep = decided == labels[active]
                 active, grad = active[keep], grad[keep]
                 if len(active) == 0:
                     break

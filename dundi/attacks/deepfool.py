@@ -49,6 +49,8 @@ class DeepFool(Attack):
 
     name = "deepfool"
     norm = "l2"
+    budget_arg = None       # minimal perturbation: unbounded
+    steps_arg = "max_iter"
 
     def __init__(self, model: nn.Module, overshoot: float = 0.02, max_iter: int = 50, device=None):
         super().__init__(model, device)
@@ -66,11 +68,11 @@ class DeepFool(Attack):
         for i in range(self.max_iter):
             if len(active) == 0:
                 break
-            scores, jac = jacobian(self.model, adv[active].view(-1, *shape))
+            scores, jac, decided = jacobian(self.model, adv[active].view(-1, *shape))
             y = labels[active]
             if i == 0:
                 self._check_labels(scores, y)
-            keep = scores.argmax(1) == y  # still correctly classified: keep going
+            keep = decided == y  # the deciding label (the rule, for DunDi) still right: keep going
             active, scores, jac, y = active[keep], scores[keep], jac[keep], y[keep]
             if len(active) == 0:
                 break

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .base import Attack, AttackResult, scores_and_labels
 
 
-def project_linf(w: Tensor, b: Tensor, lower: Tensor, upper: Tensor, iters: int = 30) -> Tensor:
+def min_linf_to_hyperplane(w: Tensor, b: Tensor, lower: Tensor, upper: Tensor, iters: int = 30) -> Tensor:
     """Smallest-Linf δ (N, D) with w·δ = b inside the box lower ≤ δ ≤ upper (lower ≤ 0 ≤ upper).
 
     δ(t) = clip(t · sign(w·b), lower, upper) moves w·δ monotonically towards b as t grows,
@@ -38,7 +38,7 @@ class FABT(Attack):
     Distance measure: Linf. For each target t (the j-th highest-scoring other class at the
     clean input, j = 1 … ``targets``) and each sample not fooled yet: linearise
     f = z_t − z_y at the iterate x_i, project both x_i and the clean x onto the hyperplane
-    f ≈ 0 inside the [0, 1] box (:func:`project_linf`), and step to the convex combination
+    f ≈ 0 inside the [0, 1] box (:func:`min_linf_to_hyperplane`), and step to the convex combination
     (1 − α)(x_i + η δ_i) + α(x + η δ_x) with α = min(‖δ_i‖/(‖δ_i‖ + ‖δ_x‖), ``alpha_max``),
     biased towards the clean image so the perturbation stays small. When the deciding label
     (:func:`~dundi.attacks.base.scores_and_labels`) turns wrong, the point is kept if it is
@@ -68,6 +68,7 @@ class FABT(Attack):
 
     name = "fab-t"
     norm = "linf"
+    seeded = True
 
     def __init__(self, model: nn.Module, eps: float = 0.3, steps: int = 100, restarts: int = 1,
                  targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
@@ -118,7 +119,7 @@ class FABT(Attack):
             if len(act) == 0:
                 break
             x_orig = flat0[act]
-            both = project_linf(torch.cat([g, g]), torch.cat([-f, -f - (g * (x_orig - x)).sum(1)]),
+            both = min_linf_to_hyperplane(torch.cat([g, g]), torch.cat([-f, -f - (g * (x_orig - x)).sum(1)]),
                                 torch.cat([-x, -x_orig]), torch.cat([1 - x, 1 - x_orig]))
             d_x, d_orig = both[: len(act)], both[len(act):]
             a_x, a_orig = d_x.abs().amax(1), d_orig.abs().amax(1)

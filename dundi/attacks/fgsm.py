@@ -34,6 +34,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     norm = "linf"
+    steps_arg = None  # one step
 
     def __init__(self, model: nn.Module, eps: float = 0.3, loss: str = "ce", device=None):
         super().__init__(model, device)

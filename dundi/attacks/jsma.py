@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, scores_and_labels
 
 # Pair-saliency tensors are computed in chunks of at most this many float32 elements
 # (16 MiB each), so memory stays flat whatever the batch size.
@@ -143,6 +143,9 @@ class JSMA(Attack):
 
     name = "jsma"
     norm = "l0"
+    budget_arg = "gamma"  # the largest fraction of pixels it may change
+    steps_arg = None      # its work is bounded by gamma: see configured_steps
+    seeded = True         # random targets
 
     def __init__(
         self,
@@ -169,6 +172,10 @@ class JSMA(Attack):
         self.seed = int(seed)
         self.space = space
 
+    def configured_steps(self, num_features: int) -> int:
+        """Pixel-pair updates at most: gamma · pixels / 2."""
+        return int(math.floor(num_features * self.gamma / 2 + 1e-9))
+
     def _targets(self, labels: Tensor, k: int) -> Tensor:
         n = len(labels)
         if isinstance(self.target, str):
@@ -184,18 +191,19 @@ class JSMA(Attack):
             raise ValueError(f"target classes must be in [0, {k})")
         return target
 
-    def _derivatives(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Scores, d score_target / dx and d (sum of the other scores) / dx, flattened."""
+    def _derivatives(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Scores, d score_target / dx and d (sum of the other scores) / dx, flattened, and the
+        deciding labels (the rule, for DunDi's stand-in) from the same forward pass."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            scores = self.model(x)
+            scores, decided = scores_and_labels(self.model, x)
             if self.space == "probs":
                 # Probabilities sum to 1, so the others' derivative is minus the target's:
                 # one backward pass is enough.
                 prob = F.softmax(scores, 1).gather(1, target[:, None]).sum()
                 (gt,) = torch.autograd.grad(prob, x)
                 gt = gt.flatten(1)
-                return scores.detach(), gt, -gt
+                return scores.detach(), gt, -gt, decided
             onehot = F.one_hot(target, scores.shape[1]).to(scores.dtype)
             vecs = torch.stack([onehot, 1.0 - onehot])
             try:
@@ -203,7 +211,7 @@ class JSMA(Attack):
             except (RuntimeError, NotImplementedError):  # no vmap rule for some layer
                 g = torch.stack([torch.autograd.grad(scores, x, v, retain_graph=True)[0] for v in vecs])
         g = g.flatten(2)
-        return scores.detach(), g[0], g[1]
+        return scores.detach(), g[0], g[1], decided
 
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         n = len(images)
@@ -221,8 +229,8 @@ class JSMA(Attack):
         for _ in range(max_pairs):
             if len(active) == 0:
                 break
-            scores, gt, go = self._derivatives(x[active].view(-1, *shape), target[active])
-            go_on = (scores.argmax(1) != target[active]) & (domain[active].sum(1) >= 2)
+            _, gt, go, decided = self._derivatives(x[active].view(-1, *shape), target[active])
+            go_on = (decided != target[active]) & (domain[active].sum(1) >= 2)  # the rule reached t: stop
             active, gt, go = active[go_on], gt[go_on], go[go_on]
             if len(active) == 0:
                 break

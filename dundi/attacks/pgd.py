@@ -59,6 +59,8 @@ class PGD(Attack):
     """
 
     name = "pgd"
+    norm = "linf"  # the class's default; an instance built with norm="l2" says so itself
+    seeded = True
 
     def __init__(
         self,

@@ -60,6 +60,8 @@ class Square(Attack):
 
     name = "square"
     norm = "linf"
+    steps_arg = "n_queries"
+    seeded = True
 
     def __init__(self, model: nn.Module, eps: float = 0.3, n_queries: int = 1000, p_init: float = 0.8,
                  loss: str = "margin", seed: int = 0, device=None):
@@ -89,6 +91,29 @@ class Square(Attack):
     def _signs(self, shape, gen: torch.Generator, device) -> Tensor:
         return torch.randint(0, 2, shape, generator=gen, device=device).float().mul_(2).sub_(1)
 
+    def _propose(self, x: Tensor, xb: Tensor, it: int, gen: torch.Generator) -> Tensor:
+        """One proposal per row: a random square window of ``x`` set to ±eps per channel,
+        the rest of the current best ``xb``."""
+        a, c, h, w = x.shape
+        dev = x.device
+        p = p_selection(self.p_init, it, self.n_queries)
+        s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
+        vh = torch.randint(0, h - s + 1, (a, 1, 1, 1), generator=gen, device=dev)
+        vw = torch.randint(0, w - s + 1, (a, 1, 1, 1), generator=gen, device=dev)
+        rows = torch.arange(h, device=dev).view(1, 1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+        window = ((rows >= vh) & (rows < vh + s)) & ((cols >= vw) & (cols < vw + s))
+        x_new = torch.where(window, x + self.eps * self._signs((a, c, 1, 1), gen, dev), xb).clamp_(0.0, 1.0)
+        # The authors redraw a window's signs while the proposal leaves the image unchanged
+        # (it would waste a query); a few vectorised redraws do the same.
+        for _ in range(5):
+            same = ((x_new - xb).abs_().flatten(1).amax(1) < 1e-7).nonzero().squeeze(1)
+            if len(same) == 0:
+                break
+            redraw = x[same] + self.eps * self._signs((len(same), c, 1, 1), gen, dev)
+            x_new[same] = torch.where(window[same], redraw, xb[same]).clamp_(0.0, 1.0)
+        return x_new
+
     @torch.no_grad()
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         n, c, h, w = images.shape
@@ -99,31 +124,23 @@ class Square(Attack):
         best = (images + self.eps * self._signs((n, c, 1, w), gen, dev)).clamp_(0.0, 1.0)
         margin_min, loss_min = self._margin_and_loss(best, labels)
         used = torch.ones(n, dtype=torch.int64, device=dev)
-        rows = torch.arange(h, device=dev).view(1, 1, h, 1)
-        cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+        # The rows still being attacked, compacted only when some of them are fooled: the
+        # per-query work is then the proposal and one forward pass, not re-gathering the batch.
+        act = (margin_min > 0).nonzero().squeeze(1)
+        x, xb, y, mm, lm = images[act], best[act], labels[act], margin_min[act], loss_min[act]
         for it in range(self.n_queries - 1):
-            todo = (margin_min > 0).nonzero().squeeze(1)
-            if len(todo) == 0:
+            if len(act) == 0:
                 break
-            x, xb, y = images[todo], best[todo], labels[todo]
-            a = len(todo)
-            p = p_selection(self.p_init, it, self.n_queries)
-            s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
-            vh = torch.randint(0, h - s + 1, (a, 1, 1, 1), generator=gen, device=dev)
-            vw = torch.randint(0, w - s + 1, (a, 1, 1, 1), generator=gen, device=dev)
-            window = (rows >= vh) & (rows < vh + s) & (cols >= vw) & (cols < vw + s)
-            x_new = torch.where(window, x + self.eps * self._signs((a, c, 1, 1), gen, dev), xb).clamp_(0.0, 1.0)
-            # The authors redraw a window's signs while the proposal leaves the image
-            # unchanged (it would waste a query); a few vectorised redraws do the same.
-            for _ in range(5):
-                same = ((x_new - xb).abs().flatten(1).amax(1) < 1e-7).nonzero().squeeze(1)
-                if len(same) == 0:
-                    break
-                redraw = x[same] + self.eps * self._signs((len(same), c, 1, 1), gen, dev)
-                x_new[same] = torch.where(window[same], redraw, xb[same]).clamp_(0.0, 1.0)
+            x_new = self._propose(x, xb, it, gen)
             m, lss = self._margin_and_loss(x_new, y)
-            better = (lss < loss_min[todo]) | (m <= 0)
-            upd = todo[better]
-            best[upd], margin_min[upd], loss_min[upd] = x_new[better], m[better], lss[better]
-            used[todo] += 1
+            better = (lss < lm) | (m <= 0)
+            xb = torch.where(better.view(-1, 1, 1, 1), x_new, xb)
+            mm, lm = torch.where(better, m, mm), torch.where(better, lss, lm)
+            used[act] += 1
+            done = mm <= 0
+            if done.any():
+                best[act[done]] = xb[done]
+                keep = ~done
+                act, x, xb, y, mm, lm = act[keep], x[keep], xb[keep], y[keep], mm[keep], lm[keep]
+        best[act] = xb
         return AttackResult(best, used)

@@ -42,6 +42,38 @@ def _attacks(names: list[str]) -> list[str]:
     return out
 
 
+def limit_arg(text: str) -> int | None:
+    """``--limit``: a positive number of samples, or ``all`` for the whole split."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of samples or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of samples or 'all', got {value}")
+    return value
+
+
+def _ci(interval) -> str:
+    if not interval or interval[0] is None or any(isinstance(v, float) and math.isnan(v) for v in interval):
+        return ""
+    return f" [95% CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%]"
+
+
+def print_cost_and_sample(summary: dict) -> None:
+    """The sample the figures rest on and what the evaluation cost, in one line each."""
+    s = summary.get("sample") or {}
+    if s:
+        print(f"sample: {s['samples']} of {s['split_size']} {s['dataset']} {s['split']} images ({s['selection']}"
+              f"{', seed ' + str(s['seed']) if s['selection'] != 'whole split' else ''})")
+    c = summary.get("cost") or {}
+    if c.get("image_attacks"):
+        print(f"cost: {c['image_attacks']} image-attacks in {c['seconds']:.0f} s over {c['calls']} call(s): "
+              f"{c['image_attacks_per_second']:.3g} image-attacks/s, "
+              f"{c['core_seconds_per_1000']:.4g} core-seconds per 1,000 image-attacks")
+
+
 def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.2f}%"
 
@@ -51,7 +83,7 @@ def print_summary(summary: dict) -> None:
     model = summary.get("model", {})
     print(f"{model.get('name', 'DunDi')} on {summary['dataset']}: {clean['count']} samples, "
           f"two-step n={clean.get('n')} m={clean.get('m')} k={clean.get('k')}; clean accuracy "
-          f"DunDi {_pct(clean['dundi'])}, native {_pct(clean['native'])}")
+          f"DunDi {_pct(clean['dundi'])}{_ci(clean.get('dundi_ci95'))}, native {_pct(clean['native'])}")
     print(f"{'threat':9} {'attack':8} {'norm':4} {'eps':>9} {'steps':>5} {'defense':>8} "
           f"{'robust':>8} {'atk-succ':>8} {'native-rob':>10} {'rule≠stand-in':>13}")
     for r in summary["attacks"]:
@@ -64,11 +96,13 @@ def print_summary(summary: dict) -> None:
     for w in summary["worst_case"]:
         eps = "all" if w["norm"] == "any" else f"{w['eps']:g}"
         print(f"  {w['threat']:9} {w['norm']:4} eps={eps:<6} robust accuracy {_pct(w['robust_accuracy'])} "
-              f"(native {_pct(w['native_robust_accuracy'])}) over {w['count']} samples: {', '.join(w['settings'])}")
+              f"{_ci(w.get('robust_accuracy_ci95'))} (native {_pct(w['native_robust_accuracy'])}) over "
+              f"{w['count']} samples: {', '.join(w['settings'])}")
     for c in summary.get("certified") or []:
         print(f"  certified  Linf eps={c['eps']:<6g} certified accuracy {_pct(c['certified_accuracy'])} "
               f"<= robust {_pct(c['robust_accuracy'])} <= clean {_pct(c['clean_accuracy'])} "
               f"over {c['count']} samples (no certified sample flipped)")
+    print_cost_and_sample(summary)
     for warning in summary["warnings"]:
         print(f"WARNING: {warning}")
 
@@ -140,8 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra attack setting, e.g. loss=margin, restarts=5, alpha=0.005 (repeatable; "
                         "selected attacks that do not take it ignore it; a key none takes is refused; "
                         "default: none)")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="evaluate N samples (seeded random choice; default: the whole split)")
+    p.add_argument("--limit", type=limit_arg, default=None,
+                   help="evaluate N samples (seeded random choice) or 'all' (the whole split; default)")
     p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample choice and the attacks")
     p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard (unit of resume)")
@@ -152,7 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nearest", type=positive_int, default=3, help="oracles per class in the feature threat model")
     p.add_argument("--save-adv", action="store_true", help="keep adversarial images in the rows")
     p.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="Ray tasks in flight (default: all CPUs of the cluster); 0 = this process, no Ray")
+                   help="Ray worker actors, one CPU each (default: all CPUs of the cluster); 0 = this process, no Ray")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
     p.add_argument("--data-dir", default=None,
