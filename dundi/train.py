@@ -49,7 +49,6 @@ class TrainConfig:
     val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
     limit: int | None = None       # use only the first N training samples (quick runs)
     holdout_classes: tuple[int, ...] = ()  # dataset classes left out of training (enrolled later)
-    lr_decay: tuple[int, ...] = ()  # epochs from which the learning rate is a further 10x lower
     # Adversarial training (DunDi-AT for triplet runs, Madry-style PGD for native runs)
     adversarial: bool = False
     adv_eps: float = 0.3           # L∞ budget of the PGD examples crafted during training
@@ -70,7 +69,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # JSON gives back a list; one canonical form keeps saved and resumed configs equal
         self.holdout_classes = tuple(sorted({int(c) for c in self.holdout_classes}))
-        self.lr_decay = tuple(sorted(int(e) for e in self.lr_decay))
 
     @property
     def adv_step_size(self) -> float:
@@ -107,8 +105,6 @@ class TrainConfig:
             if self.cert_per_class < 2 or self.cert_warmup < 0 or self.cert_ramp < 0:
                 raise DundiError("certified training needs cert_per_class >= 2 (a class's other members "
                                  "are its oracles) and cert_warmup, cert_ramp >= 0 epochs")
-        if any(e < 1 for e in self.lr_decay):
-            raise DundiError(f"lr_decay epochs must be 1 or more, got {list(self.lr_decay)}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
 
@@ -358,13 +354,6 @@ def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, imag
         bar.set_postfix(loss=f"{totals['loss'] / (i + 1):.4f}", eps=f"{eps:.3f}")
     count = max(len(batches), 1)  # the same two figures the Ray Train workers report
     return {"loss": totals["loss"] / count, "batch_certified": totals["certified"] / count}
-
-
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of ``epoch`` (0-based): ``cfg.lr`` divided by 10 for every decay
-    epoch already reached -- the step schedule IBP-style training ends with, so the last
-    epochs settle instead of oscillating at the full rate."""
-    return cfg.lr * 0.1 ** sum(epoch >= e for e in cfg.lr_decay)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

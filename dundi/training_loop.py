@@ -25,7 +25,7 @@ from dundi.certified_training import balanced_batches
 from dundi.checkpoint import load_local, save_local
 from dundi.errors import DundiError
 from dundi.train import (TrainConfig, adversarial_generator, epoch_config, epoch_order, epoch_tuples,
-                         json_config, lr_at, make_optimizer, run_certified_epoch, run_native_epoch,
+                         json_config, make_optimizer, run_certified_epoch, run_native_epoch,
                          run_triplet_epoch, with_defaults, worker_tuples)
 
 KINDS = ("native", "dundi")
@@ -181,8 +181,6 @@ def train_epochs(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: 
         optimizer.load_state_dict(resumed.optimizer)
         restore_rng(resumed.rng)
     for epoch in range(start, cfg.epochs):
-        for group in optimizer.param_groups:  # set each epoch, so a resumed run has it too
-            group["lr"] = lr_at(cfg, epoch)
         t0 = time.perf_counter()
         figures = plan.run(model, optimizer, epoch, progress)
         train_seconds = time.perf_counter() - t0

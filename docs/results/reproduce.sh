@@ -133,7 +133,7 @@ stage_certified-full() {
   local c=$OUT/cert docs=$DOCS/certified
   mkdir -p "$docs"
   train "$c/mnist-full-C30" train --dataset mnist --backbone cnn-ibp --certified --cert-eps 0.4 \
-    --cert-warmup 1 --cert-ramp 15 --epochs 30 --lr-decay 22 27
+    --cert-warmup 1 --cert-ramp 15 --epochs 30
   timed "$c/mnist-full-C30 certify" "$DUNDI" certify "$c/mnist-full-C30" --eps 0.1 0.2 0.3 --json \
     | tail -n 1 > "$docs/mnist-full-certify.json"
 }

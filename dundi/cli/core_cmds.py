@@ -36,9 +36,6 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help="images (native) or tuples (triplet) per step")
     p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--lr-decay", type=positive_int, nargs="+", default=None, metavar="EPOCH",
-                   help="epochs (1-based count of finished epochs) after which the learning "
-                        "rate drops 10x, e.g. 35 45 (default: none, constant rate)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, tuples and splits")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N training samples (default: all)")
