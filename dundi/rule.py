@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: building the CLI parser must not import numpy
+    import numpy as np
 
 ORACLES_PER_CLASS = 20   # n at `index build`: the paper's largest database (Table 1)
 COARSE_ORACLES = 3       # m: the paper's coarse step; never more than n (see coarse_default)
