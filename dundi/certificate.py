@@ -234,12 +234,14 @@ class Certifier:
         bracket [certified, not certified] shrinks onto the threshold. Each image's bracket is
         cut where its margins, scaled by their values at eps 0, cross zero on the chord
         (false position, Anderson-Björck variant; a bisection step whenever a cut did not halve the
-        bracket), which needs a few interval passes where bisection needs ``steps``. The
-        rounding slacks of the largest box serve every smaller one."""
+        bracket), which needs fewer interval passes than bisection's ``steps``."""
         y, count = labels.long(), len(images)
         resolution = eps_max / 2 ** steps
-        top, slacks = self._slack(images, y, eps_max, gate, None)
-        zero = self._slack(images, y, 0.0, gate, slacks)[0]
+        # Each pass computes its own rounding slacks: those of the largest box are sound for
+        # smaller ones, but at eps_max = 1 they are the whole pixel range's and would swamp
+        # the margins (and the abstain gate) near eps 0.
+        top = self._slack(images, y, eps_max, gate, None)[0]
+        zero = self._slack(images, y, 0.0, gate, None)[0]
         scale = torch.where(torch.isfinite(zero) & (zero > 0), zero, torch.ones_like(zero))
         # margins scaled by their value at eps 0, through asinh: they fall slowly, then plunge
         # as interval bounds blow up; asinh makes the chord a fair guess on both stretches
@@ -259,8 +261,7 @@ class Certifier:
             a, b, fa, fb = lo[idx], hi[idx], f_lo[idx], f_hi[idx]
             cut = torch.where(bisect[idx], (a + b) / 2, a + (b - a) * fa / (fa - fb))
             cut = torch.minimum(torch.maximum(cut, a + resolution / 2), b - resolution / 2)
-            margins = self._slack(images[idx], y[idx], cut, gate,
-                                  [None if s is None else s[idx] for s in slacks])[0]
+            margins = self._slack(images[idx], y[idx], cut, gate, None)[0]
             ok, f = (margins > 0).all(1), level(margins, scale[idx])
             # Anderson-Björck: an end kept twice in a row has its value scaled down, so the
             # chord turns towards it
