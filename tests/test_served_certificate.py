@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dundi.artifacts import Run, save_oracle
+from dundi.certificate import RADIUS_STEPS
 from dundi.classify import two_step_reference
 from dundi.oracle import OracleIndex
 
@@ -224,5 +225,6 @@ def test_the_served_radius_covers_the_abstain_gate(certified_run, digits):
         answer = model.predict(pts)
         assert not answer.abstained.any(), f"image {i}: abstains inside its certified radius {radius[i]:.3g}"
         assert (answer.labels == labels[i]).all()
-    assert (radius[answered] <= label_radius[answered]).all()
+    # each search stops within its resolution below its own threshold, and the gated one's is lower
+    assert (radius[answered] <= label_radius[answered] + 2.0 ** -RADIUS_STEPS).all()
     assert (radius[answered] < label_radius[answered]).any(), "the gate never bound: the test checks nothing"
