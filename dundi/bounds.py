@@ -148,48 +148,37 @@ def _outward32(lower64: torch.Tensor, upper64: torch.Tensor) -> Box:
     return lo, hi
 
 
-def _served_affine(sl: ServedLayer, lower: torch.Tensor, upper: torch.Tensor, slack: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One affine layer's float32 box and the rounding slack used (computed if None)."""
+def _served_affine(sl: ServedLayer, lower: torch.Tensor, upper: torch.Tensor) -> Box:
+    """One affine layer's float32 box, widened by its rounding slack."""
     centre, radius = (upper + lower) / 2, (upper - lower) / 2
     out_c = sl(centre)
-    if slack is None:
-        both = sl.abs_map(torch.cat([radius, centre.abs() + radius]))
-        out_r, reach = both[:len(radius)], both[len(radius):]
-        if sl.abs_bias is not None:
-            reach = reach + (sl.abs_bias if sl.abs_bias.ndim == 4 else
-                             sl.abs_bias.view(1, -1, *([1] * (reach.ndim - 2))))
-        # reach = |W|·max|x| + |b| bounds |W c + b|, |W| r and every partial sum, so one
-        # multiple of it covers: the served sum's rounding and this one's (γ_K each, Higham
-        # Thm 3.5), the rounding of c and r (2u, through |W|) and of c ± r here (≈ 9u)
-        slack = (2.5 * gamma(sl.terms + 2, U32) + 12 * U32) * reach
-    else:
-        out_r = sl.abs_map(radius)
-    out_r = out_r + slack
-    return out_c - out_r, out_c + out_r, slack
+    both = sl.abs_map(torch.cat([radius, centre.abs() + radius]))
+    out_r, reach = both[:len(radius)], both[len(radius):]
+    if sl.abs_bias is not None:
+        reach = reach + (sl.abs_bias if sl.abs_bias.ndim == 4 else
+                         sl.abs_bias.view(1, -1, *([1] * (reach.ndim - 2))))
+    # reach = |W|·max|x| + |b| bounds |W c + b|, |W| r and every partial sum, so one multiple of
+    # it covers: the served sum's rounding and this one's (γ_K each, Higham Thm 3.5), the
+    # rounding of c and r (2u, through |W|) and of c ± r here (≈ 9u)
+    out_r = out_r + (2.5 * gamma(sl.terms + 2, U32) + 12 * U32) * reach
+    return out_c - out_r, out_c + out_r
 
 
-def propagate_served(layers: list[ServedLayer], lower: torch.Tensor, upper: torch.Tensor,
-                     slacks: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+def propagate_served(layers: list[ServedLayer], lower: torch.Tensor, upper: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds (float32) that contain every activation the float32 network computes, in any
-    summation order, for an input in the float64 box ``[lower, upper]``. ``slacks`` from a call
-    on a larger box may be passed back to skip computing them (a slack valid for a box is
-    valid for every box inside it); the slacks used are returned."""
-    record = [] if slacks is None else slacks
+    summation order, for an input in the float64 box ``[lower, upper]``."""
     lower, upper = _outward32(lower, upper)
-    for i, sl in enumerate(layers):
-        given = None if slacks is None else slacks[i]
+    for sl in layers:
         if sl.abs_weight is not None:
-            lower, upper, used = _served_affine(sl, lower, upper, given)
+            lower, upper = _served_affine(sl, lower, upper)
         elif sl.terms < 0:  # average pooling: an average of up to K values, rounded
             reach = sl(torch.maximum(lower.abs(), upper.abs()))
-            used = given if given is not None else 2.5 * gamma(reach[0].numel() + lower[0].numel() + 2, U32) * reach
-            lower, upper = sl(lower) - used, sl(upper) + used
+            slack = 2.5 * gamma(reach[0].numel() + lower[0].numel() + 2, U32) * reach
+            lower, upper = sl(lower) - slack, sl(upper) + slack
         else:  # ReLU, max pooling, flatten: exact in floating point
-            lower, upper, used = sl(lower), sl(upper), None
-        if slacks is None:
-            record.append(used)
-    return lower, upper, record
+            lower, upper = sl(lower), sl(upper)
+    return lower, upper
 
 
 def split_last_linear(net: nn.Module) -> tuple[list[nn.Module], nn.Linear]:

@@ -122,18 +122,17 @@ class Certifier:
         self.last_rel = gamma(hidden + 1, U32) + 4 * gamma(hidden + 2, U64)
 
     # ---- the box of h and the pair bounds ---------------------------------------------------
-    def _box(self, images: torch.Tensor, eps, slacks: list | None = None) -> tuple[_HBox, list, tuple]:
-        """The h box for inputs within ``eps`` of ``images`` (with the slacks used) and the
-        input box itself."""
+    def _box(self, images: torch.Tensor, eps) -> tuple[_HBox, tuple]:
+        """The h box for inputs within ``eps`` of ``images``, and the input box itself."""
         self.bounded += len(images)
         x = images.double()
         lo, hi = input_box(x, eps.double() if torch.is_tensor(eps) else float(eps))
-        h_lo, h_hi, slacks = propagate_served(self.body, lo, hi, slacks)
+        h_lo, h_hi = propagate_served(self.body, lo, hi)
         h_lo, h_hi = h_lo.double(), h_hi.double()
         a = torch.maximum(h_lo.abs(), h_hi.abs())
         mag = a @ self.w.abs().T + self.b.abs()
         e = self.last_rel * mag
-        return _HBox((h_hi + h_lo) / 2, (h_hi - h_lo) / 2, e, mag + e), slacks, (lo, hi)
+        return _HBox((h_hi + h_lo) / 2, (h_hi - h_lo) / 2, e, mag + e), (lo, hi)
 
     def _pair_bounds(self, box: _HBox, step: _Step, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Lower bounds of u_c − u_a over the box, less the rounding allowance: (B, C, C) for
@@ -213,16 +212,15 @@ class Certifier:
         """(B,) bool: the served rule answers ``labels`` for every input within L∞ distance
         ``eps`` (a scalar or one per image) of ``images``, clipped to [0, 1] -- and, with an
         active ``gate``, never abstains there."""
-        return (self._slack(images, labels.long(), eps, gate, None)[0] > 0).all(1)
+        return (self._slack(images, labels.long(), eps, gate) > 0).all(1)
 
-    def _slack(self, images, y, eps, gate, slacks) -> tuple[torch.Tensor, list]:
-        """(B, J) margins of every condition (certified where all are positive), and the
-        rounding slacks of the interval pass."""
-        box, slacks, x_box = self._box(images, eps, slacks)
+    def _slack(self, images, y, eps, gate) -> torch.Tensor:
+        """(B, J) margins of every condition: certified where all are positive."""
+        box, x_box = self._box(images, eps)
         margins = self._label_slack(box, y)
         if gate is not None and gate.active:
             margins = torch.cat([margins, self._gate_slack(box, x_box, y, gate)], 1)
-        return margins, slacks
+        return margins
 
     @torch.no_grad()
     def radius(self, images: torch.Tensor, labels: torch.Tensor, eps_max: float = 1.0,
@@ -240,8 +238,8 @@ class Certifier:
         # Each pass computes its own rounding slacks: those of the largest box are sound for
         # smaller ones, but at eps_max = 1 they are the whole pixel range's and would swamp
         # the margins (and the abstain gate) near eps 0.
-        top = self._slack(images, y, eps_max, gate, None)[0]
-        zero = self._slack(images, y, 0.0, gate, None)[0]
+        top = self._slack(images, y, eps_max, gate)
+        zero = self._slack(images, y, 0.0, gate)
         scale = torch.where(torch.isfinite(zero) & (zero > 0), zero, torch.ones_like(zero))
         # margins scaled by their value at eps 0, through asinh: they fall slowly, then plunge
         # as interval bounds blow up; asinh makes the chord a fair guess on both stretches
@@ -261,7 +259,7 @@ class Certifier:
             a, b, fa, fb = lo[idx], hi[idx], f_lo[idx], f_hi[idx]
             cut = torch.where(bisect[idx], (a + b) / 2, a + (b - a) * fa / (fa - fb))
             cut = torch.minimum(torch.maximum(cut, a + resolution / 2), b - resolution / 2)
-            margins = self._slack(images[idx], y[idx], cut, gate, None)[0]
+            margins = self._slack(images[idx], y[idx], cut, gate)
             ok, f = (margins > 0).all(1), level(margins, scale[idx])
             # Anderson-Björck: an end kept twice in a row has its value scaled down, so the
             # chord turns towards it

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.abstain_signals import ABSTAIN_SIGNALS, GREY_BAND, abstain_flags, grey_share, signal_values  # noqa: F401 (re-exported)
+from dundi.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
 from dundi.serving.model import LoadedModel
 
 
