@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from dundi.data import load_split
-from dundi.pipeline import new_distance_net, new_native_net
-from dundi.train import TrainConfig, make_optimizer, make_tuples, run_native_epoch, run_triplet_epoch
+from dundi.run.pipeline import new_distance_net, new_native_net
+from dundi.training.config import TrainConfig
+from dundi.training.passes import make_optimizer, make_tuples, run_native_epoch, run_triplet_epoch
 
 
 def rate(run, examples: int) -> float:

@@ -131,8 +131,8 @@ def standin_row(run: str, native_run: str, x: torch.Tensor, y: torch.Tensor, eps
     """The cascade on DunDi's exact-rule stand-in (Distance NN, oracle scores, the two-step
     rule deciding every early stop) vs on the plain native LeNet-5, same images: the rule's
     overhead per unit of attack work (gradient step or query), target <= 1.3x."""
-    from dundi.artifacts import Run
-    from dundi.evaluate import EvalConfig, Evaluator
+    from dundi.evaluation.evaluate import EvalConfig, Evaluator
+    from dundi.run.directory import Run
 
     cfg = EvalConfig(run=run, native=native_run, threats=["adaptive"], limit=1)
     stand_in = Evaluator(cfg, data=(x.numpy(), y.numpy(), np.arange(len(y)))).threat("adaptive").model
@@ -174,7 +174,7 @@ def main() -> None:
     t0 = time.perf_counter()
     (xtr, ytr), (xte, yte) = data(args.dataset, 3000, 2 * max(args.batch, args.aa_batch))
     if args.native_run:
-        from dundi.artifacts import Run
+        from dundi.run.directory import Run
 
         net = Run.load(args.native_run, with_oracle=False).model.eval()
     else:

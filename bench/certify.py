@@ -33,11 +33,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dundi.bounds import layers_of
-from dundi.certificate import Certifier
-from dundi.exact_rule import embed_invariant
-from dundi.models import build_distance_net
-from dundi.oracle import OracleIndex
+from dundi.nets.bounds import layers_of
+from dundi.nets.models import build_distance_net
+from dundi.robustness.certificate import Certifier
+from dundi.rule.exact import embed_invariant
+from dundi.rule.index import OracleIndex
 
 
 def timed(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -82,8 +82,8 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.3)
     args = ap.parse_args()
     if args.run:
-        from dundi.artifacts import Run
         from dundi.data import load_split
+        from dundi.run.directory import Run
 
         run = Run.load(args.run)
         net, index = run.model, run.oracle
@@ -94,11 +94,11 @@ def main() -> None:
         net = build_distance_net("cnn-ibp", (1, 28, 28)).eval()
         index = OracleIndex.from_embeddings(embed_invariant(layers_of(net), images[:200]),
                                             np.repeat(np.arange(10), 20), 10, metric="sqeuclidean")
-    certifier = Certifier(net, torch.from_numpy(index.blocks.copy()), index.n, min(3, index.n), 5)
+    certifier = Certifier(net, torch.from_numpy(index.blocks.copy()), index.resolve())
     layers = layers_of(net)
 
     def classify() -> np.ndarray:
-        return np.concatenate([index.classify(embed_invariant(layers, images[i:i + args.batch]), m=3, k=5).labels
+        return np.concatenate([index.classify(embed_invariant(layers, images[i:i + args.batch])).labels
                                for i in range(0, len(images), args.batch)])
 
     def certified(**kw) -> Callable[[], object]:

@@ -17,9 +17,10 @@ import time
 import numpy as np
 import torch
 
-from dundi.inference import forward_batched
-from dundi.models import build_distance_net, build_native
-from dundi.oracle import OracleIndex
+from dundi.nets.inference import forward_batched
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         forward_batched(native, images, args.batch).argmax(1)
 
     def run_dundi() -> None:
-        index.classify(forward_batched(dundi, images, args.batch), n=20, m=3, k=5)
+        index.classify(forward_batched(dundi, images, args.batch), TwoStepRule(20, 3, 5))
 
     run_native(), run_dundi()  # warm-up
     rates: dict[str, list[float]] = {"native": [], "dundi": []}

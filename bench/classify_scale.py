@@ -28,10 +28,12 @@ import time
 import faiss
 import numpy as np
 
-from dundi.oracle import OracleIndex
-from dundi.oracle_search import top_k
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.rule.search import top_k
 
 N, M, K, DIM = 20, 3, 5, 128
+RULE = TwoStepRule(N, M, K)
 CLASS_CHUNK = 20_000  # classes generated / scanned at a time: bounds temporaries
 
 
@@ -94,9 +96,9 @@ def one(classes: int, n_queries: int, noise: float, flat_queries: int, nprobe: i
     oracles, queries, truth = synthetic(classes, n_queries, noise)
     t0 = time.perf_counter()
     index = OracleIndex(oracles, classes, nprobe=nprobe)
-    index.classify(queries[:8], N, M, K)  # builds step 1's structure where it has one
+    index.classify(queries[:8], RULE)  # builds step 1's structure where it has one
     build = time.perf_counter() - t0
-    qps_two, two = rate(lambda: index.classify(queries, N, M, K).labels, n_queries)
+    qps_two, two = rate(lambda: index.classify(queries, RULE).labels, n_queries)
     nf = min(n_queries, flat_queries)
     qps_flat, ref = rate(lambda: flat(oracles, classes, queries[:nf]), nf)
     rule = flat(oracles, classes, queries[:nf], exact_rule=True)[1]

@@ -6,7 +6,7 @@ HNSW (M=32, efSearch=128): queries/s and recall of the exact step-1 winner (the 
 the best coarse sum over all classes). Step 2 (score the k = 5 kept classes over their n = 20
 oracles): FAISS IVF with one inverted list per class searched with
 ``faiss.contrib.ivf_tools.search_preassigned`` on exactly the k lists, vs reading the kept
-classes' contiguous rows directly (dundi.oracle_search.gathered): queries/s. Same synthetic
+classes' contiguous rows directly (dundi.rule.search.gathered): queries/s. Same synthetic
 oracles as bench/classify_scale.py.
 
     python bench/classify_structures.py [--classes 100000] [--queries 2000]
@@ -19,10 +19,10 @@ import time
 
 import faiss
 import numpy as np
+from classify_scale import DIM, K, M, N, synthetic
 from faiss.contrib.ivf_tools import add_preassigned, search_preassigned
 
-from classify_scale import DIM, K, M, N, synthetic
-from dundi.oracle_search import gathered
+from dundi.rule.search import gathered
 
 
 def timed(fn):

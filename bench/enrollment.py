@@ -8,7 +8,7 @@ classes (the 8 it was trained on), new classes (the 2 enrolled) and all. Both si
 computed in this one run and printed side by side as a Markdown table (and JSON with --json).
 
 With --certified, every certified DunDi model is certified on the whole test split at L∞ eps
-0.1, 0.2 and 0.3 (dundi.certificate, the deployed n, m, k), split into old and new classes.
+0.1, 0.2 and 0.3 (dundi.robustness.certificate, the deployed n, m, k), split into old and new classes.
 
 With --robust, every DunDi-AT model of the table is also attacked on the whole test split by
 `dundi evaluate --threat adaptive --attacks pgd --eps 0.3` (white-box on the two-step rule as
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dundi.artifacts import Run
 from dundi.data import load_split
-from dundi.enrollment import add_class, dataset_images
-from dundi.pipeline import run_rows
+from dundi.run.directory import Run
+from dundi.run.enrollment import add_class, dataset_images
+from dundi.run.pipeline import run_rows
 
 PAIRS = (  # name, 8-class run, 10-class twin (in --runs; "at10"/"cert10": the flag's run)
     ("mnist-10k DunDi_R", "mnist-R8", "mnist-R10"),
@@ -121,7 +121,7 @@ def oracle_spread(run: Run) -> list[float]:
 
 def run_label_of(run: Run, dataset_classes: list[int]) -> list[int]:
     """The run's labels of these dataset classes (those it holds)."""
-    from dundi.artifacts import dataset_classes_of
+    from dundi.run.directory import dataset_classes_of
 
     held = dataset_classes_of(run.meta, run.oracle.meta) or list(range(run.oracle.num_classes))
     return [held.index(c) for c in dataset_classes if c in held]

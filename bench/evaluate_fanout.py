@@ -1,7 +1,7 @@
 """Adversarial evaluation on W Ray worker actors vs the same evaluation in one process:
 same runs, same shards, same rows; the speed-up printed as a ratio, Ray's start-up included.
 
-One process: :func:`dundi.evaluate.evaluate_local`, with one torch thread (its default) and
+One process: :func:`dundi.evaluation.evaluate.evaluate_local`, with one torch thread (its default) and
 with torch's default thread count. Ray: :func:`dundi.distributed.evaluate_job.evaluate_on_ray`
 with ``--workers`` actors of one CPU (one torch thread) each; every Ray round starts a local
 Ray, starts the actors, evaluates and stops Ray again, and all of that is on its clock. Ray's
@@ -38,8 +38,8 @@ from pathlib import Path
 
 
 def train_runs(root: Path) -> tuple[str, str]:
-    from dundi.pipeline import build_index, train_dundi_run, train_native_run
-    from dundi.train import TrainConfig
+    from dundi.run.pipeline import build_index, train_dundi_run, train_native_run
+    from dundi.training.config import TrainConfig
 
     native = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000)
     dundi = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000, tuples=6000)
@@ -97,8 +97,8 @@ def main() -> None:
     import torch
 
     from dundi.distributed.evaluate_job import evaluate_on_ray
-    from dundi.evaluate import EvalConfig, evaluate_local
-    from dundi.results import read_results
+    from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+    from dundi.evaluation.results import read_results
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
     run, native = (args.run, args.native) if args.run else train_runs(tmp / "runs")

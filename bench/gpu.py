@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from dundi.attacks.apgd import APGD
-from dundi.classify import TwoStepScorer
 from dundi.data import load_split
-from dundi.inference import forward_batched
-from dundi.oracle import OracleIndex
-from dundi.pipeline import new_distance_net
-from dundi.train import TrainConfig
-from dundi.training_loop import Worker, train_epochs
+from dundi.nets.inference import forward_batched
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import TwoStepScorer
+from dundi.run.pipeline import new_distance_net
+from dundi.training.config import TrainConfig
+from dundi.training.loop import Worker, train_epochs
 
 
 def train_rate(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[float, torch.nn.Module]:
@@ -44,7 +45,7 @@ def train_rate(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.dev
 def attack_rate(model: torch.nn.Module, oracles: torch.Tensor, x: np.ndarray, y: np.ndarray, steps: int,
                 device: torch.device) -> tuple[float, float]:
     """Images/s of APGD-DLR on the exact two-step stand-in (n, m=3, k=5) and its robust accuracy."""
-    scorer = TwoStepScorer(model.to(device), oracles.to(device), m=3, k=5).eval()
+    scorer = TwoStepScorer(model.to(device), oracles.to(device), TwoStepRule().resolved(oracles.shape[1], "euclidean")).eval()
     attack = APGD(scorer, eps=0.3, steps=steps, loss="dlr", seed=0)
     xt, yt = torch.as_tensor(x[:32]), torch.as_tensor(y[:32])
     attack.run(xt, yt)  # warm-up (kernels, allocator)

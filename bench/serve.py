@@ -54,8 +54,8 @@ def free_port() -> int:
 
 
 def small_run(out: Path, data_dir: str | None) -> Path:
-    from dundi.pipeline import build_index, train_dundi_run
-    from dundi.train import TrainConfig
+    from dundi.run.pipeline import build_index, train_dundi_run
+    from dundi.training.config import TrainConfig
 
     cfg = TrainConfig("mnist-10k", "lenet5", epochs=2, limit=3000, tuples=6000)
     train_dundi_run(cfg, out, None, data_dir, progress=False, log=lambda s: None)
@@ -308,8 +308,8 @@ def main() -> None:
     args.serve_args = [] if args.abstain else ["--abstain-threshold", "none"]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve.py: stopped by SIGTERM"))  # servers stop too
 
-    from dundi.artifacts import Run
     from dundi.data import load_split
+    from dundi.run.directory import Run
 
     tmp = tempfile.TemporaryDirectory()
     run = Path(args.run) if args.run else small_run(Path(tmp.name) / "dundi", args.data_dir)

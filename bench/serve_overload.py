@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import (free_port, load, load_average, requests_for, small_run, start, stop,  # noqa: E402
-                   wait_ready)
+from serve import free_port, load, load_average, requests_for, small_run, start, stop, wait_ready  # noqa: E402
 
 MAX_CONNECTIONS = 1000  # open connections of the load generator at most (file descriptors)
 
@@ -210,8 +209,8 @@ def main() -> None:
     args.serve_args = ["--abstain-threshold", "none"]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve_overload.py: stopped by SIGTERM"))
 
-    from dundi.artifacts import Run
     from dundi.data import load_split
+    from dundi.run.directory import Run
 
     tmp = tempfile.TemporaryDirectory()
     run = Path(args.run) if args.run else small_run(Path(tmp.name) / "dundi", args.data_dir)

@@ -31,9 +31,16 @@ import numpy as np
 import torch
 
 from dundi.data import load_split
-from dundi.pipeline import new_distance_net
-from dundi.train import (TrainConfig, epoch_tuples, make_optimizer, make_tuples, run_triplet_epoch,
-                         split_train_val, triplet_batch_loss)
+from dundi.run.pipeline import new_distance_net
+from dundi.training.config import TrainConfig
+from dundi.training.passes import (
+    epoch_tuples,
+    make_optimizer,
+    make_tuples,
+    run_triplet_epoch,
+    split_train_val,
+    triplet_batch_loss,
+)
 
 
 class LocalLoop:

@@ -46,8 +46,8 @@ def ray_local():
 def mnist_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     """A small native LeNet-5 and a DunDi_R run on a real mnist-10k slice, with an oracle
     index of n=10: the shared subject of classify, serve and evaluation tests (~10 s)."""
-    from dundi.pipeline import build_index, train_dundi_run, train_native_run
-    from dundi.train import TrainConfig
+    from dundi.run.pipeline import build_index, train_dundi_run, train_native_run
+    from dundi.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("runs")
     native = TrainConfig("mnist-10k", "lenet5", epochs=4, batch_size=64, limit=3000)
@@ -62,8 +62,8 @@ def mnist_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
 def certified_run(tmp_path_factory, data_dir) -> Path:
     """A small certified DunDi run (cnn-ibp, interval-bound training at eps 0.1, squared
     Euclidean rule) on a real mnist-10k slice, with an oracle index of n=10 (~30 s)."""
-    from dundi.pipeline import build_index, train_dundi_run
-    from dundi.train import TrainConfig
+    from dundi.run.pipeline import build_index, train_dundi_run
+    from dundi.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "certified"
     # a gentle schedule: with 1 clean epoch and a 3-epoch ramp this slice collapsed to chance

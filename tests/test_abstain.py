@@ -3,17 +3,24 @@ the index, served by default, and flagging inputs that are plainly not digits.""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 
 import numpy as np
 import pytest
 
-from dundi.artifacts import index_sha256
 from dundi.errors import DundiError
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import index_sha256
 from dundi.serving import ModelConfig, RequestError
-from dundi.serving.abstain import (SIGNALS, abstain_flags, abstain_settings, calibrate_rule,
-                                   held_out_images, signal_values, stored_calibration)
+from dundi.serving.abstain import (
+    SIGNALS,
+    abstain_flags,
+    abstain_settings,
+    calibrate_rule,
+    held_out_images,
+    signal_values,
+    stored_calibration,
+)
 from dundi.serving.model import LoadedModel
 
 
@@ -32,7 +39,7 @@ def model(mnist_runs):
 
 @pytest.fixture(scope="module")
 def held_out(model, data_dir):
-    images, labels, source = held_out_images(model, data_dir, limit=600)
+    images, labels, source = held_out_images(model.run, data_dir, limit=600)
     assert "validation part" in source  # never the test split
     return images, labels
 
@@ -54,7 +61,7 @@ def test_calibration_abstains_on_the_stated_share_of_its_own_data(model, held_ou
     assert sum(cal["depth"].values()) >= 1
     # independently: the rule is "any signal beyond its threshold", signal by signal
     emb = model.run.embed(images)
-    nearest = model.run.oracle.classify(emb, n=model.n, m=3, k=5).nearest_distance
+    nearest = model.run.oracle.classify(emb, TwoStepRule(model.rule.n, 3, 5)).nearest_distance
     values = signal_values(images, emb, nearest)
     th = cal["thresholds"]
     by_hand = ((values["abstain_threshold"] > th["abstain_threshold"])
@@ -89,46 +96,42 @@ def test_flags_follow_each_signal_direction():
     assert abstain_flags(values, {"abstain_threshold": None, "abstain_min_norm": None}).tolist() == [False] * 3
 
 
-def _args(**kw) -> argparse.Namespace:
-    base = {"abstain_threshold": None, "false_abstain": None, "data_dir": None, "calibration_limit": 600}
-    return argparse.Namespace(**{**base, **kw})
-
-
-def test_index_calibrate_stores_the_rule_and_serve_uses_it_by_default(run_copy, data_dir, capsys):
-    from dundi.artifacts import read_meta
+def test_index_calibrate_stores_the_rule_and_serve_uses_it_by_default(run_copy, data_dir):
     from dundi.cli.main import main
-    from dundi.cli.serve_cmds import loaded_model
+    from dundi.serving.abstain import served_model
+    from dundi.run.directory import read_meta
 
     assert main(["index", "calibrate", str(run_copy), "--false-abstain", "0.02", "--limit", "600",
                  "--data-dir", data_dir, "--json"]) == 0
     meta = read_meta(run_copy)
     sha = index_sha256(meta)
-    stored = stored_calibration(meta, 10, 3, 5, sha)
+    stored = stored_calibration(meta, TwoStepRule(10, 3, 5), sha)
     assert stored and stored["rate"] == 0.02 and stored["abstain_rate"] <= 0.02
     assert "validation part" in stored["source"]
-    assert stored_calibration(meta, 10, 3, 4, sha) is None  # other k: other distances
-    assert stored_calibration(meta, 10, 3, 5, "another index") is None
-    config, _ = loaded_model(str(run_copy), None, 3, 5, _args(data_dir=data_dir))
+    assert stored_calibration(meta, TwoStepRule(10, 3, 4), sha) is None  # other k: other distances
+    assert stored_calibration(meta, TwoStepRule(10, 3, 5), "another index") is None
+    rule = TwoStepRule(m=3, k=5)
+    config, _, how = served_model(str(run_copy), rule, data_dir=data_dir, limit=600)
     assert {f: getattr(config, f) for f in SIGNALS} == stored["thresholds"]
-    assert "dundi index calibrate" in capsys.readouterr().err
-    config, model = loaded_model(str(run_copy), None, 3, 5, _args(abstain_threshold="none"))
+    assert "dundi index calibrate" in how
+    config, model, _ = served_model(str(run_copy), rule, abstain_threshold="none")
     assert all(getattr(config, f) is None for f in SIGNALS)
-    config, _ = loaded_model(str(run_copy), None, 3, 5, _args(abstain_threshold=2.5))
+    config, _, _ = served_model(str(run_copy), rule, abstain_threshold=2.5)
     assert config.abstain_threshold == 2.5 and config.abstain_min_norm is None
 
 
 def test_rebuilding_the_index_drops_the_stored_rule(run_copy, data_dir):
-    from dundi.artifacts import read_meta
     from dundi.cli.main import main
-    from dundi.pipeline import build_index
+    from dundi.run.directory import read_meta
+    from dundi.run.pipeline import build_index
 
     assert main(["index", "calibrate", str(run_copy), "--limit", "300", "--data-dir", data_dir]) == 0
     before = read_meta(run_copy)
-    assert stored_calibration(before, 10, 3, 5, index_sha256(before))
+    assert stored_calibration(before, TwoStepRule(10, 3, 5), index_sha256(before))
     build_index(run_copy, n=10, seed=1, data_dir=data_dir)
     after = read_meta(run_copy)
-    assert stored_calibration(after, 10, 3, 5, index_sha256(after)) is None
-    assert stored_calibration(after, 10, 3, 5, index_sha256(before)) is None
+    assert stored_calibration(after, TwoStepRule(10, 3, 5), index_sha256(after)) is None
+    assert stored_calibration(after, TwoStepRule(10, 3, 5), index_sha256(before)) is None
     model = LoadedModel(ModelConfig(str(run_copy)))
     fields, how = abstain_settings(model, None, data_dir=data_dir, limit=300)
     assert "calibrated now" in how and fields["abstain_threshold"] is not None
@@ -160,7 +163,7 @@ def test_a_run_without_a_validation_part_is_refused_not_calibrated_on_test(run_c
     (run_copy / "run.json").write_text(json.dumps(meta))
     model = LoadedModel(ModelConfig(str(run_copy)))
     with pytest.raises(DundiError, match="--val-fraction 0.1, or serve with --abstain-threshold none"):
-        held_out_images(model, data_dir)
+        held_out_images(model.run, data_dir)
     fields, _ = abstain_settings(model, "none")
     assert all(v is None for v in fields.values())
 

@@ -3,16 +3,22 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
-import pytest
-
-from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_classes, adversarial_inputs_ce,
-                               class_prototypes, pgd_maximise, prototype_margin)
-from dundi.loss import triplet_loss, tuple_distances
-from dundi.models import build_distance_net, build_native
-from dundi.train import TrainConfig, epoch_config, triplet_batch_loss
-from dundi.tuples import sample_tuples
+from dundi.nets.models import build_distance_net, build_native
+from dundi.training.adversarial import (
+    adversarial_anchors,
+    adversarial_anchors_to_classes,
+    adversarial_inputs_ce,
+    class_prototypes,
+    pgd_maximise,
+    prototype_margin,
+)
+from dundi.training.config import TrainConfig
+from dundi.training.losses import triplet_loss, tuple_distances
+from dundi.training.passes import epoch_config, triplet_batch_loss
+from dundi.training.tuples import sample_tuples
 
 SHAPE = (1, 28, 28)
 

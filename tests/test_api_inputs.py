@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.artifacts import Run, save_model, save_oracle, validate_images
 from dundi.errors import DundiError
-from dundi.models import build_distance_net, build_native
-from dundi.oracle import OracleIndex
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run, save_model, save_oracle, validate_images
 
 SHAPE = (1, 28, 28)
 
@@ -52,7 +53,7 @@ def _images(path: Path) -> np.ndarray:
 def test_oracle_images_classify_as_their_class(dundi_run):
     run = Run.load(dundi_run)
     x = _images(dundi_run)
-    res = run.classify(x, n=1, m=1, k=10)
+    res = run.classify(x, TwoStepRule(1, 1, 10))
     # with n = 1 the first oracle of each class (image 2c) is nearest to itself
     np.testing.assert_array_equal(res.labels[::2], np.arange(10))
     np.testing.assert_allclose(res.nearest_distance[::2], 0, atol=1e-3)
@@ -62,9 +63,9 @@ def test_oracle_images_classify_as_their_class(dundi_run):
 def test_a_single_image_is_accepted_in_every_layout(dundi_run, layout):
     run = Run.load(dundi_run)
     x = _images(dundi_run)
-    expected = run.classify(x[4:5], n=1, m=1, k=10)
+    expected = run.classify(x[4:5], TwoStepRule(1, 1, 10))
     image = {"(H, W)": x[4, 0], "(1, H, W)": x[4], "(1, 1, H, W)": x[4:5]}[layout]
-    got = run.classify(image, n=1, m=1, k=10)
+    got = run.classify(image, TwoStepRule(1, 1, 10))
     assert got.labels.shape == (1,)
     np.testing.assert_array_equal(got.labels, expected.labels)
     np.testing.assert_allclose(got.fine_scores, expected.fine_scores)
@@ -118,15 +119,15 @@ def test_bad_parameters_are_refused(dundi_run, native_run):
     run = Run.load(dundi_run)
     x = _images(dundi_run)
     with pytest.raises(DundiError, match="n=3 is out of range"):
-        run.classify(x, n=3)
+        run.classify(x, TwoStepRule(n=3))
     with pytest.raises(DundiError, match="k=11 must be between 1 and the number of classes"):
-        run.classify(x, k=11)
+        run.classify(x, TwoStepRule(k=11))
     with pytest.raises(DundiError, match="batch_size=0"):
         run.classify(x, batch_size=0)
     with pytest.raises(DundiError, match="native run: it has no oracles"):
-        Run.load(native_run).classify(x, n=1)
+        Run.load(native_run).classify(x, TwoStepRule(n=1))
     with pytest.raises(DundiError, match="k=0 must be between 1"):
-        Run.load(native_run).classify(x, k=0)
+        Run.load(native_run).classify(x, TwoStepRule(k=0))
     with pytest.raises(DundiError, match="loaded without its oracle index"):
         Run.load(dundi_run, with_oracle=False).classify(x)
 
@@ -135,7 +136,7 @@ def test_default_m_follows_n(dundi_run):
     """m defaults to min(3, n), so n = 1 (Table 1) needs no m."""
     run = Run.load(dundi_run)
     x = _images(dundi_run)
-    np.testing.assert_array_equal(run.classify(x, n=1).labels, run.classify(x, n=1, m=1).labels)
+    np.testing.assert_array_equal(run.classify(x, TwoStepRule(n=1)).labels, run.classify(x, TwoStepRule(n=1, m=1)).labels)
 
 
 def test_native_runs_classify_by_argmax_of_logits(native_run):
@@ -143,7 +144,7 @@ def test_native_runs_classify_by_argmax_of_logits(native_run):
     x = np.random.default_rng(0).random((12, 1, 28, 28), dtype=np.float32)
     with torch.no_grad():
         logits = run.model(torch.from_numpy(x)).numpy()
-    res = run.classify(x, k=3)
+    res = run.classify(x, TwoStepRule(k=3))
     np.testing.assert_array_equal(res.labels, logits.argmax(1))
     assert res.topk_classes.shape == (12, 3)
     np.testing.assert_array_equal(res.topk_classes[:, 0], res.labels)

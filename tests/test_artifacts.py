@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.artifacts import Run, load_model, load_oracle, read_meta, save_model, save_oracle
 from dundi.errors import DundiError
-from dundi.models import build_distance_net, build_native
-from dundi.oracle import OracleIndex
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run, load_model, load_oracle, read_meta, save_model, save_oracle
 
 SHAPE = (1, 28, 28)
 
@@ -34,7 +35,7 @@ def test_round_trip_gives_the_same_model_and_predictions(tmp_path, mode):
     for a, b in zip(model.state_dict().values(), run.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # oracle 0 of class c is the embedding of x[3c]: with n = 1 each such image is its own class
-    res = run.classify(x[::3].numpy(), n=1, m=1, k=10)
+    res = run.classify(x[::3].numpy(), TwoStepRule(1, 1, 10))
     np.testing.assert_array_equal(res.labels, np.arange(10))
     np.testing.assert_allclose(res.nearest_distance, 0, atol=1e-3)
 

@@ -16,9 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dundi.attacks import (BIM, BIMA, BIMB, FGSM, JSMA, PGD, AttackCheckWarning,
-                           AttackResult, DeepFool, Square, check_black_box_vs_white_box, check_gradients,
-                           check_outputs, make_attack, run_checks)
+from dundi.attacks import (
+    BIM,
+    BIMA,
+    BIMB,
+    FGSM,
+    JSMA,
+    PGD,
+    AttackCheckWarning,
+    AttackResult,
+    DeepFool,
+    Square,
+    check_black_box_vs_white_box,
+    check_gradients,
+    check_outputs,
+    make_attack,
+    run_checks,
+)
 from dundi.attacks.jsma import best_pixel_pairs
 
 K = 10

@@ -7,16 +7,15 @@ are compared on what they must share.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from dundi.attacks import BIMB, FGSM, JSMA, PGD, DeepFool, Square
 
 try:
-    from test_attacks import K, accuracy, one_thread, trained, subject, ta  # noqa: F401  (one_thread: autouse fixture)
+    from test_attacks import K, accuracy, one_thread, subject, ta, trained  # noqa: F401  (one_thread: autouse fixture)
 except ImportError:  # collected as part of a package
-    from tests.test_attacks import K, accuracy, one_thread, trained, subject, ta  # noqa: F401
+    from tests.test_attacks import K, accuracy, one_thread, subject, ta, trained  # noqa: F401
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,9 +13,9 @@ import torch
 from dundi.attacks import APGD, APGDT, FABT, AutoAttack, make_attack
 
 try:
-    from test_attacks import K, one_thread, trained, subject, ta  # noqa: F401  (one_thread: autouse fixture)
+    from test_attacks import K, one_thread, subject, ta, trained  # noqa: F401  (one_thread: autouse fixture)
 except ImportError:  # collected as part of a package
-    from tests.test_attacks import K, one_thread, trained, subject, ta  # noqa: F401
+    from tests.test_attacks import K, one_thread, subject, ta, trained  # noqa: F401
 
 TOL = 2  # samples of 32
 

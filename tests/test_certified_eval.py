@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dundi.artifacts import Run
-from dundi.certified_eval import CERTIFIED_FILE, check_certificates
 from dundi.data import load_split
 from dundi.errors import DundiError
-from dundi.pipeline import certify_split
+from dundi.evaluation.certified_eval import CERTIFIED_FILE, check_certificates
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run
+from dundi.run.pipeline import certify_split
 
 pytestmark = [pytest.mark.realdata]
 
@@ -26,8 +27,7 @@ def _dundi(*args):
 
 
 def test_certify_split_counts_only_correct_certified_answers(certified_run, data_dir):
-    figures = certify_split(certified_run, eps=[0.01, 0.05, 0.1], n=10, m=3, k=5, data_dir=data_dir,
-                            limit=300)
+    figures = certify_split(certified_run, eps=[0.01, 0.05, 0.1], rule=TwoStepRule(n=10, m=3, k=5), data_dir=data_dir, limit=300)
     acc = figures["certified_accuracy"]
     assert figures["metric"] == "sqeuclidean" and figures["count"] == 300
     assert figures["clean_accuracy"] > 0.5
@@ -37,7 +37,7 @@ def test_certify_split_counts_only_correct_certified_answers(certified_run, data
     # the same figure from the certifier directly, image by image
     run = Run.load(certified_run)
     x, y, _ = load_split("mnist-10k", "test", data_dir, limit=300)
-    ok = run.certifier(10, 3, 5).certified_at(torch.from_numpy(x), torch.from_numpy(y), 0.05)
+    ok = run.certifier(TwoStepRule(10, 3, 5)).certified_at(torch.from_numpy(x), torch.from_numpy(y), 0.05)
     assert float(ok.float().mean()) == pytest.approx(acc["0.05"])
 
 
@@ -66,7 +66,7 @@ def test_evaluation_certificates_are_never_flipped_by_attacks(certified_run, dat
     assert table.num_rows == 96 and (table.column("radius").to_numpy() >= 0).all()
 
     # A row that shows a certified sample misclassified must fail the evaluation loudly.
-    from dundi.results import read_results
+    from dundi.evaluation.results import read_results
 
     rows = read_results(out)
     certified_ids = table.column("sample_id").to_numpy()[table.column("certified@0.02").to_numpy()]
@@ -80,15 +80,15 @@ def test_evaluation_certificates_are_never_flipped_by_attacks(certified_run, dat
 
 
 def test_classify_gives_per_image_radii_that_hold(certified_run, data_dir):
-    from dundi.pipeline import classify_split
+    from dundi.run.pipeline import classify_split
 
-    figures = classify_split(certified_run, n=10, m=3, k=5, data_dir=data_dir, limit=50, radii=True)
+    figures = classify_split(certified_run, TwoStepRule(10, 3, 5), data_dir=data_dir, limit=50, radii=True)
     radius = np.array(figures["certified_radius"])
     labels = np.array(figures["labels"])
     assert len(radius) == len(labels) == 50 and (radius > 0).any()
     run = Run.load(certified_run)
     x, _, _ = load_split("mnist-10k", "test", data_dir, limit=50)
-    cert = run.certifier(10, 3, 5)
+    cert = run.certifier(TwoStepRule(10, 3, 5))
     inside = radius > 0
     # each reported radius is certified for the answered label (rounded down to 6 decimals)
     assert cert.certified_at(torch.from_numpy(x[inside]), torch.from_numpy(labels[inside]),

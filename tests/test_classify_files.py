@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dundi.artifacts import Run
 from dundi.cli.main import main
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run
 
 DUNDI = [sys.executable, "-m", "dundi"]
 
@@ -44,7 +45,7 @@ def test_answers_match_the_python_api_for_the_same_pixels(mnist_runs, digits, ca
     rows = _jsonl(capsys, ["classify", str(mnist_runs["dundi"]), str(folder), "--format", "jsonl",
                            "--abstain-threshold", "none"])
     assert [r["file"].rsplit("/", 1)[1] for r in rows] == [f"d{i:02d}.png" for i in range(12)] + ["noise.png"]
-    ref = Run.load(mnist_runs["dundi"]).classify(np.concatenate([x, noise]), m=3, k=5)
+    ref = Run.load(mnist_runs["dundi"]).classify(np.concatenate([x, noise]), TwoStepRule(m=3, k=5))
     assert [r["label"] for r in rows] == ref.labels.tolist()
     assert [r["topk_classes"] for r in rows] == ref.topk_classes.tolist()
     np.testing.assert_allclose([r["topk_scores"] for r in rows], ref.fine_scores, rtol=1e-5)
@@ -85,8 +86,8 @@ def test_table_csv_and_parquet_say_the_same(mnist_runs, digits, capsys, tmp_path
 
 
 def test_the_parser_offers_every_output_format():
-    from dundi.answers import FORMATS
-    from dundi.cli.choices import CLASSIFY_FORMATS
+    from dundi.cli.flag_values import CLASSIFY_FORMATS
+    from dundi.serving.answers import FORMATS
 
     assert CLASSIFY_FORMATS == FORMATS
 

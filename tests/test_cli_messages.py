@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.artifacts import Run, save_model, save_oracle
 from dundi.cli.main import DefaultsHelpFormatter, VersionAction, build_parser, main, package_version
 from dundi.errors import DundiError
-from dundi.models import build_distance_net, build_native
-from dundi.oracle import OracleIndex
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run, save_model, save_oracle
 
 SHAPE = (1, 28, 28)
 
@@ -58,11 +59,11 @@ def test_classify_limit_0_is_refused_as_a_limit(capsys):
 def test_n_0_does_not_advise_more_oracles():
     index = OracleIndex(np.zeros((20, 4), np.float32), 10)
     with pytest.raises(DundiError) as exc:
-        index.check_params(0, 1, 1)
+        index.resolve(TwoStepRule(n=0, m=1, k=1))
     assert "at least 1" in str(exc.value) and "rebuild" not in str(exc.value)
     with pytest.raises(DundiError,
                        match=r"use n <= 2, or rebuild the index with more \(`dundi index build RUN --oracles 5`\)"):
-        index.check_params(5, 1, 1)
+        index.resolve(TwoStepRule(5, 1, 1))
 
 
 def test_truncated_index_names_the_command_that_rebuilds_it(tmp_path):
@@ -77,7 +78,7 @@ def test_truncated_index_names_the_command_that_rebuilds_it(tmp_path):
 
 
 def test_evaluate_on_a_missing_run_says_the_run_is_missing(tmp_path):
-    from dundi.evaluate import EvalConfig, prepare
+    from dundi.evaluation.evaluate import EvalConfig, prepare
 
     with pytest.raises(DundiError) as exc:
         prepare(EvalConfig(run=str(tmp_path / "nope")), tmp_path / "eval")  # transfer, no --native
@@ -148,15 +149,15 @@ def test_help_renders_for_every_command():
 
 
 def test_parser_choices_and_defaults_mirror_the_modules_that_define_them():
-    """dundi.cli.choices keeps torch out of the parser; it must never drift from the source."""
+    """dundi.cli.flag_values keeps torch out of the parser; it must never drift from the source."""
     import dataclasses
 
-    from dundi.cli import choices
+    from dundi.cli import flag_values as choices
     from dundi.data.specs import DATASETS, SPLITS
-    from dundi.loss import LOSSES
-    from dundi.models import ARCHITECTURES
-    from dundi.oracle import METRICS
-    from dundi.train import ADV_LOSSES, ADV_TARGETS, MINING, TrainConfig
+    from dundi.nets.models import ARCHITECTURES
+    from dundi.rule.index import METRICS
+    from dundi.training.config import ADV_LOSSES, ADV_TARGETS, MINING, TrainConfig
+    from dundi.training.losses import LOSSES
 
     assert choices.DATASETS == tuple(DATASETS) and choices.SPLITS == tuple(SPLITS)
     assert choices.ARCHITECTURES == tuple(ARCHITECTURES)

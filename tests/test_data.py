@@ -27,14 +27,19 @@ from dundi.data import (
     DataFormatError,
     DatasetUnavailable,
     SourceOptions,
+    cache,
     cache_info,
+    download,
     fetch,
     load_split,
+    mnist10k,
     read_shards,
+    registry,
     resolve_data_dir,
     shard_paths,
+    shards,
+    sources,
 )
-from dundi.data import cache, download, mnist10k, registry, shards, sources
 from dundi.data.formats import (
     parse_cifar_batch,
     parse_cifar_binary,

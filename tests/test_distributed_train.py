@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dundi.errors import DundiError
-from dundi.train import TrainConfig
+from dundi.training.config import TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.realdata, pytest.mark.slow]
 
@@ -46,9 +46,9 @@ def options(data_dir, **kw):
 
 
 def test_two_workers_converge_write_a_run_and_resume_by_name(ray_local, tmp_path, data_dir):
-    from dundi.artifacts import Run
     from dundi.distributed.train_job import run_ray_training
-    from dundi.pipeline import classify_split
+    from dundi.run.directory import Run
+    from dundi.run.pipeline import classify_split
 
     out = tmp_path / "two"
     meta = run_ray_training("dundi", small_cfg(), out, options(data_dir, workers=2))
@@ -85,9 +85,9 @@ def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_
     one CPU thread, so the local loop does too (thread count changes float summation order).
     DunDi-AT (adversarial anchors, budget warm-up) and certified training (class-balanced
     batches, interval bounds, eps schedule) go through the same epoch code."""
-    from dundi.artifacts import load_model, read_meta
     from dundi.distributed.train_job import run_ray_training
-    from dundi.pipeline import build_index, train_dundi_run
+    from dundi.run.directory import load_model, read_meta
+    from dundi.run.pipeline import build_index, train_dundi_run
 
     cfg = small_cfg(**extra)
     threads = torch.get_num_threads()
@@ -181,7 +181,7 @@ import json, sys
 from ray.cluster_utils import Cluster
 from dundi.distributed.ray_init import init_ray
 from dundi.distributed.train_job import RayOptions, run_ray_training
-from dundi.train import TrainConfig
+from dundi.training.config import TrainConfig
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 cluster.add_node(num_cpus=1)
@@ -202,7 +202,7 @@ finally:
 def test_two_node_cluster(tmp_path, data_dir):
     """A real 2-node cluster (ray.cluster_utils.Cluster, one CPU per node), in a subprocess so
     it does not meet the session's local Ray."""
-    from dundi.artifacts import Run
+    from dundi.run.directory import Run
 
     out = tmp_path / "twonode"
     proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(out), data_dir],
@@ -217,8 +217,8 @@ def test_two_node_cluster(tmp_path, data_dir):
 
 
 def test_train_native_cli_on_two_workers(ray_local, tmp_path, data_dir, capsys):
-    from dundi.artifacts import Run
     from dundi.cli.main import main
+    from dundi.run.directory import Run
 
     out = tmp_path / "native"
     code = main(["train-native", "--workers", "2", "--epochs", "1", "--out", str(out), "--json",
@@ -255,13 +255,13 @@ def test_bad_input_fails_fast_with_a_message(tmp_path, data_dir):
 
 
 def test_a_run_name_refuses_a_different_experiment(tmp_path):
-    """The one resume rule (dundi.training_loop.resume_conflicts) guards a Ray run name: any
+    """The one resume rule (dundi.training.loop.resume_conflicts) guards a Ray run name: any
     changed setting -- the worker count included -- is refused, naming the change; epochs may
     change except for certified training, whose learning-rate schedule is placed by them."""
     import dataclasses
 
     from dundi.distributed.train_job import _check_descriptor
-    from dundi.training_loop import resume_state
+    from dundi.training.loop import resume_state
 
     storage = str(tmp_path)
     desc = resume_state("dundi", small_cfg(), 2)
@@ -291,8 +291,8 @@ def test_cli_with_an_unreachable_address_exits_with_a_message(tmp_path, data_dir
 
 
 def test_checkpoints_round_trip_optimizer_and_rng_state(tmp_path):
-    from dundi.checkpoint import read_checkpoint, write_checkpoint
-    from dundi.models import build_distance_net
+    from dundi.nets.models import build_distance_net
+    from dundi.training.checkpoint import read_checkpoint, write_checkpoint
 
     torch.manual_seed(0)
     model = build_distance_net("lenet1", (1, 28, 28), 16)

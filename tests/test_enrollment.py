@@ -1,4 +1,4 @@
-"""Enrolling and removing classes (dundi.enrollment, `dundi index add|remove|list`): the
+"""Enrolling and removing classes (dundi.run.enrollment, `dundi index add|remove|list`): the
 oracles stored are the model's embeddings of the images the seeded rule picks, a round trip
 restores the index, every change is a new index version committed atomically, refusals are
 one line, and class names reach every answer."""
@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dundi.artifacts import (Run, index_versions, read_meta, save_model, save_oracle, validate_images)
 from dundi.cli.main import main
-from dundi.enrollment import add_class, list_classes, remove_class
 from dundi.errors import DundiError
-from dundi.models import build_distance_net
-from dundi.oracle import OracleIndex
+from dundi.nets.models import build_distance_net
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run, index_versions, read_meta, save_model, save_oracle, validate_images
+from dundi.run.enrollment import add_class, list_classes, remove_class
 
 SHAPE = (1, 28, 28)
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Sandal"]   # fashion-mnist classes 0, 1, 2, 5
@@ -72,7 +73,7 @@ def test_enrolled_oracles_are_the_embeddings_of_the_seeded_pick(tmp_path):
     assert run.oracle.class_counts().tolist() == [5, 5, 5, 5, 5]
     np.testing.assert_allclose(run.oracle.class_oracles(4), _embed(model, images[pick]), atol=1e-5)
     # an enrolled image is its own class's first oracle: with n = m = 1 it is answered as it
-    answer = run.classify(images[pick[:1]], n=1, m=1, k=5)
+    answer = run.classify(images[pick[:1]], TwoStepRule(1, 1, 5))
     assert run.class_names[answer.labels[0]] == "boot" and answer.nearest_distance[0] < 1e-3
 
 
@@ -90,7 +91,7 @@ def test_add_remove_list_round_trip_through_the_cli(tmp_path, capsys):
     run_dir, _ = _run(tmp_path)
     before = Run.load(run_dir)
     queries = _images(30, seed=4)
-    answers_before = before.classify(queries, n=5, m=3, k=3)
+    answers_before = before.classify(queries, TwoStepRule(5, 3, 3))
     files = _write_pngs(tmp_path / "imgs" / "bag", (np.rint(_images(6, seed=5) * 255) / 255).astype(np.float32))
 
     assert main(["index", "add", str(run_dir), "--class", "bag", "--images", str(files[0].parent),
@@ -115,7 +116,7 @@ def test_add_remove_list_round_trip_through_the_cli(tmp_path, capsys):
     assert index_versions(meta) == [1, 2, 3, 4, 5] and meta["oracle"]["version"] == 5
     first = Run.load(run_dir, index_version=1)
     np.testing.assert_array_equal(first.oracle.vectors, before.oracle.vectors)
-    again = first.classify(queries, n=5, m=3, k=3)
+    again = first.classify(queries, TwoStepRule(5, 3, 3))
     np.testing.assert_array_equal(again.labels, answers_before.labels)
     # removing a class and its images gives the old index back for the others
     remove_class(run_dir, "Trouser")
@@ -127,7 +128,7 @@ def test_add_remove_list_round_trip_through_the_cli(tmp_path, capsys):
 def test_dataset_classes_follow_labels_so_split_accuracy_counts_enrolled_classes(tmp_path):
     """run_rows maps dataset labels to the live index's labels: an enrolled dataset class is
     counted under its new label, a class enrolled from other images matches no row."""
-    from dundi.pipeline import run_rows
+    from dundi.run.pipeline import run_rows
 
     run_dir, _ = _run(tmp_path)
     add_class(run_dir, "Coat", _images(3, seed=6), dataset_class=4)
@@ -146,7 +147,7 @@ def test_the_adaptive_stand_in_follows_the_rule_on_enrolled_classes(tmp_path):
     """With classes of 1, 5 and 10 oracles and n = 10, m = 3 (counts that divide n, or one
     oracle), the differentiable stand-in's argmax (the adaptive threat model) equals the FAISS
     rule and the float64 reference of Algorithm 1 on every query."""
-    from dundi.classify import TwoStepScorer, two_step_reference
+    from dundi.rule.reference import TwoStepScorer, two_step_reference
 
     rng = np.random.default_rng(0)
     counts = [5, 10, 1, 5, 10, 1]
@@ -154,23 +155,23 @@ def test_the_adaptive_stand_in_follows_the_rule_on_enrolled_classes(tmp_path):
     run = Run(tmp_path, torch.nn.Identity(), {}, index)
     emb = np.concatenate([index.vectors + 0.1 * rng.normal(size=index.vectors.shape),
                           rng.normal(size=(300, 8))]).astype(np.float32)
-    expected = index.classify(emb, n=10, m=3, k=3).labels
+    expected = index.classify(emb, TwoStepRule(10, 3, 3)).labels
     tensor = run.oracle_tensor(10)
-    reference = two_step_reference(torch.from_numpy(emb), tensor, 10, 3, 3, counts=counts).numpy()
+    reference = two_step_reference(torch.from_numpy(emb), tensor, TwoStepRule(10, 3, 3), counts=counts).numpy()
     with torch.no_grad():
-        got = TwoStepScorer(torch.nn.Identity(), tensor, m=3, k=3)(torch.from_numpy(emb)).argmax(1).numpy()
+        got = TwoStepScorer(torch.nn.Identity(), tensor, TwoStepRule(m=3, k=3))(torch.from_numpy(emb)).argmax(1).numpy()
     assert set(expected.tolist()) == set(range(6))
     np.testing.assert_array_equal(reference, expected)
     np.testing.assert_array_equal(got, expected)
     squared = Run(tmp_path, torch.nn.Identity(), {}, OracleIndex(index.vectors, counts=counts, metric="sqeuclidean"))
     with pytest.raises(DundiError, match="certificates need every class"):
-        squared.certifier(10, 3, 3)  # a certificate must be exact: no stand-in for a class
+        squared.certifier(TwoStepRule(10, 3, 3))  # a certificate must be exact: no stand-in for a class
 
 
 # ---------------------------------------------------------------------------- atomic versions
 
 def test_a_write_killed_before_its_commit_leaves_the_previous_version(tmp_path, monkeypatch):
-    import dundi.artifacts as artifacts
+    import dundi.run.directory as artifacts
 
     run_dir, _ = _run(tmp_path)
     before = Run.load(run_dir)
@@ -265,7 +266,7 @@ def test_refusals_are_one_line_and_change_nothing(tmp_path, capsys):
 
 
 def test_a_native_run_has_no_classes_to_enroll(tmp_path, capsys):
-    from dundi.models import build_native
+    from dundi.nets.models import build_native
 
     save_model(tmp_path, build_native("lenet1", SHAPE, 10),
                {"kind": "native", "arch": "lenet1", "dataset": "mnist-10k", "in_shape": list(SHAPE), "num_classes": 10})

@@ -40,9 +40,9 @@ def subject(mnist_runs, tmp_path, data_dir, digits) -> tuple[Path, np.ndarray, l
     """A copy of the small mnist run whose index lacks the held-out digit; the digit's oracle
     images as built, arranged so the seeded pick of the enrollment (seed 0, all of them)
     restores the built order; and the built index's answers (names) on the digit's test images."""
-    from dundi.artifacts import Run
     from dundi.data import load_split
-    from dundi.enrollment import remove_class
+    from dundi.run.directory import Run
+    from dundi.run.enrollment import remove_class
 
     built = Run.load(mnist_runs["dundi"])
     label = built.class_names.index(str(HELD_OUT))
@@ -75,7 +75,7 @@ def _stream(url: str, bodies: list[dict], stop: threading.Event, statuses: list)
 
 def enroll_under_load(url: str, subject: tuple, digits: dict) -> int:
     """The shared check: stream, enroll mid-stream, then compare with the offline classifier."""
-    from dundi.artifacts import Run
+    from dundi.run.directory import Run
 
     run, enroll, built_names = subject
 

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dundi.artifacts import Run
 from dundi.data import load_split
 from dundi.errors import DundiError
-from dundi.evaluate import EvalConfig, adv_images, evaluate_local, prepare, select_samples
-from dundi.results import KEY, finished_shards, read_evaluation, read_results, shard_path
+from dundi.evaluation.evaluate import EvalConfig, adv_images, evaluate_local, prepare, select_samples
+from dundi.evaluation.results import KEY, finished_shards, read_evaluation, read_results, shard_path
+from dundi.run.directory import Run
 
 LIMIT = 32
 
@@ -83,8 +83,8 @@ def test_ray_evaluation_writes_one_row_per_key_with_sound_invariants(cfg, ray_re
     np.testing.assert_array_equal((np.abs(diff) > 1e-6).sum(1), table.column("l0").to_numpy())
     assert np.abs(diff).max() <= 0.3 + 1e-6
     dundi, native = Run.load(cfg.run), Run.load(cfg.native)
-    np.testing.assert_array_equal(dundi.classify(adv, n=10, m=3, k=5).labels, table.column("dundi_adv").to_numpy())
-    np.testing.assert_array_equal(dundi.classify(clean, n=10, m=3, k=5).labels, table.column("dundi_clean").to_numpy())
+    np.testing.assert_array_equal(dundi.rule.reference(adv, n=10, m=3, k=5).labels, table.column("dundi_adv").to_numpy())
+    np.testing.assert_array_equal(dundi.rule.reference(clean, n=10, m=3, k=5).labels, table.column("dundi_clean").to_numpy())
     np.testing.assert_array_equal(native.embed(adv).argmax(1), table.column("native_adv").to_numpy())
 
     # transfer samples are crafted on the native model: they fool it far more often than not
@@ -175,7 +175,7 @@ def test_cli_evaluate_json_and_accumulating_settings(mnist_runs, data_dir, tmp_p
 def test_variants_of_one_attack_are_separate_rows_and_sum_into_the_worst_case(mnist_runs, data_dir, tmp_path):
     """PGD with CE and with the margin loss at one eps, evaluated by two calls into one
     directory: both stay, each under its own name, and the worst case needs both."""
-    from dundi.results import summarize
+    from dundi.evaluation.results import summarize
 
     base = EvalConfig(run=str(mnist_runs["dundi"]), attacks=["pgd"], threats=["adaptive"], eps=[0.1],
                       steps=3, limit=16, shard_size=16, data_dir=data_dir)
@@ -201,7 +201,7 @@ def test_attacks_on_distance_scores_default_to_the_margin_loss():
     saturates); the transfer attack keeps the paper's CE; --attack-arg loss=... wins."""
     import torch
 
-    from dundi.evaluate import make_attack_for
+    from dundi.evaluation.evaluate import make_attack_for
 
     cfg = EvalConfig(run="r", native="n", attacks=["pgd"], threats=["transfer", "adaptive", "feature"])
     loss_of = lambda threat, c=cfg: make_attack_for("pgd", torch.nn.Identity(), 0.3, c, "mnist-10k", 0, threat).loss
@@ -211,7 +211,7 @@ def test_attacks_on_distance_scores_default_to_the_margin_loss():
 
 
 def test_model_names_follow_the_paper_and_mark_adversarial_training():
-    from dundi.evaluate import model_name
+    from dundi.evaluation.evaluate import model_name
 
     assert model_name({"kind": "dundi", "arch": "lenet5", "mode": "P"}) == "DunDi_P3"
     assert model_name({"kind": "dundi", "arch": "lenet1", "mode": "R", "adversarial": True}) == "DunDi-AT_R1"

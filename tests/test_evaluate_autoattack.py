@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dundi.errors import DundiError
-from dundi.evaluate import EvalConfig, evaluate_local
-from dundi.results import SCHEMA, read_results, shard_path, summarize, write_shard
+from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+from dundi.evaluation.results import SCHEMA, read_results, shard_path, summarize, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_ray_workers_keep_one_evaluator_per_sample_list(aa_cfg, ray_local, tmp_p
 
 
 def test_disagreement_above_one_percent_warns():
-    from dundi.results import checks
+    from dundi.evaluation.results import checks
 
     row = {"threat": "adaptive", "attack": "pgd", "eps": 0.3, "norm": "Linf", "target_model": "x",
            "zero_gradient_fraction": 0.0, "robust_accuracy": 0.5, "rule_disagreement": 0.02}

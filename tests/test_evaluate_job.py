@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dundi.evaluate import EvalConfig, evaluate_local, prepare
-from dundi.results import KEY, TIMING_FILE, finished_shards, read_results, summarize, wilson_interval
-from dundi.results import sample as results_sample
+from dundi.evaluation.evaluate import EvalConfig, evaluate_local, prepare
+from dundi.evaluation.results import KEY, TIMING_FILE, finished_shards, read_results, summarize, wilson_interval
+from dundi.evaluation.results import sample as results_sample
 
 DEADLINE_S = 300
 

@@ -1,4 +1,4 @@
-"""The rule as certified runs serve it (dundi.exact_rule) and the float32-aware bounds that
+"""The rule as certified runs serve it (dundi.rule.exact) and the float32-aware bounds that
 prove it, checked against independent computations: the literal float64 Algorithm 1,
 correctly rounded sums, the FAISS path of the index, and the float32 network itself."""
 
@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-import dundi.exact_rule as exact_rule
-from dundi.bounds import input_box, propagate, propagate_served, served_layers
-from dundi.classify import two_step_reference
+import dundi.rule.exact as exact_rule
 from dundi.errors import DundiError
-from dundi.exact_rule import ExactRule, fixed_sum, invariant_linear
-from dundi.oracle import OracleIndex
+from dundi.nets.bounds import input_box, propagate, propagate_served, served_layers
+from dundi.rule.exact import ExactRule, fixed_sum, invariant_linear
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import two_step_reference
 
 
 def test_fixed_sum_is_independent_of_the_other_rows_and_close_to_the_exact_sum():
@@ -39,8 +40,8 @@ def test_exact_rule_is_algorithm_1_on_tie_heavy_data(n, m, k):
     base = rng.integers(-3, 4, (4, n, 3)).astype(np.float32)
     oracles = np.concatenate([base, base[::-1], base[:1]])            # 9 classes, many copies
     queries = rng.integers(-3, 4, (200, 3)).astype(np.float32)
-    got = ExactRule(oracles, n, m, k).classify(queries)
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k, metric="sqeuclidean")
+    got = ExactRule(oracles, TwoStepRule(n, m, k)).classify(queries)
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k, "sqeuclidean"))
     assert np.array_equal(got.labels, ref.numpy())
 
 
@@ -49,11 +50,11 @@ def test_the_index_answers_through_the_exact_rule_and_agrees_with_faiss_off_ties
     vectors = rng.standard_normal((12 * 8, 16)).astype(np.float32)
     index = OracleIndex(vectors, 12, metric="sqeuclidean")
     q = rng.standard_normal((400, 16)).astype(np.float32)
-    got = index.classify(q, n=8, m=3, k=4)
-    assert index.step1_kind(8, 3) == "exact (float64)"
+    got = index.classify(q, TwoStepRule(8, 3, 4))
+    assert index.step1_kind(TwoStepRule(8, 3)) == "exact (float64)"
     faiss_path = OracleIndex(vectors, 12, metric="sqeuclidean")
     faiss_path.answers_exactly = lambda n: False   # the float32 FAISS path, for comparison
-    other = faiss_path.classify(q, n=8, m=3, k=4)
+    other = faiss_path.classify(q, TwoStepRule(8, 3, 4))
     assert (got.labels == other.labels).mean() > 0.99
     np.testing.assert_allclose(got.fine_scores, other.fine_scores, rtol=1e-4)
     np.testing.assert_allclose(got.nearest_distance, other.nearest_distance, rtol=1e-4)
@@ -64,9 +65,9 @@ def test_many_classes_take_the_bounded_blas_path_to_the_same_answer(monkeypatch)
     centre = rng.standard_normal(8)
     oracles = (centre + 1e-3 * rng.standard_normal((300, 4, 8))).astype(np.float32)  # near-ties
     queries = (centre + rng.standard_normal((50, 8))).astype(np.float32)
-    direct = ExactRule(oracles, 4, 2, 5).classify(queries)
+    direct = ExactRule(oracles, TwoStepRule(4, 2, 5)).classify(queries)
     monkeypatch.setattr(exact_rule, "EXACT_CLASSES", 10)
-    listed = ExactRule(oracles, 4, 2, 5).classify(queries)
+    listed = ExactRule(oracles, TwoStepRule(4, 2, 5)).classify(queries)
     for field in ("labels", "topk_classes", "coarse_scores", "fine_scores"):
         assert np.array_equal(getattr(direct, field), getattr(listed, field)), field
 

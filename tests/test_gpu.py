@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from dundi.data import load_split
-from dundi.models import build_distance_net, build_native
-from dundi.train import TrainConfig, adversarial_generator, triplet_batch_loss
-from dundi.training_loop import fit
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.params import TwoStepRule
+from dundi.training.config import TrainConfig
+from dundi.training.loop import fit
+from dundi.training.passes import adversarial_generator, triplet_batch_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.realdata]
 
@@ -71,7 +73,7 @@ def test_dundi_at_batch_on_cuda_equals_cpu(digits):
 def test_pgd_examples_on_cuda_equal_cpu_ones(digits):
     """The PGD random start is drawn on the CPU generator on every device: a CUDA run crafts the
     same examples as a CPU run (different starts would leave almost no pixel equal)."""
-    from dundi.adversarial import pgd_maximise
+    from dundi.training.adversarial import pgd_maximise
 
     x = torch.as_tensor(digits[0][:64])
     torch.manual_seed(0)
@@ -109,20 +111,19 @@ def test_training_runs_on_cuda(digits, tmp_path, kind, cfg):
 def test_exact_rule_attack_on_cuda_is_judged_by_the_faiss_rule(mnist_runs, data_dir):
     """APGD on the exact two-step stand-in, run on the GPU: every image stays in the eps ball, and
     the stand-in's argmax on the GPU equals the deployed FAISS rule's answer on the CPU."""
-    from dundi.artifacts import Run
     from dundi.attacks.apgd import APGD
-    from dundi.classify import TwoStepScorer
+    from dundi.rule.reference import TwoStepScorer
+    from dundi.run.directory import Run
 
     run = Run.load(mnist_runs["dundi"])
     x, y, _ = load_split("mnist-10k", "test", data_dir, limit=128)
-    scorer = TwoStepScorer(run.model.to(CUDA), run.oracle_tensor().to(CUDA), m=3, k=5,
-                           metric=run.oracle.metric).eval()
+    scorer = TwoStepScorer(run.model.to(CUDA), run.oracle_tensor().to(CUDA), TwoStepRule(m=3, k=5, metric=run.oracle.metric)).eval()
     adv = APGD(scorer, eps=0.1, steps=20, loss="dlr").run(torch.as_tensor(x), torch.as_tensor(y)).adv
     assert adv.device.type == "cuda"
     assert (adv.cpu() - torch.as_tensor(x)).abs().max().item() <= 0.1 + 1e-6
     with torch.no_grad():
         on_gpu = scorer(adv).argmax(1).cpu().numpy()
-    rule = run.classify(adv.cpu().numpy(), n=run.oracle.n, m=3, k=5).labels
+    rule = run.classify(adv.cpu().numpy(), TwoStepRule(run.oracle.n, 3, 5)).labels
     assert (on_gpu == rule).mean() >= 0.99  # float32 ties between devices aside
 
 
@@ -131,15 +132,15 @@ def test_faiss_gpu_two_step_equals_cpu():
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
         pytest.skip("this FAISS build has no GPU support (pip uninstall faiss-cpu; pip install 'dundi[gpu]')")
-    from dundi.oracle import OracleIndex
+    from dundi.rule.index import OracleIndex
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(50 * 20, 64)).astype(np.float32)
     queries = rng.normal(size=(300, 64)).astype(np.float32)
     index = OracleIndex(vectors, 50, full_limit=0)  # the IVF/coarse path, on the GPU when present
     reference = OracleIndex(vectors, 50)
-    np.testing.assert_array_equal(index.classify(queries, n=20, m=3, k=5).labels,
-                                  reference.classify(queries, n=20, m=3, k=5).labels)
+    np.testing.assert_array_equal(index.classify(queries, TwoStepRule(20, 3, 5)).labels,
+                                  reference.classify(queries, TwoStepRule(20, 3, 5)).labels)
 
 
 def test_ray_train_on_gpu_workers(tmp_path, data_dir):

@@ -7,10 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from dundi.artifacts import Run
 from dundi.data import load_split
-from dundi.pipeline import classify_split
-from dundi.train import TrainConfig, drop_holdout, kept_classes
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run
+from dundi.run.pipeline import classify_split
+from dundi.training.config import TrainConfig
+from dundi.training.passes import drop_holdout, kept_classes
 
 pytestmark = pytest.mark.realdata
 
@@ -55,4 +57,4 @@ def test_holdout_run_never_trains_or_indexes_held_out_classes(tmp_path, data_dir
     assert not np.isin(classes, held).any() and set(classes) == set(meta["dataset_classes"])
     # accuracy is over the kept classes' test images only
     _, test_y, _ = load_split("mnist-10k", "test", data_dir)
-    assert classify_split(out, n=5, data_dir=data_dir)["count"] == int((~np.isin(test_y, held)).sum())
+    assert classify_split(out, TwoStepRule(n=5), data_dir=data_dir)["count"] == int((~np.isin(test_y, held)).sum())

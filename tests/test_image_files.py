@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dundi.errors import DundiError
-from dundi.image_files import expand_paths, read_images
+from dundi.run.image_files import expand_paths, read_images
 
 
 def _gray(path: Path, arr: np.ndarray) -> Path:

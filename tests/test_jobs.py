@@ -42,8 +42,8 @@ def cluster(tmp_path_factory):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_submitted_training_job_finishes_and_its_run_loads(cluster, tmp_path, data_dir, capsys):
-    from dundi.artifacts import Run
     from dundi.cli.main import main
+    from dundi.run.directory import Run
 
     out = tmp_path / "jobrun"
     code = main(["submit", "--address", cluster["dashboard"], "--follow", "--json", "--",
@@ -96,31 +96,33 @@ def test_unreachable_jobs_api_fails_fast():
 
 
 def test_bad_commands_are_refused_before_submission():
-    from dundi.cli.job_command import submit_command
+    from dundi.cli.main import build_parser
+    from dundi.cli.submission import submit_command
 
     with pytest.raises(DundiError, match="not a valid command"):
-        submit_command(["train", "--no-such-flag"], "http://127.0.0.1:1")
+        submit_command(["train", "--no-such-flag"], build_parser(), "http://127.0.0.1:1")
     with pytest.raises(DundiError, match="cannot itself be submitted"):
-        submit_command(["submit", "train"], "http://127.0.0.1:1")
+        submit_command(["submit", "train"], build_parser(), "http://127.0.0.1:1")
     with pytest.raises(DundiError, match="nothing to submit"):
-        submit_command([], "http://127.0.0.1:1")
+        submit_command([], build_parser(), "http://127.0.0.1:1")
 
 
 def test_paths_are_made_absolute_for_a_local_cluster(tmp_path, monkeypatch):
-    from dundi.cli.job_command import prepare_command
+    from dundi.cli.main import build_parser
+    from dundi.cli.submission import prepare_command
     from dundi.distributed.jobs_api import entrypoint_script
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "r5").mkdir(parents=True)
     argv = prepare_command(["train", "--out", "runs/x", "--data-dir=cache", "--storage", "s3://b/p"],
-                           local=True)
+                           local=True, parser=build_parser())
     assert argv == ["train", "--out", str(tmp_path / "runs/x"), f"--data-dir={tmp_path / 'cache'}",
                     "--storage", "s3://b/p"]
-    argv = prepare_command(["train-native", "--dataset", "mnist-10k"], local=True)
+    argv = prepare_command(["train-native", "--dataset", "mnist-10k"], local=True, parser=build_parser())
     assert argv[-2:] == ["--out", str(tmp_path / "runs" / "mnist-10k-lenet5-native")]
-    assert prepare_command(["index", "build", "runs/r5"], local=True)[2] == str(tmp_path / "runs/r5")
+    assert prepare_command(["index", "build", "runs/r5"], local=True, parser=build_parser())[2] == str(tmp_path / "runs/r5")
     notes: list[str] = []
-    argv = prepare_command(["train", "--out", "runs/x"], local=False, warn=notes.append)
+    argv = prepare_command(["train", "--out", "runs/x"], local=False, parser=build_parser(), warn=notes.append)
     assert argv == ["train", "--out", "runs/x"] and "relative" in notes[0]
 
     assert entrypoint_script(["train", "--epochs", "1"]) == ("jobs/train.py", ["--epochs", "1"])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.loss import distance, mine_batch_hard, triplet_loss
-from dundi.tuples import sample_tuples
+from dundi.training.losses import distance, mine_batch_hard, triplet_loss
+from dundi.training.tuples import sample_tuples
 
 
 def test_sigmoid_loss_matches_the_paper_formula():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dundi.bounds import input_box
-from dundi.models import build_distance_net
+from dundi.nets.bounds import input_box
+from dundi.nets.models import build_distance_net
 
 
 def test_cnn_ibp_medium_bounds_contain_sampled_embeddings():

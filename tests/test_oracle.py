@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.classify import class_scores, two_step_reference
 from dundi.errors import DundiError
-from dundi.oracle import OracleIndex
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import class_scores, two_step_reference
 
 
 @pytest.mark.parametrize("C,n,m,k,dim", [
@@ -18,8 +19,8 @@ def test_two_step_equals_bruteforce_reference(C, n, m, k, dim):
     oracles = rng.normal(size=(C, n, dim)).astype(np.float32)
     queries = rng.normal(size=(200, dim)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, dim), C)
-    got = index.classify(queries, n=n, m=m, k=k)
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k).numpy()
+    got = index.classify(queries, TwoStepRule(n, m, k))
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k)).numpy()
     np.testing.assert_array_equal(got.labels, ref)
     assert got.topk_classes.shape == (200, k)
     # the label is always one of the classes kept by step 1
@@ -35,8 +36,8 @@ def test_ties_break_identically(n, m, k):
     oracles = np.concatenate([base, base], 0)  # classes 3..5 duplicate 0..2: every score ties
     queries = rng.integers(-2, 3, size=(100, 4)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, 4), 6)
-    got = index.classify(queries, n=n, m=m, k=k).labels
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k).numpy()
+    got = index.classify(queries, TwoStepRule(n, m, k)).labels
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k)).numpy()
     np.testing.assert_array_equal(got, ref)
     assert (got < 3).all(), "a tie between a class and its duplicate goes to the lower index"
 
@@ -46,12 +47,12 @@ def test_differentiable_scores_argmax_equals_two_step_when_k_is_all_classes():
     oracles = rng.normal(size=(10, 20, 16)).astype(np.float32)
     queries = rng.normal(size=(300, 16)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, 16), 10)
-    two_step = index.classify(queries, n=20, m=3, k=10).labels
+    two_step = index.classify(queries, TwoStepRule(20, 3, 10)).labels
     scores = class_scores(torch.from_numpy(queries), torch.from_numpy(oracles))
     np.testing.assert_array_equal(scores.argmax(1).numpy(), two_step)
     # and the fine scores the index reports are the same per-class sums
-    fine = np.take_along_axis(scores.double().numpy(), index.classify(queries, k=10).topk_classes, 1)
-    np.testing.assert_allclose(index.classify(queries, k=10).fine_scores, fine, rtol=1e-5)
+    fine = np.take_along_axis(scores.double().numpy(), index.classify(queries, TwoStepRule(k=10)).topk_classes, 1)
+    np.testing.assert_allclose(index.classify(queries, TwoStepRule(k=10)).fine_scores, fine, rtol=1e-5)
 
 
 def test_class_scores_carry_gradients():
@@ -77,7 +78,7 @@ def test_nearest_distance_is_the_minimum_over_kept_oracles():
     rng = np.random.default_rng(3)
     oracles = rng.normal(size=(5, 4, 6)).astype(np.float32)
     q = rng.normal(size=(20, 6)).astype(np.float32)
-    res = OracleIndex(oracles.reshape(-1, 6), 5).classify(q, n=4, m=2, k=5)
+    res = OracleIndex(oracles.reshape(-1, 6), 5).classify(q, TwoStepRule(4, 2, 5))
     brute = np.linalg.norm(q[:, None, None, :] - oracles[None], axis=-1).min(axis=(1, 2))
     np.testing.assert_allclose(res.nearest_distance, brute, rtol=1e-5)
 
@@ -85,14 +86,14 @@ def test_nearest_distance_is_the_minimum_over_kept_oracles():
 def test_bad_parameters_are_refused_with_a_clear_message():
     index = OracleIndex(np.zeros((20, 4), np.float32), 10)
     with pytest.raises(DundiError, match="n=3 is out of range"):
-        index.classify(np.zeros((1, 4), np.float32), n=3, m=1, k=1)
+        index.classify(np.zeros((1, 4), np.float32), TwoStepRule(3, 1, 1))
     with pytest.raises(DundiError, match="m=3 must be between"):
-        index.classify(np.zeros((1, 4), np.float32), n=2, m=3, k=1)
+        index.classify(np.zeros((1, 4), np.float32), TwoStepRule(2, 3, 1))
     with pytest.raises(DundiError, match="k=11"):
-        index.classify(np.zeros((1, 4), np.float32), n=2, m=1, k=11)
+        index.classify(np.zeros((1, 4), np.float32), TwoStepRule(2, 1, 11))
     with pytest.raises(DundiError, match="queries must have shape"):
-        index.classify(np.zeros((1, 5), np.float32), n=2, m=1, k=1)
-    assert index.classify(np.zeros((0, 4), np.float32), n=2, m=1, k=2).labels.shape == (0,)
+        index.classify(np.zeros((1, 5), np.float32), TwoStepRule(2, 1, 1))
+    assert index.classify(np.zeros((0, 4), np.float32), TwoStepRule(2, 1, 2)).labels.shape == (0,)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -103,7 +104,7 @@ def test_save_load_round_trip(tmp_path):
     index.save(tmp_path)
     loaded = OracleIndex.load(tmp_path)
     assert loaded.meta["seed"] == 7 and loaded.n == 3
-    np.testing.assert_array_equal(loaded.classify(q, m=2, k=3).labels, index.classify(q, m=2, k=3).labels)
+    np.testing.assert_array_equal(loaded.classify(q, TwoStepRule(m=2, k=3)).labels, index.classify(q, TwoStepRule(m=2, k=3)).labels)
 
 
 def test_select_oracles_is_seeded_and_class_major():
@@ -124,11 +125,10 @@ def test_two_step_sqeuclidean_equals_bruteforce_reference(num_classes, n, m, k):
     oracles = rng.normal(size=(num_classes, n, 16)).astype(np.float32)
     queries = oracles[rng.integers(num_classes, size=40), 0] + rng.normal(0, 0.3, (40, 16)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, 16), num_classes, metric="sqeuclidean")
-    got = index.classify(queries, n=n, m=m, k=k).labels
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k,
-                             metric="sqeuclidean").numpy()
+    got = index.classify(queries, TwoStepRule(n, m, k)).labels
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k, "sqeuclidean")).numpy()
     np.testing.assert_array_equal(got, ref)
-    euclid = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), n, m, k).numpy()
+    euclid = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k)).numpy()
     assert index.metric == "sqeuclidean" and got.shape == euclid.shape
 
 

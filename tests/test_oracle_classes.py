@@ -1,5 +1,5 @@
 """Named, ragged, enrollable classes in the oracle index, against the float64 reference of
-Algorithm 1 (dundi.classify.two_step_reference) with per-class counts."""
+Algorithm 1 (dundi.rule.reference.two_step_reference) with per-class counts."""
 
 import json
 
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.classify import class_scores, two_step_reference
 from dundi.errors import DundiError
-from dundi.oracle import OracleIndex
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import class_scores, two_step_reference
 
 
 def ragged(rng, counts, dim, spread=1.0):
@@ -26,7 +27,7 @@ def ragged(rng, counts, dim, spread=1.0):
 
 
 def reference(queries, padded, counts, n, m, k, metric="euclidean"):
-    return two_step_reference(torch.from_numpy(queries), padded, n, m, k, metric, counts=counts).numpy()
+    return two_step_reference(torch.from_numpy(queries), padded, TwoStepRule(n, m, k, metric), counts=counts).numpy()
 
 
 # every search path: one matrix; exact step 1; shortlists covering every class (exact step 1)
@@ -47,7 +48,7 @@ def test_ragged_classes_equal_the_reference_on_every_path(path, metric, n, m, k)
     vectors, padded, queries = ragged(rng, counts, 16)
     kw = dict(PATHS[path], shortlist=len(counts)) if "shortlist_kind" in PATHS[path] else PATHS[path]
     index = OracleIndex(vectors, counts=counts, metric=metric, **kw)
-    got = index.classify(queries, n=n, m=m, k=k)
+    got = index.classify(queries, TwoStepRule(n, m, k))
     np.testing.assert_array_equal(got.labels, reference(queries, padded, counts, n, m, k, metric))
     assert (got.topk_classes == got.labels[:, None]).any(1).all()
 
@@ -59,14 +60,13 @@ def test_mean_rule_is_the_papers_sum_when_every_class_holds_n():
     oracles = rng.normal(size=(12, 8, 6)).astype(np.float32)
     q = rng.normal(size=(50, 6)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, 6), counts=[8] * 12)
-    res = index.classify(q, n=8, m=3, k=12)
+    res = index.classify(q, TwoStepRule(8, 3, 12))
     sums = class_scores(torch.from_numpy(q), torch.from_numpy(oracles)).double().numpy()
     np.testing.assert_allclose(res.fine_scores, np.take_along_axis(sums, res.topk_classes, 1), rtol=1e-6)
-    np.testing.assert_array_equal(res.labels, two_step_reference(
-        torch.from_numpy(q), torch.from_numpy(oracles), 8, 3, 12).numpy())
+    np.testing.assert_array_equal(res.labels, two_step_reference(torch.from_numpy(q), torch.from_numpy(oracles), TwoStepRule(8, 3, 12)).numpy())
     # drop class 0 to 2 oracles: its score becomes 8 × mean over those 2
     short = OracleIndex(np.concatenate([oracles[0, :2], oracles[1:].reshape(-1, 6)]), counts=[2] + [8] * 11)
-    res = short.classify(q, n=8, m=3, k=12)
+    res = short.classify(q, TwoStepRule(8, 3, 12))
     mean0 = -np.linalg.norm(q[:, None, :].astype(np.float64) - oracles[0, :2], axis=-1).mean(1)
     got0 = res.fine_scores[res.topk_classes == 0]
     np.testing.assert_allclose(got0, 8 * mean0, rtol=1e-5)
@@ -88,7 +88,7 @@ def test_exact_ties_with_ragged_classes(path):
     kw = dict(PATHS[path], shortlist=6) if "shortlist_kind" in PATHS[path] else PATHS[path]
     index = OracleIndex(np.concatenate(rows), counts=counts, metric="sqeuclidean", **kw)
     for n, m, k in [(6, 2, 2), (4, 1, 3), (1, 1, 1), (6, 6, 6)]:
-        got = index.classify(queries, n=n, m=m, k=k).labels
+        got = index.classify(queries, TwoStepRule(n, m, k)).labels
         ref = reference(queries, torch.from_numpy(padded), counts, n, m, k, "sqeuclidean")
         np.testing.assert_array_equal(got, ref)
         if n <= 2:  # within the shortest class's count every duplicate ties with its original
@@ -102,7 +102,7 @@ def _enrolled_reference_check(index, rows, names, queries, n=20, m=3, k=5):
         padded[c, :len(r)] = r
     assert index.class_names == names
     assert index.class_counts().tolist() == counts
-    got = index.classify(queries, n=n, m=m, k=k).labels
+    got = index.classify(queries, TwoStepRule(n, m, k)).labels
     np.testing.assert_array_equal(got, reference(queries, torch.from_numpy(padded), counts, n, m, k))
     return got
 
@@ -170,7 +170,7 @@ def test_names_counts_and_answers_survive_save_and_load(tmp_path):
     loaded = OracleIndex.load(tmp_path)
     assert loaded.class_names == ["cat", "émeu", "fox", "gnu"]
     assert loaded.class_counts().tolist() == [20, 10, 5, 3] and loaded.meta["seed"] == 3
-    a, b = index.classify(queries, n=20, m=3, k=2), loaded.classify(queries, n=20, m=3, k=2)
+    a, b = index.classify(queries, TwoStepRule(20, 3, 2)), loaded.classify(queries, TwoStepRule(20, 3, 2))
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.fine_scores, b.fine_scores)
     # an index saved before names and counts existed loads as equal blocks named "0".."C-1"
@@ -191,18 +191,18 @@ def test_shortlist_path_equals_exact_path_when_it_covers_every_class():
     rng = np.random.default_rng(11)
     counts = rng.integers(1, 21, size=2000)
     vectors, _, queries = ragged(rng, counts.tolist(), 16, spread=0.5)
-    exact = OracleIndex(vectors, counts=counts, full_limit=0).classify(queries, n=20, m=3, k=5)
+    exact = OracleIndex(vectors, counts=counts, full_limit=0).classify(queries, TwoStepRule(20, 3, 5))
     for kind in ("ivf", "ivfpq"):
         idx = OracleIndex(vectors, counts=counts, full_limit=0, exact_coarse_limit=0,
                           shortlist_kind=kind, shortlist=2000, nprobe=10_000)
-        got = idx.classify(queries, n=20, m=3, k=5)
+        got = idx.classify(queries, TwoStepRule(20, 3, 5))
         np.testing.assert_array_equal(got.labels, exact.labels)
         np.testing.assert_array_equal(got.topk_classes, exact.topk_classes)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 40])
 def test_top_k_matches_a_full_stable_sort_with_ties(k):
-    from dundi.oracle_search import top_k
+    from dundi.rule.search import top_k
 
     rng = np.random.default_rng(k)
     scores = rng.integers(-4, 1, size=(300, 50)).astype(np.float64)  # many ties, at every rank
@@ -213,7 +213,7 @@ def test_top_k_matches_a_full_stable_sort_with_ties(k):
 
 def test_an_index_built_from_a_dataset_is_named_after_its_classes():
     from dundi.data import DATASETS
-    from dundi.artifacts import dataset_class_names
+    from dundi.run.directory import dataset_class_names
 
     names = list(DATASETS["fashion-mnist"].class_names)
     assert list(dataset_class_names({"dataset": "fashion-mnist", "num_classes": 10})) == names
@@ -226,8 +226,8 @@ def test_an_index_built_from_a_dataset_is_named_after_its_classes():
 def test_enrolled_index_in_a_run_keeps_its_hash_check(tmp_path):
     """An index with enrolled classes saved into a run loads through the run's sha256
     verification, names and counts intact; a renamed class in its metadata is refused."""
-    from dundi.artifacts import load_oracle, save_model, save_oracle
-    from dundi.models import build_distance_net
+    from dundi.nets.models import build_distance_net
+    from dundi.run.directory import load_oracle, save_model, save_oracle
 
     model = build_distance_net("lenet5", (1, 28, 28), 16)
     save_model(tmp_path, model, {"kind": "dundi", "arch": "lenet5", "dataset": "mnist-10k",
@@ -252,13 +252,13 @@ def test_a_copy_changes_without_touching_the_original():
     rng = np.random.default_rng(4)
     vectors, _, queries = ragged(rng, [5] * 12, 8)
     index = OracleIndex(vectors, 12, metric="sqeuclidean", meta={"seed": 1, "ids": [1, 2]})
-    before = index.classify(queries, n=5, m=2, k=3)
+    before = index.classify(queries, TwoStepRule(5, 2, 3))
     twin = index.copy()
     twin.add_class("new", queries[:3])
     twin.remove_class("0")
     twin.meta["ids"].append(3)
     assert index.class_names == [str(c) for c in range(12)] and index.meta["ids"] == [1, 2]
     assert twin.class_names == [str(c) for c in range(1, 12)] + ["new"] and twin.metric == "sqeuclidean"
-    after = index.classify(queries, n=5, m=2, k=3)
+    after = index.classify(queries, TwoStepRule(5, 2, 3))
     np.testing.assert_array_equal(before.labels, after.labels)
     np.testing.assert_array_equal(before.fine_scores, after.fine_scores)

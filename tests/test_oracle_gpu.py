@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.classify import two_step_reference
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import two_step_reference
 
 pytestmark = [pytest.mark.gpu]
 
@@ -21,8 +22,8 @@ def faiss_gpu():
 
 
 def test_gpu_paths_equal_the_reference_with_ragged_classes(faiss_gpu):
-    from dundi import oracle_search
-    from dundi.oracle import OracleIndex
+    from dundi.rule import search as oracle_search
+    from dundi.rule.index import OracleIndex
 
     rng = np.random.default_rng(0)
     counts = rng.integers(1, 21, size=300)
@@ -33,12 +34,11 @@ def test_gpu_paths_equal_the_reference_with_ragged_classes(faiss_gpu):
         padded[c, :len(r)] = r
     vectors = np.concatenate(rows).astype(np.float32)
     queries = (centres[rng.integers(300, size=200)] + 0.5 * rng.normal(size=(200, 32))).astype(np.float32)
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(padded), 20, 3, 5,
-                             counts=counts.tolist()).numpy()
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(padded), TwoStepRule(20, 3, 5), counts=counts.tolist()).numpy()
     exact = OracleIndex(vectors, counts=counts, full_limit=0)
     listed = OracleIndex(vectors, counts=counts, full_limit=0, exact_coarse_limit=0, shortlist=300, nprobe=2048)
-    np.testing.assert_array_equal(exact.classify(queries, n=20, m=3, k=5).labels, ref)
-    np.testing.assert_array_equal(listed.classify(queries, n=20, m=3, k=5).labels, ref)
+    np.testing.assert_array_equal(exact.classify(queries, TwoStepRule(20, 3, 5)).labels, ref)
+    np.testing.assert_array_equal(listed.classify(queries, TwoStepRule(20, 3, 5)).labels, ref)
     assert listed._coarse[3].kind == "ivf"  # the kind that runs on the GPU
     assert "Gpu" in type(listed._coarse[3].index).__name__
     assert oracle_search.gpu_resources() is oracle_search.gpu_resources()

@@ -8,18 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.artifacts import Run
-from dundi.classify import OracleScorer
 from dundi.data import load_split
-from dundi.pipeline import classify_split
-from dundi.train import TrainConfig, triplet_batch_loss
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import OracleScorer
+from dundi.run.directory import Run
+from dundi.run.pipeline import classify_split
+from dundi.training.config import TrainConfig
+from dundi.training.passes import triplet_batch_loss
 
 pytestmark = pytest.mark.realdata
 
 
 def test_trained_runs_classify_real_digits(mnist_runs, data_dir):
     native = classify_split(mnist_runs["native"], data_dir=data_dir)
-    dundi = classify_split(mnist_runs["dundi"], n=10, m=3, k=5, data_dir=data_dir)
+    dundi = classify_split(mnist_runs["dundi"], TwoStepRule(10, 3, 5), data_dir=data_dir)
     assert native["count"] == dundi["count"] == 2000
     # tiny budgets (a few seconds of training on 2,700 digits): both far above chance (10 %);
     # the demo test checks DunDi against native at a real budget
@@ -30,7 +32,7 @@ def test_trained_runs_classify_real_digits(mnist_runs, data_dir):
 def test_adaptive_scorer_argmax_equals_two_step_on_real_run(mnist_runs, data_dir):
     run = Run.load(mnist_runs["dundi"])
     x, _, _ = load_split("mnist-10k", "test", data_dir, limit=300)
-    two_step = run.classify(x, n=10, m=3, k=10).labels
+    two_step = run.classify(x, TwoStepRule(10, 3, 10)).labels
     scorer = OracleScorer(run.model, run.oracle_tensor()).eval()
     with torch.no_grad():
         scores = scorer(torch.from_numpy(x))
@@ -38,8 +40,8 @@ def test_adaptive_scorer_argmax_equals_two_step_on_real_run(mnist_runs, data_dir
 
 
 def test_dedupe_and_paper_loop_give_the_same_loss(data_dir):
-    from dundi.models import build_distance_net
-    from dundi.tuples import sample_tuples
+    from dundi.nets.models import build_distance_net
+    from dundi.training.tuples import sample_tuples
 
     x, y, _ = load_split("mnist-10k", "train", data_dir, limit=500)
     model = build_distance_net("lenet1", (1, 28, 28)).eval()
@@ -62,7 +64,7 @@ def test_cli_classify_json_last_line(mnist_runs, data_dir):
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"accuracy", "n", "m", "k", "dataset", "split", "count"} <= figures.keys()
     assert figures["count"] == 500 and figures["n"] == 10 and figures["m"] == 2 and figures["k"] == 3
-    direct = classify_split(mnist_runs["dundi"], n=10, m=2, k=3, data_dir=data_dir, limit=500)
+    direct = classify_split(mnist_runs["dundi"], TwoStepRule(10, 2, 3), data_dir=data_dir, limit=500)
     assert figures["accuracy"] == pytest.approx(direct["accuracy"])
 
 
@@ -141,8 +143,8 @@ def test_a_checkpoint_older_than_a_config_field_still_resumes(tmp_path):
     import dataclasses
 
     from dundi.errors import DundiError
-    from dundi.models import build_native
-    from dundi.training_loop import fit
+    from dundi.nets.models import build_native
+    from dundi.training.loop import fit
 
     rng = np.random.default_rng(0)
     x, y = rng.random((120, 1, 28, 28), dtype=np.float32), np.arange(120) % 4

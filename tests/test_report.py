@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dundi.evaluate import EvalConfig, evaluate_local
-from dundi.report import demo_report, write_report
+from dundi.evaluation.demo import demo_report
+from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+from dundi.evaluation.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -113,8 +114,8 @@ def _summary_table(markdown: str) -> list[dict[str, str]]:
 def test_summary_opens_the_report_with_worst_case_numbers_from_summarize(evaluation, tmp_path):
     """The first section is the summary, and each of its numbers is results.summarize()'s
     worst case for that threat model and budget, its clean accuracy and its sample count."""
-    from dundi.report import pct
-    from dundi.results import summarize
+    from dundi.evaluation.report import pct
+    from dundi.evaluation.results import summarize
 
     figures = write_report([evaluation], tmp_path / "r")
     text = (tmp_path / "r" / "report.md").read_text()
@@ -143,7 +144,7 @@ def test_summary_opens_the_report_with_worst_case_numbers_from_summarize(evaluat
 def test_summary_rows_add_certified_accuracy_at_matching_eps(evaluation):
     """Certified accuracy goes beside the worst case at the same L-inf eps; an eps that only
     the certificate covers gets its own row (no attack, so no robust accuracy)."""
-    from dundi.report import Evaluation, summary_rows
+    from dundi.evaluation.report import Evaluation, summary_rows
 
     ev = Evaluation(evaluation)
     ev.certified = [{"eps": 0.1, "count": 24, "certified_accuracy": 0.25},
@@ -171,7 +172,7 @@ def test_plot_axes_stay_legible_with_one_eps_and_zero_values(evaluation, tmp_pat
     and every title names dataset, threat model and sample size."""
     from matplotlib.figure import Figure
 
-    import dundi.report as report
+    import dundi.evaluation.report as report
 
     ev = report.Evaluation(evaluation)
     ev.attacks = [dict(r, robust_accuracy=0.0) for r in ev.attacks if r["eps"] == 0.3]

@@ -10,9 +10,19 @@ import pyarrow as pa
 import pytest
 
 from dundi.errors import DundiError
-from dundi.results import (EVALUATION_FILE, SCHEMA, attack_summary, checks, clean_accuracy,
-                           finished_shards, read_results, shard_name, shard_path, worst_case,
-                           write_shard)
+from dundi.evaluation.results import (
+    EVALUATION_FILE,
+    SCHEMA,
+    attack_summary,
+    checks,
+    clean_accuracy,
+    finished_shards,
+    read_results,
+    shard_name,
+    shard_path,
+    worst_case,
+    write_shard,
+)
 
 FP = "f" * 16
 
@@ -180,7 +190,7 @@ def test_checks_warn_on_zero_gradients_and_black_box_beating_white_box(square):
 
 
 def test_published_names_are_relative_to_the_repository(tmp_path):
-    from dundi.results import repo_relative
+    from dundi.evaluation.results import repo_relative
 
     assert repo_relative(tmp_path / "runs" / "at5", root=tmp_path) == "runs/at5"
     assert repo_relative(tmp_path, root=tmp_path) == "."

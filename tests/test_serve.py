@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dundi.rule.params import TwoStepRule
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
 
 ADMIN = {"Authorization": "Bearer admin-test-token"}
@@ -98,8 +100,8 @@ def test_health_and_metadata(http):
 def test_answers_equal_dundi_classify(http, mnist_runs, sample_images, data_dir):
     """v2 JSON, PNG uploads and /classify JSON give Run.classify's answers on a real test slice,
     and the accuracy `dundi classify --limit` prints."""
-    from dundi.artifacts import Run
-    from dundi.pipeline import classify_split
+    from dundi.run.directory import Run
+    from dundi.run.pipeline import classify_split
 
     x, y = sample_images
     expected = Run.load(mnist_runs["dundi"]).classify(x)
@@ -277,8 +279,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sample_images, tmp_path, data_dir):
-    from dundi.artifacts import Run
-    from dundi.pipeline import build_index
+    from dundi.run.directory import Run
+    from dundi.run.pipeline import build_index
 
     x, _ = sample_images
     original = str(mnist_runs["dundi"])
@@ -311,13 +313,13 @@ def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sampl
     # n, m, k alone
     r = http.post("/admin/reload", json={"k": 10, "m": 2}, headers=ADMIN)
     assert r.status_code == 200, r.text
-    expected = Run.load(other).classify(x[:32], m=2, k=10).labels.tolist()
+    expected = Run.load(other).classify(x[:32], TwoStepRule(m=2, k=10)).labels.tolist()
     assert labels_of(http.post("/v2/models/dundi/infer", json=v2(x[:32]))) == expected
 
     # failed loads keep the old model and answer 4xx
     current = http.get("/v2/models/dundi").json()["versions"][0]
     tampered = _copy_run(other, tmp_path / "tampered")
-    from dundi.artifacts import index_file_key, read_meta
+    from dundi.run.directory import index_file_key, read_meta
 
     with open(tampered / index_file_key(read_meta(tampered)), "r+b") as f:
         f.seek(-8, 2)
@@ -371,9 +373,9 @@ def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, http, mn
     import yaml
     from ray import serve
 
-    from dundi.artifacts import Run
     from dundi.distributed.serve_app import apply_app
-    from dundi.pipeline import build_index
+    from dundi.run.directory import Run
+    from dundi.run.pipeline import build_index
 
     x, _ = sample_images
     other = _copy_run(mnist_runs["dundi"], tmp_path / "yaml-other")
@@ -402,7 +404,7 @@ def test_serve_config_yaml_deploys_and_reconfigures_in_place(serve_url, http, mn
             meta = c.get("/v2/models/dundi").json()["parameters"]
             assert (meta["run"], meta["k"], meta["n"]) == (other.name, 3, 6)
             assert labels_of(c.post("/v2/models/dundi/infer", json=v2(x[:16]))) == \
-                Run.load(other).classify(x[:16], k=3).labels.tolist()
+                Run.load(other).classify(x[:16], TwoStepRule(k=3)).labels.tolist()
             assert handle.describe.remote().result(timeout_s=30)["actor_name"] == actor  # not restarted
         assert http.get("/v2/health/ready").status_code == 200  # the first app still runs
     finally:

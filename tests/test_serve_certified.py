@@ -1,6 +1,6 @@
 """Certified answers over HTTP: for a run trained with ``dundi train --certified`` (its rule
 ranks by the squared Euclidean distance), every answer of every backend carries the
-``certified_radius`` of the answered label, equal to ``Run.certifier(n, m, k).radius`` on the
+``certified_radius`` of the answered label, equal to ``Run.certifier(TwoStepRule(n, m, k)).radius`` on the
 same images; for any other run the field is null; swapping n, m, k swaps the certifier.
 
 The plain app is tested in-process; one real Ray Serve app (over HTTP on 127.0.0.1) checks the
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.certificate import RADIUS_STEPS
+from dundi.robustness.certificate import RADIUS_STEPS
+from dundi.rule.params import TwoStepRule
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -34,12 +35,12 @@ def images(data_dir) -> np.ndarray:
 
 def expected_radii(run_dir: Path, x: np.ndarray, n: int | None = None, m: int = 3, k: int = 5
                    ) -> tuple[list[int], np.ndarray]:
-    """The labels Run.classify answers and Run.certifier(n, m, k).radius for those labels."""
-    from dundi.artifacts import Run
+    """The labels Run.classify answers and Run.certifier(TwoStepRule(n, m, k)).radius for those labels."""
+    from dundi.run.directory import Run
 
     run = Run.load(run_dir)
-    labels = run.classify(x, n=n, m=m, k=k).labels
-    radius = run.certifier(n, m, k).radius(torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)))
+    labels = run.classify(x, TwoStepRule(n, m, k)).labels
+    radius = run.certifier(TwoStepRule(n, m, k)).radius(torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)))
     return labels.tolist(), radius.numpy()
 
 

@@ -98,7 +98,7 @@ def images(data_dir) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def expected(mnist_runs, images) -> list[int]:
-    from dundi.artifacts import Run
+    from dundi.run.directory import Run
 
     return Run.load(mnist_runs["dundi"]).classify(images[:LIMIT]).labels.tolist()
 
@@ -168,7 +168,7 @@ def test_bad_ports_are_one_line_errors(mnist_runs, backend):
 
 def test_metadata_names_the_run_without_paths(server, mnist_runs):
     """Clients learn which run answers (its name and hashes), never where it lives."""
-    from dundi.artifacts import Run, index_file_key
+    from dundi.run.directory import Run, index_file_key
 
     run_dir = Path(mnist_runs["dundi"]).resolve()
     files = Run.load(run_dir).meta["files"]

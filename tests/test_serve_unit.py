@@ -12,8 +12,14 @@ import pytest
 from PIL import Image
 
 from dundi.serving import ModelConfig, RequestError, ServeSettings
-from dundi.serving.inputs import (InputSpec, decode_image, images_from_parts, parse_classify_json,
-                                  parse_multipart, parse_v2_infer)
+from dundi.serving.inputs import (
+    InputSpec,
+    decode_image,
+    images_from_parts,
+    parse_classify_json,
+    parse_multipart,
+    parse_v2_infer,
+)
 from dundi.serving.outputs import V2_OUTPUTS, dumps, v2_response
 
 SPEC = InputSpec((1, 28, 28), max_batch=8)
@@ -201,7 +207,7 @@ def test_abstain_calibrated_on_held_out_data(local_model, mnist_runs, data_dir):
     from dundi.serving.abstain import calibrate_rule, held_out_images
 
     model = local_model.model
-    images, labels, source = held_out_images(model, data_dir, limit=500)
+    images, labels, source = held_out_images(model.run, data_dir, limit=500)
     assert "validation" in source and len(images) > 100
     figures = calibrate_rule(model, images, labels, rate=0.01, fields=("abstain_threshold",))
     assert figures["abstain_rate"] <= 0.01 and figures["thresholds"]["abstain_threshold"] > 0
@@ -224,7 +230,7 @@ def test_abstain_calibrated_on_held_out_data(local_model, mnist_runs, data_dir):
     for res in held + clean + odd:  # abstaining is exactly "nearest oracle beyond the threshold"
         assert res["abstained"] == (res["nearest_oracle_distance"] > thr)
         assert (res["label"] is None and res["class_name"] == "unknown") == res["abstained"]
-    distances = model.run.classify(images, n=model.n, m=model.config.m, k=model.config.k).nearest_distance
+    distances = model.run.classify(images, model.rule).nearest_distance
     beyond = distances > thr
     assert beyond.sum() >= 1  # up to 1 % of the held-out images, by the calibration's definition
     assert [res["abstained"] for res in held] == beyond.tolist()

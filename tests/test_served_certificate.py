@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.artifacts import Run, save_oracle
-from dundi.certificate import RADIUS_STEPS
-from dundi.classify import two_step_reference
-from dundi.oracle import OracleIndex
+from dundi.robustness.certificate import RADIUS_STEPS
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import two_step_reference
+from dundi.run.directory import Run, save_oracle
 
 pytestmark = pytest.mark.realdata
 N, M = 10, 3   # the certified_run fixture indexes 10 oracles per class
@@ -111,7 +112,7 @@ def served_labels_in_mixed_batches(run: Run, points: np.ndarray, n: int, m: int,
     while start < len(points):
         size = int(rng.choice([1, 2, 7, 16, 33, 64, 256]))
         idx = order[start:start + size]
-        labels[idx] = run.classify(points[idx], n=n, m=m, k=k).labels
+        labels[idx] = run.classify(points[idx], TwoStepRule(n, m, k)).labels
         start += size
     return labels
 
@@ -145,8 +146,8 @@ def test_certificates_hold_for_queries_much_longer_than_the_oracles(certified_ru
     the margin here; every certified answer must still hold at every tried point."""
     run = scaled_run(certified_run, tmp_path / "run", scale)
     x = digits[0][:96]
-    labels = run.classify(x, m=M, k=3).labels
-    radius = run.certifier(N, M, 3).radius(torch.from_numpy(x), torch.from_numpy(labels), eps_max=0.25).numpy()
+    labels = run.classify(x, TwoStepRule(m=M, k=3)).labels
+    radius = run.certifier(TwoStepRule(N, M, 3)).radius(torch.from_numpy(x), torch.from_numpy(labels), eps_max=0.25).numpy()
     assert_no_point_flips(run, x, labels, radius, N, M, 3)
 
 
@@ -155,7 +156,7 @@ def test_an_answer_never_depends_on_its_batch(certified_run, digits, tmp_path):
     answer is the same bits alone and in batches of 2..256 at any position with any others."""
     run = scaled_run(certified_run, tmp_path / "run", 0.2, tie=1e-4)
     x, others = digits[0][:40], digits[0][40:]
-    alone = [run.classify(x[i:i + 1], m=M, k=3) for i in range(len(x))]
+    alone = [run.classify(x[i:i + 1], TwoStepRule(m=M, k=3)) for i in range(len(x))]
     assert len({int(a.labels[0]) for a in alone}) > 1, "near-ties should not all go one way"
     rng = np.random.default_rng(0)
     for size in [2, 3, 8, 15, 16, 17, 64, 100, 255, 256]:
@@ -163,7 +164,7 @@ def test_an_answer_never_depends_on_its_batch(certified_run, digits, tmp_path):
             batch = others[rng.choice(len(others), size, replace=False)].copy()
             pos = int(rng.integers(size))
             batch[pos] = x[i]
-            got = run.classify(batch, m=M, k=3)
+            got = run.classify(batch, TwoStepRule(m=M, k=3))
             for field in ("labels", "topk_classes", "coarse_scores", "fine_scores", "nearest_distance"):
                 a, b = getattr(alone[i], field)[0], getattr(got, field)[pos]
                 assert np.array_equal(a, b), f"image {i}: {field} differs in a batch of {size} at {pos}"
@@ -172,8 +173,8 @@ def test_an_answer_never_depends_on_its_batch(certified_run, digits, tmp_path):
 def test_near_tie_certificates_hold_in_any_batch(certified_run, digits, tmp_path):
     run = scaled_run(certified_run, tmp_path / "run", 0.2, tie=1e-3)
     x = digits[0][:128]
-    labels = run.classify(x, m=M, k=3).labels
-    radius = run.certifier(N, M, 3).radius(torch.from_numpy(x), torch.from_numpy(labels), eps_max=2e-3).numpy()
+    labels = run.classify(x, TwoStepRule(m=M, k=3)).labels
+    radius = run.certifier(TwoStepRule(N, M, 3)).radius(torch.from_numpy(x), torch.from_numpy(labels), eps_max=2e-3).numpy()
     assert_no_point_flips(run, x, labels, radius, N, M, 3)
 
 
@@ -190,14 +191,13 @@ def test_a_shortlisted_index_is_certified_for_the_step_one_that_answers(certifie
     run = derived_run(certified_run, tmp_path / "run", base.embed(x[rows]), 70)
     run.oracle.exact_coarse_limit = run.oracle.full_limit = 8
     queries = x[zeros[10:40]]
-    got = run.classify(queries, m=M, k=5)
-    ref = two_step_reference(torch.from_numpy(run.embed(queries)), torch.from_numpy(run.oracle.blocks),
-                             N, M, 5, metric="sqeuclidean")
+    got = run.classify(queries, TwoStepRule(m=M, k=5))
+    ref = two_step_reference(torch.from_numpy(run.embed(queries)), torch.from_numpy(run.oracle.blocks), TwoStepRule(N, M, 5, "sqeuclidean"))
     assert np.array_equal(got.labels, ref.numpy())
-    radius = run.certifier(N, M, 5).radius(torch.from_numpy(queries), torch.from_numpy(got.labels),
+    radius = run.certifier(TwoStepRule(N, M, 5)).radius(torch.from_numpy(queries), torch.from_numpy(got.labels),
                                            eps_max=0.25).numpy()
     assert_no_point_flips(run, queries, got.labels, radius, N, M, 5)
-    assert run.oracle.step1_kind(N, M) == "exact (float64)"
+    assert run.oracle.step1_kind(TwoStepRule(N, M)) == "exact (float64)"
 
 
 def test_the_served_radius_covers_the_abstain_gate(certified_run, digits):

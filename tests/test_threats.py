@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from dundi.artifacts import Run
 from dundi.data import load_split
 from dundi.errors import DundiError
-from dundi.evaluate import select_samples
-from dundi.threats import FeatureScorer, build_threat
+from dundi.evaluation.evaluate import select_samples
+from dundi.robustness.threats import FeatureScorer, build_threat
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,10 @@ def test_adaptive_argmax_is_the_two_step_label_with_k_equal_to_classes(subject):
         threat = build_threat("adaptive", distance_net=run.model, oracles=run.oracle_tensor(n))
         with torch.no_grad():
             scores = threat.model(torch.from_numpy(images))
-        two_step = run.classify(images, n=n, m=min(3, n), k=num_classes).labels
+        two_step = run.classify(images, TwoStepRule(n, min(3, n), num_classes)).labels
         np.testing.assert_array_equal(scores.argmax(1).numpy(), two_step)
         # and the score is the fine step's, divided by n: compare with FAISS's fine scores
-        res = run.oracle.classify(run.embed(images), n=n, m=min(3, n), k=num_classes)
+        res = run.oracle.classify(run.embed(images), TwoStepRule(n, min(3, n), num_classes))
         fine = np.take_along_axis(scores.numpy(), res.topk_classes, 1) * n
         np.testing.assert_allclose(fine, res.fine_scores, rtol=1e-4, atol=1e-3)
 

@@ -41,8 +41,7 @@ from .apgdt import APGDT
 from .autoattack import AutoAttack
 from .base import Attack, AttackResult, eval_mode
 from .bim import BIM, BIMA, BIMB
-from .checks import (AttackCheckWarning, check_black_box_vs_white_box, check_gradients, check_outputs,
-                     run_checks)
+from .checks import AttackCheckWarning, check_black_box_vs_white_box, check_gradients, check_outputs, run_checks
 from .deepfool import DeepFool
 from .fab import FABT
 from .fgsm import FGSM

@@ -21,7 +21,7 @@ class AutoAttack(Attack):
     (``targets`` classes) and Square (``n_queries`` queries) one after the other, each on
     the samples every earlier attack left correctly classified, and keeps per sample the
     first adversarial found: robust accuracy is the worst case over the four. On DunDi's
-    adaptive stand-in (:class:`dundi.classify.TwoStepScorer` with k below the number of
+    adaptive stand-in (:class:`dundi.rule.reference.TwoStepScorer` with k below the number of
     classes) APGD on step 1 (:class:`~dundi.attacks.step1.APGDStep1`) joins after APGD-CE.
     "Correct" is always the model's deciding label (the two-step rule for DunDi). Samples
     no attack fools keep APGD-CE's highest-loss point.

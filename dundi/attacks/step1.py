@@ -24,7 +24,7 @@ class APGDStep1(APGD):
     fine score, a way in that the fine-score stand-in does not see.
 
     Distance measure: Linf. The model must expose ``coarse_scores_and_labels(x)`` and ``k``
-    (DunDi's adaptive stand-in, :class:`dundi.classify.TwoStepScorer`); success is the
+    (DunDi's adaptive stand-in, :class:`dundi.rule.reference.TwoStepScorer`); success is the
     deployed rule's label. Needs k below the number of classes.
 
     Arguments: eps, steps, restarts, rho, seed, device as :class:`~dundi.attacks.apgd.APGD`

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dundi.cli.main import emit, nonnegative_float, positive_float
+from dundi.cli.args import emit, nonnegative_float, positive_float
 from dundi.errors import DundiError
 
 
@@ -33,13 +33,13 @@ def _finish(st: dict, as_json: bool, extra: dict) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from dundi.cli.job_command import submit_command
+    from dundi.cli.submission import submit_command
     from dundi.distributed import jobs_api
 
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
-    job_id = submit_command(command, args.address, job_id=args.job_id, python=args.python,
+    job_id = submit_command(command, args.command_parser, args.address, job_id=args.job_id, python=args.python,
                             num_cpus=args.num_cpus, num_gpus=args.num_gpus, env=_env_pairs(args.env),
                             working_dir=args.working_dir)
     address = jobs_api.dashboard_address(args.address)

@@ -9,10 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from dundi.cli import choices
-from dundi.cli.main import (add_two_step_args, emit, nonnegative_float, nonnegative_int, positive_float,
-                            positive_int)
-from dundi.rule import COARSE_ORACLES
+from dundi.cli import flag_values as choices
+from dundi.cli.args import add_two_step_args, emit, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dundi.errors import DundiError
 
 
@@ -32,7 +30,7 @@ def _parse_attack_args(items: list[str]) -> dict:
 
 def _attacks(names: list[str]) -> list[str]:
     from dundi.attacks import ATTACKS, STAND_IN_ONLY
-    from dundi.evaluate import PAPER_ATTACKS
+    from dundi.evaluation.evaluate import PAPER_ATTACKS
 
     everything = [a for a in ATTACKS if a not in STAND_IN_ONLY]
     out: list[str] = []
@@ -108,8 +106,8 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dundi.evaluate import EvalConfig, evaluate_local
-    from dundi.results import json_safe, summarize
+    from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+    from dundi.evaluation.results import json_safe, summarize
 
     cfg = EvalConfig(run=args.run, native=args.native, attacks=_attacks(args.attacks),
                      threats=args.threat, eps=args.eps, steps=args.steps, seed=args.seed,
@@ -127,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                  progress=not args.no_progress, log=log)
     summary = summarize(args.out)
     summary["timing"] = timing
-    from dundi.certified_eval import certified_summary, certify_evaluation
+    from dundi.evaluation.certified_eval import certified_summary, certify_evaluation
 
     if certify_evaluation(args.out) is not None:  # a certifiable run: certificates beside the attacks
         summary["certified"] = certified_summary(args.out)
@@ -141,8 +139,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from dundi.report import write_report
-    from dundi.results import json_safe
+    from dundi.evaluation.report import write_report
+    from dundi.evaluation.results import json_safe
 
     figures = write_report(args.results, args.out)
     if args.json:
@@ -179,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample choice and the attacks")
     p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard (unit of resume)")
-    add_two_step_args(p, m_default=COARSE_ORACLES)
+    add_two_step_args(p)
     p.add_argument("--n-values", nargs="+", type=positive_int, default=[1, 10, 20],
                    help="also classify at these n (Table 1, Fig. 7)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="divides the attacked scores")

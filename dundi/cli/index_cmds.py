@@ -1,6 +1,6 @@
 """`dundi index add | remove | list`: enroll and remove classes of a run without retraining.
 
-Each change writes a new oracle index version (dundi.enrollment, dundi.artifacts); a service
+Each change writes a new oracle index version (dundi.run.enrollment, dundi.run.directory); a service
 serving the run picks it up through its admin route (`POST /admin/classes`) or a reload.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from dundi.cli.main import emit, nonnegative_int, positive_int
+from dundi.cli.args import emit, nonnegative_int, positive_int
 
 
 def _images(args: argparse.Namespace):
     """The images to enroll and where they came from: files/folders/globs, or a dataset class."""
-    from dundi.artifacts import read_meta
     from dundi.errors import DundiError
+    from dundi.run.directory import read_meta
 
     if bool(args.images) == (args.label is not None):
         raise DundiError("give the class's images either as --images PATH... (PNG/JPEG files, folders, "
@@ -23,12 +23,12 @@ def _images(args: argparse.Namespace):
         if args.dataset is not None or args.limit is not None or args.split != "train":
             raise DundiError("--dataset, --split and --limit choose dataset images (with --label); "
                              "they do not apply to --images")
-        from dundi.image_files import read_images
+        from dundi.run.image_files import read_images
 
         in_shape = read_meta(args.run)["in_shape"]
         images, files = read_images(args.images, in_shape, resize=args.resize)
         return images, None, -1, f"{len(files)} image file(s)"
-    from dundi.enrollment import dataset_images
+    from dundi.run.enrollment import dataset_images
 
     images, ids, name, label = dataset_images(args.run, args.dataset, args.split, args.label,
                                               args.limit, args.data_dir)
@@ -36,8 +36,8 @@ def _images(args: argparse.Namespace):
 
 
 def cmd_index_add(args: argparse.Namespace) -> None:
-    from dundi.artifacts import Run
-    from dundi.enrollment import add_class, check_class_name
+    from dundi.run.directory import Run
+    from dundi.run.enrollment import add_class, check_class_name
 
     check_class_name(args.cls)
     Run.load(args.run)  # an unknown, damaged or native run is named before any image is read
@@ -50,7 +50,7 @@ def cmd_index_add(args: argparse.Namespace) -> None:
 
 
 def cmd_index_remove(args: argparse.Namespace) -> None:
-    from dundi.enrollment import remove_class
+    from dundi.run.enrollment import remove_class
 
     out = remove_class(args.run, args.cls)
     emit({"run": args.run, "class": args.cls, "version": out["version"], "classes": out["num_classes"]},
@@ -60,7 +60,7 @@ def cmd_index_remove(args: argparse.Namespace) -> None:
 def cmd_index_list(args: argparse.Namespace) -> None:
     import json
 
-    from dundi.enrollment import list_classes
+    from dundi.run.enrollment import list_classes
 
     out = list_classes(args.run)
     if args.json:
@@ -77,7 +77,7 @@ def cmd_index_list(args: argparse.Namespace) -> None:
 
 def register(index: argparse._SubParsersAction, add_common) -> None:
     """Add `add`, `remove` and `list` to the `index` subcommand."""
-    from dundi.cli import choices
+    from dundi.cli import flag_values as choices
 
     p = index.add_parser("add", help="enroll a new class from its images (no retraining)")
     p.add_argument("run", help="DunDi run directory with an oracle index")

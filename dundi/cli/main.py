@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import math
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -19,21 +17,8 @@ from dundi.errors import DundiError
 PROG = "dundi"
 
 # Modules that contribute subcommands; each defines ``register(subparsers)``.
-COMMAND_MODULES = ["dundi.cli.core_cmds", "dundi.cli.cluster_cmds", "dundi.cli.serve_cmds",
+COMMAND_MODULES = ["dundi.cli.run_cmds", "dundi.cli.cluster_cmds", "dundi.cli.serve_cmds",
                    "dundi.cli.evaluate_cmds"]
-
-
-def emit(figures: dict[str, Any], as_json: bool, title: str | None = None) -> None:
-    """Print figures for people, or as a single JSON line last."""
-    if as_json:
-        print(json.dumps(figures, default=str))
-        return
-    if title:
-        print(title)
-    for key, value in figures.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        print(f"  {key}: {value}")
 
 
 def package_version() -> str:
@@ -88,50 +73,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def _type(convert: Callable[[str], Any], check: Callable[[Any], bool], wanted: str
-          ) -> Callable[[str], Any]:
-    """An argparse type: convert, then check, else one message naming what is accepted."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give {wanted}")
-        return value
-
-    parse.__name__ = wanted  # argparse names the type in some messages
-    return parse
-
-
-positive_int = _type(int, lambda v: v >= 1, "an integer of at least 1")
-nonnegative_int = _type(int, lambda v: v >= 0, "an integer of at least 0")
-positive_float = _type(float, lambda v: math.isfinite(v) and v > 0, "a number above 0")
-nonnegative_float = _type(float, lambda v: math.isfinite(v) and v >= 0, "a number of at least 0")
-unit_float = _type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-fraction = _type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-open_fraction = _type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
-port_number = _type(int, lambda v: 1 <= v <= 65535, "a TCP port in 1-65535")
-
-
-def add_two_step_args(p: Any, m_default: int | None = None) -> None:
-    """--n, --m, --k of the two-step rule, with the defaults of :mod:`dundi.rule` (one home)."""
-    from dundi import rule
-
-    p.add_argument("--n", type=positive_int, default=None,
-                   help="fine-step oracles per class (default: all in the index)")
-    p.add_argument("--m", type=positive_int, default=m_default,
-                   help="coarse-step oracles per class (default: " +
-                        (f"min({rule.COARSE_ORACLES}, n))" if m_default is None else "%(default)s)"))
-    p.add_argument("--k", type=positive_int, default=rule.KEPT_CLASSES,
-                   help="classes kept by the coarse step (default %(default)s)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="DunDi: robust classification by "
                     "distance metric learning (triplet network + two-step oracle classifier).")
     parser.add_argument("--version", action=VersionAction, help="print the installed version and exit")
+    parser.set_defaults(command_parser=parser)  # `dundi submit` checks commands with this parser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:

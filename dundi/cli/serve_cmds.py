@@ -10,10 +10,17 @@ import socket
 import sys
 import time
 
-from dundi.cli.main import (add_two_step_args, emit, nonnegative_float, open_fraction, port_number,
-                            positive_float, positive_int)
+from dundi.cli.args import (
+    add_two_step_args,
+    emit,
+    nonnegative_float,
+    open_fraction,
+    port_number,
+    positive_float,
+    positive_int,
+    rule_from_args,
+)
 from dundi.errors import DundiError
-from dundi.rule import COARSE_ORACLES
 from dundi.serving.settings import DeploymentSettings, ServeSettings
 
 # the defaults of the flags below are the declarations' own (one home per setting)
@@ -96,28 +103,15 @@ def add_abstain_args(group) -> None:
                        help="held-out images to calibrate on (default %(default)s)")
 
 
-def loaded_model(run: str, n, m, k, args: argparse.Namespace, loaded=None):
-    """The run as served, with the abstain rule the flags ask for (a line on stderr says which).
-    ``loaded``: the run already loaded (a :class:`dundi.artifacts.Run`), not read again."""
-    import dataclasses
+def loaded_model(run: str, args: argparse.Namespace, loaded=None):
+    """The run as served under the flags' rule, with the abstain rule the flags ask for (a line
+    on stderr says which); ``loaded``: the run already loaded, not read again."""
+    from dundi.serving.abstain import served_model
 
-    from dundi.serving import LoadedModel, ModelConfig, RequestError
-    from dundi.serving.abstain import abstain_settings
-
-    try:
-        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": n, "m": m, "k": k})
-    except RequestError as exc:
-        raise DundiError(exc.message) from None
-    if args.abstain_threshold is not None and args.false_abstain is not None:
-        raise DundiError("give --abstain-threshold or --false-abstain, not both")
-    model = LoadedModel(config, run=loaded)  # fails early, with the loader's message, on a bad run
-    fields, how = abstain_settings(model, args.abstain_threshold, args.false_abstain,
-                                   getattr(args, "data_dir", None), args.calibration_limit)
+    config, model, how = served_model(run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
+                                      getattr(args, "data_dir", None), args.calibration_limit, loaded)
     print(f"dundi: {how}", file=sys.stderr)
-    if not any(v is not None for v in fields.values()):
-        return config, model
-    config = dataclasses.replace(config, **fields)
-    return config, LoadedModel(config, run=model.run)  # the same run, other abstain settings
+    return config, model
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -126,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.no_ray or args.address is None:  # on a cluster the proxies listen on other hosts
         check_listen(args.host, args.port)
-    config, model = loaded_model(args.run, args.n, args.m, args.k, args)
+    config, model = loaded_model(args.run, args)
     settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
                                     model_name=args.model_name, max_batch=args.max_batch,
                                     max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout,
@@ -137,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     figures = {"url": url, "run": config.run, "model_name": settings.model_name, "version": model.info.version,
                "dataset": model.info.dataset, "in_shape": list(model.info.in_shape),
-               "n": model.n, "m": config.m, "k": config.k, **{f: getattr(config, f) for f in ABSTAIN_SIGNALS},
+               "n": model.rule.n, "m": model.rule.m, "k": model.rule.k, **{f: getattr(config, f) for f in ABSTAIN_SIGNALS},
                "auth": bool(settings.auth_token_sha256), "admin_reload": bool(settings.admin_token_sha256)}
     example = (f"  curl -s -F file=@digit.png {url}/classify\n"
                f"  curl -s -H 'Content-Type: application/json' -d @request.json "
@@ -305,7 +299,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this single process with uvicorn instead (same API, no Ray)")
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
-    add_two_step_args(model, m_default=COARSE_ORACLES)
+    add_two_step_args(model)
     add_abstain_args(model)
     model.add_argument("--data-dir", default=None,
                        help="dataset cache for calibrating (default: $DUNDI_DATA_DIR, else the user cache dir)")

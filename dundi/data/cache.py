@@ -27,9 +27,10 @@ import numpy as np
 import platformdirs
 
 from dundi.data.errors import DataFormatError
-from dundi.data.shards import read_shards, sha256_file, write_split
+from dundi.data.shards import read_shards, write_split
 from dundi.data.sources import SourceOptions, load_raw
 from dundi.data.specs import SPLIT_ID_OFFSET, SPLITS, check_split, get_spec
+from dundi.files import sha256_file
 
 log = logging.getLogger(__name__)
 

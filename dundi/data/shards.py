@@ -8,7 +8,6 @@ workers get only paths). Shards hold ~10k rows so workers can split work by file
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,21 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dundi.data.errors import DataFormatError
+from dundi.files import sha256_file
 
 SHARD_ROWS = 10_000
 SCHEMA = pa.schema([("id", pa.int64()), ("split", pa.string()),
                     ("label", pa.int64()), ("image", pa.binary())])
 _META_SHAPE = b"dundi.shape"
 _META_DATASET = b"dundi.dataset"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _image_column(images: np.ndarray) -> pa.BinaryArray:

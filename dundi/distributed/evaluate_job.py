@@ -2,11 +2,11 @@
 that keep the runs loaded and take shards (attack × eps × threat model × slice of samples)
 one after the other.
 
-The driver plans the shards (:func:`dundi.evaluate.prepare`), skips the finished ones, puts
+The driver plans the shards (:func:`dundi.evaluation.evaluate.prepare`), skips the finished ones, puts
 the two runs' files and the evaluated samples into the object store once and starts
 ``workers`` :class:`ShardWorker` actors. Each actor rebuilds the runs from those bytes in a
 temporary directory of its own (workers need no shared filesystem), builds its
-:class:`~dundi.evaluate.Evaluator` and warms it up once, then evaluates every shard the
+:class:`~dundi.evaluation.evaluate.Evaluator` and warms it up once, then evaluates every shard the
 driver hands it and returns the Arrow table with its own timestamps; the driver writes each
 table atomically the moment it arrives. A killed evaluation loses only the shards in flight:
 rerunning the same command skips every written shard. A worker that dies is restarted and
@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 import ray
 
-from dundi.artifacts import RUN_FILE, read_meta
-from dundi.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
-from dundi.results import record_timing, write_shard
+from dundi.evaluation.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
+from dundi.evaluation.results import record_timing, write_shard
+from dundi.run.directory import RUN_FILE, read_meta
 
 # A local Ray started for an evaluation runs its workers at the driver's own priority. Ray's
 # default (worker_niceness 15) makes the shards, all the real work, yield to every other
@@ -60,7 +60,7 @@ def _materialize(files: dict[str, bytes], root: Path) -> str:
 
 @ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
 class ShardWorker:
-    """One worker process holding one :class:`~dundi.evaluate.Evaluator` (model, oracle index,
+    """One worker process holding one :class:`~dundi.evaluation.evaluate.Evaluator` (model, oracle index,
     samples) for a whole evaluation."""
 
     def __init__(self, cfg_dict: dict, bundle_ref: list, threads: int = 1, niceness: int | None = None) -> None:

@@ -28,7 +28,7 @@ reconfigured. The result is the declared configuration from then on (``serve sta
 ``serve build`` show it), not a side channel that a later deploy silently overrides.
 
 **``POST /admin/classes``** (same token) enrolls or removes a class: the receiving replica
-writes the run's next index version (dundi.enrollment, under the run's file lock) and rolls
+writes the run's next index version (dundi.run.enrollment, under the run's file lock) and rolls
 it out exactly as a reload does, with ``index_version`` pinned in the user_config.
 
 ``app_builder(ServeAppArgs)`` is the typed application builder used both by ``dundi serve`` and

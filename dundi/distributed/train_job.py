@@ -40,11 +40,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dundi.checkpoint import read_checkpoint, write_checkpoint
 from dundi.errors import DundiError
-from dundi.train import TrainConfig
-from dundi.training_loop import KINDS, resume_state
-from dundi.rule import ORACLES_PER_CLASS
+from dundi.rule.params import ORACLES_PER_CLASS
+from dundi.training.checkpoint import read_checkpoint, write_checkpoint
+from dundi.training.config import TrainConfig
+from dundi.training.loop import KINDS, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _check_descriptor(storage: str, name: str, descriptor: dict) -> dict | None:
     except (OSError, ValueError) as exc:
         raise DundiError(f"cannot read {storage}/{name}/{RUN_DESCRIPTOR}: {exc}") from None
     if previous is not None:
-        from dundi.training_loop import check_resume
+        from dundi.training.loop import check_resume
 
         previous.setdefault("world_size", previous.get("workers"))  # descriptors before the rename
         check_resume(previous, descriptor, f"run name {name!r} in {storage}",
@@ -201,15 +201,15 @@ def _all_gather(obj: Any) -> list[Any]:
 
 def train_loop(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: one DDP worker running the core's epoch loop
-    (:func:`dundi.training_loop.train_epochs`) on its own rows; rank 0 checkpoints."""
+    (:func:`dundi.training.loop.train_epochs`) on its own rows; rank 0 checkpoints."""
     import ray.train
     import ray.train.torch
 
-    from dundi.artifacts import build_from_meta
     from dundi.data import DATASETS
-    from dundi.pipeline import native_accuracy, triplet_validator
-    from dundi.train import drop_holdout, kept_classes, split_train_val
-    from dundi.training_loop import TIMING_KEYS, Worker, train_epochs
+    from dundi.run.directory import build_from_meta
+    from dundi.run.pipeline import native_accuracy, triplet_validator
+    from dundi.training.loop import TIMING_KEYS, Worker, train_epochs
+    from dundi.training.passes import drop_holdout, kept_classes, split_train_val
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
@@ -265,7 +265,7 @@ def train_loop(config: dict) -> None:
 def _resumed(checkpoint: Any) -> tuple[Any, list[int]]:
     """The worker's starting point from Ray Train's last checkpoint (None on a fresh run) and
     the epochs at which earlier attempts started."""
-    from dundi.training_loop import Resumed
+    from dundi.training.loop import Resumed
 
     if checkpoint is None:
         return None, []
@@ -297,7 +297,7 @@ def _allreduce_min(value: int, device: torch.device) -> float:
 def _initial_model(kind: str, cfg: TrainConfig, pretrained: str | None):
     """The seeded initial model, built exactly as the local path builds it, and the
     metadata that rebuilds its architecture on the workers."""
-    from dundi.pipeline import new_distance_net, new_native_net, run_meta
+    from dundi.run.pipeline import new_distance_net, new_native_net, run_meta
 
     if kind == "native":
         if pretrained:
@@ -383,9 +383,10 @@ def _write_run(out: Path, kind: str, cfg: TrainConfig, state: dict, weights: dic
                extra: dict, ray_facts: dict, opts: RayOptions, data_dir: str | None) -> dict:
     """The run directory, written with the same calls as the local path (save_model,
     metrics.json, build_index): nothing downstream can tell where a run was trained."""
-    from dundi.artifacts import atomic_write_json, build_from_meta, read_meta, save_model
-    from dundi.pipeline import METRICS_FILE, build_index, native_accuracy
-    from dundi.training_loop import TIMING_KEYS
+    from dundi.files import atomic_write_json
+    from dundi.run.directory import build_from_meta, read_meta, save_model
+    from dundi.run.pipeline import METRICS_FILE, build_index, native_accuracy
+    from dundi.training.loop import TIMING_KEYS
 
     final = build_from_meta(model_meta)
     final.load_state_dict(weights)

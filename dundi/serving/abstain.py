@@ -7,45 +7,26 @@ in-distribution images, set together so that a stated share of clean inputs (1 %
 abstains; `dundi index calibrate` stores the rule with the index metadata and `dundi serve`
 serves it by default (docs/results/abstain).
 
-Held-out data: the validation part of the run's training split (the same seeded split the
-training used, so the model never trained on it), minus any image that is itself an oracle.
-A run trained without a validation part cannot be calibrated: the test split stays untouched.
+Held-out data (:func:`dundi.run.pipeline.held_out_images`): the validation part of the run's
+training split, minus any image that is itself an oracle. A run trained without a validation
+part cannot be calibrated: the test split stays untouched. The calibrated rule is stored in
+run.json with the index it was measured on (:func:`dundi.run.directory.save_calibration`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
-from dundi.serving.model import LoadedModel
-
-
-def held_out_images(model: LoadedModel, data_dir: str | None = None, limit: int | None = 2000
-                    ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images, labels, description) of in-distribution images the model did not train on:
-    the validation part of the train split, split as training split it (after leaving out
-    any held-out classes), minus the oracles. Never the test split: a threshold fitted on it
-    would leave no untouched data to measure the false-abstain rate on."""
-    from dundi.data import load_split
-    from dundi.pipeline import run_rows
-    from dundi.train import split_train_val
-
-    meta = model.run.meta
-    cfg = meta.get("config", {})
-    images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir, limit=cfg.get("limit")))
-    _, va = split_train_val(labels, cfg.get("val_fraction", 0.0), cfg.get("seed", 0))
-    oracle_ids = set(model.run.oracle.meta.get("ids", [])) if model.run.oracle else set()
-    va = np.array([i for i in va if int(ids[i]) not in oracle_ids], dtype=np.int64)
-    if not len(va):
-        raise DundiError(f"{model.run.path} was trained without a validation part (--val-fraction 0), so no "
-                         f"held-out images are left to calibrate abstaining on: retrain with --val-fraction "
-                         f"0.1, or serve with --abstain-threshold none (or a nearest-oracle distance)")
-    source = f"{meta['dataset']} train split, validation part held out by training ({len(va)} images)"
-    if limit is not None and len(va) > limit:
-        va = np.sort(np.random.default_rng(0).choice(va, limit, replace=False))
-    return images[va], labels[va], source
-
+from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run, save_calibration, stored_calibration  # noqa: F401 (the rule's store)
+from dundi.run.pipeline import held_out_images
+from dundi.serving.errors import RequestError
+from dundi.serving.model import LoadedModel, ModelConfig
 
 # --- the abstain rule served by default: four signals calibrated together ------------------
 #
@@ -99,46 +80,19 @@ def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | 
     if len(images) == 0:
         raise DundiError("no held-out images to calibrate the abstain rule on")
     emb = model.run.embed(images, model.embed_batch)
-    r = model.run.oracle.classify(emb, n=model.n, m=model.config.m, k=model.config.k)
+    r = model.run.oracle.classify(emb, model.rule)
     values = {f: v for f, v in signal_values(images, emb, r.nearest_distance).items() if f in fields}
     depth = _deepen(values, rate)
     best = {f: _threshold(values[f], f, j) for f, j in depth.items()}
     flags = abstain_flags(values, best)
     out = {"thresholds": {**OFF, **best}, "rate": rate, "count": int(len(images)), "depth": depth,
-           "abstain_rate": float(flags.mean()), "n": model.n, "m": model.config.m, "k": model.config.k,
+           "abstain_rate": float(flags.mean()), "n": model.rule.n, "m": model.rule.m, "k": model.rule.k,
            "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean()) for f, t in best.items()}}
     if labels is not None:
         correct = r.labels == labels
         out["accuracy"] = float(correct.mean())
         out["accuracy_when_answering"] = float(correct[~flags].mean()) if (~flags).any() else float("nan")
     return out
-
-
-def save_calibration(model: LoadedModel, calibration: dict, source: str) -> None:
-    """Store the rule calibrated on ``model`` with the live index's metadata in run.json,
-    under the run's write lock. Every index change (build, add, remove) replaces that
-    metadata, and the rule names the index file it was measured on, so a threshold never
-    outlives the oracles it was measured against."""
-    from dundi.artifacts import atomic_write_json, index_sha256, read_meta, run_lock
-
-    run_dir = model.run.path
-    with run_lock(run_dir):
-        meta = read_meta(run_dir)
-        if index_sha256(meta) != model.info.index_sha256:
-            raise DundiError(f"the oracle index of {run_dir} changed while calibrating (or a pinned "
-                             f"version was calibrated): calibrate the live index again")
-        record = {**calibration, "source": source, "index_sha256": model.info.index_sha256}
-        meta["oracle"] = {**meta["oracle"], "abstain": record}
-        atomic_write_json(run_dir / "run.json", meta)
-
-
-def stored_calibration(meta: dict, n: int, m: int, k: int, index_sha: str) -> dict | None:
-    """The rule stored for the index file ``index_sha`` at these n, m, k (distances depend on
-    all four), or None."""
-    cal = (meta.get("oracle") or {}).get("abstain")
-    if cal and (cal.get("n"), cal.get("m"), cal.get("k"), cal.get("index_sha256")) == (n, m, k, index_sha):
-        return cal
-    return None
 
 
 DEFAULT_RATE = 0.01  # the false-abstain rate served by default: 1 % of clean held-out images
@@ -157,14 +111,33 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
     if choice is not None:
         return {**OFF, "abstain_threshold": float(choice)}, \
             f"abstain when the nearest oracle is farther than {float(choice):g} (given)"
-    cfg = model.config
-    stored = (stored_calibration(model.run.meta, model.n, cfg.m, cfg.k, model.info.index_sha256)
+    stored = (stored_calibration(model.run.meta, model.rule, model.info.index_sha256)
               if rate is None else None)
     if stored:
         return dict(stored["thresholds"]), (f"abstain rule calibrated by `dundi index calibrate`: "
                                             f"{stored['abstain_rate']:.2%} false abstains on {stored['source']}")
-    images, labels, source = held_out_images(model, data_dir, limit)
+    images, labels, source = held_out_images(model.run, data_dir, limit)
     cal = calibrate_rule(model, images, labels, DEFAULT_RATE if rate is None else rate)
     return dict(cal["thresholds"]), (f"abstain rule calibrated now: {cal['abstain_rate']:.2%} false "
                                      f"abstains on {source} (store it with `dundi index calibrate "
                                      f"{model.run.path}`)")
+
+
+def served_model(run: str | os.PathLike, rule: TwoStepRule, abstain_threshold: float | str | None = None,
+                 false_abstain: float | None = None, data_dir: str | None = None, limit: int | None = 2000,
+                 loaded: Run | None = None) -> tuple[ModelConfig, LoadedModel, str]:
+    """A run as `dundi serve` and `dundi classify RUN IMAGES` serve it: its config, the loaded
+    model and one line saying where its abstain rule comes from (:func:`abstain_settings`).
+    ``loaded``: the run already loaded, not read again."""
+    try:
+        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": rule.n, "m": rule.m, "k": rule.k})
+    except RequestError as exc:
+        raise DundiError(exc.message) from None
+    if abstain_threshold is not None and false_abstain is not None:
+        raise DundiError("give --abstain-threshold or --false-abstain, not both")
+    model = LoadedModel(config, run=loaded)  # fails early, with the loader's message, on a bad run
+    fields, how = abstain_settings(model, abstain_threshold, false_abstain, data_dir, limit)
+    if not any(v is not None for v in fields.values()):
+        return config, model, how
+    config = dataclasses.replace(config, **fields)
+    return config, LoadedModel(config, run=model.run), how  # the same run, other abstain settings

@@ -1,6 +1,6 @@
 """``POST /admin/classes``: enroll or remove a class of the served run's index while serving.
 
-The change itself is :mod:`dundi.enrollment` on the run directory (under the run's write lock,
+The change itself is :mod:`dundi.run.enrollment` on the run directory (under the run's write lock,
 written as a new index version, committed atomically); the service then reloads with that
 version pinned (``index_version`` in the model settings), which is the same in-place swap as
 ``/admin/reload``: the old index answers until the new one is loaded and verified, so no
@@ -72,7 +72,7 @@ def parse_class_change(obj: Any, spec: InputSpec) -> ClassChange:
 def apply_class_change(run_dir: str, change: ClassChange, k: int) -> dict:
     """Change the run's index on disk (blocking; call in a thread). Refusals are 422 (409 for a
     name already taken or missing), nothing written."""
-    from dundi.enrollment import add_class, remove_class
+    from dundi.run.enrollment import add_class, remove_class
 
     try:
         if change.images is None:

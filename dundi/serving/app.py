@@ -36,16 +36,25 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dundi import __version__
 from dundi.serving import admin
 from dundi.serving.admin import ClassChange, parse_class_change
 from dundi.serving.errors import RequestError
-from dundi.serving.inputs import (IMAGE_TYPES, InputSpec, decode_image, images_from_parts,
-                                  is_json_type, media_type, parse_classify_json, parse_json,
-                                  parse_multipart, parse_v2_infer)
+from dundi.serving.inputs import (
+    IMAGE_TYPES,
+    InputSpec,
+    decode_image,
+    images_from_parts,
+    is_json_type,
+    media_type,
+    parse_classify_json,
+    parse_json,
+    parse_multipart,
+    parse_v2_infer,
+)
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction
 from dundi.serving.outputs import V2_OUTPUTS, classify_response, dumps, model_metadata, v2_response
 from dundi.serving.settings import ServeSettings, token_matches

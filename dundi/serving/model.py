@@ -3,7 +3,7 @@
 
 :class:`LoadedModel` is what a Serve classifier replica and the plain-uvicorn reference both
 hold; swapping one for another is how the index and n, m, k change at runtime. Loading goes
-through :func:`dundi.artifacts.Run.load`, which re-hashes every file against the sha256
+through :func:`dundi.run.directory.Run.load`, which re-hashes every file against the sha256
 recorded in ``run.json`` and refuses a file that changed.
 """
 
@@ -18,18 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from dundi.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
-from dundi.artifacts import Run, index_sha256, index_version
 from dundi.errors import DundiError
+from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
+from dundi.rule.params import KEPT_CLASSES, TwoStepRule
+from dundi.run.directory import Run, index_sha256, index_version
 from dundi.serving.errors import RequestError
-from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which run to serve and how: the Serve classifier's ``user_config``.
 
-    ``n`` None means every oracle in the index. ``abstain_threshold`` None never abstains;
+    ``n``, ``m`` and ``k`` are the rule (:attr:`rule`; n None: every oracle in the index, m
+    None: min(3, n)). ``abstain_threshold`` None never abstains;
     otherwise an input whose nearest oracle (among the k classes kept by step 1) is farther
     than the threshold gets the answer "unknown" (see :mod:`dundi.serving.abstain`).
     ``abstain_min_norm``, ``abstain_max_grey`` and ``abstain_max_mean`` (None: off) also
@@ -40,7 +41,7 @@ class ModelConfig:
 
     run: str
     n: int | None = None
-    m: int = COARSE_ORACLES
+    m: int | None = None
     k: int = KEPT_CLASSES
     abstain_threshold: float | None = None
     abstain_min_norm: float | None = None
@@ -51,12 +52,17 @@ class ModelConfig:
 
     FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version", "certify_eps")
 
+    @property
+    def rule(self) -> TwoStepRule:
+        """The two-step rule this config serves (resolved against the index when loaded)."""
+        return TwoStepRule(self.n, self.m, self.k)
+
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
         """Validate a JSON object (a reload request, a Serve user_config). Fields left out
         keep their value in ``base``. Raises RequestError 422 saying what is wrong."""
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
-                    '(positive integers; n may be null for all oracles), "abstain_threshold" '
+                    '(positive integers; n may be null for all oracles, m for min(3, n)), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
                     '"abstain_max_mean" (non-negative numbers or null), "index_version" (an index '
                     'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
@@ -73,7 +79,7 @@ class ModelConfig:
             raise RequestError(422, "invalid_config", "no run directory given", expected)
         for name in ("n", "m", "k", "index_version"):
             value = merged.get(name, getattr(cls, name))
-            if not (value is None and name in ("n", "index_version")) and (isinstance(value, bool) or not isinstance(value, int)):
+            if not (value is None and name in ("n", "m", "index_version")) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RequestError(422, "invalid_config", f"{name}={value!r} is not an integer", expected)
         ceps = merged.get("certify_eps")
         if ceps is not None:
@@ -93,6 +99,10 @@ class ModelConfig:
                     raise RequestError(422, "invalid_config", f"{name}={value!r} is not a non-negative number",
                                        expected)
                 merged[name] = float(value)
+        try:
+            TwoStepRule(merged.get("n"), merged.get("m"), merged.get("k", cls.k))
+        except DundiError as exc:
+            raise RequestError(422, "invalid_config", str(exc), expected) from None
         return cls(**merged)
 
     def to_dict(self) -> dict:
@@ -112,7 +122,7 @@ class ModelInfo:
     in_shape: tuple[int, int, int]
     num_classes: int
     class_names: tuple[str, ...]
-    n: int
+    n: int                        # the rule answering, resolved (dundi.rule.params.TwoStepRule)
     m: int
     k: int
     oracles_per_class: int
@@ -148,7 +158,7 @@ class Prediction:
     ``certified_radius`` (runs ranking by squared Euclidean distance only, else None): the
     largest L∞ radius within which this service provably gives the same answer -- the same
     label, computed as served, and never "unknown" (the abstain thresholds are inside the
-    proof; :meth:`dundi.certificate.Certifier.radius`; 0 = not certified); NaN where the
+    proof; :meth:`dundi.robustness.certificate.Certifier.radius`; 0 = not certified); NaN where the
     service abstained. With ``ModelConfig.certify_eps`` set, it is that eps where the answer is
     certified there and 0 elsewhere: a radius the answer provably holds within (a lower bound
     of the largest), at the cost of one interval pass instead of a bisection."""
@@ -186,17 +196,15 @@ class LoadedModel:
         if run.oracle is None:
             raise DundiError(f"{config.run} is a {run.meta['kind']} run: serving needs a DunDi run "
                              f"with an oracle index (`dundi train`, then `dundi index build`)")
-        n = run.oracle.n if config.n is None else config.n
-        run.oracle.check_params(n, config.m, config.k)
+        self.rule = rule = run.oracle.resolve(config.rule)
         self.run = run
         self.config = config
-        self.n = n
         self.embed_batch = embed_batch
         meta = run.meta
         files = meta.get("files", {})
         index_hash = index_sha256(meta, config.index_version)
         fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
-                                  n, config.m, config.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS),
+                                  rule.n, rule.m, rule.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS),
                                   config.certify_eps])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
@@ -205,24 +213,24 @@ class LoadedModel:
             in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=len(run.class_names),
             class_names=run.class_names, index_version=index_version(meta) if config.index_version
             is None else config.index_version,
-            n=n, m=config.m, k=config.k, oracles_per_class=run.oracle.n,
+            n=rule.n, m=rule.m, k=rule.k, oracles_per_class=run.oracle.n,
             embed_dim=run.oracle.dim, metric=run.oracle.metric,
             # certificates need n oracles in every class: not after a few-image enrollment
-            certified=run.oracle.metric == "sqeuclidean" and int(run.oracle.class_counts().min()) >= n,
-            step1=run.oracle.step1_kind(n, config.m), certify_eps=config.certify_eps,
+            certified=run.oracle.answers_exactly(rule),
+            step1=run.oracle.step1_kind(rule), certify_eps=config.certify_eps,
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
-        # Built with the model, so a new run or n, m, k (a new LoadedModel) gets its own.
-        self.certifier = run.certifier(n, config.m, config.k) if self.info.certified else None
+        # Built with the model, so a new run or rule (a new LoadedModel) gets its own.
+        self.certifier = run.certifier(rule) if self.info.certified else None
 
     def predict(self, images: np.ndarray) -> Prediction:
         """Algorithm 1 on (B, C, H, W) float32 images in [0, 1] (validated by the caller)."""
         check_shape(images, self.info.in_shape)
         if len(images) == 0:
-            r = self.run.classify(images, n=self.n, m=self.config.m, k=self.config.k)
+            r = self.run.classify(images, self.rule)
             emb = np.zeros((0, self.run.oracle.dim), np.float32)
         else:
             emb = self.run.embed(images, self.embed_batch)
-            r = self.run.oracle.classify(emb, n=self.n, m=self.config.m, k=self.config.k)
+            r = self.run.oracle.classify(emb, self.rule)
         values = signal_values(images, emb, r.nearest_distance)
         abstained = abstain_flags(values, {f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         labels = r.labels.astype(np.int64)
@@ -235,11 +243,11 @@ class LoadedModel:
 
     def certified_radius(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(B,) float64: for each image, the L∞ radius within which this service provably
-        answers ``labels`` and never abstains (the Certifier of the run for these n, m, k, with
+        answers ``labels`` and never abstains (the Certifier of the run for this rule, with
         this config's abstain thresholds as its gate)."""
         import torch
 
-        from dundi.certificate import AbstainGate
+        from dundi.robustness.certificate import AbstainGate
 
         gate = AbstainGate(**{f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))

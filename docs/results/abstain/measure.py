@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from dundi.data import load_split
-from dundi.serving.abstain import (SIGNALS, abstain_flags, calibrate_rule, held_out_images,
-                                   signal_values)
+from dundi.serving.abstain import SIGNALS, abstain_flags, calibrate_rule, held_out_images, signal_values
 from dundi.serving.model import LoadedModel, ModelConfig
 
 LIMIT = 2000

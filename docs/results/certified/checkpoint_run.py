@@ -15,12 +15,12 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from dundi.artifacts import save_model
-from dundi.checkpoint import load_local
 from dundi.errors import DundiError
-from dundi.pipeline import CHECKPOINT_DIR, build_index, new_distance_net, run_meta
-from dundi.rule import ORACLES_PER_CLASS
-from dundi.train import TrainConfig, with_defaults
+from dundi.rule.params import ORACLES_PER_CLASS
+from dundi.run.directory import save_model
+from dundi.run.pipeline import CHECKPOINT_DIR, build_index, new_distance_net, run_meta
+from dundi.training.checkpoint import load_local
+from dundi.training.config import TrainConfig, with_defaults
 
 
 def snapshot(run_dir: Path, out: Path) -> dict:

@@ -29,7 +29,7 @@ the better step-1 rank in step 2.
 **Search paths**, by size. With at most ``full_limit`` oracles in all, one exact FAISS distance
 matrix serves both steps. Otherwise step 1 is exact over every class's coarse oracles while
 they number at most ``exact_coarse_limit``; beyond that a FAISS structure over each class's
-coarse centroid (the mean of its first min(m, count) oracles; :class:`dundi.oracle_search.
+coarse centroid (the mean of its first min(m, count) oracles; :class:`dundi.rule.search.
 Shortlister`) shortlists candidate classes whose coarse scores are then computed exactly.
 Step 2 reads the kept classes' rows and scores them exactly.
 
@@ -47,9 +47,9 @@ import faiss
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.exact_rule import ExactRule
-from dundi.oracle_search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
-from dundi.rule import COARSE_ORACLES, KEPT_CLASSES, TwoStepResult  # noqa: F401 (re-exported)
+from dundi.rule.exact import ExactRule
+from dundi.rule.params import METRICS, TwoStepResult, TwoStepRule, check_metric  # noqa: F401 (re-exported)
+from dundi.rule.search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
 
 INDEX_FILE = "index.faiss"
 META_FILE = "oracle.json"
@@ -58,15 +58,7 @@ FORMAT = 2  # 1: equal class blocks, no names; 2: per-class counts and names
 DERIVED = ("class_names", "counts", "format", "layout", "num_classes", "n", "dim")
 
 
-METRICS = ("euclidean", "sqeuclidean")
 SHORTLISTS = ("auto", *SHORTLIST_KINDS)
-
-
-def check_metric(metric: str) -> str:
-    """Refuse an unknown distance name with the accepted ones."""
-    if metric not in METRICS:
-        raise DundiError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
-    return metric
 
 
 def class_scores_from(dist: np.ndarray, mask: np.ndarray, eff: np.ndarray, length: int) -> np.ndarray:
@@ -128,7 +120,7 @@ class OracleIndex:
         self.squared = metric == "sqeuclidean"
         self.meta = {**(meta or {}), "metric": metric}
         self._coarse: dict[int, object] = {}
-        self._exact: dict[tuple[int, int, int], ExactRule] = {}
+        self._exact: dict[TwoStepRule, ExactRule] = {}
 
     @staticmethod
     def _counts_for(vectors: np.ndarray, num_classes: int | None, counts) -> np.ndarray:
@@ -368,19 +360,31 @@ class OracleIndex:
         top = top_k(scores, k)
         return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
 
-    def classify(self, queries: np.ndarray, n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES
-                 ) -> TwoStepResult:
-        """Algorithm 1 for a batch of query embeddings (B, D)."""
-        n = self.n if n is None else n
-        self.check_params(n, m, k)
+    def resolve(self, rule: TwoStepRule | None = None) -> TwoStepRule:
+        """The concrete rule on this index -- n every oracle a class holds, m min(3, n) and the
+        metric the index's where ``rule`` leaves them open -- refused if the index cannot honour
+        it. Every answer of this index is given under a rule resolved here."""
+        rule = (rule or TwoStepRule()).resolved(self.n, self.metric)
+        if rule.n > self.n:
+            raise DundiError(f"n={rule.n} is out of range: this index holds at most {self.n} oracles "
+                             f"per class; use n <= {self.n}, or rebuild the index with more "
+                             f"(`dundi index build RUN --oracles {rule.n}`)")
+        if rule.k > self.num_classes:
+            raise DundiError(f"k={rule.k} must be between 1 and the number of classes ({self.num_classes})")
+        return rule
+
+    def classify(self, queries: np.ndarray, rule: TwoStepRule | None = None) -> TwoStepResult:
+        """Algorithm 1 for a batch of query embeddings (B, D) under ``rule`` (see :meth:`resolve`)."""
+        rule = self.resolve(rule)
+        n, m, k = rule.n, rule.m, rule.k
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise DundiError(f"queries must have shape (batch, {self.dim}); got {q.shape}")
         if len(q) == 0:
             empty = np.zeros((0, k))
             return TwoStepResult(np.zeros(0, np.int64), empty.astype(np.int64), empty, empty, np.zeros(0))
-        if self.answers_exactly(n):
-            return self.exact_rule(n, m, k).classify(q)
+        if self.answers_exactly(rule):
+            return self.exact_rule(rule).classify(q)
         parts = [self._classify_chunk(q[i:i + self.CHUNK], n, m, k)
                  for i in range(0, len(q), self.CHUNK)]
         if len(parts) == 1:
@@ -427,33 +431,35 @@ class OracleIndex:
         return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores,
                              fine, nearest)
 
-    def answers_exactly(self, n: int) -> bool:
-        """Whether this index answers through :class:`dundi.exact_rule.ExactRule` at this n:
-        it ranks by squared Euclidean distance and every class holds at least n oracles --
+    def answers_exactly(self, rule: TwoStepRule | None = None) -> bool:
+        """Whether this index answers ``rule`` through :class:`dundi.rule.exact.ExactRule`: it
+        ranks by squared Euclidean distance and every class holds at least n oracles --
         exactly the indexes whose answers can be certified. Step 1 is then exact over every
         class at any size, never a shortlist."""
-        return self.squared and int(self._counts.min()) >= n
+        return self.squared and int(self._counts.min()) >= self.resolve(rule).n
 
-    def step1_kind(self, n: int, m: int) -> str:
-        """How step 1 is answered at this (n, m): "exact (float64)" for indexes answering
+    def step1_kind(self, rule: TwoStepRule | None = None) -> str:
+        """How step 1 is answered under ``rule``: "exact (float64)" for indexes answering
         exactly, else "exact (FAISS float32)" or "shortlist (FAISS IVF over class centroids)"."""
-        if self.answers_exactly(n):
+        rule = self.resolve(rule)
+        if self.answers_exactly(rule):
             return "exact (float64)"
-        if self._size <= self.full_limit or int(np.minimum(self._counts, m).sum()) <= self.exact_coarse_limit:
+        coarse = int(np.minimum(self._counts, rule.m).sum())
+        if self._size <= self.full_limit or coarse <= self.exact_coarse_limit:
             return "exact (FAISS float32)"
         return "shortlist (FAISS IVF over class centroids)"
 
-    def exact_rule(self, n: int, m: int, k: int) -> ExactRule:
-        """The float64 rule for (n, m, k) over each class's first n oracles, built once."""
-        if not self.answers_exactly(n):
-            raise DundiError(f"the exact rule needs the squared Euclidean metric and at least n={n} "
+    def exact_rule(self, rule: TwoStepRule | None = None) -> ExactRule:
+        """The float64 rule over each class's first n oracles, built once per rule."""
+        rule = self.resolve(rule)
+        if not self.answers_exactly(rule):
+            raise DundiError(f"the exact rule needs the squared Euclidean metric and at least n={rule.n} "
                              f"oracles in every class; this index ranks by {self.metric} distance and "
                              f"its classes hold {int(self._counts.min())} to {self.n}")
-        key = (n, m, k)
-        if key not in self._exact:
-            rows = self._offsets[:-1, None] + np.arange(n)[None, :]
-            self._exact[key] = ExactRule(self._vec[rows], n, m, k)
-        return self._exact[key]
+        if rule not in self._exact:
+            rows = self._offsets[:-1, None] + np.arange(rule.n)[None, :]
+            self._exact[rule] = ExactRule(self._vec[rows], rule)
+        return self._exact[rule]
 
     @staticmethod
     def select(labels: np.ndarray, n: int, seed: int, num_classes: int) -> np.ndarray:
@@ -466,22 +472,6 @@ class OracleIndex:
                 raise DundiError(f"class {c} has {len(members)} samples, fewer than n={n} oracles")
             picks.append(rng.choice(members, n, replace=False))
         return np.concatenate(picks).astype(np.int64)
-
-    def check_params(self, n: int, m: int, k: int) -> None:
-        """Refuse (n, m, k) this index cannot honour, saying what would work. A class holding
-        fewer than n (or m) oracles uses all it holds (see the module docstring)."""
-        if n < 1:
-            raise DundiError(f"n={n} is out of range: n is the number of oracles per class in the "
-                             f"fine step, at least 1 and at most {self.n} (what this index holds)")
-        if n > self.n:
-            raise DundiError(f"n={n} is out of range: this index holds at most {self.n} oracles per "
-                             f"class; use n <= {self.n}, or rebuild the index with more "
-                             f"(`dundi index build RUN --oracles {n}`)")
-        if not 1 <= m <= n:
-            raise DundiError(f"m={m} must be between 1 and n={n} (the coarse step's oracles per class "
-                             f"are the first m of the fine step's n)")
-        if not 1 <= k <= self.num_classes:
-            raise DundiError(f"k={k} must be between 1 and the number of classes ({self.num_classes})")
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, index_file: str = INDEX_FILE,

@@ -1,7 +1,7 @@
-"""FAISS search structures under the oracle index (:mod:`dundi.oracle`).
+"""FAISS search structures under the oracle index (:mod:`dundi.rule.index`).
 
 Everything here computes distances or shortlists classes; the index itself (storage, class
-names, Algorithm 1's scores) lives in :mod:`dundi.oracle`. FAISS GPU resources are created
+names, Algorithm 1's scores) lives in :mod:`dundi.rule.index`. FAISS GPU resources are created
 once per process (:func:`gpu_resources`): building a ``StandardGpuResources`` allocates
 streams and a scratch pool, far too slow to do per call.
 """

@@ -3,7 +3,7 @@
 An evaluation is a grid (attack × eps × threat model) over a seeded sample of a test split,
 cut into shards of ``shard_size`` samples. Evaluating a shard:
 
-1. build the threat model's target (:mod:`dundi.threats`) and the attack on it
+1. build the threat model's target (:mod:`dundi.robustness.threats`) and the attack on it
    (:func:`dundi.attacks.make_attack`, seeded per shard so a rerun gives the same rows);
 2. run the attack on the shard's clean images;
 3. classify clean and adversarial images with the native model (argmax of the logits), with
@@ -11,9 +11,9 @@ cut into shards of ``shard_size`` samples. Evaluating a shard:
    with the attacked target model;
 4. measure the perturbation (L0, L2, Linf), the pixel range and the gradient norm of the
    target model's loss at the clean input (zero gradients mean masking, see
-   :func:`dundi.results.checks`).
+   :func:`dundi.evaluation.results.checks`).
 
-It returns one row per sample (:data:`dundi.results.SCHEMA`). :func:`prepare` plans the shards
+It returns one row per sample (:data:`dundi.evaluation.results.SCHEMA`). :func:`prepare` plans the shards
 and writes ``evaluation.json``; :func:`evaluate_local` runs the unfinished shards in this
 process; ``dundi.distributed.evaluate_job`` runs them on Ray worker actors. Both write each shard
 atomically, so a killed evaluation restarts where it stopped.
@@ -37,13 +37,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dundi.artifacts import Run, atomic_write_json, load_oracle, read_meta
 from dundi.errors import DundiError
-from dundi.inference import forward_batched
-from dundi.results import (EVALUATION_FILE, L0_TOL, SCHEMA, finished_shards, record_timing, shard_name,
-                           write_shard)
-from dundi.threats import THREATS, build_threat
-from dundi.rule import COARSE_ORACLES, KEPT_CLASSES
+from dundi.evaluation.results import (
+    EVALUATION_FILE,
+    L0_TOL,
+    SCHEMA,
+    finished_shards,
+    record_timing,
+    shard_name,
+    write_shard,
+)
+from dundi.files import atomic_write_json
+from dundi.nets.inference import forward_batched
+from dundi.robustness.threats import THREATS, build_threat
+from dundi.rule.params import KEPT_CLASSES, TwoStepRule
+from dundi.run.directory import Run, load_oracle, read_meta
 
 FORMAT_VERSION = 2  # 2: ``adaptive`` attacks the exact two-step stand-in (1: all-class scorer)
 PAPER_ATTACKS = ("fgsm", "ifgsm-a", "ifgsm-b", "jsma")
@@ -71,8 +79,8 @@ class EvalConfig:
     limit: int | None = None                  # evaluate this many samples of the split
     split: str = "test"
     shard_size: int = 64
-    n: int | None = None                      # oracles per class in the fine step (None: all)
-    m: int = COARSE_ORACLES
+    n: int | None = None                      # the two-step rule (``rule``): n None = all oracles,
+    m: int | None = None                      # m None = min(3, n)
     k: int = KEPT_CLASSES
     n_values: list[int] = dataclasses.field(default_factory=lambda: list(PAPER_N_VALUES))
     temperature: float = 1.0                  # divides the target model's scores (threats.py)
@@ -80,6 +88,11 @@ class EvalConfig:
     attack_kw: dict[str, Any] = dataclasses.field(default_factory=dict)
     save_adv: bool = False                    # keep the adversarial images in the rows
     data_dir: str | None = None               # where the dataset cache is (not part of the rows)
+
+    @property
+    def rule(self) -> TwoStepRule:
+        """The deployed rule the evaluation judges by (resolved against the run's index)."""
+        return TwoStepRule(self.n, self.m, self.k)
 
     def validate(self) -> None:
         from dundi.attacks import ATTACKS
@@ -356,7 +369,7 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
                          f"(pass the native run with --native)")
     dataset = meta["dataset"]
     index = load_oracle(cfg.run, meta)  # fail here, not in a Ray worker, on a bad n / m / k
-    index.check_params(index.n if cfg.n is None else cfg.n, cfg.m, cfg.k)
+    index.resolve(cfg.rule)
     if cfg.native and read_meta(cfg.native).get("dataset") != dataset:
         raise DundiError(f"--native {cfg.native} was trained on {read_meta(cfg.native).get('dataset')}, "
                          f"the DunDi run on {dataset}")
@@ -369,8 +382,7 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
             raise DundiError(f"{out} holds an evaluation with other weights or settings "
                              f"(fingerprint {old.get('fingerprint')} ≠ {fp}); use another --out")
     from dundi.data import load_split
-
-    from dundi.pipeline import run_rows
+    from dundi.run.pipeline import run_rows
 
     _, labels, _ = run_rows(meta, *load_split(dataset, cfg.split, cfg.data_dir))
     positions = select_samples(len(labels), cfg.limit, cfg.seed)
@@ -413,8 +425,8 @@ class Evaluator:
         self.native = Run.load(native_dir or cfg.native, with_oracle=False) if (native_dir or cfg.native) else None
         self.dataset = self.run.meta["dataset"]
         index = self.run.oracle
-        self.n = index.n if cfg.n is None else cfg.n
-        index.check_params(self.n, cfg.m, cfg.k)
+        self.rule = index.resolve(cfg.rule)
+        self.n = self.rule.n
         self.n_values = [v for v in cfg.n_values if v <= index.n] or [self.n]
         if data is None:
             data = self.load_samples(cfg, self.dataset)
@@ -425,8 +437,7 @@ class Evaluator:
     @staticmethod
     def load_samples(cfg: EvalConfig, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from dundi.data import load_split
-
-        from dundi.pipeline import run_rows
+        from dundi.run.pipeline import run_rows
 
         # a run with held-out or enrolled classes answers with its index's labels
         images, labels, ids = run_rows(read_meta(cfg.run), *load_split(dataset, cfg.split, cfg.data_dir))
@@ -450,15 +461,15 @@ class Evaluator:
             self._threats[name] = build_threat(
                 name, native=self.native.model if self.native else None, distance_net=self.run.model,
                 oracles=self.oracles, temperature=self.cfg.temperature, nearest=self.cfg.nearest,
-                metric=self.run.oracle.metric, m=min(self.cfg.m, self.n), k=self.cfg.k, rule=self._rule)
+                rule=self.rule, judge=self._judge)
         return self._threats[name]
 
-    def _rule(self, emb: torch.Tensor) -> torch.Tensor:
-        """The deployed rule (FAISS, at the evaluation's n, m, k) on embeddings from the stand-in."""
+    def _judge(self, emb: torch.Tensor) -> torch.Tensor:
+        """The deployed rule (the index, under the evaluation's rule) on embeddings from the stand-in."""
         return torch.from_numpy(self._two_step(emb.detach().cpu().float().numpy(), self.n))
 
     def _two_step(self, emb: np.ndarray, n: int) -> np.ndarray:
-        return self.run.oracle.classify(emb, n=n, m=min(self.cfg.m, n), k=self.cfg.k).labels
+        return self.run.oracle.classify(emb, self.rule.at_n(n)).labels
 
     def evaluate_shard(self, spec: ShardSpec) -> pa.Table:
         cfg = self.cfg
@@ -508,7 +519,7 @@ class Evaluator:
             "native_clean": native_clean, "native_adv": native_adv,
             "dundi_clean": dundi_clean, "dundi_adv": dundi_adv,
             "target_clean": target_clean, "target_adv": target_adv,
-            "n": np.full(rows, self.n), "m": np.full(rows, cfg.m), "k": np.full(rows, cfg.k),
+            "n": np.full(rows, self.n), "m": np.full(rows, self.rule.m), "k": np.full(rows, self.rule.k),
             "n_values": [list(self.n_values)] * rows,
             "dundi_clean_at_n": at_n_clean.tolist(), "dundi_adv_at_n": at_n_adv.tolist(),
             "l0": (np.abs(diff) > L0_TOL).sum(1), "l2": np.sqrt((diff ** 2).sum(1)),

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from dundi.artifacts import Run, atomic_write_text
 from dundi.errors import DundiError
-from dundi.rule import KEPT_CLASSES
+from dundi.files import atomic_write_text
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import Run
 
 if TYPE_CHECKING:
     from dundi.serving.model import LoadedModel
@@ -31,10 +32,10 @@ if TYPE_CHECKING:
 FORMATS = ("table", "jsonl", "csv", "parquet")
 
 
-def _native_rows(run: Run, images: np.ndarray, k: int) -> tuple[list[dict], str]:
-    from dundi.inference import forward_batched
+def _native_rows(run: Run, images: np.ndarray, rule: TwoStepRule) -> tuple[list[dict], str]:
+    from dundi.nets.inference import forward_batched
 
-    r = run.classify(images, k=k)  # labels and top-k by logit, ties to the lower class
+    r = run.classify(images, rule)  # labels and top-k by logit, ties to the lower class
     full = forward_batched(run.model, images).astype(np.float64)  # softmax needs every class
     probs = np.exp(full - full.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -61,18 +62,18 @@ def _dundi_rows(model: "LoadedModel", images: np.ndarray) -> tuple[list[dict], s
             rad = float(p.certified_radius[i])
             row["certified_radius"] = None if math.isnan(rad) else rad
         rows.append(row)
-    return rows, f"fine score (summed -{model.info.metric} distance to {model.n} oracles)"
+    return rows, f"fine score (summed -{model.info.metric} distance to {model.rule.n} oracles)"
 
 
-def classify_files(run: "Run | LoadedModel", images: np.ndarray, files: Sequence[str], k: int = KEPT_CLASSES
-                   ) -> tuple[list[dict], dict]:
-    """Answers for images read from ``files`` (:func:`dundi.image_files.read_images`) by a
-    native :class:`Run` (softmax top ``k``) or a DunDi run loaded as the service loads it
-    (:class:`LoadedModel`: its n, m, k and abstain rule). Returns one dict per image, file
+def classify_files(run: "Run | LoadedModel", images: np.ndarray, files: Sequence[str],
+                   rule: TwoStepRule | None = None) -> tuple[list[dict], dict]:
+    """Answers for images read from ``files`` (:func:`dundi.run.image_files.read_images`) by a
+    native :class:`Run` (softmax top ``rule.k``) or a DunDi run loaded as the service loads it
+    (:class:`LoadedModel`: its rule and abstain rule). Returns one dict per image, file
     first, and what the scores mean."""
     meta = run.meta if isinstance(run, Run) else run.run.meta
     if isinstance(run, Run):
-        rows, score = _native_rows(run, images, k)
+        rows, score = _native_rows(run, images, rule or TwoStepRule())
     else:
         rows, score = _dundi_rows(run, images)
     info = {"kind": meta["kind"], "dataset": meta["dataset"], "count": len(rows), "score": score}

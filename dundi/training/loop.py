@@ -21,12 +21,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.certified_training import balanced_batches
-from dundi.checkpoint import load_local, save_local
 from dundi.errors import DundiError
-from dundi.train import (TrainConfig, adversarial_generator, epoch_config, epoch_order, epoch_tuples,
-                         json_config, make_optimizer, run_certified_epoch, run_native_epoch,
-                         run_triplet_epoch, with_defaults, worker_tuples)
+from dundi.training.certified import balanced_batches
+from dundi.training.checkpoint import load_local, save_local
+from dundi.training.config import TrainConfig, json_config, with_defaults
+from dundi.training.passes import (
+    adversarial_generator,
+    epoch_config,
+    epoch_order,
+    epoch_tuples,
+    make_optimizer,
+    run_certified_epoch,
+    run_native_epoch,
+    run_triplet_epoch,
+    worker_tuples,
+)
 
 KINDS = ("native", "dundi")
 TIMING_KEYS = ("seconds", "tuples_per_s", "images_per_s")

@@ -2,7 +2,7 @@
 train a Distance NN, build its oracle index, measure two-step accuracy.
 
 Each function reads its data through :mod:`dundi.data`, writes a run directory through
-:mod:`dundi.artifacts`, and returns the figures it computed.
+:mod:`dundi.run.directory`, and returns the figures it computed.
 """
 
 from __future__ import annotations
@@ -19,16 +19,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.artifacts import (Run, atomic_write_json, dataset_class_names, dataset_classes_of,
-                             load_model, save_model, save_oracle)
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
-from dundi.inference import accuracy, forward_batched
-from dundi.models import build_distance_net, build_native
-from dundi.oracle import OracleIndex
-from dundi.train import TrainConfig, drop_holdout, kept_classes, split_train_val
-from dundi.training_loop import fit
-from dundi.rule import COARSE_ORACLES, KEPT_CLASSES, ORACLES_PER_CLASS, coarse_default
+from dundi.nets.inference import accuracy, forward_batched
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
+from dundi.run.directory import (
+    Run,
+    atomic_write_json,
+    dataset_class_names,
+    dataset_classes_of,
+    index_sha256,
+    load_model,
+    save_model,
+    save_oracle,
+    stored_calibration,
+)
+from dundi.training.config import TrainConfig
+from dundi.training.loop import fit
+from dundi.training.passes import drop_holdout, kept_classes, split_train_val
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -83,11 +93,12 @@ def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 
 def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
                       images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      n: int | None = None, m: int = COARSE_ORACLES, k: int = KEPT_CLASSES, metric: str = "euclidean") -> float:
-    """Two-step accuracy of a Distance NN with an oracle set given as images (validation)."""
+                      rule: TwoStepRule) -> float:
+    """Two-step accuracy of a Distance NN under ``rule`` with an oracle set given as images
+    (validation; the rule's metric is the run's)."""
     index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes,
-                                        metric=metric)
-    return accuracy(index.classify(forward_batched(model, images), n=n, m=min(m, index.n), k=k).labels, labels)
+                                        metric=rule.metric)
+    return accuracy(index.classify(forward_batched(model, images), rule).labels, labels)
 
 
 def _train_val(cfg: TrainConfig, data_dir: str | None):
@@ -156,7 +167,7 @@ def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, 
     num_classes = len(kept_classes(cfg, _spec(cfg.dataset).num_classes))
     oracle_idx = tr[OracleIndex.select(labels[tr], cfg.val_oracles, cfg.seed, num_classes)]
     return lambda m: two_step_accuracy(m, images[oracle_idx], labels[oracle_idx], images[va],
-                                       labels[va], num_classes, metric=cfg.metric)
+                                       labels[va], num_classes, TwoStepRule(metric=cfg.metric))
 
 
 def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | None = None,
@@ -210,34 +221,32 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
     return index
 
 
-def classify_split(run_dir: str | os.PathLike, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES,
-                   split: str = "test", data_dir: str | None = None, limit: int | None = None,
-                   radii: bool = False) -> dict:
-    """Two-step accuracy of a DunDi run on a dataset split (or native accuracy for a native run).
-    ``m`` defaults to min(3, n), the paper's setting, so n = 1 (Table 1) needs no extra flag."""
+def classify_split(run_dir: str | os.PathLike, rule: TwoStepRule | None = None, split: str = "test",
+                   data_dir: str | None = None, limit: int | None = None, radii: bool = False) -> dict:
+    """Two-step accuracy of a DunDi run under ``rule`` on a dataset split (or native accuracy for
+    a native run). The rule's m defaults to min(3, n), the paper's setting, so n = 1 (Table 1)
+    needs no extra flag."""
     run = Run.load(run_dir)
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
                "run": str(run_dir), "kind": run.meta["kind"]}
     if run.oracle is None:
         return {**figures, "accuracy": native_accuracy(run.model, images, labels)}
-    n = run.oracle.n if n is None else n
-    m = coarse_default(n) if m is None else m
-    result = run.classify(images, n=n, m=m, k=k)
-    figures = {**figures, "accuracy": accuracy(result.labels, labels), "n": n, "m": m, "k": k}
+    rule = run.oracle.resolve(rule)
+    result = run.classify(images, rule)
+    figures = {**figures, "accuracy": accuracy(result.labels, labels), "n": rule.n, "m": rule.m, "k": rule.k}
     if radii:  # per image: how far the input may move before the rule's answer can change
-        radius = run.certifier(n, m, k).batched(images, result.labels, radius=True)["radius"]
+        radius = run.certifier(rule).batched(images, result.labels, radius=True)["radius"]
         figures.update(labels=result.labels.tolist(), certified_radius=(np.floor(radius * 1e6) / 1e6).tolist(),
                        median_certified_radius=float(np.median(radius)))
     return figures
 
 
-def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = None,
-                  m: int | None = None, k: int = KEPT_CLASSES, split: str = "test", data_dir: str | None = None,
-                  limit: int | None = None) -> dict:
-    """Clean and certified accuracy of a run's deployed rule (n, m, k) on a split: an image
+def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRule | None = None,
+                  split: str = "test", data_dir: str | None = None, limit: int | None = None) -> dict:
+    """Clean and certified accuracy of a run's deployed ``rule`` on a split: an image
     counts as certified at eps when the rule answers its true label for every input in the
-    L∞ ball (dundi.certificate). Also the median certified radius of the correct answers."""
+    L∞ ball (dundi.robustness.certificate). Also the median certified radius of the correct answers."""
     for e in eps:
         if not 0 < e <= 1:
             raise DundiError(f"--eps {e} is outside (0, 1]: L-inf radii are on [0, 1] pixels")
@@ -245,37 +254,56 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], n: int | None = 
     if run.oracle is None:
         raise DundiError(f"{run_dir} is a native run: certify a DunDi run (dundi train --certified)")
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
-    n = run.oracle.n if n is None else n
-    m = coarse_default(n) if m is None else m
-    certifier = run.certifier(n, m, k)
+    rule = run.oracle.resolve(rule)
+    certifier = run.certifier(rule)
     t0 = time.time()
-    answers = run.classify(images, n=n, m=m, k=k).labels
+    answers = run.classify(images, rule).labels
     certified = certifier.batched(images, labels, eps=list(eps))["certified"]
     correct = answers == labels
     if (certified & ~correct[:, None]).any():  # a certificate at eps implies the right answer at 0
         raise DundiError("internal error: a certified image is misclassified by the served rule; "
                          "please report it with the run")
     figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
-               "run": Path(run_dir).name, "n": n, "m": m, "k": k, "metric": run.oracle.metric,
-               "step1": run.oracle.step1_kind(n, m), "clean_accuracy": accuracy(answers, labels),
+               "run": Path(run_dir).name, "n": rule.n, "m": rule.m, "k": rule.k, "metric": rule.metric,
+               "step1": run.oracle.step1_kind(rule), "clean_accuracy": accuracy(answers, labels),
                "certified_accuracy": {f"{e:g}": float(certified[:, i].mean()) for i, e in enumerate(eps)}}
-    figures.update(_served_certified(run, certifier, images, labels, eps, n, m, k))
+    figures.update(_served_certified(run, certifier, images, labels, eps, rule))
     return {**figures, "seconds": round(time.time() - t0, 2)}
 
 
 def _served_certified(run: Run, certifier, images: np.ndarray, labels: np.ndarray, eps: list[float],
-                      n: int, m: int, k: int) -> dict:
-    """With the abstain rule `dundi index calibrate` stored for these n, m, k: the share of
+                      rule: TwoStepRule) -> dict:
+    """With the abstain rule `dundi index calibrate` stored for this rule: the share of
     images the service answers correctly with a certificate that covers the abstain gate too
     (no input of the ball is answered otherwise or withdrawn as "unknown")."""
-    from dundi.artifacts import index_sha256
-    from dundi.certificate import AbstainGate
-    from dundi.serving.abstain import stored_calibration
-
-    stored = stored_calibration(run.meta, n, m, k, index_sha256(run.meta))
+    from dundi.robustness.certificate import AbstainGate
+    stored = stored_calibration(run.meta, rule, index_sha256(run.meta))
     if not stored:
         return {}
     gate = AbstainGate(**stored["thresholds"])
     served = certifier.batched(images, labels, eps=list(eps), gate=gate)["certified"]
     return {"served_certified_accuracy": {f"{e:g}": float(served[:, i].mean()) for i, e in enumerate(eps)},
             "abstain_rule": f"calibrated at {stored['rate']:.0%} false abstains ({stored['source']})"}
+
+
+def held_out_images(run: Run, data_dir: str | None = None, limit: int | None = 2000
+                    ) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, description) of in-distribution images the run's model did not train on
+    (what the abstain rule is calibrated on):
+    the validation part of the train split, split as training split it (after leaving out
+    any held-out classes), minus the oracles. Never the test split: a threshold fitted on it
+    would leave no untouched data to measure the false-abstain rate on."""
+    meta = run.meta
+    cfg = meta.get("config", {})
+    images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir, limit=cfg.get("limit")))
+    _, va = split_train_val(labels, cfg.get("val_fraction", 0.0), cfg.get("seed", 0))
+    oracle_ids = set(run.oracle.meta.get("ids", [])) if run.oracle else set()
+    va = np.array([i for i in va if int(ids[i]) not in oracle_ids], dtype=np.int64)
+    if not len(va):
+        raise DundiError(f"{run.path} was trained without a validation part (--val-fraction 0), so no "
+                         f"held-out images are left to calibrate abstaining on: retrain with --val-fraction "
+                         f"0.1, or serve with --abstain-threshold none (or a nearest-oracle distance)")
+    source = f"{meta['dataset']} train split, validation part held out by training ({len(va)} images)"
+    if limit is not None and len(va) > limit:
+        va = np.sort(np.random.default_rng(0).choice(va, limit, replace=False))
+    return images[va], labels[va], source

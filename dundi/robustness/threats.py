@@ -3,14 +3,14 @@
 DunDi itself is not differentiable end to end (Algorithm 1 sorts classes and FAISS searches),
 so every threat model names a torch module returning (B, C) scores, larger = more likely, and
 the attacks run against that module. The adversarial input is then always classified by the
-real two-step rule (:meth:`dundi.artifacts.Run.classify`); the attack's success on its own
+real two-step rule (:meth:`dundi.run.directory.Run.classify`); the attack's success on its own
 target is recorded beside it.
 
 ``transfer``  The paper's protocol (section 4.1, via Feinman et al. 2017): the attack sees only
               the native softmax model's logits; DunDi classifies what comes out. DunDi's
               weights are never looked at, so this measures transfer, not robustness.
 ``adaptive``  White-box against the rule as deployed: the Distance NN followed by
-              :class:`dundi.classify.TwoStepScorer` at the evaluation's (n, m, k) and metric —
+              :class:`dundi.rule.reference.TwoStepScorer` at the evaluation's (n, m, k) and metric —
               the fine scores of the classes step 1 keeps, every other class strictly below
               them, ties broken as Algorithm 1 breaks them — so its argmax *is* the two-step
               label for any k. Scores are divided by n (no argmax changes; keeps a
@@ -19,7 +19,7 @@ target is recorded beside it.
               The stand-in also exposes the coarse scores, which the step-1 attack
               (``apgd-step1``) climbs to push the true class out of the top k.
 ``adaptive-all`` The former adaptive scorer: s_c(x) = −mean_j ‖f(x) − o_cj‖ over the n oracles
-              of every class (:class:`dundi.classify.OracleScorer` divided by n). Its argmax
+              of every class (:class:`dundi.rule.reference.OracleScorer` divided by n). Its argmax
               is the two-step label only when step 1 keeps all classes (k = C).
 ``feature``   Feature-space attack: s_c(x) = −(mean distance from f(x) to the q nearest oracles
               of class c). An untargeted attack raises the scores of the other classes and
@@ -41,9 +41,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from dundi.classify import OracleScorer, TwoStepScorer
 from dundi.errors import DundiError
-from dundi.rule import COARSE_ORACLES
+from dundi.rule.params import TwoStepRule
+from dundi.rule.reference import OracleScorer, TwoStepScorer
 
 THREATS = ("transfer", "adaptive", "adaptive-all", "feature")
 
@@ -100,11 +100,10 @@ class ThreatModel:
 
 def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn.Module | None = None,
                  oracles: torch.Tensor | None = None, temperature: float = 1.0,
-                 nearest: int = 3, metric: str = "euclidean", m: int = COARSE_ORACLES, k: int | None = None,
-                 rule=None) -> ThreatModel:
+                 nearest: int = 3, rule: TwoStepRule | None = None, judge=None) -> ThreatModel:
     """The attacked model for a threat model. ``oracles`` is (C, n, D) — the same n oracles the
-    two-step rule uses in the evaluation; ``m``, ``k`` its other settings (k None: all classes)
-    and ``rule`` (embeddings → labels) the deployed rule, for the ``adaptive`` stand-in. Every
+    two-step ``rule`` uses in the evaluation (None: every class kept, m = min(3, n), Euclidean)
+    and ``judge`` (embeddings → labels) the deployed rule, for the ``adaptive`` stand-in. Every
     returned module is in eval mode with frozen parameters (attacks differentiate with respect
     to the input only)."""
     if name == "transfer":
@@ -114,14 +113,14 @@ def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn
     elif name in ("adaptive", "adaptive-all", "feature"):
         if distance_net is None or oracles is None:
             raise DundiError(f"the {name} threat model needs the DunDi run and its oracle index")
+        c, n = oracles.shape[:2]
+        rule = (rule or TwoStepRule(k=c)).resolved(n, "euclidean")
         if name == "adaptive":
-            c, n = oracles.shape[:2]
-            m, k = min(m, n), c if k is None else k
-            model = TwoStepScorer(distance_net, oracles, m, k, metric, n * temperature, rule)
-            target = (f"DunDi two-step stand-in (n={n}, m={m}, k={k}, {metric}): fine scores of "
-                      f"the top-k classes, the others below")
+            model = TwoStepScorer(distance_net, oracles, rule, n * temperature, judge)
+            target = (f"DunDi two-step stand-in (n={n}, m={rule.m}, k={rule.k}, {rule.metric}): fine "
+                      f"scores of the top-k classes, the others below")
         elif name == "adaptive-all":
-            model = ScaledScores(OracleScorer(distance_net, oracles, metric), oracles.shape[1] * temperature)
+            model = ScaledScores(OracleScorer(distance_net, oracles, rule.metric), n * temperature)
             target = f"DunDi scorer: −mean distance to the n={oracles.shape[1]} oracles of each class"
         else:
             q = min(nearest, oracles.shape[1])

@@ -1,9 +1,9 @@
 """The abstain rule's signals: what each measures, and their values for a batch.
 
-Core, not serving: the certificate (:mod:`dundi.certificate`) bounds every signal over an
+Core, not serving: the certificate (:mod:`dundi.robustness.certificate`) bounds every signal over an
 L∞ ball, so "certified" covers the answer being withdrawn as "unknown" too. Thresholds are
 calibrated and stored by :mod:`dundi.serving.abstain`. Every value is computed row by row in
-one fixed order (:func:`dundi.exact_rule.fixed_sum`), so whether an image abstains never
+one fixed order (:func:`dundi.rule.exact.fixed_sum`), so whether an image abstains never
 depends on the other images of its batch.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dundi.exact_rule import fixed_sum
+from dundi.rule.exact import fixed_sum
 
 # ModelConfig field -> (what it measures, +1: abstain above the threshold / -1: below).
 ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),

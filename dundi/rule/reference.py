@@ -1,7 +1,7 @@
 """Torch side of classification: a brute-force reference of Algorithm 1 and the
 differentiable per-class score the adaptive attacks go through.
 
-Neither uses FAISS: the reference exists to check :mod:`dundi.oracle` against an
+Neither uses FAISS: the reference exists to check :mod:`dundi.rule.index` against an
 independent implementation, and the score must carry gradients back to the input.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dundi.rule.params import TwoStepRule
 
 
 def oracle_distances(diff: torch.Tensor, metric: str = "euclidean", eps: float = 0.0) -> torch.Tensor:
@@ -18,16 +20,19 @@ def oracle_distances(diff: torch.Tensor, metric: str = "euclidean", eps: float =
     return d2 if metric == "sqeuclidean" else torch.sqrt(d2 + eps)
 
 
-def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, n: int, m: int, k: int,
-                       metric: str = "euclidean", counts: list[int] | None = None) -> torch.Tensor:
-    """Algorithm 1, literally, in float64. ``oracles`` is (C, n_max, D); returns labels (B,).
+def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, rule: TwoStepRule,
+                       counts: list[int] | None = None) -> torch.Tensor:
+    """Algorithm 1 under ``rule``, literally, in float64. ``oracles`` is (C, n_max, D) (the rule
+    is resolved against n_max, Euclidean unless it names its metric); returns labels (B,).
 
     Step 1 ranks classes by summed similarity (−distance) to their first m oracles, ties to
     the lower class index; step 2 takes the first maximum over those k classes, in step-1
     order, of the summed similarity to their first n oracles. ``counts`` (per class, optional)
     says how many of a class's rows are real: a class holding fewer than m (n) uses all it
-    holds and scores its mean similarity times m (n), see :mod:`dundi.oracle`.
+    holds and scores its mean similarity times m (n), see :mod:`dundi.rule.index`.
     """
+    rule = rule.resolved(oracles.shape[1], rule.metric or "euclidean")
+    n, m, k, metric = rule.n, rule.m, rule.k, rule.metric
     q = queries.double()
     o = oracles.double()
     counts = [o.shape[1]] * len(o) if counts is None else [int(c) for c in counts]
@@ -75,7 +80,7 @@ class OracleScorer(nn.Module):
 
 def step1_kept(coarse: torch.Tensor, k: int) -> torch.Tensor:
     """(B, C) bool: the k classes step 1 keeps, ranked by coarse score with ties to the lower
-    class index (a stable descending sort, as :func:`dundi.oracle._top_k`)."""
+    class index (a stable descending sort, as :func:`dundi.rule.index._top_k`)."""
     order = torch.sort(-coarse, dim=1, stable=True).indices[:, :k]
     return torch.zeros_like(coarse, dtype=torch.bool).scatter_(1, order, True)
 
@@ -115,26 +120,30 @@ def two_step_scores(coarse: torch.Tensor, fine: torch.Tensor, k: int) -> torch.T
 
 
 class TwoStepScorer(nn.Module):
-    """The ``adaptive`` threat model's stand-in for Algorithm 1 at (n, m, k): Distance NN +
-    oracles (C, n, D) → (B, C) scores whose argmax is the two-step label
+    """The ``adaptive`` threat model's stand-in for Algorithm 1 under ``rule`` (its n is the
+    oracles'):
+    Distance NN + oracles (C, n, D) → (B, C) scores whose argmax is the two-step label
     (:func:`two_step_scores`), divided by ``scale`` (argmax unchanged; keeps a cross-entropy
     out of float32 saturation).
 
-    ``rule`` (optional) maps embeddings (B, D) to the deployed rule's labels, e.g. the FAISS
-    index's :meth:`~dundi.oracle.OracleIndex.classify`; :meth:`scores_and_labels` then
+    ``judge`` (optional) maps embeddings (B, D) to the deployed rule's labels, e.g. the
+    index's :meth:`~dundi.rule.index.OracleIndex.classify`; :meth:`scores_and_labels` then
     returns those labels, which attacks use for early stopping, restarts and black-box
     acceptance (:func:`dundi.attacks.base.scores_and_labels`). :meth:`coarse_scores` is what
     the step-1 attack climbs."""
 
-    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, m: int, k: int,
-                 metric: str = "euclidean", scale: float = 1.0, rule=None, eps: float = 1e-12):
+    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, rule: TwoStepRule,
+                 scale: float = 1.0, judge=None, eps: float = 1e-12):
         super().__init__()
-        if oracles.ndim != 3 or not 1 <= m <= oracles.shape[1] or not 1 <= k <= oracles.shape[0]:
-            raise ValueError(f"need oracles (C, n, D) with 1 <= m <= n and 1 <= k <= C; got "
-                             f"{tuple(oracles.shape)}, m={m}, k={k}")
+        if oracles.ndim == 3:  # n is the oracles' own; Euclidean unless the rule names its metric
+            rule = rule.resolved(oracles.shape[1], rule.metric or "euclidean")
+        if oracles.ndim != 3 or oracles.shape[1] != rule.n or not 1 <= rule.k <= oracles.shape[0]:
+            raise ValueError(f"need oracles (C, n, D) for the rule's n with 1 <= k <= C; got "
+                             f"{tuple(oracles.shape)} for {rule}")
         self.distance_net = distance_net
         self.register_buffer("oracles", oracles.float())
-        self.m, self.k, self.metric, self.scale, self.rule, self.eps = m, k, metric, float(scale), rule, eps
+        self.rule, self.scale, self.judge, self.eps = rule, float(scale), judge, eps
+        self.m, self.k, self.metric = rule.m, rule.k, rule.metric
 
     def _coarse_fine(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = oracle_distances(emb[:, None, None, :] - self.oracles[None], self.metric, self.eps)
@@ -145,9 +154,9 @@ class TwoStepScorer(nn.Module):
         return self._coarse_fine(self.distance_net(x))[0] / self.scale
 
     def _labels(self, emb: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-        if self.rule is None:
+        if self.judge is None:
             return two_step_labels(coarse.detach(), fine.detach(), self.k)
-        return torch.as_tensor(self.rule(emb.detach()), device=coarse.device).long()
+        return torch.as_tensor(self.judge(emb.detach()), device=coarse.device).long()
 
     def coarse_scores_and_labels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass: the step-1 scores (divided by ``scale``) and the rule's labels."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dundi.errors import DundiError
-from dundi.exact_rule import U32, gamma, invariant_linear
+from dundi.rule.exact import U32, gamma, invariant_linear
 
 Box = tuple[torch.Tensor, torch.Tensor]
 

@@ -3,8 +3,8 @@ torch, FAISS or numpy.
 
 Building the parser must stay cheap: ``dundi --help``, ``--version`` and every mistyped flag
 are answered before any command runs, and importing torch alone takes seconds (minutes on a
-busy machine). The values mirror :class:`dundi.train.TrainConfig` and the modules that define
-them (``dundi.loss``, ``dundi.oracle``, ``dundi.train``, ``dundi.data.specs``);
+busy machine). The values mirror :class:`dundi.training.passes.TrainConfig` and the modules that define
+them (``dundi.training.losses``, ``dundi.rule.index``, ``dundi.training.passes``, ``dundi.data.specs``);
 tests/test_cli_messages.py fails if they ever disagree.
 """
 
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-ARCHITECTURES: tuple[str, ...] = ("lenet1", "lenet4", "lenet5", "cnn-ibp", "cnn-ibp-medium", "vgg16")  # dundi.models
+ARCHITECTURES: tuple[str, ...] = ("lenet1", "lenet4", "lenet5", "cnn-ibp", "cnn-ibp-medium", "vgg16")  # dundi.nets.models
 DATASETS: tuple[str, ...] = ("mnist", "mnist-10k", "fashion-mnist", "cifar10")  # dundi.data.specs
 SPLITS: tuple[str, ...] = ("train", "test")                                   # dundi.data.specs
-LOSSES: tuple[str, ...] = ("sigmoid", "margin")                               # dundi.loss
-METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean")                       # dundi.oracle
-MINING: tuple[str, ...] = ("random", "batch-hard")                            # dundi.train
-ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.train
-ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.train
-CLASSIFY_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")      # dundi.answers
+LOSSES: tuple[str, ...] = ("sigmoid", "margin")                               # dundi.training.losses
+METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean")                       # dundi.rule.index
+MINING: tuple[str, ...] = ("random", "batch-hard")                            # dundi.training.passes
+ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.training.passes
+ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.training.passes
+CLASSIFY_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")      # dundi.serving.answers
 
-# dundi.train.TrainConfig's defaults for the fields the CLI exposes
+# dundi.training.passes.TrainConfig's defaults for the fields the CLI exposes
 TRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "mnist-10k", "arch": "lenet5", "epochs": 5, "batch_size": 128, "lr": 1e-3, "seed": 0,
     "tuples": 60_000, "loss": "sigmoid", "margin": 1.0, "mining": "random", "embed_dim": 128,

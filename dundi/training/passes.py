@@ -1,6 +1,6 @@
-"""Plain PyTorch training loops: native softmax models and triplet training of the Distance NN.
+"""Plain PyTorch training passes: native softmax models and triplet training of the Distance NN.
 
-One config dataclass (``TrainConfig``) drives both. The per-epoch functions take whatever
+One config dataclass (:class:`dundi.training.config.TrainConfig`) drives them. The per-epoch functions take whatever
 model they are given (a plain module, or a DDP-wrapped one on a Ray Train worker) and the
 slice of data that process owns, so the Ray edge reuses them unchanged.
 """
@@ -8,105 +8,24 @@ slice of data that process owns, so the Ray edge reuses them unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dundi.adversarial import (adversarial_anchors, adversarial_anchors_to_classes,
-                               adversarial_inputs_ce, class_prototypes, prototype_distances)
-from dundi.certified_training import balanced_batches, certified_batch_loss, schedule
-from dundi.loss import LOSSES, distance, mine_batch_hard, triplet_loss, tuple_distances
-from dundi.oracle import check_metric
 from dundi.progress import on_terminal  # bars only on a terminal; epochs are logged as lines
-from dundi.tuples import sample_tuples
-
-MINING = ("random", "batch-hard")
-ADV_TARGETS = ("classes", "tuple")
-ADV_LOSSES = ("prototype", "triplet")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that determines a training run. Saved verbatim in the run's metadata."""
-
-    dataset: str = "mnist-10k"
-    arch: str = "lenet5"
-    epochs: int = 5
-    batch_size: int = 128          # images (native) or tuples (triplet) per step
-    lr: float = 1e-3
-    seed: int = 0
-    tuples: int = 60_000           # size of the tuple set (paper: 360K), reshuffled each epoch
-    loss: str = "sigmoid"          # the paper's 1 − sigmoid(d_an − d_ap); or "margin"
-    margin: float = 1.0
-    mining: str = "random"         # paper's random tuples; or "batch-hard"
-    embed_dim: int = 128
-    metric: str = "euclidean"      # the two-step rule's distance: euclidean (paper) | sqeuclidean
-    dedupe: bool = True            # embed each distinct image of a batch once (same loss, faster)
-    val_fraction: float = 0.1      # held out of the training split for per-epoch validation
-    val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
-    limit: int | None = None       # use only the first N training samples (quick runs)
-    holdout_classes: tuple[int, ...] = ()  # dataset classes left out of training (enrolled later)
-    # Adversarial training (DunDi-AT for triplet runs, Madry-style PGD for native runs)
-    adversarial: bool = False
-    adv_eps: float = 0.3           # L∞ budget of the PGD examples crafted during training
-    adv_steps: int = 10
-    adv_alpha: float | None = None  # PGD step; default 2.5 · eps / steps
-    adv_mix: float = 0.5           # weight of the adversarial loss (1.0: adversarial only)
-    adv_warmup: int = 0            # epochs over which the budget ramps linearly up to adv_eps
-    adv_target: str = "classes"    # classes: leave the anchor's class; tuple: maximise its triplet loss
-    adv_loss: str = "prototype"    # classes target: prototype (N-pair softmax) | triplet (hardest negative)
-    # Certified training (IBP through the embedding, dundi.certified_training): needs sqeuclidean
-    certified: bool = False
-    cert_eps: float = 0.3          # L∞ budget the worst-case loss is trained at (final value)
-    cert_mix: float = 0.5          # final weight of the worst-case loss
-    cert_warmup: float = 3.0       # epochs of clean training before the budget starts to grow
-    cert_ramp: float = 30.0        # epochs over which eps and mix grow linearly to their final values
-    cert_per_class: int = 20       # images of each class per batch (the batch is the oracle database)
-
-    def __post_init__(self) -> None:
-        # JSON gives back a list; one canonical form keeps saved and resumed configs equal
-        self.holdout_classes = tuple(sorted({int(c) for c in self.holdout_classes}))
-
-    @property
-    def adv_step_size(self) -> float:
-        return self.adv_alpha if self.adv_alpha is not None else 2.5 * self.adv_eps / self.adv_steps
-
-    def validate(self) -> None:
-        from dundi.errors import DundiError
-
-        if self.loss not in LOSSES:
-            raise DundiError(f"--loss {self.loss!r} is unknown: choose one of {', '.join(LOSSES)}")
-        check_metric(self.metric)
-        if self.mining not in MINING:
-            raise DundiError(f"--mining {self.mining!r} is unknown: choose one of {', '.join(MINING)}")
-        for name in ("epochs", "batch_size", "tuples", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise DundiError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.adversarial and not (0 < self.adv_eps <= 1 and self.adv_steps >= 1 and 0 <= self.adv_mix <= 1):
-            raise DundiError("adversarial training needs 0 < adv_eps <= 1, adv_steps >= 1, 0 <= adv_mix <= 1")
-        if self.adv_target not in ADV_TARGETS:
-            raise DundiError(f"--adv-target {self.adv_target!r} is unknown: choose one of {', '.join(ADV_TARGETS)}")
-        if self.adv_loss not in ADV_LOSSES:
-            raise DundiError(f"--adv-loss {self.adv_loss!r} is unknown: choose one of {', '.join(ADV_LOSSES)}")
-        if self.adv_warmup < 0:
-            raise DundiError(f"adv_warmup must be 0 or more epochs, got {self.adv_warmup}")
-        if self.certified:
-            if self.metric != "sqeuclidean":
-                raise DundiError("certified training certifies the squared-Euclidean rule: "
-                                 "use --metric sqeuclidean (the --certified default)")
-            if self.adversarial:
-                raise DundiError("--certified and --adversarial are two different trainings: pick one")
-            if not (0 < self.cert_eps <= 1 and 0 <= self.cert_mix <= 1):
-                raise DundiError(f"certified training needs 0 < cert_eps <= 1 and 0 <= cert_mix <= 1; "
-                                 f"got {self.cert_eps}, {self.cert_mix}")
-            if self.cert_per_class < 2 or self.cert_warmup < 0 or self.cert_ramp < 0:
-                raise DundiError("certified training needs cert_per_class >= 2 (a class's other members "
-                                 "are its oracles) and cert_warmup, cert_ramp >= 0 epochs")
-        if not 0.0 <= self.val_fraction < 0.5:
-            raise DundiError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+from dundi.training.adversarial import (
+    adversarial_anchors,
+    adversarial_anchors_to_classes,
+    adversarial_inputs_ce,
+    class_prototypes,
+    prototype_distances,
+)
+from dundi.training.certified import balanced_batches, certified_batch_loss, schedule
+from dundi.training.config import TrainConfig, json_config, with_defaults  # noqa: F401 (re-exported)
+from dundi.training.losses import distance, mine_batch_hard, triplet_loss, tuple_distances
+from dundi.training.tuples import sample_tuples
 
 
 def kept_classes(cfg: TrainConfig, num_classes: int) -> np.ndarray:
@@ -330,7 +249,7 @@ def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, imag
                         labels: torch.Tensor, cfg: TrainConfig, epoch: int, progress: bool = True,
                         desc: str = "certified", rank: int = 0, steps: int | None = None,
                         num_classes: int | None = None) -> dict[str, float]:
-    """One pass of certified training (:mod:`dundi.certified_training`) over class-balanced
+    """One pass of certified training (:mod:`dundi.training.certified`) over class-balanced
     batches of this process's images. ``steps`` caps the batches (data-parallel workers must
     take the same number); eps and the loss mix follow the schedule within the epoch too."""
     model.train()
@@ -359,15 +278,3 @@ def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, imag
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=cfg.lr)
-
-
-def with_defaults(saved: dict) -> dict:
-    """A saved config with the fields added to TrainConfig since it was written filled in with
-    their defaults: code that predates a field behaved as its default, so a checkpoint written
-    before the field existed is the same experiment, not "another configuration"."""
-    return {**json_config(TrainConfig()), **saved}
-
-
-def json_config(cfg: TrainConfig) -> dict:
-    """The config as JSON would give it back (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -8,16 +8,25 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-
 from typing import TYPE_CHECKING
 
-from dundi.cli import choices
-from dundi.cli.main import (add_two_step_args, emit, fraction, nonnegative_float, nonnegative_int,
-                            open_fraction, positive_float, positive_int, unit_float)
-from dundi.rule import COARSE_ORACLES, ORACLES_PER_CLASS, coarse_default
+from dundi.cli import flag_values as choices
+from dundi.cli.args import (
+    add_two_step_args,
+    emit,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    rule_from_args,
+    unit_float,
+)
+from dundi.rule.params import ORACLES_PER_CLASS
 
-if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.choices
-    from dundi.train import TrainConfig
+if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.flag_values
+    from dundi.training.config import TrainConfig
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -128,7 +137,7 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from dundi.train import TrainConfig
+    from dundi.training.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -207,18 +216,18 @@ def _train(args: argparse.Namespace, kind: str) -> None:
 
         meta = run_ray_training(kind, cfg, out, ray_options(args), pretrained=pretrained)
     elif kind == "native":
-        from dundi.pipeline import train_native_run
+        from dundi.run.pipeline import train_native_run
 
         meta = train_native_run(cfg, out, args.data_dir, progress=not args.no_progress, device=args.device)
     else:
-        from dundi.pipeline import train_dundi_run
+        from dundi.run.pipeline import train_dundi_run
 
         meta = train_dundi_run(cfg, out, pretrained, args.data_dir, progress=not args.no_progress,
                                device=args.device)
     figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
     if kind == "dundi":
-        from dundi.artifacts import index_version
-        from dundi.pipeline import build_index, classify_split
+        from dundi.run.directory import index_version
+        from dundi.run.pipeline import build_index, classify_split
 
         if index_version(meta) is None:
             build_index(out, n=args.oracles, seed=cfg.seed, data_dir=args.data_dir)
@@ -230,7 +239,7 @@ def _train(args: argparse.Namespace, kind: str) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from dundi.pipeline import build_index
+    from dundi.run.pipeline import build_index
 
     index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir)
     emit({"run": args.run, "classes": index.num_classes, "n": index.n, "dim": index.dim,
@@ -239,13 +248,15 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 def cmd_index_calibrate(args: argparse.Namespace) -> None:
     """Calibrate the abstain rule on held-out data and store it with the index metadata."""
+    from dundi.run.directory import save_calibration
+    from dundi.run.pipeline import held_out_images
     from dundi.serving import LoadedModel, ModelConfig
-    from dundi.serving.abstain import calibrate_rule, held_out_images, save_calibration
+    from dundi.serving.abstain import calibrate_rule
 
     model = LoadedModel(ModelConfig(run=os.path.abspath(args.run), n=args.n, m=args.m, k=args.k))
-    images, labels, source = held_out_images(model, args.data_dir, limit=args.limit)
+    images, labels, source = held_out_images(model.run, args.data_dir, limit=args.limit)
     cal = calibrate_rule(model, images, labels, rate=args.false_abstain)
-    save_calibration(model, cal, source)
+    save_calibration(model.run.path, cal, source, model.info.index_sha256)
     figures = {"run": args.run, "source": source, **{k: v for k, v in cal.items() if k != "per_signal_rate"},
                **{f"rate_{k}": v for k, v in cal["per_signal_rate"].items()}}
     emit(figures, args.json, f"abstain rule stored in {args.run}/run.json (served by default)")
@@ -253,10 +264,10 @@ def cmd_index_calibrate(args: argparse.Namespace) -> None:
 
 def _classify_files(args: argparse.Namespace) -> None:
     """`classify RUN IMAGES...`: one answer per image, as a table or jsonl/csv/parquet."""
-    from dundi.answers import classify_files, write_answers
-    from dundi.artifacts import Run, read_meta
     from dundi.errors import DundiError
-    from dundi.image_files import read_images
+    from dundi.run.directory import Run, read_meta
+    from dundi.run.image_files import read_images
+    from dundi.serving.answers import classify_files, write_answers
 
     clash = [flag for flag, on in (("--split", args.split != "test"), ("--limit", args.limit is not None),
                                    ("--radius", args.radius), ("--json", args.json)) if on]
@@ -274,13 +285,12 @@ def _classify_files(args: argparse.Namespace) -> None:
                              f"apply; omit them (it classifies by the argmax of its logits)")
         model = Run.load(args.run)
     else:
-        from dundi.cli.serve_cmds import loaded_model
+        from dundi.serving.abstain import served_model
 
-        run = Run.load(args.run)
-        n = run.oracle.n if args.n is None else args.n
-        _, model = loaded_model(args.run, args.n, coarse_default(n) if args.m is None else args.m, args.k, args,
-                                loaded=run)
-    rows, info = classify_files(model, images, files, k=args.k)
+        _, model, how = served_model(args.run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
+                                     args.data_dir, args.calibration_limit, Run.load(args.run))
+        print(f"dundi: {how}", file=sys.stderr)
+    rows, info = classify_files(model, images, files, rule_from_args(args))
     text = write_answers(rows, info, args.format, args.out)
     if text is not None:
         print(text, end="")
@@ -291,9 +301,9 @@ def _classify_files(args: argparse.Namespace) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     if args.images:
         return _classify_files(args)
-    from dundi.pipeline import classify_split
+    from dundi.run.pipeline import classify_split
 
-    figures = classify_split(args.run, n=args.n, m=args.m, k=args.k, split=args.split,
+    figures = classify_split(args.run, rule_from_args(args), split=args.split,
                              data_dir=args.data_dir, limit=args.limit, radii=args.radius)
     # a native run has no oracles: its accuracy is the argmax of its logits, and says so
     title = ("native classification (argmax of the logits)" if figures.get("kind") == "native"
@@ -302,15 +312,15 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
-    from dundi.pipeline import certify_split
+    from dundi.run.pipeline import certify_split
 
-    figures = certify_split(args.run, eps=args.eps, n=args.n, m=args.m, k=args.k, split=args.split,
+    figures = certify_split(args.run, eps=args.eps, rule=rule_from_args(args), split=args.split,
                             data_dir=args.data_dir, limit=args.limit)
     emit(figures, args.json, "certified accuracy of the two-step rule (L-inf, interval bounds)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dundi.demo import run_demo
+    from dundi.evaluation.demo import run_demo
 
     figures = run_demo(Path(args.out), data_dir=args.data_dir, quick=args.quick,
                        progress=not args.no_progress)
@@ -341,7 +351,7 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
                    help="share of clean held-out images that may abstain (default %(default)s)")
     p.add_argument("--limit", type=positive_int, default=2000,
                    help="held-out images to calibrate on (default %(default)s)")
-    add_two_step_args(p, m_default=COARSE_ORACLES)  # the rule as it will be served
+    add_two_step_args(p)  # the rule as it will be served
     _add_common(p)
     p.set_defaults(handler=cmd_index_calibrate)
     from dundi.cli.index_cmds import register as register_index_changes

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -39,33 +38,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dundi.errors import DundiError
-from dundi.models import build_distance_net, build_native
-from dundi.oracle import INDEX_FILE, META_FILE, OracleIndex, TwoStepResult
-from dundi.rule import KEPT_CLASSES, coarse_default
+from dundi.files import atomic_write_json, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
+from dundi.nets.models import build_distance_net, build_native
+from dundi.rule.index import INDEX_FILE, META_FILE, OracleIndex, TwoStepResult
+from dundi.rule.params import TwoStepRule
 
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
 ORACLE_DIR = "oracle"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict:
@@ -267,6 +247,32 @@ def load_oracle(run_dir: str | os.PathLike, meta: dict | None = None,
     return index
 
 
+def save_calibration(run_dir: str | os.PathLike, calibration: dict, source: str, index_sha: str) -> None:
+    """Store an abstain rule calibrated on the index file ``index_sha`` with the live index's
+    metadata in run.json, under the run's write lock. Every index change (build, add, remove)
+    replaces that metadata, and the rule names the index file it was measured on, so a
+    threshold never outlives the oracles it was measured against."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        meta = read_meta(run_dir)
+        if index_sha256(meta) != index_sha:
+            raise DundiError(f"the oracle index of {run_dir} changed while calibrating (or a pinned "
+                             f"version was calibrated): calibrate the live index again")
+        record = {**calibration, "source": source, "index_sha256": index_sha}
+        meta["oracle"] = {**meta["oracle"], "abstain": record}
+        atomic_write_json(run_dir / "run.json", meta)
+
+
+def stored_calibration(meta: dict, rule: TwoStepRule, index_sha: str) -> dict | None:
+    """The abstain rule stored for the index file ``index_sha`` under this resolved two-step
+    rule (distances depend on n, m, k and the index), or None."""
+    cal = (meta.get("oracle") or {}).get("abstain")
+    if cal and (cal.get("n"), cal.get("m"), cal.get("k"), cal.get("index_sha256")) == \
+            (rule.n, rule.m, rule.k, index_sha):
+        return cal
+    return None
+
+
 def _layouts(in_shape: tuple[int, ...]) -> str:
     """The accepted array shapes for a model taking ``in_shape`` = (C, H, W), in words."""
     c, h, w = in_shape
@@ -376,20 +382,20 @@ class Run:
 
     def embed(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Embeddings (B, D) float32. A run ranking by squared Euclidean distance (certifiable)
-        embeds through :func:`dundi.exact_rule.embed_invariant`, so an image's embedding -- and
+        embeds through :func:`dundi.rule.exact.embed_invariant`, so an image's embedding -- and
         so its answer and certificate -- is the same bits in any batch."""
         if self.oracle is not None and self.oracle.metric == "sqeuclidean":
-            from dundi.bounds import layers_of
-            from dundi.exact_rule import embed_invariant
+            from dundi.nets.bounds import layers_of
+            from dundi.rule.exact import embed_invariant
 
             self.model.eval()
             return embed_invariant(layers_of(self.model), images, min(batch_size, 256))
-        from dundi.inference import forward_batched
+        from dundi.nets.inference import forward_batched
 
         return forward_batched(self.model, images, batch_size)
 
-    def classify(self, images: np.ndarray | torch.Tensor, n: int | None = None, m: int | None = None,
-                 k: int = KEPT_CLASSES, batch_size: int = 1024) -> TwoStepResult:
+    def classify(self, images: np.ndarray | torch.Tensor, rule: TwoStepRule | None = None,
+                 batch_size: int = 1024) -> TwoStepResult:
         """Classify raw images: Algorithm 1 for DunDi runs, the argmax of the logits for native runs.
 
         ``images`` are float pixels in [0, 1] (or uint8 pixels 0..255, converted to ``k / 255``
@@ -400,40 +406,39 @@ class Run:
         wrong answer instead of an error. The result always has a batch axis (B = 1 for one
         image).
 
-        DunDi runs: ``n`` defaults to every oracle in the index, ``m`` to min(3, n) (the paper's
-        setting), ``k`` is the number of classes step 1 keeps. Native runs have no oracles, so
-        ``n`` and ``m`` are refused; their result holds the top ``k`` classes by logit with the
-        logits as both coarse and fine scores, and NaN as the nearest-oracle distance.
+        DunDi runs answer under ``rule`` (:class:`dundi.rule.params.TwoStepRule`; by default n
+        is every oracle in the index, m min(3, n) -- the paper's setting -- and k = 5). Native
+        runs have no oracles, so a rule's n and m are refused; their result holds the top
+        ``rule.k`` classes by logit with the logits as both coarse and fine scores, and NaN as
+        the nearest-oracle distance.
         """
         if batch_size < 1:
             raise DundiError(f"batch_size={batch_size} must be at least 1")
         batch = validate_images(images, tuple(self.meta["in_shape"]))
+        rule = rule or TwoStepRule()
         if self.meta["kind"] == "native":
-            return self._classify_native(batch, n, m, k, batch_size)
+            return self._classify_native(batch, rule, batch_size)
         if self.oracle is None:
             raise DundiError(f"{self.path} was loaded without its oracle index: load it with "
                              f"Run.load(path) (with_oracle=True), after `dundi index build {self.path}`")
-        n = self.oracle.n if n is None else n
-        m = coarse_default(n) if m is None else m
-        self.oracle.check_params(n, m, k)
+        rule = self.oracle.resolve(rule)
         if len(batch) == 0:  # the model would give (0, 0) embeddings; the index answers empty
-            return self.oracle.classify(np.zeros((0, self.oracle.dim), np.float32), n=n, m=m, k=k)
-        return self.oracle.classify(self.embed(batch, batch_size), n=n, m=m, k=k)
+            return self.oracle.classify(np.zeros((0, self.oracle.dim), np.float32), rule)
+        return self.oracle.classify(self.embed(batch, batch_size), rule)
 
-    def _classify_native(self, batch: np.ndarray, n: int | None, m: int | None, k: int,
-                         batch_size: int) -> TwoStepResult:
+    def _classify_native(self, batch: np.ndarray, rule: TwoStepRule, batch_size: int) -> TwoStepResult:
         """The native model's answer in the shape of a two-step result, so code written for
         DunDi runs (labels, top-k with scores) reads a native run's answers unchanged."""
-        if n is not None or m is not None:
-            raise DundiError(f"{self.path} is a native run: it has no oracles, so n and m do not "
-                             f"apply; omit them (it classifies by the argmax of its logits)")
-        classes = int(self.meta["num_classes"])
+        if rule.n is not None or rule.m is not None or rule.metric is not None:
+            raise DundiError(f"{self.path} is a native run: it has no oracles, so n, m and the metric "
+                             f"do not apply; omit them (it classifies by the argmax of its logits)")
+        classes, k = int(self.meta["num_classes"]), rule.k
         if not 1 <= k <= classes:
             raise DundiError(f"k={k} must be between 1 and the number of classes ({classes})")
         if len(batch) == 0:
             logits = np.zeros((0, classes), np.float32)
         else:
-            from dundi.inference import forward_batched
+            from dundi.nets.inference import forward_batched
 
             logits = forward_batched(self.model, batch, batch_size)
         top = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)  # ties: lower class
@@ -441,32 +446,30 @@ class Run:
         return TwoStepResult(top[:, 0].copy(), top, scores, scores.copy(),
                              np.full(len(batch), np.nan))
 
-    def certifier(self, n: int | None = None, m: int | None = None, k: int = KEPT_CLASSES):
-        """A :class:`dundi.certificate.Certifier` for this run's rule (n, m, k). Only runs whose
-        rule uses the squared Euclidean distance can be certified (train with --certified)."""
-        from dundi.certificate import Certifier
+    def certifier(self, rule: TwoStepRule | None = None):
+        """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
+        whose rule uses the squared Euclidean distance can be certified (train with --certified)."""
+        from dundi.robustness.certificate import Certifier
 
         if self.oracle is None:
             raise DundiError(f"{self.path} has no oracle index: only DunDi runs can be certified")
         if self.oracle.metric != "sqeuclidean":
             raise DundiError(f"{self.path} ranks by {self.oracle.metric} distance; certificates are "
                              f"for the squared-Euclidean rule: train with `dundi train --certified`")
-        n = self.oracle.n if n is None else n
-        m = coarse_default(n) if m is None else m
-        self.oracle.check_params(n, m, k)
-        counts = self.oracle.class_counts()
+        rule = self.oracle.resolve(rule)
+        n, counts = rule.n, self.oracle.class_counts()
         if counts.min() < n:
             raise DundiError(f"{self.path}: certificates need every class to hold at least n={n} "
                              f"oracles; the index's classes hold {int(counts.min())} to "
                              f"{int(counts.max())} (use n <= {int(counts.min())})")
-        return Certifier(self.model, self.oracle_tensor(n), n, m, k)
+        return Certifier(self.model, self.oracle_tensor(n), rule)
 
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:
         """Oracle embeddings (C, n, D) for the differentiable scorer.
 
         A class holding c < n oracles (enrolled from a few images) repeats its own oracles
         cyclically: where c divides n, its summed similarity over the n rows is n/c times its
-        sum, which is exactly the rule's mean × n (:mod:`dundi.oracle`), and its first m rows
+        sum, which is exactly the rule's mean × n (:mod:`dundi.rule.index`), and its first m rows
         are the rule's min(m, c) coarse oracles when c = 1 or c >= m. Otherwise the stand-in
         approximates the rule; evaluations judge every answer by the rule itself and report
         how often the two disagree."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.rule import TwoStepResult
+from dundi.rule.params import TwoStepResult, TwoStepRule
 
 U32 = 2.0 ** -24   # unit roundoff of float32 (round to nearest)
 U64 = 2.0 ** -53   # and of float64
@@ -133,16 +133,18 @@ def stable_smallest(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class ExactRule:
-    """Algorithm 1 (squared Euclidean distance, n, m, k) over oracles (C, ≥n, D), decided in
-    float64 in fixed order. Answers what :meth:`dundi.oracle.OracleIndex.classify` answers for
+    """Algorithm 1 (squared Euclidean distance, a resolved rule's n, m, k) over oracles (C, ≥n, D), decided in
+    float64 in fixed order. Answers what :meth:`dundi.rule.index.OracleIndex.classify` answers for
     such an index (it delegates here), with the same tie rules: step 1 keeps the k smallest
     coarse sums, ties to the lower class; step 2 the smallest fine sum, ties to the class
     kept earlier."""
 
-    def __init__(self, oracles: np.ndarray, n: int, m: int, k: int):
+    def __init__(self, oracles: np.ndarray, rule: TwoStepRule):
+        rule = rule.resolved(oracles.shape[1], "sqeuclidean")  # refuses another metric
+        n, m = rule.n, rule.m
         self.oracles = np.ascontiguousarray(oracles[:, :n], dtype=np.float32)  # (C, n, D)
         self.coarse, self.fine = ClassSums.of(self.oracles, m), ClassSums.of(self.oracles, n)
-        self.n, self.m, self.k = n, m, k
+        self.rule, self.n, self.m, self.k = rule, n, m, rule.k
 
     @property
     def num_classes(self) -> int:
@@ -169,7 +171,7 @@ class ExactRule:
     ROWS = 256  # embeddings per step: bounds the (rows, k, n, D) float64 nearest-oracle buffer
 
     def classify(self, z: np.ndarray):
-        """Algorithm 1 for embeddings (B, D); a :class:`dundi.oracle.TwoStepResult` whose
+        """Algorithm 1 for embeddings (B, D); a :class:`dundi.rule.index.TwoStepResult` whose
         scores are the summed similarities −S_c = −(t‖z‖² + u_c) of the kept classes."""
         z = np.asarray(z, dtype=np.float32)
         if len(z) > self.ROWS:

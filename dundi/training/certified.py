@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.bounds import input_box, split_last_linear
+from dundi.nets.bounds import input_box, split_last_linear
 
 
 def class_statistics(emb: torch.Tensor, labels: torch.Tensor, num_classes: int

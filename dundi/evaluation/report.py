@@ -28,9 +28,17 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dundi.artifacts import atomic_write_json, atomic_write_text
-from dundi.results import (attack_summary, checks, clean_accuracy, json_safe, read_evaluation,
-                           read_results, repo_relative, worst_case)
+from dundi.evaluation.results import (
+    attack_summary,
+    checks,
+    clean_accuracy,
+    json_safe,
+    read_evaluation,
+    read_results,
+    repo_relative,
+    worst_case,
+)
+from dundi.files import atomic_write_json, atomic_write_text
 
 REPORT_FILE = "report.md"
 THREAT_TEXT = {
@@ -71,7 +79,7 @@ class Evaluation:
         self.attacks = attack_summary(self.table)
         self.worst = worst_case(self.table)
         self.warnings = checks(self.attacks)
-        from dundi.certified_eval import certified_summary
+        from dundi.evaluation.certified_eval import certified_summary
 
         self.certified = certified_summary(path) or []  # per L∞ eps; empty for uncertified runs
 
@@ -270,14 +278,14 @@ def _paper_rows(ev: "Evaluation") -> list[dict]:
     """The transfer rows the paper's figures use: its four attacks at their settings when the
     evaluation has them (other transfer attacks, e.g. PGD curves, go to the per-threat section),
     else every transfer row."""
-    from dundi.evaluate import PAPER_ATTACKS
-    from dundi.results import attack_base
+    from dundi.evaluation.evaluate import PAPER_ATTACKS
+    from dundi.evaluation.results import attack_base
 
     rows = ev.rows("transfer")
     return [r for r in rows if attack_base(r["attack"]) in PAPER_ATTACKS] or rows
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()
 
 
@@ -494,7 +502,7 @@ def _robustness(evals: list[Evaluation], out: Path, figures: dict) -> list[str]:
                f"native {pct(ev.clean['native'])}.", ""]
         md += _attack_table(ev) + _worst_and_certified(ev)
         md += ["Attack settings:", *_settings_lines(ev.attacks), ""]
-        name = plot_robust_vs_eps(ev, out / f"robust_vs_eps_{_slug(ev.name)}.png")
+        name = plot_robust_vs_eps(ev, out / f"robust_vs_eps_{slug(ev.name)}.png")
         md += [f"![robust accuracy vs eps, {ev.name}]({name})", ""]
         figures["plots"].append(name)
         if ev.warnings:
@@ -543,36 +551,4 @@ def write_report(results: Iterable[str | os.PathLike], out: str | os.PathLike) -
     return figures
 
 
-def demo_report(native_dir: str | os.PathLike, dundi_dirs: dict[str, str | os.PathLike] | list,
-                out: str | os.PathLike, data_dir: str | None = None, quick: bool = False,
-                progress: bool = True, log=print, limit: int | None = None,
-                steps: int | None = None) -> dict[str, Any]:
-    """The end of `dundi demo`: evaluate every DunDi run of the demo in this process (no Ray)
-    under the paper's transfer protocol (FGSM, iFGSM-a, iFGSM-b, JSMA at their paper settings)
-    and the adaptive threat model (FGSM and PGD, white-box on DunDi's score), then write the
-    report to ``out/report``.
-
-    ``dundi_dirs``: {display name: run dir} or a list of run dirs. Each run's evaluation goes
-    to ``out/eval-<name>``; a rerun continues from its finished shards. ``quick`` evaluates 64
-    test samples, else 200 (``limit`` overrides; ≈1 min per run and 64 samples on 2 cores); ``steps`` overrides the attacks' iterations
-    (default: the paper's 50)."""
-    from dundi.evaluate import PAPER_ATTACKS, EvalConfig, evaluate_local
-
-    out = Path(out)
-    runs = dundi_dirs.items() if isinstance(dundi_dirs, dict) else [(Path(p).name, p) for p in dundi_dirs]
-    limit = limit or (64 if quick else 200)
-    results = []
-    for name, run_dir in runs:
-        target = out / f"eval-{_slug(name)}"
-        for threat, attacks in (("transfer", list(PAPER_ATTACKS)), ("adaptive", ["fgsm", "pgd"])):
-            log(f"  evaluating {name}: {threat} threat model, {', '.join(attacks)}, {limit} test samples")
-            cfg = EvalConfig(run=str(run_dir), native=str(native_dir), attacks=attacks, threats=[threat],
-                             limit=limit, steps=steps, data_dir=data_dir, shard_size=64)
-            evaluate_local(cfg, target, progress=progress, log=log)
-        results.append(target)
-    report = write_report(results, out / "report")
-    return {"report": report["report"], "plots": [str(out / "report" / p) for p in report["plots"]],
-            "evaluations": [str(p) for p in results]}
-
-
-__all__ = ["write_report", "demo_report", "Evaluation"]
+__all__ = ["write_report", "Evaluation"]

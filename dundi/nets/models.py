@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dundi.bounds import propagate, split_last_linear
+from dundi.nets.bounds import propagate, split_last_linear
 
 EMBED_DIM = 128
 

@@ -1,6 +1,6 @@
 """Training checkpoints: weights, optimizer and RNG state as safetensors, the rest as JSON.
 
-Shared by the local loop (:func:`dundi.training_loop.fit`, which resumes a killed ``dundi train``) and
+Shared by the local loop (:func:`dundi.training.loop.fit`, which resumes a killed ``dundi train``) and
 the Ray Train workers (``dundi.distributed.train_job``). Nothing here unpickles: a checkpoint
 is tensors plus ``state.json``, which is written last, so a checkpoint without it is
 incomplete and refused.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dundi.artifacts import atomic_write_json
 from dundi.errors import DundiError
+from dundi.files import atomic_write_json
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "state.json"          # written last: a checkpoint without it is incomplete

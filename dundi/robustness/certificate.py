@@ -2,15 +2,15 @@
 label, and (with an abstain gate) none withdraws it as "unknown".
 
 What is proven is the served computation itself (docs/certification.md): the float32
-network run by :func:`dundi.exact_rule.embed_invariant`, then Algorithm 1 decided in float64
-by :class:`dundi.exact_rule.ExactRule`. Under the squared Euclidean distance a class's summed
+network run by :func:`dundi.rule.exact.embed_invariant`, then Algorithm 1 decided in float64
+by :class:`dundi.rule.exact.ExactRule`. Under the squared Euclidean distance a class's summed
 distance to t oracles is S_c(z) = t‖z‖² + u_c(z), u_c(z) = ν_c − 2 z·σ_c, and the rule ranks
 by u_c. The embedding is z = W h + b (the last Linear layer), so
 
     u_c − u_a = (g_c − g_a)·h + (κ_c − κ_a),   g_c = −2 Wᵀσ_c,  κ_c = −2 b·σ_c + ν_c,
 
 linear in the penultimate activations h, whose box comes from float32-aware interval bounds
-(:func:`dundi.bounds.propagate_served`). Its exact minimum over the box, less an allowance
+(:func:`dundi.nets.bounds.propagate_served`). Its exact minimum over the box, less an allowance
 for every rounding of the served path and of this computation (:meth:`Certifier._allowance`),
 is a lower bound that holds for what the server computes, in any batch. The label y is
 certified when
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.abstain_signals import GREY_BAND
-from dundi.bounds import input_box, propagate_served, served_layers, split_last_linear
 from dundi.errors import DundiError
-from dundi.exact_rule import U32, U64, ClassSums, ExactRule, fixed_sum, gamma
+from dundi.nets.bounds import input_box, propagate_served, served_layers, split_last_linear
+from dundi.rule.abstain_signals import GREY_BAND
+from dundi.rule.exact import U32, U64, ClassSums, ExactRule, fixed_sum, gamma
+from dundi.rule.params import TwoStepRule
 
 RADIUS_STEPS = 12   # bisection steps: radius resolution is eps_max / 2**12
 # Up to this many classes step 2's possible rivals are narrowed with all C² coarse pairs;
@@ -45,7 +46,7 @@ class AbstainGate:
     """The served abstain thresholds (None: signal off), as ModelConfig names them. An
     answer abstains when the nearest-oracle distance exceeds ``abstain_threshold``, the
     embedding norm is below ``abstain_min_norm``, or the mid-grey share or mean pixel exceed
-    theirs (:mod:`dundi.abstain_signals`)."""
+    theirs (:mod:`dundi.rule.abstain_signals`)."""
 
     abstain_threshold: float | None = None
     abstain_min_norm: float | None = None
@@ -95,25 +96,26 @@ class Certifier:
     answers :class:`ExactRule` gives on :func:`embed_invariant` embeddings.
 
     Holds the network's body prepared for float32 bounds that contain what the served
-    float32 network computes (:func:`dundi.bounds.propagate_served`), the last layer in
+    float32 network computes (:func:`dundi.nets.bounds.propagate_served`), the last layer in
     float64, and the rule's own float64 class sums, so the proof and the answer read the
     same numbers.
     """
 
-    def __init__(self, net: nn.Module, oracles: torch.Tensor, n: int, m: int, k: int):
+    def __init__(self, net: nn.Module, oracles: torch.Tensor, rule: TwoStepRule):
         num_classes = oracles.shape[0]
-        if not (1 <= m <= n <= oracles.shape[1] and 1 <= k <= num_classes):
-            raise DundiError(f"certify needs 1 <= m <= n <= {oracles.shape[1]} and "
-                             f"1 <= k <= {num_classes}; got n={n}, m={m}, k={k}")
+        rule = rule.resolved(oracles.shape[1], "sqeuclidean")  # the certificate's own arithmetic
+        n, k = rule.n, rule.k
+        if not (n <= oracles.shape[1] and k <= num_classes):
+            raise DundiError(f"certify needs n <= {oracles.shape[1]} and k <= {num_classes}; got {rule}")
         body, last = split_last_linear(net)
         self.body = served_layers(body)
         self.w = last.weight.detach().double().clone()
         self.b = (last.bias.detach().double().clone() if last.bias is not None
                   else torch.zeros(self.w.shape[0], dtype=torch.float64))
-        self.rule = ExactRule(oracles.detach().cpu().numpy(), n, m, k)
+        self.rule, self.exact = rule, ExactRule(oracles.detach().cpu().numpy(), rule)
         pairwise = num_classes <= PAIRWISE_CLASS_LIMIT
-        self.coarse = _Step.of(self.rule.coarse, self.w, self.b, pairwise)
-        self.fine = _Step.of(self.rule.fine, self.w, self.b, pairwise)
+        self.coarse = _Step.of(self.exact.coarse, self.w, self.b, pairwise)
+        self.fine = _Step.of(self.exact.fine, self.w, self.b, pairwise)
         self.num_classes, self.k = num_classes, k
         self.bounded = 0   # images pushed through an interval pass so far (bench/certify.py)
         dim, hidden = self.w.shape
@@ -194,7 +196,7 @@ class Certifier:
                 gap = np.maximum(0.0, np.maximum(z_lo, -z_hi))
                 out.append(np.sqrt(fixed_sum(gap * gap)) * (1 - rel) - down(gate.abstain_min_norm))
             if gate.abstain_threshold is not None:  # y's nearest oracle is at most this far
-                o = self.rule.oracles[y.numpy()].astype(np.float64)                   # (B, n, D)
+                o = self.exact.oracles[y.numpy()].astype(np.float64)                   # (B, n, D)
                 far = np.maximum((z_lo[:, None] - o) ** 2, (z_hi[:, None] - o) ** 2)
                 out.append(up(gate.abstain_threshold) - np.sqrt(fixed_sum(far).min(1)) * (1 + rel))
         return torch.from_numpy(np.stack(out, 1))

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dundi.errors import DundiError
-from dundi.results import read_evaluation, read_results
+from dundi.evaluation.results import read_evaluation, read_results
 
 CERTIFIED_FILE = "certified.parquet"
 
@@ -38,8 +38,8 @@ def linf_eps(table: pa.Table) -> list[float]:
 def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
     """Compute (or reuse) the certificates of an evaluation's samples; None when the run's rule
     cannot be certified. Written atomically, keyed by the evaluation's fingerprint and eps."""
-    from dundi.artifacts import Run, read_meta
-    from dundi.evaluate import EvalConfig, Evaluator
+    from dundi.evaluation.evaluate import EvalConfig, Evaluator
+    from dundi.run.directory import Run, read_meta
 
     out = Path(out)
     evaluation = read_evaluation(out)
@@ -55,15 +55,14 @@ def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
         if (old.schema.metadata or {}).get(b"dundi.key") == key:
             return old
     images, labels, ids = Evaluator.load_samples(cfg, evaluation["dataset"])
-    n = run.oracle.n if cfg.n is None else cfg.n
-    certifier = run.certifier(n, min(cfg.m, n), cfg.k)
+    certifier = run.certifier(cfg.rule)
     found = certifier.batched(images, labels, eps=eps, radius=True)
     columns: dict[str, Any] = {"sample_id": pa.array(ids, pa.int64()),
                                "label": pa.array(labels, pa.int64()),
                                "radius": pa.array(found["radius"], pa.float64())}
     for i, e in enumerate(eps):
         columns[f"certified@{e:g}"] = pa.array(found["certified"][:, i], pa.bool_())
-    table = pa.table(columns).replace_schema_metadata({b"dundi.key": key, b"dundi.n": str(n).encode()})
+    table = pa.table(columns).replace_schema_metadata({b"dundi.key": key, b"dundi.n": str(certifier.rule.n).encode()})
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -8,14 +8,17 @@ killed and started again continues where it stopped.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
-from dundi.artifacts import RUN_FILE, atomic_write_json, atomic_write_text, index_version, read_meta
 from dundi.data import fetch
-from dundi.report import demo_report
-from dundi.pipeline import build_index, classify_split, train_dundi_run, train_native_run
-from dundi.train import TrainConfig, json_config
-from dundi.rule import KEPT_CLASSES, coarse_default
+from dundi.evaluation.report import slug, write_report
+from dundi.files import atomic_write_json, atomic_write_text
+from dundi.rule.params import TwoStepRule
+from dundi.run.directory import RUN_FILE, index_version, read_meta
+from dundi.run.pipeline import build_index, classify_split, train_dundi_run, train_native_run
+from dundi.training.config import TrainConfig, json_config
 
 DATASET = "mnist-10k"
 ARCH = "lenet5"
@@ -76,7 +79,7 @@ def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progre
             build_index(run_dir, n=max(N_VALUES), seed=0, data_dir=data_dir)
         row = {"model": name}
         for n in N_VALUES:
-            row[str(n)] = classify_split(run_dir, n=n, m=coarse_default(n), k=KEPT_CLASSES, data_dir=data_dir)["accuracy"]
+            row[str(n)] = classify_split(run_dir, TwoStepRule(n), data_dir=data_dir)["accuracy"]
         rows.append(row)
     table = table_markdown(rows)
     print(table)
@@ -93,3 +96,36 @@ def run_demo(out: Path, data_dir: str | None = None, quick: bool = False, progre
 
 
 __all__ = ["run_demo", "table_markdown"]
+
+
+def demo_report(native_dir: str | os.PathLike, dundi_dirs: dict[str, str | os.PathLike] | list,
+                out: str | os.PathLike, data_dir: str | None = None, quick: bool = False,
+                progress: bool = True, log=print, limit: int | None = None,
+                steps: int | None = None) -> dict[str, Any]:
+    """The end of `dundi demo`: evaluate every DunDi run of the demo in this process (no Ray)
+    under the paper's transfer protocol (FGSM, iFGSM-a, iFGSM-b, JSMA at their paper settings)
+    and the adaptive threat model (FGSM and PGD, white-box on DunDi's score), then write the
+    report to ``out/report``.
+
+    ``dundi_dirs``: {display name: run dir} or a list of run dirs. Each run's evaluation goes
+    to ``out/eval-<name>``; a rerun continues from its finished shards. ``quick`` evaluates 64
+    test samples, else 200 (``limit`` overrides; ≈1 min per run and 64 samples on 2 cores); ``steps`` overrides the attacks' iterations
+    (default: the paper's 50)."""
+    from dundi.evaluation.evaluate import PAPER_ATTACKS, EvalConfig, evaluate_local
+
+    out = Path(out)
+    runs = dundi_dirs.items() if isinstance(dundi_dirs, dict) else [(Path(p).name, p) for p in dundi_dirs]
+    limit = limit or (64 if quick else 200)
+    results = []
+    for name, run_dir in runs:
+        target = out / f"eval-{slug(name)}"
+        for threat, attacks in (("transfer", list(PAPER_ATTACKS)), ("adaptive", ["fgsm", "pgd"])):
+            log(f"  evaluating {name}: {threat} threat model, {', '.join(attacks)}, {limit} test samples")
+            cfg = EvalConfig(run=str(run_dir), native=str(native_dir), attacks=attacks, threats=[threat],
+                             limit=limit, steps=steps, data_dir=data_dir, shard_size=64)
+            evaluate_local(cfg, target, progress=progress, log=log)
+        results.append(target)
+    report = write_report(results, out / "report")
+    return {"report": report["report"], "plots": [str(out / "report" / p) for p in report["plots"]],
+            "evaluations": [str(p) for p in results]}
+

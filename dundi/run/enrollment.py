@@ -6,7 +6,7 @@ class's oracles; nothing is trained. This module is that operation on a run dire
 by ``dundi index add|remove|list`` and the services' ``/admin/classes`` route:
 
 * the run is loaded (and verified) under its write lock, the index is changed in memory and
-  written as the next index version (:func:`dundi.artifacts.change_oracle`), so two changes at
+  written as the next index version (:func:`dundi.run.directory.change_oracle`), so two changes at
   once — two CLI calls, two replicas of a service — never lose one another and a process
   killed mid-write leaves the previous version live;
 * up to ``n`` oracles are picked from the given images by the rule ``index build`` uses
@@ -25,9 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from dundi.artifacts import (Run, change_oracle, dataset_classes_of, index_version, index_versions,
-                             read_meta, validate_images)
 from dundi.errors import DundiError
+from dundi.run.directory import (
+    Run,
+    change_oracle,
+    dataset_classes_of,
+    index_version,
+    index_versions,
+    read_meta,
+    validate_images,
+)
 
 MAX_NAME_CHARS = 100
 
@@ -59,7 +66,7 @@ def _oracle_ids(run: Run) -> list[int]:
 
 def _pick(count: int, n: int, seed: int) -> np.ndarray:
     """Up to n of ``count`` images, seeded: the rule `index build` applies to each class."""
-    from dundi.oracle import OracleIndex
+    from dundi.rule.index import OracleIndex
 
     return OracleIndex.select(np.zeros(count, np.int64), min(n, count), seed, 1)
 

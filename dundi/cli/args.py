@@ -1,0 +1,72 @@
+"""What every command module shares: flag types that name what they accept, the two-step
+rule's flags, and the one way figures are printed. Kept apart from the parser (main.py) so
+command modules import it and the parser imports them: imports run one way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Callable
+
+
+def emit(figures: dict[str, Any], as_json: bool, title: str | None = None) -> None:
+    """Print figures for people, or as a single JSON line last."""
+    if as_json:
+        print(json.dumps(figures, default=str))
+        return
+    if title:
+        print(title)
+    for key, value in figures.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"  {key}: {value}")
+
+
+
+def _type(convert: Callable[[str], Any], check: Callable[[Any], bool], wanted: str
+          ) -> Callable[[str], Any]:
+    """An argparse type: convert, then check, else one message naming what is accepted."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {wanted}")
+        return value
+
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _type(int, lambda v: v >= 1, "an integer of at least 1")
+nonnegative_int = _type(int, lambda v: v >= 0, "an integer of at least 0")
+positive_float = _type(float, lambda v: math.isfinite(v) and v > 0, "a number above 0")
+nonnegative_float = _type(float, lambda v: math.isfinite(v) and v >= 0, "a number of at least 0")
+unit_float = _type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+fraction = _type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+open_fraction = _type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+port_number = _type(int, lambda v: 1 <= v <= 65535, "a TCP port in 1-65535")
+
+
+def add_two_step_args(p: Any) -> None:
+    """--n, --m, --k of the two-step rule, with the defaults of :mod:`dundi.rule.params` (one
+    home): every command that applies the rule reads them the same way (:func:`rule_from_args`)."""
+    from dundi.rule import params as rule
+
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="fine-step oracles per class (default: all in the index)")
+    p.add_argument("--m", type=positive_int, default=None,
+                   help=f"coarse-step oracles per class (default: min({rule.COARSE_ORACLES}, n))")
+    p.add_argument("--k", type=positive_int, default=rule.KEPT_CLASSES,
+                   help="classes kept by the coarse step (default %(default)s)")
+
+
+def rule_from_args(args: argparse.Namespace):
+    """The :class:`dundi.rule.params.TwoStepRule` of --n/--m/--k (refused in one line if m > n)."""
+    from dundi.rule.params import TwoStepRule
+
+    return TwoStepRule(args.n, args.m, args.k)

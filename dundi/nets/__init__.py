@@ -1,0 +1,1 @@
+"""The networks: native softmax models, the Distance NN, batched forward passes."""
