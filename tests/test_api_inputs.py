@@ -126,7 +126,7 @@ def test_bad_parameters_are_refused(dundi_run, native_run):
         run.classify(x, batch_size=0)
     with pytest.raises(DundiError, match="native run: it has no oracles"):
         Run.load(native_run).classify(x, TwoStepRule(n=1))
-    with pytest.raises(DundiError, match="k=0 must be between 1"):
+    with pytest.raises(DundiError, match="k=0 must be a whole number of at least 1"):
         Run.load(native_run).classify(x, TwoStepRule(k=0))
     with pytest.raises(DundiError, match="loaded without its oracle index"):
         Run.load(dundi_run, with_oracle=False).classify(x)

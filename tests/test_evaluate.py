@@ -14,6 +14,7 @@ from dundi.data import load_split
 from dundi.errors import DundiError
 from dundi.evaluation.evaluate import EvalConfig, adv_images, evaluate_local, prepare, select_samples
 from dundi.evaluation.results import KEY, finished_shards, read_evaluation, read_results, shard_path
+from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run
 
 LIMIT = 32
@@ -83,8 +84,8 @@ def test_ray_evaluation_writes_one_row_per_key_with_sound_invariants(cfg, ray_re
     np.testing.assert_array_equal((np.abs(diff) > 1e-6).sum(1), table.column("l0").to_numpy())
     assert np.abs(diff).max() <= 0.3 + 1e-6
     dundi, native = Run.load(cfg.run), Run.load(cfg.native)
-    np.testing.assert_array_equal(dundi.rule.reference(adv, n=10, m=3, k=5).labels, table.column("dundi_adv").to_numpy())
-    np.testing.assert_array_equal(dundi.rule.reference(clean, n=10, m=3, k=5).labels, table.column("dundi_clean").to_numpy())
+    np.testing.assert_array_equal(dundi.classify(adv, TwoStepRule(10, 3, 5)).labels, table.column("dundi_adv").to_numpy())
+    np.testing.assert_array_equal(dundi.classify(clean, TwoStepRule(10, 3, 5)).labels, table.column("dundi_clean").to_numpy())
     np.testing.assert_array_equal(native.embed(adv).argmax(1), table.column("native_adv").to_numpy())
 
     # transfer samples are crafted on the native model: they fool it far more often than not

@@ -6,12 +6,13 @@ import argparse
 import time
 
 from dundi.cli.args import emit, nonnegative_float, positive_float
+from dundi.distributed import JOBS_ADDRESS
 from dundi.errors import DundiError
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
-                   help="Ray dashboard / Jobs API address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+                   help=f"Ray dashboard / Jobs API address (default $RAY_ADDRESS or {JOBS_ADDRESS})")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
 
 

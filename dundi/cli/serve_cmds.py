@@ -21,7 +21,7 @@ from dundi.cli.args import (
     rule_from_args,
 )
 from dundi.errors import DundiError
-from dundi.serving.settings import DeploymentSettings, ServeSettings
+from dundi.serving.settings import SERVICE_PORT, DeploymentSettings, ServeSettings
 
 # the defaults of the flags below are the declarations' own (one home per setting)
 DEPLOY = DeploymentSettings()
@@ -45,7 +45,7 @@ def check_listen(host: str, port: int) -> None:
     machine, or a port something already listens on: found before Ray starts, these would
     otherwise surface as a Ray traceback or (70000 mod 65536) a server on another port."""
     if isinstance(port, bool) or not 1 <= port <= 65535:
-        raise DundiError(f"--port {port} is not a TCP port: give 1-65535 (the default is 8000)")
+        raise DundiError(f"--port {port} is not a TCP port: give 1-65535 (the default is {SERVICE_PORT})")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -281,7 +281,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-ongoing", type=positive_float, default=DEPLOY.target_ongoing_requests,
                    help="autoscaling target of requests in flight per replica (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=port_number, default=8000, help="TCP port of the service, 1-65535 (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=SERVICE_PORT, help="TCP port of the service, 1-65535 (default %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="CPUs of the local Ray this starts (default: all of this machine's)")

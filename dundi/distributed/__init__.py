@@ -4,3 +4,5 @@ Everything here may import ``ray``; nothing in the core imports this package.
 Submodules are imported on demand (``from dundi.distributed.train_job import run_ray_training``)
 so that ``import dundi.distributed`` stays cheap.
 """
+
+JOBS_ADDRESS = "http://127.0.0.1:8265"  # Ray's dashboard / Jobs API on this machine: the default cluster

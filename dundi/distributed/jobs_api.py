@@ -22,9 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from dundi.distributed import JOBS_ADDRESS
 from dundi.errors import DundiError
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_ADDRESS = JOBS_ADDRESS
 HTTP_TIMEOUT_S = 5.0
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Dedicated entrypoints (jobs/<file>) for these commands; anything else goes through jobs/run.py.

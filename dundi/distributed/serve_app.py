@@ -58,7 +58,7 @@ from dundi.serving.app import Unavailable, create_app
 from dundi.serving.batching import AdaptiveBatcher
 from dundi.serving.errors import RequestError
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction, check_shape
-from dundi.serving.settings import DeploymentSettings, ServeSettings
+from dundi.serving.settings import SERVICE_HOST, SERVICE_PORT, DeploymentSettings, ServeSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -409,7 +409,7 @@ def apply_app(app: dict, timeout_s: float = 300.0, control: Optional[ServeContro
         time.sleep(0.2)
 
 
-def deploy(args: ServeAppArgs, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
+def deploy(args: ServeAppArgs, host: str = SERVICE_HOST, port: int = SERVICE_PORT, address: Optional[str] = None,
            app_name: str = APP_NAME, num_cpus: Optional[int] = None, access_log: bool = False
            ) -> DeploymentHandle:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and run the app from its

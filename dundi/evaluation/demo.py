@@ -122,7 +122,7 @@ def demo_report(native_dir: str | os.PathLike, dundi_dirs: dict[str, str | os.Pa
         for threat, attacks in (("transfer", list(PAPER_ATTACKS)), ("adaptive", ["fgsm", "pgd"])):
             log(f"  evaluating {name}: {threat} threat model, {', '.join(attacks)}, {limit} test samples")
             cfg = EvalConfig(run=str(run_dir), native=str(native_dir), attacks=attacks, threats=[threat],
-                             limit=limit, steps=steps, data_dir=data_dir, shard_size=64)
+                             limit=limit, steps=steps, data_dir=data_dir)
             evaluate_local(cfg, target, progress=progress, log=log)
         results.append(target)
     report = write_report(results, out / "report")

@@ -6,9 +6,11 @@ import numpy as np
 import torch
 from torch import nn
 
+EMBED_BATCH = 1024  # images per forward pass wherever a whole array is embedded or classified
+
 
 @torch.no_grad()
-def forward_batched(model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 1024
+def forward_batched(model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = EMBED_BATCH
                     ) -> np.ndarray:
     """``model`` applied in eval mode to (N, C, H, W) images; returns a float32 array."""
     was_training = model.training

@@ -114,7 +114,8 @@ def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn
         if distance_net is None or oracles is None:
             raise DundiError(f"the {name} threat model needs the DunDi run and its oracle index")
         c, n = oracles.shape[:2]
-        rule = (rule or TwoStepRule(k=c)).resolved(n, "euclidean")
+        rule = rule or TwoStepRule(k=c)
+        rule = rule.resolved(n, rule.metric or "euclidean")
         if name == "adaptive":
             model = TwoStepScorer(distance_net, oracles, rule, n * temperature, judge)
             target = (f"DunDi two-step stand-in (n={n}, m={rule.m}, k={rule.k}, {rule.metric}): fine "

@@ -6,4 +6,11 @@ certifiable index answers through, ``search`` is FAISS under the index, ``refere
 brute-force and differentiable versions used by tests and attacks.
 """
 
-from dundi.rule.params import COARSE_ORACLES, KEPT_CLASSES, ORACLES_PER_CLASS, TwoStepResult, coarse_default  # noqa: F401
+from dundi.rule.params import (  # noqa: F401
+                               COARSE_ORACLES,
+                               KEPT_CLASSES,
+                               ORACLES_PER_CLASS,
+                               TwoStepResult,
+                               TwoStepRule,
+                               coarse_default,
+)

@@ -39,6 +39,7 @@ from torch import nn
 
 from dundi.errors import DundiError
 from dundi.files import atomic_write_json, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
+from dundi.nets.inference import EMBED_BATCH
 from dundi.nets.models import build_distance_net, build_native
 from dundi.rule.index import INDEX_FILE, META_FILE, OracleIndex, TwoStepResult
 from dundi.rule.params import TwoStepRule
@@ -380,7 +381,7 @@ class Run:
             return tuple(self.oracle.class_names)
         return dataset_class_names(self.meta)
 
-    def embed(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def embed(self, images: np.ndarray, batch_size: int = EMBED_BATCH) -> np.ndarray:
         """Embeddings (B, D) float32. A run ranking by squared Euclidean distance (certifiable)
         embeds through :func:`dundi.rule.exact.embed_invariant`, so an image's embedding -- and
         so its answer and certificate -- is the same bits in any batch."""
@@ -395,7 +396,7 @@ class Run:
         return forward_batched(self.model, images, batch_size)
 
     def classify(self, images: np.ndarray | torch.Tensor, rule: TwoStepRule | None = None,
-                 batch_size: int = 1024) -> TwoStepResult:
+                 batch_size: int = EMBED_BATCH) -> TwoStepResult:
         """Classify raw images: Algorithm 1 for DunDi runs, the argmax of the logits for native runs.
 
         ``images`` are float pixels in [0, 1] (or uint8 pixels 0..255, converted to ``k / 255``

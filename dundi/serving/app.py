@@ -57,7 +57,7 @@ from dundi.serving.inputs import (
 )
 from dundi.serving.model import LoadedModel, ModelConfig, ModelInfo, Prediction
 from dundi.serving.outputs import V2_OUTPUTS, classify_response, dumps, model_metadata, v2_response
-from dundi.serving.settings import ServeSettings, token_matches
+from dundi.serving.settings import SERVICE_HOST, SERVICE_PORT, ServeSettings, token_matches
 
 log = logging.getLogger("dundi.serving")
 
@@ -409,7 +409,7 @@ class LocalBackend:
             return {"reloaded": True, "previous_version": old.info.version, "model": new.info.to_dict()}
 
 
-def serve_plain(config: ModelConfig, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+def serve_plain(config: ModelConfig, settings: ServeSettings, host: str = SERVICE_HOST, port: int = SERVICE_PORT,
                 concurrency: int = 1, torch_threads: int | None = 1, log_level: str = "warning",
                 model: LoadedModel | None = None) -> None:
     """Run the plain single-process uvicorn server until interrupted. The model is loaded

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dundi.errors import DundiError
+from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
 from dundi.rule.params import KEPT_CLASSES, TwoStepRule
 from dundi.run.directory import Run, index_sha256, index_version
@@ -185,7 +186,7 @@ class Prediction:
 class LoadedModel:
     """A verified DunDi run with its oracle index, answering batches of images."""
 
-    def __init__(self, config: ModelConfig, embed_batch: int = 1024, run: Run | None = None):
+    def __init__(self, config: ModelConfig, embed_batch: int = EMBED_BATCH, run: Run | None = None):
         """``run``: that run already loaded and verified (its directory and index version are
         ``config``'s), so a change of the abstain settings does not load it again."""
         run_dir = Path(config.run)

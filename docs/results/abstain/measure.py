@@ -32,13 +32,13 @@ def probes() -> dict[str, np.ndarray]:
 
 def measure(run: str, sets: dict[str, np.ndarray]) -> list[dict]:
     model = LoadedModel(ModelConfig(run=run))
-    images, labels, source = held_out_images(model, None, limit=LIMIT)
+    images, labels, source = held_out_images(model.run, None, limit=LIMIT)
     values = {}
     for name, x in sets.items():
         emb = model.run.embed(x)
-        r = model.run.oracle.classify(emb, n=model.n, m=model.config.m, k=model.config.k)
+        r = model.run.oracle.classify(emb, model.rule)
         values[name] = signal_values(x, emb, r.nearest_distance)
-    held = model.run.oracle.classify(model.run.embed(images), n=model.n, m=model.config.m, k=model.config.k)
+    held = model.run.oracle.classify(model.run.embed(images), model.rule)
     rows = [{"run": run, "rule": "nearest-oracle distance (no rule)", "calibration": source,
              "held-out median": float(np.median(held.nearest_distance)),
              "held-out 99th percentile": float(np.quantile(held.nearest_distance, 0.99)),
