@@ -41,22 +41,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 
-import faiss
 import numpy as np
 
 from dundi.errors import DundiError
 from dundi.rule.exact import ExactRule
+from dundi.rule.index_io import INDEX_FILE, META_FILE, read_oracles, write_oracles
 from dundi.rule.params import METRICS, TwoStepResult, TwoStepRule, check_metric  # noqa: F401 (re-exported)
 from dundi.rule.search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
-
-INDEX_FILE = "index.faiss"
-META_FILE = "oracle.json"
-FORMAT = 2  # 1: equal class blocks, no names; 2: per-class counts and names
-# metadata save() derives from the index itself: dropped on load so it cannot go stale
-DERIVED = ("class_names", "counts", "format", "layout", "num_classes", "n", "dim")
-
 
 SHORTLISTS = ("auto", *SHORTLIST_KINDS)
 
@@ -473,45 +465,17 @@ class OracleIndex:
             picks.append(rng.choice(members, n, replace=False))
         return np.concatenate(picks).astype(np.int64)
 
-    # ---- persistence ---------------------------------------------------------------------
+    # ---- persistence (dundi.rule.index_io) --------------------------------------------------
     def save(self, directory: str | os.PathLike, index_file: str = INDEX_FILE,
              meta_file: str = META_FILE) -> dict[str, str]:
-        """Write the oracles (FAISS's flat format, class-major) and JSON metadata holding class
-        names and counts, each atomically (temp file + os.replace); returns the file names.
-        Other file names let a caller keep several versions side by side."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        flat = faiss.IndexFlatL2(self.dim)
-        flat.add(self.vectors)
-        tmp = directory / (index_file + ".tmp")
-        faiss.write_index(flat, str(tmp))
-        os.replace(tmp, directory / index_file)
-        meta = {**self.meta, "format": FORMAT, "num_classes": self.num_classes, "n": self.n,
-                "dim": self.dim, "class_names": self.class_names,
-                "counts": self._counts.tolist(),
-                "layout": "class-major: class c holds the next counts[c] rows, in order"}
-        tmp = directory / (meta_file + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, directory / meta_file)
-        return {"index": index_file, "meta": meta_file}
+        """Write this index to ``directory`` (:func:`dundi.rule.index_io.write_oracles`)."""
+        return write_oracles(directory, self.vectors, self._counts, self.class_names, self.meta,
+                             index_file, meta_file)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, index_file: str = INDEX_FILE,
              meta_file: str = META_FILE, **kw) -> "OracleIndex":
-        """Read an index written by :meth:`save` (FAISS's own format, no pickle). Indexes
-        written before names and counts were stored load with equal blocks and names "0".."C-1"."""
-        directory = Path(directory)
-        try:
-            meta = json.loads((directory / meta_file).read_text())
-            flat = faiss.read_index(str(directory / index_file))
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise DundiError(f"cannot read the oracle index in {directory}: {exc}. "
-                             f"Build it with `dundi index build RUN`.") from exc
-        counts = meta.get("counts") or [meta["n"]] * meta["num_classes"]
-        if flat.ntotal != sum(counts) or flat.d != meta["dim"] or len(counts) != meta["num_classes"]:
-            raise DundiError(f"oracle index in {directory} does not match its metadata")
-        vectors = flat.reconstruct_n(0, flat.ntotal)
-        names = meta.get("class_names")
-        meta = {k: v for k, v in meta.items() if k not in DERIVED}
+        """Read an index written by :meth:`save` (:func:`dundi.rule.index_io.read_oracles`)."""
+        vectors, counts, names, meta = read_oracles(directory, index_file, meta_file)
         return cls(vectors, counts=counts, class_names=names, meta=meta,
                    metric=meta.get("metric", "euclidean"), **kw)
