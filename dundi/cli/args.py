@@ -65,6 +65,19 @@ def add_two_step_args(p: Any) -> None:
                    help="classes kept by the coarse step (default %(default)s)")
 
 
+def served_model_from_args(run: str, args: argparse.Namespace, loaded=None):
+    """The run as `dundi serve` serves it under the flags' rule, with the abstain rule the flags
+    ask for (a line on stderr says which); ``loaded``: the run already loaded, not read again."""
+    import sys
+
+    from dundi.serving.abstain import served_model
+
+    config, model, how = served_model(run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
+                                      getattr(args, "data_dir", None), args.calibration_limit, loaded)
+    print(f"dundi: {how}", file=sys.stderr)
+    return config, model
+
+
 def rule_from_args(args: argparse.Namespace):
     """The :class:`dundi.rule.params.TwoStepRule` of --n/--m/--k (refused in one line if m > n)."""
     from dundi.rule.params import TwoStepRule

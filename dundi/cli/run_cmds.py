@@ -21,6 +21,7 @@ from dundi.cli.args import (
     positive_float,
     positive_int,
     rule_from_args,
+    served_model_from_args,
     unit_float,
 )
 from dundi.rule.params import ORACLES_PER_CLASS
@@ -285,11 +286,7 @@ def _classify_files(args: argparse.Namespace) -> None:
                              f"apply; omit them (it classifies by the argmax of its logits)")
         model = Run.load(args.run)
     else:
-        from dundi.serving.abstain import served_model
-
-        _, model, how = served_model(args.run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
-                                     args.data_dir, args.calibration_limit, Run.load(args.run))
-        print(f"dundi: {how}", file=sys.stderr)
+        _, model = served_model_from_args(args.run, args, loaded=Run.load(args.run))
     rows, info = classify_files(model, images, files, rule_from_args(args))
     text = write_answers(rows, info, args.format, args.out)
     if text is not None:

@@ -18,7 +18,7 @@ from dundi.cli.args import (
     port_number,
     positive_float,
     positive_int,
-    rule_from_args,
+    served_model_from_args,
 )
 from dundi.errors import DundiError
 from dundi.serving.settings import SERVICE_PORT, DeploymentSettings, ServeSettings
@@ -103,24 +103,13 @@ def add_abstain_args(group) -> None:
                        help="held-out images to calibrate on (default %(default)s)")
 
 
-def loaded_model(run: str, args: argparse.Namespace, loaded=None):
-    """The run as served under the flags' rule, with the abstain rule the flags ask for (a line
-    on stderr says which); ``loaded``: the run already loaded, not read again."""
-    from dundi.serving.abstain import served_model
-
-    config, model, how = served_model(run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
-                                      getattr(args, "data_dir", None), args.calibration_limit, loaded)
-    print(f"dundi: {how}", file=sys.stderr)
-    return config, model
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     from dundi.serving.model import ABSTAIN_SIGNALS
     from dundi.serving.settings import ServeSettings
 
     if args.no_ray or args.address is None:  # on a cluster the proxies listen on other hosts
         check_listen(args.host, args.port)
-    config, model = loaded_model(args.run, args)
+    config, model = served_model_from_args(args.run, args)
     settings = ServeSettings.create(auth_token=args.token, admin_token=args.admin_token,
                                     model_name=args.model_name, max_batch=args.max_batch,
                                     max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout,

@@ -356,7 +356,10 @@ class OracleIndex:
         """The concrete rule on this index -- n every oracle a class holds, m min(3, n) and the
         metric the index's where ``rule`` leaves them open -- refused if the index cannot honour
         it. Every answer of this index is given under a rule resolved here."""
-        rule = (rule or TwoStepRule()).resolved(self.n, self.metric)
+        if rule is None or not rule.is_resolved:  # classify's helpers get it resolved: not rebuilt
+            rule = (rule or TwoStepRule()).resolved(self.n, self.metric)
+        elif rule.metric != self.metric:
+            rule.resolved(self.n, self.metric)  # refuses, naming both metrics
         if rule.n > self.n:
             raise DundiError(f"n={rule.n} is out of range: this index holds at most {self.n} oracles "
                              f"per class; use n <= {self.n}, or rebuild the index with more "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from dundi.rule.index import check_metric
+from dundi.rule.params import check_metric
 from dundi.training.losses import LOSSES
 
 MINING = ("random", "batch-hard")
