@@ -127,8 +127,10 @@ def test_a_killed_local_training_resumes_where_it_stopped(data_dir, tmp_path):
     (out / "run.json").unlink()
     proc = subprocess.Popen(cmd + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
     while not (out / ".checkpoint" / "latest.json").exists():
         assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

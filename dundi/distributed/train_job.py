@@ -66,6 +66,9 @@ class RayOptions:
     data_dir: str | None = None
     oracles: int = ORACLES_PER_CLASS  # oracles per class in the final index (dundi runs)
     progress: bool = True          # rank 0 prints one line per epoch
+    # Ray Train ``UserCallback``s, run on the controller after each report (every worker's
+    # metrics and the persisted checkpoint): how a platform exports metrics or reacts to an epoch.
+    callbacks: tuple = ()
 
 
 # ----------------------------------------------------------------------------- storage
@@ -357,7 +360,8 @@ def _trainer(loop_config: dict, opts: RayOptions, name: str, storage: str):
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(opts.callbacks)))
 
 
 def _fit(trainer: Any, name: str, storage: str, opts: RayOptions, epochs: int) -> tuple[dict, dict]:
