@@ -89,15 +89,15 @@ def test_uint8_pixels_are_converted_like_the_dataset_cache(dundi_run):
 
 
 @pytest.mark.parametrize("images, message", [
-    (np.full((2, 1, 28, 28), 255.0, np.float32), r"pixel values in \[255, 255\]: pixels must be in \[0, 1\]; divide by 255"),
-    (np.full((2, 1, 28, 28), -0.5, np.float32), r"pixels must be in \[0, 1\]; undo any normalisation"),
+    (np.full((2, 1, 28, 28), 255.0, np.float32), r"pixel values in \[255, 255\]; expected float pixels in \[0, 1\] \(8-bit pixels: divide by 255"),
+    (np.full((2, 1, 28, 28), -0.5, np.float32), r"expected float pixels in \[0, 1\] \(undo any normalisation"),
     (np.full((2, 1, 28, 28), np.nan, np.float32), r"1568 NaN or Inf value\(s\)"),
     (np.full((1, 28, 28), np.inf, np.float32), r"784 NaN or Inf"),
-    (np.zeros((2, 3, 28, 28), np.float32), r"shape \(2, 3, 28, 28\); this run takes a batch \(N, 1, 28, 28\)"),
+    (np.zeros((2, 3, 28, 28), np.float32), r"shape \(2, 3, 28, 28\); expected a batch \(N, 1, 28, 28\)"),
     (np.zeros((32, 32), np.float32), r"shape \(32, 32\)"),
     (np.zeros(784, np.float32), r"shape \(784,\)"),
     (np.zeros((1, 1, 1, 28, 28), np.float32), r"shape \(1, 1, 1, 28, 28\)"),
-    (np.zeros((2, 1, 28, 28), np.int64), r"integers \(dtype int64\); pass float pixels in \[0, 1\], or uint8"),
+    (np.zeros((2, 1, 28, 28), np.int64), r"integers \(dtype int64\); expected float pixels in \[0, 1\], or 8-bit"),
     (np.zeros((2, 1, 28, 28), bool), r"booleans"),
     (np.full((1, 28, 28), "a"), r"non-numeric values"),
     ([[0.0] * 28] * 27 + [[0.0] * 3], r"ragged|shape"),

@@ -208,11 +208,9 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dundi.data import DATASETS
     from dundi.run.directory import build_from_meta
-    from dundi.run.pipeline import native_accuracy, triplet_validator
+    from dundi.run.pipeline import training_rows
     from dundi.training.loop import TIMING_KEYS, Worker, train_epochs
-    from dundi.training.passes import drop_holdout, kept_classes, split_train_val
 
     cfg = TrainConfig(**config["cfg"])
     kind = config["kind"]
@@ -223,15 +221,11 @@ def train_loop(config: dict) -> None:
                     min=lambda value: _allreduce_min(value, device), wrap=ray.train.torch.prepare_model)
     say = _say if (rank == 0 and config.get("progress", True)) else (lambda line: None)
 
-    # --- data: this worker's rows and its train/validation split (seeded)
-    images, labels, _ = drop_holdout(*worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world),
-                                     kept_classes(cfg, DATASETS[cfg.dataset].num_classes))
-    tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
-    if (np.bincount(labels[tr], minlength=2) >= 2).sum() < 2:
-        raise DundiError(f"worker {rank} of {world} got {len(tr)} training samples with fewer than "
+    # --- data: this worker's rows, split and validated exactly as local training does
+    rows = training_rows(cfg, kind, *worker_rows(cfg.dataset, config.get("data_dir"), cfg.limit, rank, world))
+    if (np.bincount(rows.labels[rows.tr], minlength=2) >= 2).sum() < 2:
+        raise DundiError(f"worker {rank} of {world} got {len(rows.tr)} training samples with fewer than "
                          f"two classes of two samples each: use more data (--limit) or fewer workers")
-    validate = (triplet_validator(cfg, images, labels, tr, va) if kind == "dundi" else
-                (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None)
 
     # --- model: the driver's seeded initial weights, or the last checkpoint's
     model = build_from_meta(config["model_meta"])
@@ -239,7 +233,7 @@ def train_loop(config: dict) -> None:
     resumed, starts = _resumed(ray.train.get_checkpoint())
     starts = [*starts, resumed.epoch + 1 if resumed else 0]
     nodes = _all_gather({"rank": rank, "node": ray.get_runtime_context().get_node_id(),
-                         "host": os.uname().nodename, "pid": os.getpid(), "rows": int(len(labels))})
+                         "host": os.uname().nodename, "pid": os.getpid(), "rows": int(len(rows.labels))})
     if resumed:
         say(f"[dundi] resuming {config['name']} from the checkpoint of epoch {resumed.epoch + 1}")
     say(f"[dundi] {kind} training on {world} worker(s): {[n['rows'] for n in nodes]} rows each, "
@@ -260,8 +254,8 @@ def train_loop(config: dict) -> None:
             ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch:04d}")
 
-    train_epochs(model, images[tr], labels[tr], cfg, kind, worker, validate=validate, val_count=len(va),
-                 resumed=resumed, on_epoch=report, progress=False,
+    train_epochs(model, rows.images[rows.tr], rows.labels[rows.tr], cfg, kind, worker, validate=rows.validate,
+                 val_count=len(rows.va), resumed=resumed, on_epoch=report, progress=False,
                  state=resume_state(kind, cfg, world, config.get("pretrained")))
 
 

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dundi.data import pixels
 from dundi.errors import DundiError
 from dundi.files import atomic_write_json, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
 from dundi.nets.inference import EMBED_BATCH
@@ -274,63 +275,26 @@ def stored_calibration(meta: dict, rule: TwoStepRule, index_sha: str) -> dict | 
     return None
 
 
-def _layouts(in_shape: tuple[int, ...]) -> str:
-    """The accepted array shapes for a model taking ``in_shape`` = (C, H, W), in words."""
-    c, h, w = in_shape
-    if c == 1:
-        return f"a batch (N, 1, {h}, {w}) or (N, {h}, {w}), or one image (1, {h}, {w}) or ({h}, {w})"
-    return f"a batch (N, {c}, {h}, {w}) or one image ({c}, {h}, {w})"
-
-
 def validate_images(images: Any, in_shape: tuple[int, ...]) -> np.ndarray:
     """Check images for a model taking ``in_shape`` = (C, H, W) and return them as a
     (N, C, H, W) float32 batch in [0, 1], or raise one :class:`DundiError` naming the problem.
 
-    The rules are the HTTP server's (dundi/serving/inputs.py) so that the Python API and the
-    service accept and refuse the same inputs: float pixels must be finite and within [0, 1]
-    (values above 1 are refused, not rescaled — 0..255 pixels by mistake would otherwise get
-    confident answers about a white image); uint8 arrays are 8-bit pixels, converted exactly as
-    the dataset cache converts them (``k / 255``); other integer, boolean and non-numeric
-    arrays are refused. An empty batch of the right shape is returned empty.
+    The rules are dundi/data/pixels.py's, the HTTP service's too, so the Python API and the
+    service accept and refuse the same inputs. Here the array's dtype says what the pixels
+    are: uint8 arrays are 8-bit pixels, float arrays are pixels in [0, 1], anything else is
+    refused. An empty batch of the right shape is returned empty.
     """
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     try:
         arr = np.asarray(images)
     except (ValueError, TypeError):
-        raise DundiError("images are a ragged sequence (rows of different lengths): pass a numpy "
+        raise DundiError("the images are a ragged sequence (rows of different lengths): pass a numpy "
                          "array of float pixels in [0, 1]") from None
-    c, h, w = (int(v) for v in in_shape)
-    shape = tuple(arr.shape)
-    if len(shape) == 4 and shape[1:] == (c, h, w):
-        batch = arr
-    elif shape == (c, h, w):
-        batch = arr[None]
-    elif c == 1 and len(shape) == 3 and shape[1:] == (h, w):
-        batch = arr[:, None]
-    elif c == 1 and shape == (h, w):
-        batch = arr[None, None]
-    else:
-        raise DundiError(f"images have shape {shape}; this run takes {_layouts((c, h, w))}")
+    batch = pixels.as_batch(arr, in_shape, "the images")
     if arr.dtype == np.uint8:
-        return np.divide(batch, np.float32(255.0), dtype=np.float32)
-    if arr.dtype.kind != "f":
-        kind = {"b": "booleans", "i": "integers", "u": "integers", "c": "complex numbers"}.get(
-            arr.dtype.kind, "non-numeric values")
-        raise DundiError(f"images hold {kind} (dtype {arr.dtype}); pass float pixels in [0, 1], "
-                         f"or uint8 pixels 0..255")
-    values = np.ascontiguousarray(batch, dtype=np.float32)
-    finite = np.isfinite(values)
-    if not finite.all():
-        raise DundiError(f"images hold {int((~finite).sum())} NaN or Inf value(s); pixels must be "
-                         f"finite, in [0, 1]")
-    if values.size:
-        lo, hi = float(values.min()), float(values.max())
-        if lo < 0.0 or hi > 1.0:
-            hint = ("; divide by 255 (or pass uint8 pixels)" if hi > 1.0 else
-                    "; undo any normalisation (e.g. mean/std) before classifying")
-            raise DundiError(f"images have pixel values in [{lo:g}, {hi:g}]: pixels must be in [0, 1]{hint}")
-    return values
+        return pixels.from_8bit(batch, "the images")
+    return pixels.from_float(batch, "the images", "8-bit pixels: divide by 255, or pass a uint8 array")
 
 
 def dataset_classes_of(meta: dict, oracle_meta: dict | None = None) -> list[int] | None:

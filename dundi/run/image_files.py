@@ -11,7 +11,8 @@ file's name and the expected size, unless the caller asks for ``resize=True`` (a
 image is a different input, and the user should know they asked for it). Colour images given
 to a single-channel run are converted to grayscale (ITU-R 601-2 luma, Pillow's ``L`` mode);
 grayscale images given to a three-channel run are repeated over the channels. Transparency
-is dropped (the colour channels are read as stored).
+is dropped (the colour channels are read as stored). The pixel rules are dundi/data/pixels.py's,
+shared with the HTTP service.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dundi.data import pixels
 from dundi.errors import DundiError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -83,21 +85,6 @@ def expand_paths(patterns: Iterable[str]) -> list[Path]:
     return out
 
 
-def _pixels(img, channels: int) -> np.ndarray:
-    """(C, H, W) float32 in [0, 1] from a Pillow image; 16-bit grayscale keeps its precision."""
-    if img.mode.startswith("I;16") and channels == 1:
-        arr = np.asarray(img, dtype=np.float64) / 65535.0
-        return arr.astype(np.float32)[None]
-    if channels == 1:
-        arr = np.asarray(img.convert("L"), dtype=np.uint8)[None]
-    elif channels == 3:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    else:
-        raise DundiError(f"runs with {channels} input channels cannot read image files: "
-                         f"only 1 (grayscale) and 3 (RGB) are supported")
-    return np.divide(arr, np.float32(255.0), dtype=np.float32)
-
-
 def read_image(path: Path, in_shape: Sequence[int], resize: bool = False) -> np.ndarray:
     """One file as (C, H, W) float32 in [0, 1] for a run taking ``in_shape`` = (C, H, W)."""
     from PIL import Image, UnidentifiedImageError
@@ -112,7 +99,7 @@ def read_image(path: Path, in_shape: Sequence[int], resize: bool = False) -> np.
                                      f"{w}x{h} images: resize them, or pass --resize to scale "
                                      f"them to {w}x{h}")
                 img = img.resize((w, h), Image.Resampling.LANCZOS)
-            return _pixels(img, c)
+            return pixels.decoded_pixels(img, c)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DundiError(f"{path} cannot be read as a PNG or JPEG image ({reason}): "

@@ -101,12 +101,35 @@ def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels
     return accuracy(index.classify(forward_batched(model, images), rule).labels, labels)
 
 
-def _train_val(cfg: TrainConfig, data_dir: str | None):
-    spec = _spec(cfg.dataset)
-    images, labels, ids = load_split(cfg.dataset, "train", data_dir, limit=cfg.limit)
-    images, labels, _ = drop_holdout(images, labels, ids, kept_classes(cfg, spec.num_classes))
+@dataclasses.dataclass
+class TrainingRows:
+    """What one training process learns from: its rows, a seeded train/validation split of
+    them, and the per-epoch validator of its kind (None without validation rows)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    tr: np.ndarray
+    va: np.ndarray
+    validate: Callable[[nn.Module], float] | None
+
+
+def training_rows(cfg: TrainConfig, kind: str, images: np.ndarray, labels: np.ndarray,
+                  ids: np.ndarray) -> TrainingRows:
+    """Rows of the training split → :class:`TrainingRows`: the held-out classes dropped, the
+    seeded split, and validation by two-step accuracy (dundi) or softmax accuracy (native).
+    Local training calls it on all rows and every Ray worker on its own share, so the two
+    prepare data alike by construction."""
+    images, labels, _ = drop_holdout(images, labels, ids, kept_classes(cfg, _spec(cfg.dataset).num_classes))
     tr, va = split_train_val(labels, cfg.val_fraction, cfg.seed)
-    return images, labels, tr, va
+    if kind == "dundi":
+        validate = triplet_validator(cfg, images, labels, tr, va)
+    else:
+        validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
+    return TrainingRows(images, labels, tr, va, validate)
+
+
+def _local_rows(cfg: TrainConfig, kind: str, data_dir: str | None) -> TrainingRows:
+    return training_rows(cfg, kind, *load_split(cfg.dataset, "train", data_dir, limit=cfg.limit))
 
 
 def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | None = None,
@@ -115,11 +138,11 @@ def train_native_run(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | N
     """Train a native softmax model, save it as a run, return its metadata with test accuracy."""
     cfg.validate()
     out = Path(out)
-    images, labels, tr, va = _train_val(cfg, data_dir)
+    rows = _local_rows(cfg, "native", data_dir)
     model = new_native_net(cfg)
-    validate = (lambda m: native_accuracy(m, images[va], labels[va])) if len(va) else None
     t0 = time.time()
-    fit(model, images[tr], labels[tr], cfg, "native", validate, _metrics_writer(out, log), progress,
+    fit(model, rows.images[rows.tr], rows.labels[rows.tr], cfg, "native", rows.validate,
+        _metrics_writer(out, log), progress,
         checkpoints=out / CHECKPOINT_DIR, device=device)
     test_x, test_y, _ = load_split(cfg.dataset, "test", data_dir)
     metrics = {"test_accuracy": native_accuracy(model, test_x, test_y), "test_count": len(test_y),
@@ -176,11 +199,11 @@ def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | 
     """Triplet-train a Distance NN (DunDi_R, or DunDi_P from ``pretrained``) and save the run."""
     cfg.validate()
     out = Path(out)
-    images, labels, tr, va = _train_val(cfg, data_dir)
+    rows = _local_rows(cfg, "dundi", data_dir)
     model, mode = new_distance_net(cfg, pretrained)
     t0 = time.time()
-    history = fit(model, images[tr], labels[tr], cfg, "dundi",
-                  triplet_validator(cfg, images, labels, tr, va), _metrics_writer(out, log), progress,
+    history = fit(model, rows.images[rows.tr], rows.labels[rows.tr], cfg, "dundi", rows.validate,
+                  _metrics_writer(out, log), progress,
                   checkpoints=out / CHECKPOINT_DIR, device=device, pretrained=pretrained)
     metrics = {"train_seconds": round(time.time() - t0, 2), "final": history[-1]}
     warn_if_collapsed(cfg, history, len(kept_classes(cfg, _spec(cfg.dataset).num_classes)), log)

@@ -1,24 +1,13 @@
 """Turning request bodies into a validated image batch, or a 4xx saying what is wrong.
 
-The image contract (docs/ARCHITECTURE.md): float32 pixels in [0, 1], shaped like the
-dataset, (C, H, W) from the run's ``in_shape``. Accepted layouts for a model with
-``in_shape = (C, H, W)``:
-
-* a batch ``(N, C, H, W)``; for single-channel models also ``(N, H, W)``;
-* a single image ``(C, H, W)``; for single-channel models also ``(H, W)``.
-
-Pixel types:
-
-* float (v2 ``FP32``/``FP64``, or a JSON array of numbers): values must be finite and within
-  [0, 1]. Values above 1 are refused, not rescaled: a client that sends 0..255 by mistake
-  gets a 422 that says so, instead of a confident answer about a white image.
-* 8-bit (v2 ``UINT8``, ``{"dtype": "uint8"}`` on /classify, and PNG/JPEG files): integers in
-  0..255, converted exactly as the dataset cache does, ``k / 255`` in float32.
-
-PNG and JPEG are decoded with Pillow and converted to the model's channels (grayscale "L"
-for C = 1, "RGB" for C = 3; alpha is dropped, 16-bit grayscale PNGs are scaled by 1/65535).
-They are never resized: an image whose size differs from (H, W) is refused with the size
-expected, and the size is checked before any pixel is decoded.
+The image contract itself (layouts, float and 8-bit pixels, decoded PNG/JPEG) is
+dundi/data/pixels.py, shared with the Python API and ``dundi classify``: this module reads the
+protocols (Open Inference v2 JSON, /classify JSON, raw and multipart PNG/JPEG uploads) and turns
+a broken rule into a 4xx whose code names it. Service-only rules: 8-bit pixels are declared (v2
+``UINT8``, ``{"dtype": "uint8"}`` on /classify; PNG/JPEG are 8-bit or 16-bit by nature), a
+request holds at least one image and at most ``max_batch``, and images are never resized: an
+image whose size differs from (H, W) is refused with the size expected, checked before any
+pixel is decoded.
 """
 
 from __future__ import annotations
@@ -33,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from dundi.data import pixels
+from dundi.data.pixels import PixelError
 from dundi.serving.errors import RequestError, bad_request, invalid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,6 +32,7 @@ IMAGE_TYPES = ("image/png", "image/jpeg")
 FLOAT_DTYPES = ("FP32", "FP64")
 V2_DTYPES = ("FP32", "FP64", "UINT8")
 V2_INPUT_NAME = "images"
+EIGHT_BIT_ADVICE = '8-bit pixels: send UINT8, or {"dtype": "uint8"} on /classify'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +43,7 @@ class InputSpec:
     max_batch: int
 
     def layouts(self) -> str:
-        c, h, w = self.in_shape
-        chw = f"({c}, {h}, {w})"
-        if c == 1:
-            return f"a batch (N, 1, {h}, {w}) or (N, {h}, {w}), or one image {chw} or ({h}, {w})"
-        return f"a batch (N, {c}, {h}, {w}) or one image {chw}"
+        return pixels.layouts(self.in_shape)
 
 
 # ---------------------------------------------------------------------------- basic parsing
@@ -101,51 +89,30 @@ def _as_array(data: Any, what: str) -> np.ndarray:
     return arr
 
 
+def _refused(exc: PixelError) -> RequestError:
+    """The contract's refusal as the service's 422."""
+    return invalid(exc.code, exc.problem, exc.expected)
+
+
 def pixels_to_float(arr: np.ndarray, dtype: str, what: str) -> np.ndarray:
     """Validate pixel values for a declared dtype and return float32 pixels in [0, 1]."""
-    if dtype == "UINT8":
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all():
-                raise invalid("non_finite", f"{what} holds NaN or Inf", "integers in 0..255 (UINT8)")
-            if (arr != np.rint(arr)).any():
-                raise invalid("bad_dtype", f"{what} holds fractional values but is declared UINT8",
-                              "integers in 0..255, or declare FP32 for pixels in [0, 1]")
-        lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
-        if lo < 0 or hi > 255:
-            raise invalid("out_of_range", f"{what} has values in [{lo}, {hi}]", "UINT8 pixels in 0..255")
-        return np.divide(arr.astype(np.uint8), np.float32(255.0), dtype=np.float32)
-    values = arr.astype(np.float32) if arr.dtype != np.float32 else arr
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = int((~finite).sum())
-        raise invalid("non_finite", f"{what} holds {bad} NaN or Inf value(s)", "finite float pixels in [0, 1]")
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if lo < 0.0 or hi > 1.0:
-        hint = " (8-bit pixels: send UINT8, or {\"dtype\": \"uint8\"} on /classify)" if hi > 1.0 else ""
-        raise invalid("out_of_range", f"{what} has pixel values in [{lo:g}, {hi:g}]",
-                      f"float pixels in [0, 1]{hint}")
-    return np.ascontiguousarray(values, dtype=np.float32)
+    try:
+        if dtype == "UINT8":
+            return pixels.from_8bit(arr, what)
+        return pixels.from_float(arr, what, EIGHT_BIT_ADVICE)
+    except PixelError as exc:
+        raise _refused(exc) from None
 
 
 def to_batch(arr: np.ndarray, spec: InputSpec, what: str = "the input") -> np.ndarray:
     """Reshape an accepted layout to (N, C, H, W), checking emptiness and the batch limit."""
     if arr.size == 0:
         raise invalid("empty_batch", f"{what} holds no image", f"at least one image: {spec.layouts()}")
-    c, h, w = spec.in_shape
-    shape = tuple(arr.shape)
-    if len(shape) == 4 and shape[1:] == (c, h, w):
-        batch = arr
-    elif len(shape) == 3 and shape == (c, h, w):
-        batch = arr[None]
-    elif len(shape) == 3 and c == 1 and shape[1:] == (h, w):
-        batch = arr[:, None]
-    elif len(shape) == 2 and c == 1 and shape == (h, w):
-        batch = arr[None, None]
-    else:
-        raise invalid("bad_shape", f"{what} has shape {list(shape)}", spec.layouts())
-    if len(batch) > spec.max_batch:
-        raise RequestError(413, "batch_too_large", f"{what} holds {len(batch)} images",
-                           f"at most {spec.max_batch} images per request (split the batch)")
+    try:
+        batch = pixels.as_batch(arr, spec.in_shape, what)
+    except PixelError as exc:
+        raise _refused(exc) from None
+    check_batch_size(len(batch), spec, what)
     return batch
 
 
@@ -264,24 +231,15 @@ def decode_image(data: bytes, in_shape: tuple[int, int, int], what: str = "the i
                 raise invalid("bad_image_size", f"{what} is {img.size[0]}×{img.size[1]} pixels (W×H)",
                               f"{w}×{h} pixels ({'grayscale' if c == 1 else 'RGB'}); images are not resized")
             img.load()
-            return _pixels(img, c)
+            return pixels.decoded_pixels(img, c)
     except RequestError:
         raise
+    except PixelError as exc:
+        raise _refused(exc) from None
     except Exception as exc:  # Pillow raises many types on broken data; all mean "broken image"
         reason = "unrecognised or corrupt data" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
         raise bad_request("broken_image", f"{what} cannot be decoded ({reason})",
                           "a complete PNG or JPEG file") from None
-
-
-def _pixels(img, channels: int) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grayscale PNG
-        gray = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0.0, 1.0).astype(np.float32)
-        return np.repeat(gray[None], channels, axis=0)
-    if channels == 1:
-        arr = np.asarray(img.convert("L"), dtype=np.uint8)[None]
-    else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    return np.divide(arr, np.float32(255.0), dtype=np.float32)
 
 
 @dataclasses.dataclass
