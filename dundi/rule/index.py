@@ -1,5 +1,12 @@
 """The oracle database as a FAISS-backed index, and Algorithm 1 (two-step classification) over it.
 
+The index is the public face; its parts are free-standing: the class-major rows and
+enrolment's appends (:mod:`dundi.rule.oracle_rows`), the two steps' arithmetic
+(:mod:`dundi.rule.two_step`), FAISS structures (:mod:`dundi.rule.search`), files on disk
+(:mod:`dundi.rule.index_io`) and the float64 rule the certificate proves
+(:mod:`dundi.rule.exact`). What stays here: class names and labels, the rule's resolution,
+the choice of search path and the caches of step-1 structures.
+
 **Classes.** The index holds named classes (``class_names``, by default ``"0"``..``"C-1"``, or
 the dataset's names when built from a dataset), each with its own number of oracles
 (``class_counts()``): a class enrolled later from a handful of images may hold 1 or 10 oracles
@@ -47,33 +54,12 @@ import numpy as np
 from dundi.errors import DundiError
 from dundi.rule.exact import ExactRule
 from dundi.rule.index_io import INDEX_FILE, META_FILE, read_oracles, write_oracles
+from dundi.rule.oracle_rows import OracleRows, checked_embeddings, split_counts
 from dundi.rule.params import METRICS, TwoStepResult, TwoStepRule, check_metric  # noqa: F401 (re-exported)
-from dundi.rule.search import SHORTLIST_KINDS, Shortlister, gathered, pairwise, top_k, use_gpu
+from dundi.rule.search import SHORTLIST_KINDS, Shortlister, use_gpu
+from dundi.rule.two_step import answer, coarse_structure, full_step, listed_step
 
 SHORTLISTS = ("auto", *SHORTLIST_KINDS)
-
-
-def class_scores_from(dist: np.ndarray, mask: np.ndarray, eff: np.ndarray, length: int) -> np.ndarray:
-    """Algorithm 1's class scores from per-oracle distances (..., L) of which ``mask`` marks
-    the class's first ``eff`` = min(length, count): the summed similarity, rescaled to
-    ``length`` terms (mean × length) only for a class holding fewer than ``length``."""
-    s = -np.where(mask, dist, 0.0).sum(-1, dtype=np.float64)
-    return np.where(eff < length, s * length / np.maximum(eff, 1), s)
-
-
-def _block_reductions(d3: np.ndarray, n: int, m: int) -> tuple[np.ndarray, ...]:
-    """Coarse sums (first m), fine sums (first n) and minima (first n) per class of equal
-    class blocks (B, C, n_max), in one pass over oracle positions: NumPy reduces a short last
-    axis slowly, and at 10 classes these reductions would cost more than the distances.
-    float32, like FAISS's distances; added in oracle order, so equal rows give equal sums."""
-    total, low = d3[:, :, 0].copy(), d3[:, :, 0].copy()
-    coarse = total.copy() if m == 1 else None
-    for j in range(1, n):
-        total += d3[:, :, j]
-        np.minimum(low, d3[:, :, j], out=low)
-        if j == m - 1:
-            coarse = total.copy()
-    return -coarse, -total, low
 
 
 def _check_name(name: object) -> str:
@@ -97,12 +83,9 @@ class OracleIndex:
                  shortlist: int | None = None, nprobe: int | None = None,
                  shortlist_kind: str = "auto", meta: dict | None = None, metric: str = "euclidean"):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        counts = self._counts_for(vectors, num_classes, counts)
-        self.dim = vectors.shape[1]
-        self._vec, self._size = vectors, len(vectors)
-        self._sq = np.einsum("ij,ij->i", vectors, vectors)  # no (N, D) temporary
-        self._set_counts(counts)
-        names = [str(c) for c in range(len(counts))] if class_names is None else list(class_names)
+        self._rows = OracleRows(vectors, split_counts(vectors, num_classes, counts))
+        self.dim = self._rows.dim
+        names = [str(c) for c in range(self.num_classes)] if class_names is None else list(class_names)
         self._set_names(names)
         if shortlist_kind not in SHORTLISTS:
             raise DundiError(f"unknown shortlist kind {shortlist_kind!r}: choose one of {', '.join(SHORTLISTS)}")
@@ -114,34 +97,11 @@ class OracleIndex:
         self._coarse: dict[int, object] = {}
         self._exact: dict[TwoStepRule, ExactRule] = {}
 
-    @staticmethod
-    def _counts_for(vectors: np.ndarray, num_classes: int | None, counts) -> np.ndarray:
-        """Per-class oracle counts: given, or ``num_classes`` equal blocks; refused if they do
-        not split ``vectors``."""
-        if vectors.ndim != 2:
-            raise DundiError(f"oracle vectors must be a (count, dim) array; got shape {vectors.shape}")
-        if counts is None:
-            if not num_classes or len(vectors) % num_classes:
-                raise DundiError(f"oracle vectors of shape {vectors.shape} do not split into "
-                                 f"{num_classes} equal class blocks")
-            return np.full(num_classes, len(vectors) // num_classes, np.int64)
-        counts = np.asarray(counts, dtype=np.int64)
-        if counts.ndim != 1 or len(counts) == 0 or counts.min() < 1 or counts.sum() != len(vectors) \
-                or (num_classes is not None and num_classes != len(counts)):
-            raise DundiError(f"oracle counts {counts.tolist()[:20]} must be >= 1 per class and add up "
-                             f"to the {len(vectors)} oracle vectors")
-        return counts
-
-    def _set_counts(self, counts: np.ndarray) -> None:
-        self._counts = counts
-        self._uniform = bool(counts.min() == counts.max())  # equal blocks: (C, n, D) views
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
     def _set_names(self, names: list[str]) -> None:
         for name in names:
             _check_name(name)
-        if len(names) != len(self._counts):
-            raise DundiError(f"{len(names)} class names for {len(self._counts)} classes")
+        if len(names) != self.num_classes:
+            raise DundiError(f"{len(names)} class names for {self.num_classes} classes")
         positions = {name: i for i, name in enumerate(names)}
         if len(positions) != len(names):
             dup = sorted({x for x in names if names.count(x) > 1})
@@ -164,12 +124,12 @@ class OracleIndex:
     # ---- the classes -------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        return len(self._counts)
+        return len(self._rows.counts)
 
     @property
     def n(self) -> int:
         """The most oracles any class holds: the largest n the fine step can use."""
-        return int(self._counts.max())
+        return int(self._rows.counts.max())
 
     @property
     def class_names(self) -> list[str]:
@@ -178,12 +138,12 @@ class OracleIndex:
 
     def class_counts(self) -> np.ndarray:
         """Oracles held per class, in label order (a copy)."""
-        return self._counts.copy()
+        return self._rows.counts.copy()
 
     @property
     def vectors(self) -> np.ndarray:
         """All oracle embeddings (N, D), class-major (a view; do not modify)."""
-        return self._vec[:self._size]
+        return self._rows.vectors
 
     def label_of(self, name: str) -> int:
         """The label (position) of a class name."""
@@ -198,14 +158,14 @@ class OracleIndex:
 
     def class_oracles(self, label: int) -> np.ndarray:
         """The oracle embeddings (count, D) of one class (a view)."""
-        return self._vec[self._offsets[label]:self._offsets[label + 1]]
+        return self._rows.class_block(label)
 
     @property
     def blocks(self) -> np.ndarray:
         """Oracles as (C, n, D) when every class holds the same number (a view)."""
-        if self._counts.min() != self._counts.max():
+        if not self._rows.uniform:
             raise DundiError(f"this index's classes hold different numbers of oracles "
-                             f"({int(self._counts.min())} to {self.n}); per-class tensors need "
+                             f"({int(self._rows.counts.min())} to {self.n}); per-class tensors need "
                              f"equal counts: use class_oracles(label) or padded(n)")
         return self.vectors.reshape(self.num_classes, self.n, self.dim)
 
@@ -213,8 +173,8 @@ class OracleIndex:
         """(C, n, D) oracles and a (C, n) mask of the real ones: each class's first
         min(n, count) oracles, the rest filled with copies of its last (mask False)."""
         n = self.n if n is None else n
-        rows, mask, _ = self._rows(np.arange(self.num_classes), n)
-        return self._vec[rows], mask
+        rows, mask, _ = self._rows.rows(np.arange(self.num_classes), n)
+        return self._rows.buffer[rows], mask
 
     def _names_hint(self) -> str:
         shown = ", ".join(self._names[:8]) + (", ..." if len(self._names) > 8 else "")
@@ -224,7 +184,7 @@ class OracleIndex:
         """An independent copy (oracles, names, settings; step-1 structures are rebuilt on
         first use), so a service can enrol or remove classes on it while the original keeps
         answering, then swap it in whole."""
-        return OracleIndex(self.vectors.copy(), counts=self._counts.copy(), class_names=self.class_names,
+        return OracleIndex(self.vectors.copy(), counts=self.class_counts(), class_names=self.class_names,
                            full_limit=self.full_limit, exact_coarse_limit=self.exact_coarse_limit,
                            shortlist=self.shortlist, nprobe=self.nprobe, shortlist_kind=self.shortlist_kind,
                            meta=json.loads(json.dumps(self.meta)), metric=self.metric)
@@ -238,48 +198,16 @@ class OracleIndex:
         if name in self._positions:
             raise DundiError(f"class {name!r} is already in the index (label {self._positions[name]}); "
                              f"remove it first or choose another name")
-        emb = self._check_embeddings(name, embeddings)
-        self._append_rows(emb)
-        self._set_counts(np.append(self._counts, len(emb)))
+        self._rows.append_class(checked_embeddings(name, embeddings, self.dim))
         self._names.append(name)
         self._positions[name] = len(self._names) - 1
         self._exact.clear()
         for m, cached in list(self._coarse.items()):
             if isinstance(cached, Shortlister):
-                cached.add(self._centroids(m, np.array([self.num_classes - 1])))
+                cached.add(self._rows.centroids(m, np.array([self.num_classes - 1])))
             else:
                 del self._coarse[m]
         return self.num_classes - 1
-
-    def _check_embeddings(self, name: str, embeddings: np.ndarray) -> np.ndarray:
-        try:
-            emb = np.asarray(embeddings, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise DundiError(f"embeddings for class {name!r} are not a numeric array") from None
-        if emb.ndim == 1:
-            emb = emb[None]
-        if emb.ndim != 2 or emb.shape[1] != self.dim:
-            raise DundiError(f"embeddings for class {name!r} have shape {emb.shape}; this index "
-                             f"takes (count, {self.dim}): embed the images with the run's model")
-        if len(emb) == 0:
-            raise DundiError(f"no embeddings for class {name!r}: enrol a class from at least one image")
-        if not np.isfinite(emb).all():
-            raise DundiError(f"embeddings for class {name!r} hold NaN or Inf values; check the "
-                             f"images (finite pixels in [0, 1]) and the model")
-        return np.ascontiguousarray(emb)
-
-    def _append_rows(self, emb: np.ndarray) -> None:
-        """Append rows, growing the buffer by at least a quarter so that repeated enrolment
-        copies the database O(log) times, not once per class."""
-        need = self._size + len(emb)
-        if need > len(self._vec):  # the caller's array or a full buffer: never written into
-            cap = max(need, self._size + self._size // 4 + 64)
-            vec, sq = np.empty((cap, self.dim), np.float32), np.empty(cap, np.float32)
-            vec[:self._size], sq[:self._size] = self._vec[:self._size], self._sq[:self._size]
-            self._vec, self._sq = vec, sq
-        self._vec[self._size:need] = emb
-        self._sq[self._size:need] = np.einsum("ij,ij->i", emb, emb)
-        self._size = need
 
     def remove_class(self, name: str) -> None:
         """Remove a class and its oracles; the classes after it move down one label.
@@ -290,67 +218,22 @@ class OracleIndex:
         if self.num_classes == 1:
             raise DundiError(f"class {name!r} is the only class in the index; an index needs at "
                              f"least one: add another class before removing this one")
-        a, b = self._offsets[label], self._offsets[label + 1]
-        keep = np.r_[0:a, b:self._size]
-        self._vec, self._sq, self._size = self._vec[keep], self._sq[keep], len(keep)
-        self._set_counts(np.delete(self._counts, label))
+        self._rows.remove_class(label)
         self._set_names(self._names[:label] + self._names[label + 1:])
         self._coarse.clear()  # rebuilt on the next query: ids are labels, and labels moved
         self._exact.clear()
 
-    # ---- the two steps -------------------------------------------------------------------
-    def _rows(self, classes: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row numbers (..., length) of each class's first min(length, count) oracles, padded
-        with its last such row; the mask of real ones; and min(length, count) (...)."""
-        eff = np.minimum(self._counts[classes], length)
-        j = np.arange(length)
-        rows = self._offsets[classes][..., None] + np.minimum(j, eff[..., None] - 1)
-        return rows, j < eff[..., None], eff
-
-    def _centroids(self, m: int, classes: np.ndarray) -> np.ndarray:
-        """Mean of each class's first min(m, count) oracles (len(classes), D), one oracle
-        position at a time so no (C, m, D) copy is made."""
-        rows, mask, eff = self._rows(classes, m)
-        acc = np.zeros((len(classes), self.dim), np.float64)
-        for j in range(m):
-            acc += self._vec[rows[:, j]] * mask[:, j, None]
-        return np.ascontiguousarray(acc / eff[:, None], dtype=np.float32)
-
+    # ---- the two steps (dundi.rule.two_step) ------------------------------------------------
     def _kind(self) -> str:
         if self.shortlist_kind != "auto":
             return self.shortlist_kind
         return "ivf" if use_gpu() else "ivfpq"
 
     def _coarse_structure(self, m: int):
-        """Step 1's FAISS structure for m, built once: the packed coarse oracles for exact
-        search while they are few, else a shortlister over per-class coarse centroids."""
+        """Step 1's structure for m (:func:`dundi.rule.two_step.coarse_structure`), built once."""
         if m not in self._coarse:
-            rows, mask, eff = self._rows(np.arange(self.num_classes), m)
-            if int(eff.sum()) <= self.exact_coarse_limit:
-                packed = np.concatenate([[0], np.cumsum(eff)])[:-1]
-                pos = packed[:, None] + np.minimum(np.arange(m), eff[:, None] - 1)
-                self._coarse[m] = (np.ascontiguousarray(self._vec[rows[mask]]), pos, mask, eff)
-            else:
-                self._coarse[m] = Shortlister(self._centroids(m, np.arange(self.num_classes)),
-                                              self._kind(), nprobe=self.nprobe)
+            self._coarse[m] = coarse_structure(self._rows, m, self.exact_coarse_limit, self._kind(), self.nprobe)
         return self._coarse[m]
-
-    def _step1(self, q: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k classes (B, k) and their coarse scores over the first min(m, count) oracles."""
-        structure = self._coarse_structure(m)
-        if not isinstance(structure, Shortlister):
-            packed, pos, mask, eff = structure
-            scores = class_scores_from(pairwise(q, packed, self.squared)[:, pos], mask, eff, m)
-            top = top_k(scores, k)
-            return top, np.take_along_axis(scores, top, 1)
-        cand = structure.search(q, min(self.num_classes, self.shortlist or max(8 * k, 64)))
-        cand = np.sort(cand, axis=1)  # -1 (a missing hit) first; ties then go to the lower class
-        safe = np.maximum(cand, 0)
-        rows, mask, eff = self._rows(safe, m)
-        dist = gathered(q, self._vec, self._sq, rows, self.squared)
-        scores = np.where(cand < 0, -np.inf, class_scores_from(dist, mask, eff, m))
-        top = top_k(scores, k)
-        return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
 
     def resolve(self, rule: TwoStepRule | None = None) -> TwoStepRule:
         """The concrete rule on this index -- n every oracle a class holds, m min(3, n) and the
@@ -387,51 +270,19 @@ class OracleIndex:
         fields = [f.name for f in dataclasses.fields(TwoStepResult)]
         return TwoStepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
-    def _full_step(self, q: np.ndarray, n: int, m: int, k: int) -> tuple[np.ndarray, ...]:
-        """Both steps from one exact FAISS distance matrix (few oracles in all, so the
-        two-step rule costs about what flat search costs). Equal class blocks are read as a
-        (B, C, n) view: no gather, no mask."""
-        dist = pairwise(q, self.vectors, self.squared)
-        if self._uniform:
-            coarse, fine, nearest = _block_reductions(dist.reshape(len(q), self.num_classes, self.n), n, m)
-            top = top_k(coarse, k)
-            return (top, np.take_along_axis(coarse, top, 1).astype(np.float64),
-                    np.take_along_axis(fine, top, 1).astype(np.float64),
-                    np.take_along_axis(nearest, top, 1).min(1))
-        rows, mask, eff = self._rows(np.arange(self.num_classes), m)
-        coarse = class_scores_from(dist[:, rows], mask, eff, m)
-        top = top_k(coarse, k)
-        rows, mask, eff = self._rows(top, n)
-        fine_dist = np.take_along_axis(dist, rows.reshape(len(q), -1), 1).reshape(rows.shape)
-        return (top, np.take_along_axis(coarse, top, 1), class_scores_from(fine_dist, mask, eff, n),
-                np.where(mask, fine_dist, np.inf).min(axis=(1, 2)))
-
-    def _listed_step(self, q: np.ndarray, n: int, m: int, k: int) -> tuple[np.ndarray, ...]:
-        """Step 1 through its FAISS structure, step 2 over the kept classes' rows."""
-        top, coarse_scores = self._step1(q, m, k)
-        rows, mask, eff = self._rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
-        fine_dist = gathered(q, self._vec, self._sq, rows, self.squared)
-        mask = mask & (top[:, :, None] >= 0)
-        fine = np.where(top >= 0, class_scores_from(fine_dist, mask, eff, n), -np.inf)
-        return top, coarse_scores, fine, np.where(mask, fine_dist, np.inf).min(axis=(1, 2))
-
     def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
-        step = self._full_step if self._size <= self.full_limit else self._listed_step
-        top, coarse_scores, fine, nearest = step(q, n, m, k)
-        nearest = nearest.astype(np.float64)
-        if self.squared:  # report a distance whatever the metric ranks by
-            nearest = np.sqrt(nearest)
-        best = np.argmax(fine, axis=1)  # first maximum: ties go to the better coarse rank
-        labels = top[np.arange(len(q)), best]
-        return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse_scores,
-                             fine, nearest)
+        if self._rows.size <= self.full_limit:
+            steps = full_step(q, self._rows, n, m, k, self.squared)
+        else:
+            steps = listed_step(q, self._rows, self._coarse_structure(m), n, m, k, self.squared, self.shortlist)
+        return answer(*steps, self.squared)
 
     def answers_exactly(self, rule: TwoStepRule | None = None) -> bool:
         """Whether this index answers ``rule`` through :class:`dundi.rule.exact.ExactRule`: it
         ranks by squared Euclidean distance and every class holds at least n oracles --
         exactly the indexes whose answers can be certified. Step 1 is then exact over every
         class at any size, never a shortlist."""
-        return self.squared and int(self._counts.min()) >= self.resolve(rule).n
+        return self.squared and int(self._rows.counts.min()) >= self.resolve(rule).n
 
     def step1_kind(self, rule: TwoStepRule | None = None) -> str:
         """How step 1 is answered under ``rule``: "exact (float64)" for indexes answering
@@ -439,8 +290,8 @@ class OracleIndex:
         rule = self.resolve(rule)
         if self.answers_exactly(rule):
             return "exact (float64)"
-        coarse = int(np.minimum(self._counts, rule.m).sum())
-        if self._size <= self.full_limit or coarse <= self.exact_coarse_limit:
+        coarse = int(np.minimum(self._rows.counts, rule.m).sum())
+        if self._rows.size <= self.full_limit or coarse <= self.exact_coarse_limit:
             return "exact (FAISS float32)"
         return "shortlist (FAISS IVF over class centroids)"
 
@@ -450,10 +301,9 @@ class OracleIndex:
         if not self.answers_exactly(rule):
             raise DundiError(f"the exact rule needs the squared Euclidean metric and at least n={rule.n} "
                              f"oracles in every class; this index ranks by {self.metric} distance and "
-                             f"its classes hold {int(self._counts.min())} to {self.n}")
+                             f"its classes hold {int(self._rows.counts.min())} to {self.n}")
         if rule not in self._exact:
-            rows = self._offsets[:-1, None] + np.arange(rule.n)[None, :]
-            self._exact[rule] = ExactRule(self._vec[rows], rule)
+            self._exact[rule] = ExactRule(self._rows.first_n(rule.n), rule)
         return self._exact[rule]
 
     @staticmethod
@@ -472,7 +322,7 @@ class OracleIndex:
     def save(self, directory: str | os.PathLike, index_file: str = INDEX_FILE,
              meta_file: str = META_FILE) -> dict[str, str]:
         """Write this index to ``directory`` (:func:`dundi.rule.index_io.write_oracles`)."""
-        return write_oracles(directory, self.vectors, self._counts, self.class_names, self.meta,
+        return write_oracles(directory, self.vectors, self._rows.counts, self.class_names, self.meta,
                              index_file, meta_file)
 
     @classmethod
