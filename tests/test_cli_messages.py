@@ -165,6 +165,9 @@ def test_parser_choices_and_defaults_mirror_the_modules_that_define_them():
         tuple(LOSSES), tuple(METRICS), tuple(MINING), tuple(ADV_TARGETS), tuple(ADV_LOSSES))
     defaults = dataclasses.asdict(TrainConfig())
     assert choices.TRAIN_DEFAULTS == {k: defaults[k] for k in choices.TRAIN_DEFAULTS}
+    from dundi.evaluation.evaluate import EvalConfig
+
+    assert choices.EVAL_SHARD_SIZE == EvalConfig.shard_size
 
 
 def test_building_the_parser_imports_neither_torch_nor_faiss():

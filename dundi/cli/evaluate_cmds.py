@@ -176,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate N samples (seeded random choice) or 'all' (the whole split; default)")
     p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample choice and the attacks")
-    p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard (unit of resume)")
+    p.add_argument("--shard-size", type=positive_int, default=choices.EVAL_SHARD_SIZE, help="samples per shard (unit of resume)")
     add_two_step_args(p)
     p.add_argument("--n-values", nargs="+", type=positive_int, default=[1, 10, 20],
                    help="also classify at these n (Table 1, Fig. 7)")

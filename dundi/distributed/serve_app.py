@@ -267,8 +267,8 @@ class ReplicaBackend:
                 "declared": self.declared.to_dict() if self.declared else None, "last_error": self.last_error}
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25},
-                  health_check_period_s=5)
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=DeploymentSettings.max_ongoing_requests,
+                  ray_actor_options={"num_cpus": DeploymentSettings.replica_cpus}, health_check_period_s=5)
 @serve.ingress()
 class DunDi:
     """One replica: the FastAPI app of :func:`dundi.serving.app.create_app` over a model held

@@ -35,7 +35,7 @@ class AdaptiveBatcher:
     """Batches ``submit`` calls into calls of ``infer(list of arrays) -> list of results``
     holding at most ``max_images`` images (a larger request is one call of its own)."""
 
-    def __init__(self, infer: Infer, max_images: int = 64, wait_s: float = 0.0):
+    def __init__(self, infer: Infer, max_images: int, wait_s: float = 0.0):
         self._infer = infer
         self.max_images = max_images
         self.wait_s = wait_s
