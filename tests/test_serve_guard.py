@@ -2,7 +2,8 @@
 stats and metrics listeners go (or move to loopback when a port is asked for), /admin/ is
 never retried, splicing is off, HAProxy's own 503 becomes the JSON page, and a rewrite of a
 rewritten file changes nothing. The launcher's effect on a real HAProxy (nothing left after
-kill -9, only the service port listening) is tested in test_serve_cli.py."""
+kill -9, only the service port listening) is tested in test_serve_cli.py; the rewritten file is
+checked by the real HAProxy binary (``haproxy -c``) and its start-up 503 answered over HTTP."""
 
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ frontend prometheus
 frontend http_frontend
     bind 127.0.0.1:8000
     acl routes path -i /-/routes
+    acl is_http-dundi path_beg /routed/
     use_backend http-dundi if is_http-dundi
+    default_backend default_backend
+backend default_backend
+    http-request return status 404 content-type text/plain lf-string "Path \'%[path]\' not found."
 backend http-dundi
     server SERVE_REPLICA_a 127.0.0.1:30000 check
 listen stats
@@ -50,6 +55,8 @@ def test_listeners_removed_admin_not_retried_no_splicing_json_503():
     assert "    errorfile 503 /p/503.http" in lines and "    errorfile 502 /x/500.http" in lines
     assert "retry-on conn-failure empty-response junk-response" in out
     assert "server SERVE_REPLICA_a 127.0.0.1:30000 check" in out  # the rest untouched
+    # before the app's route exists (start-up), the JSON 503 with Retry-After instead of a 404
+    assert "    http-request return status 503 errorfile /p/503.http" in lines and "status 404" not in out
     assert rewrite_config(out, "/p/503.http") == out  # idempotent
 
 
@@ -77,3 +84,46 @@ def test_replicas_limited_to_max_pending_and_the_queue_bounded():
     assert rewrite_config(out, "/p/503.http", server_maxconn=64) == out  # idempotent
     backup = SERVE_CONFIG.replace("check\n", "check\n    server SERVE_PROXY_ACTOR-fallback 127.0.0.1:8500 check backup\n", 1)
     assert "8500 check backup\n" in rewrite_config(backup, "/p/503.http", server_maxconn=64)  # fallback unlimited
+
+
+def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_path):
+    """The rewritten config as HAProxy itself reads it: `haproxy -c` accepts it, and a request
+    while no app route exists gets the JSON 503 with Retry-After (Serve's own config gave 404)."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    import pytest
+
+    from dundi.distributed.serve_app import haproxy_binary
+    from dundi.errors import DundiError
+
+    try:
+        binary = haproxy_binary()
+    except DundiError as exc:
+        pytest.skip(f"no HAProxy binary: {exc}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = SERVE_CONFIG.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("/x/admin.sock", str(tmp_path / "a.sock"))
+    config = config.replace("defaults\n", "defaults\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n")
+    install(str(tmp_path), binary)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(rewrite_config(config, str(tmp_path / "503.http")).replace("/x/500.http", str(tmp_path / "503.http")))
+    check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v2/models/dundi/infer", json={}, timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "HAProxy did not open its port within 10 s"
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["code"] == "unavailable"

@@ -19,8 +19,8 @@ without DunDi importable) in place of the HAProxy binary. The launcher
   for; inference may be retried on another replica when one dies mid-request (Serve's own
   ``retry-on``, widened by :func:`dundi.distributed.serve_app.ingress_environment`) but
   ``/admin/`` requests never are (they change state); HAProxy's own 503 (no replica ready)
-  becomes a JSON 503 with ``Retry-After`` instead of Serve's 500, and it is also the answer
-  under overload: each replica gets at most ``max_pending`` requests at once from HAProxy, the
+  becomes a JSON 503 with ``Retry-After`` instead of Serve's 500; it is also the answer during
+  start-up, before the app's route exists (Serve answers 404 there), and under overload: each replica gets at most ``max_pending`` requests at once from HAProxy, the
   rest wait in HAProxy's queue at most ``queue_timeout_s``, then get that 503. Splicing (kernel zero-copy
   of bodies) is turned off: a spliced request never sits in HAProxy's buffer, so a request
   in flight on a replica that died was dropped (the client's connection closed) instead of
@@ -42,6 +42,9 @@ SERVICE_UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: applic
 # a spliced request body bypasses HAProxy's buffer, so it could not be sent again to another replica
 NO_RETRY_OPTIONS = ("option splice-request", "option splice-response")
 NO_ADMIN_RETRY = "    http-request disable-l7-retry if { path_beg /admin/ }"
+# `dundi serve` routes every path ("/") to its app, so a request reaches Serve's default backend
+# only while the app's route is not registered yet (start-up): 503 + Retry-After, not Serve's 404
+NOT_YET_ROUTED = "    http-request return status 503 errorfile {}"
 
 
 def _sections(text: str) -> list[list[str]]:
@@ -86,6 +89,9 @@ def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port:
         elif head[:2] == ["frontend", "http_frontend"] and NO_ADMIN_RETRY not in section:
             at = next((i for i, ln in enumerate(section) if ln.strip().startswith("bind ")), 0)
             section = section[:at + 1] + [NO_ADMIN_RETRY] + section[at + 1:]
+        elif head[:2] == ["backend", "default_backend"]:
+            section = [NOT_YET_ROUTED.format(error_503) if ln.strip().startswith("http-request return status 404")
+                       else ln for ln in section]
         elif head[:1] == ["backend"] and server_maxconn:
             section = _limit_servers(section, server_maxconn, queue_timeout_s)
         section = [f"    errorfile 503 {error_503}" if ln.strip().startswith("errorfile 503 ") else ln
