@@ -55,6 +55,8 @@ def test_listeners_removed_admin_not_retried_no_splicing_json_503():
     assert "    errorfile 503 /p/503.http" in lines and "    errorfile 502 /x/500.http" in lines
     assert "retry-on conn-failure empty-response junk-response" in out
     assert "server SERVE_REPLICA_a 127.0.0.1:30000 check" in out  # the rest untouched
+    # a request is buffered whole before a replica is chosen, so it can be replayed on another
+    assert lines.index("defaults") < lines.index("    option http-buffer-request") < lines.index("frontend http_frontend")
     # before the app's route exists (start-up), the JSON 503 with Retry-After instead of a 404
     assert "    http-request return status 503 errorfile /p/503.http" in lines and "status 404" not in out
     assert rewrite_config(out, "/p/503.http") == out  # idempotent
