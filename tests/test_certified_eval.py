@@ -13,7 +13,7 @@ import torch
 
 from dundi.data import load_split
 from dundi.errors import DundiError
-from dundi.evaluation.certified_eval import CERTIFIED_FILE, check_certificates
+from dundi.evaluation.certified_eval import CERTIFIED_FILE, certified_curve, check_certificates
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run
 from dundi.run.pipeline import certify_split
@@ -64,6 +64,17 @@ def test_evaluation_certificates_are_never_flipped_by_attacks(certified_run, dat
     assert cert[0.02]["certified_accuracy"] > 0.1  # there are certified samples to attack
     table = pq.read_table(out / CERTIFIED_FILE)
     assert table.num_rows == 96 and (table.column("radius").to_numpy() >= 0).all()
+
+    # The field's curve from the radii: non-increasing, a lower bound on the exact certificate
+    # at each attacked eps (radii are rounded down), and 0 past every radius.
+    radii = table.column("radius").to_numpy()
+    curve = certified_curve(out, eps_max=1.5 * radii.max() + 0.01, points=60)
+    accs = [a for _, a in curve]
+    assert all(b <= a for a, b in zip(accs, accs[1:])) and accs[-1] == 0.0
+    for e in (0.02, 0.05):
+        at = certified_curve(out, eps_max=e, points=1)[0]
+        assert at[0] == pytest.approx(e) and at[1] <= cert[e]["certified_accuracy"]
+        assert at[1] == pytest.approx((radii >= e).mean())
 
     # A row that shows a certified sample misclassified must fail the evaluation loudly.
     from dundi.evaluation.results import read_results

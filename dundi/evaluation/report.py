@@ -249,17 +249,23 @@ def _robust_panel(ax, ev: Evaluation, threat: str) -> None:
                 markersize=9, clip_on=False, label="worst case (Linf attacks)")
         for e, acc in worst:
             ax.annotate(f"{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=(4, 6), fontsize=8)
-    if ev.certified:  # a lower bound on every curve of the panel: the proof, not an attack
-        ax.plot([c["eps"] for c in ev.certified], [100 * c["certified_accuracy"] for c in ev.certified],
-                color="green", marker="s", clip_on=False, label="certified (interval bounds)")
-    ax.axhline(clean, color="grey", linestyle=":", label="clean accuracy")
     eps_values = [r["eps"] for r in rows if r["norm"] == "Linf" and not math.isinf(r["eps"])]
+    if ev.certified:  # a lower bound on every curve of the panel: the proof, not an attack
+        from dundi.evaluation.certified_eval import certified_curve
+
+        curve = certified_curve(ev.path, max(eps_values + [c["eps"] for c in ev.certified]))
+        if curve:  # from the per-sample radii, as the field draws it
+            ax.plot([0.0] + [e for e, _ in curve], [clean] + [100 * a for _, a in curve], color="green",
+                    clip_on=False, label="certified (radius \u2265 eps)")
+        ax.plot([c["eps"] for c in ev.certified], [100 * c["certified_accuracy"] for c in ev.certified],
+                color="green", marker="s", linestyle="none", clip_on=False, label="certified at the attacked eps")
+    ax.axhline(clean, color="grey", linestyle=":", label="clean accuracy")
     _eps_axis(ax, eps_values + [c["eps"] for c in ev.certified])
     ax.set_ylabel("robust accuracy (%)")
     _percent_axis(ax)
     ax.set_title(_wrap(f"{ev.name} — {ev.dataset}, threat model {threat}, {ev.clean['count']:,}\u00a0samples", 45),
                  fontsize=9)
-    _legend(ax, curves + 2 + bool(ev.certified))
+    _legend(ax, curves + 2 + 2 * bool(ev.certified))
 
 
 def plot_robust_vs_eps(ev: Evaluation, path: Path) -> str:
