@@ -74,3 +74,13 @@ def test_eight_bit_pixels_become_k_over_255_on_both_paths():
     http = parse_classify_json({"images": raw.tolist(), "dtype": "uint8"}, InputSpec(GRAY, max_batch=8))
     np.testing.assert_array_equal(api, http)
     np.testing.assert_array_equal(api, np.divide(raw[None], np.float32(255.0), dtype=np.float32))
+
+
+def test_json_integers_are_float_pixels_to_the_service():
+    """JSON has one number type: an FP32 request written as 0 and 1 is pixels, not integers."""
+    arr = (np.arange(64).reshape(1, 8, 8) % 2).tolist()
+    got = parse_classify_json(arr, InputSpec(GRAY, max_batch=8))
+    np.testing.assert_array_equal(got, np.asarray(arr, np.float32)[None])
+    with pytest.raises(RequestError) as info:
+        parse_classify_json((np.full((1, 8, 8), 2)).tolist(), InputSpec(GRAY, max_batch=8))
+    assert info.value.code == "out_of_range"

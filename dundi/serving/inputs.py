@@ -99,6 +99,8 @@ def pixels_to_float(arr: np.ndarray, dtype: str, what: str) -> np.ndarray:
     try:
         if dtype == "UINT8":
             return pixels.from_8bit(arr, what)
+        if arr.dtype.kind in "iu":  # JSON numbers: 0 and 1 written without a point are floats too
+            arr = arr.astype(np.float64)
         return pixels.from_float(arr, what, EIGHT_BIT_ADVICE)
     except PixelError as exc:
         raise _refused(exc) from None
