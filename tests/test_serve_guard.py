@@ -7,10 +7,18 @@ checked by the real HAProxy binary (``haproxy -c``) and its start-up 503 answere
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
+import subprocess
+import threading
+import time
 
-from dundi.distributed.haproxy_guard import NO_ADMIN_RETRY, install, rewrite_config
+import httpx
+import pytest
+
+from dundi.distributed.haproxy_guard import NO_ADMIN_RETRY, WHOLE_ANSWER_BYTES, install, rewrite_config
 
 SERVE_CONFIG = """global
     stats socket /x/admin.sock mode 666 level admin expose-fd listeners
@@ -59,7 +67,19 @@ def test_listeners_removed_admin_not_retried_no_splicing_json_503():
     assert lines.index("defaults") < lines.index("    option http-buffer-request") < lines.index("frontend http_frontend")
     # before the app's route exists (start-up), the JSON 503 with Retry-After instead of a 404
     assert "    http-request return status 503 errorfile /p/503.http" in lines and "status 404" not in out
+    # a replica's answers are held until whole; one cut short becomes the replica_lost 503
+    backend = lines[lines.index("backend http-dundi"):]
+    assert backend[1] == "    http-response wait-for-body time 10s" and "errorfile /p/503-lost.http" in backend[3]
+    assert "wait-for-body" not in out[:out.index("backend http-dundi")]  # not the start-up backend
     assert rewrite_config(out, "/p/503.http") == out  # idempotent
+
+
+def test_an_answer_checked_whole_fits_haproxy_buffer():
+    """An answer is checked for completeness only when all of it fits in HAProxy's buffer
+    beside its headers; a larger one is forwarded as it comes (its length cannot be checked)."""
+    from dundi.distributed.serve_app import HAPROXY_BUFSIZE
+
+    assert WHOLE_ANSWER_BYTES <= HAPROXY_BUFSIZE // 2
 
 
 def test_asked_for_ports_listen_on_loopback_only():
@@ -88,16 +108,15 @@ def test_replicas_limited_to_max_pending_and_the_queue_bounded():
     assert "8500 check backup\n" in rewrite_config(backup, "/p/503.http", server_maxconn=64)  # fallback unlimited
 
 
-def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_path):
-    """The rewritten config as HAProxy itself reads it: `haproxy -c` accepts it, and a request
-    while no app route exists gets the JSON 503 with Retry-After (Serve's own config gave 404)."""
-    import socket
-    import subprocess
-    import time
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    import httpx
-    import pytest
 
+@contextlib.contextmanager
+def _real_haproxy(tmp_path, replica_port: int = 30000):
+    """HAProxy (the binary Serve uses) on the rewritten SERVE_CONFIG, its service URL yielded."""
     from dundi.distributed.serve_app import haproxy_binary
     from dundi.errors import DundiError
 
@@ -105,10 +124,9 @@ def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_p
         binary = haproxy_binary()
     except DundiError as exc:
         pytest.skip(f"no HAProxy binary: {exc}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     config = SERVE_CONFIG.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("/x/admin.sock", str(tmp_path / "a.sock"))
+    config = config.replace("127.0.0.1:30000", f"127.0.0.1:{replica_port}")
     config = config.replace("defaults\n", "defaults\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n")
     install(str(tmp_path), binary)
     cfg = tmp_path / "haproxy.cfg"
@@ -120,12 +138,70 @@ def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_p
         deadline = time.monotonic() + 10
         while True:
             try:
-                r = httpx.post(f"http://127.0.0.1:{port}/v2/models/dundi/infer", json={}, timeout=5)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except httpx.ConnectError:
+            except OSError:
                 assert time.monotonic() < deadline, "HAProxy did not open its port within 10 s"
                 time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_path):
+    """The rewritten config as HAProxy itself reads it: `haproxy -c` accepts it, and a request
+    while no app route exists gets the JSON 503 with Retry-After (Serve's own config gave 404)."""
+    with _real_haproxy(tmp_path) as url:
+        r = httpx.post(f"{url}/v2/models/dundi/infer", json={}, timeout=5)
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["code"] == "unavailable"
+
+
+def _replica(listener: socket.socket) -> None:
+    """A stand-in replica speaking raw HTTP/1.1, one answer per connection, chosen by path:
+    /routed/cut writes the headers and dies before the body (what a SIGKILL between a
+    replica's two writes leaves), the others answer whole (large, chunked, or HEAD)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                head += chunk
+            if not head:
+                continue
+            method, path = head.split(b" ")[:2]
+            body = b"x" * 100_000 if path.endswith(b"/large") else b'{"answer": 7}'
+            if path.endswith(b"/chunked"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                             b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+                continue
+            headers = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" \
+                      b"connection: close\r\n\r\n" % len(body)
+            conn.sendall(headers if path.endswith(b"/cut") or method == b"HEAD" else headers + body)
+
+
+def test_an_answer_cut_short_by_a_dying_replica_becomes_a_503_to_retry(tmp_path):
+    """Through the real HAProxy on the rewritten config: an answer whose replica died between
+    its headers and its body reaches the client as the JSON 503 with Retry-After (code
+    replica_lost), not as a 200 whose connection closes mid-body; whole answers pass unchanged,
+    whatever their size or framing, and a HEAD answer (headers only) is not mistaken for one."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_replica, args=(listener,), daemon=True).start()
+    try:
+        with _real_haproxy(tmp_path, listener.getsockname()[1]) as url, httpx.Client(base_url=url, timeout=10) as c:
+            cut = c.post("/routed/cut", json={})
+            whole, large, chunked = (c.post(f"/routed/{p}", json={}) for p in ("whole", "large", "chunked"))
+            head = c.head("/routed/whole")
+    finally:
+        listener.close()
+    assert cut.status_code == 503 and cut.headers["retry-after"] == "1" and cut.json()["code"] == "replica_lost"
+    assert whole.status_code == 200 and whole.json() == {"answer": 7}
+    assert large.status_code == 200 and large.content == b"x" * 100_000  # beyond the buffer: forwarded as it comes
+    assert chunked.status_code == 200 and chunked.json() == {"answer": 7}
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(b'{"answer": 7}'))

@@ -25,7 +25,15 @@ without DunDi importable) in place of the HAProxy binary. The launcher
   instead of Serve's 500; it is also the answer during start-up, before the app's route
   exists (Serve answers 404 there), and under overload: each replica gets at most
   ``max_pending`` requests at once from HAProxy, the rest wait in HAProxy's queue at most
-  ``queue_timeout_s``, then get that 503.
+  ``queue_timeout_s``, then get that 503;
+* turns an answer cut short into a JSON 503 with ``Retry-After`` (code ``replica_lost``). A
+  replica writes an answer's headers and its body in two writes; killed between them (a window
+  of microseconds, about 1% of the time at 190 answers/s), it leaves HAProxy a truncated
+  response that no proxy can send again, since the answer has begun, and HAProxy would pass
+  the headers on and then close the client's connection without the body. So HAProxy holds
+  each answer until its body is in (``wait-for-body``) and answers the 503 in place of one
+  whose body is shorter than its ``Content-Length``: the client gets an answer it can retry
+  instead of a broken connection.
 """
 
 from __future__ import annotations
@@ -37,9 +45,19 @@ import sys
 PR_SET_PDEATHSIG = 1
 UNAVAILABLE_BODY = ('{"error": "no replica is ready to answer; retry after the Retry-After delay", '
                     '"code": "unavailable"}\n')
-SERVICE_UNAVAILABLE = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                       f"Content-Length: {len(UNAVAILABLE_BODY)}\r\nRetry-After: 1\r\nCache-Control: no-cache\r\n"
-                       f"Connection: close\r\n\r\n{UNAVAILABLE_BODY}")
+LOST_BODY = ('{"error": "the replica answering this request stopped before its answer was complete; retry '
+             'after the Retry-After delay", "code": "replica_lost"}\n')
+
+
+def _page_503(body: str) -> str:
+    """A whole HTTP message, as HAProxy's ``errorfile`` wants it."""
+    return ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nCache-Control: no-cache\r\n"
+            f"Connection: close\r\n\r\n{body}")
+
+
+SERVICE_UNAVAILABLE = _page_503(UNAVAILABLE_BODY)
+REPLICA_LOST = _page_503(LOST_BODY)
 # a spliced request body bypasses HAProxy's buffer, so it could not be sent again to another replica
 NO_RETRY_OPTIONS = ("option splice-request", "option splice-response")
 NO_ADMIN_RETRY = "    http-request disable-l7-retry if { path_beg /admin/ }"
@@ -51,6 +69,16 @@ BUFFER_REQUEST = "    option http-buffer-request"
 # `dundi serve` routes every path ("/") to its app, so a request reaches Serve's default backend
 # only while the app's route is not registered yet (start-up): 503 + Retry-After, not Serve's 404
 NOT_YET_ROUTED = "    http-request return status 503 errorfile {}"
+# An answer is held until its body is in (at most 10 s: a replica writes it microseconds after
+# the headers); one that declares up to WHOLE_ANSWER_BYTES (so all of it fits in the 64 kB buffer
+# serve_app asks for) but whose body came short (the replica died in between) becomes the
+# replica_lost 503. HEAD answers and 204/304 carry no body and are never checked.
+WHOLE_ANSWER_BYTES = 32 * 1024
+WAIT_FOR_BODY = "    http-response wait-for-body time 10s"
+CUT_SHORT = ("    http-response set-var(txn.dundi_length) res.hdr(content-length)",
+             "    http-response return status 503 errorfile {} if !{{ method HEAD }} !{{ status 204 304 }} "
+             f"{{{{ var(txn.dundi_length) -m int le {WHOLE_ANSWER_BYTES} }}}} "
+             "{{ res.body_len,sub(txn.dundi_length) lt 0 }}")
 
 
 def _sections(text: str) -> list[list[str]]:
@@ -81,6 +109,13 @@ def _limit_servers(section: list[str], server_maxconn: int, queue_timeout_s: flo
     return out
 
 
+def _answers_whole(section: list[str], lost_page: str) -> list[str]:
+    """A replica backend's answers held until whole; one cut short becomes the replica_lost 503."""
+    if WAIT_FOR_BODY in section:
+        return section
+    return [section[0], WAIT_FOR_BODY, *(ln.format(lost_page) for ln in CUT_SHORT), *section[1:]]
+
+
 def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port: int = 0,
                    server_maxconn: int = 0, queue_timeout_s: float = 1.0) -> str:
     """Serve's HAProxy config with the changes above (a port of 0 removes that listener; a
@@ -100,8 +135,10 @@ def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port:
         elif head[:2] == ["backend", "default_backend"]:
             section = [NOT_YET_ROUTED.format(error_503) if ln.strip().startswith("http-request return status 404")
                        else ln for ln in section]
-        elif head[:1] == ["backend"] and server_maxconn:
-            section = _limit_servers(section, server_maxconn, queue_timeout_s)
+        elif head[:1] == ["backend"]:
+            section = _answers_whole(section, os.path.join(os.path.dirname(error_503), "503-lost.http"))
+            if server_maxconn:
+                section = _limit_servers(section, server_maxconn, queue_timeout_s)
         section = [f"    errorfile 503 {error_503}" if ln.strip().startswith("errorfile 503 ") else ln
                    for ln in section if ln.strip() not in NO_RETRY_OPTIONS]
         kept.extend(section)
@@ -140,8 +177,9 @@ def install(directory: str, real: str, stats_port: int = 0, metrics_port: int = 
     """Write the launcher (this file plus its settings) and the JSON 503 page into
     ``directory``; returns the launcher's path (for ``RAY_SERVE_HAPROXY_BINARY_PATH``)."""
     error_503 = os.path.join(directory, "503.http")
-    with open(error_503, "w") as f:
-        f.write(SERVICE_UNAVAILABLE)
+    for name, page in (("503.http", SERVICE_UNAVAILABLE), ("503-lost.http", REPLICA_LOST)):
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(page)
     with open(__file__) as f:
         source = f.read()
     path = os.path.join(directory, "haproxy")
