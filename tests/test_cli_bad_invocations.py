@@ -106,3 +106,19 @@ def test_bad_invocations_are_one_line_exit_2_no_traceback(tmp_path):
 def test_version_and_help_exit_0_on_stdout(args):
     proc = subprocess.run([str(DUNDI), *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout and not proc.stderr
+
+
+@pytest.mark.parametrize("content, fragment", [(b'{"fingerprint": "ab", "plan": [', "is damaged (not JSON"),
+                                               (b"\xff\xfe", "is damaged (not JSON"),
+                                               (b'["a list"]', "is damaged (no fingerprint, plan, shards)"),
+                                               (b'{"fingerprint": "ab"}', "is damaged (no plan, shards)")])
+def test_a_damaged_evaluation_file_is_one_line(tmp_path, content, fragment):
+    """An evaluation directory whose evaluation.json was cut short or is not ours: `dundi
+    report` (and `dundi evaluate` into it) say so in one line, naming the file and the way out."""
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "evaluation.json").write_bytes(content)
+    proc = subprocess.run([str(DUNDI), "report", "ev", "--out", "rep"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    assert fragment in lines[0] and "evaluation.json" in lines[0] and "move ev aside" in lines[0], lines[0]

@@ -43,6 +43,7 @@ from dundi.evaluation.results import (
     L0_TOL,
     SCHEMA,
     finished_shards,
+    read_evaluation,
     record_timing,
     shard_name,
     write_shard,
@@ -374,10 +375,9 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
         raise DundiError(f"--native {cfg.native} was trained on {read_meta(cfg.native).get('dataset')}, "
                          f"the DunDi run on {dataset}")
     fp = fingerprint(cfg)
-    previous = out / EVALUATION_FILE
     old: dict = {}
-    if previous.exists():
-        old = json.loads(previous.read_text())
+    if (out / EVALUATION_FILE).exists():
+        old = read_evaluation(out)
         if old.get("fingerprint") != fp:
             raise DundiError(f"{out} holds an evaluation with other weights or settings "
                              f"(fingerprint {old.get('fingerprint')} ≠ {fp}); use another --out")

@@ -144,13 +144,26 @@ def finished_shards(out: str | os.PathLike, fingerprint: str | None = None) -> d
     return found
 
 
+EVALUATION_KEYS = ("fingerprint", "plan", "shards")  # what reading the results needs of the file
+
+
 def read_evaluation(out: str | os.PathLike) -> dict:
+    """The evaluation directory's plan and settings (``evaluation.json``), or one line saying
+    what is wrong with it: missing, or damaged (cut short by a full disk, edited by hand)."""
     path = Path(out) / EVALUATION_FILE
     try:
-        return json.loads(path.read_text())
+        evaluation = json.loads(path.read_text())
     except FileNotFoundError:
         raise DundiError(f"{out} holds no evaluation ({EVALUATION_FILE} missing): "
                          f"run `dundi evaluate RUN --native NATIVE --out {out}` first") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DundiError(f"{path} is damaged (not JSON: {exc}); move {out} aside and rerun "
+                         f"`dundi evaluate ... --out {out}`") from None
+    missing = [k for k in EVALUATION_KEYS if not isinstance(evaluation, dict) or k not in evaluation]
+    if missing:
+        raise DundiError(f"{path} is damaged (no {', '.join(missing)}): `dundi evaluate` did not write "
+                         f"it; move {out} aside and rerun `dundi evaluate ... --out {out}`")
+    return evaluation
 
 
 def read_results(out: str | os.PathLike, require_complete: bool = False) -> pa.Table:
