@@ -208,9 +208,17 @@ def start(kind: str, run: Path, port: int, args: argparse.Namespace, batch: tupl
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_worker_niceness": str(args.niceness)}
     if kind != "plain" and args.throughput_optimized:
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Ray process: set before Ray starts
-    preexec = (lambda: os.nice(args.niceness)) if kind == "plain" and args.niceness else None
+    nice = args.niceness if kind == "plain" else 0
+    cpus = getattr(args, "service_cpus", None)  # the server and all it starts (Ray too) on these cores
+
+    def preexec() -> None:
+        if nice:
+            os.nice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=preexec)
+                            start_new_session=True, preexec_fn=preexec if nice or cpus else None)
 
 
 def load_average() -> str:

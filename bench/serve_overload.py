@@ -15,10 +15,13 @@ For each server (``dundi serve --no-ray`` and ``dundi serve --ingress MODE``), i
    200 in its first second and overall.
 
 Traffic goes to 127.0.0.1 only; every loop is bounded in count and time. The machine's load
-average is printed beside the figures (2 shared cores: the load generator itself competes
-with the server, which the ratio to the sustainable rate, measured the same way, absorbs).
+average is printed beside the figures. By default the load generator shares the machine's
+cores with the server, so at 4x it takes CPU the server needs to answer (on 2 cores it is
+most of what limits the answered throughput); ``--service-cpus 0 --client-cpus 1`` puts them
+on separate cores, as clients elsewhere would be, and then the figures measure the server.
 
     python bench/serve_overload.py [--run RUN] [--modes haproxy] [--seconds 30] [--factor 4]
+                                   [--service-cpus 0 --client-cpus 1]
 """
 
 from __future__ import annotations
@@ -203,8 +206,14 @@ def main() -> None:
     p.add_argument("--measure", type=float, default=5.0, help="seconds measuring the sustainable rate")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--niceness", type=int, default=0)
+    p.add_argument("--service-cpus", type=int, nargs="+", default=None,
+                   help="cores the server (and the Ray it starts) runs on, e.g. 0")
+    p.add_argument("--client-cpus", type=int, nargs="+", default=None,
+                   help="cores this load generator runs on, e.g. 1: apart from the server's, as real clients are")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     args.throughput_optimized = False
     args.serve_args = ["--abstain-threshold", "none"]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve_overload.py: stopped by SIGTERM"))
@@ -216,7 +225,8 @@ def main() -> None:
     run = Path(args.run) if args.run else small_run(Path(tmp.name) / "dundi", args.data_dir)
     images, _, _ = load_split(Run.load(run).meta["dataset"], "test", args.data_dir, limit=64)
     expected = Run.load(run).classify(images).labels
-    print(f"load before: {load_average()} (cpus={os.cpu_count()})", flush=True)
+    print(f"load before: {load_average()} (cpus={os.cpu_count()}; server on {args.service_cpus or 'all'}, "
+          f"load generator on {args.client_cpus or 'all'})", flush=True)
     rows = {kind: overload(kind, run, args, images, expected) for kind in ("plain", *args.modes)}
     if args.json:
         print(json.dumps(rows))

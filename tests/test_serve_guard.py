@@ -154,7 +154,20 @@ def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_p
     while no app route exists gets the JSON 503 with Retry-After (Serve's own config gave 404)."""
     with _real_haproxy(tmp_path) as url:
         r = httpx.post(f"{url}/v2/models/dundi/infer", json={}, timeout=5)
+        # the refused client keeps its connection: a second request on it gets the same answer
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as conn:
+            request = b"POST /v2/models/dundi/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
+            answers = []
+            for _ in range(2):
+                conn.sendall(request)
+                answer = b""
+                while not answer.endswith(b"}\n"):
+                    chunk = conn.recv(65536)
+                    assert chunk, f"HAProxy closed the connection after {len(answers)} answers: {answer!r}"
+                    answer += chunk
+                answers.append(answer)
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["code"] == "unavailable"
+    assert all(a.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in a.lower() for a in answers), answers
 
 
 def _replica(listener: socket.socket) -> None:

@@ -50,10 +50,12 @@ LOST_BODY = ('{"error": "the replica answering this request stopped before its a
 
 
 def _page_503(body: str) -> str:
-    """A whole HTTP message, as HAProxy's ``errorfile`` wants it."""
+    """A whole HTTP message, as HAProxy's ``errorfile`` wants it. Without ``Connection: close``:
+    HAProxy keeps the client's connection when it can (it has the whole request), so a client
+    refused under overload sends its next request without a new connection, which under
+    overload would cost both sides more than the refusal itself."""
     return ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nCache-Control: no-cache\r\n"
-            f"Connection: close\r\n\r\n{body}")
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nCache-Control: no-cache\r\n\r\n{body}")
 
 
 SERVICE_UNAVAILABLE = _page_503(UNAVAILABLE_BODY)

@@ -26,7 +26,6 @@ that does not answer within the timeout gives 504 instead of a hang.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -42,6 +41,7 @@ from starlette.requests import ClientDisconnect
 from dundi import __version__
 from dundi.serving import admin
 from dundi.serving.admin import ClassChange, parse_class_change
+from dundi.serving.admission import Admission
 from dundi.serving.errors import RequestError
 from dundi.serving.inputs import (
     IMAGE_TYPES,
@@ -139,18 +139,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _drain(request: Request, limit: int) -> None:
-    """Read and drop a request body, at most ``limit`` bytes of it."""
-    seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return
-    except ClientDisconnect:
-        return
-
-
 async def _off_loop(body: bytes, fn: Callable[[], Any]) -> Any:
     """Parse small bodies inline, large ones in a thread so the event loop keeps serving."""
     return await asyncio.to_thread(fn) if len(body) > PARSE_IN_THREAD_BYTES else fn()
@@ -167,6 +155,7 @@ def create_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> F
     _add_health_routes(app, ctx)
     _add_inference_routes(app, ctx)
     _add_admin_routes(app, ctx)
+    app.add_middleware(Admission, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes)
     return app
 
 
@@ -176,23 +165,6 @@ class _Context:
 
     backend: Backend
     settings: ServeSettings
-    pending: int = 0  # inference requests in progress (one event loop: no lock needed)
-
-    @contextlib.asynccontextmanager
-    async def admitted(self, request: Request):
-        """Admit one inference request, or refuse it at once (503, Retry-After) when
-        ``max_pending`` are already in progress: overload gets an answer, not a queue. A
-        refused request's body is read and dropped first (at most ``max_body_bytes``), so
-        the kept-alive connection can carry the client's next request."""
-        if self.pending >= self.settings.max_pending:
-            await _drain(request, self.settings.max_body_bytes)
-            raise RequestError(503, "overloaded", f"the service is at capacity ({self.pending} requests "
-                               f"in progress)", "a retry after the Retry-After delay", {"Retry-After": "1"})
-        self.pending += 1
-        try:
-            yield
-        finally:
-            self.pending -= 1
 
     def authorize(self, request: Request) -> None:
         if self.settings.auth_token_sha256 and not token_matches(request.headers.get("authorization"),
@@ -301,20 +273,17 @@ def _add_inference_routes(app: FastAPI, ctx: _Context) -> None:
     @app.post("/v2/models/{name}/infer")
     @guarded
     async def infer_latest(name: str, request: Request) -> Response:
-        async with ctx.admitted(request):
-            return await infer(request, name, None)
+        return await infer(request, name, None)
 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     @guarded
     async def infer_version(name: str, version: str, request: Request) -> Response:
-        async with ctx.admitted(request):
-            return await infer(request, name, version)
+        return await infer(request, name, version)
 
     @app.post("/classify")
     @guarded
     async def classify_route(request: Request) -> Response:
-        async with ctx.admitted(request):
-            return await classify(request)
+        return await classify(request)
 
     async def classify(request: Request) -> Response:
         ctx.authorize(request)
