@@ -60,6 +60,7 @@ def _page_503(body: str) -> str:
 
 SERVICE_UNAVAILABLE = _page_503(UNAVAILABLE_BODY)
 REPLICA_LOST = _page_503(LOST_BODY)
+LOST_PAGE = "503-lost.http"  # REPLICA_LOST's file, beside the 503.http page in the service's directory
 # a spliced request body bypasses HAProxy's buffer, so it could not be sent again to another replica
 NO_RETRY_OPTIONS = ("option splice-request", "option splice-response")
 NO_ADMIN_RETRY = "    http-request disable-l7-retry if { path_beg /admin/ }"
@@ -138,7 +139,7 @@ def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port:
             section = [NOT_YET_ROUTED.format(error_503) if ln.strip().startswith("http-request return status 404")
                        else ln for ln in section]
         elif head[:1] == ["backend"]:
-            section = _answers_whole(section, os.path.join(os.path.dirname(error_503), "503-lost.http"))
+            section = _answers_whole(section, os.path.join(os.path.dirname(error_503), LOST_PAGE))
             if server_maxconn:
                 section = _limit_servers(section, server_maxconn, queue_timeout_s)
         section = [f"    errorfile 503 {error_503}" if ln.strip().startswith("errorfile 503 ") else ln
@@ -176,10 +177,10 @@ def launch(real: str, argv: list[str], error_503: str, stats_port: int, metrics_
 
 def install(directory: str, real: str, stats_port: int = 0, metrics_port: int = 0, server_maxconn: int = 0,
             queue_timeout_s: float = 1.0) -> str:
-    """Write the launcher (this file plus its settings) and the JSON 503 page into
+    """Write the launcher (this file plus its settings) and the JSON 503 pages into
     ``directory``; returns the launcher's path (for ``RAY_SERVE_HAPROXY_BINARY_PATH``)."""
     error_503 = os.path.join(directory, "503.http")
-    for name, page in (("503.http", SERVICE_UNAVAILABLE), ("503-lost.http", REPLICA_LOST)):
+    for name, page in (("503.http", SERVICE_UNAVAILABLE), (LOST_PAGE, REPLICA_LOST)):
         with open(os.path.join(directory, name), "w") as f:
             f.write(page)
     with open(__file__) as f:
