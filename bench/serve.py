@@ -113,10 +113,11 @@ async def client(port: int, reqs: list, offset: int, stop: float, lat: list, err
                 writer.close()
             reader = writer = None
             continue
-        lat.append(time.perf_counter() - t0)
-        if status != 200:
+        if status != 200:  # a refusal (503) is not throughput: counted apart, never in rps or latency
             errors.append(status)
-        elif idx not in answers:
+            continue
+        lat.append(time.perf_counter() - t0)
+        if idx not in answers:
             answers[idx] = json.loads(body)["outputs"][0]["data"]
     if writer is not None:
         writer.close()
@@ -152,28 +153,38 @@ def answer_counts(answers: dict, reqs: list) -> dict:
     return {"abstained": abstained, "mismatches": wrong}
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process and all its descendants: the whole server, Ray's
-    raylet, GCS, proxy and replicas included."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
+def tree_pids(root: int) -> set[int]:
+    """A process and all its descendants: the whole server, Ray's raylet, GCS, proxy and
+    replicas included."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
             except OSError:
                 continue
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
+    mine, todo = set(), [root]
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, (0, 0.0))[1]
+        mine.add(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return mine
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process and all its descendants."""
+    return sum(cpu_seconds(pid) for pid in tree_pids(root))
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:

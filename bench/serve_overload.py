@@ -10,7 +10,8 @@ For each server (``dundi serve --no-ray`` and ``dundi serve --ingress MODE``), i
    got each, the slowest answer (the bound on the wait; latency counts from the scheduled send
    time, so a lagging client does not hide queueing), the answered throughput as a ratio to
    the sustainable rate, and the server's memory (resident set of its whole process tree)
-   before and at its peak;
+   before and at its peak, and the share of a core each of its processes used meanwhile
+   (where the CPU goes: the model, the HTTP server, HAProxy, Serve's actors);
 3. **recovery**: at once, open loop at half the sustainable rate for 5 s: the share answered
    200 in its first second and overall.
 
@@ -39,63 +40,89 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import free_port, load, load_average, requests_for, small_run, start, stop, wait_ready  # noqa: E402
+from serve import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    load,
+    load_average,
+    requests_for,
+    small_run,
+    start,
+    stop,
+    tree_pids,
+    wait_ready,
+)
 
 MAX_CONNECTIONS = 1000  # open connections of the load generator at most (file descriptors)
 
 
-async def read_head_and_body(reader: asyncio.StreamReader) -> tuple[int, dict]:
+async def read_head_and_body(reader: asyncio.StreamReader) -> tuple[int, dict, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
     if "content-length" in headers:
-        await reader.readexactly(int(headers["content-length"]))
+        body = await reader.readexactly(int(headers["content-length"]))
     else:
+        body = b""
         while True:  # chunked
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            await reader.readexactly(size + 2)
+            body += (await reader.readexactly(size + 2))[:size]
             if size == 0:
                 break
-    return int(lines[0].split(" ", 2)[1]), headers
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def refusal_code(body: bytes) -> str:
+    """Who refused: the JSON error code of a 503 (``overloaded``: a replica or the plain server
+    at max_pending; ``unavailable``: HAProxy, its queue full or no replica ready)."""
+    try:
+        return str(json.loads(body).get("code"))
+    except (ValueError, AttributeError):
+        return "not JSON"
 
 
 async def open_loop(port: int, reqs: list, rate: float, seconds: float, timeout: float = 30.0) -> dict:
     """Send ``rate * seconds`` requests on schedule; each on an idle kept-alive connection or
-    a new one. Returns per-request (status, latency from the scheduled time, Retry-After)."""
+    a new one. Returns per-request (status, latency from the scheduled time, Retry-After); a
+    503's status names its code ("503 overloaded")."""
     idle: list = []
     out: list[tuple] = []
     skipped = 0
     busy = 0
 
-    async def exchange(i: int, conn):
-        if conn is not None:  # a kept-alive connection the server may have closed meanwhile
+    async def exchange(i: int, held: list):
+        """One request on ``held[0]`` (a kept-alive connection, or None) or a new connection,
+        which replaces it in ``held`` so that the caller closes it whatever happens."""
+        if held[0] is not None:  # a kept-alive connection the server may have closed meanwhile
             try:
-                conn[1].write(reqs[i % len(reqs)][0])
-                return conn, await read_head_and_body(conn[0])
+                held[0][1].write(reqs[i % len(reqs)][0])
+                return await read_head_and_body(held[0][0])
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
                     raise  # an answer had begun: a real failure
-                conn[1].close()  # closed before any answer (idle timeout): resend on a new one,
-                # as HTTP clients do with a stale pooled connection
-        conn = await asyncio.open_connection("127.0.0.1", port)
-        conn[1].write(reqs[i % len(reqs)][0])
-        return conn, await read_head_and_body(conn[0])
+                held[0][1].close()  # closed before any answer (idle timeout): resend on a new one,
+                held[0] = None      # as HTTP clients do with a stale pooled connection
+        held[0] = await asyncio.open_connection("127.0.0.1", port)
+        held[0][1].write(reqs[i % len(reqs)][0])
+        return await read_head_and_body(held[0][0])
 
     async def one(i: int, due: float) -> None:
         nonlocal busy
         busy += 1
-        conn = idle.pop() if idle else None
+        held = [idle.pop() if idle else None]
         try:
-            conn, (status, headers) = await asyncio.wait_for(exchange(i, conn), timeout)  # connect included
-            out.append((status, time.perf_counter() - due, headers.get("retry-after")))
+            status, headers, body = await asyncio.wait_for(exchange(i, held), timeout)  # connect included
+            conn = held[0]
+            out.append((status if status != 503 else f"503 {refusal_code(body)}", time.perf_counter() - due,
+                        headers.get("retry-after")))
             if headers.get("connection", "").lower() == "close":
                 conn[1].close()
             else:
                 idle.append(conn)
         except Exception as exc:  # asyncio.TimeoutError: no answer within ``timeout``
             out.append((type(exc).__name__, time.perf_counter() - due, None))
-            if conn is not None:
-                conn[1].close()
+            if held[0] is not None:
+                held[0][1].close()
         finally:
             busy -= 1
 
@@ -118,21 +145,8 @@ async def open_loop(port: int, reqs: list, rate: float, seconds: float, timeout:
 
 def tree_rss_mb(root: int) -> float:
     """Resident memory of a process and all its descendants, in MB."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    mine, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        mine.add(pid)
-        todo.extend(p for p, pp in parents.items() if pp == pid and p not in mine)
     total = 0
-    for pid in mine:
+    for pid in tree_pids(root):
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -141,14 +155,44 @@ def tree_rss_mb(root: int) -> float:
     return total / 2**20
 
 
-async def with_memory(root: int, coro) -> tuple[dict, float]:
-    """Run ``coro`` while sampling the server's memory every 0.5 s; (its result, peak MB)."""
-    peak = 0.0
+def tree_cpu_s(root: int) -> dict[str, float]:
+    """CPU seconds used so far by each process of the tree, keyed by ``name[pid]`` (Ray names
+    its workers after the actor they host, e.g. ``ray::ServeReplica``)."""
+    out = {}
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                words = f.read().split(b"\0")
+        except OSError:
+            continue
+        name = os.path.basename(words[0].decode(errors="replace")) or "?"
+        if name.startswith("python") and len(words) > 1:  # the plain server: python -m dundi ...
+            name = "python " + " ".join(w.decode(errors="replace") for w in words[1:3])
+        out[f"{name[:40]}[{pid}]"] = cpu_seconds(pid)
+    return out
+
+
+def cpu_shares(before: dict[str, float], after: dict[str, float], seconds: float, top: int = 5) -> dict[str, float]:
+    """The share of one core each process used between two :func:`tree_cpu_s` samples, the
+    ``top`` largest (the rest summed as ``others``)."""
+    shares = sorted(((k, (v - before.get(k, 0.0)) / seconds) for k, v in after.items()), key=lambda kv: -kv[1])
+    out = {k: round(v, 3) for k, v in shares[:top]}
+    out["others"] = round(sum(v for _, v in shares[top:]), 3)
+    return out
+
+
+async def with_samples(root: int, coro, window_s: float) -> tuple[dict, float, dict[str, float]]:
+    """Run ``coro`` while sampling the server's memory every 0.5 s; (its result, peak MB, the
+    share of a core each server process used over the first ``window_s`` seconds: the time the
+    load is offered, not the tail spent waiting for the last answers)."""
+    peak, t0, cpu0, shares = 0.0, time.perf_counter(), tree_cpu_s(root), {}
     task = asyncio.ensure_future(coro)
     while not task.done():
         peak = max(peak, tree_rss_mb(root))
+        if not shares and time.perf_counter() - t0 >= window_s:
+            shares = cpu_shares(cpu0, tree_cpu_s(root), time.perf_counter() - t0)
         await asyncio.wait([task], timeout=0.5)
-    return task.result(), peak
+    return task.result(), peak, shares or cpu_shares(cpu0, tree_cpu_s(root), time.perf_counter() - t0)
 
 
 def summarize(phase: dict, seconds: float) -> dict:
@@ -158,7 +202,7 @@ def summarize(phase: dict, seconds: float) -> dict:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     lat = np.array([t for _, t, _ in rows]) * 1000 if rows else np.array([np.nan])
     ok = [t for s, t, _ in rows if s == 200]
-    refused = [(t, ra) for s, t, ra in rows if s == 503]
+    refused = [(t, ra) for s, t, ra in rows if str(s).startswith("503")]
     return {"sent": len(rows), "skipped": phase["skipped"], "statuses": statuses,
             "ok_per_s": len(ok) / seconds, "503_without_retry_after": sum(ra is None for _, ra in refused),
             "max_ms": float(lat.max()), "p99_ms": float(np.percentile(lat, 99)),
@@ -173,15 +217,20 @@ def overload(kind: str, run: Path, args: argparse.Namespace, images, expected) -
         wait_ready(port, proc)
         one = requests_for(images, expected, port, 1)
         closed = asyncio.run(load(port, one, 32, args.measure, 1.0))
-        rate = closed["rps"]
+        rate = closed["rps"]  # answered (200) requests/s
+        if closed["errors"]:
+            print(f"{kind:8s} WARNING: {closed['errors']} of the closed loop's requests were not answered 200 "
+                  f"(a --max-pending below its 32 clients refuses some): the sustainable rate counts the 200s only",
+                  flush=True)
         rss0 = tree_rss_mb(proc.pid)
-        phase, peak = asyncio.run(with_memory(proc.pid, open_loop(port, one, args.factor * rate, args.seconds)))
+        phase, peak, cpu = asyncio.run(with_samples(proc.pid, open_loop(port, one, args.factor * rate, args.seconds),
+                                                    args.seconds))
         over = summarize(phase, args.seconds)
         after = asyncio.run(open_loop(port, one, rate / 2, 5.0))
         first = [s for s, t, _ in after["results"][: max(1, int(rate / 2))]]
         rec = summarize(after, 5.0)
         row = {"sustainable_rps": rate, "overload": over, "answered_ratio": over["ok_per_s"] / rate,
-               "rss_mb_before": rss0, "rss_mb_peak": peak, "recovery": rec,
+               "rss_mb_before": rss0, "rss_mb_peak": peak, "recovery": rec, "overload_cpu_share": cpu,
                "recovery_first_second_ok": sum(s == 200 for s in first) / len(first), "load": load_average()}
         print(f"{kind:8s} sustainable {rate:6.0f} req/s; at {args.factor:g}x for {args.seconds:g} s: "
               f"sent {over['sent']} (skipped {over['skipped']}), statuses {over['statuses']}, 503 without "
@@ -190,7 +239,8 @@ def overload(kind: str, run: Path, args: argparse.Namespace, images, expected) -
               f"answered {over['ok_per_s']:.0f} req/s = {row['answered_ratio']:.2f}x sustainable "
               f"(target >= 0.9x {'met' if row['answered_ratio'] >= 0.9 else 'MISSED'}); memory {rss0:.0f} -> peak "
               f"{peak:.0f} MB; recovery: first second {100 * row['recovery_first_second_ok']:.0f}% 200, "
-              f"5 s {rec['statuses']} p99 {rec['p99_ms']:.0f} ms  (load {row['load']})", flush=True)
+              f"5 s {rec['statuses']} p99 {rec['p99_ms']:.0f} ms  (load {row['load']})\n"
+              f"{'':8s} share of a core during the overload: {cpu}", flush=True)
         return row
     finally:
         stop(proc)
@@ -210,12 +260,14 @@ def main() -> None:
                    help="cores the server (and the Ray it starts) runs on, e.g. 0")
     p.add_argument("--client-cpus", type=int, nargs="+", default=None,
                    help="cores this load generator runs on, e.g. 1: apart from the server's, as real clients are")
+    p.add_argument("--max-pending", type=int, default=None,
+                   help="dundi serve --max-pending for every server (default: the service's own)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.client_cpus:
         os.sched_setaffinity(0, args.client_cpus)
     args.throughput_optimized = False
-    args.serve_args = ["--abstain-threshold", "none"]
+    args.serve_args = ["--abstain-threshold", "none", *(["--max-pending", str(args.max_pending)] if args.max_pending else [])]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/serve_overload.py: stopped by SIGTERM"))
 
     from dundi.data import load_split

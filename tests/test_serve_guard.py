@@ -115,8 +115,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _real_haproxy(tmp_path, replica_port: int = 30000):
-    """HAProxy (the binary Serve uses) on the rewritten SERVE_CONFIG, its service URL yielded."""
+def _real_haproxy(tmp_path, replica_port: int = 30000, log_port: int = 0, **rewrite):
+    """HAProxy (the binary Serve uses) on the rewritten SERVE_CONFIG (``rewrite``: more of
+    rewrite_config's settings), its service URL yielded; with ``log_port``, every request
+    HAProxy logs goes to that UDP port on loopback."""
     from dundi.distributed.serve_app import haproxy_binary
     from dundi.errors import DundiError
 
@@ -128,9 +130,12 @@ def _real_haproxy(tmp_path, replica_port: int = 30000):
     config = SERVE_CONFIG.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("/x/admin.sock", str(tmp_path / "a.sock"))
     config = config.replace("127.0.0.1:30000", f"127.0.0.1:{replica_port}")
     config = config.replace("defaults\n", "defaults\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n")
+    if log_port:
+        config = config.replace("defaults\n", f"defaults\n    log 127.0.0.1:{log_port} local0 debug\n    option httplog\n")
     install(str(tmp_path), binary)
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(rewrite_config(config, str(tmp_path / "503.http")).replace("/x/500.http", str(tmp_path / "503.http")))
+    rewritten = rewrite_config(config, str(tmp_path / "503.http"), **rewrite)
+    cfg.write_text(rewritten.replace("/x/500.http", str(tmp_path / "503.http")))
     check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,6 +175,17 @@ def test_real_haproxy_accepts_the_rewrite_and_answers_503_before_any_route(tmp_p
     assert all(a.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in a.lower() for a in answers), answers
 
 
+def _read_head(conn: socket.socket) -> bytes:
+    """A request's line and headers as a stand-in replica reads them (b"" for a health check)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
 def _replica(listener: socket.socket) -> None:
     """A stand-in replica speaking raw HTTP/1.1, one answer per connection, chosen by path:
     /routed/cut writes the headers and dies before the body (what a SIGKILL between a
@@ -180,12 +196,7 @@ def _replica(listener: socket.socket) -> None:
         except OSError:
             return
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                head += chunk
+            head = _read_head(conn)
             if not head:
                 continue
             method, path = head.split(b" ")[:2]
@@ -218,3 +229,87 @@ def test_an_answer_cut_short_by_a_dying_replica_becomes_a_503_to_retry(tmp_path)
     assert large.status_code == 200 and large.content == b"x" * 100_000  # beyond the buffer: forwarded as it comes
     assert chunked.status_code == 200 and chunked.json() == {"answer": 7}
     assert head.status_code == 200 and head.headers["content-length"] == str(len(b'{"answer": 7}'))
+
+
+def test_threads_capped_at_the_cpus_haproxy_may_use():
+    config = SERVE_CONFIG.replace("    maxconn 1024\n", "    maxconn 1024\n    nbthread 4\n")
+    assert "    nbthread 1\n" in rewrite_config(config, "/p/503.http", cpus=1)
+    assert "    nbthread 4\n" in rewrite_config(config, "/p/503.http", cpus=16)  # never raised
+    assert "    nbthread 4\n" in rewrite_config(config, "/p/503.http")  # cpus unknown: left alone
+
+
+def _held_replica(listener: socket.socket, release: threading.Event, served: list) -> None:
+    """A stand-in replica that answers one request at a time, each once ``release`` is set."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            head = _read_head(conn)
+            if not head:
+                continue  # a health check
+            release.wait(30)
+            served.append(head.split(b" ")[1])
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+
+
+def test_a_full_queue_refuses_at_once_and_unlogged(tmp_path):
+    """With the replica at its limit (1 request) and the queue as long as the replicas'
+    capacity (1), the next request is refused with the JSON 503 while the first is still being
+    answered, not after the queue timeout (30 s here), and the refusal is not logged (Serve
+    parses every logged request) but still counted in HAProxy's statistics; the two admitted
+    requests are answered and logged."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    release, served = threading.Event(), []
+    threading.Thread(target=_held_replica, args=(listener, release, served), daemon=True).start()
+    logs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    logs.bind(("127.0.0.1", 0))
+    logs.settimeout(0.2)
+    results: dict = {}
+
+    def send(name: str, url: str) -> None:
+        results[name] = httpx.post(f"{url}/routed/{name}", json={}, timeout=60)
+
+    try:
+        with _real_haproxy(tmp_path, listener.getsockname()[1], logs.getsockname()[1],
+                           server_maxconn=1, queue_timeout_s=30.0) as url:
+            admitted = [threading.Thread(target=send, args=(name, url)) for name in ("first", "second")]
+            for t in admitted:
+                t.start()
+                time.sleep(0.3)  # in order: the first in service, the second queued
+            refused = httpx.post(f"{url}/routed/third", json={}, timeout=60)
+            answered_before_refusal = list(served)
+            release.set()
+            for t in admitted:
+                t.join(60)
+            lines = []
+            with contextlib.suppress(socket.timeout):
+                while True:
+                    lines.append(logs.recv(65536).decode(errors="replace"))
+            counted_5xx = _frontend_5xx(tmp_path / "a.sock")
+    finally:
+        listener.close()
+        logs.close()
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["code"] == "unavailable"
+    assert answered_before_refusal == []  # refused while the first request was still held
+    assert [results[n].status_code for n in ("first", "second")] == [200, 200] and served == [b"/routed/first", b"/routed/second"]
+    logged = [ln for ln in lines if "/routed/" in ln]
+    assert any("/routed/first" in ln for ln in logged) and any("/routed/second" in ln for ln in logged), lines
+    assert not any("/routed/third" in ln for ln in logged), logged
+    assert counted_5xx == 1  # unlogged, but counted by HAProxy's own statistics
+
+
+def _frontend_5xx(admin_socket) -> int:
+    """The 5xx answers HAProxy's service frontend has sent, read from its admin socket."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(admin_socket))
+        s.sendall(b"show stat\n")
+        text = b""
+        while chunk := s.recv(65536):
+            text += chunk
+    rows = text.decode().splitlines()
+    names = rows[0].lstrip("# ").split(",")
+    frontend = next(r.split(",") for r in rows[1:] if r.startswith("http_frontend,FRONTEND,"))
+    return int(frontend[names.index("hrsp_5xx")])

@@ -24,8 +24,10 @@ without DunDi importable) in place of the HAProxy binary. The launcher
   reason. HAProxy's own 503 (no replica ready) becomes a JSON 503 with ``Retry-After``
   instead of Serve's 500; it is also the answer during start-up, before the app's route
   exists (Serve answers 404 there), and under overload: each replica gets at most
-  ``max_pending`` requests at once from HAProxy, the rest wait in HAProxy's queue at most
-  ``queue_timeout_s``, then get that 503;
+  ``max_pending`` requests at once from HAProxy, as many again wait in HAProxy's queue (at
+  most ``queue_timeout_s``), and a request that finds the queue that long gets the 503 at once,
+  unlogged (Serve parses each logged request in Python: under overload, a seventh of a core);
+* caps HAProxy's threads at the CPUs it may run on (Serve asks for 4 whatever the machine);
 * turns an answer cut short into a JSON 503 with ``Retry-After`` (code ``replica_lost``). A
   replica writes an answer's headers and its body in two writes; killed between them (a window
   of microseconds, about 1% of the time at 190 answers/s), it leaves HAProxy a truncated
@@ -83,6 +85,14 @@ CUT_SHORT = ("    http-response set-var(txn.dundi_length) res.hdr(content-length
              f"{{{{ var(txn.dundi_length) -m int le {WHOLE_ANSWER_BYTES} }}}} "
              "{{ res.body_len,sub(txn.dundi_length) lt 0 }}")
 
+# A request that finds the queue as long as the replicas' capacity is refused at once (with the
+# JSON 503) rather than after the queue timeout, and not logged: Serve's HAProxy manager parses
+# every logged request in Python, which under 4x overload took a seventh of the server's core
+# (HAProxy's own counters, on its stats page and Prometheus listener when asked for, count them)
+QUEUE_ROOM = "    http-request set-var(txn.dundi_room) nbsrv,mul({})"
+QUEUE_FULL_SILENT = "    http-request set-log-level silent if { queue,sub(txn.dundi_room) ge 0 }"
+QUEUE_FULL = "    http-request return status 503 errorfile {} if {{ queue,sub(txn.dundi_room) ge 0 }}"
+
 
 def _sections(text: str) -> list[list[str]]:
     """The config's lines grouped by section (a section starts at an unindented line)."""
@@ -112,6 +122,27 @@ def _limit_servers(section: list[str], server_maxconn: int, queue_timeout_s: flo
     return out
 
 
+def _refuse_when_queued(section: list[str], server_maxconn: int, error_503: str) -> list[str]:
+    """A request that finds the queue already as long as the replicas' capacity (``nbsrv`` ×
+    ``server_maxconn``) is refused at once, unlogged, instead of waiting out the queue timeout:
+    under overload most requests end this way, so they should cost as little as possible."""
+    if QUEUE_ROOM.format(server_maxconn) in section:
+        return section
+    return [section[0], QUEUE_ROOM.format(server_maxconn), QUEUE_FULL_SILENT, QUEUE_FULL.format(error_503),
+            *section[1:]]
+
+
+def _threads(section: list[str], cpus: int) -> list[str]:
+    """No more HAProxy threads than the CPUs it may run on: extra threads only contend."""
+    out = []
+    for ln in section:
+        words = ln.split()
+        if words[:1] == ["nbthread"] and len(words) == 2 and words[1].isdigit() and int(words[1]) > cpus:
+            ln = f"    nbthread {cpus}"
+        out.append(ln)
+    return out
+
+
 def _answers_whole(section: list[str], lost_page: str) -> list[str]:
     """A replica backend's answers held until whole; one cut short becomes the replica_lost 503."""
     if WAIT_FOR_BODY in section:
@@ -120,13 +151,15 @@ def _answers_whole(section: list[str], lost_page: str) -> list[str]:
 
 
 def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port: int = 0,
-                   server_maxconn: int = 0, queue_timeout_s: float = 1.0) -> str:
+                   server_maxconn: int = 0, queue_timeout_s: float = 1.0, cpus: int = 0) -> str:
     """Serve's HAProxy config with the changes above (a port of 0 removes that listener; a
-    ``server_maxconn`` of 0 leaves the replicas unlimited)."""
+    ``server_maxconn`` of 0 leaves the replicas unlimited; ``cpus`` > 0 caps HAProxy's threads)."""
     kept: list[str] = []
     for section in _sections(text):
         head = section[0].split()
-        if head[:2] == ["frontend", "prometheus"]:
+        if head[:1] == ["global"] and cpus:
+            section = _threads(section, cpus)
+        elif head[:2] == ["frontend", "prometheus"]:
             section = _local_bind(section, metrics_port) if metrics_port else []
         elif head[:2] == ["listen", "stats"]:
             section = _local_bind(section, stats_port) if stats_port else []
@@ -142,6 +175,7 @@ def rewrite_config(text: str, error_503: str, stats_port: int = 0, metrics_port:
             section = _answers_whole(section, os.path.join(os.path.dirname(error_503), LOST_PAGE))
             if server_maxconn:
                 section = _limit_servers(section, server_maxconn, queue_timeout_s)
+                section = _refuse_when_queued(section, server_maxconn, error_503)
         section = [f"    errorfile 503 {error_503}" if ln.strip().startswith("errorfile 503 ") else ln
                    for ln in section if ln.strip() not in NO_RETRY_OPTIONS]
         kept.extend(section)
@@ -167,7 +201,8 @@ def launch(real: str, argv: list[str], error_503: str, stats_port: int, metrics_
     if "-f" in args:  # rewritten in place: Serve finds its HAProxy processes by this path
         path = args[args.index("-f") + 1]
         with open(path) as f:
-            text = rewrite_config(f.read(), error_503, stats_port, metrics_port, server_maxconn, queue_timeout_s)
+            text = rewrite_config(f.read(), error_503, stats_port, metrics_port, server_maxconn, queue_timeout_s,
+                                  len(os.sched_getaffinity(0)))
         with open(f"{path}.tmp", "w") as f:
             f.write(text)
         os.replace(f"{path}.tmp", path)

@@ -472,8 +472,8 @@ def haproxy_environment(directory: str, stats_port: int = 0, metrics_port: int =
     with the service, stats and metrics on loopback or off); and an inference request whose
     replica dies before answering retried on another one (inference is idempotent; ``/admin/``
     is never retried); each replica given at most ``server_maxconn`` requests at once (its
-    ``max_pending``), the rest queued in HAProxy at most 0.25 s, then answered 503 with
-    Retry-After. HAProxy can retry only a request still in its buffer: one-image requests
+    ``max_pending``), as many again queued in HAProxy at most 0.25 s, any more answered 503
+    with Retry-After at once. HAProxy can retry only a request still in its buffer: one-image requests
     (about 15 kB of JSON) and PNG uploads fit, a 64-image JSON request (about 1 MB) does not."""
     from dundi.distributed import haproxy_guard
 
