@@ -216,7 +216,9 @@ def overload(kind: str, run: Path, args: argparse.Namespace, images, expected) -
     try:
         wait_ready(port, proc)
         one = requests_for(images, expected, port, 1)
+        cpu0, t0 = tree_cpu_s(proc.pid), time.perf_counter()
         closed = asyncio.run(load(port, one, 32, args.measure, 1.0))
+        cpu_sustained = cpu_shares(cpu0, tree_cpu_s(proc.pid), time.perf_counter() - t0)  # warm-up second included
         rate = closed["rps"]  # answered (200) requests/s
         if closed["errors"]:
             print(f"{kind:8s} WARNING: {closed['errors']} of the closed loop's requests were not answered 200 "
@@ -230,7 +232,8 @@ def overload(kind: str, run: Path, args: argparse.Namespace, images, expected) -
         first = [s for s, t, _ in after["results"][: max(1, int(rate / 2))]]
         rec = summarize(after, 5.0)
         row = {"sustainable_rps": rate, "overload": over, "answered_ratio": over["ok_per_s"] / rate,
-               "rss_mb_before": rss0, "rss_mb_peak": peak, "recovery": rec, "overload_cpu_share": cpu,
+               "rss_mb_before": rss0, "rss_mb_peak": peak, "recovery": rec, "sustained_cpu_share": cpu_sustained,
+               "overload_cpu_share": cpu,
                "recovery_first_second_ok": sum(s == 200 for s in first) / len(first), "load": load_average()}
         print(f"{kind:8s} sustainable {rate:6.0f} req/s; at {args.factor:g}x for {args.seconds:g} s: "
               f"sent {over['sent']} (skipped {over['skipped']}), statuses {over['statuses']}, 503 without "
@@ -240,6 +243,7 @@ def overload(kind: str, run: Path, args: argparse.Namespace, images, expected) -
               f"(target >= 0.9x {'met' if row['answered_ratio'] >= 0.9 else 'MISSED'}); memory {rss0:.0f} -> peak "
               f"{peak:.0f} MB; recovery: first second {100 * row['recovery_first_second_ok']:.0f}% 200, "
               f"5 s {rec['statuses']} p99 {rec['p99_ms']:.0f} ms  (load {row['load']})\n"
+              f"{'':8s} share of a core at the sustainable rate: {cpu_sustained}\n"
               f"{'':8s} share of a core during the overload: {cpu}", flush=True)
         return row
     finally:
