@@ -465,7 +465,7 @@ HAPROXY_QUEUE_S = 0.25        # longest wait in HAProxy's queue for a replica be
 # Attempts after the first for a request whose replica died. With 3, a SIGKILL under 16 clients
 # lost 1-2 requests in 7 of 16 runs (retries used up: HAProxy then closes a kept-alive client
 # connection without an answer, or answers 502), while Serve was reloading HAProxy; with 10,
-# none in 18 runs (docs/serving.md, "A dying replica"). A retry happens only after a failure,
+# none in 23 runs (docs/serving.md, "A dying replica"). A retry happens only after a failure,
 # at once, but a request that itself kills replicas is replayed as many times.
 HAPROXY_RETRIES = 10
 

@@ -46,7 +46,10 @@ class ServeSettings:
     max_batch: int = 256                   # images per request
     max_body_bytes: int = 16 * 1024 * 1024  # request body, before parsing
     request_timeout_s: float = 30.0        # a request waiting longer for the model gets 504
-    max_pending: int = 64                  # inference requests in progress per process; more get 503
+    # inference requests in progress per process; more get 503. 32 (two model batches) over 64:
+    # under 4x overload 0.87-0.90x of the sustainable rate answered against 0.78-0.80x on the
+    # plain server, 0.57-0.70x against 0.53-0.58x with HAProxy (docs/serving.md, "Overload")
+    max_pending: int = 32
     auth_token_sha256: str | None = None   # None: inference routes are open
     admin_token_sha256: str | None = None  # None: /admin/reload is disabled
 
