@@ -364,6 +364,19 @@ def _cmdlines(pids) -> dict[int, list[str]]:
 
 
 
+def _rewritten(config: Path, timeout: float = 10.0) -> str:
+    """HAProxy's config once the launcher has rewritten it. At each reload Serve writes its own
+    version to the same path and starts the launcher, which rewrites it in place: a read in
+    between sees Serve's version (measured: one read in a full test run did)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = config.read_text()
+        if "disable-l7-retry if { path_beg /admin/ }" in text:
+            return text
+        assert time.monotonic() < deadline, f"the launcher never rewrote {config}:\n{text[:2000]}"
+        time.sleep(0.05)
+
+
 def test_kill_9_of_the_process_group_leaves_nothing_listening(mnist_runs, tmp_path):
     """What an OOM kill or a crashed supervisor does: SIGKILL to `dundi serve`'s whole process
     group, so no clean-up runs. HAProxy (the default ingress) must not outlive it holding the
@@ -378,9 +391,8 @@ def test_kill_9_of_the_process_group_leaves_nothing_listening(mnist_runs, tmp_pa
         assert haproxy, f"no haproxy among {sorted(set(procs.values()))}"
         assert listening_ports(haproxy) <= {srv.port}, listening_ports(haproxy)  # never stats or metrics
         config = next(a[i + 1] for a in _cmdlines(haproxy).values() for i, x in enumerate(a) if x == "-f")
-        text = Path(config).read_text()
+        text = _rewritten(Path(config))
         assert "listen stats" not in text and "frontend prometheus" not in text, text[:2000]
-        assert "disable-l7-retry if { path_beg /admin/ }" in text
         os.killpg(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(30)
         left, still = _wait_gone(procs, srv, 30.0)

@@ -99,16 +99,24 @@ def _token_available() -> bool:
 
 
 def enable_local_token_auth(address: str | None) -> bool:
-    """Send this user's Ray token to a cluster on this machine.
+    """Send this user's Ray token to a cluster on this machine that asks for one.
 
     Ray protects clusters with a token (``~/.ray/auth_token``) but enables it in a client only
     when the cluster is found implicitly (no address, or "auto"); a local cluster named by its
-    address (``--address 127.0.0.1:6379`` or a dashboard URL) is treated the same way here.
-    For a remote cluster, set ``RAY_AUTH_MODE=token`` yourself, as Ray asks.
+    address (``--address 127.0.0.1:6379`` or a dashboard URL) is treated the same way here,
+    but only when it refuses a client without a token: a client in token mode on a cluster
+    without tokens connects, and then the cluster cannot reach the client to ask whether its
+    actors are still referenced, so it destroys each actor before it starts (measured: a
+    2-node ``ray.cluster_utils.Cluster``). For a remote cluster, set ``RAY_AUTH_MODE=token``
+    yourself, as Ray asks.
     """
     if "RAY_AUTH_MODE" in os.environ or not is_local_address(address) or not _token_available():
         return False
-    from dundi.distributed.ray_private import enable_token_auth
+    from dundi.distributed.ray_private import cluster_wants_token, enable_token_auth
+
+    target = _host_port(address) if address and "://" not in address else None  # a GCS address
+    if target is not None and cluster_wants_token(f"{target[0]}:{target[1]}") is False:
+        return False
 
     if not enable_token_auth():  # it also refreshes Ray's cached config, read at import
         os.environ["RAY_AUTH_MODE"] = "token"

@@ -74,6 +74,21 @@ def haproxy_binary_path() -> str:
     return get_haproxy_binary()
 
 
+def cluster_wants_token(address: str, timeout_s: float = 5.0) -> Optional[bool]:
+    """Whether the Ray cluster whose GCS is at ``address`` (host:port) refuses a client that
+    sends no token: one GCS call without a token (``ray._raylet.GcsClient``). None when the
+    question cannot be asked (this Ray has no such client, or the GCS did not answer)."""
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:
+        return None
+    try:
+        GcsClient(address=address).internal_kv_keys(b"", None, timeout=timeout_s)
+    except Exception as exc:  # Ray raises its own AuthenticationError class, private too
+        return True if type(exc).__name__ == "AuthenticationError" else None
+    return False
+
+
 def enable_token_auth() -> bool:
     """Turn on Ray's token authentication in this client (refreshing Ray's cached config,
     read at import); False when this Ray has no such switch."""
