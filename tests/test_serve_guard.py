@@ -186,10 +186,9 @@ def _read_head(conn: socket.socket) -> bytes:
     return head
 
 
-def _replica(listener: socket.socket) -> None:
-    """A stand-in replica speaking raw HTTP/1.1, one answer per connection, chosen by path:
-    /routed/cut writes the headers and dies before the body (what a SIGKILL between a
-    replica's two writes leaves), the others answer whole (large, chunked, or HEAD)."""
+def _answer_each(listener: socket.socket, answer) -> None:
+    """A stand-in replica speaking raw HTTP/1.1: one request per connection, answered by
+    ``answer(conn, head)``; connections without a request (health checks) are closed."""
     while True:
         try:
             conn, _ = listener.accept()
@@ -197,17 +196,26 @@ def _replica(listener: socket.socket) -> None:
             return
         with conn:
             head = _read_head(conn)
-            if not head:
-                continue
-            method, path = head.split(b" ")[:2]
-            body = b"x" * 100_000 if path.endswith(b"/large") else b'{"answer": 7}'
-            if path.endswith(b"/chunked"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-                             b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-                continue
-            headers = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" \
-                      b"connection: close\r\n\r\n" % len(body)
-            conn.sendall(headers if path.endswith(b"/cut") or method == b"HEAD" else headers + body)
+            if head:
+                answer(conn, head)
+
+
+def _replica(listener: socket.socket) -> None:
+    """Answers chosen by path: /routed/cut writes the headers and dies before the body (what a
+    SIGKILL between a replica's two writes leaves), the others answer whole (large, chunked,
+    or HEAD)."""
+    def answer(conn: socket.socket, head: bytes) -> None:
+        method, path = head.split(b" ")[:2]
+        body = b"x" * 100_000 if path.endswith(b"/large") else b'{"answer": 7}'
+        if path.endswith(b"/chunked"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                         b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            return
+        headers = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" \
+                  b"connection: close\r\n\r\n" % len(body)
+        conn.sendall(headers if path.endswith(b"/cut") or method == b"HEAD" else headers + body)
+
+    _answer_each(listener, answer)
 
 
 def test_an_answer_cut_short_by_a_dying_replica_becomes_a_503_to_retry(tmp_path):
@@ -240,18 +248,12 @@ def test_threads_capped_at_the_cpus_haproxy_may_use():
 
 def _held_replica(listener: socket.socket, release: threading.Event, served: list) -> None:
     """A stand-in replica that answers one request at a time, each once ``release`` is set."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            head = _read_head(conn)
-            if not head:
-                continue  # a health check
-            release.wait(30)
-            served.append(head.split(b" ")[1])
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+    def answer(conn: socket.socket, head: bytes) -> None:
+        release.wait(30)
+        served.append(head.split(b" ")[1])
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+
+    _answer_each(listener, answer)
 
 
 def test_a_full_queue_refuses_at_once_and_unlogged(tmp_path):
