@@ -155,40 +155,28 @@ def test_a_killed_worker_costs_at_most_the_epoch_in_progress(ray_local, tmp_path
     assert not _alive(victim) and victim not in [n["pid"] for n in meta["ray"]["nodes"]]
 
 
-CLUSTER_SCRIPT = r"""
-import json, sys
-from ray.cluster_utils import Cluster
+TRAIN_ON_TWO_NODES = """
 from dundi.distributed.ray_init import init_ray
 from dundi.distributed.train_job import RayOptions, run_ray_training
 from dundi.training.config import TrainConfig
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
-try:
-    init_ray(cluster.address, log_to_driver=False)
-    cfg = TrainConfig("mnist-10k", "lenet5", epochs=1, tuples=3000)
-    meta = run_ray_training("dundi", cfg, sys.argv[1], RayOptions(
-        workers=2, address=cluster.address, oracles=10, data_dir=sys.argv[2] or None, progress=False))
-    print("RESULT " + json.dumps(meta["ray"]))
-finally:
-    import ray
-    ray.shutdown()
-    cluster.shutdown()
+init_ray(cluster.address, log_to_driver=False)
+cfg = TrainConfig("mnist-10k", "lenet5", epochs=1, tuples=3000)
+meta = run_ray_training("dundi", cfg, sys.argv[1], RayOptions(
+    workers=2, address=cluster.address, oracles=10, data_dir=sys.argv[2] or None, progress=False))
+result = meta["ray"]
 """
 
 
 def test_two_node_cluster(tmp_path, data_dir):
     """A real 2-node cluster (ray.cluster_utils.Cluster, one CPU per node), in a subprocess so
     it does not meet the session's local Ray."""
+    from two_node import on_two_nodes
+
     from dundi.run.directory import Run
 
     out = tmp_path / "twonode"
-    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(out), data_dir],
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    facts = json.loads(lines[-1][len("RESULT "):])
+    facts = on_two_nodes(TRAIN_ON_TWO_NODES, str(out), data_dir)
     assert facts["workers"] == 2
     assert len({n["node"] for n in facts["nodes"]}) == 2, facts["nodes"]  # one worker per node
     run = Run.load(out)

@@ -76,23 +76,13 @@ def test_ray_workers_run_side_by_side_and_give_the_local_rows(slow_cfg, ray_loca
     assert rows_by_key(read_results(tmp_path / "ray")) == rows_by_key(read_results(tmp_path / "local"))
 
 
-TWO_NODE_SCRIPT = r"""
-import json, sys
-from ray.cluster_utils import Cluster
+EVALUATE_ON_TWO_NODES = """
 from dundi.distributed.evaluate_job import evaluate_on_ray
 from dundi.evaluation.evaluate import EvalConfig
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
-try:
-    cfg = EvalConfig(**json.loads(sys.argv[1]))
-    timing = evaluate_on_ray(cfg, sys.argv[2], address=cluster.address, progress=False, log=lambda s: None)
-    print("RESULT " + json.dumps({k: timing[k] for k in ("node_count", "workers", "shards_run")}))
-finally:
-    import ray
-    ray.shutdown()
-    cluster.shutdown()
+timing = evaluate_on_ray(EvalConfig(**json.loads(sys.argv[1])), sys.argv[2], address=cluster.address,
+                         progress=False, log=lambda s: None)
+result = {k: timing[k] for k in ("node_count", "workers", "shards_run")}
 """
 
 
@@ -103,13 +93,10 @@ def test_a_two_node_cluster_gives_the_local_rows(slow_cfg, tmp_path):
     it does not meet the session's local Ray), reached by its address: one actor per node,
     and the rows those two nodes write are the rows one process writes."""
     cfg = dataclasses.replace(slow_cfg, steps=10, limit=16)
+    from two_node import on_two_nodes
+
     out = tmp_path / "two-node"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT, json.dumps(dataclasses.asdict(cfg)), str(out)],
-                          capture_output=True, text=True, timeout=DEADLINE_S, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    facts = json.loads(lines[-1][len("RESULT "):])
+    facts = on_two_nodes(EVALUATE_ON_TWO_NODES, json.dumps(dataclasses.asdict(cfg)), str(out), timeout=DEADLINE_S)
     assert facts == {"node_count": 2, "workers": 2, "shards_run": 2}, facts
     evaluate_local(cfg, tmp_path / "local", progress=False, log=lambda s: None)
     assert rows_by_key(read_results(out)) == rows_by_key(read_results(tmp_path / "local"))

@@ -21,6 +21,8 @@ import httpx
 import numpy as np
 import pytest
 
+from dundi.distributed.haproxy_guard import NO_ADMIN_RETRY
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,7 +373,7 @@ def _rewritten(config: Path, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
         text = config.read_text()
-        if "disable-l7-retry if { path_beg /admin/ }" in text:
+        if NO_ADMIN_RETRY in text:  # a line only the launcher writes
             return text
         assert time.monotonic() < deadline, f"the launcher never rewrote {config}:\n{text[:2000]}"
         time.sleep(0.05)
