@@ -58,7 +58,7 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
                         "else the CPU), cpu, cuda or cuda:N (default %(default)s; Ray workers: --gpu)")
     if not native:
         _add_triplet_args(p, d)
-        _add_certified_args(p, d)
+    _add_certified_args(p, d, native)
     _add_adversarial_args(p, d)
     _add_ray_args(p)
     _add_common(p)
@@ -87,11 +87,14 @@ def _add_triplet_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
                         "(certifiable; the default with --certified)")
 
 
-def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
-    cert = p.add_argument_group("certified training (interval bounds through the embedding; "
+def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace, native: bool) -> None:
+    cert = p.add_argument_group("certified training (interval bounds through the network; "
                                 "docs/certification.md)")
     cert.add_argument("--certified", action="store_true",
-                      help="train so that `dundi certify` can prove answers robust (sets --metric sqeuclidean)")
+                      help=("train the softmax IBP baseline (Gowal et al. 2018: elided last layer, the "
+                            "same batches and schedule as certified DunDi) that `dundi certify` can prove"
+                            if native else "train so that `dundi certify` can prove answers robust "
+                            "(sets --metric sqeuclidean)"))
     cert.add_argument("--cert-eps", type=unit_float, default=d.cert_eps,
                       help="L-inf budget of the worst-case loss (default %(default)s)")
     cert.add_argument("--cert-mix", type=fraction, default=d.cert_mix,

@@ -31,11 +31,14 @@ Box = tuple[torch.Tensor, torch.Tensor]
 def layers_of(net: nn.Module) -> list[nn.Module]:
     """The network as a flat list of leaf layers in forward order.
 
-    A Distance NN is ``backbone`` (an ``nn.Sequential``) then ``embedding.net``; a plain
+    A Distance NN is ``backbone`` (an ``nn.Sequential``) then ``embedding.net``, a native
+    network ``features`` then ``head``; a plain
     ``nn.Sequential`` is flattened recursively. Anything else must be a single leaf layer.
     """
     if hasattr(net, "backbone") and hasattr(net, "embedding"):
         return layers_of(net.backbone) + layers_of(net.embedding.net)
+    if hasattr(net, "features") and hasattr(net, "head"):  # a native softmax network
+        return layers_of(net.features) + [net.head]
     if isinstance(net, nn.Sequential):
         return [leaf for child in net for leaf in layers_of(child)]
     return [net]

@@ -28,8 +28,14 @@ class NativeNet(nn.Module):
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Logits; with ``box`` (lower, upper input bounds) also interval bounds on the
+        features entering ``head``, for certified training (as :class:`DistanceNet`)."""
+        logits = self.head(self.features(x))
+        if box is None:
+            return logits
+        h_lo, h_hi = propagate(split_last_linear(self)[0], *box)
+        return logits, h_lo, h_hi
 
 
 def _flat_dim(features: nn.Module, in_shape: tuple[int, int, int]) -> int:
@@ -111,6 +117,11 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Sequential]] = {
 }
 
 
+# Backbones certified training accepts: no batch norm, whose training-mode statistics
+# depend on the batch and so have no fixed interval rule while training (vgg16 has it).
+CERTIFIABLE = ("cnn-ibp", "cnn-ibp-medium", "lenet1", "lenet4", "lenet5")
+
+
 def _features(arch: str, in_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
     if arch not in ARCHITECTURES:
         from dundi.errors import DundiError
@@ -120,9 +131,17 @@ def _features(arch: str, in_shape: tuple[int, int, int]) -> tuple[nn.Module, int
     return features, _flat_dim(features, in_shape)  # also materialises lazy layers
 
 
-def build_native(arch: str, in_shape: tuple[int, int, int], num_classes: int) -> NativeNet:
-    """A native softmax classifier of the given architecture (returns logits)."""
+def build_native(arch: str, in_shape: tuple[int, int, int], num_classes: int,
+                 hidden: int | None = None) -> NativeNet:
+    """A native softmax classifier of the given architecture (returns logits).
+
+    ``hidden`` adds one ReLU layer of that width before the logits: the certified softmax
+    baseline (``train-native --certified``) is then the Distance NN's own network -- backbone,
+    the Embedding module's hidden layer -- with a C-way logit layer where DunDi has its
+    embedding layer and oracle database, so the two compare on equal terms."""
     features, dim = _features(arch, in_shape)
+    if hidden is not None:
+        features, dim = nn.Sequential(features, nn.Linear(dim, hidden), nn.ReLU()), hidden
     return NativeNet(features, dim, num_classes)
 
 

@@ -118,7 +118,7 @@ def update_meta(run_dir: str | os.PathLike, **fields: Any) -> dict:
 def build_from_meta(meta: dict) -> nn.Module:
     shape = tuple(meta["in_shape"])
     if meta["kind"] == "native":
-        return build_native(meta["arch"], shape, meta["num_classes"])
+        return build_native(meta["arch"], shape, meta["num_classes"], hidden=meta.get("hidden"))
     if meta["kind"] == "dundi":
         pretrained = build_native(meta["arch"], shape, meta["num_classes"]) if meta["mode"] == "P" else None
         return build_distance_net(meta["arch"], shape, meta["embed_dim"], pretrained=pretrained)
@@ -413,9 +413,18 @@ class Run:
 
     def certifier(self, rule: TwoStepRule | None = None):
         """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
-        whose rule uses the squared Euclidean distance can be certified (train with --certified)."""
+        whose rule uses the squared Euclidean distance can be certified (train with --certified).
+        A native run gets a :class:`dundi.robustness.native_certificate.SoftmaxCertifier` for
+        the argmax of its logits (``rule`` may only give k, which does not change the answer)."""
         from dundi.robustness.certificate import Certifier
 
+        if self.meta["kind"] == "native":
+            from dundi.robustness.native_certificate import SoftmaxCertifier
+
+            if rule is not None and (rule.n is not None or rule.m is not None or rule.metric is not None):
+                raise DundiError(f"{self.path} is a native run: it has no oracles, so n, m and the metric "
+                                 f"do not apply; omit them (its answer is the argmax of its logits)")
+            return SoftmaxCertifier(self.model)
         if self.oracle is None:
             raise DundiError(f"{self.path} has no oracle index: only DunDi runs can be certified")
         if self.oracle.metric != "sqeuclidean":

@@ -22,7 +22,7 @@ from torch import nn
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
 from dundi.nets.inference import accuracy, forward_batched
-from dundi.nets.models import build_distance_net, build_native
+from dundi.nets.models import EMBED_HIDDEN, build_distance_net, build_native
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
 from dundi.run.directory import (
@@ -71,6 +71,8 @@ def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
     spec = _spec(cfg.dataset)
     kept = kept_classes(cfg, spec.num_classes)
     holdout = {"dataset_classes": kept.tolist()} if cfg.holdout_classes else {}
+    if kind == "native" and native_hidden(cfg) is not None:  # how build_from_meta rebuilds it
+        extra = {"hidden": native_hidden(cfg), **extra}
     return {"kind": kind, "arch": cfg.arch, "dataset": cfg.dataset, "in_shape": list(spec.shape),
             "num_classes": len(kept), **holdout, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
             **extra}
@@ -157,11 +159,18 @@ def _finish(out: Path, model: nn.Module, meta: dict) -> dict:
     return saved
 
 
+def native_hidden(cfg: TrainConfig) -> int | None:
+    """The hidden layer of a certified native run: the width certified DunDi's Embedding
+    module has on this backbone, so the softmax IBP baseline is the same network up to its
+    last layer (None: the paper's native models, logits straight from the features)."""
+    return EMBED_HIDDEN.get(cfg.arch, 256) if cfg.certified else None
+
+
 def new_native_net(cfg: TrainConfig) -> nn.Module:
     """A native model with weights initialised from ``cfg.seed`` (the same on every machine)."""
     spec = _spec(cfg.dataset)
     torch.manual_seed(cfg.seed)
-    return build_native(cfg.arch, spec.shape, spec.num_classes)
+    return build_native(cfg.arch, spec.shape, spec.num_classes, hidden=native_hidden(cfg))
 
 
 def new_distance_net(cfg: TrainConfig, pretrained: str | os.PathLike | None) -> tuple[nn.Module, dict]:
@@ -274,10 +283,9 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRul
         if not 0 < e <= 1:
             raise DundiError(f"--eps {e} is outside (0, 1]: L-inf radii are on [0, 1] pixels")
     run = Run.load(run_dir)
-    if run.oracle is None:
-        raise DundiError(f"{run_dir} is a native run: certify a DunDi run (dundi train --certified)")
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
-    rule = run.oracle.resolve(rule)
+    native = run.meta["kind"] == "native"
+    rule = rule if native else run.oracle.resolve(rule)
     certifier = run.certifier(rule)
     t0 = time.time()
     answers = run.classify(images, rule).labels
@@ -287,10 +295,15 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRul
         raise DundiError("internal error: a certified image is misclassified by the served rule; "
                          "please report it with the run")
     figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
-               "run": Path(run_dir).name, "n": rule.n, "m": rule.m, "k": rule.k, "metric": rule.metric,
-               "step1": run.oracle.step1_kind(rule), "clean_accuracy": accuracy(answers, labels),
-               "certified_accuracy": {f"{e:g}": float(certified[:, i].mean()) for i, e in enumerate(eps)}}
-    figures.update(_served_certified(run, certifier, images, labels, eps, rule))
+               "run": Path(run_dir).name, "kind": run.meta["kind"]}
+    if native:
+        figures["rule"] = "argmax of the logits"
+    else:
+        figures.update(n=rule.n, m=rule.m, k=rule.k, metric=rule.metric, step1=run.oracle.step1_kind(rule))
+    figures.update(clean_accuracy=accuracy(answers, labels),
+                   certified_accuracy={f"{e:g}": float(certified[:, i].mean()) for i, e in enumerate(eps)})
+    if not native:
+        figures.update(_served_certified(run, certifier, images, labels, eps, rule))
     return {**figures, "seconds": round(time.time() - t0, 2)}
 
 

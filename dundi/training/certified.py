@@ -50,6 +50,14 @@ def oracle_head(emb: torch.Tensor, labels: torch.Tensor, num_classes: int
     return 2 * sig / cnt[..., None], -nus / cnt
 
 
+def elided_margins(g: torch.Tensor, offset: torch.Tensor, h_lo: torch.Tensor, h_hi: torch.Tensor
+                   ) -> torch.Tensor:
+    """Exact upper bounds over the box [h_lo, h_hi] of the (B, C) margins g·h + offset:
+    IBP's elided last layer, where the last layer is folded into the logit differences."""
+    centre, radius = (h_hi + h_lo) / 2, (h_hi - h_lo) / 2
+    return (g @ centre[:, :, None]).squeeze(-1) + offset + (g.abs() @ radius[:, :, None]).squeeze(-1)
+
+
 def worst_case_logits(h_lo: torch.Tensor, h_hi: torch.Tensor, last: nn.Linear, weights: torch.Tensor,
                       biases: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Upper bounds of logit_c − logit_y over the box of the penultimate activations h (the
@@ -57,10 +65,28 @@ def worst_case_logits(h_lo: torch.Tensor, h_hi: torch.Tensor, last: nn.Linear, w
     rows = torch.arange(len(labels), device=labels.device)
     diff_w = weights - weights[rows, labels][:, None, :]                 # (B, C, D)
     diff_b = biases - biases[rows, labels][:, None]                      # (B, C)
-    g = diff_w @ last.weight                                             # (B, C, H)
-    centre, radius = (h_hi + h_lo) / 2, (h_hi - h_lo) / 2
-    value = (g @ centre[:, :, None]).squeeze(-1) + diff_w @ last.bias + diff_b
-    return value + (g.abs() @ radius[:, :, None]).squeeze(-1)
+    return elided_margins(diff_w @ last.weight, diff_w @ last.bias + diff_b, h_lo, h_hi)
+
+
+def softmax_worst_case_logits(h_lo: torch.Tensor, h_hi: torch.Tensor, head: nn.Linear,
+                              labels: torch.Tensor) -> torch.Tensor:
+    """The same bounds for a softmax network whose logits are head(h) (Gowal et al. 2018)."""
+    w, b = head.weight, head.bias
+    return elided_margins(w[None] - w[labels][:, None], b[None] - b[labels][:, None], h_lo, h_hi)
+
+
+def _mixed(logits: torch.Tensor, worst: torch.Tensor | None, labels: torch.Tensor, mix: float
+           ) -> tuple[torch.Tensor, dict]:
+    """(1 − mix) · CE(clean) + mix · CE(worst case) -- IBP's κ-schedule with κ = 1 − mix --
+    and the batch's clean and certified accuracy."""
+    loss = nn.functional.cross_entropy(logits, labels)
+    stats = {"clean": (logits.argmax(1) == labels).float().mean().item()}
+    if worst is not None:
+        loss = (1 - mix) * loss + mix * nn.functional.cross_entropy(worst, labels)
+        others = worst.detach().clone()
+        others[torch.arange(len(labels), device=labels.device), labels] = -torch.inf
+        stats["certified"] = (others.amax(1) < 0).float().mean().item()
+    return loss, stats
 
 
 def certified_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -74,15 +100,20 @@ def certified_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.T
     emb = out[0] if robust else out
     weights, biases = oracle_head(emb, labels, num_classes)
     logits = (weights @ emb[:, :, None]).squeeze(-1) + biases
-    loss = nn.functional.cross_entropy(logits, labels)
-    stats = {"clean": (logits.argmax(1) == labels).float().mean().item()}
-    if robust:
-        worst = worst_case_logits(out[1], out[2], last, weights, biases, labels)
-        loss = (1 - mix) * loss + mix * nn.functional.cross_entropy(worst, labels)
-        others = worst.detach().clone()
-        others[torch.arange(len(labels), device=labels.device), labels] = -torch.inf
-        stats["certified"] = (others.amax(1) < 0).float().mean().item()
-    return loss, stats
+    worst = worst_case_logits(out[1], out[2], last, weights, biases, labels) if robust else None
+    return _mixed(logits, worst, labels, mix)
+
+
+def softmax_certified_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                                 num_classes: int, eps: float, mix: float) -> tuple[torch.Tensor, dict]:
+    """The same loss for a native softmax network (IBP, Gowal et al. 2018): the baseline that
+    certified DunDi is measured against on equal terms (same batches, schedule and bounds)."""
+    _, head = split_last_linear(getattr(model, "module", model))
+    robust = eps > 0 and mix > 0
+    out = model(images, box=input_box(images, eps)) if robust else model(images)
+    logits = out[0] if robust else out
+    worst = softmax_worst_case_logits(out[1], out[2], head, labels) if robust else None
+    return _mixed(logits, worst, labels, mix)
 
 
 def balanced_batches(labels: np.ndarray, per_class: int, epoch: int, seed: int) -> list[np.ndarray]:
@@ -104,5 +135,6 @@ def schedule(epoch_progress: float, warmup: float, ramp: float, eps: float, mix:
     return eps * t, mix * t
 
 
-__all__ = ["class_statistics", "oracle_head", "worst_case_logits", "certified_batch_loss",
+__all__ = ["class_statistics", "oracle_head", "elided_margins", "worst_case_logits",
+           "softmax_worst_case_logits", "certified_batch_loss", "softmax_certified_batch_loss",
            "balanced_batches", "schedule"]

@@ -81,6 +81,11 @@ class TrainConfig:
         if self.adv_warmup < 0:
             raise DundiError(f"adv_warmup must be 0 or more epochs, got {self.adv_warmup}")
         if self.certified:
+            from dundi.nets.models import CERTIFIABLE
+
+            if self.arch not in CERTIFIABLE:
+                raise DundiError(f"--certified needs a backbone interval bounds can train through: "
+                                 f"{self.arch} is not one (choose {', '.join(CERTIFIABLE)})")
             if self.metric != "sqeuclidean":
                 raise DundiError("certified training certifies the squared-Euclidean rule: "
                                  "use --metric sqeuclidean (the --certified default)")

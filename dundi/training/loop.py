@@ -130,7 +130,7 @@ class EpochPlan:
         self.num_classes = int(labels.max()) + 1
         self.x = torch.as_tensor(images).to(worker.device)
         self.y = torch.as_tensor(labels).to(worker.device)
-        self.certified = kind == "dundi" and cfg.certified
+        self.certified = cfg.certified  # DunDi, or the softmax IBP baseline (native)
         # DDP needs the same number of steps on every worker: each takes the smallest share
         if self.certified:
             own = len(balanced_batches(labels, self.wcfg.cert_per_class, 0, cfg.seed))
@@ -151,7 +151,8 @@ class EpochPlan:
         progress = progress and worker.rank == 0
         if self.certified:
             return run_certified_epoch(model, optimizer, self.x, self.y, self.wcfg, epoch, progress, desc,
-                                       rank=worker.rank, steps=self.steps, num_classes=self.num_classes)
+                                       rank=worker.rank, steps=self.steps, num_classes=self.num_classes,
+                                       kind=self.kind)
         ecfg = epoch_config(self.wcfg, epoch)
         gen = adversarial_generator(cfg, epoch, worker.rank)
         if self.kind == "dundi":

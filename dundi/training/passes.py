@@ -22,7 +22,12 @@ from dundi.training.adversarial import (
     class_prototypes,
     prototype_distances,
 )
-from dundi.training.certified import balanced_batches, certified_batch_loss, schedule
+from dundi.training.certified import (
+    balanced_batches,
+    certified_batch_loss,
+    schedule,
+    softmax_certified_batch_loss,
+)
 from dundi.training.config import TrainConfig, json_config, with_defaults  # noqa: F401 (re-exported)
 from dundi.training.losses import distance, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.training.tuples import sample_tuples
@@ -248,10 +253,11 @@ def certified_lr_factor(epoch: int, epochs: int) -> float:
 def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                         labels: torch.Tensor, cfg: TrainConfig, epoch: int, progress: bool = True,
                         desc: str = "certified", rank: int = 0, steps: int | None = None,
-                        num_classes: int | None = None) -> dict[str, float]:
+                        num_classes: int | None = None, kind: str = "dundi") -> dict[str, float]:
     """One pass of certified training (:mod:`dundi.training.certified`) over class-balanced
     batches of this process's images. ``steps`` caps the batches (data-parallel workers must
-    take the same number); eps and the loss mix follow the schedule within the epoch too."""
+    take the same number); eps and the loss mix follow the schedule within the epoch too.
+    ``kind`` "native" trains the softmax IBP baseline on the very same batches and schedule."""
     model.train()
     for group in optimizer.param_groups:  # step decay: a function of the epoch, so resumes agree
         group["lr"] = cfg.lr * certified_lr_factor(epoch, cfg.epochs)
@@ -264,7 +270,8 @@ def run_certified_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, imag
         eps, mix = schedule(epoch + i / len(batches), cfg.cert_warmup, cfg.cert_ramp, cfg.cert_eps,
                             cfg.cert_mix)
         idx = torch.from_numpy(batch).to(images.device)
-        loss, stats = certified_batch_loss(model, images[idx], labels[idx], num_classes, eps, mix)
+        batch_loss = softmax_certified_batch_loss if kind == "native" else certified_batch_loss
+        loss, stats = batch_loss(model, images[idx], labels[idx], num_classes, eps, mix)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
