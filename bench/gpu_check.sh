@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (a few minutes on one GPU): the `gpu` tests, a DunDi-AT run through the CLI on
-# the GPU, then the GPU side of the benchmarks (bench/gpu.py: CPU vs GPU in one run, ratios).
+# the GPU, the GPU side of the benchmarks (bench/gpu.py: CPU vs GPU in one run, ratios), then
+# the certified recipe at CNN7 size (bench/gpu_certified.sh, under 8 minutes).
 # Record its output, with the date and the GPU, in docs/gpu.md.
 #
 #   bash bench/gpu_check.sh            # PYTHON=... to pick the interpreter (default: python3)
@@ -25,4 +26,7 @@ rm -rf "$out"
 echo "== bench/gpu.py (the CLI's defaults: batch 128; then large batches, where a GPU pays)"
 $PY bench/gpu.py || rc=1
 $PY bench/gpu.py --batch 1024 --tuples 32768 --images 4096 || rc=1
+
+echo "== bench/gpu_certified.sh (CNN7 certified DunDi and softmax IBP on full MNIST, certified)"
+time PYTHON=$PY bash bench/gpu_certified.sh || rc=1
 exit $rc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ARCHITECTURES: tuple[str, ...] = ("lenet1", "lenet4", "lenet5", "cnn-ibp", "cnn-ibp-medium", "vgg16")  # dundi.nets.models
+ARCHITECTURES: tuple[str, ...] = ("lenet1", "lenet4", "lenet5", "cnn-ibp", "cnn-ibp-medium", "cnn7", "vgg16")  # dundi.nets.models
 DATASETS: tuple[str, ...] = ("mnist", "mnist-10k", "fashion-mnist", "cifar10")  # dundi.data.specs
 SPLITS: tuple[str, ...] = ("train", "test")                                   # dundi.data.specs
 LOSSES: tuple[str, ...] = ("sigmoid", "margin")                               # dundi.training.losses

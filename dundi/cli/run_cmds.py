@@ -40,7 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     d = SimpleNamespace(**choices.TRAIN_DEFAULTS)
     p.add_argument("--dataset", default=d.dataset, choices=choices.DATASETS, help="dataset to train on")
     p.add_argument("--model", "--backbone", dest="arch", default=d.arch, choices=choices.ARCHITECTURES,
-                   help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp | cnn-ibp-medium (the DNN "
+                   help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp | cnn-ibp-medium | cnn7 (the DNN "
                         "module; the cnn-ibp ones are built for --certified)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training data")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
