@@ -244,6 +244,104 @@ def _at_full(root: Path) -> str:
     return _table([f"Model (one seed)", f"Clean (these {n:,})", "AutoAttack robust accuracy, L∞ 0.3 [95% CI] (count)"], rows)
 
 
+def _linf_worst(evaluation: dict[str, Any], threat: str, eps: float, key: str = "robust_accuracy") -> float:
+    """Robust accuracy under every L∞ attack up to eps, per sample (the report's worst case);
+    key "native_robust_accuracy": the native model's, white-box on its own logits."""
+    for row in evaluation["worst_case"]:
+        if row["threat"] == threat and row["norm"] == "Linf" and row["eps"] is not None and abs(row["eps"] - eps) < 1e-9:
+            return row[key]
+    raise DundiError(f"published figures: no L∞ worst case for {threat} at eps {eps} in {evaluation['model']}")
+
+
+def _threat_grid(root: Path, dataset_dir: str, models: tuple[str, ...], grid: tuple[float, ...],
+                 native_of: str) -> str:
+    """Robust accuracy per threat model along the eps grid, worst case per sample over every
+    L∞ attack up to eps (PGD-40 CE and margin, and at the paper's eps its attacks); the last row
+    is native_of's native LeNet-5 under the same attacks white-box on its own logits."""
+    report = _json(root, f"{dataset_dir}/report.json")
+    eps_text = " / ".join(f"{e:g}" for e in grid)
+
+    def curve(evaluation: dict[str, Any], threat: str, key: str = "robust_accuracy") -> str:
+        return " / ".join(f"{100 * _linf_worst(evaluation, threat, e, key) + 1e-9:.1f}" for e in grid) + "%"
+
+    rows = []
+    for name in models:
+        evaluation = _paper_model(report, name)
+        rows.append([name, pct(evaluation["clean_accuracy"]["dundi"], 1),
+                     *[curve(evaluation, threat) for threat in ("adaptive", "feature", "transfer")]])
+    native = _paper_model(report, native_of)
+    rows.append([f"Native LeNet-5 (of {native_of}), white-box", pct(native["clean_accuracy"]["native"], 1),
+                 curve(native, "transfer", "native_robust_accuracy"), "", ""])
+    n = report["evaluations"][0]["clean_accuracy"]["count"]
+    header = [f"Model ({n:,} images)", "clean", f"adaptive eps {eps_text}", f"feature eps {eps_text}",
+              f"transfer eps {eps_text}"]
+    return _table(header, rows)
+
+
+def _table2(root: Path) -> str:
+    """The paper's Table 2: DunDi_R1 against the number of training tuples (one pass each)."""
+    paper = _json(root, "paper.json")["table2_mnist_r1"]
+    accuracy = {line["run"].rsplit("/", 1)[-1]: line["accuracy"]
+                for line in _jsonl(root, "mnist-10k/table1_full_test.jsonl") if line.get("n") == 20}
+    report = _json(root, "mnist-10k/report.json")
+    runs = [f"R1-tuples{t}" if t != 360000 else "R1" for t in paper["tuples"]]
+    success = []
+    for run in runs:
+        evaluation = next(e for e in report["evaluations"] if e["model"].endswith(f", {run})"))
+        values = [report["fig6"][evaluation["model"]][key] for key, _ in PAPER_ATTACKS]
+        success.append(sum(values) / len(values))
+    rows = [["Accuracy (whole test split, n = 20), here", *[pct(accuracy[r]) for r in runs]],
+            ["Accuracy, paper", *[f"{x}%" for x in paper["accuracy"]]],
+            ["Defense success (500 images, mean of 4 attacks), here", *[pct(x, 1) for x in success]],
+            ["Defense success, paper", *[f"{x:.2f}%" for x in paper["defense_success"]]]]
+    return _table(["Tuples", *[f"{t:,}" for t in paper["tuples"]]], rows)
+
+
+AT_MODELS = (("DunDi-AT_R3, AT5 (30K tuples × 6)", "(30000 tuples, AT5)"),
+             ("DunDi-AT_R3, AT5-long (60K tuples × 6)", "(60000 tuples, AT5-long)"))
+
+
+def _at_transfer(root: Path) -> str:
+    """DunDi-AT under the transfer protocol, crafted on the plain native LeNet-5."""
+    at = _json(root, "at/report.json")
+    plain = _json(root, "mnist-10k/report.json")
+    rows = []
+    for label, report, model in [("DunDi_R3 (plain)", plain, _paper_model(plain, "DunDi_R3")["model"]),
+                                 *[(label, at, _evaluation(at, part)["model"]) for label, part in AT_MODELS]]:
+        values = [report["fig6"][model][key] for key, _ in PAPER_ATTACKS]
+        rows.append([label, *[pct(v, 1) for v in values], pct(sum(values) / len(values), 1)])
+    return _table(["Model (500 images, one seed)", *[label for _, label in PAPER_ATTACKS], "Average"], rows)
+
+
+def _at_robust(root: Path) -> str:
+    """DunDi-AT against the Madry-style model at eps 0.3: each attack and the per-sample worst case."""
+    at = _json(root, "at/report.json")
+    plain = _paper_model(_json(root, "mnist-10k/report.json"), "DunDi_R3")
+    attacks = ("pgd[loss=ce,restarts=5,steps=100]", "pgd[loss=margin,restarts=5,steps=100]",
+               "pgd[alpha=0.01,loss=margin,steps=1000]", "square[steps=2000]")
+
+    def cells(evaluation: dict[str, Any], threat: str, native: bool) -> list[str]:
+        key = "native_robust_accuracy" if native else "robust_accuracy"
+        rates = [_attack(evaluation, a, threat, 0.3)[key] for a in attacks]
+        worst = next(w for w in evaluation["worst_case"] if w["threat"] == threat and w["eps"] == 0.3)[key]
+        return [f"{pct(rates[0], 1)[:-1]} / {pct(rates[1], 1)}", pct(rates[2], 1), pct(rates[3], 1),
+                f"**{pct(worst, 1)}**"]
+
+    n = plain["clean_accuracy"]["count"]
+    plain_worst = _linf_worst(plain, "adaptive", 0.3)
+    madry = _evaluation(at, "madry5")
+    rows = [["Native LeNet-5 (plain), white-box PGD-40", pct(plain["clean_accuracy"]["native"], 1), "", "", "",
+             f"**{pct(_linf_worst(plain, 'transfer', 0.3, 'native_robust_accuracy'), 1)}**"],
+            ["DunDi_R3 (plain), adaptive PGD-40", pct(plain["clean_accuracy"]["dundi"], 1), "", "", "", f"**{pct(plain_worst, 1)}**"],
+            ["Madry-AT LeNet-5, white-box", pct(madry["clean_accuracy"]["native"], 1), *cells(madry, "transfer", True)]]
+    for label, part in AT_MODELS:
+        evaluation = _evaluation(at, part)
+        rows.append([f"{label}, adaptive", pct(evaluation["clean_accuracy"]["dundi"], 1), *cells(evaluation, "adaptive", False)])
+    rows.append([f"{AT_MODELS[1][0]}, feature", "", *cells(_evaluation(at, AT_MODELS[1][1]), "feature", False)])
+    return _table([f"Model ({n} images, one seed)", "clean", "PGD-100×5 CE / margin", "PGD-1000", "Square",
+                   "**worst case**"], rows)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "autoattack": _autoattack,
     "table1-mnist-10k": lambda root: _table1(root, "mnist-10k"),
@@ -254,6 +352,11 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "certified-full-curve": _certified_curve,
     "certified-proof-and-attack": _proof_and_attack,
     "at-full": _at_full,
+    "table2-mnist-10k": _table2,
+    "threats-mnist-10k": lambda root: _threat_grid(root, "mnist-10k", ("DunDi_R1", "DunDi_R2", "DunDi_R3", "DunDi_P1", "DunDi_P2", "DunDi_P3"), (0.05, 0.1, 0.2, 0.3), "DunDi_R3"),
+    "threats-fashion-mnist": lambda root: _threat_grid(root, "fashion-mnist", ("DunDi_R3", "DunDi_P3"), (0.025, 0.05, 0.1, 0.2), "DunDi_R3"),
+    "at-transfer": _at_transfer,
+    "at-robust": _at_robust,
 }
 
 
