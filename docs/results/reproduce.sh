@@ -293,6 +293,8 @@ EOF
          "CERT_AA_LIMIT=${CERT_AA_LIMIT:-300} and the whole split (certified); AA_FULL_LIMIT=${AA_FULL_LIMIT:-2000} (at-full);" \
          "Table 1 and dundi certify: the whole test split"
   } > "$DOCS/environment.txt"
+  # the published tables (README.md, docs/results/**/README.md) from the reports just written
+  if [[ "$DOCS" == docs/results ]]; then python -m dundi.evaluation.figures; fi
 }
 
 for stage in $STAGES; do

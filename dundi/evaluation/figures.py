@@ -34,6 +34,7 @@ BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /f
 PAPER_NAMES = {"native1": "Native Model1 (LeNet-1)", "native4": "Native Model2 (LeNet-4)",
                "native5": "Native Model3 (LeNet-5)", "R1": "DunDi_R1", "R4": "DunDi_R2",
                "R5": "DunDi_R3", "P1": "DunDi_P1", "P4": "DunDi_P2", "P5": "DunDi_P3"}
+SIX = ("DunDi_R1", "DunDi_R2", "DunDi_R3", "DunDi_P1", "DunDi_P2", "DunDi_P3")
 PAPER_ATTACKS = (("fgsm@0.3", "FGSM"), ("ifgsm-a@0.3", "iFGSM-a"), ("ifgsm-b@0.3", "iFGSM-b"),
                  ("jsma@0.1", "JSMA"))
 
@@ -152,8 +153,9 @@ def _autoattack(root: Path) -> str:
     return _table(header, rows)
 
 
-def _table1(root: Path, dataset_dir: str, paper: bool = True) -> str:
-    """The paper's Table 1: accuracy on the whole test split at n = 1, 10, 20."""
+def _table1(root: Path, dataset_dir: str, runs: tuple[str, ...] = tuple(PAPER_NAMES), paper: bool = True) -> str:
+    """The paper's Table 1: accuracy on the whole test split at n = 1, 10, 20 (runs: the run
+    directory names, native1/4/5, R1/4/5, P1/4/5; paper: beside the paper's MNIST figures)."""
     lines = _jsonl(root, f"{dataset_dir}/table1_full_test.jsonl")
     published = _json(root, "paper.json")["table1_mnist"]
     by_run: dict[str, dict[int, float]] = {}
@@ -163,8 +165,8 @@ def _table1(root: Path, dataset_dir: str, paper: bool = True) -> str:
         by_run.setdefault(name, {})[line.get("n", 1)] = line["accuracy"]
         count_of(line["accuracy"], line["count"])
     rows = []
-    for name, label in PAPER_NAMES.items():
-        acc = by_run[name]
+    for name in runs:
+        label, acc = PAPER_NAMES[name], by_run[name]
         cells = [pct(acc[n]) if n in acc else "" for n in (1, 10, 20)]
         paper_cell = " / ".join(f"{x}" for x in published[name]) + "%"
         rows.append([label, *cells] + ([paper_cell] if paper else []))
@@ -181,25 +183,28 @@ def _paper_model(report: dict[str, Any], name: str) -> dict[str, Any]:
     return found[0]
 
 
-def _fig6(root: Path, dataset_dir: str) -> str:
+def _fig6(root: Path, dataset_dir: str, models: tuple[str, ...] = SIX, paper: bool = True) -> str:
     """The paper's Fig. 6: defense success under its transfer protocol, each attack crafted on
-    the DunDi model's own native LeNet, and the mean of the six models beside the paper's."""
+    the DunDi model's own native LeNet, and the mean of the models beside the paper's."""
     report = _json(root, f"{dataset_dir}/report.json")
-    paper = _json(root, "paper.json")["defense_success_mnist"]
     rows, sums = [], [0.0] * 5
-    for name in ("DunDi_R1", "DunDi_R2", "DunDi_R3", "DunDi_P1", "DunDi_P2", "DunDi_P3"):
+    for name in models:
         evaluation = _paper_model(report, name)
-        values = [report["fig6"][evaluation["model"]][key] for key, _ in PAPER_ATTACKS]
+        by_attack = {key.split("@")[0]: v for key, v in report["fig6"][evaluation["model"]].items()}
+        values = [by_attack[key.split("@")[0]] for key, _ in PAPER_ATTACKS]
         values.append(sum(values) / len(values))
         sums = [s + v for s, v in zip(sums, values)]
         n = evaluation["clean_accuracy"]["count"]
         rows.append([name, pct(evaluation["clean_accuracy"]["dundi"], 1) + f" ({n:,})",
-                     *[pct(v, 1) for v in values], ""])
-    means = [f"**{pct(s / 6, 1)}**" for s in sums]
-    per = ", ".join(f"{label} {paper[key.split('@')[0]]}" for key, label in PAPER_ATTACKS)
-    rows.append(["**mean of the six**", "", *means, f"**{paper['average']}%** ({per})"])
-    header = ["Model", "clean (sample)", *[label for _, label in PAPER_ATTACKS], "Average", "Paper average"]
-    return _table(header, rows)
+                     *[pct(v, 1) for v in values]] + ([""] if paper else []))
+    header = ["Model", "clean (sample)", *[label for _, label in PAPER_ATTACKS], "Average"]
+    if not paper:
+        return _table(header, rows)
+    published = _json(root, "paper.json")["defense_success_mnist"]
+    means = [f"**{pct(s / len(models), 1)}**" for s in sums]
+    per = ", ".join(f"{label} {published[key.split('@')[0]]}" for key, label in PAPER_ATTACKS)
+    rows.append([f"**mean of the {'six' if len(models) == 6 else len(models)}**", "", *means, f"**{published['average']}%** ({per})"])
+    return _table(header + ["Paper average"], rows)
 
 
 def _certified_curve(root: Path) -> str:
@@ -356,6 +361,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "threats-mnist-10k": lambda root: _threat_grid(root, "mnist-10k", ("DunDi_R1", "DunDi_R2", "DunDi_R3", "DunDi_P1", "DunDi_P2", "DunDi_P3"), (0.05, 0.1, 0.2, 0.3), "DunDi_R3"),
     "threats-fashion-mnist": lambda root: _threat_grid(root, "fashion-mnist", ("DunDi_R3", "DunDi_P3"), (0.025, 0.05, 0.1, 0.2), "DunDi_R3"),
     "at-transfer": _at_transfer,
+    "table1-fashion-mnist": lambda root: _table1(root, "fashion-mnist", ("native5", "R5", "P5"), paper=False),
+    "fig6-fashion-mnist": lambda root: _fig6(root, "fashion-mnist", ("DunDi_R3", "DunDi_P3"), paper=False),
     "at-robust": _at_robust,
 }
 
