@@ -117,7 +117,7 @@ def _autoattack(root: Path) -> str:
     def row(model: str, sample: str, clean: float, n: int, robust: float | None,
             certified: float | None, raw: str) -> None:
         rows.append([model, sample, share(clean, n),
-                     f"**{share(robust, n)}**" if robust is not None else "not attacked",
+                     f"**{share(robust, n)}**" if robust is not None else "not attacked on this sample",
                      share(certified, n) if certified is not None else "— (no proof)", f"`{raw}`"])
 
     at = _evaluation(aa10k, "AT5")
