@@ -330,7 +330,7 @@ def _at_robust(root: Path) -> str:
         rates = [_attack(evaluation, a, threat, 0.3)[key] for a in attacks]
         worst = next(w for w in evaluation["worst_case"] if w["threat"] == threat and w["eps"] == 0.3)[key]
         return [f"{pct(rates[0], 1)[:-1]} / {pct(rates[1], 1)}", pct(rates[2], 1), pct(rates[3], 1),
-                f"**{pct(worst, 1)}**"]
+                f"**{share(worst, evaluation['clean_accuracy']['count'], 1)}**"]
 
     n = plain["clean_accuracy"]["count"]
     plain_worst = _linf_worst(plain, "adaptive", 0.3)
@@ -344,7 +344,7 @@ def _at_robust(root: Path) -> str:
         rows.append([f"{label}, adaptive", pct(evaluation["clean_accuracy"]["dundi"], 1), *cells(evaluation, "adaptive", False)])
     rows.append([f"{AT_MODELS[1][0]}, feature", "", *cells(_evaluation(at, AT_MODELS[1][1]), "feature", False)])
     return _table([f"Model ({n} images, one seed)", "clean", "PGD-100×5 CE / margin", "PGD-1000", "Square",
-                   "**worst case**"], rows)
+                   "**worst case** [95% CI] (count)"], rows)
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
