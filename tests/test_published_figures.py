@@ -97,6 +97,23 @@ def test_gap_to_the_paper_table1():
     assert f"{min(gaps):.1f}–{max(gaps):.1f} points below the paper" in _page("docs/results/README.md")
 
 
+def _mean_defense_success(rel: str, models: tuple[str, ...]) -> float:
+    report = _report(rel)
+    rates = [v for name in models for v in report["fig6"][figures._paper_model(report, name)["model"]].values()]
+    return sum(rates) / len(rates)
+
+
+def test_readme_transfer_averages():
+    """The README's prose averages are the rendered Fig. 6 means of their raw files."""
+    full = figures.pct(_mean_defense_success("mnist/report.json", figures.SIX), 1)
+    small = figures.pct(_mean_defense_success("mnist-10k/report.json", figures.SIX), 1)
+    at = _report("at/report.json")
+    long = next(v for k, v in at["fig6"].items() if "AT5-long" in k)
+    text = _page("README.md")
+    assert f"average defense success is {full} against the paper's 94.39% ({small} on mnist-10k)" in text
+    assert f"{figures.pct(sum(long.values()) / 4, 1)} on average" in text
+
+
 # ---- the checks can fail ---------------------------------------------------------------------
 
 @pytest.fixture
