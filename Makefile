@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test bench results clean
+.PHONY: setup demo test bench results figures clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 # the paper's experiments and DunDi-AT on real data → docs/results/ (hours; rerun continues)
 results: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash docs/results/reproduce.sh
+
+# the tables of README.md and docs/results/**/README.md, rendered from the committed raw files
+figures: setup
+	$(PY) -m dundi.evaluation.figures
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -1,7 +1,9 @@
 """Cost of a certificate per answer, relative to answering alone, in one run.
 
 Paths on the same images and batches, alternating rounds so machine noise hits all alike;
-the median ratio to the first path of each group is printed, with the machine's load:
+for each path the median ms/image and the ratio of its median to the first path's median of
+its group (with the range of the per-round ratios) are printed, with the torch thread count and
+the machine's load:
 
 - classify            the served path: batch-invariant float32 embedding + the float64 rule
 - + certified@eps     one float32-aware interval pass + the two-step bounds
@@ -51,11 +53,16 @@ def timed(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, list
 
 
 def report(seconds: dict[str, list[float]], count: int) -> None:
+    """One ratio per path, the ratio of the medians, so it follows from the ms column printed
+    beside it (the median of per-round ratios parts from it on a loaded machine); the range of
+    the per-round ratios is printed after it as the noise, labelled."""
     base = next(iter(seconds.values()))
+    base_median = statistics.median(base)
     for name, times in seconds.items():
         ratios = [t / b for t, b in zip(times, base)]
         print(f"  {name:20} {1e3 * statistics.median(times) / count:8.3f} ms/image   "
-              f"ratio {statistics.median(ratios):6.2f}x")
+              f"ratio of medians {statistics.median(times) / base_median:6.2f}x   "
+              f"(per-round ratios {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def served_paths(run_dir: str, images: np.ndarray, batch: int, eps: float) -> dict[str, Callable[[], object]]:

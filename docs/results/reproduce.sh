@@ -2,7 +2,8 @@
 # Reproduce the paper's section 4 (and DunDi-AT) on the data reachable here, with the
 # product's own commands only, and regenerate the reports in docs/results/.
 #
-#   make results                      # everything (2-3 h on 2 CPU cores)
+#   make results                      # everything (about 10 h on 2 CPU cores; 2-3 h without
+#                                     # the mnist-full, certified-full and at-full stages)
 #   STAGES="mnist report" make results
 #
 # Stages: mnist (Table 1, Fig. 6, Table 2, Fig. 7 + adaptive/feature on mnist-10k), fashion
@@ -287,8 +288,13 @@ for p in ("dundi", "torch", "ray", "faiss-cpu", "numpy", "pyarrow"):
         print(f"{p}: not installed")
 EOF
     echo "cpu: $(nproc) cores; torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
-    echo "seed: $SEED; samples per evaluation: $LIMIT"
+    echo "seed: $SEED (one training seed per model)"
+    echo "samples per evaluation: LIMIT=$LIMIT (stages mnist, fashion, at, mnist-full); AA_LIMIT=${AA_LIMIT:-2000} (autoattack);" \
+         "CERT_AA_LIMIT=${CERT_AA_LIMIT:-300} and the whole split (certified); AA_FULL_LIMIT=${AA_FULL_LIMIT:-2000} (at-full);" \
+         "Table 1 and dundi certify: the whole test split"
   } > "$DOCS/environment.txt"
+  # the published tables (README.md, docs/results/**/README.md) from the reports just written
+  if [[ "$DOCS" == docs/results ]]; then python -m dundi.evaluation.figures; fi
 }
 
 for stage in $STAGES; do

@@ -1,0 +1,162 @@
+"""The published figures agree with the committed raw files.
+
+Reads files only (no training, no evaluation): every `<!-- figures:NAME -->` block of README.md
+and docs/** must be what `python -m dundi.evaluation.figures` renders from its raw file, every
+rate quoted with a 95% interval must carry the Wilson interval of its count, and the prose
+figures that were once copied by hand and drifted are recomputed here from their raw files.
+The last tests plant wrong figures in a copy of the pages and check that each is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dundi.errors import DundiError
+from dundi.evaluation import figures
+from dundi.evaluation.results import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def _report(rel: str) -> dict:
+    return json.loads((RESULTS / rel).read_text())
+
+
+def _page(rel: str) -> str:
+    return " ".join((ROOT / rel).read_text().split())
+
+
+def test_every_block_is_rendered_from_its_raw_file():
+    blocks = [(page, m["name"]) for page in figures.pages(ROOT)
+              for m in figures.BLOCK.finditer(page.read_text())]
+    assert len(blocks) >= 8, blocks  # the headline tables are generated, not typed
+    assert figures.stale_blocks(ROOT) == []
+
+
+def test_every_quoted_interval_is_the_wilson_interval_of_its_count():
+    errors = {str(p.relative_to(ROOT)): figures.interval_errors(p.read_text()) for p in figures.pages(ROOT)}
+    assert {p: e for p, e in errors.items() if e} == {}
+
+
+def test_wilson_interval_matches_an_independent_computation():
+    # the score interval solved as a quadratic in p: (p̂ - p)^2 = z^2 p (1 - p) / n
+    z, k, n = 1.959964, 1648, 2000
+    p_hat = k / n
+    a, b, c = 1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat
+    roots = sorted(((-b - s) / (2 * a), (-b + s) / (2 * a)) for s in [(b * b - 4 * a * c) ** 0.5])[0]
+    assert wilson_interval(k, n) == pytest.approx(roots, abs=1e-12)
+    assert figures.wilson_text(k, n) == "80.7–84.0"
+
+
+# ---- prose figures that drifted once, recomputed from their raw files ------------------------
+
+def _natives(attack: str) -> list[float]:
+    report = _report("mnist-10k/report.json")
+    return [a["native_robust_accuracy"] for e in report["evaluations"] if "tuples" not in e["model"]
+            or "(360000" in e["model"] for a in e["attacks"] if a["attack"] == attack and a["threat"] == "transfer"]
+
+
+def test_natives_keep_what_the_json_says():
+    fgsm, jsma = _natives("fgsm"), _natives("jsma")
+    text = _page("docs/results/README.md")
+    assert (f"{figures.pct(min(fgsm), 1)[:-1]}–{figures.pct(max(fgsm), 1)} (FGSM" in text
+            and f"{figures.pct(min(jsma), 1)[:-1]}–{figures.pct(max(jsma), 1)} (JSMA" in text)
+
+
+def test_feature_square_figure():
+    at_long = next(e for e in _report("at/report.json")["evaluations"] if "AT5-long" in e["model"])
+    square = next(a for a in at_long["attacks"] if a["attack"].startswith("square") and a["threat"] == "feature")
+    worst = next(w["robust_accuracy"] for w in at_long["worst_case"] if w["threat"] == "feature" and w["eps"] == 0.3)
+    assert f"| {figures.pct(square['robust_accuracy'], 1)} | **{figures.pct(worst, 1)} [" in _page("docs/results/README.md")
+
+
+def test_pgd_step_size_and_zero_gradient_share():
+    report = _report("mnist-10k/report.json")
+    pgd40 = [a for e in report["evaluations"] for a in e["attacks"] if a["attack"].startswith("pgd[") and "steps=40" in a["attack"]]
+    alphas = {a["attack_params"]["alpha"] for a in pgd40}
+    assert alphas == {0.01}
+    text = _page("docs/results/README.md")
+    assert "40 steps of 0.01" in text and "2.5·eps/40" not in text
+    worst = max(pgd40, key=lambda a: a["zero_gradient_fraction"])
+    assert f"up to {figures.pct(worst['zero_gradient_fraction'], 1)} of samples" in text
+
+
+def test_gap_to_the_paper_table1():
+    paper = _report("paper.json")["table1_mnist"]
+    ours: dict[str, dict[int, float]] = {}
+    for line in (RESULTS / "mnist-10k/table1_full_test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        ours.setdefault(row["run"].rsplit("/", 1)[-1], {})[row.get("n", 1)] = row["accuracy"]
+    gaps = [published - 100 * ours[name][n] for name, values in paper.items()
+            for n, published in zip((1, 10, 20), values)]
+    assert f"{min(gaps):.1f}–{max(gaps):.1f} points below the paper" in _page("docs/results/README.md")
+
+
+def _mean_defense_success(rel: str, models: tuple[str, ...]) -> float:
+    report = _report(rel)
+    rates = [v for name in models for v in report["fig6"][figures._paper_model(report, name)["model"]].values()]
+    return sum(rates) / len(rates)
+
+
+def test_readme_transfer_averages():
+    """The README's prose averages are the rendered Fig. 6 means of their raw files."""
+    full = figures.pct(_mean_defense_success("mnist/report.json", figures.SIX), 1)
+    small = figures.pct(_mean_defense_success("mnist-10k/report.json", figures.SIX), 1)
+    at = _report("at/report.json")
+    long = next(v for k, v in at["fig6"].items() if "AT5-long" in k)
+    text = _page("README.md")
+    assert f"average defense success is {full} against the paper's 94.39% ({small} on mnist-10k)" in text
+    assert f"{figures.pct(sum(long.values()) / 4, 1)} on average" in text
+
+
+# ---- the checks can fail ---------------------------------------------------------------------
+
+@pytest.fixture
+def copy_root(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    return tmp_path
+
+
+def test_a_planted_figure_in_a_block_is_caught(copy_root: Path):
+    readme = copy_root / "README.md"
+    readme.write_text(readme.read_text().replace("**80.15% [78.3–81.8]", "**81.15% [78.3–81.8]", 1))
+    assert figures.stale_blocks(copy_root) == ["README.md: autoattack"]
+    assert figures.main(["--root", str(copy_root), "--check"]) == 1
+    assert figures.main(["--root", str(copy_root)]) == 0          # rendering repairs it
+    assert figures.stale_blocks(copy_root) == []
+
+
+def test_a_changed_raw_file_is_caught(copy_root: Path):
+    raw = copy_root / "docs/results/at-full/report.json"
+    raw.write_text(raw.read_text().replace('"native_robust_accuracy": 0.824', '"native_robust_accuracy": 0.825'))
+    assert "README.md: autoattack" in figures.stale_blocks(copy_root)
+
+
+def test_a_missing_raw_file_fails_naming_it(copy_root: Path, capsys):
+    (copy_root / "docs/results/certified/mnist-full-certify.json").unlink()
+    with pytest.raises(DundiError, match="mnist-full-certify.json is missing"):
+        figures.stale_blocks(copy_root)
+    assert figures.main(["--root", str(copy_root), "--check"]) == 2
+    assert "mnist-full-certify.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("planted", [
+    "a Madry-style LeNet-5 **82.40%** robust white-box [80.6–84.1], clean 97.90%",   # was in README
+    "DunDi-AT **80.15% robust accuracy** [95% CI 78.3–81.9] on 2,000",
+    "82.05% [80.3–83.7] (1,640/2,000)",
+])
+def test_a_wrong_interval_is_caught(planted: str):
+    assert figures.interval_errors(planted) != []
+
+
+def test_an_unknown_block_is_refused(copy_root: Path):
+    readme = copy_root / "README.md"
+    readme.write_text(readme.read_text() + "\n<!-- figures:nonesuch -->\n<!-- /figures -->\n")
+    with pytest.raises(DundiError, match="unknown block 'nonesuch'"):
+        figures.stale_blocks(copy_root)
