@@ -190,3 +190,45 @@ def test_certify_cli_on_a_native_run_prints_its_rule(certified_native_run):
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["rule"] == "argmax of the logits" and 0 < figures["certified_accuracy"]["0.05"] <= 1
+
+
+# ---- oracles chosen for certified margin (dundi index build --select-eps) ---------------------
+
+def test_herding_picks_distinct_rows_that_approach_the_target():
+    from dundi.robustness.margin_oracles import _herd
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    one = _herd(emb, emb[17], (emb[17] ** 2).sum(), 1)
+    assert one.tolist() == [17]  # a target that is one pool point is that point
+    subset = [3, 9, 21, 40]
+    target = emb[subset].mean(0), (emb[subset] ** 2).sum(1).mean()
+    picked = _herd(emb, *target, 4)
+    assert len(set(picked.tolist())) == 4
+    err = lambda rows: float((emb[rows].mean(0) - target[0]).norm())
+    rand = [err(np.random.default_rng(s).choice(50, 4, replace=False)) for s in range(200)]
+    assert err(picked) < np.quantile(rand, 0.05)  # far closer than random picks
+
+
+@pytest.mark.realdata
+def test_margin_chosen_oracles_are_training_images_of_their_class(certified_run, mnist_runs, data_dir,
+                                                                  tmp_path):
+    import shutil
+
+    from dundi.data import load_split
+    from dundi.run.pipeline import build_index
+
+    run_dir = tmp_path / "margin"
+    shutil.copytree(certified_run, run_dir)
+    small = {"pool": 40, "fit_images": 200, "steps": 20}  # the full fit takes minutes
+    index = build_index(run_dir, n=10, seed=0, data_dir=data_dir, margin_eps=0.1, **small)
+    assert index.meta["select"] == "margin" and index.meta["select_eps"] == 0.1
+    ids = np.array(index.meta["ids"]).reshape(index.num_classes, 10)
+    assert len(np.unique(ids)) == ids.size
+    _, labels, all_ids = load_split("mnist-10k", "train", data_dir, limit=3000)
+    label_of = dict(zip(all_ids.tolist(), labels.tolist()))
+    assert all(label_of[int(i)] == c for c in range(index.num_classes) for i in ids[c])
+    again = build_index(run_dir, n=10, seed=0, data_dir=data_dir, margin_eps=0.1, **small)
+    assert again.meta["ids"] == index.meta["ids"]  # seeded: the same oracles every time
+    with pytest.raises(DundiError, match="certified run"):  # a Euclidean (uncertified) run
+        build_index(mnist_runs["dundi"], n=10, seed=0, data_dir=data_dir, margin_eps=0.1)

@@ -245,9 +245,11 @@ def _train(args: argparse.Namespace, kind: str) -> None:
 def cmd_index_build(args: argparse.Namespace) -> None:
     from dundi.run.pipeline import build_index
 
-    index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir)
+    index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir,
+                        margin_eps=args.select_eps)
     emit({"run": args.run, "classes": index.num_classes, "n": index.n, "dim": index.dim,
-          "seed": args.seed}, args.json, f"built oracle index in {args.run}")
+          "seed": args.seed, "select": index.meta.get("select", "random")}, args.json,
+         f"built oracle index in {args.run}")
 
 
 def cmd_index_calibrate(args: argparse.Namespace) -> None:
@@ -343,6 +345,9 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
                    help="oracles per class (n) (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
+    p.add_argument("--select-eps", type=unit_float, default=None, metavar="EPS",
+                   help="certified runs: choose the oracles for certified margin at this L-inf "
+                        "budget instead of at random (docs/certification.md; default: random)")
     _add_common(p)
     p.set_defaults(handler=cmd_index_build)
     p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")

@@ -232,23 +232,35 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
 
 
 def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
-                data_dir: str | None = None) -> OracleIndex:
+                data_dir: str | None = None, margin_eps: float | None = None,
+                **margin_fit: int) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
     run's model and write the FAISS index into the run as its next version. The index holds
     the classes the run was trained on, named as the dataset names them: classes enrolled
-    since (`dundi index add`) are not carried over."""
+    since (`dundi index add`) are not carried over. With ``margin_eps`` the oracles are chosen
+    for certified margin at that L∞ budget (:mod:`dundi.robustness.margin_oracles`; certified
+    runs only; ``margin_fit`` passes pool, fit_images and steps on), else at random."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
+    metric = meta["config"].get("metric", "euclidean")
+    if margin_eps is not None and metric != "sqeuclidean":
+        raise DundiError(f"{run_dir} ranks by {metric} distance: oracles chosen for certified margin "
+                         f"need a certified run (dundi train --certified); build without --select-eps")
     images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
                                                      limit=meta["config"].get("limit")), trained=True)
-    pick = OracleIndex.select(labels, n, seed, meta["num_classes"])
+    if margin_eps is None:
+        pick, how = OracleIndex.select(labels, n, seed, meta["num_classes"]), {}
+    else:
+        from dundi.robustness.margin_oracles import margin_oracles
+
+        pick = margin_oracles(model, images, labels, n, meta["num_classes"], margin_eps, seed, **margin_fit)
+        how = {"select": "margin", "select_eps": margin_eps}
     classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
     index = OracleIndex(forward_batched(model, images[pick]), meta["num_classes"],
-                        class_names=list(dataset_class_names(meta)),
-                        metric=meta["config"].get("metric", "euclidean"),
+                        class_names=list(dataset_class_names(meta)), metric=metric,
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
-                              "ids": ids[pick].tolist(), "dataset_classes": classes})
+                              "ids": ids[pick].tolist(), "dataset_classes": classes, **how})
     save_oracle(run_dir, index)
     return index
 
