@@ -22,6 +22,7 @@ import numpy as np
 
 from dundi.errors import DundiError
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
+from dundi.rule.selective_signals import BLANK_RANGE
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run, save_calibration, stored_calibration  # noqa: F401 (the rule's store)
 from dundi.run.pipeline import held_out_images
@@ -70,24 +71,62 @@ def _deepen(values: dict[str, np.ndarray], rate: float) -> dict[str, int]:
     return depth
 
 
+# The rule calibrated by default (issue: abstain on what the model would get wrong or has never
+# seen): the nearest-oracle distance, the fine-score margin and the oracle agreement (what
+# the two-step rule computes), the two pixel statistics that survive contrast, brightness
+# and noise, and the blank guard at a fixed range (docs/results/abstain). LEGACY_FIELDS: the
+# four signals served before, kept for comparison (`--signals legacy`).
+SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree",
+                    "abstain_max_background", "abstain_max_smooth_grey")
+LEGACY_FIELDS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean")
+GUARDS = {"abstain_min_range": BLANK_RANGE}  # fixed, not calibrated: no stroke, no digit
+
+
+def rule_values(model: LoadedModel, images: np.ndarray):
+    """The rule's result on ``images`` and every abstain signal's values."""
+    emb = model.run.embed(images, model.embed_batch)
+    r = model.run.oracle.classify(emb, model.rule)
+    return r, signal_values(images, emb, r.nearest_distance, r, model.run.oracle, model.rule.n)
+
+
+def thresholds_for(values: dict[str, np.ndarray], rate: float, fields: tuple[str, ...],
+                   guards: dict[str, float] | None = None) -> dict:
+    """Thresholds of ``fields`` set together (:func:`_deepen`) so that their union, with the
+    fixed ``guards`` (default GUARDS), withholds as many of the calibration ``values`` as
+    possible but at most ``rate``; every other signal off. A conformal calibration: each
+    threshold is an order statistic of held-out clean values, so on exchangeable clean inputs
+    at most about ``rate`` is withheld."""
+    guards = dict(GUARDS if guards is None else guards)
+    chosen = {f: values[f] for f in fields}
+    if guards:
+        # held-out images the guards withhold count against the rate first
+        keep = ~abstain_flags(values, guards)
+        chosen = {f: v[keep] for f, v in chosen.items()}
+        rate = max(0.0, rate - float((~keep).mean()))
+    depth = _deepen(chosen, rate) if chosen else {}
+    best = {f: _threshold(chosen[f], f, j) for f, j in depth.items()}
+    thresholds = {**OFF, **best, **guards}
+    return {"thresholds": thresholds, "depth": depth,
+            "abstain_rate": float(abstain_flags(values, thresholds).mean()),
+            "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean())
+                                for f, t in thresholds.items() if t is not None}}
+
+
 def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | None = None,
-                   rate: float = 0.01, fields: tuple[str, ...] = tuple(SIGNALS)) -> dict:
-    """Thresholds of the signals ``fields`` (default: all SIGNALS; others off), set together so
-    that their union abstains on as many of ``images`` as possible but at most ``rate``, with
-    the figures behind them."""
+                   rate: float = 0.01, fields: tuple[str, ...] = SELECTIVE_FIELDS,
+                   guards: dict[str, float] | None = None) -> dict:
+    """Thresholds of the signals ``fields`` (default: SELECTIVE_FIELDS; others off but the
+    GUARDS), set together so that their union abstains on as many of ``images`` as possible but
+    at most ``rate``, with the figures behind them."""
     if not 0.0 < rate < 1.0:
         raise DundiError(f"the false-abstain rate must be in (0, 1), got {rate}")
     if len(images) == 0:
         raise DundiError("no held-out images to calibrate the abstain rule on")
-    emb = model.run.embed(images, model.embed_batch)
-    r = model.run.oracle.classify(emb, model.rule)
-    values = {f: v for f, v in signal_values(images, emb, r.nearest_distance).items() if f in fields}
-    depth = _deepen(values, rate)
-    best = {f: _threshold(values[f], f, j) for f, j in depth.items()}
-    flags = abstain_flags(values, best)
-    out = {"thresholds": {**OFF, **best}, "rate": rate, "count": int(len(images)), "depth": depth,
-           "abstain_rate": float(flags.mean()), "n": model.rule.n, "m": model.rule.m, "k": model.rule.k,
-           "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean()) for f, t in best.items()}}
+    r, values = rule_values(model, images)
+    cal = thresholds_for(values, rate, fields, guards)
+    flags = abstain_flags(values, cal["thresholds"])
+    out = {**cal, "rate": rate, "count": int(len(images)), "n": model.rule.n, "m": model.rule.m,
+           "k": model.rule.k}
     if labels is not None:
         correct = r.labels == labels
         out["accuracy"] = float(correct.mean())
