@@ -179,3 +179,12 @@ def test_far_ood_sets_and_glyphs():
     ink = gl.reshape(12, -1) > 0.5
     rows = np.nonzero(ink.reshape(12, 28, 28).any(2))
     assert ink.mean() < 0.4 and rows[1].min() >= 3 and rows[1].max() <= 24   # a 20-pixel box
+
+
+def test_scan_variations_are_the_stated_maps():
+    x = digits(4)
+    v = shifts.scan_variations(x, seed=0)
+    np.testing.assert_allclose(v["contrast 70%"], 0.7 * x, atol=1e-7)
+    noise = v["gaussian noise 0.1"].astype(np.float64) - x
+    inside = (v["gaussian noise 0.1"] > 0) & (v["gaussian noise 0.1"] < 1)
+    assert abs(noise[inside].std() - 0.1) < 0.02

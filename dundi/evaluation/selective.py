@@ -5,10 +5,10 @@ A rule is judged as Geifman & El-Yaniv judge a selective classifier: order the a
 confidence, answer the most confident share (the coverage) and count the errors among them
 (the risk). The area under that curve (AURC) is small when the errors are the answers the rule
 is least sure of. The confidence of a rule made of thresholded signals is DkNN's credibility
-made conformal per signal: each signal's p-value against the held-out clean values (the share
-of them at least as extreme), the smallest over the rule's signals; the calibrated rule
-withholds exactly where that falls to its calibrated level, so the curve and the served rule
-order answers alike.
+made conformal: each signal standardized against its held-out clean values (median and 99th
+percentile), the largest level over the rule's signals being its nonconformity; the guards
+come first. The selective rule withholds exactly above one calibrated level, so its curve and
+its served answers order inputs alike; ``p_values`` gives each signal's conformal p-value.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ def p_values(calibration: np.ndarray, values: np.ndarray, direction: int) -> np.
     return (1 + at_least) / (len(cal) + 1)
 
 
-def confidence(calibration: dict[str, np.ndarray], values: dict[str, np.ndarray],
-               fields: tuple[str, ...], guards: dict[str, float] | None = None) -> np.ndarray:
-    """(B,) the rule's confidence: the smallest p-value over ``fields`` (ties broken by their
-    mean), and -1 where a fixed guard withholds."""
-    ps = np.stack([p_values(calibration[f], values[f], ABSTAIN_SIGNALS[f][1]) for f in fields])
-    score = ps.min(0) + 1e-6 * ps.mean(0)
+def confidence(values: dict[str, np.ndarray], scales: dict, guards: dict[str, float]) -> np.ndarray:
+    """(B,) a rule's confidence: minus its nonconformity (the largest standardized level of its
+    scaled signals, :func:`dundi.serving.abstain.levels`), and -inf where a guard withholds --
+    so a rule withholding above one level withholds exactly the least confident."""
+    from dundi.serving.abstain import levels
+
+    score = -levels(values, scales)
     if guards:
-        score = np.where(abstain_flags(values, guards), -1.0, score)
+        score = np.where(abstain_flags(values, guards), -np.inf, score)
     return score
 
 
@@ -42,7 +43,7 @@ def risk_coverage(score: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, n
     """(coverage, risk) at each distinct confidence level, most confident first: answering
     every input at least that confident covers that share with that error rate. Ties in the
     confidence are answered or withheld together."""
-    order = np.argsort(-np.asarray(score, np.float64), kind="stable")
+    order = np.argsort(-np.asarray(score, np.float64), kind="stable")  # -inf (guarded) last
     s, wrong = np.asarray(score)[order], ~np.asarray(correct, bool)[order]
     errors = np.cumsum(wrong)
     ends = np.r_[np.nonzero(s[1:] != s[:-1])[0], len(s) - 1]   # last index of each tie group

@@ -288,6 +288,14 @@ def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     return _each(images, CORRUPTIONS[kind], seed)
 
 
+def scan_variations(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """The two shifts of the issue that found the old rule wanting, beside MNIST-C: digits at
+    70 % contrast (x * 0.7) and with Gaussian pixel noise of sd 0.1 (clipped), seeded."""
+    rng = np.random.default_rng(seed)
+    noisy = np.clip(images + rng.normal(0, 0.1, images.shape), 0, 1)
+    return {"contrast 70%": (images * 0.7).astype(np.float32), "gaussian noise 0.1": noisy.astype(np.float32)}
+
+
 # --- out-of-distribution sets ------------------------------------------------------------
 
 def glyphs(count: int, seed: int = 0) -> np.ndarray:
@@ -338,4 +346,4 @@ def far_ood(digits: np.ndarray, seed: int = 0, fashion: np.ndarray | None = None
     return sets
 
 
-__all__ = ["CORRUPTIONS", "DESIGN_CORRUPTIONS", "corrupt", "canny", "plasma", "glyphs", "far_ood"]
+__all__ = ["CORRUPTIONS", "DESIGN_CORRUPTIONS", "corrupt", "scan_variations", "canny", "plasma", "glyphs", "far_ood"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from dundi.rule.exact import fixed_sum
 from dundi.rule.params import TwoStepResult
-from dundi.rule.selective_signals import agreement, fine_margin, pixel_signals
+from dundi.rule.selective_signals import agreement, fine_margin, pixel_range
 
 # ModelConfig field -> (what it measures, +1: abstain above the threshold / -1: below).
 ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
@@ -23,9 +23,7 @@ ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
                    # the selective signals (dundi.rule.selective_signals)
                    "abstain_min_margin": ("fine-score margin", -1),
                    "abstain_min_agree": ("nearest oracles agreeing with the answer", -1),
-                   "abstain_min_range": ("pixel range (blank guard)", -1),
-                   "abstain_max_background": ("background share, rescaled and median-filtered", 1),
-                   "abstain_max_smooth_grey": ("mid-grey share, rescaled and median-filtered", 1)}
+                   "abstain_min_range": ("pixel range (blank guard)", -1)}
 # The signals the certificate bounds over the L-inf ball (dundi.robustness.certificate); an
 # answer withheld by any other signal is served outside the certified radius: the radius
 # promises the label, and the withholding only by these.
@@ -60,14 +58,11 @@ def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: 
     """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it.
     The margin and agreement need the rule's ``result``, the ``oracles`` index
     (:class:`dundi.rule.index.OracleIndex`) and the rule's ``n``; without them they are left out."""
-    pixels = pixel_signals(images)
     values = {"abstain_threshold": np.asarray(nearest_distance, np.float64),
               "abstain_min_norm": embedding_norm(embeddings),
               "abstain_max_grey": grey_share(images),
               "abstain_max_mean": mean_pixel(images),
-              "abstain_min_range": pixels["range"],
-              "abstain_max_background": pixels["background"],
-              "abstain_max_smooth_grey": pixels["smooth_grey"]}
+              "abstain_min_range": pixel_range(images)}
     if result is not None and oracles is not None and len(result.labels):
         pos = np.argmax(result.topk_classes == result.labels[:, None], axis=1)
         values["abstain_min_margin"] = fine_margin(result.fine_scores, pos, n)

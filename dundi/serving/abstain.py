@@ -71,15 +71,17 @@ def _deepen(values: dict[str, np.ndarray], rate: float) -> dict[str, int]:
     return depth
 
 
-# The rule calibrated by default (issue: abstain on what the model would get wrong or has never
-# seen): the nearest-oracle distance, the fine-score margin and the oracle agreement (what
-# the two-step rule computes), the two pixel statistics that survive contrast, brightness
-# and noise, and the blank guard at a fixed range (docs/results/abstain). LEGACY_FIELDS: the
-# four signals served before, kept for comparison (`--signals legacy`).
-SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree",
-                    "abstain_max_background", "abstain_max_smooth_grey")
+# The rule calibrated by default (docs/results/abstain): the nearest-oracle distance, the
+# fine-score margin and the oracle agreement -- what the two-step rule computes -- withheld
+# together above one common standardized level (selective_thresholds); the mean pixel value
+# only beyond anything held-out clean digits reach (EXTREMES: inverted digits, noise, white or
+# bright backgrounds, on which these runs answer badly); and the blank guard at a fixed range.
+# LEGACY_FIELDS: the four signals served before, calibrated as before (legacy_thresholds).
+SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree")
+EXTREMES = ("abstain_max_mean",)
 LEGACY_FIELDS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean")
 GUARDS = {"abstain_min_range": BLANK_RANGE}  # fixed, not calibrated: no stroke, no digit
+SCALE_QUANTILES = (0.5, 0.99)  # a signal's level: (value - median) / (99th percentile - median)
 
 
 def rule_values(model: LoadedModel, images: np.ndarray):
@@ -89,41 +91,85 @@ def rule_values(model: LoadedModel, images: np.ndarray):
     return r, signal_values(images, emb, r.nearest_distance, r, model.run.oracle, model.rule.n)
 
 
-def thresholds_for(values: dict[str, np.ndarray], rate: float, fields: tuple[str, ...],
-                   guards: dict[str, float] | None = None) -> dict:
-    """Thresholds of ``fields`` set together (:func:`_deepen`) so that their union, with the
-    fixed ``guards`` (default GUARDS), withholds as many of the calibration ``values`` as
-    possible but at most ``rate``; every other signal off. A conformal calibration: each
-    threshold is an order statistic of held-out clean values, so on exchangeable clean inputs
-    at most about ``rate`` is withheld."""
-    guards = dict(GUARDS if guards is None else guards)
-    chosen = {f: values[f] for f in fields}
-    if guards:
-        # held-out images the guards withhold count against the rate first
-        keep = ~abstain_flags(values, guards)
-        chosen = {f: v[keep] for f, v in chosen.items()}
-        rate = max(0.0, rate - float((~keep).mean()))
-    depth = _deepen(chosen, rate) if chosen else {}
-    best = {f: _threshold(chosen[f], f, j) for f, j in depth.items()}
-    thresholds = {**OFF, **best, **guards}
-    return {"thresholds": thresholds, "depth": depth,
+def signal_scales(values: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Per signal, (median, spread) of its held-out values turned so that larger is more
+    unusual: a value's level is (value - median) / spread, spread = 99th percentile - median."""
+    out = {}
+    for f in fields:
+        v = SIGNALS[f][1] * np.asarray(values[f], np.float64)
+        mid, top = np.quantile(v, SCALE_QUANTILES)
+        out[f] = (float(mid), float(max(top - mid, 1e-12)))
+    return out
+
+
+def levels(values: dict[str, np.ndarray], scales: dict[str, tuple[float, float]]) -> np.ndarray:
+    """(B,) the largest standardized level over the scaled signals: the rule's nonconformity."""
+    return np.max([(SIGNALS[f][1] * np.asarray(values[f], np.float64) - mid) / spread
+                   for f, (mid, spread) in scales.items()], axis=0)
+
+
+def guard_thresholds(values: dict[str, np.ndarray], extremes: tuple[str, ...]) -> dict[str, float]:
+    """GUARDS, and each signal of ``extremes`` at the most extreme held-out value (only what no
+    clean held-out digit reaches is withheld)."""
+    out = dict(GUARDS)
+    for f in extremes:
+        v = np.asarray(values[f], np.float64)
+        out[f] = float(v.max() if SIGNALS[f][1] > 0 else v.min())
+    return out
+
+
+def _summary(values: dict[str, np.ndarray], thresholds: dict) -> dict:
+    return {"thresholds": {**OFF, **thresholds},
             "abstain_rate": float(abstain_flags(values, thresholds).mean()),
             "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean())
                                 for f, t in thresholds.items() if t is not None}}
 
 
+def selective_thresholds(values: dict[str, np.ndarray], rate: float,
+                         fields: tuple[str, ...] = SELECTIVE_FIELDS,
+                         extremes: tuple[str, ...] = EXTREMES) -> dict:
+    """A conformal calibration on held-out clean ``values``: the guards first, then one common
+    level L, the smallest at which the union of the guards and "some signal of ``fields`` lies
+    above level L" withholds at most ``rate`` of the held-out images (the split-conformal
+    quantile of the rule's nonconformity). Served as one threshold per signal: median + L x
+    spread, turned back to the signal's own direction."""
+    guards = guard_thresholds(values, extremes)
+    guarded = abstain_flags(values, guards)
+    scales = signal_scales(values, fields)
+    score = levels(values, scales)
+    budget = int(np.floor(rate * len(score) + 1e-9)) - int(guarded.sum())
+    free = np.sort(score[~guarded])[::-1]
+    # withhold the `budget` highest free levels: the threshold is the next one (strictly above)
+    level = float(free[max(budget, 0)]) if len(free) > max(budget, 0) else float(free.min()) - 1.0
+    best = {f: SIGNALS[f][1] * (mid + level * spread) for f, (mid, spread) in scales.items()}
+    out = _summary(values, {**best, **guards})
+    return {**out, "level": level, "scales": {f: list(v) for f, v in scales.items()}}
+
+
+def legacy_thresholds(values: dict[str, np.ndarray], rate: float,
+                      fields: tuple[str, ...] = LEGACY_FIELDS) -> dict:
+    """The four signals served before, each an order statistic of the held-out values, deepened
+    in turn (:func:`_deepen`) while their union withholds at most ``rate``; no guard."""
+    chosen = {f: values[f] for f in fields}
+    depth = _deepen(chosen, rate)
+    return {**_summary(values, {f: _threshold(chosen[f], f, j) for f, j in depth.items()}), "depth": depth}
+
+
 def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | None = None,
-                   rate: float = 0.01, fields: tuple[str, ...] = SELECTIVE_FIELDS,
-                   guards: dict[str, float] | None = None) -> dict:
-    """Thresholds of the signals ``fields`` (default: SELECTIVE_FIELDS; others off but the
-    GUARDS), set together so that their union abstains on as many of ``images`` as possible but
-    at most ``rate``, with the figures behind them."""
+                   rate: float = 0.01, legacy: bool = False, fields: tuple[str, ...] | None = None) -> dict:
+    """The abstain rule calibrated on held-out clean ``images`` to withhold at most ``rate`` of
+    them: :func:`selective_thresholds` (default), or with ``legacy`` the four signals served
+    before (:func:`legacy_thresholds`; ``fields``: only these of them), with the figures
+    behind them."""
     if not 0.0 < rate < 1.0:
         raise DundiError(f"the false-abstain rate must be in (0, 1), got {rate}")
     if len(images) == 0:
         raise DundiError("no held-out images to calibrate the abstain rule on")
     r, values = rule_values(model, images)
-    cal = thresholds_for(values, rate, fields, guards)
+    if legacy or fields is not None:
+        cal = legacy_thresholds(values, rate, LEGACY_FIELDS if fields is None else tuple(fields))
+    else:
+        cal = selective_thresholds(values, rate)
     flags = abstain_flags(values, cal["thresholds"])
     out = {**cal, "rate": rate, "count": int(len(images)), "n": model.rule.n, "m": model.rule.m,
            "k": model.rule.k}

@@ -51,8 +51,6 @@ class ModelConfig:
     abstain_min_margin: float | None = None       # the selective signals (dundi.serving.abstain)
     abstain_min_agree: float | None = None
     abstain_min_range: float | None = None
-    abstain_max_background: float | None = None
-    abstain_max_smooth_grey: float | None = None
     index_version: int | None = None
     certify_eps: float | None = None
 
@@ -70,8 +68,8 @@ class ModelConfig:
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles, m for min(3, n)), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
-                    '"abstain_max_mean", "abstain_min_margin", "abstain_min_agree", "abstain_min_range", '
-                    '"abstain_max_background", "abstain_max_smooth_grey" (non-negative numbers or null), '
+                    '"abstain_max_mean", "abstain_min_margin", "abstain_min_agree", "abstain_min_range" '
+                    '(non-negative numbers or null), '
                     '"index_version" (an index '
                     'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
                     '(0, 1] to certify each answer at, null for the full radius)')
@@ -147,8 +145,6 @@ class ModelInfo:
     abstain_min_margin: float | None = None       # the selective signals (dundi.serving.abstain)
     abstain_min_agree: float | None = None
     abstain_min_range: float | None = None
-    abstain_max_background: float | None = None
-    abstain_max_smooth_grey: float | None = None
     # signals with a threshold that the certified radius does not cover: an answer within the
     # radius keeps its label, but these may still withhold it (CERTIFIED_SIGNALS)
     uncertified_signals: tuple[str, ...] = ()
