@@ -142,6 +142,9 @@ def selective_thresholds(values: dict[str, np.ndarray], rate: float,
     # withhold the `budget` highest free levels: the threshold is the next one (strictly above)
     level = float(free[max(budget, 0)]) if len(free) > max(budget, 0) else float(free.min()) - 1.0
     best = {f: SIGNALS[f][1] * (mid + level * spread) for f, (mid, spread) in scales.items()}
+    # a lower bound below 0 never fires on a signal that is never negative (margin, agreement):
+    # served as 0, which withholds the same and is a valid setting (ModelConfig: non-negative)
+    best = {f: max(t, 0.0) if SIGNALS[f][1] < 0 else t for f, t in best.items()}
     out = _summary(values, {**best, **guards})
     return {**out, "level": level, "scales": {f: list(v) for f, v in scales.items()}}
 
