@@ -13,10 +13,13 @@ from dundi.rule.params import TwoStepRule
 from dundi.run.directory import index_sha256
 from dundi.serving import ModelConfig, RequestError
 from dundi.serving.abstain import (
+    LEGACY_FIELDS,
+    SELECTIVE_FIELDS,
     SIGNALS,
     abstain_flags,
     abstain_settings,
     calibrate_rule,
+    rule_values,
     held_out_images,
     signal_values,
     stored_calibration,
@@ -48,16 +51,17 @@ def held_out(model, data_dir):
 def test_calibration_abstains_on_the_stated_share_of_its_own_data(model, held_out, rate):
     """On the images it was calibrated on, the served rule (LoadedModel with the thresholds)
     abstains on at most ``rate`` and no less than ``rate`` minus its sampling error; every
-    signal has a threshold (depth 0 = the most extreme calibration value: still a threshold)."""
+    signal has a threshold (depth 0 = the most extreme calibration value: still a threshold).
+    The four signals served before (legacy); the selective default is checked below."""
     images, labels = held_out
-    cal = calibrate_rule(model, images, labels, rate=rate)
+    cal = calibrate_rule(model, images, labels, rate=rate, legacy=True)
     served = LoadedModel(ModelConfig(str(model.run.path), **cal["thresholds"]))
     abstained = served.predict(images).abstained
     measured = float(abstained.mean())
     assert measured == pytest.approx(cal["abstain_rate"])
     assert measured <= rate
     assert measured >= rate - 2 * np.sqrt(rate * (1 - rate) / len(images))
-    assert set(cal["depth"]) == set(SIGNALS) and all(cal["thresholds"][f] is not None for f in SIGNALS)
+    assert set(cal["depth"]) == set(LEGACY_FIELDS) and all(cal["thresholds"][f] is not None for f in LEGACY_FIELDS)
     assert sum(cal["depth"].values()) >= 1
     # independently: the rule is "any signal beyond its threshold", signal by signal
     emb = model.run.embed(images)
@@ -69,6 +73,30 @@ def test_calibration_abstains_on_the_stated_share_of_its_own_data(model, held_ou
                | (values["abstain_max_grey"] > th["abstain_max_grey"])
                | (values["abstain_max_mean"] > th["abstain_max_mean"]))
     assert abstained.tolist() == by_hand.tolist()
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+def test_the_selective_default_withholds_the_stated_share_signal_by_signal(model, held_out, rate):
+    """The default rule (distance, margin, agreement above one level; the mean pixel beyond the
+    held-out maximum; the blank guard) served by LoadedModel withholds at most ``rate`` of its
+    own calibration images, exactly where one of its thresholds is crossed."""
+    images, labels = held_out
+    cal = calibrate_rule(model, images, labels, rate=rate)
+    th = cal["thresholds"]
+    assert all(th[f] is not None for f in SELECTIVE_FIELDS) and th["abstain_max_grey"] is None
+    served = LoadedModel(ModelConfig(str(model.run.path), **th))
+    abstained = served.predict(images).abstained
+    assert float(abstained.mean()) == pytest.approx(cal["abstain_rate"])
+    assert rate - 2 * np.sqrt(rate * (1 - rate) / len(images)) <= abstained.mean() <= rate
+    _, values = rule_values(served, images)
+    by_hand = ((values["abstain_threshold"] > th["abstain_threshold"])
+               | (values["abstain_min_margin"] < th["abstain_min_margin"])
+               | (values["abstain_min_agree"] < th["abstain_min_agree"])
+               | (values["abstain_max_mean"] > th["abstain_max_mean"])
+               | (values["abstain_min_range"] < th["abstain_min_range"]))
+    assert abstained.tolist() == by_hand.tolist()
+    blank = np.zeros((3, 1, 28, 28), np.float32)
+    assert served.predict(blank).abstained.all()
 
 
 def test_plainly_foreign_inputs_abstain_and_digits_mostly_do_not(model, held_out, data_dir):
@@ -181,7 +209,8 @@ def test_dundi_serve_abstains_by_default_over_http(run_copy, data_dir, tmp_path)
     try:
         srv.wait_ready(timeout=300)
         params = httpx.get(f"{srv.url}/v2/models/dundi", timeout=30).json()["parameters"]
-        assert all(params[f] is not None for f in SIGNALS), params
+        served = (*SELECTIVE_FIELDS, "abstain_max_mean", "abstain_min_range")  # the selective default
+        assert all(params[f] is not None for f in served) and params["abstain_max_grey"] is None, params
         digits, _, _ = load_split("mnist-10k", "test", data_dir, limit=20)
         noise = np.random.default_rng(1).random((5, 28, 28), dtype=np.float32)
         body = np.concatenate([digits[:, 0], noise]).tolist()

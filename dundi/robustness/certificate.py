@@ -52,6 +52,8 @@ class AbstainGate:
     abstain_min_norm: float | None = None
     abstain_max_grey: float | None = None
     abstain_max_mean: float | None = None
+    abstain_min_margin: float | None = None   # bounded by Certifier._selective_slack
+    abstain_min_range: float | None = None
 
     @property
     def active(self) -> bool:
@@ -201,6 +203,31 @@ class Certifier:
                 out.append(up(gate.abstain_threshold) - np.sqrt(fixed_sum(far).min(1)) * (1 + rel))
         return torch.from_numpy(np.stack(out, 1))
 
+    def _selective_slack(self, box: _HBox, x_box: tuple, y: torch.Tensor, gate: AbstainGate
+                         ) -> torch.Tensor:
+        """(B, J) margins of the selective signals the certificate covers, positive exactly
+        where neither can withhold the answer anywhere in the ball (J = 0, 1 or 2):
+
+        - the pixel range is at least max(lo) - min(hi) over the input box (the blank guard);
+        - the fine-score margin (u_c - u_y) / n of y over every other kept class is at least
+          the smallest lower bound of u_c - u_y over all other classes, kept or not (the same
+          bounds, rounding allowance included, that prove step 2 picks y)."""
+        out = []
+        if gate.abstain_min_range is not None:
+            lo, hi = (t.reshape(len(t), -1).numpy() for t in x_box)
+            low = lo.max(1) - hi.min(1)
+            out.append(np.nextafter(low, -np.inf) - gate.abstain_min_range)
+        if gate.abstain_min_margin is not None:
+            fine = self._pair_bounds(box, self.fine, rows=y).numpy()               # (B, C)
+            fine[np.arange(len(y)), y.numpy()] = np.inf
+            per_oracle = fine.min(1) / self.rule.n
+            # the served margin is this difference over n in float64 (two roundings); where
+            # the bound is negative the slack is negative whatever the (non-negative) threshold
+            out.append(per_oracle * (1 - 4 * 2.0 ** -52) - np.nextafter(gate.abstain_min_margin, np.inf))
+        if not out:
+            return torch.zeros(len(y), 0, dtype=torch.float64)
+        return torch.from_numpy(np.stack(out, 1).astype(np.float64))
+
     def _z_box(self, box: _HBox) -> tuple[np.ndarray, np.ndarray]:
         """A box holding every served float32 embedding for h in the box (float64 arrays)."""
         centre = box.centre @ self.w.T + self.b
@@ -221,7 +248,9 @@ class Certifier:
         box, x_box = self._box(images, eps)
         margins = self._label_slack(box, y)
         if gate is not None and gate.active:
-            margins = torch.cat([margins, self._gate_slack(box, x_box, y, gate)], 1)
+            legacy = dataclasses.replace(gate, abstain_min_margin=None, abstain_min_range=None)
+            parts = [self._gate_slack(box, x_box, y, gate)] if legacy.active else []
+            margins = torch.cat([margins, *parts, self._selective_slack(box, x_box, y, gate)], 1)
         return margins
 
     @torch.no_grad()

@@ -12,12 +12,23 @@ from __future__ import annotations
 import numpy as np
 
 from dundi.rule.exact import fixed_sum
+from dundi.rule.params import TwoStepResult
+from dundi.rule.selective_signals import agreement, fine_margin, pixel_range
 
 # ModelConfig field -> (what it measures, +1: abstain above the threshold / -1: below).
 ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
                    "abstain_min_norm": ("embedding norm", -1),
                    "abstain_max_grey": ("share of mid-grey pixels", 1),
-                   "abstain_max_mean": ("mean pixel value", 1)}
+                   "abstain_max_mean": ("mean pixel value", 1),
+                   # the selective signals (dundi.rule.selective_signals)
+                   "abstain_min_margin": ("fine-score margin", -1),
+                   "abstain_min_agree": ("nearest oracles agreeing with the answer", -1),
+                   "abstain_min_range": ("pixel range (blank guard)", -1)}
+# The signals the certificate bounds over the L-inf ball (dundi.robustness.certificate); an
+# answer withheld by any other signal is served outside the certified radius: the radius
+# promises the label, and the withholding only by these.
+CERTIFIED_SIGNALS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean",
+                     "abstain_min_margin", "abstain_min_range")
 GREY_BAND = (0.1, 0.9)  # a pixel strictly inside is "mid-grey"
 
 
@@ -41,13 +52,26 @@ def embedding_norm(embeddings: np.ndarray) -> np.ndarray:
     return np.sqrt(fixed_sum(z * z))
 
 
-def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: np.ndarray
+def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: np.ndarray,
+                  result: TwoStepResult | None = None, oracles=None, n: int | None = None
                   ) -> dict[str, np.ndarray]:
-    """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it."""
-    return {"abstain_threshold": np.asarray(nearest_distance, np.float64),
-            "abstain_min_norm": embedding_norm(embeddings),
-            "abstain_max_grey": grey_share(images),
-            "abstain_max_mean": mean_pixel(images)}
+    """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it.
+    The margin and agreement need the rule's ``result``, the ``oracles`` index
+    (:class:`dundi.rule.index.OracleIndex`) and the rule's ``n``; without them they are left out."""
+    values = {"abstain_threshold": np.asarray(nearest_distance, np.float64),
+              "abstain_min_norm": embedding_norm(embeddings),
+              "abstain_max_grey": grey_share(images),
+              "abstain_max_mean": mean_pixel(images),
+              "abstain_min_range": pixel_range(images)}
+    if result is not None and oracles is not None and len(result.labels):
+        pos = np.argmax(result.topk_classes == result.labels[:, None], axis=1)
+        values["abstain_min_margin"] = fine_margin(result.fine_scores, pos, n)
+        padded, mask = oracles.padded(n)
+        values["abstain_min_agree"] = agreement(embeddings, result.topk_classes, result.labels,
+                                                padded, mask).astype(np.float64)
+    elif result is not None or oracles is not None:
+        values["abstain_min_margin"] = values["abstain_min_agree"] = np.zeros(len(images))
+    return values
 
 
 def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | None]) -> np.ndarray:
@@ -57,10 +81,12 @@ def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | N
     for field, thr in thresholds.items():
         if thr is None:
             continue
+        if field not in values:
+            raise KeyError(f"abstain signal {field} needs the rule's result and oracles")
         v = values[field]
         flags |= (v > thr) if ABSTAIN_SIGNALS[field][1] > 0 else (v < thr)
     return flags
 
 
-__all__ = ["ABSTAIN_SIGNALS", "GREY_BAND", "grey_share", "mean_pixel", "embedding_norm",
+__all__ = ["ABSTAIN_SIGNALS", "CERTIFIED_SIGNALS", "GREY_BAND", "grey_share", "mean_pixel", "embedding_norm",
            "signal_values", "abstain_flags"]

@@ -325,10 +325,12 @@ def _served_certified(run: Run, certifier, images: np.ndarray, labels: np.ndarra
     images the service answers correctly with a certificate that covers the abstain gate too
     (no input of the ball is answered otherwise or withdrawn as "unknown")."""
     from dundi.robustness.certificate import AbstainGate
+    from dundi.rule.abstain_signals import CERTIFIED_SIGNALS
     stored = stored_calibration(run.meta, rule, index_sha256(run.meta))
     if not stored:
         return {}
-    gate = AbstainGate(**stored["thresholds"])
+    # the signals the certificate does not bound are served outside the radius, by name
+    gate = AbstainGate(**{f: v for f, v in stored["thresholds"].items() if f in CERTIFIED_SIGNALS})
     served = certifier.batched(images, labels, eps=list(eps), gate=gate)["certified"]
     return {"served_certified_accuracy": {f"{e:g}": float(served[:, i].mean()) for i, e in enumerate(eps)},
             "abstain_rule": f"calibrated at {stored['rate']:.0%} false abstains ({stored['source']})"}

@@ -22,6 +22,7 @@ import numpy as np
 
 from dundi.errors import DundiError
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
+from dundi.rule.selective_signals import BLANK_RANGE
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run, save_calibration, stored_calibration  # noqa: F401 (the rule's store)
 from dundi.run.pipeline import held_out_images
@@ -70,24 +71,111 @@ def _deepen(values: dict[str, np.ndarray], rate: float) -> dict[str, int]:
     return depth
 
 
+# The rule calibrated by default (docs/results/abstain): the nearest-oracle distance, the
+# fine-score margin and the oracle agreement -- what the two-step rule computes -- withheld
+# together above one common standardized level (selective_thresholds); the mean pixel value
+# only beyond anything held-out clean digits reach (EXTREMES: inverted digits, noise, white or
+# bright backgrounds, on which these runs answer badly); and the blank guard at a fixed range.
+# LEGACY_FIELDS: the four signals served before, calibrated as before (legacy_thresholds).
+SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree")
+EXTREMES = ("abstain_max_mean",)
+LEGACY_FIELDS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean")
+GUARDS = {"abstain_min_range": BLANK_RANGE}  # fixed, not calibrated: no stroke, no digit
+SCALE_QUANTILES = (0.5, 0.99)  # a signal's level: (value - median) / (99th percentile - median)
+
+
+def rule_values(model: LoadedModel, images: np.ndarray):
+    """The rule's result on ``images`` and every abstain signal's values."""
+    emb = model.run.embed(images, model.embed_batch)
+    r = model.run.oracle.classify(emb, model.rule)
+    return r, signal_values(images, emb, r.nearest_distance, r, model.run.oracle, model.rule.n)
+
+
+def signal_scales(values: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Per signal, (median, spread) of its held-out values turned so that larger is more
+    unusual: a value's level is (value - median) / spread, spread = 99th percentile - median."""
+    out = {}
+    for f in fields:
+        v = SIGNALS[f][1] * np.asarray(values[f], np.float64)
+        mid, top = np.quantile(v, SCALE_QUANTILES)
+        out[f] = (float(mid), float(max(top - mid, 1e-12)))
+    return out
+
+
+def levels(values: dict[str, np.ndarray], scales: dict[str, tuple[float, float]]) -> np.ndarray:
+    """(B,) the largest standardized level over the scaled signals: the rule's nonconformity."""
+    return np.max([(SIGNALS[f][1] * np.asarray(values[f], np.float64) - mid) / spread
+                   for f, (mid, spread) in scales.items()], axis=0)
+
+
+def guard_thresholds(values: dict[str, np.ndarray], extremes: tuple[str, ...]) -> dict[str, float]:
+    """GUARDS, and each signal of ``extremes`` at the most extreme held-out value (only what no
+    clean held-out digit reaches is withheld)."""
+    out = dict(GUARDS)
+    for f in extremes:
+        v = np.asarray(values[f], np.float64)
+        out[f] = float(v.max() if SIGNALS[f][1] > 0 else v.min())
+    return out
+
+
+def _summary(values: dict[str, np.ndarray], thresholds: dict) -> dict:
+    return {"thresholds": {**OFF, **thresholds},
+            "abstain_rate": float(abstain_flags(values, thresholds).mean()),
+            "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean())
+                                for f, t in thresholds.items() if t is not None}}
+
+
+def selective_thresholds(values: dict[str, np.ndarray], rate: float,
+                         fields: tuple[str, ...] = SELECTIVE_FIELDS,
+                         extremes: tuple[str, ...] = EXTREMES) -> dict:
+    """A conformal calibration on held-out clean ``values``: the guards first, then one common
+    level L, the smallest at which the union of the guards and "some signal of ``fields`` lies
+    above level L" withholds at most ``rate`` of the held-out images (the split-conformal
+    quantile of the rule's nonconformity). Served as one threshold per signal: median + L x
+    spread, turned back to the signal's own direction."""
+    guards = guard_thresholds(values, extremes)
+    guarded = abstain_flags(values, guards)
+    scales = signal_scales(values, fields)
+    score = levels(values, scales)
+    budget = int(np.floor(rate * len(score) + 1e-9)) - int(guarded.sum())
+    free = np.sort(score[~guarded])[::-1]
+    # withhold the `budget` highest free levels: the threshold is the next one (strictly above)
+    level = float(free[max(budget, 0)]) if len(free) > max(budget, 0) else float(free.min()) - 1.0
+    best = {f: SIGNALS[f][1] * (mid + level * spread) for f, (mid, spread) in scales.items()}
+    # a lower bound below 0 never fires on a signal that is never negative (margin, agreement):
+    # served as 0, which withholds the same and is a valid setting (ModelConfig: non-negative)
+    best = {f: max(t, 0.0) if SIGNALS[f][1] < 0 else t for f, t in best.items()}
+    out = _summary(values, {**best, **guards})
+    return {**out, "level": level, "scales": {f: list(v) for f, v in scales.items()}}
+
+
+def legacy_thresholds(values: dict[str, np.ndarray], rate: float,
+                      fields: tuple[str, ...] = LEGACY_FIELDS) -> dict:
+    """The four signals served before, each an order statistic of the held-out values, deepened
+    in turn (:func:`_deepen`) while their union withholds at most ``rate``; no guard."""
+    chosen = {f: values[f] for f in fields}
+    depth = _deepen(chosen, rate)
+    return {**_summary(values, {f: _threshold(chosen[f], f, j) for f, j in depth.items()}), "depth": depth}
+
+
 def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | None = None,
-                   rate: float = 0.01, fields: tuple[str, ...] = tuple(SIGNALS)) -> dict:
-    """Thresholds of the signals ``fields`` (default: all SIGNALS; others off), set together so
-    that their union abstains on as many of ``images`` as possible but at most ``rate``, with
-    the figures behind them."""
+                   rate: float = 0.01, legacy: bool = False, fields: tuple[str, ...] | None = None) -> dict:
+    """The abstain rule calibrated on held-out clean ``images`` to withhold at most ``rate`` of
+    them: :func:`selective_thresholds` (default), or with ``legacy`` the four signals served
+    before (:func:`legacy_thresholds`; ``fields``: only these of them), with the figures
+    behind them."""
     if not 0.0 < rate < 1.0:
         raise DundiError(f"the false-abstain rate must be in (0, 1), got {rate}")
     if len(images) == 0:
         raise DundiError("no held-out images to calibrate the abstain rule on")
-    emb = model.run.embed(images, model.embed_batch)
-    r = model.run.oracle.classify(emb, model.rule)
-    values = {f: v for f, v in signal_values(images, emb, r.nearest_distance).items() if f in fields}
-    depth = _deepen(values, rate)
-    best = {f: _threshold(values[f], f, j) for f, j in depth.items()}
-    flags = abstain_flags(values, best)
-    out = {"thresholds": {**OFF, **best}, "rate": rate, "count": int(len(images)), "depth": depth,
-           "abstain_rate": float(flags.mean()), "n": model.rule.n, "m": model.rule.m, "k": model.rule.k,
-           "per_signal_rate": {f: float(abstain_flags(values, {f: t}).mean()) for f, t in best.items()}}
+    r, values = rule_values(model, images)
+    if legacy or fields is not None:
+        cal = legacy_thresholds(values, rate, LEGACY_FIELDS if fields is None else tuple(fields))
+    else:
+        cal = selective_thresholds(values, rate)
+    flags = abstain_flags(values, cal["thresholds"])
+    out = {**cal, "rate": rate, "count": int(len(images)), "n": model.rule.n, "m": model.rule.m,
+           "k": model.rule.k}
     if labels is not None:
         correct = r.labels == labels
         out["accuracy"] = float(correct.mean())

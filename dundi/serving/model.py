@@ -20,7 +20,7 @@ import numpy as np
 
 from dundi.errors import DundiError
 from dundi.nets.inference import EMBED_BATCH
-from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
+from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, CERTIFIED_SIGNALS, abstain_flags, signal_values
 from dundi.rule.params import KEPT_CLASSES, TwoStepRule
 from dundi.run.directory import Run, index_sha256, index_version
 from dundi.serving.errors import RequestError
@@ -48,6 +48,9 @@ class ModelConfig:
     abstain_min_norm: float | None = None
     abstain_max_grey: float | None = None
     abstain_max_mean: float | None = None
+    abstain_min_margin: float | None = None       # the selective signals (dundi.serving.abstain)
+    abstain_min_agree: float | None = None
+    abstain_min_range: float | None = None
     index_version: int | None = None
     certify_eps: float | None = None
 
@@ -65,7 +68,9 @@ class ModelConfig:
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles, m for min(3, n)), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
-                    '"abstain_max_mean" (non-negative numbers or null), "index_version" (an index '
+                    '"abstain_max_mean", "abstain_min_margin", "abstain_min_agree", "abstain_min_range" '
+                    '(non-negative numbers or null), '
+                    '"index_version" (an index '
                     'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
                     '(0, 1] to certify each answer at, null for the full radius)')
         if not isinstance(data, dict):
@@ -137,16 +142,24 @@ class ModelInfo:
     index_version: int | None = None       # the oracle index version answering (dundi index list)
     step1: str = ""               # how step 1 is answered: exact (float64), exact (FAISS), shortlist
     certify_eps: float | None = None  # certified_radius is this eps or 0 (None: the full radius)
+    abstain_min_margin: float | None = None       # the selective signals (dundi.serving.abstain)
+    abstain_min_agree: float | None = None
+    abstain_min_range: float | None = None
+    # signals with a threshold that the certified radius does not cover: an answer within the
+    # radius keeps its label, but these may still withhold it (CERTIFIED_SIGNALS)
+    uncertified_signals: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["in_shape"] = list(self.in_shape)
         d["class_names"] = list(self.class_names)
+        d["uncertified_signals"] = list(self.uncertified_signals)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelInfo":
-        return cls(**{**d, "in_shape": tuple(d["in_shape"]), "class_names": tuple(d["class_names"])})
+        return cls(**{**d, "in_shape": tuple(d["in_shape"]), "class_names": tuple(d["class_names"]),
+                      "uncertified_signals": tuple(d.get("uncertified_signals", ()))})
 
 
 @dataclasses.dataclass
@@ -219,6 +232,8 @@ class LoadedModel:
             # certificates need n oracles in every class: not after a few-image enrollment
             certified=run.oracle.answers_exactly(rule),
             step1=run.oracle.step1_kind(rule), certify_eps=config.certify_eps,
+            uncertified_signals=tuple(f for f in ABSTAIN_SIGNALS if f not in CERTIFIED_SIGNALS
+                                      and getattr(config, f) is not None),
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
         # Built with the model, so a new run or rule (a new LoadedModel) gets its own.
         self.certifier = run.certifier(rule) if self.info.certified else None
@@ -232,7 +247,7 @@ class LoadedModel:
         else:
             emb = self.run.embed(images, self.embed_batch)
             r = self.run.oracle.classify(emb, self.rule)
-        values = signal_values(images, emb, r.nearest_distance)
+        values = signal_values(images, emb, r.nearest_distance, r, self.run.oracle, self.rule.n)
         abstained = abstain_flags(values, {f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         labels = r.labels.astype(np.int64)
         radius = None
@@ -250,7 +265,7 @@ class LoadedModel:
 
         from dundi.robustness.certificate import AbstainGate
 
-        gate = AbstainGate(**{f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
+        gate = AbstainGate(**{f: getattr(self.config, f) for f in CERTIFIED_SIGNALS})
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         eps = self.config.certify_eps

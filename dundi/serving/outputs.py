@@ -50,8 +50,10 @@ def _floats(arr: np.ndarray) -> list:
 
 
 def abstain_parameters(info: ModelInfo) -> dict:
-    """The abstain rule's thresholds as answers report them (null: that signal is off)."""
-    return {f: getattr(info, f) for f in ABSTAIN_SIGNALS}
+    """The abstain rule's thresholds as answers report them (null: that signal is off), and the
+    signals among them that a certified radius does not cover (served outside it, by name)."""
+    return {**{f: getattr(info, f) for f in ABSTAIN_SIGNALS},
+            "uncertified_signals": list(info.uncertified_signals)}
 
 
 def _class_names(info: ModelInfo, labels: np.ndarray, abstained: np.ndarray) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dundi.data import load_split
-from dundi.serving.abstain import SIGNALS, abstain_flags, calibrate_rule, held_out_images, signal_values
+from dundi.serving.abstain import LEGACY_FIELDS, SIGNALS, abstain_flags, calibrate_rule, held_out_images, signal_values
 from dundi.serving.model import LoadedModel, ModelConfig
 
 LIMIT = 2000
@@ -43,8 +43,8 @@ def measure(run: str, sets: dict[str, np.ndarray]) -> list[dict]:
              "held-out median": float(np.median(held.nearest_distance)),
              "held-out 99th percentile": float(np.quantile(held.nearest_distance, 0.99)),
              **{name: float(np.median(v["abstain_threshold"])) for name, v in values.items()}}]
-    rules = {"distance only": ("abstain_threshold",), "all signals": tuple(SIGNALS)}
-    rules.update({f"{SIGNALS[f][0]} only": (f,) for f in SIGNALS if f != "abstain_threshold"})
+    rules = {"distance only": ("abstain_threshold",), "all signals": LEGACY_FIELDS}
+    rules.update({f"{SIGNALS[f][0]} only": (f,) for f in LEGACY_FIELDS if f != "abstain_threshold"})
     for rule, fields in rules.items():
         cal = calibrate_rule(model, images, labels, rate=0.01, fields=fields)
         rates = {name: float(abstain_flags(v, cal["thresholds"]).mean()) for name, v in values.items()}
