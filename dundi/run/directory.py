@@ -345,6 +345,11 @@ class Run:
             return tuple(self.oracle.class_names)
         return dataset_class_names(self.meta)
 
+    @property
+    def device(self) -> str:
+        """The device type the model computes on ("cpu", "cuda")."""
+        return next((p.device.type for p in self.model.parameters()), "cpu")
+
     def embed(self, images: np.ndarray, batch_size: int = EMBED_BATCH) -> np.ndarray:
         """Embeddings (B, D) float32. A run ranking by squared Euclidean distance (certifiable)
         embeds through :func:`dundi.rule.exact.embed_invariant`, so an image's embedding -- and
@@ -413,7 +418,10 @@ class Run:
 
     def certifier(self, rule: TwoStepRule | None = None):
         """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
-        whose rule uses the squared Euclidean distance can be certified (train with --certified)."""
+        whose rule uses the squared Euclidean distance can be certified (train with --certified).
+        Refuses, naming the setting, where the process's float32 arithmetic is not the one the
+        certificate assumes (:func:`dundi.nets.arithmetic.check_arithmetic`)."""
+        from dundi.nets.arithmetic import check_arithmetic
         from dundi.robustness.certificate import Certifier
 
         if self.oracle is None:
@@ -427,6 +435,7 @@ class Run:
             raise DundiError(f"{self.path}: certificates need every class to hold at least n={n} "
                              f"oracles; the index's classes hold {int(counts.min())} to "
                              f"{int(counts.max())} (use n <= {int(counts.min())})")
+        check_arithmetic(certified=True, device=self.device)
         return Certifier(self.model, self.oracle_tensor(n), rule)
 
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:
