@@ -112,7 +112,7 @@ def test_a_certified_radius_is_the_same_bits_in_any_batch(subject, separated, th
     """The radius search (the served default; on [0, 2e-4], where this untrained network's
     radii lie) and one certify_eps pass, with an active mean-pixel abstain gate: every image's
     margins, and so its radius, are the same bits in batches of 1..256 at any position."""
-    (run, probes), others = separated, subject[1][:200]
+    (run, probes), others = separated, subject[1]
     images = np.concatenate([probes, others])
     certifier = run.certifier(RULE)
     labels = run.classify(images, RULE).labels
@@ -124,7 +124,7 @@ def test_a_certified_radius_is_the_same_bits_in_any_batch(subject, separated, th
     assert (alone > 0).sum() >= 8, "too few images certified: the radius comparison checks little"
     at_eps = torch.cat([certifier._slack(x[i:i + 1], y[i:i + 1], 2e-5, gate) for i in range(len(probes))])
     rng = np.random.default_rng(10 + threads)
-    for size in [1, 2, 3, 5, 7, 13, 15, 16, 17, 33, 99, 256]:
+    for size in [1, 3, 7, 15, 16, 17, 64, 256]:
         pick = rng.choice(len(others), size, replace=False) + len(probes)
         pos = int(rng.integers(size))
         i = int(rng.integers(len(probes)))

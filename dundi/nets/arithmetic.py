@@ -64,10 +64,13 @@ def arithmetic_deviations(device: str = "cpu") -> list[str]:
         if value not in IEEE_PRECISION:
             out.append(f"{name}.fp32_precision={value!r} computes float32 in {value}: "
                        f"set {name}.fp32_precision = 'ieee'")
-    if torch.get_float32_matmul_precision() != "highest":
-        out.append(f"torch.set_float32_matmul_precision({torch.get_float32_matmul_precision()!r}) "
-                   f"allows reduced-precision float32 products: call "
-                   f"torch.set_float32_matmul_precision('highest')")
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the new fp32_precision API is in use: its switches are read above
+        matmul = "highest"
+    if matmul != "highest":
+        out.append(f"torch.set_float32_matmul_precision({matmul!r}) allows reduced-precision "
+                   f"float32 products: call torch.set_float32_matmul_precision('highest')")
     if device == "cpu" and not torch.backends.mkldnn.enabled:
         out.append("torch.backends.mkldnn.enabled=False moves convolutions to other kernels "
                    "(Winograd, not sums of products): set torch.backends.mkldnn.enabled = True")
