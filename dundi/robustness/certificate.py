@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from dundi.errors import DundiError
-from dundi.nets.bounds import input_box, propagate_served, served_layers, split_last_linear
+from dundi.nets.bounds import ETA32, input_box, outward32, propagate_served, served_layers, split_last_linear
 from dundi.rule.abstain_signals import GREY_BAND
-from dundi.rule.exact import U32, U64, ClassSums, ExactRule, fixed_sum, gamma
+from dundi.rule.exact import U32, U64, ClassSums, ExactRule, fixed_sum, gamma, pad_rows
 from dundi.rule.params import TwoStepRule
 
 RADIUS_STEPS = 12   # bisection steps: radius resolution is eps_max / 2**12
@@ -124,18 +124,23 @@ class Certifier:
         # every float64 rounding of the served rule and of these bounds, relative to the terms
         self.rel = 8 * gamma(hidden + dim + 8, U64)
         self.last_rel = gamma(hidden + 1, U32) + 4 * gamma(hidden + 2, U64)
+        # and its underflow (absolute: Higham's relative bound fails for subnormal results);
+        # float64 cannot underflow here: every product is of at most six float32 values
+        self.last_underflow = 4 * (hidden + 2) * ETA32
 
     # ---- the box of h and the pair bounds ---------------------------------------------------
     def _box(self, images: torch.Tensor, eps) -> tuple[_HBox, tuple]:
         """The h box for inputs within ``eps`` of ``images``, and the input box itself."""
-        self.bounded += len(images)
         x = images.double()
         lo, hi = input_box(x, eps.double() if torch.is_tensor(eps) else float(eps))
+        # the server rounds a float64 (JSON) request to float32: up to half an ulp past x ± eps,
+        # so the proof -- the gate signals included -- reads the outward-rounded float32 box
+        lo, hi = (t.double() for t in outward32(lo, hi))
         h_lo, h_hi = propagate_served(self.body, lo, hi)
         h_lo, h_hi = h_lo.double(), h_hi.double()
         a = torch.maximum(h_lo.abs(), h_hi.abs())
         mag = a @ self.w.abs().T + self.b.abs()
-        e = self.last_rel * mag
+        e = self.last_rel * mag + self.last_underflow   # the served float32 last layer's rounding
         return _HBox((h_hi + h_lo) / 2, (h_hi - h_lo) / 2, e, mag + e), (lo, hi)
 
     def _pair_bounds(self, box: _HBox, step: _Step, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,14 +249,21 @@ class Certifier:
         return (self._slack(images, labels.long(), eps, gate) > 0).all(1)
 
     def _slack(self, images, y, eps, gate) -> torch.Tensor:
-        """(B, J) margins of every condition: certified where all are positive."""
+        """(B, J) margins of every condition: certified where all are positive. Computed on
+        the batch padded to a multiple of ROW_BLOCK rows (:func:`pad_rows`), so an image's
+        margins -- and so its radius -- are the same bits in any batch."""
+        rows = len(images)
+        self.bounded += rows
+        if torch.is_tensor(eps) and eps.ndim == 1:
+            eps = pad_rows(eps)
+        images, y = pad_rows(images), pad_rows(y)
         box, x_box = self._box(images, eps)
         margins = self._label_slack(box, y)
         if gate is not None and gate.active:
             legacy = dataclasses.replace(gate, abstain_min_margin=None, abstain_min_range=None)
             parts = [self._gate_slack(box, x_box, y, gate)] if legacy.active else []
             margins = torch.cat([margins, *parts, self._selective_slack(box, x_box, y, gate)], 1)
-        return margins
+        return margins[:rows]
 
     @torch.no_grad()
     def radius(self, images: torch.Tensor, labels: torch.Tensor, eps_max: float = 1.0,

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from dundi.errors import DundiError
-from dundi.nets.bounds import input_box, propagate_served, served_layers, split_last_linear
+from dundi.nets.bounds import input_box, outward32, propagate_served, served_layers, split_last_linear
 from dundi.robustness.certificate import Certifier
-from dundi.rule.exact import U32, U64, gamma
+from dundi.rule.exact import U32, U64, gamma, pad_rows
 
 # Half the smallest float32 subnormal bounds the absolute error of one product that underflows
 # (sums of floats never underflow inexactly); one per term of a logit covers them all.
@@ -46,11 +46,18 @@ class SoftmaxCertifier(Certifier):
 
     def _slack(self, images: torch.Tensor, y: torch.Tensor, eps, gate) -> torch.Tensor:
         """(B, 1): the smallest lower bound of logit_y − logit_c over the ball and over c ≠ y,
-        less every rounding allowance; certified where positive."""
+        less every rounding allowance; certified where positive. As :class:`Certifier`: the
+        batch padded to a multiple of 16 rows (an image's radius is the same bits in any
+        batch) and the box rounded outward to the float32 inputs the server computes on."""
         if gate is not None and gate.active:
             raise DundiError("a native run has no abstain gate to certify: omit the gate")
-        self.bounded += len(images)
+        rows = len(images)
+        self.bounded += rows
+        if torch.is_tensor(eps) and eps.ndim == 1:
+            eps = pad_rows(eps)
+        images, y = pad_rows(images), pad_rows(y)
         lo, hi = input_box(images.double(), eps.double() if torch.is_tensor(eps) else float(eps))
+        lo, hi = (t.double() for t in outward32(lo, hi))
         h_lo, h_hi = (t.double() for t in propagate_served(self.body, lo, hi))
         centre, radius = (h_hi + h_lo) / 2, (h_hi - h_lo) / 2
         reach = torch.maximum(h_lo.abs(), h_hi.abs())                      # (B, H) bound on |h|
@@ -63,7 +70,7 @@ class SoftmaxCertifier(Certifier):
         here = self.rel * ((diff_w.abs() @ reach[:, :, None]).squeeze(-1) + diff_b.abs())
         margin = lowest - logit_error - own_error - here
         margin[torch.arange(len(y)), y] = torch.inf
-        return margin.min(1, keepdim=True).values
+        return margin.min(1, keepdim=True).values[:rows]
 
 
 __all__ = ["SoftmaxCertifier", "UNDERFLOW32"]

@@ -55,37 +55,54 @@ def fixed_sum(p: np.ndarray) -> np.ndarray:
     return p[..., 0]
 
 
+ROW_BLOCK = 16  # every kernel call sees a multiple of this many rows (see pad_rows)
+
+
+def pad_rows(x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
+    """``x`` with copies of its first row appended up to a multiple of ``block`` rows.
+
+    Why, measured on this CPU (torch 2.13, oneDNN, MKL; 1 and 2 threads): a convolution --
+    and so a Linear layer run as a 1×1 convolution -- takes another kernel path for batches
+    under 16 rows at one thread, giving a row other bits than in a batch of 16 or more (and
+    other bits than at two threads); a float64 matrix product gives a row other bits when
+    the batch is not a multiple of 4. With every call padded to a multiple of 16 rows, every
+    row has the same bits in any batch of 1..256 at any position and at 1 and 2 threads
+    (tests/test_batch_invariance.py re-checks it on the machine it runs on)."""
+    rows = len(x)
+    extra = -rows % block
+    if rows == 0 or extra == 0:
+        return x
+    return torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+
+
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x Wᵀ + b whose every row is the same bits in any batch: BLAS's matrix product blocks a
-    batch of 16 differently from a batch of 2 (other bits per row); a 1×1 convolution does
-    not, once a batch of one is computed as a batch of two (the kernels take another path
-    for a single row)."""
-    single = len(x) == 1
-    if single:
-        x = torch.cat([x, x])
-    out = nn.functional.conv2d(x[:, :, None, None], weight[:, :, None, None], bias)[:, :, 0, 0]
-    return out[:1] if single else out
+    batch of 16 differently from a batch of 2 (other bits per row); a 1×1 convolution on a
+    multiple of :data:`ROW_BLOCK` rows does not (:func:`pad_rows`)."""
+    rows = len(x)
+    out = nn.functional.conv2d(pad_rows(x)[:, :, None, None], weight[:, :, None, None], bias)[:, :, 0, 0]
+    return out[:rows]
 
 
 @torch.no_grad()
 def embed_invariant(layers: list[nn.Module], images: np.ndarray | torch.Tensor,
                     batch_size: int = 256) -> np.ndarray:
     """float32 embeddings (B, D) of the flat layer list ``layers`` whose every row is the same
-    bits whatever batch it is computed in. Convolutions are batch-invariant on the CPU kernels
-    measured (tests/test_served_rule.py checks batch sizes 1..256 at every position); Linear
-    layers go through :func:`_linear_as_conv`; a batch of one is computed as a batch of two,
-    since the kernels pick another path for a single row."""
+    bits whatever batch it is computed in, at one torch thread or two. Every chunk is padded
+    to a multiple of :data:`ROW_BLOCK` rows (:func:`pad_rows`), which pins oneDNN's convolution kernel path;
+    Linear layers run as 1×1 convolutions (:func:`invariant_linear`). Measured, not a theorem:
+    tests/test_batch_invariance.py re-checks batch sizes 1..256 at every position at 1 and 2
+    threads, and the certificate never relies on it (its bounds hold in any summation order)."""
     x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
     device = next((p.device for layer in layers for p in layer.parameters()), torch.device("cpu"))
     outs = []
     for start in range(0, len(x), batch_size):
         h = x[start:start + batch_size].to(device)
-        single = len(h) == 1
-        if single:
-            h = torch.cat([h, h])
+        rows = len(h)
+        h = pad_rows(h)
         for layer in layers:
-            h = invariant_linear(h, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(h)
-        outs.append((h[:1] if single else h).float().cpu())
+            h = invariant_linear(h, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(h)
+        outs.append(h[:rows].float().cpu())
     if not outs:
         return np.zeros((0, 0), np.float32)
     return torch.cat(outs).numpy()
@@ -190,4 +207,4 @@ class ExactRule:
                              -(self.n * sq + u_fine), nearest)
 
 
-__all__ = ["U32", "U64", "gamma", "fixed_sum", "invariant_linear", "embed_invariant", "ClassSums", "ExactRule"]
+__all__ = ["U32", "U64", "ROW_BLOCK", "gamma", "fixed_sum", "pad_rows", "invariant_linear", "embed_invariant", "ClassSums", "ExactRule"]

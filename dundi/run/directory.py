@@ -345,6 +345,11 @@ class Run:
             return tuple(self.oracle.class_names)
         return dataset_class_names(self.meta)
 
+    @property
+    def device(self) -> str:
+        """The device type the model computes on ("cpu", "cuda")."""
+        return next((p.device.type for p in self.model.parameters()), "cpu")
+
     def embed(self, images: np.ndarray, batch_size: int = EMBED_BATCH) -> np.ndarray:
         """Embeddings (B, D) float32. A run ranking by squared Euclidean distance (certifiable)
         embeds through :func:`dundi.rule.exact.embed_invariant`, so an image's embedding -- and
@@ -415,7 +420,10 @@ class Run:
         """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
         whose rule uses the squared Euclidean distance can be certified (train with --certified).
         A native run gets a :class:`dundi.robustness.native_certificate.SoftmaxCertifier` for
-        the argmax of its logits (``rule`` may only give k, which does not change the answer)."""
+        the argmax of its logits (``rule`` may only give k, which does not change the answer).
+        Refuses, naming the setting, where the process's float32 arithmetic is not the one the
+        certificate assumes (:func:`dundi.nets.arithmetic.check_arithmetic`)."""
+        from dundi.nets.arithmetic import check_arithmetic
         from dundi.robustness.certificate import Certifier
 
         if self.meta["kind"] == "native":
@@ -424,6 +432,7 @@ class Run:
             if rule is not None and (rule.n is not None or rule.m is not None or rule.metric is not None):
                 raise DundiError(f"{self.path} is a native run: it has no oracles, so n, m and the metric "
                                  f"do not apply; omit them (its answer is the argmax of its logits)")
+            check_arithmetic(certified=True, device=self.device)
             return SoftmaxCertifier(self.model)
         if self.oracle is None:
             raise DundiError(f"{self.path} has no oracle index: only DunDi runs can be certified")
@@ -436,6 +445,7 @@ class Run:
             raise DundiError(f"{self.path}: certificates need every class to hold at least n={n} "
                              f"oracles; the index's classes hold {int(counts.min())} to "
                              f"{int(counts.max())} (use n <= {int(counts.min())})")
+        check_arithmetic(certified=True, device=self.device)
         return Certifier(self.model, self.oracle_tensor(n), rule)
 
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:

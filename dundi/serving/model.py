@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dundi.errors import DundiError
+from dundi.nets.arithmetic import check_arithmetic
 from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, CERTIFIED_SIGNALS, abstain_flags, signal_values
 from dundi.rule.params import KEPT_CLASSES, TwoStepRule
@@ -235,7 +236,10 @@ class LoadedModel:
             uncertified_signals=tuple(f for f in ABSTAIN_SIGNALS if f not in CERTIFIED_SIGNALS
                                       and getattr(config, f) is not None),
             **{f: getattr(config, f) for f in ABSTAIN_SIGNALS})
-        # Built with the model, so a new run or rule (a new LoadedModel) gets its own.
+        # Built with the model, so a new run or rule (a new LoadedModel) gets its own; a
+        # certified run refuses an arithmetic its proof does not cover, before any answer.
+        if not self.info.certified:
+            check_arithmetic(certified=False, device=run.device)  # warns, naming the setting
         self.certifier = run.certifier(rule) if self.info.certified else None
 
     def predict(self, images: np.ndarray) -> Prediction:
