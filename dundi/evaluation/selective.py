@@ -29,9 +29,9 @@ def p_values(calibration: np.ndarray, values: np.ndarray, direction: int) -> np.
 
 def confidence(values: dict[str, np.ndarray], scales: dict, guards: dict[str, float]) -> np.ndarray:
     """(B,) a rule's confidence: minus its nonconformity (the largest standardized level of its
-    scaled signals, :func:`dundi.serving.abstain.levels`), and -inf where a guard withholds --
+    scaled signals, :func:`dundi.rule.abstain_signals.levels`), and -inf where a guard withholds --
     so a rule withholding above one level withholds exactly the least confident."""
-    from dundi.serving.abstain import levels
+    from dundi.rule.abstain_signals import levels
 
     score = -levels(values, scales)
     if guards:

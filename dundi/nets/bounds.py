@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,22 +29,21 @@ from dundi.rule.exact import U32, gamma, invariant_linear
 Box = tuple[torch.Tensor, torch.Tensor]
 
 
+# Networks made of parts, by exact type -> their parts in forward order. dundi.nets.models
+# registers its Distance NN, Embedding module and native network here (it imports this module,
+# so this one cannot import it); a subclass, which may have its own forward, is not found and
+# so stays a leaf, refused by the bounds.
+COMPOSITES: dict[type, Callable[[nn.Module], list[nn.Module]]] = {nn.Sequential: lambda net: list(net)}
+
+
 def layers_of(net: nn.Module) -> list[nn.Module]:
-    """The network as a flat list of leaf layers in forward order.
-
-    A Distance NN is ``backbone`` (an ``nn.Sequential``) then ``embedding.net``, a native
-    network ``features`` then ``head``; a plain
-    ``nn.Sequential`` is flattened recursively. Anything else must be a single leaf layer.
-    """
-    from dundi.nets.models import DistanceNet, EmbeddingModule, NativeNet  # models imports this module
-
-    if type(net).forward is DistanceNet.forward and type(net.embedding).forward is EmbeddingModule.forward:
-        return layers_of(net.backbone) + layers_of(net.embedding.net)
-    if type(net).forward is NativeNet.forward:  # a native softmax network
-        return layers_of(net.features) + [net.head]
-    if type(net) is nn.Sequential:  # a subclass may have its own forward: a leaf, refused below
-        return [leaf for child in net for leaf in layers_of(child)]
-    return [net]
+    """The network as a flat list of leaf layers in forward order: the parts of a registered
+    composite (:data:`COMPOSITES`: ``nn.Sequential``, a Distance NN's backbone then embedding,
+    a native network's features then head), flattened recursively; anything else is a leaf."""
+    parts = COMPOSITES.get(type(net))
+    if parts is None:
+        return [net]
+    return [leaf for part in parts(net) for leaf in layers_of(part)]
 
 
 def _affine(layer: nn.Module, centre: torch.Tensor, radius: torch.Tensor) -> Box:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dundi.nets.bounds import propagate, split_last_linear
+from dundi.nets.bounds import COMPOSITES, propagate, split_last_linear
 
 EMBED_DIM = 128
 
@@ -205,6 +205,12 @@ class DistanceNet(nn.Module):
             return emb
         h_lo, h_hi = propagate(split_last_linear(self)[0], *box)
         return emb, h_lo, h_hi
+
+
+# what interval bounds may flatten, matched by exact type (dundi.nets.bounds.layers_of)
+COMPOSITES[NativeNet] = lambda net: [net.features, net.head]
+COMPOSITES[EmbeddingModule] = lambda net: [net.net]
+COMPOSITES[DistanceNet] = lambda net: [net.backbone, net.embedding]
 
 
 def build_distance_net(arch: str, in_shape: tuple[int, int, int], embed_dim: int = EMBED_DIM,

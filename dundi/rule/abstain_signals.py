@@ -88,5 +88,25 @@ def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | N
     return flags
 
 
+SCALE_QUANTILES = (0.5, 0.99)  # a signal's level: (value - median) / (99th percentile - median)
+
+
+def signal_scales(values: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Per signal, (median, spread) of its held-out values turned so that larger is more
+    unusual: a value's level is (value - median) / spread, spread = 99th percentile - median."""
+    out = {}
+    for f in fields:
+        v = ABSTAIN_SIGNALS[f][1] * np.asarray(values[f], np.float64)
+        mid, top = np.quantile(v, SCALE_QUANTILES)
+        out[f] = (float(mid), float(max(top - mid, 1e-12)))
+    return out
+
+
+def levels(values: dict[str, np.ndarray], scales: dict[str, tuple[float, float]]) -> np.ndarray:
+    """(B,) the largest standardized level over the scaled signals: the rule's nonconformity."""
+    return np.max([(ABSTAIN_SIGNALS[f][1] * np.asarray(values[f], np.float64) - mid) / spread
+                   for f, (mid, spread) in scales.items()], axis=0)
+
+
 __all__ = ["ABSTAIN_SIGNALS", "CERTIFIED_SIGNALS", "GREY_BAND", "grey_share", "mean_pixel", "embedding_norm",
-           "signal_values", "abstain_flags"]
+           "signal_values", "abstain_flags", "SCALE_QUANTILES", "signal_scales", "levels"]

@@ -21,7 +21,14 @@ import os
 import numpy as np
 
 from dundi.errors import DundiError
-from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, abstain_flags, signal_values
+from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: re-exported)
+    ABSTAIN_SIGNALS,
+    SCALE_QUANTILES,
+    abstain_flags,
+    levels,
+    signal_scales,
+    signal_values,
+)
 from dundi.rule.selective_signals import BLANK_RANGE
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run, save_calibration, stored_calibration  # noqa: F401 (the rule's store)
@@ -81,7 +88,6 @@ SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agre
 EXTREMES = ("abstain_max_mean",)
 LEGACY_FIELDS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean")
 GUARDS = {"abstain_min_range": BLANK_RANGE}  # fixed, not calibrated: no stroke, no digit
-SCALE_QUANTILES = (0.5, 0.99)  # a signal's level: (value - median) / (99th percentile - median)
 
 
 def rule_values(model: LoadedModel, images: np.ndarray):
@@ -89,23 +95,6 @@ def rule_values(model: LoadedModel, images: np.ndarray):
     emb = model.run.embed(images, model.embed_batch)
     r = model.run.oracle.classify(emb, model.rule)
     return r, signal_values(images, emb, r.nearest_distance, r, model.run.oracle, model.rule.n)
-
-
-def signal_scales(values: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    """Per signal, (median, spread) of its held-out values turned so that larger is more
-    unusual: a value's level is (value - median) / spread, spread = 99th percentile - median."""
-    out = {}
-    for f in fields:
-        v = SIGNALS[f][1] * np.asarray(values[f], np.float64)
-        mid, top = np.quantile(v, SCALE_QUANTILES)
-        out[f] = (float(mid), float(max(top - mid, 1e-12)))
-    return out
-
-
-def levels(values: dict[str, np.ndarray], scales: dict[str, tuple[float, float]]) -> np.ndarray:
-    """(B,) the largest standardized level over the scaled signals: the rule's nonconformity."""
-    return np.max([(SIGNALS[f][1] * np.asarray(values[f], np.float64) - mid) / spread
-                   for f, (mid, spread) in scales.items()], axis=0)
 
 
 def guard_thresholds(values: dict[str, np.ndarray], extremes: tuple[str, ...]) -> dict[str, float]:
