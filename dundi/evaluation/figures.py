@@ -34,6 +34,7 @@ BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /f
 PAPER_NAMES = {"native1": "Native Model1 (LeNet-1)", "native4": "Native Model2 (LeNet-4)",
                "native5": "Native Model3 (LeNet-5)", "R1": "DunDi_R1", "R4": "DunDi_R2",
                "R5": "DunDi_R3", "P1": "DunDi_P1", "P4": "DunDi_P2", "P5": "DunDi_P3"}
+NATIVE_COLUMN = 1  # a native run has no n: its accuracy stands in Table 1's first column, as in the paper
 SIX = ("DunDi_R1", "DunDi_R2", "DunDi_R3", "DunDi_P1", "DunDi_P2", "DunDi_P3")
 PAPER_ATTACKS = (("fgsm@0.3", "FGSM"), ("ifgsm-a@0.3", "iFGSM-a"), ("ifgsm-b@0.3", "iFGSM-b"),
                  ("jsma@0.1", "JSMA"))
@@ -162,7 +163,8 @@ def _table1(root: Path, dataset_dir: str, runs: tuple[str, ...] = tuple(PAPER_NA
     count = lines[0]["count"]
     for line in lines:
         name = line["run"].rsplit("/", 1)[-1]
-        by_run.setdefault(name, {})[line.get("n", 1)] = line["accuracy"]
+        column = line["n"] if "n" in line else NATIVE_COLUMN
+        by_run.setdefault(name, {})[column] = line["accuracy"]
         count_of(line["accuracy"], line["count"])
     rows = []
     for name in runs:

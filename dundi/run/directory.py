@@ -426,7 +426,7 @@ class Run:
         from dundi.nets.arithmetic import check_arithmetic
         from dundi.robustness.certificate import Certifier
 
-        if self.meta["kind"] == "native":
+        if self.meta.get("kind") == "native":
             from dundi.robustness.native_certificate import SoftmaxCertifier
 
             if rule is not None and (rule.n is not None or rule.m is not None or rule.metric is not None):
