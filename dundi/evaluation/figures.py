@@ -365,7 +365,7 @@ def _aa_cells(root: Path, report: str | None, eps: float) -> tuple[str, str]:
 
 
 # (eps trained at, run-name suffix, eps certified, AutoAttack evaluation or None)
-EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3"), (0.15, "-eps015", "0.1", None))
+EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3"), (0.15, "-eps015", "0.1", "aa-eps0.1"))
 
 
 def _equal_terms(root: Path) -> str:
