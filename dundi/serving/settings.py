@@ -47,8 +47,9 @@ class ServeSettings:
     max_body_bytes: int = 16 * 1024 * 1024  # request body, before parsing
     request_timeout_s: float = 30.0        # a request waiting longer for the model gets 504
     # inference requests in progress per process; more get 503. 32 (two model batches) over 64:
-    # under 4x overload 0.87-0.90x of the sustainable rate answered against 0.78-0.80x on the
-    # plain server, 0.57-0.70x against 0.53-0.58x with HAProxy (docs/serving.md, "Overload")
+    # under 4x overload 0.86-0.90x of the sustainable rate answered at 32 against 0.78-0.90x at
+    # 64 on the plain server, 0.57-0.72x against 0.53-0.65x with HAProxy; 32 won every one of
+    # the alternated pairs (docs/serving.md, "Overload")
     max_pending: int = 32
     auth_token_sha256: str | None = None   # None: inference routes are open
     admin_token_sha256: str | None = None  # None: /admin/reload is disabled
