@@ -93,6 +93,17 @@ class _HBox:
     zabs: torch.Tensor
 
 
+def served_h_box(body: list, images: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """float64 bounds on the activations entering a network's last layer for every input
+    within ``eps`` of ``images`` as served, and that input box. The server rounds a float64
+    (JSON) request to float32, up to half an ulp past x ± eps, so the box is the outward-rounded
+    float32 one (the gate signals read it too)."""
+    lo, hi = input_box(images.double(), eps.double() if torch.is_tensor(eps) else float(eps))
+    lo, hi = (t.double() for t in outward32(lo, hi))
+    h_lo, h_hi = propagate_served(body, lo, hi)
+    return h_lo.double(), h_hi.double(), (lo, hi)
+
+
 class Certifier:
     """Certificates of one Distance NN with one oracle set for Algorithm 1 (n, m, k), for the
     answers :class:`ExactRule` gives on :func:`embed_invariant` embeddings.
@@ -131,13 +142,7 @@ class Certifier:
     # ---- the box of h and the pair bounds ---------------------------------------------------
     def _box(self, images: torch.Tensor, eps) -> tuple[_HBox, tuple]:
         """The h box for inputs within ``eps`` of ``images``, and the input box itself."""
-        x = images.double()
-        lo, hi = input_box(x, eps.double() if torch.is_tensor(eps) else float(eps))
-        # the server rounds a float64 (JSON) request to float32: up to half an ulp past x ± eps,
-        # so the proof -- the gate signals included -- reads the outward-rounded float32 box
-        lo, hi = (t.double() for t in outward32(lo, hi))
-        h_lo, h_hi = propagate_served(self.body, lo, hi)
-        h_lo, h_hi = h_lo.double(), h_hi.double()
+        h_lo, h_hi, (lo, hi) = served_h_box(self.body, images, eps)
         a = torch.maximum(h_lo.abs(), h_hi.abs())
         mag = a @ self.w.abs().T + self.b.abs()
         e = self.last_rel * mag + self.last_underflow   # the served float32 last layer's rounding
@@ -256,14 +261,17 @@ class Certifier:
         self.bounded += rows
         if torch.is_tensor(eps) and eps.ndim == 1:
             eps = pad_rows(eps)
-        images, y = pad_rows(images), pad_rows(y)
+        return self._margins(pad_rows(images), pad_rows(y), eps, gate)[:rows]
+
+    def _margins(self, images, y, eps, gate) -> torch.Tensor:
+        """:meth:`_slack` on a padded batch: the rule's two conditions and the gate's."""
         box, x_box = self._box(images, eps)
         margins = self._label_slack(box, y)
         if gate is not None and gate.active:
             legacy = dataclasses.replace(gate, abstain_min_margin=None, abstain_min_range=None)
             parts = [self._gate_slack(box, x_box, y, gate)] if legacy.active else []
             margins = torch.cat([margins, *parts, self._selective_slack(box, x_box, y, gate)], 1)
-        return margins[:rows]
+        return margins
 
     @torch.no_grad()
     def radius(self, images: torch.Tensor, labels: torch.Tensor, eps_max: float = 1.0,

@@ -16,21 +16,17 @@ import torch
 from torch import nn
 
 from dundi.errors import DundiError
-from dundi.nets.bounds import input_box, outward32, propagate_served, served_layers, split_last_linear
-from dundi.robustness.certificate import Certifier
-from dundi.rule.exact import U32, U64, gamma, pad_rows
-
-# Half the smallest float32 subnormal bounds the absolute error of one product that underflows
-# (sums of floats never underflow inexactly); one per term of a logit covers them all.
-UNDERFLOW32 = 2.0 ** -150
+from dundi.nets.bounds import ETA32, served_layers, split_last_linear
+from dundi.robustness.certificate import Certifier, served_h_box
+from dundi.rule.exact import U32, U64, gamma
 
 
 class SoftmaxCertifier(Certifier):
     """Certificates of a native softmax network's answers in L∞ balls.
 
     It shares :class:`Certifier`'s public methods (``certified_at``, ``radius``, ``batched``),
-    which read the network only through ``_slack``; what differs is the margin: the logits'
-    argmax instead of the two-step rule. A native run has no abstain gate."""
+    and its padded ``_slack``, which read the network only through ``_margins``; what differs is
+    the margin: the logits' argmax instead of the two-step rule. A native run has no abstain gate."""
 
     def __init__(self, net: nn.Module):  # noqa: D107 -- Certifier's oracle set does not apply
         body, head = split_last_linear(net)
@@ -41,24 +37,16 @@ class SoftmaxCertifier(Certifier):
         self.num_classes, hidden = self.w.shape
         self.bounded = 0
         self.logit_rel = gamma(hidden + 1, U32)          # each served float32 logit, any order
-        self.logit_abs = (hidden + 1) * UNDERFLOW32      # ... and its underflows
+        self.logit_abs = (hidden + 1) * ETA32 / 2        # ... and its underflows (half a subnormal a product)
         self.rel = 4 * gamma(hidden + 4, U64)            # this float64 margin arithmetic
 
-    def _slack(self, images: torch.Tensor, y: torch.Tensor, eps, gate) -> torch.Tensor:
-        """(B, 1): the smallest lower bound of logit_y − logit_c over the ball and over c ≠ y,
-        less every rounding allowance; certified where positive. As :class:`Certifier`: the
-        batch padded to a multiple of 16 rows (an image's radius is the same bits in any
-        batch) and the box rounded outward to the float32 inputs the server computes on."""
+    def _margins(self, images: torch.Tensor, y: torch.Tensor, eps, gate) -> torch.Tensor:
+        """(B, 1) on a padded batch (:meth:`Certifier._slack`): the smallest lower bound of
+        logit_y − logit_c over the ball as served and over c ≠ y, less every rounding
+        allowance; certified where positive."""
         if gate is not None and gate.active:
             raise DundiError("a native run has no abstain gate to certify: omit the gate")
-        rows = len(images)
-        self.bounded += rows
-        if torch.is_tensor(eps) and eps.ndim == 1:
-            eps = pad_rows(eps)
-        images, y = pad_rows(images), pad_rows(y)
-        lo, hi = input_box(images.double(), eps.double() if torch.is_tensor(eps) else float(eps))
-        lo, hi = (t.double() for t in outward32(lo, hi))
-        h_lo, h_hi = (t.double() for t in propagate_served(self.body, lo, hi))
+        h_lo, h_hi, _ = served_h_box(self.body, images, eps)
         centre, radius = (h_hi + h_lo) / 2, (h_hi - h_lo) / 2
         reach = torch.maximum(h_lo.abs(), h_hi.abs())                      # (B, H) bound on |h|
         diff_w = self.w[y][:, None, :] - self.w[None]                      # (B, C, H) W_y − W_c
@@ -70,7 +58,7 @@ class SoftmaxCertifier(Certifier):
         here = self.rel * ((diff_w.abs() @ reach[:, :, None]).squeeze(-1) + diff_b.abs())
         margin = lowest - logit_error - own_error - here
         margin[torch.arange(len(y)), y] = torch.inf
-        return margin.min(1, keepdim=True).values[:rows]
+        return margin.min(1, keepdim=True).values
 
 
-__all__ = ["SoftmaxCertifier", "UNDERFLOW32"]
+__all__ = ["SoftmaxCertifier"]
