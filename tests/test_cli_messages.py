@@ -156,13 +156,14 @@ def test_parser_choices_and_defaults_mirror_the_modules_that_define_them():
     from dundi.data.specs import DATASETS, SPLITS
     from dundi.nets.models import ARCHITECTURES
     from dundi.rule.index import METRICS
-    from dundi.training.config import ADV_LOSSES, ADV_TARGETS, MINING, TrainConfig
+    from dundi.training.config import ADV_LOSSES, ADV_TARGETS, CERT_HEADS, MINING, TrainConfig
     from dundi.training.losses import LOSSES
 
     assert choices.DATASETS == tuple(DATASETS) and choices.SPLITS == tuple(SPLITS)
     assert choices.ARCHITECTURES == tuple(ARCHITECTURES)
-    assert (choices.LOSSES, choices.METRICS, choices.MINING, choices.ADV_TARGETS, choices.ADV_LOSSES) == (
-        tuple(LOSSES), tuple(METRICS), tuple(MINING), tuple(ADV_TARGETS), tuple(ADV_LOSSES))
+    assert (choices.LOSSES, choices.METRICS, choices.MINING, choices.ADV_TARGETS, choices.ADV_LOSSES,
+            choices.CERT_HEADS) == (
+        tuple(LOSSES), tuple(METRICS), tuple(MINING), tuple(ADV_TARGETS), tuple(ADV_LOSSES), tuple(CERT_HEADS))
     defaults = dataclasses.asdict(TrainConfig())
     assert choices.TRAIN_DEFAULTS == {k: defaults[k] for k in choices.TRAIN_DEFAULTS}
     from dundi.evaluation.evaluate import EvalConfig

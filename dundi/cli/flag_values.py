@@ -20,6 +20,7 @@ METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean")                       # 
 MINING: tuple[str, ...] = ("random", "batch-hard")                            # dundi.training.passes
 ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.training.passes
 ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.training.passes
+CERT_HEADS: tuple[str, ...] = ("batch", "prototypes")                        # dundi.training.config
 CLASSIFY_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")      # dundi.serving.answers
 EVAL_SHARD_SIZE = 64                        # dundi.evaluation.evaluate.EvalConfig.shard_size
 
@@ -30,4 +31,5 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.1, "adv_eps": 0.3, "adv_steps": 10, "adv_mix": 0.5, "adv_warmup": 0,
     "adv_target": "classes", "adv_loss": "prototype", "cert_eps": 0.3, "cert_mix": 0.5,
     "cert_warmup": 3.0, "cert_ramp": 30.0, "cert_per_class": 20,
+    "cert_head": "batch",
 }

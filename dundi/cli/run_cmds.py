@@ -105,6 +105,11 @@ def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace, native: 
                       help="epochs over which eps and mix grow to their final values (default %(default)s)")
     cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
                       help="images of each class per batch (default %(default)s)")
+    if not native:
+        cert.add_argument("--cert-head", default=d.cert_head, choices=choices.CERT_HEADS,
+                          help="what the head is trained against: batch (each class's other images in "
+                               "the batch, the default) | prototypes (learned class prototypes; `dundi "
+                               "index build` then herds the oracles toward them)")
 
 
 def _add_adversarial_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:

@@ -181,7 +181,7 @@ class DistanceNet(nn.Module):
     """The Distance NN: DNN module (``backbone``) + Embedding module. Returns f(x)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int = EMBED_DIM,
-                 frozen_backbone: bool = False, hidden: int = 256):
+                 frozen_backbone: bool = False, hidden: int = 256, prototypes: int = 0):
         super().__init__()
         self.backbone = backbone
         self.embedding = EmbeddingModule(feature_dim, embed_dim, hidden)
@@ -189,6 +189,19 @@ class DistanceNet(nn.Module):
         self.frozen_backbone = frozen_backbone
         if frozen_backbone:
             self.backbone.requires_grad_(False)
+        if prototypes:  # certified training's learned class prototypes (--cert-head prototypes)
+            self.prototypes = nn.Parameter(0.1 * torch.randn(prototypes, embed_dim))
+            self.spread = nn.Parameter(torch.zeros(prototypes))
+
+    def prototype_head(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The linear head (C, D) weights 2p_c and (C,) biases −(‖p_c‖² + s_c) that learned
+        prototypes stand for, or None. A class's n oracles score 2z·μ_c − ν̄_c, with
+        ν̄_c = ‖μ_c‖² + their spread (≥ 0, hence the softplus): the head any oracle set with
+        mean p_c and that spread realises, which index building herds toward."""
+        if not hasattr(self, "prototypes"):
+            return None
+        p = self.prototypes
+        return 2 * p, -((p * p).sum(1) + nn.functional.softplus(self.spread))
 
     def train(self, mode: bool = True) -> "DistanceNet":
         super().train(mode)
@@ -214,10 +227,11 @@ COMPOSITES[DistanceNet] = lambda net: [net.backbone, net.embedding]
 
 
 def build_distance_net(arch: str, in_shape: tuple[int, int, int], embed_dim: int = EMBED_DIM,
-                       pretrained: NativeNet | None = None) -> DistanceNet:
-    """DunDi_R (``pretrained=None``: fresh backbone, all trained) or DunDi_P (frozen copy)."""
+                       pretrained: NativeNet | None = None, prototypes: int = 0) -> DistanceNet:
+    """DunDi_R (``pretrained=None``: fresh backbone, all trained) or DunDi_P (frozen copy);
+    ``prototypes`` classes of learned prototypes for certified training's prototype head."""
     if pretrained is None:
         features, dim = _features(arch, in_shape)
-        return DistanceNet(features, dim, embed_dim, hidden=EMBED_HIDDEN.get(arch, 256))
+        return DistanceNet(features, dim, embed_dim, hidden=EMBED_HIDDEN.get(arch, 256), prototypes=prototypes)
     return DistanceNet(copy.deepcopy(pretrained.features), pretrained.feature_dim, embed_dim,
                        frozen_backbone=True)

@@ -40,11 +40,8 @@ def margin_oracles(model: nn.Module, images: np.ndarray, labels: np.ndarray, n: 
     """Indices into ``images`` of n oracles per class, class-major (as OracleIndex.select):
     ``pool`` candidates per class, weights fitted on ``fit_images`` boxes in ``steps`` steps."""
     rng = np.random.default_rng([seed, 17])
-    pools = [rng.choice(np.flatnonzero(labels == c), max(n, min(pool, int((labels == c).sum()))),
-                        replace=False) for c in range(num_classes)]
+    pools, emb = _pools(model, images, labels, n, num_classes, pool, rng)
     fit = rng.choice(len(labels), min(fit_images, len(labels)), replace=False)
-    model = model.eval()
-    emb = [torch.from_numpy(forward_batched(model, images[p])).double() for p in pools]
     body, last = split_last_linear(model)
     with torch.no_grad():
         x = torch.from_numpy(images[fit]).float()
@@ -54,6 +51,26 @@ def margin_oracles(model: nn.Module, images: np.ndarray, labels: np.ndarray, n: 
     y = torch.from_numpy(labels[fit]).long()
     mu, nu = _fit_weights(emb, h, h_lo, h_hi, y, weight, bias, steps)
     return np.concatenate([pools[c][_herd(emb[c], mu[c], nu[c], n)] for c in range(num_classes)]).astype(np.int64)
+
+
+def prototype_oracles(model: nn.Module, images: np.ndarray, labels: np.ndarray, n: int,
+                      num_classes: int, seed: int, pool: int = POOL) -> np.ndarray:
+    """Indices of n oracles per class, class-major, herded toward the learned prototypes of a
+    run trained with ``--cert-head prototypes``: their mean embedding and mean squared norm
+    come as close as ``pool`` candidates allow to the p_c and ‖p_c‖² + s_c it was trained on."""
+    weights, biases = (t.detach().double() for t in model.prototype_head())
+    pools, emb = _pools(model, images, labels, n, num_classes, pool, np.random.default_rng([seed, 17]))
+    return np.concatenate([pools[c][_herd(emb[c], weights[c] / 2, -biases[c], n)]
+                           for c in range(num_classes)]).astype(np.int64)
+
+
+def _pools(model: nn.Module, images: np.ndarray, labels: np.ndarray, n: int, num_classes: int,
+           pool: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """Per class ``pool`` seeded candidate training images (at least n) and their embeddings."""
+    pools = [rng.choice(np.flatnonzero(labels == c), max(n, min(pool, int((labels == c).sum()))),
+                        replace=False) for c in range(num_classes)]
+    model = model.eval()
+    return pools, [torch.from_numpy(forward_batched(model, images[p])).double() for p in pools]
 
 
 def _fit_weights(emb: list[torch.Tensor], h: torch.Tensor, h_lo: torch.Tensor, h_hi: torch.Tensor,
@@ -99,4 +116,4 @@ def _herd(emb: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, n: int) -> np.n
     return np.array(chosen, dtype=np.int64)
 
 
-__all__ = ["margin_oracles", "POOL", "FIT_IMAGES", "FIT_STEPS"]
+__all__ = ["margin_oracles", "prototype_oracles", "POOL", "FIT_IMAGES", "FIT_STEPS"]

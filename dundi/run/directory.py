@@ -121,7 +121,8 @@ def build_from_meta(meta: dict) -> nn.Module:
         return build_native(meta["arch"], shape, meta["num_classes"], hidden=meta.get("hidden"))
     if meta["kind"] == "dundi":
         pretrained = build_native(meta["arch"], shape, meta["num_classes"]) if meta["mode"] == "P" else None
-        return build_distance_net(meta["arch"], shape, meta["embed_dim"], pretrained=pretrained)
+        return build_distance_net(meta["arch"], shape, meta["embed_dim"], pretrained=pretrained,
+                                  prototypes=meta.get("prototypes", 0))
     raise DundiError(f"unknown run kind {meta['kind']!r} in {RUN_FILE}")
 
 

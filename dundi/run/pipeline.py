@@ -166,6 +166,14 @@ def native_hidden(cfg: TrainConfig) -> int | None:
     return EMBED_HIDDEN.get(cfg.arch, 256) if cfg.certified else None
 
 
+def prototype_count(cfg: TrainConfig) -> int:
+    """How many learned prototypes a DunDi run carries: one per class under certified
+    training's prototype head, else none (how build_from_meta rebuilds it: meta["prototypes"])."""
+    if not (cfg.certified and cfg.cert_head == "prototypes"):
+        return 0
+    return len(kept_classes(cfg, _spec(cfg.dataset).num_classes))
+
+
 def new_native_net(cfg: TrainConfig) -> nn.Module:
     """A native model with weights initialised from ``cfg.seed`` (the same on every machine)."""
     spec = _spec(cfg.dataset)
@@ -179,7 +187,9 @@ def new_distance_net(cfg: TrainConfig, pretrained: str | os.PathLike | None) -> 
     spec = _spec(cfg.dataset)
     torch.manual_seed(cfg.seed)
     if pretrained is None:
-        return build_distance_net(cfg.arch, spec.shape, cfg.embed_dim), {"mode": "R"}
+        prototypes = prototype_count(cfg)
+        return (build_distance_net(cfg.arch, spec.shape, cfg.embed_dim, prototypes=prototypes),
+                {"mode": "R", **({"prototypes": prototypes} if prototypes else {})})
     native, nmeta = load_model(pretrained)
     if nmeta["kind"] != "native":
         raise DundiError(f"--pretrained {pretrained} is not a native run (it is {nmeta['kind']!r})")
@@ -239,7 +249,8 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
     the classes the run was trained on, named as the dataset names them: classes enrolled
     since (`dundi index add`) are not carried over. With ``margin_eps`` the oracles are chosen
     for certified margin at that L∞ budget (:mod:`dundi.robustness.margin_oracles`; certified
-    runs only; ``margin_fit`` passes pool, fit_images and steps on), else at random."""
+    runs only; ``margin_fit`` passes pool, fit_images and steps on), else herded toward the
+    run's learned prototypes where it has them (``--cert-head prototypes``), else at random."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
@@ -249,7 +260,12 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
                          f"need a certified run (dundi train --certified); build without --select-eps")
     images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
                                                      limit=meta["config"].get("limit")), trained=True)
-    if margin_eps is None:
+    if margin_eps is None and meta.get("prototypes"):
+        from dundi.robustness.margin_oracles import prototype_oracles
+
+        pick = prototype_oracles(model, images, labels, n, meta["num_classes"], seed)
+        how = {"select": "prototypes"}
+    elif margin_eps is None:
         pick, how = OracleIndex.select(labels, n, seed, meta["num_classes"]), {}
     else:
         from dundi.robustness.margin_oracles import margin_oracles

@@ -16,6 +16,12 @@ time), and minimises
 with eps ramped up from 0 and mix from 0 (the IBP schedule; a full budget from random
 weights collapses). The deployed oracle database is n random training images per class, so
 the model is trained on the statistic it is judged by.
+
+With ``--cert-head prototypes`` the head's weights are free instead: learned class prototypes
+p_c and spreads s_c (``DistanceNet.prototype_head``), as a softmax network's last layer is
+free, and index building herds n real training images per class toward them. This separates
+the two suspects for certified DunDi's gap to softmax IBP: noisy batch means tied to the
+embedding, or the rule itself.
 """
 
 from __future__ import annotations
@@ -94,11 +100,16 @@ def certified_batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.T
     """The mixed clean / worst-case loss of one class-balanced batch, and its clean and
     batch-certified accuracy (certified against the batch's own oracles). ``model`` is a
     Distance NN, possibly wrapped in DistributedDataParallel."""
-    _, last = split_last_linear(getattr(model, "module", model))
+    inner = getattr(model, "module", model)
+    _, last = split_last_linear(inner)
     robust = eps > 0 and mix > 0
     out = model(images, box=input_box(images, eps)) if robust else model(images)
     emb = out[0] if robust else out
-    weights, biases = oracle_head(emb, labels, num_classes)
+    learned = inner.prototype_head()
+    if learned is None:
+        weights, biases = oracle_head(emb, labels, num_classes)
+    else:
+        weights, biases = learned[0].expand(len(labels), -1, -1), learned[1].expand(len(labels), -1)
     logits = (weights @ emb[:, :, None]).squeeze(-1) + biases
     worst = worst_case_logits(out[1], out[2], last, weights, biases, labels) if robust else None
     return _mixed(logits, worst, labels, mix)

@@ -13,6 +13,7 @@ from dundi.training.losses import LOSSES
 MINING = ("random", "batch-hard")
 ADV_TARGETS = ("classes", "tuple")
 ADV_LOSSES = ("prototype", "triplet")
+CERT_HEADS = ("batch", "prototypes")  # what certified DunDi's head is trained against
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     cert_warmup: float = 3.0       # epochs of clean training before the budget starts to grow
     cert_ramp: float = 30.0        # epochs over which eps and mix grow linearly to their final values
     cert_per_class: int = 20       # images of each class per batch (the batch is the oracle database)
+    cert_head: str = "batch"       # batch: the batch's own class means; prototypes: learned ones
 
     def __post_init__(self) -> None:
         # JSON gives back a list; one canonical form keeps saved and resumed configs equal
@@ -80,6 +82,8 @@ class TrainConfig:
             raise DundiError(f"--adv-loss {self.adv_loss!r} is unknown: choose one of {', '.join(ADV_LOSSES)}")
         if self.adv_warmup < 0:
             raise DundiError(f"adv_warmup must be 0 or more epochs, got {self.adv_warmup}")
+        if self.cert_head != "batch" and not self.certified:
+            raise DundiError(f"--cert-head {self.cert_head} is a head of certified training: add --certified")
         if self.certified:
             from dundi.nets.models import CERTIFIABLE
 
@@ -94,6 +98,8 @@ class TrainConfig:
             if not (0 < self.cert_eps <= 1 and 0 <= self.cert_mix <= 1):
                 raise DundiError(f"certified training needs 0 < cert_eps <= 1 and 0 <= cert_mix <= 1; "
                                  f"got {self.cert_eps}, {self.cert_mix}")
+            if self.cert_head not in CERT_HEADS:
+                raise DundiError(f"--cert-head {self.cert_head!r} is unknown: choose one of {', '.join(CERT_HEADS)}")
             if self.cert_per_class < 2 or self.cert_warmup < 0 or self.cert_ramp < 0:
                 raise DundiError("certified training needs cert_per_class >= 2 (a class's other members "
                                  "are its oracles) and cert_warmup, cert_ramp >= 0 epochs")
