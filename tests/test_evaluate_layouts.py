@@ -129,3 +129,35 @@ def test_ray_actors_give_the_same_rows(layout_cfg, one_thread_rows, ray_local, t
 
     evaluate_on_ray(layout_cfg, tmp_path / "ray", workers=2, progress=False, log=lambda s: None)
     _assert_same_rows(_rows(tmp_path / "ray"), one_thread_rows, "2 Ray actors")
+
+
+def test_the_layout_follows_the_measured_use_of_the_cores():
+    from dundi.distributed.evaluate_job import choose_layout
+
+    busy = {"seconds": 10.0, "cpu_seconds": 19.0, "threads": 2, "shards_run": 2}
+    held = {"seconds": 10.0, "cpu_seconds": 11.0, "threads": 2, "shards_run": 2}
+    assert choose_layout(busy, 2, 100)[0] == "local"           # threads kept both cores busy
+    layout, why = choose_layout(held, 2, 100)
+    assert layout == "ray" and "1.10 of 2 cores" in why        # held back: the actors take the rest
+    assert choose_layout(held, 2, 3)[0] == "local"              # too little left for Ray's start-up
+    assert choose_layout({**held, "threads": 1}, 1, 100)[0] == "local"  # one core: nothing to gain
+
+
+def test_more_workers_than_the_clusters_cpus_are_refused_in_one_line():
+    from dundi.distributed.evaluate_job import check_worker_count
+    from dundi.errors import DundiError
+
+    with pytest.raises(DundiError, match=r"--workers 5 .* 2 CPU\(s\): use --workers 2 or fewer"):
+        check_worker_count(5, {"CPU": 2.0}, started_here=False)
+    check_worker_count(2, {"CPU": 2.0}, started_here=False)
+    check_worker_count(5, {"CPU": 5.0}, started_here=True)  # a local Ray started with 5 CPUs
+
+
+@pytest.mark.ray
+@pytest.mark.realdata
+def test_ray_with_more_workers_than_cpus_answers_instead_of_hanging(layout_cfg, ray_local, tmp_path):
+    from dundi.distributed.evaluate_job import evaluate_on_ray
+    from dundi.errors import DundiError
+
+    with pytest.raises(DundiError, match="--workers 3"):
+        evaluate_on_ray(layout_cfg, tmp_path / "ray", workers=3, progress=False, log=lambda s: None)

@@ -186,6 +186,8 @@ def export_run(run, out: str | os.PathLike, rule: TwoStepRule | None = None) -> 
     module = build_module(run, rule)
     rule = run.oracle.resolve(rule)
     meta = export_metadata(run, rule)
+    if out.is_dir():
+        raise DundiError(f"cannot write {out}: it is a directory; give a file name, e.g. {out / 'dundi.pt'}")
     if not out.parent.is_dir():
         raise DundiError(f"cannot write {out}: the directory {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
