@@ -132,3 +132,38 @@ def test_bad_exports_are_refused_in_one_line(mnist_runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
     assert not list(tmp_path.glob("*.pt"))
+
+
+@pytest.mark.realdata
+def test_torchattacks_autoattack_on_the_export_agrees_with_dundi_evaluate(certified_run, data_dir, tmp_path):
+    """torchattacks' standard AutoAttack on the exported module and `dundi evaluate --attacks
+    autoattack` on the same 24 images at L∞ eps 0.3: the outside tool's robust accuracy, every
+    adversarial image judged by the served rule (Run.classify), lies in the 95% interval of ours."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from dundi.evaluation.evaluate import EvalConfig, Evaluator, evaluate_local
+    from dundi.evaluation.results import read_results, wilson_interval
+
+    cfg = EvalConfig(run=str(certified_run), attacks=["autoattack"], threats=["adaptive"], eps=[0.3], limit=24,
+                     shard_size=12, n=10, k=5, n_values=[10], data_dir=data_dir)
+    evaluate_local(cfg, tmp_path / "ours", progress=False, log=lambda s: None, threads=2)
+    rows = read_results(tmp_path / "ours", require_complete=True).to_pylist()
+    ours = sum(r["dundi_clean"] == r["label"] and r["dundi_adv"] == r["label"] for r in rows)
+
+    images, labels, _ = Evaluator.load_samples(cfg, "mnist-10k")
+    run = Run.load(certified_run)
+    rule = TwoStepRule(10, 3, 5)
+    path = tmp_path / "dundi.pt"
+    from dundi.run.export import export_run
+
+    export_run(run, path, rule)
+    module = torch.jit.load(str(path)).eval()
+    x, y = torch.from_numpy(np.array(images, np.float32)), torch.from_numpy(np.array(labels, np.int64))
+    adv = torchattacks.AutoAttack(module, norm="Linf", eps=0.3, version="standard", n_classes=10, seed=0)(x, y)
+    assert float((adv - x).abs().max()) <= 0.3 + 1e-6
+    served_adv = run.classify(adv.numpy(), rule).labels
+    with torch.no_grad():
+        np.testing.assert_array_equal(module(adv).argmax(1).numpy(), served_adv)
+    served_clean = run.classify(images, rule).labels
+    theirs = int(((served_clean == labels) & (served_adv == labels)).sum())
+    low, high = wilson_interval(ours, len(rows))
+    assert low <= theirs / len(rows) <= high, (ours, theirs, len(rows))

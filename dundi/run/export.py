@@ -26,12 +26,10 @@ What it computes, for the run's resolved rule (n, m, k; every class holding at l
   the stand-in's.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 import torch
@@ -91,7 +89,7 @@ class DunDiModule(nn.Module):
         self.chunk = INVARIANT_ROWS
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        parts: list[torch.Tensor] = []
+        parts: List[torch.Tensor] = []
         for i in range(0, x.shape[0], self.chunk):
             h = x[i:i + self.chunk]
             single = h.shape[0] == 1
@@ -120,7 +118,7 @@ class DunDiModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.embed(x)
-        c, n, d = self.oracles.shape
+        c, n, d = self.oracles.shape[0], self.oracles.shape[1], self.oracles.shape[2]
         flat = self.oracles.reshape(c * n, d)
         d2 = (z * z).sum(1, keepdim=True) + (flat * flat).sum(1)[None, :] - 2.0 * (z @ flat.T)
         d2 = d2.clamp_min(0.0).reshape(z.shape[0], c, n)
