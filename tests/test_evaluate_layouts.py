@@ -52,10 +52,16 @@ def _net() -> nn.Module:
                          nn.Linear(16, 10)).eval()
 
 
-def test_invariant_forward_computes_the_network_and_the_same_bits_in_any_batch():
+@pytest.mark.parametrize("native", [False, True])
+def test_invariant_forward_computes_the_network_and_the_same_bits_in_any_batch(native):
+    from dundi.nets.models import NativeNet
+
     net = _net()
+    if native:  # features + a Linear head, as native runs are built
+        net = NativeNet(net[:-1], 16, 10).eval()
     x = torch.rand(17, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     inv = InvariantForward(net)
+    assert inv._layers is not None and len(inv._layers) == 6
     with torch.no_grad():
         full = inv(x)
         torch.testing.assert_close(full, net(x), rtol=1e-5, atol=1e-6)
