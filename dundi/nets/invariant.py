@@ -32,7 +32,8 @@ def flat_layers(net: nn.Module) -> list[nn.Module] | None:
     """The network as leaf layers in forward order, or None where it is not one (a model with
     its own forward, e.g. residual connections, is not a chain of its leaves)."""
     if hasattr(net, "features") and isinstance(getattr(net, "head", None), nn.Linear):  # a NativeNet
-        return flat_layers(net.features) and [*flat_layers(net.features), net.head]
+        features = flat_layers(net.features)
+        return None if features is None else [*features, net.head]
     layers = layers_of(net)
     if len(layers) == 1 and layers[0] is net and any(True for _ in net.children()):
         return None
