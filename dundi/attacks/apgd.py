@@ -114,12 +114,12 @@ class APGD(Attack):
     def _project(self, x: Tensor, x0: Tensor) -> Tensor:
         return project_linf(x, x0, self.eps)
 
-    def _start(self, x0: Tensor, gen: torch.Generator) -> Tensor:
-        t = torch.rand(x0.shape, generator=gen, device=x0.device).mul_(2).sub_(1)
+    def _start(self, x0: Tensor, gen) -> Tensor:
+        t = gen.rand(x0.shape).mul_(2).sub_(1)
         t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *[1] * (x0.dim() - 1))
         return (x0 + self.eps * t).clamp_(0.0, 1.0)
 
-    def _attack(self, x0: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator
+    def _attack(self, x0: Tensor, y: Tensor, target: Tensor | None, gen
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """One restart on a batch: (adversarial or best-loss images, fooled flags, steps)."""
         n, shape = len(x0), [-1] + [1] * (x0.dim() - 1)
@@ -168,7 +168,7 @@ class APGD(Attack):
 
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         self._check_labels(self._scores(images[:1]), labels[:1])
-        gen = torch.Generator(device=images.device).manual_seed(self.seed)
+        gen = self._draws(images.device)
         _, decided = self._decide(images)
         adv = images.clone()
         fooled = decided != labels
@@ -180,7 +180,7 @@ class APGD(Attack):
                 if len(todo) == 0:
                     break
                 t = None if target is None else target[todo]
-                out, ok, steps = self._attack(images[todo], labels[todo], t, gen)
+                out, ok, steps = self._attack(images[todo], labels[todo], t, gen.take(todo))
                 used[todo] += steps
                 adv[todo[ok]], fooled[todo[ok]] = out[ok], True
                 first = ~ok & ~placed[todo]  # a robust sample keeps its first best-loss point

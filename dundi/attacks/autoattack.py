@@ -82,7 +82,8 @@ class AutoAttack(Attack):
             todo = (~fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            res = attack.run(images[todo], labels[todo])
+            keys = None if self._keys is None else self._keys[todo.cpu()]
+            res = attack.run(images[todo], labels[todo], keys)
             _, decided = self._decide(res.adv)
             ok = decided != labels[todo]
             used[todo] += res.steps

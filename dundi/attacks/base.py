@@ -178,11 +178,24 @@ class Attack:
         """Adversarial images (N, C, H, W) in [0, 1], detached."""
         return self.run(images, labels).adv
 
-    def run(self, images: Tensor, labels: Tensor) -> AttackResult:
-        """Attack a batch: images (N, C, H, W) float in [0, 1], labels (N,) int64 true classes."""
+    def run(self, images: Tensor, labels: Tensor, keys: Tensor | None = None) -> AttackResult:
+        """Attack a batch: images (N, C, H, W) float in [0, 1], labels (N,) int64 true classes.
+
+        ``keys`` (N,) int64, optional: a key per sample (its id in the dataset). A seeded attack
+        then draws every sample's random numbers from a stream of its own
+        (:class:`dundi.attacks.draws.SampleDraws`), so a sample gets the same numbers in any
+        batch; without keys one generator serves the batch."""
         images, labels = self._prepare(images, labels)
-        with eval_mode(self.model):
-            result = self._run(images, labels)
+        if keys is not None:
+            keys = torch.as_tensor(keys, dtype=torch.int64)
+            if keys.shape != labels.shape:
+                raise ValueError(f"keys must have shape {tuple(labels.shape)}, got {tuple(keys.shape)}")
+        self._keys = keys
+        try:
+            with eval_mode(self.model):
+                result = self._run(images, labels)
+        finally:
+            self._keys = None
         adv = result.adv.detach().clamp_(0.0, 1.0)
         steps = result.steps.detach().to(device=adv.device, dtype=torch.int64)
         target = None if result.target is None else result.target.detach()
@@ -224,6 +237,13 @@ class Attack:
                 f"images must be in [0, 1], got [{images.min().item():.3g}, {images.max().item():.3g}]"
             )
         return images, labels
+
+    def _draws(self, device: torch.device):
+        """This run's random numbers (:func:`dundi.attacks.draws.draws_for`): per sample where
+        :meth:`run` got keys, else one generator seeded with ``self.seed``."""
+        from .draws import draws_for
+
+        return draws_for(self.seed, getattr(self, "_keys", None), device)
 
     def _scores(self, x: Tensor) -> Tensor:
         """Model scores without building a graph."""

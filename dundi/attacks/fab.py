@@ -136,7 +136,7 @@ class FABT(Attack):
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         scores, decided = self._decide(images)
         self._check_labels(scores, labels)
-        gen = torch.Generator(device=images.device).manual_seed(self.seed)
+        gen = self._draws(images.device)
         order = scores.scatter(1, labels[:, None], float("-inf")).argsort(1, descending=True)
         adv = images.clone()
         norm = torch.where(decided != labels, 0.0, float("inf")).to(images.device)
@@ -149,7 +149,7 @@ class FABT(Attack):
                 x0 = images[todo]
                 start = x0
                 if r > 0:  # random start within half the best distance (or eps)
-                    u = torch.rand(x0.shape, generator=gen, device=x0.device).mul_(2).sub_(1)
+                    u = gen.take(todo).rand(x0.shape).mul_(2).sub_(1)
                     u = u / u.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
                     radius = norm[todo].clamp(max=self.eps).view(-1, 1, 1, 1) / 2
                     start = (x0 + radius * u).clamp(0, 1)

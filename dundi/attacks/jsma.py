@@ -181,8 +181,7 @@ class JSMA(Attack):
         if isinstance(self.target, str):
             if k < 2:
                 raise ValueError("a random target needs at least 2 classes")
-            gen = torch.Generator(device=labels.device).manual_seed(self.seed)
-            shift = torch.randint(1, k, (n,), generator=gen, device=labels.device)
+            shift = self._draws(labels.device).randint(1, k, (n,))
             return (labels + shift) % k  # uniform over the other classes, never y
         target = torch.as_tensor(self.target).to(device=labels.device, dtype=torch.int64)
         if target.shape != (n,):

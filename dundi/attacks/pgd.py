@@ -91,14 +91,14 @@ class PGD(Attack):
         self.norm = norm
         self.seed = int(seed)
 
-    def _start(self, images: Tensor, gen: torch.Generator) -> Tensor:
+    def _start(self, images: Tensor, gen) -> Tensor:
         if not self.random_start:
             return images.clone()
         if self.norm == "linf":
-            delta = torch.empty_like(images).uniform_(-self.eps, self.eps, generator=gen)
+            delta = gen.uniform(images.shape, -self.eps, self.eps)
         else:  # direction uniform on the sphere, radius uniform in [0, eps] (as torchattacks.PGDL2)
-            delta = torch.empty_like(images).normal_(generator=gen)
-            r = torch.empty(len(images), 1, 1, 1, device=images.device).uniform_(0, 1, generator=gen)
+            delta = gen.normal(images.shape)
+            r = gen.uniform((len(images), 1, 1, 1), 0, 1)
             delta = delta * (r / (_norms(delta) + 1e-12) * self.eps)
         return torch.clamp(images + delta, 0.0, 1.0)
 
@@ -110,7 +110,7 @@ class PGD(Attack):
             delta = delta * torch.clamp(self.eps / (_norms(delta) + 1e-12), max=1.0)
         return torch.clamp(images + delta, 0.0, 1.0)
 
-    def _one_restart(self, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
+    def _one_restart(self, images: Tensor, labels: Tensor, gen) -> Tensor:
         adv = self._start(images, gen)
         for _ in range(self.steps):
             grad, _ = input_grad(self.model, adv, labels, self.loss)
@@ -124,7 +124,7 @@ class PGD(Attack):
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         n = len(images)
         self._check_labels(self._scores(images[:1]), labels[:1])
-        gen = torch.Generator(device=images.device).manual_seed(self.seed)
+        gen = self._draws(images.device)
         best = images.clone()
         best_loss = torch.full((n,), float("-inf"), device=images.device)
         fooled = torch.zeros(n, dtype=torch.bool, device=images.device)
@@ -133,7 +133,7 @@ class PGD(Attack):
             todo = (~fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            adv = self._one_restart(images[todo], labels[todo], gen)
+            adv = self._one_restart(images[todo], labels[todo], gen.take(todo))
             used[todo] += self.steps
             scores, decided = self._decide(adv)
             lss = loss_per_sample(scores, labels[todo], self.loss)

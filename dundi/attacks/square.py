@@ -88,29 +88,31 @@ class Square(Attack):
             return m, m
         return m, -F.cross_entropy(scores, y, reduction="none")
 
-    def _signs(self, shape, gen: torch.Generator, device) -> Tensor:
-        return torch.randint(0, 2, shape, generator=gen, device=device).float().mul_(2).sub_(1)
+    @staticmethod
+    def _signs(shape, gen) -> Tensor:
+        return gen.randint(0, 2, shape).float().mul_(2).sub_(1)
 
-    def _propose(self, x: Tensor, xb: Tensor, it: int, gen: torch.Generator) -> Tensor:
+    def _propose(self, x: Tensor, xb: Tensor, it: int, gen) -> Tensor:
         """One proposal per row: a random square window of ``x`` set to ±eps per channel,
-        the rest of the current best ``xb``."""
+        the rest of the current best ``xb``. ``gen``: the rows' draws
+        (:mod:`dundi.attacks.draws`)."""
         a, c, h, w = x.shape
         dev = x.device
         p = p_selection(self.p_init, it, self.n_queries)
         s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
-        vh = torch.randint(0, h - s + 1, (a, 1, 1, 1), generator=gen, device=dev)
-        vw = torch.randint(0, w - s + 1, (a, 1, 1, 1), generator=gen, device=dev)
+        vh = gen.randint(0, h - s + 1, (a, 1, 1, 1))
+        vw = gen.randint(0, w - s + 1, (a, 1, 1, 1))
         rows = torch.arange(h, device=dev).view(1, 1, h, 1)
         cols = torch.arange(w, device=dev).view(1, 1, 1, w)
         window = ((rows >= vh) & (rows < vh + s)) & ((cols >= vw) & (cols < vw + s))
-        x_new = torch.where(window, x + self.eps * self._signs((a, c, 1, 1), gen, dev), xb).clamp_(0.0, 1.0)
+        x_new = torch.where(window, x + self.eps * self._signs((a, c, 1, 1), gen), xb).clamp_(0.0, 1.0)
         # The authors redraw a window's signs while the proposal leaves the image unchanged
         # (it would waste a query); a few vectorised redraws do the same.
         for _ in range(5):
             same = ((x_new - xb).abs_().flatten(1).amax(1) < 1e-7).nonzero().squeeze(1)
             if len(same) == 0:
                 break
-            redraw = x[same] + self.eps * self._signs((len(same), c, 1, 1), gen, dev)
+            redraw = x[same] + self.eps * self._signs((len(same), c, 1, 1), gen.take(same))
             x_new[same] = torch.where(window[same], redraw, xb[same]).clamp_(0.0, 1.0)
         return x_new
 
@@ -118,10 +120,10 @@ class Square(Attack):
     def _run(self, images: Tensor, labels: Tensor) -> AttackResult:
         n, c, h, w = images.shape
         dev = images.device
-        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        gen = self._draws(dev)
         self._check_labels(self.model(images[:1]), labels[:1])
 
-        best = (images + self.eps * self._signs((n, c, 1, w), gen, dev)).clamp_(0.0, 1.0)
+        best = (images + self.eps * self._signs((n, c, 1, w), gen)).clamp_(0.0, 1.0)
         margin_min, loss_min = self._margin_and_loss(best, labels)
         used = torch.ones(n, dtype=torch.int64, device=dev)
         # The rows still being attacked, compacted only when some of them are fooled: the
@@ -131,7 +133,7 @@ class Square(Attack):
         for it in range(self.n_queries - 1):
             if len(act) == 0:
                 break
-            x_new = self._propose(x, xb, it, gen)
+            x_new = self._propose(x, xb, it, gen.take(act))
             m, lss = self._margin_and_loss(x_new, y)
             better = (lss < lm) | (m <= 0)
             xb = torch.where(better.view(-1, 1, 1, 1), x_new, xb)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 from dundi.cli import flag_values as choices
@@ -117,7 +118,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                      save_adv=args.save_adv, data_dir=args.data_dir)
     log = (lambda s: None) if args.json else print
     if args.workers == 0:
-        timing = evaluate_local(cfg, args.out, progress=not args.no_progress, log=log)
+        timing = evaluate_local(cfg, args.out, progress=not args.no_progress, log=log, threads=args.threads)
+    elif args.workers is None and args.address is None and not os.environ.get("RAY_ADDRESS"):
+        from dundi.distributed.evaluate_job import evaluate_auto  # one machine: measured layout
+
+        timing = evaluate_auto(cfg, args.out, progress=not args.no_progress, log=log)
     else:
         from dundi.distributed.evaluate_job import evaluate_on_ray
 
@@ -184,8 +189,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nearest", type=positive_int, default=3, help="oracles per class in the feature threat model")
     p.add_argument("--save-adv", action="store_true", help="keep adversarial images in the rows")
     p.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="Ray worker actors, one CPU each (default: all CPUs of the cluster); 0 = this process, no Ray")
+                   help="Ray worker actors, one CPU each; 0 = this process, no Ray (default: on one machine "
+                        "the first shards run in this process and the measured use of the cores decides "
+                        "where the rest runs; with --address, all CPUs of the cluster)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="with --workers 0: shards run at once in this process, one torch thread each "
+                        "(default: one per core); the rows are the same for any value")
     p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
     p.add_argument("--data-dir", default=None,
                    help="dataset cache (default: $DUNDI_DATA_DIR, else the user cache dir)")

@@ -326,6 +326,23 @@ def cmd_certify(args: argparse.Namespace) -> None:
     emit(figures, args.json, "certified accuracy of the two-step rule (L-inf, interval bounds)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """``dundi export``: the run as a plain module (:mod:`dundi.run.export`)."""
+    from dundi.errors import DundiError
+    from dundi.run.directory import Run, read_meta
+    from dundi.run.export import export_run
+
+    if read_meta(args.run).get("kind") != "dundi":
+        raise DundiError(f"{args.run} is a native run: `dundi export` takes a DunDi run with an oracle index")
+    meta = export_run(Run.load(args.run), args.out, rule_from_args(args))
+    rule = meta["rule"]
+    print(f"wrote {args.out}: TorchScript, images (N, {', '.join(map(str, meta['in_shape']))}) in [0, 1] -> "
+          f"(N, {len(meta['classes'])}) scores, argmax = Algorithm 1 at n={rule['n']}, m={rule['m']}, "
+          f"k={rule['k']} ({rule['metric']}){'; certified run' if 'certificate' in meta else ''}", file=sys.stderr)
+    if args.json:
+        emit(meta, True, "")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from dundi.evaluation.demo import run_demo
 
@@ -423,6 +440,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_rule_args(p)
     _add_common(p)
     p.set_defaults(handler=cmd_certify)
+
+    p = sub.add_parser("export", help="write a DunDi run as a TorchScript nn.Module any attack tool can load")
+    p.add_argument("run", help="DunDi run directory with an oracle index")
+    p.add_argument("--out", required=True, help="file to write (TorchScript; load with torch.jit.load)")
+    add_two_step_args(p)
+    p.add_argument("--json", action="store_true", help="print the file's metadata as one JSON object, last")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("demo", help="the whole path on mnist-10k in minutes: Table 1 of the paper")
     p.add_argument("--out", default=os.environ.get("DUNDI_DEMO_OUT", "runs/demo"),

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import ray
 
+from dundi.errors import DundiError
 from dundi.evaluation.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
 from dundi.evaluation.results import record_timing, write_shard
 from dundi.run.directory import RUN_FILE, read_meta
@@ -106,6 +107,16 @@ def _set_niceness(niceness: int) -> None:
         pass
 
 
+def check_worker_count(workers: int | None, resources: dict, started_here: bool) -> None:
+    """Refuse, in one line, more one-CPU actors than the cluster has CPUs: the extra actors
+    would wait for a CPU that never comes, and the evaluation would hang. A local Ray this call
+    started has exactly ``workers`` CPUs (said above when that exceeds the cores)."""
+    cpus = int(resources.get("CPU", 0))
+    if workers and not started_here and workers > cpus:
+        raise DundiError(f"--workers {workers} asks for {workers} one-CPU actors but the Ray cluster has "
+                         f"{cpus} CPU(s): use --workers {max(cpus, 1)} or fewer, or add nodes")
+
+
 def _dispatch(actors: list, queue: list[ShardSpec], on_result: Callable[[str, Any, dict], None]) -> None:
     """Keep every actor busy until the queue is empty: one shard in flight per actor, two while
     more than two shards per actor wait (so none idles for the round trip, and none holds a
@@ -159,8 +170,12 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
     started = not ray.is_initialized()
     local = address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     t0, wall_start = time.perf_counter(), time.time()
+    if local and workers and workers > (os.cpu_count() or 1):
+        log(f"dundi: --workers {workers} on {os.cpu_count()} cores: the actors share the cores "
+            f"(no faster than --workers {os.cpu_count()})")
     resources = init_ray(address, num_cpus=workers if address is None else None,
                          **({"_system_config": LOCAL_RAY_CONFIG} if local else {}))
+    check_worker_count(workers, resources, local)
     count = max(1, min(int(workers or resources.get("CPU", 1)), len(todo)))
     tasks: list[dict] = []
     actors: list = []
@@ -200,4 +215,50 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
             "parallel_seconds": round(busy_overlap(tasks), 3), "tasks": tasks}
 
 
-__all__ = ["evaluate_on_ray", "ShardWorker", "busy_overlap", "run_files", "LOCAL_RAY_CONFIG"]
+# Below this share of the cores used by concurrent in-process shards, the Ray actors (no GIL
+# between them) may finish the rest sooner despite their start-up.
+THREAD_EFFICIENCY_FLOOR = 0.8
+
+
+def choose_layout(probe: dict[str, Any], cores: int, shards_left: int) -> tuple[str, str]:
+    """("local" | "ray", why) from a measured first round of in-process shards: ``probe`` is
+    :func:`~dundi.evaluation.evaluate.evaluate_local`'s timing with ``cpu_seconds`` (the
+    process's CPU time) and ``seconds`` (wall). Threads that kept ``cores`` cores busy leave
+    Ray nothing to gain but its start-up; threads held back (the GIL, small shards) leave the
+    rest to actors when enough of it remains to pay for their start-up."""
+    wall, cpu = probe.get("seconds") or 0.0, probe.get("cpu_seconds") or 0.0
+    threads = max(1, min(cores, int(probe.get("threads") or 1)))
+    used = cpu / wall if wall > 0 else float(threads)
+    figures = f"{used:.2f} of {threads} cores busy in the first {probe.get('shards_run', 0)} shards"
+    if threads <= 1 or used >= THREAD_EFFICIENCY_FLOOR * threads:
+        return "local", f"in this process ({figures})"
+    if shards_left < 2 * cores:
+        return "local", f"in this process ({figures}; too few shards left to pay for Ray's start-up)"
+    return "ray", f"on {cores} Ray actors ({figures}: threads held back)"
+
+
+def evaluate_auto(cfg: EvalConfig, out: str | os.PathLike, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One machine, no layout asked for: the first round of shards runs in this process, one
+    shard per core at once; the measured use of the cores decides where the rest runs
+    (:func:`choose_layout`). Both layouts give the same rows."""
+    from dundi.evaluation.evaluate import evaluate_local
+
+    cores = os.cpu_count() or 1
+    cpu0 = time.process_time()
+    probe = evaluate_local(cfg, out, progress=False, max_shards=cores, log=log, threads=cores)
+    probe["cpu_seconds"] = time.process_time() - cpu0
+    _, plan, todo = prepare(cfg, out)
+    layout, why = choose_layout(probe, cores, len(todo))
+    log(f"dundi: evaluating {why}")
+    if not todo:
+        return {**probe, "layout": layout, "layout_reason": why}
+    if layout == "ray":
+        rest = evaluate_on_ray(cfg, out, workers=cores, progress=progress, log=log)
+    else:
+        rest = evaluate_local(cfg, out, progress=progress, log=log, threads=cores)
+    return {**rest, "probe": probe, "layout": layout, "layout_reason": why,
+            "seconds": round(probe["seconds"] + rest["seconds"], 3)}
+
+
+__all__ = ["evaluate_on_ray", "evaluate_auto", "choose_layout", "check_worker_count", "ShardWorker", "busy_overlap", "run_files", "LOCAL_RAY_CONFIG"]

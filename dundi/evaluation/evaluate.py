@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,11 +51,13 @@ from dundi.evaluation.results import (
 )
 from dundi.files import atomic_write_json
 from dundi.nets.inference import forward_batched
+from dundi.nets.invariant import invariant
 from dundi.robustness.threats import THREATS, build_threat
 from dundi.rule.params import KEPT_CLASSES, TwoStepRule
 from dundi.run.directory import Run, load_oracle, read_meta
 
-FORMAT_VERSION = 2  # 2: ``adaptive`` attacks the exact two-step stand-in (1: all-class scorer)
+FORMAT_VERSION = 3  # 3: per-sample random streams, batch-invariant stand-ins (rows independent of
+                    # the layout); 2: ``adaptive`` attacks the exact two-step stand-in
 PAPER_ATTACKS = ("fgsm", "ifgsm-a", "ifgsm-b", "jsma")
 PAPER_N_VALUES = (1, 10, 20)
 # The paper's settings where they differ from the attacks' MNIST defaults (DESIGN.md §1).
@@ -408,8 +411,13 @@ def prepare(cfg: EvalConfig, out: str | os.PathLike) -> tuple[dict, list[ShardSp
     return evaluation, plan, todo
 
 
-def shard_seed(cfg: EvalConfig, spec: ShardSpec) -> int:
-    return int(hashlib.sha256(f"{cfg.seed}:{spec.name}".encode()).hexdigest()[:8], 16)
+def setting_seed(cfg: EvalConfig, spec: ShardSpec) -> int:
+    """The attack's seed for one (threat, attack setting, eps): the same for every shard of it.
+    Each sample then draws from its own stream keyed by its sample id
+    (:mod:`dundi.attacks.draws`), so its random start and proposals do not depend on the shard
+    it falls in (a seed per shard made shard size change every row's attack)."""
+    ident = f"{cfg.seed}:{spec.threat}:{spec.attack_label}:{spec.eps!r}:{spec.settings}"
+    return int(hashlib.sha256(ident.encode()).hexdigest()[:8], 16)
 
 
 # ---- evaluating a shard ------------------------------------------------------------------------
@@ -433,6 +441,16 @@ class Evaluator:
         self.images, self.labels, self.ids = data
         self.oracles = self.run.oracle_tensor(self.n)
         self._threats: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        # Batch-invariant forward passes (dundi.nets.invariant): a row's embedding and native
+        # logits are the same bits in a shard of any size, at any thread count. For a run
+        # ranking by squared Euclidean distance they are Run.embed's bits, the served path's.
+        self._dundi_net = invariant(self.run.model)
+        self._native_net = invariant(self.native.model if self.native else None)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embeddings whose every row is the same bits in any shard (see __init__)."""
+        return forward_batched(self._dundi_net, images)
 
     @staticmethod
     def load_samples(cfg: EvalConfig, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -452,11 +470,15 @@ class Evaluator:
         pa.array(["warm-up"])
         x_np = np.array(self.images[:2], dtype=np.float32)
         with torch.no_grad():
-            self.run.embed(x_np)
+            self.embed(x_np)
             if self.native is not None:
-                forward_batched(self.native.model, x_np)
+                forward_batched(self._native_net, x_np)
 
     def threat(self, name: str):
+        with self._lock:  # shards of one process may run in threads (evaluate_local)
+            return self._threat(name)
+
+    def _threat(self, name: str):
         if name not in self._threats:
             self._threats[name] = build_threat(
                 name, native=self.native.model if self.native else None, distance_net=self.run.model,
@@ -478,13 +500,12 @@ class Evaluator:
         y_np = np.array(self.labels[spec.start:spec.stop], dtype=np.int64)
         x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
         threat = self.threat(spec.threat)
-        seed = shard_seed(cfg, spec)
-        torch.manual_seed(seed)
+        seed = setting_seed(cfg, spec)
         attack = make_attack_for(spec.attack, threat.model, spec.eps, cfg, self.dataset, seed, spec.threat)
         if attack_eps(attack) != spec.eps or (spec.settings and attack_settings_id(attack) != spec.settings):
             raise DundiError(f"{spec.attack} was built with other settings than shard {spec.name} "
                              f"records ({attack_params(attack)})")
-        result = attack.run(x, y)
+        result = attack.run(x, y, keys=torch.as_tensor(np.asarray(self.ids[spec.start:spec.stop], np.int64)))
         adv = result.adv.detach().cpu().float()
         steps_used = result.steps.detach().cpu().to(torch.int64).reshape(-1)
         if steps_used.numel() == 1 and len(y) > 1:
@@ -497,11 +518,11 @@ class Evaluator:
             target_clean = threat.model(x).argmax(1).numpy()
             target_adv = threat.model(adv).argmax(1).numpy()
         if self.native is not None:
-            native_clean = forward_batched(self.native.model, x_np).argmax(1)
-            native_adv = forward_batched(self.native.model, adv_np).argmax(1)
+            native_clean = forward_batched(self._native_net, x_np).argmax(1)
+            native_adv = forward_batched(self._native_net, adv_np).argmax(1)
         else:
             native_clean = native_adv = np.full(len(y), -1)
-        emb_clean, emb_adv = self.run.embed(x_np), self.run.embed(adv_np)
+        emb_clean, emb_adv = self.embed(x_np), self.embed(adv_np)
         dundi_clean, dundi_adv = self._two_step(emb_clean, self.n), self._two_step(emb_adv, self.n)
         at_n_clean = np.stack([self._two_step(emb_clean, v) for v in self.n_values], 1)
         at_n_adv = np.stack([self._two_step(emb_adv, v) for v in self.n_values], 1)
@@ -560,37 +581,64 @@ def evaluate_local(cfg: EvalConfig, out: str | os.PathLike, progress: bool = Tru
                    threads: int | None = 1) -> dict[str, Any]:
     """Run the unfinished shards of an evaluation in this process (no Ray); returns timing.
 
-    ``threads``: torch intra-op threads meanwhile (restored afterwards). One by default: a
-    shard's small batches gain nothing from more, and on a busy machine OpenMP threads
-    spinning for cores make two threads several times slower than one (measured in
-    bench/evaluate_fanout.py). ``None`` keeps torch's setting."""
+    ``threads``: shards evaluated at once, each in a thread of this process computing with one
+    torch thread (None: one per core). Not torch's intra-op threads: a row's gradients are the
+    same bits in any batch only at one torch thread (dundi.nets.invariant), and the rows must
+    not depend on the layout; torch's kernels release the GIL, so concurrent shards use the
+    cores instead. torch's thread setting is restored afterwards."""
     evaluation, plan, todo = prepare(cfg, out)
     log(f"evaluation {evaluation['fingerprint']}: {len(plan)} shards, "
         f"{len(plan) - len(todo)} already finished, {len(todo)} to run (in this process)")
     skipped = len(plan) - len(todo)
     if max_shards is not None:
         todo = todo[:max_shards]
+    threads = max(1, min(threads or os.cpu_count() or 1, len(todo) or 1))
     t0 = time.perf_counter()
     before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         if todo:
             evaluator = Evaluator(cfg)
             bar = _progress(sum(s.stop - s.start for s in todo), progress, evaluation)
-            for spec in todo:
-                write_shard(out, spec.name, evaluator.evaluate_shard(spec), evaluation["fingerprint"],
-                            rows=spec.stop - spec.start)
+            for spec, table in _concurrently(evaluator.evaluate_shard, todo, threads):
+                write_shard(out, spec.name, table, evaluation["fingerprint"], rows=spec.stop - spec.start)
                 bar.update(spec.stop - spec.start)
             bar.close()
     finally:
         torch.set_num_threads(before)
     timing = {"shards_run": len(todo), "shards_skipped": skipped, "rows": sum(s.stop - s.start for s in todo),
               "seconds": round(time.perf_counter() - t0, 3), "workers": 1,
-              "cores": threads or torch.get_num_threads(), "mode": "local"}
+              "cores": threads, "threads": threads, "mode": "local"}
     if todo:
         record_timing(out, timing)
     return timing
+
+
+def _concurrently(fn: Callable[[ShardSpec], pa.Table], specs: list[ShardSpec], threads: int):
+    """(spec, fn(spec)) for every spec as each finishes, ``threads`` at a time; in order and in
+    this thread when ``threads`` is 1. An error in one shard is raised once the running ones end
+    (every finished shard has been yielded, so it is written)."""
+    if threads <= 1:
+        for spec in specs:
+            yield spec, fn(spec)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    queue = list(specs)
+    with ThreadPoolExecutor(threads, thread_name_prefix="dundi-shard") as pool:
+        running = {}
+        for spec in queue[:threads]:
+            running[pool.submit(fn, spec)] = spec
+        queue = queue[threads:]
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec = running.pop(future)
+                table = future.result()
+                if queue:
+                    nxt = queue.pop(0)
+                    running[pool.submit(fn, nxt)] = nxt
+                yield spec, table
 
 
 def _progress(total: int, enabled: bool, evaluation: dict | None = None):

@@ -105,7 +105,12 @@ def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn
     two-step ``rule`` uses in the evaluation (None: every class kept, m = min(3, n), Euclidean)
     and ``judge`` (embeddings → labels) the deployed rule, for the ``adaptive`` stand-in. Every
     returned module is in eval mode with frozen parameters (attacks differentiate with respect
-    to the input only)."""
+    to the input only), and runs the networks through :class:`dundi.nets.invariant.InvariantForward`,
+    so a sample's scores and gradients -- and so its attack -- do not depend on the batch or the
+    thread count it is computed with."""
+    from dundi.nets.invariant import invariant
+
+    native, distance_net = invariant(native), invariant(distance_net)
     if name == "transfer":
         if native is None:
             raise DundiError("the transfer threat model needs the native run (--native)")

@@ -34,6 +34,9 @@ U64 = 2.0 ** -53   # and of float64
 EXACT_CLASSES = 4096  # up to this many classes step 1 is scored in fixed order directly;
                       # beyond, a BLAS product with a rigorous error bound picks who to score
 CHUNK_ELEMENTS = 1 << 22  # float64 elements per temporary (32 MiB)
+INVARIANT_ROWS = 8  # rows per pass where a gradient must be the same bits in any batch: with one
+                    # torch thread, batches of 1-8 rows gave each row's bits alone, 16+ did not
+                    # (the convolution's backward changes path); dundi.nets.invariant
 
 
 def gamma(count: int, unit: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dundi.rule.exact import INVARIANT_ROWS as ROWS, invariant_linear
 from dundi.rule.params import TwoStepRule
 
 
@@ -155,10 +156,16 @@ class TwoStepScorer(nn.Module):
         Attacks call this at every step and query; the (B, C, n, D) difference tensor of
         :func:`oracle_distances` cost 2-20x the network itself (measured in bench/attacks.py).
         The rounding differs from the difference form by ~1e-6 relative: only the deployed
-        rule (``judge``) decides labels in an evaluation, so near-ties are judged exactly."""
+        rule (``judge``) decides labels in an evaluation, so near-ties are judged exactly. The
+        product is :func:`dundi.rule.exact.invariant_linear` (a 1×1 convolution) over at most
+        ``ROWS`` rows at a time, so a row's distances and their gradient are the same bits in
+        any batch (one torch thread): a BLAS product blocks batches differently, and the
+        convolution's backward changes path beyond 8 rows."""
         c, n, d = self.oracles.shape
         flat = self.oracles.reshape(c * n, d)
-        d2 = (emb * emb).sum(1, keepdim=True) + self.oracle_sq - 2.0 * emb @ flat.T
+        dots = torch.cat([invariant_linear(emb[i:i + ROWS], flat) for i in range(0, len(emb), ROWS)]) \
+            if len(emb) else emb @ flat.T
+        d2 = (emb * emb).sum(1, keepdim=True) + self.oracle_sq - 2.0 * dots
         d2 = d2.clamp_min(0.0).reshape(len(emb), c, n)
         return d2 if self.metric == "sqeuclidean" else torch.sqrt(d2 + self.eps)
 

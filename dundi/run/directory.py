@@ -417,6 +417,15 @@ class Run:
         return TwoStepResult(top[:, 0].copy(), top, scores, scores.copy(),
                              np.full(len(batch), np.nan))
 
+    def as_module(self, rule: TwoStepRule | None = None) -> nn.Module:
+        """This DunDi run as a plain ``torch.nn.Module``, images (N, C, H, W) → (N, classes)
+        scores whose argmax is Algorithm 1's label under ``rule`` for every input, ties
+        included, differentiable like the adaptive stand-in: for outside attack tools
+        (:mod:`dundi.run.export`; ``dundi export`` writes it as TorchScript)."""
+        from dundi.run.export import build_module
+
+        return build_module(self, rule)
+
     def certifier(self, rule: TwoStepRule | None = None):
         """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
         whose rule uses the squared Euclidean distance can be certified (train with --certified).
