@@ -505,3 +505,39 @@ def test_a_replica_killed_under_load_leaves_no_request_unanswered(mnist_runs, tm
             assert c.post("/v2/models/dundi/infer", json=v2(images[:4])).status_code == 200
     finally:
         srv.stop()
+
+
+def test_certify_eps_serves_the_certificate_at_that_eps_whatever_the_batch(certified_run, images, tmp_path):
+    """`dundi serve --no-ray --certify-eps 0.05` (one torch thread, as served): every answer's
+    certified_radius is 0.05 or 0, the same in batches of 1, 15 and 17, and exactly what
+    ``Run.certifier(...).certified_at`` proves in-process on the same images."""
+    import torch
+
+    from dundi.rule.params import TwoStepRule
+    from dundi.run.directory import Run
+
+    eps, x = 0.05, images[:34]
+    srv = Server(certified_run, ["--no-ray", "--certify-eps", str(eps), "--abstain-threshold", "none"],
+                 tmp_path / "certify-eps.log")
+    try:
+        srv.wait_ready()
+        assert httpx.get(f"{srv.url}/v2/models/dundi").json()["parameters"]["certify_eps"] == eps
+        by_size = {}
+        for size in (1, 15, 17):
+            radii, labels = [], []
+            for start in range(0, len(x), size):
+                r = httpx.post(f"{srv.url}/classify", json=x[start:start + size].tolist(), timeout=60)
+                assert r.status_code == 200, r.text[:300]
+                radii += [res["certified_radius"] for res in r.json()["results"]]
+                labels += [res["label"] for res in r.json()["results"]]
+            by_size[size] = (labels, radii)
+    finally:
+        srv.stop()
+    assert by_size[1] == by_size[15] == by_size[17]
+    labels, radii = by_size[1]
+    run = Run.load(certified_run)
+    rule = TwoStepRule(None, 3, 5)
+    assert labels == run.classify(x, rule).labels.tolist()
+    proven = run.certifier(rule).certified_at(torch.from_numpy(x), torch.tensor(labels), eps).numpy()
+    assert radii == [eps if ok else 0.0 for ok in proven]
+    assert proven.any()  # some answers are certified: the comparison is not vacuous

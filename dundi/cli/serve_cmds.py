@@ -19,6 +19,7 @@ from dundi.cli.args import (
     positive_float,
     positive_int,
     served_model_from_args,
+    unit_float,
 )
 from dundi.errors import DundiError
 from dundi.serving.settings import SERVICE_PORT, DeploymentSettings, ServeSettings
@@ -290,6 +291,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     model = p.add_argument_group("two-step settings (swappable at runtime: POST /admin/reload)")
     add_two_step_args(model)
     add_abstain_args(model)
+    model.add_argument("--certify-eps", type=unit_float, default=None, metavar="EPS",
+                       help="certify each answer at this L-inf radius only (certified_radius is EPS or 0; "
+                            "one interval pass, cheaper than the full radius) (default: the full radius)")
     model.add_argument("--data-dir", default=None,
                        help="dataset cache for calibrating (default: $DUNDI_DATA_DIR, else the user cache dir)")
     limits = p.add_argument_group("limits and access")
