@@ -38,6 +38,10 @@ import time
 from pathlib import Path
 
 
+RAY = "Ray, asked for (actors x 1 thread)"
+AUTO = "auto: `dundi evaluate`'s default"
+
+
 def train_runs(root: Path) -> tuple[str, str]:
     from dundi.run.pipeline import build_index, train_dundi_run, train_native_run
     from dundi.training.config import TrainConfig
@@ -64,11 +68,14 @@ def print_figures(args, times: dict[str, list[float]], figures: dict, rows: int,
     for name, ts in times.items():
         print(f"{name:32s}: median {statistics.median(ts):7.2f} s  (rounds: "
               f"{', '.join(f'{t:.2f}' for t in ts)})")
-    names = list(times)
-    best_local = min(statistics.median(times[name]) for name in names[:-1])
-    ray_t = statistics.median(times[names[-1]])
+    local_names = [name for name in times if name.startswith("one process")]
+    best_local = min(statistics.median(times[name]) for name in local_names)
+    ray_t = statistics.median(times[RAY])
+    auto_t = statistics.median(times[AUTO])
+    print(f"speed-up, best one-process / auto: {best_local / auto_t:.2f}x, the default layout "
+          f"({figures['auto']['layout']}: {figures['auto']['layout_reason']}) (target >= 1.0x)")
     print(f"speed-up, best one-process / Ray : {best_local / ray_t:.2f}x, Ray's start-up included "
-          f"(target >= 1.0x: Ray no slower than the best one-process layout)")
+          f"(Ray asked for, --workers {args.workers})")
     tasks = figures["ray"]["tasks"]
     span = max(t["end"] for t in tasks) - min(t["start"] for t in tasks)
     print(f"Ray: first shard starts {ray_t - span:.2f} s after the call (start-up), shards span "
@@ -97,7 +104,7 @@ def main() -> None:
 
     import torch
 
-    from dundi.distributed.evaluate_job import evaluate_on_ray
+    from dundi.distributed.evaluate_job import evaluate_auto, evaluate_on_ray
     from dundi.evaluation.evaluate import EvalConfig, evaluate_local
     from dundi.evaluation.results import read_results
 
@@ -117,13 +124,13 @@ def main() -> None:
     def on_ray(out: Path) -> None:
         figures["ray"] = evaluate_on_ray(cfg, out, workers=args.workers, progress=False, log=quiet)
 
+    def auto(out: Path) -> None:
+        figures["auto"] = evaluate_auto(cfg, out, progress=False, log=quiet)
+
     load0 = os.getloadavg()
     variants = {} if args.no_threads_variant or threads == 1 else {
         f"one process, {threads} shard threads": lambda out: local(out, threads)}
-    variants |= {
-        "one process, 1 shard thread": lambda out: local(out, 1),
-        f"Ray, {args.workers} actors x 1 thread": on_ray,
-    }
+    variants |= {"one process, 1 shard thread": lambda out: local(out, 1), RAY: on_ray, AUTO: auto}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
         for i, (name, fn) in enumerate(variants.items()):

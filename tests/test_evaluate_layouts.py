@@ -147,6 +147,9 @@ def test_the_layout_follows_the_measured_use_of_the_cores():
     assert layout == "ray" and "1.10 of 2 cores" in why        # held back: the actors take the rest
     assert choose_layout(held, 2, 3)[0] == "local"              # too little left for Ray's start-up
     assert choose_layout({**held, "threads": 1}, 1, 100)[0] == "local"  # one core: nothing to gain
+    # shards of a tenth of a second, held back by the GIL: Ray's start-up could never pay
+    tiny = {"seconds": 0.15, "cpu_seconds": 0.2, "threads": 2, "shards_run": 2}
+    assert choose_layout(tiny, 2, 14)[0] == "local"
 
 
 def test_more_workers_than_the_clusters_cpus_are_refused_in_one_line():

@@ -215,26 +215,30 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
             "parallel_seconds": round(busy_overlap(tasks), 3), "tasks": tasks}
 
 
-# Below this share of the cores used by concurrent in-process shards, the Ray actors (no GIL
-# between them) may finish the rest sooner despite their start-up.
-THREAD_EFFICIENCY_FLOOR = 0.8
+# What Ray costs on one machine, measured by bench/evaluate_fanout.py on 2 cores: its first
+# shard starts 5.4-7.8 s after the call (Ray and actors started, runs loaded), and its workers
+# spend about 10% more CPU per shard than the one process (3.76 against 3.43 CPU-s).
+RAY_STARTUP_S = 8.0
+RAY_CPU_OVERHEAD = 1.10
 
 
 def choose_layout(probe: dict[str, Any], cores: int, shards_left: int) -> tuple[str, str]:
     """("local" | "ray", why) from a measured first round of in-process shards: ``probe`` is
     :func:`~dundi.evaluation.evaluate.evaluate_local`'s timing with ``cpu_seconds`` (the
-    process's CPU time) and ``seconds`` (wall). Threads that kept ``cores`` cores busy leave
-    Ray nothing to gain but its start-up; threads held back (the GIL, small shards) leave the
-    rest to actors when enough of it remains to pay for their start-up."""
+    process's CPU time) and ``seconds`` (wall). The rest is estimated both ways from the
+    probe's CPU per shard: in this process at the cores its threads kept busy (the GIL can
+    hold them back), or on one actor per core after Ray's start-up and overhead; the sooner
+    wins, so short work never pays for a start-up it cannot earn back."""
     wall, cpu = probe.get("seconds") or 0.0, probe.get("cpu_seconds") or 0.0
     threads = max(1, min(cores, int(probe.get("threads") or 1)))
-    used = cpu / wall if wall > 0 else float(threads)
-    figures = f"{used:.2f} of {threads} cores busy in the first {probe.get('shards_run', 0)} shards"
-    if threads <= 1 or used >= THREAD_EFFICIENCY_FLOOR * threads:
+    used = min(cpu / wall, float(threads)) if wall > 0 and cpu > 0 else float(threads)
+    rest_cpu = cpu / max(int(probe.get("shards_run") or 1), 1) * shards_left
+    local_s, ray_s = rest_cpu / used, RAY_STARTUP_S + RAY_CPU_OVERHEAD * rest_cpu / cores
+    figures = (f"{used:.2f} of {threads} cores busy in the first {probe.get('shards_run', 0)} shards; "
+               f"the rest estimated at {local_s:.0f} s here, {ray_s:.0f} s on Ray")
+    if cores <= 1 or local_s <= ray_s:
         return "local", f"in this process ({figures})"
-    if shards_left < 2 * cores:
-        return "local", f"in this process ({figures}; too few shards left to pay for Ray's start-up)"
-    return "ray", f"on {cores} Ray actors ({figures}: threads held back)"
+    return "ray", f"on {cores} Ray actors ({figures})"
 
 
 def evaluate_auto(cfg: EvalConfig, out: str | os.PathLike, progress: bool = True,
@@ -261,4 +265,4 @@ def evaluate_auto(cfg: EvalConfig, out: str | os.PathLike, progress: bool = True
             "seconds": round(probe["seconds"] + rest["seconds"], 3)}
 
 
-__all__ = ["evaluate_on_ray", "evaluate_auto", "choose_layout", "check_worker_count", "ShardWorker", "busy_overlap", "run_files", "LOCAL_RAY_CONFIG"]
+__all__ = ["evaluate_on_ray", "evaluate_auto", "choose_layout", "RAY_STARTUP_S", "check_worker_count", "ShardWorker", "busy_overlap", "run_files", "LOCAL_RAY_CONFIG"]

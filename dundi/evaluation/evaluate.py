@@ -505,7 +505,7 @@ class Evaluator:
         if attack_eps(attack) != spec.eps or (spec.settings and attack_settings_id(attack) != spec.settings):
             raise DundiError(f"{spec.attack} was built with other settings than shard {spec.name} "
                              f"records ({attack_params(attack)})")
-        result = attack.run(x, y, keys=torch.as_tensor(np.asarray(self.ids[spec.start:spec.stop], np.int64)))
+        result = attack.run(x, y, keys=torch.tensor(np.asarray(self.ids[spec.start:spec.stop], np.int64)))
         adv = result.adv.detach().cpu().float()
         steps_used = result.steps.detach().cpu().to(torch.int64).reshape(-1)
         if steps_used.numel() == 1 and len(y) > 1:
