@@ -73,3 +73,49 @@ def test_the_prototype_head_needs_certified_training():
         TrainConfig("mnist-10k", "cnn-ibp", cert_head="prototypes").validate()
     with pytest.raises(DundiError, match="unknown"):
         TrainConfig("mnist-10k", "cnn-ibp", metric="sqeuclidean", certified=True, cert_head="free").validate()
+
+
+@pytest.mark.realdata
+def test_prototypes_as_oracles_rank_as_the_trained_head_and_their_certificates_hold(prototype_run, data_dir,
+                                                                                    tmp_path):
+    """Two vectors per class whose mean and mean squared norm are the learned head's: the
+    served rule answers the head's argmax, and certified answers keep their label
+    at corners, random points and rival-ward gradient steps of their balls, served in mixed
+    batches (tests/test_served_certificate.py's attacks)."""
+    import shutil
+
+    from dundi.data import load_split
+    from dundi.nets.inference import forward_batched
+    from dundi.rule.params import TwoStepRule
+    from dundi.run.directory import Run
+    from dundi.run.pipeline import build_index
+    from test_served_certificate import assert_no_point_flips  # tests/ is on sys.path
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(prototype_run, run_dir)
+    index = build_index(run_dir, seed=0, data_dir=data_dir, prototypes_as_oracles=True)
+    assert index.n == 2 and index.meta["select"] == "prototypes-as-oracles"
+    run = Run.load(run_dir)
+    x, _, _ = load_split("mnist-10k", "test", data_dir, limit=300)
+    weights, biases = (t.detach().double().numpy() for t in run.model.prototype_head())
+    head = forward_batched(run.model, x).astype(np.float64) @ weights.T + biases
+    ordered = np.sort(head, 1)
+    clear = ordered[:, -1] - ordered[:, -2] > 1e-6 * np.abs(ordered[:, -1]).max()
+    labels = run.classify(x, TwoStepRule(None, 2, 5)).labels
+    assert clear.mean() > 0.95 and (labels[clear] == head.argmax(1)[clear]).all()
+
+    radius = run.certifier(TwoStepRule(None, 2, 5)).radius(
+        torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))).numpy().astype(np.float64)
+    radius[np.flatnonzero(radius > 0)[24:]] = 0.0  # 24 certified images are attacked
+    assert assert_no_point_flips(run, x, labels, radius, None, 2, 5) >= 8
+
+
+def test_prototypes_as_oracles_need_a_prototype_run(certified_run, tmp_path):
+    import shutil
+
+    from dundi.run.pipeline import build_index
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(certified_run, run_dir)
+    with pytest.raises(DundiError, match="--cert-head prototypes"):
+        build_index(run_dir, prototypes_as_oracles=True)

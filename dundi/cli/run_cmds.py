@@ -251,7 +251,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from dundi.run.pipeline import build_index
 
     index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir,
-                        margin_eps=args.select_eps)
+                        margin_eps=args.select_eps, prototypes_as_oracles=args.prototypes_as_oracles)
     emit({"run": args.run, "classes": index.num_classes, "n": index.n, "dim": index.dim,
           "seed": args.seed, "select": index.meta.get("select", "random")}, args.json,
          f"built oracle index in {args.run}")
@@ -369,7 +369,12 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
     p.add_argument("--select-eps", type=unit_float, default=None, metavar="EPS",
                    help="certified runs: choose the oracles for certified margin at this L-inf "
-                        "budget instead of at random (docs/certification.md; default: random)")
+                        "budget instead of at random (docs/certification.md; default: random, or "
+                        "herded toward a --cert-head prototypes run's learned prototypes)")
+    p.add_argument("--prototypes-as-oracles", action="store_true",
+                   help="--cert-head prototypes runs: store the learned prototypes themselves (two "
+                        "vectors per class, not training images; --oracles is ignored): the rule then "
+                        "ranks exactly as the network was trained")
     _add_common(p)
     p.set_defaults(handler=cmd_index_build)
     p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")

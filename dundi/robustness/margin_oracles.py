@@ -64,6 +64,20 @@ def prototype_oracles(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
                            for c in range(num_classes)]).astype(np.int64)
 
 
+def prototype_vectors(model: nn.Module, seed: int) -> np.ndarray:
+    """(C·2, D) float32 oracle vectors, class-major, that realise a prototype run's learned head
+    exactly: p_c ± r_c·u with ‖r_c·u‖² = s_c (u one seeded unit vector), whose mean is p_c and
+    mean squared norm ‖p_c‖² + s_c. Not embeddings of samples: learned class representatives,
+    ranked by the same two-step rule and proved by the same certificate."""
+    weights, biases = (t.detach().double() for t in model.prototype_head())
+    centre = weights / 2
+    spread = (-biases - (centre * centre).sum(1)).clamp_min(0).sqrt()          # r_c
+    u = torch.from_numpy(np.random.default_rng([seed, 23]).standard_normal(centre.shape[1]))
+    u = u / u.norm()
+    pairs = torch.stack([centre + spread[:, None] * u, centre - spread[:, None] * u], 1)   # (C, 2, D)
+    return pairs.reshape(-1, centre.shape[1]).numpy().astype(np.float32)
+
+
 def _pools(model: nn.Module, images: np.ndarray, labels: np.ndarray, n: int, num_classes: int,
            pool: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[torch.Tensor]]:
     """Per class ``pool`` seeded candidate training images (at least n) and their embeddings."""
@@ -116,4 +130,4 @@ def _herd(emb: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, n: int) -> np.n
     return np.array(chosen, dtype=np.int64)
 
 
-__all__ = ["margin_oracles", "prototype_oracles", "POOL", "FIT_IMAGES", "FIT_STEPS"]
+__all__ = ["margin_oracles", "prototype_oracles", "prototype_vectors", "POOL", "FIT_IMAGES", "FIT_STEPS"]

@@ -243,17 +243,21 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
 
 def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None, margin_eps: float | None = None,
-                **margin_fit: int) -> OracleIndex:
+                prototypes_as_oracles: bool = False, **margin_fit: int) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
     run's model and write the FAISS index into the run as its next version. The index holds
     the classes the run was trained on, named as the dataset names them: classes enrolled
     since (`dundi index add`) are not carried over. With ``margin_eps`` the oracles are chosen
     for certified margin at that L∞ budget (:mod:`dundi.robustness.margin_oracles`; certified
     runs only; ``margin_fit`` passes pool, fit_images and steps on), else herded toward the
-    run's learned prototypes where it has them (``--cert-head prototypes``), else at random."""
+    run's learned prototypes where it has them (``--cert-head prototypes``), else at random.
+    ``prototypes_as_oracles``: the learned prototypes themselves, two vectors per class
+    (:func:`~dundi.robustness.margin_oracles.prototype_vectors`), instead of training images."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
+    if prototypes_as_oracles:
+        return _prototype_index(run_dir, model, meta, seed)
     metric = meta["config"].get("metric", "euclidean")
     if margin_eps is not None and metric != "sqeuclidean":
         raise DundiError(f"{run_dir} ranks by {metric} distance: oracles chosen for certified margin "
@@ -277,6 +281,22 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
                         class_names=list(dataset_class_names(meta)), metric=metric,
                         meta={"seed": seed, "dataset": meta["dataset"], "split": "train",
                               "ids": ids[pick].tolist(), "dataset_classes": classes, **how})
+    save_oracle(run_dir, index)
+    return index
+
+
+def _prototype_index(run_dir: str | os.PathLike, model: nn.Module, meta: dict, seed: int) -> OracleIndex:
+    """The index of a prototype run's learned prototypes (two vectors per class), saved."""
+    if not meta.get("prototypes") or model.prototype_head() is None:
+        raise DundiError(f"{run_dir} has no learned prototypes: --prototypes-as-oracles needs a run "
+                         f"trained with --certified --cert-head prototypes")
+    from dundi.robustness.margin_oracles import prototype_vectors
+
+    classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
+    index = OracleIndex(prototype_vectors(model, seed), meta["num_classes"],
+                        class_names=list(dataset_class_names(meta)), metric="sqeuclidean",
+                        meta={"seed": seed, "dataset": meta["dataset"], "select": "prototypes-as-oracles",
+                              "dataset_classes": classes})
     save_oracle(run_dir, index)
     return index
 

@@ -15,7 +15,7 @@ from dundi.run.directory import read_meta
 
 FIELDS = ("kind", "arch", "dataset", "num_classes", "hidden", "embed_dim")
 CONFIG = ("epochs", "lr", "seed", "certified", "cert_eps", "cert_mix", "cert_warmup", "cert_ramp",
-          "cert_per_class", "metric", "val_fraction")
+          "cert_per_class", "cert_head", "metric", "val_fraction")
 
 
 def facts(run_dir: str) -> dict:
