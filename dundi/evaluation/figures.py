@@ -226,6 +226,23 @@ def _certified_mnist10k(root: Path) -> str:
     return _table(header, [[f"Certified DunDi, deployed rule n={data['n']} m={data['m']} k={data['k']}", *cells]])
 
 
+SEEDS = (0, 1, 2)
+
+
+def _certified_seeds(root: Path) -> str:
+    """The README's certified mnist-10k recipe at three seeds (one torch thread each): every
+    seed's figures, then the mean and the range across seeds."""
+    runs = [_json(root, f"certified/seeds/cert-s{seed}-certify.json") for seed in SEEDS]
+    keys = ["clean", *runs[0]["certified_accuracy"]]
+    values = [[r["clean_accuracy"], *r["certified_accuracy"].values()] for r in runs]
+    rows = [[f"seed {seed}", *(share(v, r["count"]) for v in vals)] for seed, r, vals in zip(SEEDS, runs, values)]
+    columns = list(zip(*values))
+    rows.append(["mean (range)", *(f"{pct(sum(c) / len(c))} ({pct(min(c))}–{pct(max(c))})" for c in columns)])
+    n = runs[0]["count"]
+    return _table([f"Certified DunDi, mnist-10k, {n:,} test images, rule n={runs[0]['n']} m={runs[0]['m']} "
+                   f"k={runs[0]['k']}", *(k if k == "clean" else f"certified at {k}" for k in keys)], rows)
+
+
 def _proof_and_attack(root: Path) -> str:
     """Proof (lower bound) and AutoAttack (upper bound) on the same 500 full-MNIST images."""
     evaluation = _evaluation(_json(root, "certified/full-mnist-curve/report.json"))
@@ -364,26 +381,32 @@ def _aa_cells(root: Path, report: str | None, eps: float) -> tuple[str, str]:
     return share(dundi["robust_accuracy"], n), share(native["native_robust_accuracy"], n)
 
 
-# (eps trained at, run-name suffix, eps certified, AutoAttack evaluation or None)
-EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3"), (0.15, "-eps015", "0.1", "aa-eps0.1"))
+# (eps trained at, run-name suffix, eps certified, AutoAttack evaluation of DunDi and softmax
+# IBP, AutoAttack evaluation of DunDi with prototypes as oracles; None: not run)
+EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3", None), (0.15, "-eps015", "0.1", "aa-eps0.1", None))
+# (row name, certify file stem, train file stem, column of the AutoAttack cells) per budget
+EQUAL_MODELS = (("Certified DunDi, sample oracles: rule n=20 m=3 k=5", "dundi-e10{}", "dundi-e10{}", 0),
+                ("Certified DunDi, prototypes as oracles: n=2 m=2 k=5", "dundi-e10{}-proto-syn",
+                 "dundi-e10{}-proto", 2),
+                ("Softmax IBP (elided last layer)", "sm-e10{}", "sm-e10{}", 1))
 
 
 def _equal_terms(root: Path) -> str:
-    """Certified DunDi against the softmax IBP baseline on the same network, data, batches,
-    schedule and bound code: full MNIST, the whole test set certified, AutoAttack on 1,000."""
+    """Certified DunDi (its two kinds of oracle database) against the softmax IBP baseline on
+    the same network, data, batches, schedule and bound code: full MNIST, the whole test set
+    certified, AutoAttack on 1,000."""
     rows = []
-    for eps_train, suffix, eps_cert, report in EQUAL_BUDGETS:
-        aa = _aa_cells(root, report, float(eps_cert))
-        for i, (name, run) in enumerate((("Certified DunDi, rule n=20 m=3 k=5", "dundi-e10"),
-                                         ("Softmax IBP (elided last layer)", "sm-e10"))):
-            cert = _json(root, f"{EQUAL}/{run}{suffix}-certify.json")
-            train = _json(root, f"{EQUAL}/{run}{suffix}-train.json")
+    for eps_train, suffix, eps_cert, report, proto_report in EQUAL_BUDGETS:
+        aa = (*_aa_cells(root, report, float(eps_cert)), _aa_cells(root, proto_report, float(eps_cert))[0])
+        for name, cert_stem, train_stem, column in EQUAL_MODELS:
+            cert = _json(root, f"{EQUAL}/{cert_stem.format(suffix)}-certify.json")
+            train = _json(root, f"{EQUAL}/{train_stem.format(suffix)}-train.json")
             if train["config"]["cert_eps"] != eps_train:
-                raise DundiError(f"published figures: {run}{suffix} was trained at eps "
+                raise DundiError(f"published figures: {train_stem.format(suffix)} was trained at eps "
                                  f"{train['config']['cert_eps']}, the table says {eps_train}")
             n = cert["count"]
             rows.append([name, f"{eps_train:g}", share(cert["clean_accuracy"], n), f"**{eps_cert}**",
-                         share(cert["certified_accuracy"][eps_cert], n), aa[i], f"{train['train_seconds']:,.0f}"])
+                         share(cert["certified_accuracy"][eps_cert], n), aa[column], f"{train['train_seconds']:,.0f}"])
     return _table(["Model (cnn-ibp, 512 hidden; full MNIST, 10 epochs, one seed)", "trained at eps", "clean (10,000)",
                    "L∞ eps", "certified (10,000)", "AutoAttack (1,000)", "training s"], rows)
 
@@ -409,6 +432,11 @@ def _where_points_go(root: Path) -> str:
              ("n=500 random oracles (the class means, nearly)", "diag-n500-certify.json"),
              ("n=20 oracles chosen for margin (`index build --select-eps 0.3`)", "diag-margin-oracles-certify.json"),
              ("retrained with 40 images per class per batch (less noisy head)", "dundi-e10-pc40-certify.json"),
+             ("retrained against learned prototypes, n=20 oracles herded toward them", "dundi-e10-proto-certify.json"),
+             ("the same network, n=400 herded (a class's whole candidate pool: its mean, nearly)",
+              "diag-proto-n400-certify.json"),
+             ("the same network, n=20 oracles chosen for margin", "dundi-e10-proto-sel-certify.json"),
+             ("the same network, the prototypes as oracles (2 per class, m=2)", "dundi-e10-proto-syn-certify.json"),
              ("softmax IBP, same network and schedule", "sm-e10-certify.json"))
     rows = []
     for label, raw in cases:
@@ -419,16 +447,28 @@ def _where_points_go(root: Path) -> str:
                    "certified at 0.3"], rows)
 
 
+def _prototype_head(root: Path) -> str:
+    """The prototype run's learned head beside its herded oracles, both proved by the same
+    float64 interval bound (a diagnostic, prototype_head.py): what realising the head costs."""
+    raw = _json(root, f"{EQUAL}/prototype-head.json")
+    rows = [[name, *(pct(figures[e]) for e in ("0", "0.1", "0.3"))]
+            for name, figures in raw["certified_accuracy"].items()]
+    return _table([f"Head of `{raw['run']}` (full MNIST, {raw['count']:,} test images; {raw['bound']})",
+                   "clean", "certified at 0.1", "certified at 0.3"], rows)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "certified-equal-terms": _equal_terms,
     "certified-equal-terms-10k": _equal_terms_10k,
     "certified-where-points-go": _where_points_go,
+    "certified-prototype-head": _prototype_head,
     "autoattack": _autoattack,
     "table1-mnist-10k": lambda root: _table1(root, "mnist-10k"),
     "table1-mnist": lambda root: _table1(root, "mnist"),
     "fig6-mnist-10k": lambda root: _fig6(root, "mnist-10k"),
     "fig6-mnist": lambda root: _fig6(root, "mnist"),
     "certified-mnist-10k": _certified_mnist10k,
+    "certified-seeds": _certified_seeds,
     "certified-full-curve": _certified_curve,
     "certified-proof-and-attack": _proof_and_attack,
     "at-full": _at_full,
