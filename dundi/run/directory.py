@@ -417,6 +417,11 @@ class Run:
         return TwoStepResult(top[:, 0].copy(), top, scores, scores.copy(),
                              np.full(len(batch), np.nan))
 
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of the weights and of the live index's file: what names this run's answers."""
+        return {"weights_sha256": self.meta.get("files", {}).get(WEIGHTS_FILE, ""),
+                "index_sha256": index_sha256(self.meta)}
+
     def as_module(self, rule: TwoStepRule | None = None) -> nn.Module:
         """This DunDi run as a plain ``torch.nn.Module``, images (N, C, H, W) → (N, classes)
         scores whose argmax is Algorithm 1's label under ``rule`` for every input, ties

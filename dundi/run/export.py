@@ -160,15 +160,13 @@ def build_module(run, rule: TwoStepRule | None = None) -> DunDiModule:
 def export_metadata(run, rule: TwoStepRule) -> dict[str, Any]:
     """What the exported file says about itself: the rule, the classes, the input, the run's
     certificate settings where it was trained certified (no machine paths)."""
-    from dundi.run.directory import WEIGHTS_FILE, index_sha256
-
     meta, cfg = run.meta, run.meta.get("config", {})
     out = {"format": EXPORT_FORMAT, "kind": "dundi", "dataset": meta.get("dataset"), "arch": meta.get("arch"),
            "in_shape": list(meta["in_shape"]), "classes": list(run.class_names),
            "rule": {"n": rule.n, "m": rule.m, "k": rule.k, "metric": rule.metric},
            "input": "float32 pixels in [0, 1], (N, C, H, W)",
            "output": "(N, classes) scores; argmax = Algorithm 1's label",
-           "weights_sha256": meta.get("files", {}).get(WEIGHTS_FILE), "index_sha256": index_sha256(meta)}
+           **run.file_hashes()}
     if cfg.get("certified"):
         out["certificate"] = {k: cfg.get(k) for k in ("cert_eps", "cert_warmup", "cert_ramp", "cert_per_class")
                               if k in cfg}
