@@ -164,6 +164,9 @@ def test_parser_choices_and_defaults_mirror_the_modules_that_define_them():
     assert (choices.LOSSES, choices.METRICS, choices.MINING, choices.ADV_TARGETS, choices.ADV_LOSSES,
             choices.CERT_HEADS) == (
         tuple(LOSSES), tuple(METRICS), tuple(MINING), tuple(ADV_TARGETS), tuple(ADV_LOSSES), tuple(CERT_HEADS))
+    from dundi.run.pipeline import ORACLE_KINDS
+
+    assert choices.ORACLE_KINDS == ORACLE_KINDS
     defaults = dataclasses.asdict(TrainConfig())
     assert choices.TRAIN_DEFAULTS == {k: defaults[k] for k in choices.TRAIN_DEFAULTS}
     from dundi.evaluation.evaluate import EvalConfig

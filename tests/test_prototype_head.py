@@ -50,9 +50,9 @@ def test_index_build_herds_oracles_toward_the_prototypes(prototype_run, data_dir
 
     run_dir = tmp_path / "run"
     shutil.copytree(prototype_run, run_dir)
-    index = build_index(run_dir, n=10, seed=0, data_dir=data_dir)
+    index = build_index(run_dir, n=10, seed=0, data_dir=data_dir, oracle_kind="images")
     assert index.meta["select"] == "prototypes"
-    assert build_index(run_dir, n=10, seed=0, data_dir=data_dir).meta["ids"] == index.meta["ids"]
+    assert build_index(run_dir, n=10, seed=0, data_dir=data_dir, oracle_kind="images").meta["ids"] == index.meta["ids"]
     images, labels, ids = load_split("mnist-10k", "train", data_dir, limit=1000)
     row_of = {int(i): r for r, i in enumerate(ids)}
     picked = np.array([row_of[int(i)] for i in index.meta["ids"]]).reshape(10, 10)
@@ -93,7 +93,7 @@ def test_prototypes_as_oracles_rank_as_the_trained_head_and_their_certificates_h
 
     run_dir = tmp_path / "run"
     shutil.copytree(prototype_run, run_dir)
-    index = build_index(run_dir, seed=0, data_dir=data_dir, prototypes_as_oracles=True)
+    index = build_index(run_dir, seed=0, data_dir=data_dir)  # a prototype run's default
     assert index.n == 2 and index.meta["select"] == "prototypes-as-oracles"
     run = Run.load(run_dir)
     x, _, _ = load_split("mnist-10k", "test", data_dir, limit=300)
@@ -111,6 +111,7 @@ def test_prototypes_as_oracles_rank_as_the_trained_head_and_their_certificates_h
 
 
 def test_prototypes_as_oracles_need_a_prototype_run(certified_run, tmp_path):
+    """Asked of a run trained against batch means, the prototype index is refused by name."""
     import shutil
 
     from dundi.run.pipeline import build_index
@@ -118,4 +119,4 @@ def test_prototypes_as_oracles_need_a_prototype_run(certified_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(certified_run, run_dir)
     with pytest.raises(DundiError, match="--cert-head prototypes"):
-        build_index(run_dir, prototypes_as_oracles=True)
+        build_index(run_dir, oracle_kind="prototypes")

@@ -21,6 +21,7 @@ MINING: tuple[str, ...] = ("random", "batch-hard")                            # 
 ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.training.passes
 ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.training.passes
 CERT_HEADS: tuple[str, ...] = ("batch", "prototypes")                        # dundi.training.config
+ORACLE_KINDS: tuple[str, ...] = ("images", "prototypes")                     # dundi.run.pipeline
 CLASSIFY_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")      # dundi.serving.answers
 EVAL_SHARD_SIZE = 64                        # dundi.evaluation.evaluate.EvalConfig.shard_size
 

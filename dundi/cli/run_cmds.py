@@ -108,8 +108,8 @@ def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace, native: 
     if not native:
         cert.add_argument("--cert-head", default=d.cert_head, choices=choices.CERT_HEADS,
                           help="what the head is trained against: batch (each class's other images in "
-                               "the batch, the default) | prototypes (learned class prototypes; `dundi "
-                               "index build` then herds the oracles toward them)")
+                               "the batch, the default) | prototypes (learned class prototypes, which "
+                               "then serve as the run's oracles: `dundi index build --oracle-kind`)")
 
 
 def _add_adversarial_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
@@ -251,7 +251,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from dundi.run.pipeline import build_index
 
     index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir,
-                        margin_eps=args.select_eps, prototypes_as_oracles=args.prototypes_as_oracles)
+                        margin_eps=args.select_eps, oracle_kind=args.oracle_kind)
     emit({"run": args.run, "classes": index.num_classes, "n": index.n, "dim": index.dim,
           "seed": args.seed, "select": index.meta.get("select", "random")}, args.json,
          f"built oracle index in {args.run}")
@@ -369,12 +369,13 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
     p.add_argument("--select-eps", type=unit_float, default=None, metavar="EPS",
                    help="certified runs: choose the oracles for certified margin at this L-inf "
-                        "budget instead of at random (docs/certification.md; default: random, or "
-                        "herded toward a --cert-head prototypes run's learned prototypes)")
-    p.add_argument("--prototypes-as-oracles", action="store_true",
-                   help="--cert-head prototypes runs: store the learned prototypes themselves (two "
-                        "vectors per class, not training images; --oracles is ignored): the rule then "
-                        "ranks exactly as the network was trained")
+                        "budget instead of at random (docs/certification.md; default: random, or, with "
+                        "--oracle-kind images, herded toward a prototype run's learned prototypes)")
+    p.add_argument("--oracle-kind", choices=choices.ORACLE_KINDS, default=None,
+                   help="images: n training images per class; prototypes: a --cert-head prototypes "
+                        "run's learned prototypes themselves (two vectors per class, --oracles ignored), "
+                        "so the rule ranks exactly as the network was trained (default: prototypes for "
+                        "such a run, else images)")
     _add_common(p)
     p.set_defaults(handler=cmd_index_build)
     p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")

@@ -241,9 +241,12 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"or a smaller --lr.")
 
 
+ORACLE_KINDS = ("images", "prototypes")  # what an index's oracles are (dundi index build --oracle-kind)
+
+
 def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
                 data_dir: str | None = None, margin_eps: float | None = None,
-                prototypes_as_oracles: bool = False, **margin_fit: int) -> OracleIndex:
+                oracle_kind: str | None = None, **margin_fit: int) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
     run's model and write the FAISS index into the run as its next version. The index holds
     the classes the run was trained on, named as the dataset names them: classes enrolled
@@ -251,12 +254,19 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
     for certified margin at that L∞ budget (:mod:`dundi.robustness.margin_oracles`; certified
     runs only; ``margin_fit`` passes pool, fit_images and steps on), else herded toward the
     run's learned prototypes where it has them (``--cert-head prototypes``), else at random.
-    ``prototypes_as_oracles``: the learned prototypes themselves, two vectors per class
-    (:func:`~dundi.robustness.margin_oracles.prototype_vectors`), instead of training images."""
+
+    ``oracle_kind``: "images" (training images, as above) or "prototypes" (a prototype run's
+    learned prototypes themselves, two vectors per class,
+    :func:`~dundi.robustness.margin_oracles.prototype_vectors`); by default prototypes for such
+    a run (images cannot realise its head: docs/results/certified/equal-terms), else images."""
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
-    if prototypes_as_oracles:
+    if oracle_kind not in (None, *ORACLE_KINDS):
+        raise DundiError(f"unknown oracle kind {oracle_kind!r}: choose one of {', '.join(ORACLE_KINDS)}")
+    if oracle_kind is None:
+        oracle_kind = "prototypes" if meta.get("prototypes") and margin_eps is None else "images"
+    if oracle_kind == "prototypes":
         return _prototype_index(run_dir, model, meta, seed)
     metric = meta["config"].get("metric", "euclidean")
     if margin_eps is not None and metric != "sqeuclidean":
@@ -288,7 +298,7 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
 def _prototype_index(run_dir: str | os.PathLike, model: nn.Module, meta: dict, seed: int) -> OracleIndex:
     """The index of a prototype run's learned prototypes (two vectors per class), saved."""
     if not meta.get("prototypes") or model.prototype_head() is None:
-        raise DundiError(f"{run_dir} has no learned prototypes: --prototypes-as-oracles needs a run "
+        raise DundiError(f"{run_dir} has no learned prototypes: --oracle-kind prototypes needs a run "
                          f"trained with --certified --cert-head prototypes")
     from dundi.robustness.margin_oracles import prototype_vectors
 

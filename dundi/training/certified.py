@@ -19,9 +19,10 @@ the model is trained on the statistic it is judged by.
 
 With ``--cert-head prototypes`` the head's weights are free instead: learned class prototypes
 p_c and spreads s_c (``DistanceNet.prototype_head``), as a softmax network's last layer is
-free, and index building herds n real training images per class toward them. This separates
-the two suspects for certified DunDi's gap to softmax IBP: noisy batch means tied to the
-embedding, or the rule itself.
+free; the index then stores the prototypes themselves as oracles (two vectors per class
+realise the head exactly), since no n real training images realise it (measured in
+docs/results/certified/equal-terms: the prototype head certifies as softmax IBP does, images
+herded toward it ten points less).
 """
 
 from __future__ import annotations
