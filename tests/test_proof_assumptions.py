@@ -131,3 +131,46 @@ class OwnReLU(nn.ReLU):
 def test_a_subclass_of_a_supported_layer_is_refused_by_name(layer):
     with pytest.raises(DundiError, match=rf"{type(layer).__name__} \(a subclass of {type(layer).__mro__[1].__name__}"):
         served_layers([layer])
+
+
+@pytest.mark.realdata
+def test_the_mean_pixel_gate_holds_for_float64_requests_the_server_rounds_to_float32(certified_run, data_dir):
+    """A float64 (JSON) request on the top corner of the ball, x + eps, reaches the model
+    rounded to float32, up to half an ulp past the ball. Images are nudged by an ulp so that
+    every unclipped pixel of that corner rounds up, and the mean-pixel threshold is put just
+    above the float64 corner's mean, where a bound over the float64 box still proves the gate
+    closed (computed below): every answer certified with that gate must not abstain on the
+    rounded request, whose mean is past the threshold."""
+    from dundi.data import load_split
+    from dundi.robustness.certificate import AbstainGate
+    from dundi.rule.abstain_signals import mean_pixel
+    from dundi.rule.exact import U64, fixed_sum, gamma
+    from dundi.run.directory import Run
+
+    eps, rule = 0.05, TwoStepRule(None, 3, 5)
+    x = load_split("mnist-10k", "test", data_dir, limit=40)[0].copy()
+    for _ in range(64):  # move x up an ulp wherever x + eps would round down to float32
+        top = np.clip(x.astype(np.float64) + eps, 0, 1)
+        down = top.astype(np.float32).astype(np.float64) < top
+        x = np.where(down, np.nextafter(x, np.float32(1)), x)
+    top = np.clip(x.astype(np.float64) + eps, 0, 1)
+    served = top.astype(np.float32)                      # the server's view of the request
+    assert (served.astype(np.float64) > top).mean() > 0.5  # most pixels land past the ball
+    run = Run.load(certified_run)
+    labels = run.classify(x, rule).labels
+    certifier = run.certifier(rule)
+    crossed = kept = 0
+    for i in range(len(x)):
+        pixels = top[i].size
+        threshold = float(mean_pixel(top[i:i + 1])[0]) * (1 + 1e-9)
+        float64_box_slack = np.nextafter(threshold, np.inf) - fixed_sum(top[i].reshape(1, -1))[0] / pixels * (
+            1 + 4 * gamma(pixels + 2, U64))
+        served_mean = float(mean_pixel(served[i:i + 1])[0])
+        assert float64_box_slack > 0 and served_mean > threshold   # the trap is set for this image
+        crossed += 1
+        gate = AbstainGate(abstain_max_mean=threshold)
+        proven = certifier.certified_at(torch.from_numpy(x[i:i + 1]), torch.tensor(labels[i:i + 1]), eps, gate=gate)
+        ungated = certifier.certified_at(torch.from_numpy(x[i:i + 1]), torch.tensor(labels[i:i + 1]), eps)
+        kept += int(ungated[0])
+        assert not bool(proven[0]), f"image {i}: certified, yet the served request abstains on its mean pixel"
+    assert crossed == len(x) and kept >= 5  # answers the gate alone keeps from a certificate
