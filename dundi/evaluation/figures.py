@@ -381,9 +381,17 @@ def _aa_cells(root: Path, report: str | None, eps: float) -> tuple[str, str]:
     return share(dundi["robust_accuracy"], n), share(native["native_robust_accuracy"], n)
 
 
+def _aa_dundi_cell(root: Path, report: str | None, eps: float) -> str:
+    """AutoAttack robust accuracy of DunDi alone (adaptive, the exact rule), or "not run"."""
+    if report is None:
+        return "not run"
+    row = _attack(_evaluation(_json(root, f"{EQUAL}/{report}/report.json")), "autoattack", "adaptive", eps)
+    return share(row["robust_accuracy"], row["count"])
+
+
 # (eps trained at, run-name suffix, eps certified, AutoAttack evaluation of DunDi and softmax
 # IBP, AutoAttack evaluation of DunDi with prototypes as oracles; None: not run)
-EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3", None), (0.15, "-eps015", "0.1", "aa-eps0.1", None))
+EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3", "aa-proto-eps0.3"), (0.15, "-eps015", "0.1", "aa-eps0.1", None))
 # (row name, certify file stem, train file stem, column of the AutoAttack cells) per budget
 EQUAL_MODELS = (("Certified DunDi, sample oracles: rule n=20 m=3 k=5", "dundi-e10{}", "dundi-e10{}", 0),
                 ("Certified DunDi, prototypes as oracles: n=2 m=2 k=5", "dundi-e10{}-proto-syn",
@@ -397,7 +405,7 @@ def _equal_terms(root: Path) -> str:
     certified, AutoAttack on 1,000."""
     rows = []
     for eps_train, suffix, eps_cert, report, proto_report in EQUAL_BUDGETS:
-        aa = (*_aa_cells(root, report, float(eps_cert)), _aa_cells(root, proto_report, float(eps_cert))[0])
+        aa = (*_aa_cells(root, report, float(eps_cert)), _aa_dundi_cell(root, proto_report, float(eps_cert)))
         for name, cert_stem, train_stem, column in EQUAL_MODELS:
             cert = _json(root, f"{EQUAL}/{cert_stem.format(suffix)}-certify.json")
             train = _json(root, f"{EQUAL}/{train_stem.format(suffix)}-train.json")
