@@ -127,7 +127,7 @@ def test_flags_follow_each_signal_direction():
 def test_index_calibrate_stores_the_rule_and_serve_uses_it_by_default(run_copy, data_dir):
     from dundi.cli.main import main
     from dundi.run.directory import read_meta
-    from dundi.serving.abstain import served_model
+    from dundi.serving.served import served_model
 
     assert main(["index", "calibrate", str(run_copy), "--false-abstain", "0.02", "--limit", "600",
                  "--data-dir", data_dir, "--json"]) == 0

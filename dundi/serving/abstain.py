@@ -15,9 +15,6 @@ run.json with the index it was measured on (:func:`dundi.run.directory.save_cali
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import numpy as np
 
 from dundi.errors import DundiError
@@ -31,10 +28,9 @@ from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: r
 )
 from dundi.rule.selective_signals import BLANK_RANGE
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import Run, save_calibration, stored_calibration  # noqa: F401 (the rule's store)
+from dundi.run.directory import save_calibration, stored_calibration  # noqa: F401 (the rule's store)
 from dundi.run.pipeline import held_out_images
-from dundi.serving.errors import RequestError
-from dundi.serving.model import LoadedModel, ModelConfig
+from dundi.serving.model import LoadedModel
 
 # --- the abstain rule served by default: four signals calibrated together ------------------
 #
@@ -198,23 +194,3 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
     return dict(cal["thresholds"]), (f"abstain rule calibrated now: {cal['abstain_rate']:.2%} false "
                                      f"abstains on {source} (store it with `dundi index calibrate "
                                      f"{model.run.path}`)")
-
-
-def served_model(run: str | os.PathLike, rule: TwoStepRule, abstain_threshold: float | str | None = None,
-                 false_abstain: float | None = None, data_dir: str | None = None, limit: int | None = 2000,
-                 loaded: Run | None = None) -> tuple[ModelConfig, LoadedModel, str]:
-    """A run as `dundi serve` and `dundi classify RUN IMAGES` serve it: its config, the loaded
-    model and one line saying where its abstain rule comes from (:func:`abstain_settings`).
-    ``loaded``: the run already loaded, not read again."""
-    try:
-        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": rule.n, "m": rule.m, "k": rule.k})
-    except RequestError as exc:
-        raise DundiError(exc.message) from None
-    if abstain_threshold is not None and false_abstain is not None:
-        raise DundiError("give --abstain-threshold or --false-abstain, not both")
-    model = LoadedModel(config, run=loaded)  # fails early, with the loader's message, on a bad run
-    fields, how = abstain_settings(model, abstain_threshold, false_abstain, data_dir, limit)
-    if not any(v is not None for v in fields.values()):
-        return config, model, how
-    config = dataclasses.replace(config, **fields)
-    return config, LoadedModel(config, run=model.run), how  # the same run, other abstain settings
