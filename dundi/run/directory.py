@@ -39,10 +39,11 @@ from torch import nn
 
 from dundi.data import pixels
 from dundi.errors import DundiError
-from dundi.files import atomic_write_json, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
+from dundi.files import atomic_write_json, sha256_file
 from dundi.nets.inference import EMBED_BATCH
 from dundi.nets.models import build_distance_net, build_native
-from dundi.rule.index import INDEX_FILE, META_FILE, OracleIndex, TwoStepResult
+from dundi.rule.index import INDEX_FILE, META_FILE, OracleIndex
+from dundi.rule.params import TwoStepResult
 from dundi.rule.params import TwoStepRule
 
 RUN_FILE = "run.json"

@@ -21,13 +21,13 @@ from torch import nn
 
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
+from dundi.files import atomic_write_json
 from dundi.nets.inference import accuracy, forward_batched
 from dundi.nets.models import EMBED_HIDDEN, build_distance_net, build_native
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
 from dundi.run.directory import (
     Run,
-    atomic_write_json,
     dataset_class_names,
     dataset_classes_of,
     index_sha256,

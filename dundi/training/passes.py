@@ -28,7 +28,7 @@ from dundi.training.certified import (
     schedule,
     softmax_certified_batch_loss,
 )
-from dundi.training.config import TrainConfig, json_config, with_defaults  # noqa: F401 (re-exported)
+from dundi.training.config import TrainConfig
 from dundi.training.losses import distance, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.training.tuples import sample_tuples
 
