@@ -38,7 +38,7 @@ from dundi.run.directory import (
 )
 from dundi.training.config import TrainConfig
 from dundi.training.loop import fit
-from dundi.training.passes import drop_holdout, kept_classes, split_train_val
+from dundi.training.passes import split_train_val
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -65,6 +65,31 @@ def _metrics_writer(run_dir: Path, log: Callable[[str], None]) -> Callable[[int,
         log("  epoch " + " ".join(f"{k}={v}" for k, v in history[-1].items()))
 
     return on_epoch
+
+
+def kept_classes(cfg: TrainConfig, num_classes: int) -> np.ndarray:
+    """The dataset classes a run trains on, in order: all but ``cfg.holdout_classes``."""
+    bad = [c for c in cfg.holdout_classes if not 0 <= c < num_classes]
+    kept = np.array([c for c in range(num_classes) if c not in cfg.holdout_classes], dtype=np.int64)
+    if bad or len(kept) < 2:
+        raise DundiError(f"--holdout-classes {list(cfg.holdout_classes)} must name classes in "
+                         f"[0, {num_classes}) and leave at least two to train on")
+    return kept
+
+
+def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of the kept classes, labels renumbered 0..len(kept)-1 in ``kept``'s order.
+
+    Why renumber: every training path (tuples, certified batches, validation index) assumes
+    labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
+    dataset classes it holds (``dataset_classes`` in the run's metadata). A negative entry
+    (a class enrolled from images outside the dataset) matches no row."""
+    valid = kept >= 0
+    rows = np.isin(labels, kept[valid])
+    remap = np.full(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, -1, dtype=np.int64)
+    remap[kept[valid]] = np.flatnonzero(valid)
+    return images[rows], remap[labels[rows]], ids[rows]
 
 
 def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
