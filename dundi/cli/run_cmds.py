@@ -344,7 +344,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dundi.evaluation.demo import run_demo
+    from dundi.evaluation.table1 import run_demo
 
     figures = run_demo(Path(args.out), data_dir=args.data_dir, quick=args.quick,
                        progress=not args.no_progress)

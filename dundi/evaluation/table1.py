@@ -1,4 +1,5 @@
-"""`dundi demo`: the paper's Table 1 for one backbone on mnist-10k, end to end, on 2 CPU cores.
+"""The paper's Table 1 for one backbone on mnist-10k, end to end, on 2 CPU cores (`dundi demo`):
+it trains the models, builds their index and evaluates them, so it sits above every room it drives.
 
 fetch mnist-10k → native LeNet-5 (Model3) → DunDi_R3 and DunDi_P3 → oracle index (n=20)
 → two-step test accuracy for n = 1, 10, 20 → the paper's attacks (transfer) and FGSM/PGD
