@@ -1,4 +1,5 @@
-"""Core subcommands: data, train-native, train, index build, classify, demo."""
+"""The pipeline's subcommands, as dundi.run.pipeline runs them: data, train-native, train, index
+build/calibrate, classify, certify, export, demo."""
 
 from __future__ import annotations
 
