@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from dundi.distributed.haproxy_guard import NO_ADMIN_RETRY, WHOLE_ANSWER_BYTES, install, rewrite_config
+from waiting import wait_until
 
 SERVE_CONFIG = """global
     stats socket /x/admin.sock mode 666 level admin expose-fd listeners
@@ -283,9 +284,9 @@ def test_a_full_queue_refuses_at_once_and_unlogged(tmp_path):
             admitted = [threading.Thread(target=send, args=(name, url)) for name in ("first", "second")]
             # in order: the first held by the replica, then the second in HAProxy's queue
             admitted[0].start()
-            _wait_until(lambda: arrived == [b"/routed/first"], "the replica to hold the first request")
+            wait_until(lambda: arrived == [b"/routed/first"], "the replica to hold the first request")
             admitted[1].start()
-            _wait_until(lambda: _stat(tmp_path / "a.sock", "http-dundi", "BACKEND", "qcur") == 1,
+            wait_until(lambda: _stat(tmp_path / "a.sock", "http-dundi", "BACKEND", "qcur") == 1,
                         "HAProxy to queue the second request")
             refused = httpx.post(f"{url}/routed/third", json={}, timeout=60)
             answered_before_refusal = list(served)
@@ -328,10 +329,3 @@ def _stat(admin_socket, proxy: str, row: str, field: str) -> int:
     found = next(r.split(",") for r in rows[1:] if r.startswith(f"{proxy},{row},"))
     return int(found[names.index(field)] or 0)
 
-
-def _wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
-    """Waits for ``condition()`` to hold; fails naming ``what`` if it does not within the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
-        time.sleep(0.01)
