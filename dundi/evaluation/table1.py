@@ -17,7 +17,7 @@ from dundi.data import fetch
 from dundi.evaluation.report import slug, write_report
 from dundi.files import atomic_write_json, atomic_write_text
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import RUN_FILE, index_version, read_meta
+from dundi.run.storage import RUN_FILE, index_version, read_meta
 from dundi.run.pipeline import build_index, classify_split, train_dundi_run, train_native_run
 from dundi.training.config import TrainConfig, json_config
 

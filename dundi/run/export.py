@@ -160,7 +160,7 @@ def build_module(run, rule: TwoStepRule | None = None) -> DunDiModule:
 def export_metadata(run, rule: TwoStepRule) -> dict[str, Any]:
     """What the exported file says about itself: the rule, the classes, the input, the run's
     certificate settings where it was trained certified (no machine paths)."""
-    from dundi.run.directory import WEIGHTS_FILE, index_sha256
+    from dundi.run.storage import WEIGHTS_FILE, index_sha256
 
     meta, cfg = run.meta, run.meta.get("config", {})
     out = {"format": EXPORT_FORMAT, "kind": "dundi", "dataset": meta.get("dataset"), "arch": meta.get("arch"),

@@ -2,7 +2,7 @@
 train a Distance NN, build its oracle index, measure two-step accuracy.
 
 Each function reads its data through :mod:`dundi.data`, writes a run directory through
-:mod:`dundi.run.directory`, and returns the figures it computed.
+:mod:`dundi.run.storage`, and returns the figures it computed.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from dundi.errors import DundiError
 from dundi.files import atomic_write_json
 from dundi.nets.inference import accuracy, forward_batched
 from dundi.nets.models import EMBED_HIDDEN, build_distance_net, build_native
+from dundi.rule.abstain_store import stored_calibration
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
-from dundi.run.directory import (
-    Run,
+from dundi.run.directory import Run
+from dundi.run.storage import (
     dataset_class_names,
     dataset_classes_of,
     index_sha256,
     load_model,
     save_model,
     save_oracle,
-    stored_calibration,
 )
 from dundi.training.config import TrainConfig
 from dundi.training.loop import fit

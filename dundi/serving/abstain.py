@@ -10,25 +10,26 @@ serves it by default (docs/results/abstain).
 Held-out data (:func:`dundi.run.pipeline.held_out_images`): the validation part of the run's
 training split, minus any image that is itself an oracle. A run trained without a validation
 part cannot be calibrated: the test split stays untouched. The calibrated rule is stored in
-run.json with the index it was measured on (:func:`dundi.run.directory.save_calibration`).
+run.json with the index it was measured on (:func:`save_calibration`, :mod:`dundi.rule.abstain_store`).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from dundi.errors import DundiError
 from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: re-exported)
     ABSTAIN_SIGNALS,
-    SCALE_QUANTILES,
     abstain_flags,
     levels,
     signal_scales,
     signal_values,
 )
+from dundi.rule.abstain_store import calibration_fields, stored_calibration
 from dundi.rule.selective_signals import BLANK_RANGE
-from dundi.rule.params import TwoStepRule
-from dundi.run.directory import save_calibration, stored_calibration  # noqa: F401 (the rule's store)
+from dundi.run.storage import update_live_oracle
 from dundi.run.pipeline import held_out_images
 from dundi.serving.model import LoadedModel
 
@@ -194,3 +195,13 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
     return dict(cal["thresholds"]), (f"abstain rule calibrated now: {cal['abstain_rate']:.2%} false "
                                      f"abstains on {source} (store it with `dundi index calibrate "
                                      f"{model.run.path}`)")
+
+
+def save_calibration(run_dir: str | os.PathLike, calibration: dict, source: str, index_sha: str) -> None:
+    """Store an abstain rule calibrated on the index file ``index_sha`` with the live index's
+    metadata in run.json, under the run's write lock. Every index change (build, add, remove)
+    replaces that metadata, and the rule names the index file it was measured on, so a
+    threshold never outlives the oracles it was measured against."""
+    if not update_live_oracle(run_dir, index_sha, **calibration_fields(calibration, source, index_sha)):
+        raise DundiError(f"the oracle index of {run_dir} changed while calibrating (or a pinned "
+                         f"version was calibrated): calibrate the live index again")
