@@ -121,7 +121,7 @@ def oracle_spread(run: Run) -> list[float]:
 
 def run_label_of(run: Run, dataset_classes: list[int]) -> list[int]:
     """The run's labels of these dataset classes (those it holds)."""
-    from dundi.run.directory import dataset_classes_of
+    from dundi.run.storage import dataset_classes_of
 
     held = dataset_classes_of(run.meta, run.oracle.meta) or list(range(run.oracle.num_classes))
     return [held.index(c) for c in dataset_classes if c in held]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from dundi.errors import DundiError
+from dundi.rule.abstain_store import stored_calibration
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import index_sha256
+from dundi.run.storage import index_sha256
 from dundi.serving import ModelConfig, RequestError
 from dundi.serving.abstain import (
     LEGACY_FIELDS,
@@ -22,7 +23,6 @@ from dundi.serving.abstain import (
     rule_values,
     held_out_images,
     signal_values,
-    stored_calibration,
 )
 from dundi.serving.model import LoadedModel
 
@@ -126,8 +126,8 @@ def test_flags_follow_each_signal_direction():
 
 def test_index_calibrate_stores_the_rule_and_serve_uses_it_by_default(run_copy, data_dir):
     from dundi.cli.main import main
-    from dundi.run.directory import read_meta
-    from dundi.serving.abstain import served_model
+    from dundi.run.storage import read_meta
+    from dundi.serving.served import served_model
 
     assert main(["index", "calibrate", str(run_copy), "--false-abstain", "0.02", "--limit", "600",
                  "--data-dir", data_dir, "--json"]) == 0
@@ -150,7 +150,7 @@ def test_index_calibrate_stores_the_rule_and_serve_uses_it_by_default(run_copy, 
 
 def test_rebuilding_the_index_drops_the_stored_rule(run_copy, data_dir):
     from dundi.cli.main import main
-    from dundi.run.directory import read_meta
+    from dundi.run.storage import read_meta
     from dundi.run.pipeline import build_index
 
     assert main(["index", "calibrate", str(run_copy), "--limit", "300", "--data-dir", data_dir]) == 0

@@ -14,7 +14,9 @@ from dundi.errors import DundiError
 from dundi.nets.models import build_distance_net, build_native
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import Run, save_model, save_oracle, validate_images
+from dundi.data.pixels import validate_images
+from dundi.run.directory import Run
+from dundi.run.storage import save_model, save_oracle
 
 SHAPE = (1, 28, 28)
 

@@ -10,7 +10,8 @@ from dundi.errors import DundiError
 from dundi.nets.models import build_distance_net, build_native
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import Run, load_model, load_oracle, read_meta, save_model, save_oracle
+from dundi.run.directory import Run
+from dundi.run.storage import load_model, load_oracle, read_meta, save_model, save_oracle
 
 SHAPE = (1, 28, 28)
 

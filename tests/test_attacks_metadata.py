@@ -10,7 +10,7 @@ from test_attacks import trained
 from torch import nn
 
 from dundi.attacks import ATTACKS, STAND_IN_ONLY, make_attack
-from dundi.attacks.base import project_linf
+from dundi.attacks.base import eval_mode, project_linf
 from dundi.evaluation.evaluate import attack_eps, attack_steps
 
 RUNNABLE = sorted(name for name in ATTACKS if name not in STAND_IN_ONLY)
@@ -67,10 +67,12 @@ def test_declared_seeding(subject, name):
         assert torch.equal(other.run(x, y).adv, a.adv)
 
 
-def test_one_linf_projection_for_bim_and_apgd():
+def test_one_linf_projection_for_bim_apgd_and_adversarial_training():
     from dundi.attacks import apgd, bim
+    from dundi.training import adversarial
 
     assert bim.project_linf is project_linf and apgd.project_linf is project_linf
+    assert adversarial.project_linf is project_linf and adversarial.eval_mode is eval_mode
     x0 = torch.rand(4, 1, 5, 5)
     x = x0 + torch.randn_like(x0)
     out = project_linf(x.clone(), x0, 0.1)

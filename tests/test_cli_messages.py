@@ -15,7 +15,8 @@ from dundi.errors import DundiError
 from dundi.nets.models import build_distance_net, build_native
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import Run, save_model, save_oracle
+from dundi.run.directory import Run
+from dundi.run.storage import save_model, save_oracle
 
 SHAPE = (1, 28, 28)
 
@@ -155,7 +156,7 @@ def test_parser_choices_and_defaults_mirror_the_modules_that_define_them():
     from dundi.cli import flag_values as choices
     from dundi.data.specs import DATASETS, SPLITS
     from dundi.nets.models import ARCHITECTURES
-    from dundi.rule.index import METRICS
+    from dundi.rule.params import METRICS
     from dundi.training.config import ADV_LOSSES, ADV_TARGETS, CERT_HEADS, MINING, TrainConfig
     from dundi.training.losses import LOSSES
 

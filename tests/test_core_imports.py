@@ -30,7 +30,7 @@ def core_modules() -> list[str]:
 
 # The rooms in dependency order: a module may import its own room and rooms before it.
 ROOMS = ["dundi.errors", "dundi.files", "dundi.progress", "dundi.data", "dundi.rule", "dundi.nets",
-         "dundi.training", "dundi.attacks", "dundi.robustness", "dundi.run", "dundi.evaluation",
+         "dundi.attacks", "dundi.training", "dundi.robustness", "dundi.run", "dundi.evaluation",
          "dundi.serving", "dundi.distributed", "dundi.cli", "dundi.__main__"]
 
 

@@ -85,7 +85,7 @@ def test_one_worker_gives_the_local_loop_s_loss_curve(ray_local, tmp_path, data_
     DunDi-AT (adversarial anchors, budget warm-up) and certified training (class-balanced
     batches, interval bounds, eps schedule) go through the same epoch code."""
     from dundi.distributed.train_job import run_ray_training
-    from dundi.run.directory import load_model, read_meta
+    from dundi.run.storage import load_model, read_meta
     from dundi.run.pipeline import build_index, train_dundi_run
 
     cfg = small_cfg(**extra)

@@ -19,7 +19,9 @@ from dundi.errors import DundiError
 from dundi.nets.models import build_distance_net
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import Run, index_versions, read_meta, save_model, save_oracle, validate_images
+from dundi.data.pixels import validate_images
+from dundi.run.directory import Run
+from dundi.run.storage import index_versions, read_meta, save_model, save_oracle
 from dundi.run.enrollment import add_class, list_classes, remove_class
 
 SHAPE = (1, 28, 28)
@@ -171,7 +173,7 @@ def test_the_adaptive_stand_in_follows_the_rule_on_enrolled_classes(tmp_path):
 # ---------------------------------------------------------------------------- atomic versions
 
 def test_a_write_killed_before_its_commit_leaves_the_previous_version(tmp_path, monkeypatch):
-    import dundi.run.directory as artifacts
+    import dundi.run.storage as storage
 
     run_dir, _ = _run(tmp_path)
     before = Run.load(run_dir)
@@ -179,7 +181,7 @@ def test_a_write_killed_before_its_commit_leaves_the_previous_version(tmp_path, 
     def killed(path, obj):  # the process dies where run.json would be replaced
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(artifacts, "atomic_write_json", killed)
+    monkeypatch.setattr(storage, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         add_class(run_dir, "boot", _images(4, seed=8))
     monkeypatch.undo()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -17,13 +16,15 @@ import numpy as np
 import pytest
 
 from tests.test_serve_cli import free_port, v2
+from waiting import wait_until
 
 pytestmark = [pytest.mark.realdata]
 
 ADMIN = {"Authorization": "Bearer admin-test-token"}
 HELD_OUT = 7          # the digit removed from the subject's index, then enrolled while serving
 CLIENTS = 4           # request threads
-LOAD_S = 6.0          # seconds of load around the enrollment
+AROUND = 4 * CLIENTS  # requests answered before the enrollment starts, and again after it ends
+DEADLINE_S = 120      # for each of those, on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,14 @@ def enroll_under_load(url: str, subject: tuple, digits: dict) -> int:
     for t in threads:
         t.start()
     try:
-        time.sleep(LOAD_S / 2)
+        wait_until(lambda: len(statuses) >= AROUND, f"{AROUND} answers before enrolling", DEADLINE_S)
         before = len(statuses)
         with httpx.Client(base_url=url, timeout=180) as c:
             r = c.post("/admin/classes", headers=ADMIN,
                        json={"add": "seven", "images": enroll.tolist()})
-        during = len(statuses) - before
-        time.sleep(LOAD_S / 2)
+        after = len(statuses)
+        during = after - before
+        wait_until(lambda: len(statuses) >= after + AROUND, f"{AROUND} answers after enrolling", DEADLINE_S)
     finally:
         stop.set()
         for t in threads:
@@ -132,10 +134,8 @@ def test_plain_app_enrolls_a_class_under_load(subject, digits):
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     try:
+        wait_until(lambda: server.started, "uvicorn to start serving", 30)
         enroll_under_load(f"http://127.0.0.1:{port}", subject, digits)
         # and removal: the class is gone from the answers
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:

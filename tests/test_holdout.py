@@ -10,9 +10,8 @@ import pytest
 from dundi.data import load_split
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run
-from dundi.run.pipeline import classify_split
+from dundi.run.pipeline import classify_split, drop_holdout, kept_classes
 from dundi.training.config import TrainConfig
-from dundi.training.passes import drop_holdout, kept_classes
 
 pytestmark = pytest.mark.realdata
 

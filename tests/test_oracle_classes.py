@@ -213,7 +213,7 @@ def test_top_k_matches_a_full_stable_sort_with_ties(k):
 
 def test_an_index_built_from_a_dataset_is_named_after_its_classes():
     from dundi.data import DATASETS
-    from dundi.run.directory import dataset_class_names
+    from dundi.run.storage import dataset_class_names
 
     names = list(DATASETS["fashion-mnist"].class_names)
     assert list(dataset_class_names({"dataset": "fashion-mnist", "num_classes": 10})) == names
@@ -227,7 +227,7 @@ def test_enrolled_index_in_a_run_keeps_its_hash_check(tmp_path):
     """An index with enrolled classes saved into a run loads through the run's sha256
     verification, names and counts intact; a renamed class in its metadata is refused."""
     from dundi.nets.models import build_distance_net
-    from dundi.run.directory import load_oracle, save_model, save_oracle
+    from dundi.run.storage import load_oracle, save_model, save_oracle
 
     model = build_distance_net("lenet5", (1, 28, 28), 16)
     save_model(tmp_path, model, {"kind": "dundi", "arch": "lenet5", "dataset": "mnist-10k",

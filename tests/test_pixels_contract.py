@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dundi.errors import DundiError
-from dundi.run.directory import validate_images
+from dundi.data.pixels import validate_images
 from dundi.run.image_files import read_images
 from dundi.serving import RequestError
 from dundi.serving.inputs import InputSpec, decode_image, parse_classify_json

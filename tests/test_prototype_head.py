@@ -27,7 +27,7 @@ def prototype_run(tmp_path_factory, data_dir):
 def test_a_prototype_run_reloads_with_its_trained_prototypes(prototype_run):
     from safetensors.torch import load_file
 
-    from dundi.run.directory import load_model
+    from dundi.run.storage import load_model
 
     model, meta = load_model(prototype_run)
     assert meta["prototypes"] == 10
@@ -45,7 +45,7 @@ def test_index_build_herds_oracles_toward_the_prototypes(prototype_run, data_dir
     from dundi.data import load_split
     from dundi.nets.inference import forward_batched
     from dundi.rule.index import OracleIndex
-    from dundi.run.directory import load_model
+    from dundi.run.storage import load_model
     from dundi.run.pipeline import build_index
 
     run_dir = tmp_path / "run"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dundi.evaluation.demo import demo_report
+from dundi.evaluation.table1 import demo_report
 from dundi.evaluation.evaluate import EvalConfig, evaluate_local
 from dundi.evaluation.report import write_report
 

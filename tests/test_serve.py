@@ -319,7 +319,7 @@ def test_index_swap_during_load_drops_nothing(serve_url, http, mnist_runs, sampl
     # failed loads keep the old model and answer 4xx
     current = http.get("/v2/models/dundi").json()["versions"][0]
     tampered = _copy_run(other, tmp_path / "tampered")
-    from dundi.run.directory import index_file_key, read_meta
+    from dundi.run.storage import index_file_key, read_meta
 
     with open(tampered / index_file_key(read_meta(tampered)), "r+b") as f:
         f.seek(-8, 2)

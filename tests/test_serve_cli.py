@@ -170,7 +170,8 @@ def test_bad_ports_are_one_line_errors(mnist_runs, backend):
 
 def test_metadata_names_the_run_without_paths(server, mnist_runs):
     """Clients learn which run answers (its name and hashes), never where it lives."""
-    from dundi.run.directory import Run, index_file_key
+    from dundi.run.directory import Run
+    from dundi.run.storage import index_file_key
 
     run_dir = Path(mnist_runs["dundi"]).resolve()
     files = Run.load(run_dir).meta["files"]

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from dundi.distributed.haproxy_guard import NO_ADMIN_RETRY, WHOLE_ANSWER_BYTES, install, rewrite_config
+from waiting import wait_until
 
 SERVE_CONFIG = """global
     stats socket /x/admin.sock mode 666 level admin expose-fd listeners
@@ -246,9 +247,13 @@ def test_threads_capped_at_the_cpus_haproxy_may_use():
     assert "    nbthread 4\n" in rewrite_config(config, "/p/503.http")  # cpus unknown: left alone
 
 
-def _held_replica(listener: socket.socket, release: threading.Event, served: list) -> None:
-    """A stand-in replica that answers one request at a time, each once ``release`` is set."""
+def _held_replica(listener: socket.socket, release: threading.Event, served: list,
+                  arrived: list | None = None) -> None:
+    """A stand-in replica that answers one request at a time, each once ``release`` is set;
+    ``arrived`` gets each request's path as soon as the replica holds it."""
     def answer(conn: socket.socket, head: bytes) -> None:
+        if arrived is not None:
+            arrived.append(head.split(b" ")[1])
         release.wait(30)
         served.append(head.split(b" ")[1])
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
@@ -263,8 +268,8 @@ def test_a_full_queue_refuses_at_once_and_unlogged(tmp_path):
     parses every logged request) but still counted in HAProxy's statistics; the two admitted
     requests are answered and logged."""
     listener = socket.create_server(("127.0.0.1", 0))
-    release, served = threading.Event(), []
-    threading.Thread(target=_held_replica, args=(listener, release, served), daemon=True).start()
+    release, served, arrived = threading.Event(), [], []
+    threading.Thread(target=_held_replica, args=(listener, release, served, arrived), daemon=True).start()
     logs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     logs.bind(("127.0.0.1", 0))
     logs.settimeout(0.2)
@@ -277,9 +282,12 @@ def test_a_full_queue_refuses_at_once_and_unlogged(tmp_path):
         with _real_haproxy(tmp_path, listener.getsockname()[1], logs.getsockname()[1],
                            server_maxconn=1, queue_timeout_s=30.0) as url:
             admitted = [threading.Thread(target=send, args=(name, url)) for name in ("first", "second")]
-            for t in admitted:
-                t.start()
-                time.sleep(0.3)  # in order: the first in service, the second queued
+            # in order: the first held by the replica, then the second in HAProxy's queue
+            admitted[0].start()
+            wait_until(lambda: arrived == [b"/routed/first"], "the replica to hold the first request")
+            admitted[1].start()
+            wait_until(lambda: _stat(tmp_path / "a.sock", "http-dundi", "BACKEND", "qcur") == 1,
+                        "HAProxy to queue the second request")
             refused = httpx.post(f"{url}/routed/third", json={}, timeout=60)
             answered_before_refusal = list(served)
             release.set()
@@ -305,6 +313,11 @@ def test_a_full_queue_refuses_at_once_and_unlogged(tmp_path):
 
 def _frontend_5xx(admin_socket) -> int:
     """The 5xx answers HAProxy's service frontend has sent, read from its admin socket."""
+    return _stat(admin_socket, "http_frontend", "FRONTEND", "hrsp_5xx")
+
+
+def _stat(admin_socket, proxy: str, row: str, field: str) -> int:
+    """One counter of HAProxy's `show stat` (``row``: FRONTEND, BACKEND or a server's name)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(admin_socket))
         s.sendall(b"show stat\n")
@@ -313,5 +326,6 @@ def _frontend_5xx(admin_socket) -> int:
             text += chunk
     rows = text.decode().splitlines()
     names = rows[0].lstrip("# ").split(",")
-    frontend = next(r.split(",") for r in rows[1:] if r.startswith("http_frontend,FRONTEND,"))
-    return int(frontend[names.index("hrsp_5xx")])
+    found = next(r.split(",") for r in rows[1:] if r.startswith(f"{proxy},{row},"))
+    return int(found[names.index(field)] or 0)
+

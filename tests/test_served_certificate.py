@@ -23,7 +23,8 @@ from dundi.robustness.certificate import RADIUS_STEPS
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import two_step_reference
-from dundi.run.directory import Run, save_oracle
+from dundi.run.directory import Run
+from dundi.run.storage import save_oracle
 
 pytestmark = pytest.mark.realdata
 N, M = 10, 3   # the certified_run fixture indexes 10 oracles per class

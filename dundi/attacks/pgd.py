@@ -103,6 +103,10 @@ class PGD(Attack):
         return torch.clamp(images + delta, 0.0, 1.0)
 
     def _project(self, adv: Tensor, images: Tensor) -> Tensor:
+        # Clips the step (images + clamp(adv - images)), as torchattacks.PGD does, not adv itself
+        # as base.project_linf (torchattacks.BIM's arithmetic): the two differ by one ulp at rare
+        # float ties (images 2**-27 + 2**-10, adv 0.125 + 2**-26 + 2**-10), and each attack
+        # agrees exactly with its reference (tests/test_attacks_reference.py).
         delta = adv - images
         if self.norm == "linf":
             delta = torch.clamp(delta, -self.eps, self.eps)

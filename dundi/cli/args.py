@@ -70,7 +70,7 @@ def served_model_from_args(run: str, args: argparse.Namespace, loaded=None):
     ask for (a line on stderr says which); ``loaded``: the run already loaded, not read again."""
     import sys
 
-    from dundi.serving.abstain import served_model
+    from dundi.serving.served import served_model
 
     config, model, how = served_model(run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
                                       getattr(args, "data_dir", None), args.calibration_limit, loaded,

@@ -3,8 +3,9 @@ torch, FAISS or numpy.
 
 Building the parser must stay cheap: ``dundi --help``, ``--version`` and every mistyped flag
 are answered before any command runs, and importing torch alone takes seconds (minutes on a
-busy machine). The values mirror :class:`dundi.training.passes.TrainConfig` and the modules that define
-them (``dundi.training.losses``, ``dundi.rule.index``, ``dundi.training.passes``, ``dundi.data.specs``);
+busy machine). The values mirror :class:`dundi.training.config.TrainConfig` and the modules that define
+them (``dundi.training.config``, ``dundi.training.losses``, ``dundi.rule.params``, ``dundi.nets.models``,
+``dundi.data.specs``, ``dundi.serving.answers``, ``dundi.evaluation.evaluate``);
 tests/test_cli_messages.py fails if they ever disagree.
 """
 
@@ -17,15 +18,15 @@ DATASETS: tuple[str, ...] = ("mnist", "mnist-10k", "fashion-mnist", "cifar10")  
 SPLITS: tuple[str, ...] = ("train", "test")                                   # dundi.data.specs
 LOSSES: tuple[str, ...] = ("sigmoid", "margin")                               # dundi.training.losses
 METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean")                       # dundi.rule.params
-MINING: tuple[str, ...] = ("random", "batch-hard")                            # dundi.training.passes
-ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.training.passes
-ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.training.passes
+MINING: tuple[str, ...] = ("random", "batch-hard")                            # dundi.training.config
+ADV_TARGETS: tuple[str, ...] = ("classes", "tuple")                           # dundi.training.config
+ADV_LOSSES: tuple[str, ...] = ("prototype", "triplet")                        # dundi.training.config
 CERT_HEADS: tuple[str, ...] = ("batch", "prototypes")                        # dundi.training.config
 ORACLE_KINDS: tuple[str, ...] = ("images", "prototypes")                     # dundi.run.pipeline
 CLASSIFY_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")      # dundi.serving.answers
 EVAL_SHARD_SIZE = 64                        # dundi.evaluation.evaluate.EvalConfig.shard_size
 
-# dundi.training.passes.TrainConfig's defaults for the fields the CLI exposes
+# dundi.training.config.TrainConfig's defaults for the fields the CLI exposes
 TRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "mnist-10k", "arch": "lenet5", "epochs": 5, "batch_size": 128, "lr": 1e-3, "seed": 0,
     "tuples": 60_000, "loss": "sigmoid", "margin": 1.0, "mining": "random", "embed_dim": 128,

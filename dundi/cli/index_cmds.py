@@ -14,7 +14,7 @@ from dundi.cli.args import emit, nonnegative_int, positive_int
 def _images(args: argparse.Namespace):
     """The images to enroll and where they came from: files/folders/globs, or a dataset class."""
     from dundi.errors import DundiError
-    from dundi.run.directory import read_meta
+    from dundi.run.storage import read_meta
 
     if bool(args.images) == (args.label is not None):
         raise DundiError("give the class's images either as --images PATH... (PNG/JPEG files, folders, "

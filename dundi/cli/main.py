@@ -17,7 +17,7 @@ from dundi.errors import DundiError
 PROG = "dundi"
 
 # Modules that contribute subcommands; each defines ``register(subparsers)``.
-COMMAND_MODULES = ["dundi.cli.run_cmds", "dundi.cli.cluster_cmds", "dundi.cli.serve_cmds",
+COMMAND_MODULES = ["dundi.cli.pipeline_cmds", "dundi.cli.cluster_cmds", "dundi.cli.serve_cmds",
                    "dundi.cli.evaluate_cmds"]
 
 

@@ -81,7 +81,7 @@ def prepare_command(argv: list[str], local: bool, parser: argparse.ArgumentParse
 
 
 def _default_out(command: str, args: argparse.Namespace) -> Path:
-    from dundi.cli.run_cmds import config_from_args, default_out
+    from dundi.cli.pipeline_cmds import config_from_args, default_out
 
     label = "native" if command == "train-native" else (
         "dundi-P" if getattr(args, "pretrained", None) else "dundi-R")

@@ -6,6 +6,8 @@ HTTP service all accept and refuse the same inputs because they all call these f
 caller only words the refusal for its audience (a :class:`DundiError` line, or a 422 whose code
 is :attr:`PixelError.code`).
 
+The Python API's check is :func:`validate_images`.
+
 * Layouts for a model taking (C, H, W): a batch (N, C, H, W) or one image (C, H, W); for a
   single-channel model also (N, H, W) and (H, W).
 * Float pixels must be finite and within [0, 1]. Values above 1 are refused, not rescaled: 0..255
@@ -19,7 +21,8 @@ is :attr:`PixelError.code`).
 
 from __future__ import annotations
 
-from typing import Sequence
+import sys
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -102,6 +105,29 @@ def from_float(arr: np.ndarray, what: str = "the images", eight_bit_advice: str 
             raise PixelError("out_of_range", f"{what} has pixel values in [{lo:g}, {hi:g}]",
                              f"float pixels in [0, 1]{hint}")
     return values
+
+
+def validate_images(images: Any, in_shape: tuple[int, ...]) -> np.ndarray:
+    """Check images for a model taking ``in_shape`` = (C, H, W) and return them as a
+    (N, C, H, W) float32 batch in [0, 1], or raise one :class:`DundiError` naming the problem.
+
+    The rules are this module's, the HTTP service's too, so the Python API and the service
+    accept and refuse the same inputs. Here the array's dtype says what the pixels
+    are: uint8 arrays are 8-bit pixels, float arrays are pixels in [0, 1], anything else is
+    refused. An empty batch of the right shape is returned empty.
+    """
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: never import it here
+    if torch is not None and isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    try:
+        arr = np.asarray(images)
+    except (ValueError, TypeError):
+        raise DundiError("the images are a ragged sequence (rows of different lengths): pass a numpy "
+                         "array of float pixels in [0, 1]") from None
+    batch = as_batch(arr, in_shape, "the images")
+    if arr.dtype == np.uint8:
+        return from_8bit(batch, "the images")
+    return from_float(batch, "the images", "8-bit pixels: divide by 255, or pass a uint8 array")
 
 
 def decoded_pixels(img, channels: int) -> np.ndarray:

@@ -35,7 +35,7 @@ import ray
 from dundi.errors import DundiError
 from dundi.evaluation.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
 from dundi.evaluation.results import record_timing, write_shard
-from dundi.run.directory import RUN_FILE, read_meta
+from dundi.run.storage import RUN_FILE, read_meta
 
 # A local Ray started for an evaluation runs its workers at the driver's own priority. Ray's
 # default (worker_niceness 15) makes the shards, all the real work, yield to every other

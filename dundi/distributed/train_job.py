@@ -208,7 +208,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dundi.run.directory import build_from_meta
+    from dundi.run.storage import build_from_meta
     from dundi.run.pipeline import training_rows
     from dundi.training.loop import TIMING_KEYS, Worker, train_epochs
 
@@ -382,7 +382,7 @@ def _write_run(out: Path, kind: str, cfg: TrainConfig, state: dict, weights: dic
     """The run directory, written with the same calls as the local path (save_model,
     metrics.json, build_index): nothing downstream can tell where a run was trained."""
     from dundi.files import atomic_write_json
-    from dundi.run.directory import build_from_meta, read_meta, save_model
+    from dundi.run.storage import build_from_meta, read_meta, save_model
     from dundi.run.pipeline import METRICS_FILE, build_index, native_accuracy
     from dundi.training.loop import TIMING_KEYS
 

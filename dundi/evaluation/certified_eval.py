@@ -39,7 +39,8 @@ def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
     """Compute (or reuse) the certificates of an evaluation's samples; None when the run's rule
     cannot be certified. Written atomically, keyed by the evaluation's fingerprint and eps."""
     from dundi.evaluation.evaluate import EvalConfig, Evaluator
-    from dundi.run.directory import Run, read_meta
+    from dundi.run.directory import Run
+    from dundi.run.storage import read_meta
 
     out = Path(out)
     evaluation = read_evaluation(out)

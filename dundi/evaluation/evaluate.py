@@ -54,7 +54,8 @@ from dundi.nets.inference import forward_batched
 from dundi.nets.invariant import invariant
 from dundi.robustness.threats import THREATS, build_threat
 from dundi.rule.params import KEPT_CLASSES, TwoStepRule
-from dundi.run.directory import Run, load_oracle, read_meta
+from dundi.run.directory import Run
+from dundi.run.storage import load_oracle, read_meta
 
 FORMAT_VERSION = 3  # 3: per-sample random streams, batch-invariant stand-ins (rows independent of
                     # the layout); 2: ``adaptive`` attacks the exact two-step stand-in

@@ -11,7 +11,7 @@ by u_c. The embedding is z = W h + b (the last Linear layer), so
 
 linear in the penultimate activations h, whose box comes from float32-aware interval bounds
 (:func:`dundi.nets.bounds.propagate_served`). Its exact minimum over the box, less an allowance
-for every rounding of the served path and of this computation (:meth:`Certifier._allowance`),
+for every rounding of the served path and of this computation (:meth:`Certifier._pair_bounds`),
 is a lower bound that holds for what the server computes, in any batch. The label y is
 certified when
 

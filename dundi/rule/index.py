@@ -55,7 +55,7 @@ from dundi.errors import DundiError
 from dundi.rule.exact import ExactRule
 from dundi.rule.index_io import INDEX_FILE, META_FILE, read_oracles, write_oracles
 from dundi.rule.oracle_rows import OracleRows, checked_embeddings, split_counts
-from dundi.rule.params import METRICS, TwoStepResult, TwoStepRule, check_metric  # noqa: F401 (re-exported)
+from dundi.rule.params import TwoStepResult, TwoStepRule, check_metric
 from dundi.rule.search import SHORTLIST_KINDS, Shortlister, use_gpu
 from dundi.rule.two_step import answer, coarse_structure, full_step, listed_step
 

@@ -81,7 +81,7 @@ class OracleScorer(nn.Module):
 
 def step1_kept(coarse: torch.Tensor, k: int) -> torch.Tensor:
     """(B, C) bool: the k classes step 1 keeps, ranked by coarse score with ties to the lower
-    class index (a stable descending sort, as :func:`dundi.rule.index._top_k`)."""
+    class index (a stable descending sort, as :func:`dundi.rule.search.top_k`)."""
     order = torch.sort(-coarse, dim=1, stable=True).indices[:, :k]
     return torch.zeros_like(coarse, dtype=torch.bool).scatter_(1, order, True)
 

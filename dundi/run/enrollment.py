@@ -25,16 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from dundi.data.pixels import validate_images
 from dundi.errors import DundiError
-from dundi.run.directory import (
-    Run,
-    change_oracle,
-    dataset_classes_of,
-    index_version,
-    index_versions,
-    read_meta,
-    validate_images,
-)
+from dundi.run.directory import Run, change_oracle
+from dundi.run.storage import dataset_classes_of, index_version, index_versions, read_meta
 
 MAX_NAME_CHARS = 100
 

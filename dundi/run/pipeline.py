@@ -2,7 +2,7 @@
 train a Distance NN, build its oracle index, measure two-step accuracy.
 
 Each function reads its data through :mod:`dundi.data`, writes a run directory through
-:mod:`dundi.run.directory`, and returns the figures it computed.
+:mod:`dundi.run.storage`, and returns the figures it computed.
 """
 
 from __future__ import annotations
@@ -21,24 +21,24 @@ from torch import nn
 
 from dundi.data import DATASETS, load_split
 from dundi.errors import DundiError
+from dundi.files import atomic_write_json
 from dundi.nets.inference import accuracy, forward_batched
 from dundi.nets.models import EMBED_HIDDEN, build_distance_net, build_native
+from dundi.rule.abstain_store import stored_calibration
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
-from dundi.run.directory import (
-    Run,
-    atomic_write_json,
+from dundi.run.directory import Run
+from dundi.run.storage import (
     dataset_class_names,
     dataset_classes_of,
     index_sha256,
     load_model,
     save_model,
     save_oracle,
-    stored_calibration,
 )
 from dundi.training.config import TrainConfig
 from dundi.training.loop import fit
-from dundi.training.passes import drop_holdout, kept_classes, split_train_val
+from dundi.training.passes import split_train_val
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = ".checkpoint"   # per-epoch training checkpoints of an unfinished local run
@@ -65,6 +65,31 @@ def _metrics_writer(run_dir: Path, log: Callable[[str], None]) -> Callable[[int,
         log("  epoch " + " ".join(f"{k}={v}" for k, v in history[-1].items()))
 
     return on_epoch
+
+
+def kept_classes(cfg: TrainConfig, num_classes: int) -> np.ndarray:
+    """The dataset classes a run trains on, in order: all but ``cfg.holdout_classes``."""
+    bad = [c for c in cfg.holdout_classes if not 0 <= c < num_classes]
+    kept = np.array([c for c in range(num_classes) if c not in cfg.holdout_classes], dtype=np.int64)
+    if bad or len(kept) < 2:
+        raise DundiError(f"--holdout-classes {list(cfg.holdout_classes)} must name classes in "
+                         f"[0, {num_classes}) and leave at least two to train on")
+    return kept
+
+
+def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of the kept classes, labels renumbered 0..len(kept)-1 in ``kept``'s order.
+
+    Why renumber: every training path (tuples, certified batches, validation index) assumes
+    labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
+    dataset classes it holds (``dataset_classes`` in the run's metadata). A negative entry
+    (a class enrolled from images outside the dataset) matches no row."""
+    valid = kept >= 0
+    rows = np.isin(labels, kept[valid])
+    remap = np.full(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, -1, dtype=np.int64)
+    remap[kept[valid]] = np.flatnonzero(valid)
+    return images[rows], remap[labels[rows]], ids[rows]
 
 
 def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:

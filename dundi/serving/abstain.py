@@ -10,12 +10,11 @@ serves it by default (docs/results/abstain).
 Held-out data (:func:`dundi.run.pipeline.held_out_images`): the validation part of the run's
 training split, minus any image that is itself an oracle. A run trained without a validation
 part cannot be calibrated: the test split stays untouched. The calibrated rule is stored in
-run.json with the index it was measured on (:func:`dundi.run.directory.save_calibration`).
+run.json with the index it was measured on (:func:`save_calibration`, :mod:`dundi.rule.abstain_store`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -23,18 +22,16 @@ import numpy as np
 from dundi.errors import DundiError
 from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: re-exported)
     ABSTAIN_SIGNALS,
-    SCALE_QUANTILES,
     abstain_flags,
     levels,
     signal_scales,
     signal_values,
 )
+from dundi.rule.abstain_store import calibration_fields, stored_calibration
 from dundi.rule.selective_signals import BLANK_RANGE
-from dundi.rule.params import TwoStepRule
-from dundi.run.directory import Run, save_calibration, stored_calibration  # noqa: F401 (the rule's store)
+from dundi.run.storage import update_live_oracle
 from dundi.run.pipeline import held_out_images
-from dundi.serving.errors import RequestError
-from dundi.serving.model import LoadedModel, ModelConfig
+from dundi.serving.model import LoadedModel
 
 # --- the abstain rule served by default: four signals calibrated together ------------------
 #
@@ -200,24 +197,11 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
                                      f"{model.run.path}`)")
 
 
-def served_model(run: str | os.PathLike, rule: TwoStepRule, abstain_threshold: float | str | None = None,
-                 false_abstain: float | None = None, data_dir: str | None = None, limit: int | None = 2000,
-                 loaded: Run | None = None, certify_eps: float | None = None
-                 ) -> tuple[ModelConfig, LoadedModel, str]:
-    """A run as `dundi serve` and `dundi classify RUN IMAGES` serve it: its config, the loaded
-    model and one line saying where its abstain rule comes from (:func:`abstain_settings`).
-    ``loaded``: the run already loaded, not read again; ``certify_eps``: answers carry a
-    certificate at that L∞ radius (one interval pass) instead of the full radius."""
-    try:
-        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": rule.n, "m": rule.m, "k": rule.k,
-                                        "certify_eps": certify_eps})
-    except RequestError as exc:
-        raise DundiError(exc.message) from None
-    if abstain_threshold is not None and false_abstain is not None:
-        raise DundiError("give --abstain-threshold or --false-abstain, not both")
-    model = LoadedModel(config, run=loaded)  # fails early, with the loader's message, on a bad run
-    fields, how = abstain_settings(model, abstain_threshold, false_abstain, data_dir, limit)
-    if not any(v is not None for v in fields.values()):
-        return config, model, how
-    config = dataclasses.replace(config, **fields)
-    return config, LoadedModel(config, run=model.run), how  # the same run, other abstain settings
+def save_calibration(run_dir: str | os.PathLike, calibration: dict, source: str, index_sha: str) -> None:
+    """Store an abstain rule calibrated on the index file ``index_sha`` with the live index's
+    metadata in run.json, under the run's write lock. Every index change (build, add, remove)
+    replaces that metadata, and the rule names the index file it was measured on, so a
+    threshold never outlives the oracles it was measured against."""
+    if not update_live_oracle(run_dir, index_sha, **calibration_fields(calibration, source, index_sha)):
+        raise DundiError(f"the oracle index of {run_dir} changed while calibrating (or a pinned "
+                         f"version was calibrated): calibrate the live index again")

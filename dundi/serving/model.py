@@ -23,7 +23,8 @@ from dundi.nets.arithmetic import check_arithmetic
 from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, CERTIFIED_SIGNALS, abstain_flags, signal_values
 from dundi.rule.params import KEPT_CLASSES, TwoStepRule
-from dundi.run.directory import Run, index_sha256, index_version
+from dundi.run.directory import Run
+from dundi.run.storage import index_sha256, index_version
 from dundi.serving.errors import RequestError
 
 

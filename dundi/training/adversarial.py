@@ -5,16 +5,19 @@ Both craft L∞ PGD examples against the *current* model inside the training ste
 follows TLA (Mao et al. 2019, "Metric Learning for Adversarial Robustness"): the anchor is
 perturbed to maximise the triplet loss of its tuple — pushing f(x_a) away from its positive
 and towards its negative — and the model then learns to keep that adversarial anchor
-closer to the positive than to the negative. The inner maximisation is written here rather
-than taken from :mod:`dundi.attacks` because its objective is a tuple loss, not a class score.
+closer to the positive than to the negative. The inner loop is written here rather than
+taken from an attack class because its objective is a tuple loss, not a class score; its L∞
+projection and eval mode are the attacks' own (:mod:`dundi.attacks.base`), so training and
+evaluation clip the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
+
+from dundi.attacks.base import eval_mode, project_linf
 
 
 def pgd_maximise(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float,
@@ -30,19 +33,8 @@ def pgd_maximise(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         x_adv.requires_grad_(True)
         grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
         x_adv = x_adv.detach() + alpha * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        x_adv = project_linf(x_adv, x, eps)
     return x_adv.detach()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Craft in eval mode (batch-norm statistics untouched), then restore the caller's mode."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def adversarial_anchors(model: torch.nn.Module, x_a: torch.Tensor, emb_p: torch.Tensor,
@@ -51,7 +43,7 @@ def adversarial_anchors(model: torch.nn.Module, x_a: torch.Tensor, emb_p: torch.
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Anchors perturbed to maximise the triplet loss against fixed positive/negative embeddings."""
     emb_p, emb_n = emb_p.detach(), emb_n.detach()
-    with _eval_mode(model):
+    with eval_mode(model):
         return pgd_maximise(lambda xa: loss_of(model(xa), emb_p, emb_n).sum(), x_a, eps, alpha, steps, generator)
 
 
@@ -88,7 +80,7 @@ def adversarial_anchors_to_classes(model: torch.nn.Module, x_a: torch.Tensor, y_
     nearest-prototype margin, the same objective as the adaptive attack on the two-step rule
     (prototypes stand in for the oracle database), so training sees the attacker's move."""
     prototypes = prototypes.detach()
-    with _eval_mode(model):
+    with eval_mode(model):
         return pgd_maximise(lambda xa: prototype_margin(model(xa), y_a, prototypes).sum(),
                             x_a, eps, alpha, steps, generator)
 
@@ -96,6 +88,6 @@ def adversarial_anchors_to_classes(model: torch.nn.Module, x_a: torch.Tensor, y_
 def adversarial_inputs_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                           alpha: float, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Madry et al. (2018): PGD examples maximising cross-entropy, for adversarial training."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return pgd_maximise(lambda xa: torch.nn.functional.cross_entropy(model(xa), y, reduction="sum"),
                             x, eps, alpha, steps, generator)

@@ -28,36 +28,9 @@ from dundi.training.certified import (
     schedule,
     softmax_certified_batch_loss,
 )
-from dundi.training.config import TrainConfig, json_config, with_defaults  # noqa: F401 (re-exported)
+from dundi.training.config import TrainConfig
 from dundi.training.losses import distance, mine_batch_hard, triplet_loss, tuple_distances
 from dundi.training.tuples import sample_tuples
-
-
-def kept_classes(cfg: TrainConfig, num_classes: int) -> np.ndarray:
-    """The dataset classes a run trains on, in order: all but ``cfg.holdout_classes``."""
-    from dundi.errors import DundiError
-
-    bad = [c for c in cfg.holdout_classes if not 0 <= c < num_classes]
-    kept = np.array([c for c in range(num_classes) if c not in cfg.holdout_classes], dtype=np.int64)
-    if bad or len(kept) < 2:
-        raise DundiError(f"--holdout-classes {list(cfg.holdout_classes)} must name classes in "
-                         f"[0, {num_classes}) and leave at least two to train on")
-    return kept
-
-
-def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows of the kept classes, labels renumbered 0..len(kept)-1 in ``kept``'s order.
-
-    Why renumber: every training path (tuples, certified batches, validation index) assumes
-    labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
-    dataset classes it holds (``dataset_classes`` in the run's metadata). A negative entry
-    (a class enrolled from images outside the dataset) matches no row."""
-    valid = kept >= 0
-    rows = np.isin(labels, kept[valid])
-    remap = np.full(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, -1, dtype=np.int64)
-    remap[kept[valid]] = np.flatnonzero(valid)
-    return images[rows], remap[labels[rows]], ids[rows]
 
 
 def split_train_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

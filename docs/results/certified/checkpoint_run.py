@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dundi.errors import DundiError
 from dundi.rule.params import ORACLES_PER_CLASS
-from dundi.run.directory import save_model
+from dundi.run.storage import save_model
 from dundi.run.pipeline import CHECKPOINT_DIR, build_index, new_distance_net, run_meta
 from dundi.training.checkpoint import load_local
 from dundi.training.config import TrainConfig, with_defaults

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dundi.run.directory import read_meta
+from dundi.run.storage import read_meta
 
 FIELDS = ("kind", "arch", "dataset", "num_classes", "hidden", "embed_dim")
 CONFIG = ("epochs", "lr", "seed", "certified", "cert_eps", "cert_mix", "cert_warmup", "cert_ramp",

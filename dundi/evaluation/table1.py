@@ -1,4 +1,5 @@
-"""`dundi demo`: the paper's Table 1 for one backbone on mnist-10k, end to end, on 2 CPU cores.
+"""The paper's Table 1 for one backbone on mnist-10k, end to end, on 2 CPU cores (`dundi demo`):
+it trains the models, builds their index and evaluates them, so it sits above every room it drives.
 
 fetch mnist-10k → native LeNet-5 (Model3) → DunDi_R3 and DunDi_P3 → oracle index (n=20)
 → two-step test accuracy for n = 1, 10, 20 → the paper's attacks (transfer) and FGSM/PGD
@@ -16,7 +17,7 @@ from dundi.data import fetch
 from dundi.evaluation.report import slug, write_report
 from dundi.files import atomic_write_json, atomic_write_text
 from dundi.rule.params import TwoStepRule
-from dundi.run.directory import RUN_FILE, index_version, read_meta
+from dundi.run.storage import RUN_FILE, index_version, read_meta
 from dundi.run.pipeline import build_index, classify_split, train_dundi_run, train_native_run
 from dundi.training.config import TrainConfig, json_config
 

@@ -1,4 +1,5 @@
-"""Core subcommands: data, train-native, train, index build, classify, demo."""
+"""The pipeline's subcommands, as dundi.run.pipeline runs them: data, train-native, train, index
+build/calibrate, classify, certify, export, demo."""
 
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def _train(args: argparse.Namespace, kind: str) -> None:
                                device=args.device)
     figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
     if kind == "dundi":
-        from dundi.run.directory import index_version
+        from dundi.run.storage import index_version
         from dundi.run.pipeline import build_index, classify_split
 
         if index_version(meta) is None:
@@ -259,7 +260,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 def cmd_index_calibrate(args: argparse.Namespace) -> None:
     """Calibrate the abstain rule on held-out data and store it with the index metadata."""
-    from dundi.run.directory import save_calibration
+    from dundi.serving.abstain import save_calibration
     from dundi.run.pipeline import held_out_images
     from dundi.serving import LoadedModel, ModelConfig
     from dundi.serving.abstain import calibrate_rule
@@ -276,7 +277,8 @@ def cmd_index_calibrate(args: argparse.Namespace) -> None:
 def _classify_files(args: argparse.Namespace) -> None:
     """`classify RUN IMAGES...`: one answer per image, as a table or jsonl/csv/parquet."""
     from dundi.errors import DundiError
-    from dundi.run.directory import Run, read_meta
+    from dundi.run.directory import Run
+    from dundi.run.storage import read_meta
     from dundi.run.image_files import read_images
     from dundi.serving.answers import classify_files, write_answers
 
@@ -329,7 +331,8 @@ def cmd_certify(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """``dundi export``: the run as a plain module (:mod:`dundi.run.export`)."""
     from dundi.errors import DundiError
-    from dundi.run.directory import Run, read_meta
+    from dundi.run.directory import Run
+    from dundi.run.storage import read_meta
     from dundi.run.export import export_run
 
     if read_meta(args.run).get("kind") != "dundi":
@@ -344,7 +347,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dundi.evaluation.demo import run_demo
+    from dundi.evaluation.table1 import run_demo
 
     figures = run_demo(Path(args.out), data_dir=args.data_dir, quick=args.quick,
                        progress=not args.no_progress)
