@@ -120,3 +120,5 @@ def test_prototypes_as_oracles_need_a_prototype_run(certified_run, tmp_path):
     shutil.copytree(certified_run, run_dir)
     with pytest.raises(DundiError, match="--cert-head prototypes"):
         build_index(run_dir, oracle_kind="prototypes")
+    with pytest.raises(DundiError, match="--select-eps chooses training images"):
+        build_index(run_dir, oracle_kind="prototypes", margin_eps=0.1)

@@ -292,6 +292,9 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
     if oracle_kind is None:
         oracle_kind = "prototypes" if meta.get("prototypes") and margin_eps is None else "images"
     if oracle_kind == "prototypes":
+        if margin_eps is not None:
+            raise DundiError("--select-eps chooses training images: give it with --oracle-kind images, "
+                             "or drop it for the prototypes")
         return _prototype_index(run_dir, model, meta, seed)
     metric = meta["config"].get("metric", "euclidean")
     if margin_eps is not None and metric != "sqeuclidean":
