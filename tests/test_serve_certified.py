@@ -100,6 +100,22 @@ def test_plain_app_answers_carry_the_certified_radius(certified_run, images):
     assert [(res["abstained"], res["certified_radius"]) for res in results] == [(True, None)] * 3
 
 
+def test_a_certified_run_served_without_certificates_answers_null(certified_run, images):
+    """certificates=false (`dundi serve --no-certificates`): the same labels, no radius, the
+    metadata says so; asking for certify_eps with it is a 422 naming the conflict."""
+    c = client(certified_run)
+    labels, _, _ = served(c, images[:6])
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    r = c.post("/admin/reload", json={"certificates": False}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert c.get("/v2/models/dundi").json()["parameters"]["certified"] is False
+    assert served(c, images[:6]) == (labels, [None] * 6, [None] * 6)
+    r = c.post("/admin/reload", json={"certificates": False, "certify_eps": 0.1}, headers=auth)
+    assert r.status_code == 422 and "certify_eps" in r.text
+    r = c.post("/admin/reload", json={"certificates": "no"}, headers=auth)
+    assert r.status_code == 422 and "not true or false" in r.text
+
+
 def test_uncertified_run_answers_null(mnist_runs, images):
     c = client(mnist_runs["dundi"])
     assert c.get("/v2/models/dundi").json()["parameters"]["certified"] is False

@@ -74,7 +74,7 @@ def served_model_from_args(run: str, args: argparse.Namespace, loaded=None):
 
     config, model, how = served_model(run, rule_from_args(args), args.abstain_threshold, args.false_abstain,
                                       getattr(args, "data_dir", None), args.calibration_limit, loaded,
-                                      getattr(args, "certify_eps", None))
+                                      getattr(args, "certify_eps", None), getattr(args, "certificates", True))
     print(f"dundi: {how}", file=sys.stderr)
     return config, model
 

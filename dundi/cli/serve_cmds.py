@@ -294,6 +294,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--certify-eps", type=unit_float, default=None, metavar="EPS",
                        help="certify each answer at this L-inf radius only (certified_radius is EPS or 0; "
                             "one interval pass, cheaper than the full radius) (default: the full radius)")
+    model.add_argument("--no-certificates", dest="certificates", action="store_false",
+                       help="answer a certified run without certificates (certified_radius null; the "
+                            "cheapest answers)")
     model.add_argument("--data-dir", default=None,
                        help="dataset cache for calibrating (default: $DUNDI_DATA_DIR, else the user cache dir)")
     limits = p.add_argument_group("limits and access")

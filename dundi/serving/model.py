@@ -55,8 +55,9 @@ class ModelConfig:
     abstain_min_range: float | None = None
     index_version: int | None = None
     certify_eps: float | None = None
+    certificates: bool = True   # false: a certified run answers without certificates (cheaper)
 
-    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version", "certify_eps")
+    FIELDS = ("run", "n", "m", "k", *ABSTAIN_SIGNALS, "index_version", "certify_eps", "certificates")
 
     @property
     def rule(self) -> TwoStepRule:
@@ -74,7 +75,8 @@ class ModelConfig:
                     '(non-negative numbers or null), '
                     '"index_version" (an index '
                     'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
-                    '(0, 1] to certify each answer at, null for the full radius)')
+                    '(0, 1] to certify each answer at, null for the full radius), "certificates" '
+                    '(true, or false to answer a certified run without certificates)')
         if not isinstance(data, dict):
             raise RequestError(422, "invalid_config", f"the model settings are a {type(data).__name__}", expected)
         unknown = sorted(set(data) - set(cls.FIELDS))
@@ -94,6 +96,12 @@ class ModelConfig:
             if isinstance(ceps, bool) or not isinstance(ceps, (int, float)) or not 0 < ceps <= 1:
                 raise RequestError(422, "invalid_config", f"certify_eps={ceps!r} is not a radius in (0, 1]", expected)
             merged["certify_eps"] = float(ceps)
+        if not isinstance(merged.get("certificates", True), bool):
+            raise RequestError(422, "invalid_config", f"certificates={merged['certificates']!r} is not true or false",
+                               expected)
+        if merged.get("certificates") is False and merged.get("certify_eps") is not None:
+            raise RequestError(422, "invalid_config", "certify_eps asks for certificates that certificates=false "
+                               "turns off", expected)
         thr = merged.get("abstain_threshold")
         if thr is not None:
             if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
@@ -221,7 +229,7 @@ class LoadedModel:
         index_hash = index_sha256(meta, config.index_version)
         fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
                                   rule.n, rule.m, rule.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS),
-                                  config.certify_eps])
+                                  config.certify_eps, config.certificates])
         self.info = ModelInfo(
             version=hashlib.sha256(fingerprint.encode()).hexdigest()[:12],
             run=run_dir.resolve().name, weights_sha256=files.get("model.safetensors", ""),
@@ -232,7 +240,7 @@ class LoadedModel:
             n=rule.n, m=rule.m, k=rule.k, oracles_per_class=run.oracle.n,
             embed_dim=run.oracle.dim, metric=run.oracle.metric,
             # certificates need n oracles in every class: not after a few-image enrollment
-            certified=run.oracle.answers_exactly(rule),
+            certified=run.oracle.answers_exactly(rule) and config.certificates,
             step1=run.oracle.step1_kind(rule), certify_eps=config.certify_eps,
             uncertified_signals=tuple(f for f in ABSTAIN_SIGNALS if f not in CERTIFIED_SIGNALS
                                       and getattr(config, f) is not None),

@@ -17,15 +17,16 @@ from dundi.serving.model import LoadedModel, ModelConfig
 
 def served_model(run: str | os.PathLike, rule: TwoStepRule, abstain_threshold: float | str | None = None,
                  false_abstain: float | None = None, data_dir: str | None = None, limit: int | None = 2000,
-                 loaded: Run | None = None, certify_eps: float | None = None
+                 loaded: Run | None = None, certify_eps: float | None = None, certificates: bool = True
                  ) -> tuple[ModelConfig, LoadedModel, str]:
     """A run as `dundi serve` and `dundi classify RUN IMAGES` serve it: its config, the loaded
     model and one line saying where its abstain rule comes from (:func:`abstain_settings`).
     ``loaded``: the run already loaded, not read again; ``certify_eps``: answers carry a
-    certificate at that L∞ radius (one interval pass) instead of the full radius."""
+    certificate at that L∞ radius (one interval pass) instead of the full radius;
+    ``certificates`` false: a certified run answers without any."""
     try:
         config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": rule.n, "m": rule.m, "k": rule.k,
-                                        "certify_eps": certify_eps})
+                                        "certify_eps": certify_eps, "certificates": certificates})
     except RequestError as exc:
         raise DundiError(exc.message) from None
     if abstain_threshold is not None and false_abstain is not None:
