@@ -391,7 +391,7 @@ def _aa_dundi_cell(root: Path, report: str | None, eps: float) -> str:
 
 # (eps trained at, run-name suffix, eps certified, AutoAttack evaluation of DunDi and softmax
 # IBP, AutoAttack evaluation of DunDi with prototypes as oracles; None: not run)
-EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3", "aa-proto-eps0.3"), (0.15, "-eps015", "0.1", "aa-eps0.1", None))
+EQUAL_BUDGETS = ((0.4, "", "0.3", "aa-eps0.3", "aa-proto-eps0.3"), (0.15, "-eps015", "0.1", "aa-eps0.1", "aa-proto-eps0.1"))
 # (row name, certify file stem, train file stem, column of the AutoAttack cells) per budget
 EQUAL_MODELS = (("Certified DunDi, sample oracles: rule n=20 m=3 k=5", "dundi-e10{}", "dundi-e10{}", 0),
                 ("Certified DunDi, prototypes as oracles: n=2 m=2 k=5", "dundi-e10{}-proto-syn",
