@@ -159,7 +159,7 @@ def test_the_mean_pixel_gate_holds_for_float64_requests_the_server_rounds_to_flo
     run = Run.load(certified_run)
     labels = run.classify(x, rule).labels
     certifier = run.certifier(rule)
-    crossed = kept = 0
+    kept = 0
     for i in range(len(x)):
         pixels = top[i].size
         threshold = float(mean_pixel(top[i:i + 1])[0]) * (1 + 1e-9)
@@ -167,10 +167,9 @@ def test_the_mean_pixel_gate_holds_for_float64_requests_the_server_rounds_to_flo
             1 + 4 * gamma(pixels + 2, U64))
         served_mean = float(mean_pixel(served[i:i + 1])[0])
         assert float64_box_slack > 0 and served_mean > threshold   # the trap is set for this image
-        crossed += 1
         gate = AbstainGate(abstain_max_mean=threshold)
         proven = certifier.certified_at(torch.from_numpy(x[i:i + 1]), torch.tensor(labels[i:i + 1]), eps, gate=gate)
         ungated = certifier.certified_at(torch.from_numpy(x[i:i + 1]), torch.tensor(labels[i:i + 1]), eps)
         kept += int(ungated[0])
         assert not bool(proven[0]), f"image {i}: certified, yet the served request abstains on its mean pixel"
-    assert crossed == len(x) and kept >= 5  # answers the gate alone keeps from a certificate
+    assert kept >= 5  # answers the gate alone keeps from a certificate

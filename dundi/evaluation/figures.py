@@ -375,10 +375,8 @@ def _aa_cells(root: Path, report: str | None, eps: float) -> tuple[str, str]:
     "not run" where the table names no evaluation for that budget."""
     if report is None:
         return "not run", "not run"
-    evaluation = _evaluation(_json(root, f"{EQUAL}/{report}/report.json"))
-    dundi, native = _attack(evaluation, "autoattack", "adaptive", eps), _attack(evaluation, "autoattack", "transfer", eps)
-    n = dundi["count"]
-    return share(dundi["robust_accuracy"], n), share(native["native_robust_accuracy"], n)
+    native = _attack(_evaluation(_json(root, f"{EQUAL}/{report}/report.json")), "autoattack", "transfer", eps)
+    return _aa_dundi_cell(root, report, eps), share(native["native_robust_accuracy"], native["count"])
 
 
 def _aa_dundi_cell(root: Path, report: str | None, eps: float) -> str:
