@@ -27,40 +27,46 @@ def _leaves(parser: argparse.ArgumentParser, prog: str = "dundi"):
             yield from _leaves(sub, f"{prog} {name}")
 
 
+def _heavy_modules_after(code: str) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter; returns what it printed and, as its last line, the
+    heavy modules it left loaded."""
+    code += f"\nimport sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed, _, loaded = out.stdout.rstrip().rpartition("\n")
+    return printed, loaded
+
+
 def test_building_the_whole_parser_imports_no_torch_or_ray():
     """A fresh interpreter builds the parser, formats every command's help and parses a
     command line: torch, Ray, FAISS and numpy stay unloaded."""
-    code = ("import argparse, sys\n"
-            "from dundi.cli.main import build_parser\n"
-            "def walk(p):\n"
-            "    p.format_help()\n"
-            "    for a in p._actions:\n"
-            "        if isinstance(a, argparse._SubParsersAction):\n"
-            "            for s in a.choices.values(): walk(s)\n"
-            "parser = build_parser(); walk(parser)\n"
-            "parser.parse_args(['train', '--epochs', '2']); parser.parse_args(['evaluate', 'R', '--out', 'o'])\n"
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]", out.stdout
+    _, loaded = _heavy_modules_after(
+        "import argparse\n"
+        "from dundi.cli.main import build_parser\n"
+        "def walk(p):\n"
+        "    p.format_help()\n"
+        "    for a in p._actions:\n"
+        "        if isinstance(a, argparse._SubParsersAction):\n"
+        "            for s in a.choices.values(): walk(s)\n"
+        "parser = build_parser(); walk(parser)\n"
+        "parser.parse_args(['train', '--epochs', '2']); parser.parse_args(['evaluate', 'R', '--out', 'o'])\n")
+    assert loaded == "[]", loaded
 
 
 def test_dundi_help_imports_no_torch_or_ray():
     """`dundi --help` as the installed console script runs it, in a fresh interpreter: the
     help is printed, exit 0, and torch, Ray, FAISS and numpy stay unloaded."""
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{str(DUNDI)!r}, '--help']\n"
-            "try:\n"
-            f"    runpy.run_path({str(DUNDI)!r}, run_name='__main__')\n"
-            "except SystemExit as exc:\n"
-            "    assert exc.code in (0, None), exc.code\n"
-            "else:\n"
-            "    raise AssertionError('--help did not exit')\n"
-            f"print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("usage: dundi") and "COMMAND" in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == "loaded: []", out.stdout[-500:]
+    printed, loaded = _heavy_modules_after(
+        "import runpy, sys\n"
+        f"sys.argv = [{str(DUNDI)!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(DUNDI)!r}, run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "else:\n"
+        "    raise AssertionError('--help did not exit')\n")
+    assert printed.startswith("usage: dundi") and "COMMAND" in printed
+    assert loaded == "[]", loaded
 
 
 def test_every_handler_the_parser_names_exists():
