@@ -85,13 +85,6 @@ def test_table_csv_and_parquet_say_the_same(mnist_runs, digits, capsys, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name != "answers.parquet"]  # no temp file left
 
 
-def test_the_parser_offers_every_output_format():
-    from dundi.cli.flag_values import CLASSIFY_FORMATS
-    from dundi.serving.answers import FORMATS
-
-    assert CLASSIFY_FORMATS == FORMATS
-
-
 def test_native_run_answers_with_softmax_top_k(mnist_runs, digits, capsys):
     import torch
 

@@ -344,7 +344,7 @@ def test_readiness_answers_at_once_during_start_up(mnist_runs, tmp_path):
 def test_default_ingress_is_haproxy_locally_and_proxy_on_a_cluster():
     """HAProxy measured fastest in bench/serve.py; a cluster's ingress is fixed when its Ray
     starts, so --address keeps Serve's proxy."""
-    from dundi.cli.serve_cmds import default_ingress
+    from dundi.cli.serve_handlers import default_ingress
     from dundi.distributed.serve_app import haproxy_binary
 
     assert default_ingress("ray://10.0.0.1:10001") == "proxy"

@@ -1,14 +1,18 @@
 """What every command module shares: flag types that name what they accept, the two-step
-rule's flags, and the one way figures are printed. Kept apart from the parser (main.py) so
-command modules import it and the parser imports them: imports run one way.
+rule's flags, the handler reference the parsers set, and the one way figures are printed.
+Kept apart from the parser (main.py) so command modules import it and the parser imports
+them: imports run one way. Imports no torch (docs/ARCHITECTURE.md, "The command line").
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 from typing import Any, Callable
+
+from dundi.rule import params as rule
 
 
 def emit(figures: dict[str, Any], as_json: bool, title: str | None = None) -> None:
@@ -52,11 +56,20 @@ open_fraction = _type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 port_number = _type(int, lambda v: 1 <= v <= 65535, "a TCP port in 1-65535")
 
 
+def handler(module: str, name: str) -> Callable[[argparse.Namespace], int | None]:
+    """The command's handler ``module.name``, imported only when the command runs: handler
+    modules import torch and the core at their top, the parsers that name them must not."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        return getattr(importlib.import_module(module), name)(args)
+
+    run.__name__, run.__qualname__ = name, f"{module}.{name}"
+    return run
+
+
 def add_two_step_args(p: Any) -> None:
     """--n, --m, --k of the two-step rule, with the defaults of :mod:`dundi.rule.params` (one
     home): every command that applies the rule reads them the same way (:func:`rule_from_args`)."""
-    from dundi.rule import params as rule
-
     p.add_argument("--n", type=positive_int, default=None,
                    help="fine-step oracles per class (default: all in the index)")
     p.add_argument("--m", type=positive_int, default=None,

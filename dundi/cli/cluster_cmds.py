@@ -1,100 +1,20 @@
-"""Cluster subcommands: `submit` a dundi command as a Ray job, and `jobs status|logs|stop|list`."""
+"""Cluster commands, the parser half: `submit` a dundi command as a Ray job, and `jobs
+status|logs|stop|list` (the handlers: dundi.cli.cluster_handlers). Imports no Ray."""
 
 from __future__ import annotations
 
 import argparse
-import time
 
-from dundi.cli.args import emit, nonnegative_float, positive_float
+from dundi.cli.args import handler, nonnegative_float, positive_float
 from dundi.distributed import JOBS_ADDRESS
-from dundi.errors import DundiError
+
+HANDLERS = "dundi.cli.cluster_handlers"
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help=f"Ray dashboard / Jobs API address (default $RAY_ADDRESS or {JOBS_ADDRESS})")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
-
-
-def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
-    env = {}
-    for pair in pairs or []:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise DundiError(f"--env {pair!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
-
-
-def _finish(st: dict, as_json: bool, extra: dict) -> None:
-    emit({**extra, **st}, as_json, f"job {st['job_id']} {st['status']}")
-    if st["status"] != "SUCCEEDED":
-        raise DundiError(f"job {st['job_id']} ended {st['status']}"
-                         + (f": {st['message']}" if st.get("message") else ""))
-
-
-def cmd_submit(args: argparse.Namespace) -> None:
-    from dundi.cli.submission import submit_command
-    from dundi.distributed import jobs_api
-
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
-    job_id = submit_command(command, args.command_parser, args.address, job_id=args.job_id, python=args.python,
-                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, env=_env_pairs(args.env),
-                            working_dir=args.working_dir)
-    address = jobs_api.dashboard_address(args.address)
-    figures = {"job_id": job_id, "address": address, "command": " ".join(command)}
-    if not args.follow:
-        emit(figures, args.json, f"submitted job {job_id}\n  follow it: dundi jobs logs {job_id} "
-                                 f"--follow --address {address}")
-        return
-    print(f"submitted job {job_id}; following its logs (Ctrl-C stops following, not the job)",
-          flush=True)
-    _finish(jobs_api.follow(job_id, args.address), args.json, figures)
-
-
-def cmd_status(args: argparse.Namespace) -> None:
-    from dundi.distributed import jobs_api
-
-    st = jobs_api.status(args.job_id, args.address)
-    emit(st, args.json, f"job {args.job_id}")
-
-
-def cmd_logs(args: argparse.Namespace) -> None:
-    from dundi.distributed import jobs_api
-
-    if args.follow:
-        _finish(jobs_api.follow(args.job_id, args.address), args.json, {})
-    else:
-        print(jobs_api.logs(args.job_id, args.address), end="")
-
-
-def cmd_stop(args: argparse.Namespace) -> None:
-    from dundi.distributed import jobs_api
-
-    stopped = jobs_api.stop(args.job_id, args.address)
-    st = jobs_api.status(args.job_id, args.address)
-    if args.wait:
-        deadline = time.monotonic() + args.timeout
-        while st["status"] not in jobs_api.TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.5)
-            st = jobs_api.status(args.job_id, args.address)
-    emit({**st, "stop_requested": stopped}, args.json,
-         f"job {args.job_id}: {'stop requested' if stopped else 'was not running'}")
-
-
-def cmd_list(args: argparse.Namespace) -> None:
-    from dundi.distributed import jobs_api
-
-    rows = jobs_api.list_jobs(args.address)
-    if args.json:
-        emit({"jobs": rows}, True)
-        return
-    if not rows:
-        print("no jobs")
-    for row in rows:
-        print(f"{row['job_id']:<36} {row['status']:<10} {row['entrypoint']}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -120,25 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: this DunDi checkout)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
                    help="the dundi command line, e.g. train --dataset mnist-10k --workers 2")
-    p.set_defaults(handler=cmd_submit)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_submit"))
 
     jobs = sub.add_parser("jobs", help="status, logs, stop and list of Ray jobs").add_subparsers(
         dest="jobs_cmd", metavar="ACTION", required=True)
     p = jobs.add_parser("status", help="a job's status")
     p.add_argument("job_id", help="submission id (see `dundi jobs list`)")
     _add_address(p)
-    p.set_defaults(handler=cmd_status)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_status"))
     p = jobs.add_parser("logs", help="a job's logs")
     p.add_argument("job_id", help="submission id (see `dundi jobs list`)")
     p.add_argument("--follow", action="store_true", help="stream until the job ends")
     _add_address(p)
-    p.set_defaults(handler=cmd_logs)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_logs"))
     p = jobs.add_parser("stop", help="stop a running job")
     p.add_argument("job_id", help="submission id (see `dundi jobs list`)")
     p.add_argument("--wait", action="store_true", help="wait until it has stopped")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds --wait waits")
     _add_address(p)
-    p.set_defaults(handler=cmd_stop)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_stop"))
     p = jobs.add_parser("list", help="all jobs of the cluster")
     _add_address(p)
-    p.set_defaults(handler=cmd_list)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_list"))

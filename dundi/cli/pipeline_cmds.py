@@ -1,34 +1,34 @@
-"""The pipeline's subcommands, as dundi.run.pipeline runs them: data, train-native, train, index
-build/calibrate, classify, certify, export, demo."""
+"""The pipeline's commands, the parser half: data, train-native, train, index build/calibrate,
+classify, certify, export, demo. Their handlers (dundi.cli.data_handlers,
+dundi.cli.pipeline_handlers) load when a command runs; this module imports no torch."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import sys
-from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
-from dundi.cli import flag_values as choices
 from dundi.cli.args import (
     add_two_step_args,
-    emit,
     fraction,
+    handler,
     nonnegative_float,
     nonnegative_int,
     open_fraction,
     positive_float,
     positive_int,
-    rule_from_args,
-    served_model_from_args,
     unit_float,
 )
-from dundi.rule.params import ORACLES_PER_CLASS
+from dundi.cli.index_cmds import register as register_index_changes
+from dundi.cli.serve_cmds import add_abstain_args
+from dundi.data.specs import DATASETS, SPLITS
+from dundi.nets.names import ARCHITECTURES
+from dundi.rule.params import METRICS, ORACLES_PER_CLASS
+from dundi.run.names import ORACLE_KINDS
+from dundi.serving.settings import ANSWER_FORMATS
+from dundi.training.config import ADV_LOSSES, ADV_TARGETS, CERT_HEADS, LOSSES, MINING, TrainConfig
 
-if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.flag_values
-    from dundi.training.config import TrainConfig
+HANDLERS = "dundi.cli.pipeline_handlers"
+DATA_HANDLERS = "dundi.cli.data_handlers"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -38,9 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
-    d = SimpleNamespace(**choices.TRAIN_DEFAULTS)
-    p.add_argument("--dataset", default=d.dataset, choices=choices.DATASETS, help="dataset to train on")
-    p.add_argument("--model", "--backbone", dest="arch", default=d.arch, choices=choices.ARCHITECTURES,
+    d = TrainConfig()  # the defaults shown are the config's own
+    p.add_argument("--dataset", default=d.dataset, choices=tuple(DATASETS), help="dataset to train on")
+    p.add_argument("--model", "--backbone", dest="arch", default=d.arch, choices=ARCHITECTURES,
                    help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp | cnn-ibp-medium | cnn7 (the DNN "
                         "module; the cnn-ibp ones are built for --certified)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training data")
@@ -65,13 +65,13 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     _add_common(p)
 
 
-def _add_triplet_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
+def _add_triplet_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--pretrained", default=None,
                    help="native run whose frozen backbone makes DunDi_P (default: none, DunDi_R)")
     p.add_argument("--tuples", type=positive_int, default=d.tuples, help="size of the tuple set (paper: 360000)")
-    p.add_argument("--loss", default=d.loss, choices=choices.LOSSES, help="sigmoid (paper) | margin")
+    p.add_argument("--loss", default=d.loss, choices=LOSSES, help="sigmoid (paper) | margin")
     p.add_argument("--margin", type=positive_float, default=d.margin, help="margin of the margin loss")
-    p.add_argument("--mining", default=d.mining, choices=choices.MINING, help="random (paper) | batch-hard")
+    p.add_argument("--mining", default=d.mining, choices=MINING, help="random (paper) | batch-hard")
     p.add_argument("--embed-dim", type=positive_int, default=d.embed_dim, help="embedding dimensions")
     p.add_argument("--paper-loop", action="store_true",
                    help="three forward passes per tuple, as in the paper (slower, same loss)")
@@ -83,12 +83,12 @@ def _add_triplet_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
                            "`dundi index add` (default: none)")
     hold.add_argument("--holdout-random", type=positive_int, default=None, metavar="N",
                       help="leave out N dataset classes chosen with --seed (default: none)")
-    p.add_argument("--metric", default=None, choices=choices.METRICS,
+    p.add_argument("--metric", default=None, choices=METRICS,
                    help="distance of the two-step rule: euclidean (paper; default) | sqeuclidean "
                         "(certifiable; the default with --certified)")
 
 
-def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace, native: bool) -> None:
+def _add_certified_args(p: argparse.ArgumentParser, d: TrainConfig, native: bool) -> None:
     cert = p.add_argument_group("certified training (interval bounds through the network; "
                                 "docs/certification.md)")
     cert.add_argument("--certified", action="store_true",
@@ -107,22 +107,22 @@ def _add_certified_args(p: argparse.ArgumentParser, d: SimpleNamespace, native: 
     cert.add_argument("--cert-per-class", type=positive_int, default=d.cert_per_class,
                       help="images of each class per batch (default %(default)s)")
     if not native:
-        cert.add_argument("--cert-head", default=d.cert_head, choices=choices.CERT_HEADS,
+        cert.add_argument("--cert-head", default=d.cert_head, choices=CERT_HEADS,
                           help="what the head is trained against: batch (each class's other images in "
                                "the batch, the default) | prototypes (learned class prototypes, which "
                                "then serve as the run's oracles: `dundi index build --oracle-kind`)")
 
 
-def _add_adversarial_args(p: argparse.ArgumentParser, d: SimpleNamespace) -> None:
+def _add_adversarial_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     adv = p.add_argument_group("adversarial training (DunDi-AT for `train`, Madry-style PGD for `train-native`)")
     adv.add_argument("--adversarial", action="store_true", help="train on PGD examples crafted against the current model")
     adv.add_argument("--adv-eps", type=unit_float, default=d.adv_eps, help="L-inf budget (default %(default)s)")
     adv.add_argument("--adv-steps", type=positive_int, default=d.adv_steps, help="PGD iterations")
     adv.add_argument("--adv-alpha", type=positive_float, default=None, help="PGD step (default: 2.5*eps/steps)")
-    adv.add_argument("--adv-target", default=d.adv_target, choices=choices.ADV_TARGETS,
+    adv.add_argument("--adv-target", default=d.adv_target, choices=ADV_TARGETS,
                      help="DunDi-AT's PGD objective: classes (leave the anchor's class for the nearest "
                           "other, default) | tuple (maximise the tuple's triplet loss)")
-    adv.add_argument("--adv-loss", default=d.adv_loss, choices=choices.ADV_LOSSES,
+    adv.add_argument("--adv-loss", default=d.adv_loss, choices=ADV_LOSSES,
                      help="DunDi-AT's loss on adversarial anchors (classes target): prototype (softmax "
                           "over the batch's class prototypes, default) | triplet (hardest negative, TLA)")
     adv.add_argument("--adv-warmup", type=nonnegative_int, default=d.adv_warmup,
@@ -146,21 +146,6 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
                      help="worker failures Ray Train recovers from before giving up")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from dundi.training.config import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    if getattr(args, "holdout_random", None):
-        cfg.holdout_classes = holdout_by_seed(cfg.dataset, args.holdout_random, cfg.seed)
-    if getattr(args, "paper_loop", False):
-        cfg.dedupe = False
-    if cfg.certified and getattr(args, "metric", None) is None:
-        cfg.metric = "sqeuclidean"
-    cfg.validate()
-    return cfg
-
-
 def device_name(text: str) -> str:
     """argparse type of --device: auto, cpu, cuda or cuda:N (checked before torch is imported)."""
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
@@ -168,196 +153,10 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
-def holdout_by_seed(dataset: str, count: int, seed: int) -> tuple[int, ...]:
-    """``count`` dataset classes drawn with ``seed``: the same classes on every machine."""
-    import numpy as np
-
-    from dundi.data import DATASETS
-    from dundi.errors import DundiError
-
-    num_classes = DATASETS[dataset].num_classes
-    if count > num_classes - 2:
-        raise DundiError(f"--holdout-random {count} leaves fewer than two of {dataset}'s "
-                         f"{num_classes} classes to train on: hold out at most {num_classes - 2}")
-    return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(num_classes, count, replace=False)))
-
-
-def ray_options(args: argparse.Namespace):
-    """The typed Ray options of `--workers W` runs: the edge takes these, never the namespace."""
-    from dundi.distributed.train_job import RayOptions
-
-    return RayOptions(workers=args.workers, gpu=args.gpu, address=args.address, storage=args.storage,
-                      name=args.name, max_failures=args.max_failures, data_dir=args.data_dir,
-                      oracles=getattr(args, "oracles", RayOptions.oracles), progress=not args.no_progress)
-
-
-def default_out(cfg: TrainConfig, kind: str) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{cfg.arch}-{kind}"
-
-
-def cmd_data_fetch(args: argparse.Namespace) -> None:
-    from dundi.data import cache_info, fetch
-
-    path = fetch(args.dataset, data_dir=args.data_dir, source_dir=args.source_dir)
-    info = next((i for i in cache_info(args.data_dir) if i.get("dataset") == args.dataset), {})
-    emit({"dataset": args.dataset, "path": str(path), **info}, args.json, f"cached {args.dataset}")
-
-
-def cmd_data_info(args: argparse.Namespace) -> None:
-    from dundi.data import cache_info
-
-    rows = cache_info(args.data_dir)
-    if args.json:
-        emit({"datasets": rows}, True)
-        return
-    if not rows:
-        print("no dataset cached yet: run `dundi data fetch mnist-10k`")
-    for row in rows:
-        emit(row, False, row.get("dataset"))
-
-
-def _train(args: argparse.Namespace, kind: str) -> None:
-    cfg = config_from_args(args)
-    pretrained = getattr(args, "pretrained", None)
-    label = "native" if kind == "native" else ("dundi-P" if pretrained else "dundi-R")
-    out = Path(args.out) if args.out else default_out(cfg, label)
-    if args.workers > 0:
-        from dundi.distributed.train_job import run_ray_training
-
-        meta = run_ray_training(kind, cfg, out, ray_options(args), pretrained=pretrained)
-    elif kind == "native":
-        from dundi.run.pipeline import train_native_run
-
-        meta = train_native_run(cfg, out, args.data_dir, progress=not args.no_progress, device=args.device)
-    else:
-        from dundi.run.pipeline import train_dundi_run
-
-        meta = train_dundi_run(cfg, out, pretrained, args.data_dir, progress=not args.no_progress,
-                               device=args.device)
-    figures = {"run": str(out), "kind": kind, "dataset": cfg.dataset, "model": cfg.arch, **meta.get("metrics", {})}
-    if kind == "dundi":
-        from dundi.run.storage import index_version
-        from dundi.run.pipeline import build_index, classify_split
-
-        if index_version(meta) is None:
-            build_index(out, n=args.oracles, seed=cfg.seed, data_dir=args.data_dir)
-        result = classify_split(out, split="test", data_dir=args.data_dir)
-        figures.update(mode=meta.get("mode"), test_accuracy=result["accuracy"], n=result["n"],
-                       m=result["m"], k=result["k"])
-    figures.pop("final", None)
-    emit(figures, args.json, f"trained {out}")
-
-
-def cmd_index_build(args: argparse.Namespace) -> None:
-    from dundi.run.pipeline import build_index
-
-    index = build_index(args.run, n=args.oracles, seed=args.seed, data_dir=args.data_dir,
-                        margin_eps=args.select_eps, oracle_kind=args.oracle_kind)
-    emit({"run": args.run, "classes": index.num_classes, "n": index.n, "dim": index.dim,
-          "seed": args.seed, "select": index.meta.get("select", "random")}, args.json,
-         f"built oracle index in {args.run}")
-
-
-def cmd_index_calibrate(args: argparse.Namespace) -> None:
-    """Calibrate the abstain rule on held-out data and store it with the index metadata."""
-    from dundi.serving.abstain import save_calibration
-    from dundi.run.pipeline import held_out_images
-    from dundi.serving import LoadedModel, ModelConfig
-    from dundi.serving.abstain import calibrate_rule
-
-    model = LoadedModel(ModelConfig(run=os.path.abspath(args.run), n=args.n, m=args.m, k=args.k))
-    images, labels, source = held_out_images(model.run, args.data_dir, limit=args.limit)
-    cal = calibrate_rule(model, images, labels, rate=args.false_abstain)
-    save_calibration(model.run.path, cal, source, model.info.index_sha256)
-    figures = {"run": args.run, "source": source, **{k: v for k, v in cal.items() if k != "per_signal_rate"},
-               **{f"rate_{k}": v for k, v in cal["per_signal_rate"].items()}}
-    emit(figures, args.json, f"abstain rule stored in {args.run}/run.json (served by default)")
-
-
-def _classify_files(args: argparse.Namespace) -> None:
-    """`classify RUN IMAGES...`: one answer per image, as a table or jsonl/csv/parquet."""
-    from dundi.errors import DundiError
-    from dundi.run.directory import Run
-    from dundi.run.storage import read_meta
-    from dundi.run.image_files import read_images
-    from dundi.serving.answers import classify_files, write_answers
-
-    clash = [flag for flag, on in (("--split", args.split != "test"), ("--limit", args.limit is not None),
-                                   ("--radius", args.radius), ("--json", args.json)) if on]
-    if clash:
-        raise DundiError(f"{', '.join(clash)} apply to a dataset split (classify RUN without IMAGES); "
-                         f"with IMAGES use --format jsonl|csv|parquet (the certified radius is shown "
-                         f"where the run has one)")
-    if args.format == "parquet" and not args.out:
-        raise DundiError("--format parquet writes a file: give --out FILE.parquet")
-    meta = read_meta(args.run)
-    images, files = read_images(args.images, meta["in_shape"], resize=args.resize)  # bad files: fail first
-    if meta["kind"] == "native":
-        if args.n is not None or args.m is not None:
-            raise DundiError(f"{args.run} is a native run: it has no oracles, so --n and --m do not "
-                             f"apply; omit them (it classifies by the argmax of its logits)")
-        model = Run.load(args.run)
-    else:
-        _, model = served_model_from_args(args.run, args, loaded=Run.load(args.run))
-    rows, info = classify_files(model, images, files, rule_from_args(args))
-    text = write_answers(rows, info, args.format, args.out)
-    if text is not None:
-        print(text, end="")
-    else:
-        print(f"dundi: wrote {len(rows)} answers to {args.out}", file=sys.stderr)
-
-
-def cmd_classify(args: argparse.Namespace) -> None:
-    if args.images:
-        return _classify_files(args)
-    from dundi.run.pipeline import classify_split
-
-    figures = classify_split(args.run, rule_from_args(args), split=args.split,
-                             data_dir=args.data_dir, limit=args.limit, radii=args.radius)
-    # a native run has no oracles: its accuracy is the argmax of its logits, and says so
-    title = ("native classification (argmax of the logits)" if figures.get("kind") == "native"
-             else "two-step classification")
-    emit(figures, args.json, title)
-
-
-def cmd_certify(args: argparse.Namespace) -> None:
-    from dundi.run.pipeline import certify_split
-
-    figures = certify_split(args.run, eps=args.eps, rule=rule_from_args(args), split=args.split,
-                            data_dir=args.data_dir, limit=args.limit)
-    emit(figures, args.json, "certified accuracy of the two-step rule (L-inf, interval bounds)")
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    """``dundi export``: the run as a plain module (:mod:`dundi.run.export`)."""
-    from dundi.errors import DundiError
-    from dundi.run.directory import Run
-    from dundi.run.storage import read_meta
-    from dundi.run.export import export_run
-
-    if read_meta(args.run).get("kind") != "dundi":
-        raise DundiError(f"{args.run} is a native run: `dundi export` takes a DunDi run with an oracle index")
-    meta = export_run(Run.load(args.run), args.out, rule_from_args(args))
-    rule = meta["rule"]
-    print(f"wrote {args.out}: TorchScript, images (N, {', '.join(map(str, meta['in_shape']))}) in [0, 1] -> "
-          f"(N, {len(meta['classes'])}) scores, argmax = Algorithm 1 at n={rule['n']}, m={rule['m']}, "
-          f"k={rule['k']} ({rule['metric']}){'; certified run' if 'certificate' in meta else ''}", file=sys.stderr)
-    if args.json:
-        emit(meta, True, "")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from dundi.evaluation.table1 import run_demo
-
-    figures = run_demo(Path(args.out), data_dir=args.data_dir, quick=args.quick,
-                       progress=not args.no_progress)
-    emit(figures, args.json, f"demo results in {args.out}")
-
-
 def _add_rule_args(p: argparse.ArgumentParser) -> None:
     """The two-step rule's n, m, k and the evaluated split: shared by classify and certify."""
     add_two_step_args(p)
-    p.add_argument("--split", default="test", choices=choices.SPLITS, help="dataset split (default %(default)s)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="dataset split (default %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N images of the split (default: all)")
 
@@ -374,13 +173,13 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
                    help="certified runs: choose the oracles for certified margin at this L-inf "
                         "budget instead of at random (docs/certification.md; default: random, or, with "
                         "--oracle-kind images, herded toward a prototype run's learned prototypes)")
-    p.add_argument("--oracle-kind", choices=choices.ORACLE_KINDS, default=None,
+    p.add_argument("--oracle-kind", choices=ORACLE_KINDS, default=None,
                    help="images: n training images per class; prototypes: a --cert-head prototypes "
                         "run's learned prototypes themselves (two vectors per class, --oracles ignored), "
                         "so the rule ranks exactly as the network was trained (default: prototypes for "
                         "such a run, else images)")
     _add_common(p)
-    p.set_defaults(handler=cmd_index_build)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_index_build"))
     p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")
     p.add_argument("run", help="DunDi run directory with an oracle index")
     p.add_argument("--false-abstain", type=open_fraction, default=0.01,
@@ -389,15 +188,11 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
                    help="held-out images to calibrate on (default %(default)s)")
     add_two_step_args(p)  # the rule as it will be served
     _add_common(p)
-    p.set_defaults(handler=cmd_index_calibrate)
-    from dundi.cli.index_cmds import register as register_index_changes
-
+    p.set_defaults(handler=handler(HANDLERS, "cmd_index_calibrate"))
     register_index_changes(index, _add_common)
 
 
 def _register_classify(sub: argparse._SubParsersAction) -> None:
-    from dundi.cli.serve_cmds import add_abstain_args
-
     p = sub.add_parser("classify", help="classify image files (one answer each), or a split's accuracy")
     p.add_argument("run", help="run directory (DunDi: two-step rule; native: argmax of the logits)")
     p.add_argument("images", nargs="*", metavar="IMAGES",
@@ -407,37 +202,37 @@ def _register_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius", action="store_true",
                    help="also each answer's certified L-inf radius (certified runs; see `dundi certify`)")
     files = p.add_argument_group("with IMAGES")
-    files.add_argument("--format", default="table", choices=choices.CLASSIFY_FORMATS,
+    files.add_argument("--format", default="table", choices=ANSWER_FORMATS,
                        help="table (aligned, default) | jsonl | csv | parquet (needs --out)")
     files.add_argument("--out", default=None, help="write the answers to this file, atomically (default: stdout)")
     files.add_argument("--resize", action="store_true",
                        help="scale images of another size to the run's input size (default: refuse them)")
     add_abstain_args(files)
     _add_common(p)
-    p.set_defaults(handler=cmd_classify)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_classify"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="fetch and list datasets").add_subparsers(
         dest="data_cmd", metavar="ACTION", required=True)
     p = data.add_parser("fetch", help="materialise a dataset as Parquet shards in the cache")
-    p.add_argument("dataset", choices=choices.DATASETS, help="mnist | mnist-10k | fashion-mnist | cifar10")
+    p.add_argument("dataset", choices=tuple(DATASETS), help="mnist | mnist-10k | fashion-mnist | cifar10")
     p.add_argument("--source-dir", default=None,
                    help="directory holding the dataset's standard files (default: $DUNDI_SOURCE_DIR, "
                         "else the standard download sources)")
     _add_common(p)
-    p.set_defaults(handler=cmd_data_fetch)
+    p.set_defaults(handler=handler(DATA_HANDLERS, "cmd_data_fetch"))
     p = data.add_parser("info", help="list cached datasets")
     _add_common(p)
-    p.set_defaults(handler=cmd_data_info)
+    p.set_defaults(handler=handler(DATA_HANDLERS, "cmd_data_info"))
 
     p = sub.add_parser("train-native", help="train a native softmax model (LeNet-1/4/5, VGG-16)")
     _add_train_args(p, native=True)
-    p.set_defaults(handler=lambda a: _train(a, "native"))
+    p.set_defaults(handler=handler(HANDLERS, "cmd_train_native"))
 
     p = sub.add_parser("train", help="triplet-train a Distance NN (DunDi_R, or DunDi_P with --pretrained)")
     _add_train_args(p, native=False)
-    p.set_defaults(handler=lambda a: _train(a, "dundi"))
+    p.set_defaults(handler=handler(HANDLERS, "cmd_train"))
 
     _register_index(sub)
     _register_classify(sub)
@@ -448,14 +243,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L-inf radii on [0, 1] pixels (default %(default)s)")
     _add_rule_args(p)
     _add_common(p)
-    p.set_defaults(handler=cmd_certify)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_certify"))
 
     p = sub.add_parser("export", help="write a DunDi run as a TorchScript nn.Module any attack tool can load")
     p.add_argument("run", help="DunDi run directory with an oracle index")
     p.add_argument("--out", required=True, help="file to write (TorchScript; load with torch.jit.load)")
     add_two_step_args(p)
     p.add_argument("--json", action="store_true", help="print the file's metadata as one JSON object, last")
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_export"))
 
     p = sub.add_parser("demo", help="the whole path on mnist-10k in minutes: Table 1 of the paper")
     p.add_argument("--out", default=os.environ.get("DUNDI_DEMO_OUT", "runs/demo"),
@@ -463,4 +258,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller budget (CI smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they only show on a terminal)")
     _add_common(p)
-    p.set_defaults(handler=cmd_demo)
+    p.set_defaults(handler=handler(HANDLERS, "cmd_demo"))

@@ -13,6 +13,9 @@ import shlex
 from pathlib import Path
 from typing import Callable
 
+from dundi.cli.train_config import config_from_args, default_out
+from dundi.distributed import jobs_api
+from dundi.distributed.ray_init import is_local_address
 from dundi.errors import DundiError
 
 PATH_FLAGS = ("--out", "--data-dir", "--storage", "--pretrained", "--results", "--run", "--report")
@@ -81,8 +84,6 @@ def prepare_command(argv: list[str], local: bool, parser: argparse.ArgumentParse
 
 
 def _default_out(command: str, args: argparse.Namespace) -> Path:
-    from dundi.cli.pipeline_cmds import config_from_args, default_out
-
     label = "native" if command == "train-native" else (
         "dundi-P" if getattr(args, "pretrained", None) else "dundi-R")
     return default_out(config_from_args(args), label)
@@ -91,8 +92,5 @@ def _default_out(command: str, args: argparse.Namespace) -> Path:
 def submit_command(argv: list[str], parser: argparse.ArgumentParser, address: str | None = None,
                    warn: Callable[[str], None] = print, **options) -> str:
     """Check and prepare ``argv`` (:func:`prepare_command`), then submit it; returns the job id."""
-    from dundi.distributed import jobs_api
-    from dundi.distributed.ray_init import is_local_address
-
     local = is_local_address(jobs_api.dashboard_address(address))
     return jobs_api.submit(prepare_command(argv, local, parser, warn), address, **options)

@@ -13,11 +13,27 @@ Images are float32 numpy arrays (N, C, H, W) in [0, 1]; labels and ids are int64
 This package never imports ray.
 """
 
-from dundi.data.cache import cache_info, fetch, load_split, resolve_data_dir, shard_paths
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from dundi.data.errors import DataFormatError, DatasetUnavailable
-from dundi.data.shards import read_shards
-from dundi.data.sources import SourceOptions
 from dundi.data.specs import DATASETS, SPLIT_ID_OFFSET, SPLITS, DatasetSpec
+
+# The cache, the shard reader and the sources import numpy and pyarrow: they load on first use,
+# so what a dataset *is* (dundi.data.specs) costs nothing to import (`dundi --help` lists them).
+_LAZY = {"cache_info": "cache", "fetch": "cache", "load_split": "cache", "resolve_data_dir": "cache",
+         "shard_paths": "cache", "read_shards": "shards", "SourceOptions": "sources"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
 
 __all__ = [
     "DATASETS",

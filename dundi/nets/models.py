@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dundi.nets.bounds import COMPOSITES, propagate, split_last_linear
+from dundi.nets.names import ARCHITECTURES
 
 EMBED_DIM = 128
 
@@ -122,20 +123,9 @@ def _vgg16(c: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-ARCHITECTURES: dict[str, Callable[[int], nn.Sequential]] = {
-    "lenet1": _lenet1,
-    "lenet4": _lenet4,
-    "lenet5": _lenet5,
-    "cnn-ibp": _cnn_ibp,
-    "cnn-ibp-medium": _cnn_ibp_medium,
-    "cnn7": _cnn7,
-    "vgg16": _vgg16,
-}
-
-
-# Backbones certified training accepts: no batch norm, whose training-mode statistics
-# depend on the batch and so have no fixed interval rule while training (vgg16 has it).
-CERTIFIABLE = ("cnn-ibp", "cnn-ibp-medium", "cnn7", "lenet1", "lenet4", "lenet5")
+# One builder per name of dundi.nets.names, in its order (the names are written there only).
+BUILDERS: dict[str, Callable[[int], nn.Sequential]] = dict(zip(
+    ARCHITECTURES, (_lenet1, _lenet4, _lenet5, _cnn_ibp, _cnn_ibp_medium, _cnn7, _vgg16), strict=True))
 
 
 def _features(arch: str, in_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
@@ -143,7 +133,7 @@ def _features(arch: str, in_shape: tuple[int, int, int]) -> tuple[nn.Module, int
         from dundi.errors import DundiError
 
         raise DundiError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-    features = ARCHITECTURES[arch](in_shape[0])
+    features = BUILDERS[arch](in_shape[0])
     return features, _flat_dim(features, in_shape)  # also materialises lazy layers
 
 

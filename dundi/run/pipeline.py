@@ -28,6 +28,7 @@ from dundi.rule.abstain_store import stored_calibration
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
 from dundi.run.directory import Run
+from dundi.run.names import ORACLE_KINDS
 from dundi.run.storage import (
     dataset_class_names,
     dataset_classes_of,
@@ -264,9 +265,6 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"{1 / num_classes:.0%}): the embedding collapsed. Retrain with a longer --cert-warmup "
             f"and --cert-ramp (e.g. {max(3.0, 2 * cfg.cert_warmup):g} and {max(10.0, 2 * cfg.cert_ramp):g}) "
             f"or a smaller --lr.")
-
-
-ORACLE_KINDS = ("images", "prototypes")  # what an index's oracles are (dundi index build --oracle-kind)
 
 
 def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,

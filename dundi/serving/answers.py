@@ -25,11 +25,10 @@ from dundi.errors import DundiError
 from dundi.files import atomic_write_text
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run
+from dundi.serving.settings import ANSWER_FORMATS
 
 if TYPE_CHECKING:
     from dundi.serving.model import LoadedModel
-
-FORMATS = ("table", "jsonl", "csv", "parquet")
 
 
 def _native_rows(run: Run, images: np.ndarray, rule: TwoStepRule) -> tuple[list[dict], str]:
@@ -141,8 +140,8 @@ def write_parquet(rows: list[dict], out: str | os.PathLike) -> None:
 
 def write_answers(rows: list[dict], info: dict, fmt: str, out: str | None) -> str | None:
     """Write the answers in ``fmt`` to ``out`` (atomically), or return the text to print."""
-    if fmt not in FORMATS:
-        raise DundiError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in ANSWER_FORMATS:
+        raise DundiError(f"unknown format {fmt!r}: choose one of {', '.join(ANSWER_FORMATS)}")
     if fmt == "parquet":
         if not out:
             raise DundiError("--format parquet writes a file: give --out FILE.parquet")

@@ -16,6 +16,8 @@ from dundi.errors import DundiError
 AUTH_TOKEN_ENV = "DUNDI_SERVE_TOKEN"    # bearer token for inference and metadata routes
 ADMIN_TOKEN_ENV = "DUNDI_ADMIN_TOKEN"   # bearer token for POST /admin/reload
 SERVICE_HOST, SERVICE_PORT = "127.0.0.1", 8000  # where `dundi serve` listens unless told otherwise
+# how `dundi classify RUN IMAGES` writes its answers (dundi.serving.answers)
+ANSWER_FORMATS: tuple[str, ...] = ("table", "jsonl", "csv", "parquet")
 
 
 def hash_token(token: str) -> str:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from dundi.nets.names import CERTIFIABLE
 from dundi.rule.params import check_metric
-from dundi.training.losses import LOSSES
 
+# The values each setting accepts live here, beside the defaults, and this module imports no
+# torch: `dundi`'s parser lists them without loading a network (docs/ARCHITECTURE.md).
+LOSSES = ("sigmoid", "margin")  # the triplet losses of dundi.training.losses
 MINING = ("random", "batch-hard")
 ADV_TARGETS = ("classes", "tuple")
 ADV_LOSSES = ("prototype", "triplet")
@@ -85,8 +88,6 @@ class TrainConfig:
         if self.cert_head != "batch" and not self.certified:
             raise DundiError(f"--cert-head {self.cert_head} is a head of certified training: add --certified")
         if self.certified:
-            from dundi.nets.models import CERTIFIABLE
-
             if self.arch not in CERTIFIABLE:
                 raise DundiError(f"--certified needs a backbone interval bounds can train through: "
                                  f"{self.arch} is not one (choose {', '.join(CERTIFIABLE)})")

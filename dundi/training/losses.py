@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-LOSSES = ("sigmoid", "margin")
+from dundi.training.config import LOSSES
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
