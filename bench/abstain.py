@@ -1,6 +1,8 @@
 """The abstain benchmark: the MNIST-C corruptions, far-OOD and near-OOD sets, judged by
 selective-classification risk, for today's rule, the nearest-oracle distance alone and the
-selective rule (dundi.serving.abstain), each calibrated at 1 % on held-out clean digits only.
+selective rule (dundi.serving.abstain) with and without its background guard, each calibrated
+at 1 % on held-out clean digits only; and the candidate signals of
+dundi.evaluation.selective_candidates, alone and added to the selective rule.
 
     python bench/abstain.py RUN [RUN ...] [--limit 1000] [--raw PREFIX] [--out FILE.jsonl]
     python bench/abstain.py --raw FILE.npz [--out FILE.jsonl]     # judge saved values again
