@@ -1,6 +1,8 @@
 """The abstain benchmark: the MNIST-C corruptions, far-OOD and near-OOD sets, judged by
 selective-classification risk, for today's rule, the nearest-oracle distance alone and the
-selective rule (dundi.serving.abstain), each calibrated at 1 % on held-out clean digits only.
+selective rule (dundi.serving.abstain) with and without its background guard, each calibrated
+at 1 % on held-out clean digits only; and the candidate signals of
+dundi.evaluation.selective_candidates, alone and added to the selective rule.
 
     python bench/abstain.py RUN [RUN ...] [--limit 1000] [--raw PREFIX] [--out FILE.jsonl]
     python bench/abstain.py --raw FILE.npz [--out FILE.jsonl]     # judge saved values again
@@ -28,26 +30,53 @@ import torch
 from dundi.data import load_split
 from dundi.errors import DundiError
 from dundi.evaluation.selective import aurc, confidence, risk_coverage, table_row
+from dundi.evaluation.selective_candidates import CANDIDATES, REFERENCE_SIZE, candidate_values, fit_reference
 from dundi.evaluation.shifts import CORRUPTIONS, DESIGN_CORRUPTIONS, corrupt, far_ood, glyphs, scan_variations
-from dundi.rule.abstain_signals import abstain_flags
-from dundi.run.pipeline import held_out_images
+from dundi.rule.abstain_signals import abstain_flags, conformal_level, levels
+from dundi.run.pipeline import held_out_images, run_rows, split_train_val
 from dundi.serving.abstain import (EXTREMES, LEGACY_FIELDS, guard_thresholds, legacy_thresholds, rule_values,
                                    selective_thresholds, signal_scales)
 from dundi.serving.model import LoadedModel, ModelConfig
 
 RATE = 0.01
-RULES = ("today's rule (4 signals)", "nearest-oracle distance alone", "selective rule")
+RULES = ("today's rule (4 signals)", "nearest-oracle distance alone", "selective rule, no background guard",
+         "selective rule")
+CAND = "cand:"   # raw keys of the candidate signals (dundi.evaluation.selective_candidates)
 
 
-def calibrated(cal: dict[str, np.ndarray]) -> dict[str, tuple[dict, dict, dict]]:
-    """rule -> (calibration, the scales ordering its confidence, its guards), all from the
-    held-out values ``cal``. Today's rule and the distance alone are served as before (order
-    statistics deepened in turn); their confidence is their largest standardized level."""
+def _leveled(cal: dict, scales: dict, guards: dict) -> tuple[None, dict, dict, float]:
+    """A rule withholding where a guard fires or its largest level passes the conformal level."""
+    return None, scales, guards, conformal_level(levels(cal, scales), abstain_flags(cal, guards), RATE)
+
+
+def calibrated(cal: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """rule -> (served thresholds or None, the scales ordering its confidence, its guards, its
+    level), all from the held-out values ``cal``. Today's rule and the distance alone are served
+    as before (order statistics deepened in turn); their confidence is their largest
+    standardized level. Candidates, where measured, alone and added to the selective rule."""
     legacy, dist = legacy_thresholds(cal, RATE), legacy_thresholds(cal, RATE, ("abstain_threshold",))
     sel = selective_thresholds(cal, RATE)
-    return {RULES[0]: (legacy, signal_scales(cal, LEGACY_FIELDS), {}),
-            RULES[1]: (dist, signal_scales(cal, ("abstain_threshold",)), {}),
-            RULES[2]: (sel, {f: tuple(v) for f, v in sel["scales"].items()}, guard_thresholds(cal, EXTREMES))}
+    scales = {f: tuple(v) for f, v in sel["scales"].items()}
+    guards = guard_thresholds(cal, EXTREMES)
+    before = {f: v for f, v in sel["thresholds"].items() if f != "abstain_max_background"}
+    out = {RULES[0]: (legacy, signal_scales(cal, LEGACY_FIELDS), {}, None),
+           RULES[1]: (dist, signal_scales(cal, ("abstain_threshold",)), {}, None),
+           RULES[2]: ({"thresholds": before, "abstain_rate": float(abstain_flags(cal, before).mean())}, scales,
+                      {f: v for f, v in guards.items() if f != "abstain_max_background"}, None),
+           RULES[3]: (sel, scales, guards, None)}
+    for c in (c for c in CANDIDATES if CAND + c in cal):
+        out[f"{c} alone"] = _leveled(cal, signal_scales(cal, (CAND + c,)), {})
+        out[f"selective rule + {c}"] = _leveled(cal, {**scales, **signal_scales(cal, (CAND + c,))}, guards)
+    return out
+
+
+def withheld(values: dict, rule: tuple) -> np.ndarray:
+    calib, scales, guards, level = rule
+    if calib is not None:
+        return abstain_flags(values, calib["thresholds"])
+    return abstain_flags(values, guards) | (levels(values, scales) > level)
+
+
 CURVE_POINTS = 101
 
 
@@ -92,19 +121,35 @@ def group_of(set_name: str) -> str:
     return "near-OOD" if set_name == "glyphs" else "far-OOD"
 
 
+def reference(model: LoadedModel, data_dir: str | None):
+    """The candidates' reference: REFERENCE_SIZE images of the training part of the run's train
+    split (seeded), never its held-out part nor the test split."""
+    meta, cfg = model.run.meta, model.run.meta.get("config", {})
+    images, labels, _ = run_rows(meta, *load_split(meta["dataset"], "train", data_dir, limit=cfg.get("limit")))
+    train, _ = split_train_val(labels, cfg.get("val_fraction", 0.0), cfg.get("seed", 0))
+    pick = np.random.default_rng(0).permutation(train)[:REFERENCE_SIZE]
+    return fit_reference(images[pick], labels[pick], model.run.embed(images[pick], model.embed_batch))
+
+
 def measure(run: str, limit: int, data_dir: str | None) -> dict[str, np.ndarray]:
     """Every image's abstain signals and whether the rule's answer is right ("set/field" keys;
     "calibration/..." for the held-out images, "meta/..." for the run and the source)."""
     model = LoadedModel(ModelConfig(run=os.path.abspath(run)))
     held, _, source = held_out_images(model.run, data_dir, limit=2000)
-    _, cal = rule_values(model, held)
+    held_result, cal = rule_values(model, held)
     digits, labels, _ = load_split(model.run.meta["dataset"], "test", data_dir, limit=limit)
     raw = {f"calibration/{f}": v for f, v in cal.items()}
+    ref = reference(model, data_dir)
+
+    def candidates(images: np.ndarray, result) -> dict[str, np.ndarray]:
+        emb = model.run.embed(images, model.embed_batch)
+        return {CAND + c: v for c, v in candidate_values(ref, images, emb, result.fine_scores, model.rule.n).items()}
+    raw.update({f"calibration/{f}": v for f, v in candidates(held, held_result).items()})
     raw["meta/run"] = np.array(os.path.basename(os.path.normpath(run)))
     raw["meta/calibration"] = np.array(source)
     for set_name, (images, truth, _) in sets(digits, labels, data_dir).items():
         result, values = rule_values(model, images)
-        raw.update({f"{set_name}/{f}": v for f, v in values.items()})
+        raw.update({f"{set_name}/{f}": v for f, v in {**values, **candidates(images, result)}.items()})
         raw[f"{set_name}/correct"] = ((result.labels == truth) if truth is not None
                                       else np.zeros(len(images), bool))
         raw[f"{set_name}/labelled"] = np.array(truth is not None)
@@ -119,12 +164,12 @@ def judge(raw) -> list[dict]:
     name, source = str(raw["meta/run"]), str(raw["meta/calibration"])
     set_names = list(dict.fromkeys(k.split("/", 1)[0] for k in raw
                                    if not k.startswith(("calibration/", "meta/"))))
-    rows, pooled = [], {r: ([], [], []) for r in RULES}
+    rows, pooled = [], {r: ([], [], []) for r in rules}
     for set_name in set_names:
         values = {k.split("/", 1)[1]: raw[k] for k in raw if k.startswith(set_name + "/")}
         correct, group = values["correct"].astype(bool), group_of(set_name)
-        for rule, (calib, scales, guards) in rules.items():
-            flags = abstain_flags(values, calib["thresholds"])
+        for rule, (calib, scales, guards, _) in rules.items():
+            flags = withheld(values, rules[rule])
             row = {"run": name, "rule": rule, "set": set_name, "group": group, **table_row(flags, correct)}
             if not bool(values.get("labelled", group not in ("far-OOD", "near-OOD"))):
                 row.pop("accuracy_answering"), row.pop("accuracy_all")
@@ -133,15 +178,16 @@ def judge(raw) -> list[dict]:
                 pooled[rule][0].append(confidence(values, scales, guards))
                 pooled[rule][1].append(correct)
                 pooled[rule][2].append(np.full(len(correct), group))
-    for rule, (calib, _, _) in rules.items():
+    for rule, (calib, _, _, _) in rules.items():
         score, correct, group = (np.concatenate(part) for part in pooled[rule])
         design = group == "corruption (design)"
         rows.append({"run": name, "rule": rule, "set": "all corruptions", "group": "aurc",
                      "aurc": aurc(score, correct), "aurc_design": aurc(score[design], correct[design]),
                      "aurc_held_out": aurc(score[~design], correct[~design]), "accuracy_all": float(correct.mean()),
                      "count": int(len(score)), "calibration": source,
-                     "calibration_withheld": calib["abstain_rate"],
-                     "thresholds": {k: v for k, v in calib["thresholds"].items() if v is not None},
+                     "calibration_withheld": float(withheld(cal, rules[rule]).mean()),
+                     "thresholds": {k: v for k, v in (calib or {"thresholds": {}})["thresholds"].items()
+                                    if v is not None},
                      **curve(score, correct)})
     return rows
 
@@ -159,7 +205,7 @@ def print_table(rows: list[dict]) -> None:
                    else f"{'-':>7} {'-':>7}")
             cells.append(f"{r['withheld']:8.1%} {acc:>17}")
         print(f"{s:<22} {by[(rules[0], s)]['group']:<22} " + " ".join(f"{c:>26}" for c in cells))
-    for rule in rules:
+    for rule in dict.fromkeys(r["rule"] for r in rows):
         a = by[(rule, "all corruptions")]
         print(f"AURC on all corruptions, {rule}: {a['aurc']:.4f} (design {a['aurc_design']:.4f}, held out "
               f"{a['aurc_held_out']:.4f}; accuracy without abstaining "

@@ -93,10 +93,15 @@ def test_the_selective_default_withholds_the_stated_share_signal_by_signal(model
                | (values["abstain_min_margin"] < th["abstain_min_margin"])
                | (values["abstain_min_agree"] < th["abstain_min_agree"])
                | (values["abstain_max_mean"] > th["abstain_max_mean"])
-               | (values["abstain_min_range"] < th["abstain_min_range"]))
+               | (values["abstain_min_range"] < th["abstain_min_range"])
+               | (values["abstain_max_background"] > th["abstain_max_background"]))
     assert abstained.tolist() == by_hand.tolist()
     blank = np.zeros((3, 1, 28, 28), np.float32)
     assert served.predict(blank).abstained.all()
+    # the signals the certificate does not bound are named as served outside the radius
+    assert set(served.info.uncertified_signals) == {"abstain_min_agree", "abstain_max_background"}
+    fog = np.clip(images[:5] + 0.3, 0, 1)              # a digit on a grey page
+    assert served.predict(fog).abstained.all()
 
 
 def test_plainly_foreign_inputs_abstain_and_digits_mostly_do_not(model, held_out, data_dir):
@@ -209,7 +214,7 @@ def test_dundi_serve_abstains_by_default_over_http(run_copy, data_dir, tmp_path)
     try:
         srv.wait_ready(timeout=300)
         params = httpx.get(f"{srv.url}/v2/models/dundi", timeout=30).json()["parameters"]
-        served = (*SELECTIVE_FIELDS, "abstain_max_mean", "abstain_min_range")  # the selective default
+        served = (*SELECTIVE_FIELDS, "abstain_max_mean", "abstain_min_range", "abstain_max_background")
         assert all(params[f] is not None for f in served) and params["abstain_max_grey"] is None, params
         digits, _, _ = load_split("mnist-10k", "test", data_dir, limit=20)
         noise = np.random.default_rng(1).random((5, 28, 28), dtype=np.float32)

@@ -5,8 +5,9 @@ import numpy as np
 
 from dundi.evaluation.selective import aurc, confidence, p_values, risk_coverage
 from dundi.rule.abstain_signals import abstain_flags
-from dundi.rule.selective_signals import BLANK_RANGE, agreement, fine_margin, pixel_range
-from dundi.serving.abstain import GUARDS, guard_thresholds, levels, selective_thresholds, signal_scales
+from dundi.rule.selective_signals import (BACKGROUND_FLOOR, BLANK_RANGE, agreement, background_level, fine_margin,
+                                         pixel_range)
+from dundi.serving.abstain import FLOORS, GUARDS, guard_thresholds, levels, selective_thresholds, signal_scales
 
 
 def test_fine_margin_is_the_gap_to_the_runner_up_per_oracle():
@@ -44,6 +45,22 @@ def test_pixel_range_is_the_span_and_flags_only_strokeless_images():
     assert ((span < BLANK_RANGE) == [False, False, True, False]).all()
 
 
+def test_background_level_is_the_quarter_order_statistic_and_spares_faint_and_noisy_digits():
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 28, 28)).astype(np.float32)
+    got = background_level(x)
+    for i in range(len(x)):                       # brute force: sort, take rank floor(784 / 4)
+        assert got[i] == np.sort(x[i].ravel().astype(np.float64))[196]
+    d = np.zeros((5, 1, 28, 28), np.float32)
+    d[:, 0, 6:22, 10:18] = 1.0                        # a stroke covering 16 % of the frame
+    d[1] *= 0.7                                       # faint
+    d[2] = np.clip(d[2] + 0.1 * rng.standard_normal((1, 28, 28)), 0, 1)   # clipped pixel noise
+    d[3] = np.clip(d[3] + 0.3, 0, 1)                  # a grey page
+    d[4, 0] = np.clip(d[4, 0] + 0.5 * np.linspace(0, 1, 28)[None, :], 0, 1)   # a cloud across it
+    level = background_level(d)
+    assert (level[:3] == 0).all() and ((level > BACKGROUND_FLOOR) == [False, False, False, True, True]).all()
+
+
 def test_p_values_are_the_share_at_least_as_extreme():
     cal = np.array([1.0, 2.0, 2.0, 3.0, 5.0])
     v = np.array([0.0, 2.0, 4.0, 6.0])
@@ -73,11 +90,16 @@ def test_calibration_withholds_at_most_the_rate_guards_first_and_one_level():
     values = {"abstain_threshold": rng.gamma(2, 1, size), "abstain_min_margin": rng.gamma(1, 1, size),
               "abstain_min_agree": rng.integers(0, 21, size).astype(float),
               "abstain_max_mean": rng.beta(2, 12, size),
-              "abstain_min_range": np.where(np.arange(size) < 3, 0.0, 1.0)}
+              "abstain_min_range": np.where(np.arange(size) < 3, 0.0, 1.0),
+              "abstain_max_background": np.where(np.arange(size) == 3, 0.5, 0.0)}
     cal = selective_thresholds(values, 0.01)
     flags = abstain_flags(values, cal["thresholds"])
-    assert flags[:3].all() and 0.008 <= flags.mean() <= 0.01
+    assert flags[:3].all() and not flags[3] and 0.008 <= flags.mean() <= 0.01
     assert cal["thresholds"]["abstain_min_range"] == GUARDS["abstain_min_range"]
+    # the background guard: the held-out extreme where it lies above the floor, else the floor
+    assert cal["thresholds"]["abstain_max_background"] == 0.5
+    quiet = {**values, "abstain_max_background": np.zeros(size)}
+    assert guard_thresholds(quiet, ())["abstain_max_background"] == FLOORS["abstain_max_background"]
     assert cal["thresholds"]["abstain_max_mean"] == values["abstain_max_mean"].max()
     # brute force: withheld exactly where a guard fires or the largest level exceeds the level
     scales = signal_scales(values, ("abstain_threshold", "abstain_min_margin", "abstain_min_agree"))

@@ -13,7 +13,7 @@ import numpy as np
 
 from dundi.rule.exact import fixed_sum
 from dundi.rule.params import TwoStepResult
-from dundi.rule.selective_signals import agreement, fine_margin, pixel_range
+from dundi.rule.selective_signals import agreement, background_level, fine_margin, pixel_range
 
 # ModelConfig field -> (what it measures, +1: abstain above the threshold / -1: below).
 ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
@@ -23,10 +23,12 @@ ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
                    # the selective signals (dundi.rule.selective_signals)
                    "abstain_min_margin": ("fine-score margin", -1),
                    "abstain_min_agree": ("nearest oracles agreeing with the answer", -1),
-                   "abstain_min_range": ("pixel range (blank guard)", -1)}
+                   "abstain_min_range": ("pixel range (blank guard)", -1),
+                   "abstain_max_background": ("background level: 25th-percentile pixel (background guard)", 1)}
 # The signals the certificate bounds over the L-inf ball (dundi.robustness.certificate); an
 # answer withheld by any other signal is served outside the certified radius: the radius
-# promises the label, and the withholding only by these.
+# promises the label, and the withholding only by these. The background guard is one such
+# signal (ModelInfo.uncertified_signals names it; dundi.rule.selective_signals says why).
 CERTIFIED_SIGNALS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean",
                      "abstain_min_margin", "abstain_min_range")
 GREY_BAND = (0.1, 0.9)  # a pixel strictly inside is "mid-grey"
@@ -62,7 +64,8 @@ def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: 
               "abstain_min_norm": embedding_norm(embeddings),
               "abstain_max_grey": grey_share(images),
               "abstain_max_mean": mean_pixel(images),
-              "abstain_min_range": pixel_range(images)}
+              "abstain_min_range": pixel_range(images),
+              "abstain_max_background": background_level(images)}
     if result is not None and oracles is not None and len(result.labels):
         pos = np.argmax(result.topk_classes == result.labels[:, None], axis=1)
         values["abstain_min_margin"] = fine_margin(result.fine_scores, pos, n)
@@ -91,12 +94,18 @@ def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | N
 SCALE_QUANTILES = (0.5, 0.99)  # a signal's level: (value - median) / (99th percentile - median)
 
 
+def direction(field: str) -> int:
+    """+1 where a larger value is more unusual, -1 where a smaller one is; a field that is no
+    abstain signal (a candidate the benchmark measures, oriented larger = more unusual) is +1."""
+    return ABSTAIN_SIGNALS[field][1] if field in ABSTAIN_SIGNALS else 1
+
+
 def signal_scales(values: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     """Per signal, (median, spread) of its held-out values turned so that larger is more
     unusual: a value's level is (value - median) / spread, spread = 99th percentile - median."""
     out = {}
     for f in fields:
-        v = ABSTAIN_SIGNALS[f][1] * np.asarray(values[f], np.float64)
+        v = direction(f) * np.asarray(values[f], np.float64)
         mid, top = np.quantile(v, SCALE_QUANTILES)
         out[f] = (float(mid), float(max(top - mid, 1e-12)))
     return out
@@ -104,9 +113,21 @@ def signal_scales(values: dict[str, np.ndarray], fields: tuple[str, ...]) -> dic
 
 def levels(values: dict[str, np.ndarray], scales: dict[str, tuple[float, float]]) -> np.ndarray:
     """(B,) the largest standardized level over the scaled signals: the rule's nonconformity."""
-    return np.max([(ABSTAIN_SIGNALS[f][1] * np.asarray(values[f], np.float64) - mid) / spread
+    return np.max([(direction(f) * np.asarray(values[f], np.float64) - mid) / spread
                    for f, (mid, spread) in scales.items()], axis=0)
 
 
+def conformal_level(score: np.ndarray, guarded: np.ndarray, rate: float) -> float:
+    """The split-conformal level on held-out nonconformity ``score``: the smallest L at which
+    the ``guarded`` images and those scoring above L together are at most ``rate`` of them
+    (the highest free scores within the budget are withheld; L is the next one down)."""
+    budget = int(np.floor(rate * len(score) + 1e-9)) - int(np.sum(guarded))
+    free = np.sort(np.asarray(score, np.float64)[~np.asarray(guarded, bool)])[::-1]
+    if len(free) > max(budget, 0):
+        return float(free[max(budget, 0)])
+    return float(free.min()) - 1.0 if len(free) else 0.0
+
+
 __all__ = ["ABSTAIN_SIGNALS", "CERTIFIED_SIGNALS", "GREY_BAND", "grey_share", "mean_pixel", "embedding_norm",
-           "signal_values", "abstain_flags", "SCALE_QUANTILES", "signal_scales", "levels"]
+           "signal_values", "abstain_flags", "SCALE_QUANTILES", "direction", "signal_scales", "levels",
+           "conformal_level"]

@@ -23,12 +23,13 @@ from dundi.errors import DundiError
 from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: re-exported)
     ABSTAIN_SIGNALS,
     abstain_flags,
+    conformal_level,
     levels,
     signal_scales,
     signal_values,
 )
 from dundi.rule.abstain_store import calibration_fields, stored_calibration
-from dundi.rule.selective_signals import BLANK_RANGE
+from dundi.rule.selective_signals import BACKGROUND_FLOOR, BLANK_RANGE
 from dundi.run.storage import update_live_oracle
 from dundi.run.pipeline import held_out_images
 from dundi.serving.model import LoadedModel
@@ -79,12 +80,15 @@ def _deepen(values: dict[str, np.ndarray], rate: float) -> dict[str, int]:
 # fine-score margin and the oracle agreement -- what the two-step rule computes -- withheld
 # together above one common standardized level (selective_thresholds); the mean pixel value
 # only beyond anything held-out clean digits reach (EXTREMES: inverted digits, noise, white or
-# bright backgrounds, on which these runs answer badly); and the blank guard at a fixed range.
+# bright backgrounds, on which these runs answer badly); the blank guard at a fixed range; and
+# the background guard beyond both the held-out digits' largest background level and a floor
+# (FLOORS: fog, grey or bright pages, photographs filling the frame).
 # LEGACY_FIELDS: the four signals served before, calibrated as before (legacy_thresholds).
 SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree")
 EXTREMES = ("abstain_max_mean",)
 LEGACY_FIELDS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean")
 GUARDS = {"abstain_min_range": BLANK_RANGE}  # fixed, not calibrated: no stroke, no digit
+FLOORS = {"abstain_max_background": BACKGROUND_FLOOR}  # the held-out extreme, at least this
 
 
 def rule_values(model: LoadedModel, images: np.ndarray):
@@ -95,12 +99,16 @@ def rule_values(model: LoadedModel, images: np.ndarray):
 
 
 def guard_thresholds(values: dict[str, np.ndarray], extremes: tuple[str, ...]) -> dict[str, float]:
-    """GUARDS, and each signal of ``extremes`` at the most extreme held-out value (only what no
-    clean held-out digit reaches is withheld)."""
+    """GUARDS, each signal of ``extremes`` at the most extreme held-out value (only what no
+    clean held-out digit reaches is withheld), and each of FLOORS at the larger of that value and
+    its floor (held-out MNIST digits all have background 0: a threshold at 0 would withhold any
+    scan with the faintest grey page)."""
     out = dict(GUARDS)
     for f in extremes:
         v = np.asarray(values[f], np.float64)
         out[f] = float(v.max() if SIGNALS[f][1] > 0 else v.min())
+    for f, floor in FLOORS.items():
+        out[f] = max(float(np.max(values[f])), floor)
     return out
 
 
@@ -122,11 +130,7 @@ def selective_thresholds(values: dict[str, np.ndarray], rate: float,
     guards = guard_thresholds(values, extremes)
     guarded = abstain_flags(values, guards)
     scales = signal_scales(values, fields)
-    score = levels(values, scales)
-    budget = int(np.floor(rate * len(score) + 1e-9)) - int(guarded.sum())
-    free = np.sort(score[~guarded])[::-1]
-    # withhold the `budget` highest free levels: the threshold is the next one (strictly above)
-    level = float(free[max(budget, 0)]) if len(free) > max(budget, 0) else float(free.min()) - 1.0
+    level = conformal_level(levels(values, scales), guarded, rate)
     best = {f: SIGNALS[f][1] * (mid + level * spread) for f, (mid, spread) in scales.items()}
     # a lower bound below 0 never fires on a signal that is never negative (margin, agreement):
     # served as 0, which withholds the same and is a valid setting (ModelConfig: non-negative)

@@ -53,6 +53,7 @@ class ModelConfig:
     abstain_min_margin: float | None = None       # the selective signals (dundi.serving.abstain)
     abstain_min_agree: float | None = None
     abstain_min_range: float | None = None
+    abstain_max_background: float | None = None   # served outside the certified radius
     index_version: int | None = None
     certify_eps: float | None = None
     certificates: bool = True   # false: a certified run answers without certificates (cheaper)
@@ -71,7 +72,8 @@ class ModelConfig:
         expected = ('a JSON object with any of "run" (run directory), "n", "m", "k" '
                     '(positive integers; n may be null for all oracles, m for min(3, n)), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
-                    '"abstain_max_mean", "abstain_min_margin", "abstain_min_agree", "abstain_min_range" '
+                    '"abstain_max_mean", "abstain_min_margin", "abstain_min_agree", "abstain_min_range", '
+                    '"abstain_max_background" '
                     '(non-negative numbers or null), '
                     '"index_version" (an index '
                     'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
@@ -155,6 +157,7 @@ class ModelInfo:
     abstain_min_margin: float | None = None       # the selective signals (dundi.serving.abstain)
     abstain_min_agree: float | None = None
     abstain_min_range: float | None = None
+    abstain_max_background: float | None = None
     # signals with a threshold that the certified radius does not cover: an answer within the
     # radius keeps its label, but these may still withhold it (CERTIFIED_SIGNALS)
     uncertified_signals: tuple[str, ...] = ()
