@@ -99,7 +99,7 @@ def test_gap_to_the_paper_table1():
 
 def _mean_defense_success(rel: str, models: tuple[str, ...]) -> float:
     report = _report(rel)
-    rates = [v for name in models for v in report["fig6"][figures._paper_model(report, name)["model"]].values()]
+    rates = [v for name in models for v in report["fig6"][figures.paper_model(report, name)["model"]].values()]
     return sum(rates) / len(rates)
 
 
