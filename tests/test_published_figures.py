@@ -196,3 +196,27 @@ def test_a_seed_trained_at_another_seed_is_refused(copy_root: Path):
     _plant_seed(copy_root, 2, 0.8015, train_seed=0)
     with pytest.raises(DundiError, match="trained at seed 0, its row says seed 2"):
         figures.renderers()["at-seeds"](copy_root)
+
+
+# ---- bookkeeping: what each evaluation used, how long each stage took ---------------------------
+
+def test_environment_states_each_evaluations_sample_from_its_report():
+    from dundi.evaluation.figures.samples import PREFIX, sample_lines
+
+    stated = [line for line in (RESULTS / "environment.txt").read_text().splitlines() if line.startswith(PREFIX)]
+    # at/seeds/s*/report.json land while their runs finish; environment.txt describes them in prose
+    expected = [line for line in sample_lines(ROOT) if not line.startswith(f"{PREFIX}at/seeds/")]
+    assert stated == expected
+    assert "samples per evaluation: 500" not in (RESULTS / "environment.txt").read_text()
+
+
+def test_stage_log_rows_are_seconds_or_unknown_with_their_source():
+    rows = [line.split("\t") for line in (RESULTS / "stages.tsv").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert all(len(row) in (2, 3) for row in rows), [r for r in rows if len(r) not in (2, 3)]
+    for row in rows:
+        assert row[1].isdigit() or (row[1] == "unknown" and len(row) == 3), row
+    named = {row[0] for row in rows}
+    for stage in ("runs/results/at/AT5-long", "runs/results/at-full/madry5", "runs/results/at-full/AT5-long",
+                  "runs/results/cert/mnist-C", "runs/results/cert/mnist-full-C40", "runs/results/mnist/R5"):
+        assert stage in named, stage
