@@ -99,7 +99,7 @@ def test_gap_to_the_paper_table1():
 
 def _mean_defense_success(rel: str, models: tuple[str, ...]) -> float:
     report = _report(rel)
-    rates = [v for name in models for v in report["fig6"][figures._paper_model(report, name)["model"]].values()]
+    rates = [v for name in models for v in report["fig6"][figures.paper_model(report, name)["model"]].values()]
     return sum(rates) / len(rates)
 
 
@@ -160,3 +160,63 @@ def test_an_unknown_block_is_refused(copy_root: Path):
     readme.write_text(readme.read_text() + "\n<!-- figures:nonesuch -->\n<!-- /figures -->\n")
     with pytest.raises(DundiError, match="unknown block 'nonesuch'"):
         figures.stale_blocks(copy_root)
+
+
+# ---- the spread over training seeds (DunDi-AT vs Madry, whole mnist-10k split) ----------------
+
+def _plant_seed(root: Path, seed: int, at_robust: float, train_seed: int | None = None) -> None:
+    """A seed's raw files: the published seed-0 report with DunDi-AT's robust accuracy changed,
+    and the two training files naming train_seed (default: the seed)."""
+    report = json.loads((root / "docs/results/autoattack/whole-split/report.json").read_text())
+    for evaluation in report["evaluations"]:
+        for row in evaluation["attacks"]:
+            if row["threat"] == "adaptive":
+                row["robust_accuracy"] = at_robust
+    out = root / f"docs/results/at/seeds/s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report))
+    for stem in ("AT5-long", "madry5"):
+        (out / f"{stem}-train.json").write_text(json.dumps({"config": {"seed": seed if train_seed is None else train_seed}}))
+
+
+def test_seed_spread_is_the_mean_and_range_of_the_committed_seeds(copy_root: Path):
+    shutil.rmtree(copy_root / "docs/results/at/seeds", ignore_errors=True)
+    render = figures.renderers()["at-seeds"]
+    alone = render(copy_root)
+    assert alone.count("not run or not committed yet") == 4 and "no spread: only seed 0 committed" in alone
+    _plant_seed(copy_root, 1, 0.8115)  # seed 0 has 0.8015 (1,603/2,000)
+    text = render(copy_root)
+    assert "| seed 1 | 97.25% [96.4–97.9] (1,945/2,000) | **81.15% [79.4–82.8] (1,623/2,000)** |" in text
+    assert "**80.65% (80.15%–81.15%)**" in text                         # DunDi-AT: mean, range of seeds 0, 1
+    assert "**79.45% (79.45%–79.45%)**" in text                          # Madry: seed 1 = seed 0 here
+    assert text.count("1 of 3 seeds missing") == 2 and text.count("not run or not committed yet") == 2
+
+
+def test_a_seed_trained_at_another_seed_is_refused(copy_root: Path):
+    _plant_seed(copy_root, 2, 0.8015, train_seed=0)
+    with pytest.raises(DundiError, match="trained at seed 0, its row says seed 2"):
+        figures.renderers()["at-seeds"](copy_root)
+
+
+# ---- bookkeeping: what each evaluation used, how long each stage took ---------------------------
+
+def test_environment_states_each_evaluations_sample_from_its_report():
+    from dundi.evaluation.figures.samples import PREFIX, sample_lines
+
+    stated = [line for line in (RESULTS / "environment.txt").read_text().splitlines() if line.startswith(PREFIX)]
+    # at/seeds/s*/report.json land while their runs finish; environment.txt describes them in prose
+    expected = [line for line in sample_lines(ROOT) if not line.startswith(f"{PREFIX}at/seeds/")]
+    assert stated == expected
+    assert "samples per evaluation: 500" not in (RESULTS / "environment.txt").read_text()
+
+
+def test_stage_log_rows_are_seconds_or_unknown_with_their_source():
+    rows = [line.split("\t") for line in (RESULTS / "stages.tsv").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert all(len(row) in (2, 3) for row in rows), [r for r in rows if len(r) not in (2, 3)]
+    for row in rows:
+        assert row[1].isdigit() or (row[1] == "unknown" and len(row) == 3), row
+    named = {row[0] for row in rows}
+    for stage in ("runs/results/at/AT5-long", "runs/results/at-full/madry5", "runs/results/at-full/AT5-long",
+                  "runs/results/cert/mnist-C", "runs/results/cert/mnist-full-C40", "runs/results/mnist/R5"):
+        assert stage in named, stage

@@ -288,10 +288,10 @@ for p in ("dundi", "torch", "ray", "faiss-cpu", "numpy", "pyarrow"):
         print(f"{p}: not installed")
 EOF
     echo "cpu: $(nproc) cores; torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
-    echo "seed: $SEED (one training seed per model)"
-    echo "samples per evaluation: LIMIT=$LIMIT (stages mnist, fashion, at, mnist-full); AA_LIMIT=${AA_LIMIT:-2000} (autoattack);" \
-         "CERT_AA_LIMIT=${CERT_AA_LIMIT:-300} and the whole split (certified); AA_FULL_LIMIT=${AA_FULL_LIMIT:-2000} (at-full);" \
-         "Table 1 and dundi certify: the whole test split"
+    echo "seed: $SEED for every model's training and every evaluation's sample (one training seed per model)"
+    echo "Table 1 (*/table1_full_test.jsonl) and \`dundi certify\` (*-certify.json): the whole test split."
+    # what each committed evaluation used, read from its report.json (checked by the figures test)
+    python -m dundi.evaluation.figures.samples
   } > "$DOCS/environment.txt"
   # the published tables (README.md, docs/results/**/README.md) from the reports just written
   if [[ "$DOCS" == docs/results ]]; then python -m dundi.evaluation.figures; fi

@@ -1,7 +1,7 @@
 """Print a run's training facts as JSON: the raw file behind a table's "training seconds".
 
 Why: run.json holds them beside machine-specific fields (the host, file hashes); the page's
-tables are rendered from these few fields only (dundi/evaluation/figures.py).
+tables are rendered from these few fields only (dundi/evaluation/figures/page_equal_terms.py).
 
     python docs/results/certified/equal-terms/train_facts.py RUN_DIR > NAME-train.json
 """
