@@ -59,10 +59,13 @@ class Distance:
         """Distances along the last axis of a tensor of embedding differences."""
         return self.torch_finish((diff ** 2).sum(-1), eps)
 
-    def torch_pairwise(self, queries, vectors, eps: float = 0.0):
-        """(B, N) distances through one matrix product, ‖q‖² + ‖o‖² − 2 q·o (clipped at 0)."""
-        d2 = (queries * queries).sum(1, keepdim=True) + (vectors * vectors).sum(1)[None, :] \
-            - 2.0 * (queries @ vectors.T)
+    def torch_pairwise(self, queries, vectors, eps: float = 0.0, dots=None, sq_norms=None):
+        """(B, N) distances through one matrix product, ‖q‖² + ‖o‖² − 2 q·o (clipped at 0).
+        ``dots`` (B, N) and ``sq_norms`` (N,), where given, are that product and the vectors'
+        squared norms as the caller computes them (the stand-in's batch-invariant product)."""
+        dots = queries @ vectors.T if dots is None else dots
+        sq_norms = (vectors * vectors).sum(1) if sq_norms is None else sq_norms
+        d2 = (queries * queries).sum(1, keepdim=True) + sq_norms - 2.0 * dots
         return self.torch_finish(d2.clamp_min(0.0), eps)
 
     def __repr__(self) -> str:

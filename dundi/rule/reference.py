@@ -184,9 +184,8 @@ class TwoStepScorer(nn.Module):
         flat = self.oracles.reshape(c * n, d)
         dots = torch.cat([invariant_linear(emb[i:i + ROWS], flat) for i in range(0, len(emb), ROWS)]) \
             if len(emb) else emb @ flat.T
-        d2 = (emb * emb).sum(1, keepdim=True) + self.oracle_sq - 2.0 * dots
-        d2 = d2.clamp_min(0.0).reshape(len(emb), c, n)
-        return self.distance.torch_finish(d2, self.eps)
+        dist = self.distance.torch_pairwise(emb, flat, self.eps, dots=dots, sq_norms=self.oracle_sq)
+        return dist.reshape(len(emb), c, n)
 
     def coarse_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C) step-1 scores over the first m oracles, divided by ``scale``."""
