@@ -107,7 +107,7 @@ def main() -> None:
         net = build_distance_net("cnn-ibp", (1, 28, 28)).eval()
         index = OracleIndex.from_embeddings(embed_invariant(layers_of(net), images[:200]),
                                             np.repeat(np.arange(10), 20), 10, metric="sqeuclidean")
-    certifier = Certifier(net, torch.from_numpy(index.blocks.copy()), index.resolve())
+    certifier = Certifier(net, index, index.resolve())
     layers = layers_of(net)
 
     def classify() -> np.ndarray:

@@ -42,10 +42,12 @@ def train_rate(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.dev
     return cfg.tuples / (time.perf_counter() - t0), model
 
 
-def attack_rate(model: torch.nn.Module, oracles: torch.Tensor, x: np.ndarray, y: np.ndarray, steps: int,
+def attack_rate(model: torch.nn.Module, index: OracleIndex, x: np.ndarray, y: np.ndarray, steps: int,
                 device: torch.device) -> tuple[float, float]:
     """Images/s of APGD-DLR on the exact two-step stand-in (n, m=3, k=5) and its robust accuracy."""
-    scorer = TwoStepScorer(model.to(device), oracles.to(device), TwoStepRule().resolved(oracles.shape[1], "euclidean")).eval()
+    rule = index.resolve(TwoStepRule())
+    oracles = torch.from_numpy(index.padded(rule.n)[0])
+    scorer = TwoStepScorer(model.to(device), oracles.to(device), rule).eval()
     attack = APGD(scorer, eps=0.3, steps=steps, loss="dlr", seed=0)
     xt, yt = torch.as_tensor(x[:32]), torch.as_tensor(y[:32])
     attack.run(xt, yt)  # warm-up (kernels, allocator)
@@ -91,9 +93,9 @@ def main() -> None:
     rows["dundi_at_tuples_per_s"] = (cpu_train, gpu_train)
     pick = OracleIndex.select(y, args.oracles, 0, 10)
     emb = forward_batched(model, x[pick])
-    oracles = torch.as_tensor(emb).view(10, args.oracles, -1)
-    cpu_att, cpu_rob = attack_rate(model.cpu(), oracles, tx, ty, args.apgd_steps, cpu)
-    gpu_att, gpu_rob = attack_rate(model, oracles, tx, ty, args.apgd_steps, gpu)
+    index = OracleIndex(emb, 10)
+    cpu_att, cpu_rob = attack_rate(model.cpu(), index, tx, ty, args.apgd_steps, cpu)
+    gpu_att, gpu_rob = attack_rate(model, index, tx, ty, args.apgd_steps, gpu)
     rows["apgd_exact_rule_images_per_s"] = (cpu_att, gpu_att)
     for name, (c, g) in rows.items():
         print(f"{name:32s} cpu {c:10.1f}  gpu {g:10.1f}  gpu/cpu {g / c:6.1f}x")

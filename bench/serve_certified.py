@@ -40,7 +40,7 @@ def main() -> None:
     from dundi.run.directory import Run
 
     run = Run.load(args.run)
-    if not run.oracle.answers_exactly() or run.oracle.metric != "sqeuclidean":
+    if not run.oracle.answers_exactly(run.oracle.resolve()):
         sys.exit(f"bench/serve_certified.py: {args.run} is not a certified run (train it with --certified)")
     images, _, _ = load_split(run.meta["dataset"], "test", args.data_dir, limit=256)
     expected = run.classify(images).labels

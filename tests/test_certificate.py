@@ -14,10 +14,10 @@ from torch import nn
 from dundi.errors import DundiError
 from dundi.nets.bounds import input_box, interval_bounds, propagate, split_last_linear
 from dundi.nets.models import DistanceNet
-from dundi.robustness.certificate import Certifier
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import two_step_reference
 from dundi.training.certified import oracle_head, worst_case_logits
+from rule_helpers import certifier, resolved
 
 
 def tiny_net(seed: int, pool: bool = True, batchnorm: bool = True) -> DistanceNet:
@@ -107,7 +107,7 @@ def _rule(net, oracles, x, n, m, k):
 def test_vectorised_rule_matches_the_literal_reference():
     net, oracles, queries = _problem(9)
     with torch.no_grad():
-        ref = two_step_reference(net(queries), oracles, TwoStepRule(5, 2, 2, "sqeuclidean"))
+        ref = two_step_reference(net(queries), oracles, resolved(oracles, TwoStepRule(5, 2, 2), "sqeuclidean"))
     assert torch.equal(_rule(net, oracles, queries, 5, 2, 2), ref)
 
 
@@ -115,7 +115,7 @@ def test_vectorised_rule_matches_the_literal_reference():
 def test_two_step_certificate_is_never_contradicted_by_brute_force(seed, n, m, k):
     net, oracles, queries = _problem(seed)
     labels = _rule(net, oracles, queries, n, m, k)
-    cert = Certifier(net, oracles, TwoStepRule(n, m, k))
+    cert = certifier(net, oracles, TwoStepRule(n, m, k))
     radius = cert.radius(queries, labels)
     assert (radius > 0).sum() >= len(queries) // 4, "the test needs certified samples to check"
     for i in torch.nonzero(radius > 0).flatten().tolist():
@@ -128,7 +128,7 @@ def test_two_step_certificate_is_never_contradicted_by_brute_force(seed, n, m, k
 def test_radius_is_the_bisection_threshold():
     net, oracles, queries = _problem(4)
     labels = _rule(net, oracles, queries, 5, 2, 2)
-    cert = Certifier(net, oracles, TwoStepRule(5, 2, 2))
+    cert = certifier(net, oracles, TwoStepRule(5, 2, 2))
     radius = cert.radius(queries, labels, eps_max=0.5, steps=10)
     step = 0.5 / 2 ** 10
     inside = radius > 0
@@ -140,7 +140,7 @@ def test_radius_is_the_bisection_threshold():
 def test_certificate_at_zero_means_the_rule_answers_that_label():
     net, oracles, queries = _problem(5)
     labels = _rule(net, oracles, queries, 5, 2, 2)
-    cert = Certifier(net, oracles, TwoStepRule(5, 2, 2))
+    cert = certifier(net, oracles, TwoStepRule(5, 2, 2))
     wrong = (labels + 1) % oracles.shape[0]
     assert not cert.certified_at(queries, wrong, 0.0).any()
     assert cert.certified_at(queries, labels, 0.0).float().mean() > 0.9  # strict margins almost always
@@ -155,7 +155,7 @@ def test_swapping_and_adding_oracles_keeps_certificates_sound():
     for swapped in (oracles.flip(1), torch.cat([oracles, extra], 1)):
         n = swapped.shape[1]
         labels = _rule(net, swapped, queries, n, 2, 2)
-        radius = Certifier(net, swapped, TwoStepRule(n, 2, 2)).radius(queries, labels)
+        radius = certifier(net, swapped, TwoStepRule(n, 2, 2)).radius(queries, labels)
         assert (radius > 0).any()
         for i in torch.nonzero(radius > 0).flatten().tolist():
             pts = box_samples(queries[i:i + 1], float(radius[i]), 300, i)[:, 0]
@@ -165,9 +165,9 @@ def test_swapping_and_adding_oracles_keeps_certificates_sound():
 def test_certifier_refuses_impossible_settings():
     net, oracles, _ = _problem(0)
     with pytest.raises(DundiError, match="m=6 must be between 1 and n=5"):
-        Certifier(net, oracles, TwoStepRule(5, 6, 2))
-    with pytest.raises(DundiError, match="k <= 4"):
-        Certifier(net, oracles, TwoStepRule(5, 2, 9))
+        certifier(net, oracles, TwoStepRule(5, 6, 2))
+    with pytest.raises(DundiError, match="k=9 must be between 1 and the number of classes"):
+        certifier(net, oracles, TwoStepRule(5, 2, 9))
 
 
 def test_training_head_ranks_like_mean_squared_distance_to_the_other_members():
@@ -209,9 +209,9 @@ def test_many_class_path_is_sound_and_never_less_conservative(monkeypatch):
 
     net, oracles, queries = _problem(8)
     labels = _rule(net, oracles, queries, 5, 2, 2)
-    pairwise = Certifier(net, oracles, TwoStepRule(5, 2, 2)).certified_at(queries, labels, 0.02)
+    pairwise = certifier(net, oracles, TwoStepRule(5, 2, 2)).certified_at(queries, labels, 0.02)
     monkeypatch.setattr(certificate, "PAIRWISE_CLASS_LIMIT", 1)
-    single = Certifier(net, oracles, TwoStepRule(5, 2, 2)).certified_at(queries, labels, 0.02)
+    single = certifier(net, oracles, TwoStepRule(5, 2, 2)).certified_at(queries, labels, 0.02)
     assert single.any() and not (single & ~pairwise).any()
     for i in torch.nonzero(single).flatten().tolist():
         pts = box_samples(queries[i:i + 1], 0.02, 300, i)[:, 0]

@@ -159,9 +159,10 @@ def test_the_adaptive_stand_in_follows_the_rule_on_enrolled_classes(tmp_path):
                           rng.normal(size=(300, 8))]).astype(np.float32)
     expected = index.classify(emb, TwoStepRule(10, 3, 3)).labels
     tensor = run.oracle_tensor(10)
-    reference = two_step_reference(torch.from_numpy(emb), tensor, TwoStepRule(10, 3, 3), counts=counts).numpy()
+    rule = index.resolve(TwoStepRule(10, 3, 3))
+    reference = two_step_reference(torch.from_numpy(emb), tensor, rule, counts=counts).numpy()
     with torch.no_grad():
-        got = TwoStepScorer(torch.nn.Identity(), tensor, TwoStepRule(m=3, k=3))(torch.from_numpy(emb)).argmax(1).numpy()
+        got = TwoStepScorer(torch.nn.Identity(), tensor, rule, counts=counts)(torch.from_numpy(emb)).argmax(1).numpy()
     assert set(expected.tolist()) == set(range(6))
     np.testing.assert_array_equal(reference, expected)
     np.testing.assert_array_equal(got, expected)

@@ -18,6 +18,7 @@ from dundi.rule.exact import ExactRule, fixed_sum, invariant_linear
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import two_step_reference
+from rule_helpers import resolved
 
 
 def test_fixed_sum_is_independent_of_the_other_rows_and_close_to_the_exact_sum():
@@ -40,8 +41,9 @@ def test_exact_rule_is_algorithm_1_on_tie_heavy_data(n, m, k):
     base = rng.integers(-3, 4, (4, n, 3)).astype(np.float32)
     oracles = np.concatenate([base, base[::-1], base[:1]])            # 9 classes, many copies
     queries = rng.integers(-3, 4, (200, 3)).astype(np.float32)
-    got = ExactRule(oracles, TwoStepRule(n, m, k)).classify(queries)
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k, "sqeuclidean"))
+    rule = resolved(oracles, TwoStepRule(n, m, k), "sqeuclidean")
+    got = ExactRule(oracles, rule).classify(queries)
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), rule)
     assert np.array_equal(got.labels, ref.numpy())
 
 
@@ -51,7 +53,7 @@ def test_the_index_answers_through_the_exact_rule_and_agrees_with_faiss_off_ties
     index = OracleIndex(vectors, 12, metric="sqeuclidean")
     q = rng.standard_normal((400, 16)).astype(np.float32)
     got = index.classify(q, TwoStepRule(8, 3, 4))
-    assert index.step1_kind(TwoStepRule(8, 3)) == "exact (float64)"
+    assert index.step1_kind(index.resolve(TwoStepRule(8, 3))) == "exact (float64)"
     faiss_path = OracleIndex(vectors, 12, metric="sqeuclidean")
     faiss_path.answers_exactly = lambda n: False   # the float32 FAISS path, for comparison
     other = faiss_path.classify(q, TwoStepRule(8, 3, 4))
@@ -65,9 +67,10 @@ def test_many_classes_take_the_bounded_blas_path_to_the_same_answer(monkeypatch)
     centre = rng.standard_normal(8)
     oracles = (centre + 1e-3 * rng.standard_normal((300, 4, 8))).astype(np.float32)  # near-ties
     queries = (centre + rng.standard_normal((50, 8))).astype(np.float32)
-    direct = ExactRule(oracles, TwoStepRule(4, 2, 5)).classify(queries)
+    rule = resolved(oracles, TwoStepRule(4, 2, 5), "sqeuclidean")
+    direct = ExactRule(oracles, rule).classify(queries)
     monkeypatch.setattr(exact_rule, "EXACT_CLASSES", 10)
-    listed = ExactRule(oracles, TwoStepRule(4, 2, 5)).classify(queries)
+    listed = ExactRule(oracles, rule).classify(queries)
     for field in ("labels", "topk_classes", "coarse_scores", "fine_scores"):
         assert np.array_equal(getattr(direct, field), getattr(listed, field)), field
 

@@ -20,6 +20,7 @@ from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import two_step_reference
 from dundi.run.directory import Run
 from dundi.run.export import META_NAME, DunDiModule
+from rule_helpers import resolved
 
 LOAD_WITH_TORCH_ONLY = """
 import sys, json
@@ -50,7 +51,8 @@ def test_argmax_is_algorithm_1_with_ties(metric):
     oracles = np.concatenate([base, base[[1, 4]]])               # classes 6, 7 tie with 1, 4
     z = np.concatenate([rng.integers(-3, 4, (40, 4)), oracles[:, 0], oracles.mean(1).round()]).astype(np.float32)
     for n, m, k in [(5, 3, 3), (5, 1, 8), (4, 2, 1), (3, 3, 5)]:
-        module = DunDiModule([nn.Flatten(), nn.Linear(4, 4)], oracles, n, m, k, metric).eval()
+        rule = resolved(oracles, TwoStepRule(n, m, k), metric)
+        module = DunDiModule([nn.Flatten(), nn.Linear(4, 4)], oracles, rule).eval()
         with torch.no_grad():  # an identity Linear layer: exercises its 1x1-convolution form
             module.net[1].weight.copy_(torch.eye(4)[:, :, None, None])
             module.net[1].bias.zero_()
@@ -58,7 +60,6 @@ def test_argmax_is_algorithm_1_with_ties(metric):
         x = torch.from_numpy(z).reshape(len(z), 1, 1, 4)
         with torch.no_grad():
             got = module(x).argmax(1).numpy()
-        rule = TwoStepRule(n, m, k, metric)
         np.testing.assert_array_equal(got, two_step_reference(torch.from_numpy(z), torch.from_numpy(oracles[:, :n]),
                                                               rule).numpy())
         if metric == "sqeuclidean":

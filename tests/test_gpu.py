@@ -117,7 +117,7 @@ def test_exact_rule_attack_on_cuda_is_judged_by_the_faiss_rule(mnist_runs, data_
 
     run = Run.load(mnist_runs["dundi"])
     x, y, _ = load_split("mnist-10k", "test", data_dir, limit=128)
-    scorer = TwoStepScorer(run.model.to(CUDA), run.oracle_tensor().to(CUDA), TwoStepRule(m=3, k=5, metric=run.oracle.metric)).eval()
+    scorer = TwoStepScorer(run.model.to(CUDA), run.oracle_tensor().to(CUDA), run.oracle.resolve(TwoStepRule(m=3, k=5))).eval()
     adv = APGD(scorer, eps=0.1, steps=20, loss="dlr").run(torch.as_tensor(x), torch.as_tensor(y)).adv
     assert adv.device.type == "cuda"
     assert (adv.cpu() - torch.as_tensor(x)).abs().max().item() <= 0.1 + 1e-6

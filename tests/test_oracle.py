@@ -8,6 +8,7 @@ from dundi.errors import DundiError
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import class_scores, two_step_reference
+from rule_helpers import resolved
 
 
 @pytest.mark.parametrize("C,n,m,k,dim", [
@@ -20,7 +21,7 @@ def test_two_step_equals_bruteforce_reference(C, n, m, k, dim):
     queries = rng.normal(size=(200, dim)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, dim), C)
     got = index.classify(queries, TwoStepRule(n, m, k))
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k)).numpy()
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), index.resolve(TwoStepRule(n, m, k))).numpy()
     np.testing.assert_array_equal(got.labels, ref)
     assert got.topk_classes.shape == (200, k)
     # the label is always one of the classes kept by step 1
@@ -37,7 +38,7 @@ def test_ties_break_identically(n, m, k):
     queries = rng.integers(-2, 3, size=(100, 4)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, 4), 6)
     got = index.classify(queries, TwoStepRule(n, m, k)).labels
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k)).numpy()
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), index.resolve(TwoStepRule(n, m, k))).numpy()
     np.testing.assert_array_equal(got, ref)
     assert (got < 3).all(), "a tie between a class and its duplicate goes to the lower index"
 
@@ -126,9 +127,9 @@ def test_two_step_sqeuclidean_equals_bruteforce_reference(num_classes, n, m, k):
     queries = oracles[rng.integers(num_classes, size=40), 0] + rng.normal(0, 0.3, (40, 16)).astype(np.float32)
     index = OracleIndex(oracles.reshape(-1, 16), num_classes, metric="sqeuclidean")
     got = index.classify(queries, TwoStepRule(n, m, k)).labels
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k, "sqeuclidean")).numpy()
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), index.resolve(TwoStepRule(n, m, k))).numpy()
     np.testing.assert_array_equal(got, ref)
-    euclid = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), TwoStepRule(n, m, k)).numpy()
+    euclid = two_step_reference(torch.from_numpy(queries), torch.from_numpy(oracles), resolved(oracles, TwoStepRule(n, m, k))).numpy()
     assert index.metric == "sqeuclidean" and got.shape == euclid.shape
 
 

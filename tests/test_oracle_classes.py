@@ -11,6 +11,7 @@ from dundi.errors import DundiError
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import class_scores, two_step_reference
+from rule_helpers import resolved
 
 
 def ragged(rng, counts, dim, spread=1.0):
@@ -27,7 +28,8 @@ def ragged(rng, counts, dim, spread=1.0):
 
 
 def reference(queries, padded, counts, n, m, k, metric="euclidean"):
-    return two_step_reference(torch.from_numpy(queries), padded, TwoStepRule(n, m, k, metric), counts=counts).numpy()
+    rule = resolved(padded, TwoStepRule(n, m, k), metric, counts=counts)
+    return two_step_reference(torch.from_numpy(queries), padded, rule, counts=counts).numpy()
 
 
 # every search path: one matrix; exact step 1; shortlists covering every class (exact step 1)
@@ -63,7 +65,7 @@ def test_mean_rule_is_the_papers_sum_when_every_class_holds_n():
     res = index.classify(q, TwoStepRule(8, 3, 12))
     sums = class_scores(torch.from_numpy(q), torch.from_numpy(oracles)).double().numpy()
     np.testing.assert_allclose(res.fine_scores, np.take_along_axis(sums, res.topk_classes, 1), rtol=1e-6)
-    np.testing.assert_array_equal(res.labels, two_step_reference(torch.from_numpy(q), torch.from_numpy(oracles), TwoStepRule(8, 3, 12)).numpy())
+    np.testing.assert_array_equal(res.labels, two_step_reference(torch.from_numpy(q), torch.from_numpy(oracles), index.resolve(TwoStepRule(8, 3, 12))).numpy())
     # drop class 0 to 2 oracles: its score becomes 8 × mean over those 2
     short = OracleIndex(np.concatenate([oracles[0, :2], oracles[1:].reshape(-1, 6)]), counts=[2] + [8] * 11)
     res = short.classify(q, TwoStepRule(8, 3, 12))

@@ -8,6 +8,7 @@ import torch
 
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import two_step_reference
+from rule_helpers import resolved
 
 pytestmark = [pytest.mark.gpu]
 
@@ -34,7 +35,8 @@ def test_gpu_paths_equal_the_reference_with_ragged_classes(faiss_gpu):
         padded[c, :len(r)] = r
     vectors = np.concatenate(rows).astype(np.float32)
     queries = (centres[rng.integers(300, size=200)] + 0.5 * rng.normal(size=(200, 32))).astype(np.float32)
-    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(padded), TwoStepRule(20, 3, 5), counts=counts.tolist()).numpy()
+    ref = two_step_reference(torch.from_numpy(queries), torch.from_numpy(padded),
+                             resolved(padded, TwoStepRule(20, 3, 5), counts=counts), counts=counts.tolist()).numpy()
     exact = OracleIndex(vectors, counts=counts, full_limit=0)
     listed = OracleIndex(vectors, counts=counts, full_limit=0, exact_coarse_limit=0, shortlist=300, nprobe=2048)
     np.testing.assert_array_equal(exact.classify(queries, TwoStepRule(20, 3, 5)).labels, ref)

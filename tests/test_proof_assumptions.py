@@ -23,9 +23,9 @@ from torch import nn
 from dundi.errors import DundiError
 from dundi.nets.arithmetic import ArithmeticWarning, arithmetic_deviations, check_arithmetic
 from dundi.nets.bounds import served_layers
-from dundi.robustness.certificate import Certifier
 from dundi.rule.exact import ExactRule, embed_invariant
 from dundi.rule.params import TwoStepRule
+from rule_helpers import certifier, resolved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,11 +109,11 @@ def test_a_subnormal_first_weight_does_not_get_a_radius_its_answer_does_not_keep
         last.weight.fill_(1.0)
     net = nn.Sequential(nn.Flatten(), first, nn.ReLU(), amp1, nn.ReLU(), amp2, nn.ReLU(), last).eval()
     oracles = torch.tensor([[[0.0]], [[1.0]]])
-    rule = TwoStepRule(1, 1, 1)
+    rule = resolved(oracles, TwoStepRule(1, 1, 1), "sqeuclidean")
     served = lambda px: ExactRule(oracles.numpy(), rule).classify(
         embed_invariant(list(net), np.array([[[[px, 0.0]]]], np.float32))).labels[0]
     assert (served(0.48), served(0.51)) == (0, 1), "the served network does not flip: the test checks nothing"
-    radius = Certifier(net, oracles, rule).radius(torch.tensor([[[[0.48, 0.0]]]]), torch.tensor([0]))
+    radius = certifier(net, oracles, rule).radius(torch.tensor([[[[0.48, 0.0]]]]), torch.tensor([0]))
     assert float(radius[0]) < 0.02, f"radius {float(radius[0])} but the served label flips at 0.51"
 
 

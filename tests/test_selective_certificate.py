@@ -3,8 +3,9 @@ blank guard: Certifier._selective_slack), against brute force over the ball."""
 
 import torch
 
-from dundi.robustness.certificate import AbstainGate, Certifier
+from dundi.robustness.certificate import AbstainGate
 from dundi.rule.params import TwoStepRule
+from rule_helpers import certifier
 from test_certificate import _problem, box_samples, vertices
 
 
@@ -26,7 +27,7 @@ def test_no_point_of_a_certified_ball_lowers_the_margin_or_the_range_past_the_ga
     net, oracles, queries = _problem(7)
     labels, margin = _margin_and_label(net, oracles, queries, n, m, k)
     gate = AbstainGate(abstain_min_margin=float(margin.median()) * 0.5, abstain_min_range=0.3)
-    cert = Certifier(net, oracles, TwoStepRule(n, m, k))
+    cert = certifier(net, oracles, TwoStepRule(n, m, k))
     plain = cert.radius(queries, labels)
     gated = cert.radius(queries, labels, gate=gate)
     assert (gated <= plain + 1e-12).all() and (gated < plain).any(), "the gate never bound"
@@ -50,7 +51,7 @@ def test_the_gate_alone_with_only_selective_signals_is_accepted():
     n, m, k = 5, 2, 2
     net, oracles, queries = _problem(3)
     labels, _ = _margin_and_label(net, oracles, queries, n, m, k)
-    cert = Certifier(net, oracles, TwoStepRule(n, m, k))
+    cert = certifier(net, oracles, TwoStepRule(n, m, k))
     gate = AbstainGate(abstain_min_margin=0.0)
     # margin 0 costs nothing beyond step 2's own condition (a strict win is a positive margin)
     assert torch.equal(cert.certified_at(queries, labels, 0.05, gate=gate),

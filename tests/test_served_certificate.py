@@ -193,12 +193,13 @@ def test_a_shortlisted_index_is_certified_for_the_step_one_that_answers(certifie
     run.oracle.exact_coarse_limit = run.oracle.full_limit = 8
     queries = x[zeros[10:40]]
     got = run.classify(queries, TwoStepRule(m=M, k=5))
-    ref = two_step_reference(torch.from_numpy(run.embed(queries)), torch.from_numpy(run.oracle.blocks), TwoStepRule(N, M, 5, "sqeuclidean"))
+    ref = two_step_reference(torch.from_numpy(run.embed(queries)), torch.from_numpy(run.oracle.blocks),
+                             run.oracle.resolve(TwoStepRule(N, M, 5)))
     assert np.array_equal(got.labels, ref.numpy())
     radius = run.certifier(TwoStepRule(N, M, 5)).radius(torch.from_numpy(queries), torch.from_numpy(got.labels),
                                            eps_max=0.25).numpy()
     assert_no_point_flips(run, queries, got.labels, radius, N, M, 5)
-    assert run.oracle.step1_kind(TwoStepRule(N, M)) == "exact (float64)"
+    assert run.oracle.step1_kind(run.oracle.resolve(TwoStepRule(N, M))) == "exact (float64)"
 
 
 def test_the_served_radius_covers_the_abstain_gate(certified_run, digits):

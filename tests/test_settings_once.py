@@ -72,7 +72,13 @@ def test_no_module_writes_a_two_step_default_of_its_own():
 def test_the_rule_module_holds_the_paper_s_settings():
     assert (rule.ORACLES_PER_CLASS, rule.COARSE_ORACLES, rule.KEPT_CLASSES) == (20, 3, 5)
     assert rule.coarse_default(1) == 1 and rule.coarse_default(20) == 3
-    assert rule.TwoStepRule().resolved(10, "euclidean") == rule.TwoStepRule(10, 3, 5, "euclidean")
+    import numpy as np
+
+    from dundi.rule.index import OracleIndex
+
+    index = OracleIndex(np.zeros((60, 2), np.float32), 6)
+    assert index.resolve(rule.TwoStepRule()).request == rule.TwoStepRule(10, 3, 5)
+    assert index.resolve().distance.name == rule.DEFAULT_METRIC
 
 
 def _serve_parser():
@@ -114,3 +120,33 @@ def test_serve_app_args_are_composed_of_the_declarations():
     assert all(fields[k].default == v for k, v in declared.items() if v is not dataclasses.MISSING)
     args = ServeAppArgs(run="r", k=7, max_request_batch=9, replicas=2)
     assert (args.model_config_dict()["k"], args.settings().max_batch, args.deployment().replicas) == (7, 9, 2)
+
+
+def metric_defaults(tree: ast.AST) -> list[int]:
+    """Line numbers where a distance's name is written as a default: a parameter's, a
+    declared field's, a ``.get`` fallback's or a flag's."""
+    named = lambda node: isinstance(node, ast.Constant) and node.value in rule.METRICS  # noqa: E731
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines += [d.lineno for _, d in _param_defaults(node) if named(d)]
+        elif isinstance(node, ast.AnnAssign) and node.value is not None and named(node.value):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Call):
+            func = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if func == "get" and len(node.args) == 2 and named(node.args[1]):
+                lines.append(node.lineno)
+            elif any(kw.arg == "default" and named(kw.value) for kw in node.keywords):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_metric_s_default_has_one_home():
+    """The default distance is dundi.rule.params.DEFAULT_METRIC; nothing else writes it."""
+    src = ("def f(x, metric='euclidean'): pass\nclass C:\n    metric: str = 'euclidean'\n"
+           "m.get('metric', 'sqeuclidean')\np.add_argument('--metric', default='euclidean')\n"
+           "def ok(metric=DEFAULT_METRIC): return metric == 'sqeuclidean'\n")
+    assert metric_defaults(ast.parse(src)) == [1, 3, 4, 5]
+    found = {str(p.relative_to(PACKAGE.parent)): lines for p in sorted(PACKAGE.rglob("*.py"))
+             if (lines := metric_defaults(ast.parse(p.read_text())))}
+    assert not found, f"write the metric's default as dundi.rule.params.DEFAULT_METRIC: {found}"

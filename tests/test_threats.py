@@ -28,7 +28,8 @@ def test_adaptive_argmax_is_the_two_step_label_with_k_equal_to_classes(subject):
     run, _, images, _ = subject
     num_classes = run.oracle.num_classes
     for n in (run.oracle.n, 3):
-        threat = build_threat("adaptive", distance_net=run.model, oracles=run.oracle_tensor(n))
+        rule = run.oracle.resolve(TwoStepRule(n, k=num_classes))
+        threat = build_threat("adaptive", distance_net=run.model, oracles=run.oracle_tensor(n), rule=rule)
         with torch.no_grad():
             scores = threat.model(torch.from_numpy(images))
         two_step = run.classify(images, TwoStepRule(n, min(3, n), num_classes)).labels
@@ -77,7 +78,7 @@ def test_feature_attack_pulls_embeddings_towards_another_class(subject):
     run, _, images, labels = subject
     x, y = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64])
     oracles = run.oracle_tensor()
-    threat = build_threat("feature", distance_net=run.model, oracles=oracles, nearest=3)
+    threat = build_threat("feature", distance_net=run.model, oracles=oracles, nearest=3, rule=run.oracle.resolve())
     adv = make_attack("pgd", threat.model, eps=0.1, steps=10, alpha=0.02, seed=0).run(x, y).adv
     before = _class_distances(run.embed(x.numpy()), oracles.numpy(), 3)
     after = _class_distances(run.embed(adv.numpy()), oracles.numpy(), 3)

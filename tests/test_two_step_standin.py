@@ -15,6 +15,7 @@ from dundi.attacks import PGD, Square
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import TwoStepRule
 from dundi.rule.reference import TwoStepScorer, two_step_reference
+from rule_helpers import resolved
 
 
 def tied_oracles(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +30,8 @@ def tied_oracles(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standin_labels(o: np.ndarray, q: np.ndarray, n: int, m: int, k: int, metric: str) -> np.ndarray:
-    scorer = TwoStepScorer(nn.Identity(), torch.from_numpy(o[:, :n]), TwoStepRule(m=m, k=k, metric=metric), eps=0.0)
+    scorer = TwoStepScorer(nn.Identity(), torch.from_numpy(o[:, :n]), resolved(o[:, :n], TwoStepRule(m=m, k=k), metric),
+                           eps=0.0)
     with torch.no_grad():
         return scorer(torch.from_numpy(q)).argmax(1).numpy()
 
@@ -44,7 +46,7 @@ def test_standin_argmax_is_the_faiss_rule_with_ties(metric, full_limit):
         rule = index.classify(q, TwoStepRule(n, m, k)).labels
         np.testing.assert_array_equal(standin_labels(o, q, n, m, k, metric), rule,
                                       err_msg=f"n={n} m={m} k={k} {metric}")
-        ref = two_step_reference(torch.from_numpy(q), torch.from_numpy(o), TwoStepRule(n, m, k, metric)).numpy()
+        ref = two_step_reference(torch.from_numpy(q), torch.from_numpy(o), index.resolve(TwoStepRule(n, m, k))).numpy()
         np.testing.assert_array_equal(ref, rule)
         checked += 1
     # the data really ties: the all-class argmax (k = C) differs from the rule with k < C
@@ -68,7 +70,8 @@ def test_standin_argmax_is_the_rule_on_a_real_run(mnist_runs, data_dir, metric):
     differs = 0
     for n, m, k in ((10, 3, 1), (10, 3, 2), (10, 3, 5), (5, 2, 3), (10, 10, 9)):
         rule = index.classify(emb, TwoStepRule(n, m, k)).labels
-        scorer = TwoStepScorer(run.model, torch.from_numpy(blocks[:, :n].copy()), TwoStepRule(m=m, k=k, metric=metric), scale=n)
+        scorer = TwoStepScorer(run.model, torch.from_numpy(blocks[:, :n].copy()), index.resolve(TwoStepRule(n, m, k)),
+                               scale=n)
         with torch.no_grad():
             ours = scorer(torch.from_numpy(images)).argmax(1).numpy()
         np.testing.assert_array_equal(ours, rule, err_msg=f"n={n} m={m} k={k}")
@@ -79,7 +82,7 @@ def test_standin_argmax_is_the_rule_on_a_real_run(mnist_runs, data_dir, metric):
 def test_dropped_classes_keep_their_gradient():
     o, q = tied_oracles(1)
     x = torch.from_numpy(q[:20]).requires_grad_(True)
-    scores = TwoStepScorer(nn.Identity(), torch.from_numpy(o), TwoStepRule(m=2, k=2, metric="euclidean"))(x)
+    scores = TwoStepScorer(nn.Identity(), torch.from_numpy(o), resolved(o, TwoStepRule(m=2, k=2)))(x)
     (grad,) = torch.autograd.grad(scores.sum(), x)
     assert grad.abs().sum() > 0
     kept = scores.argsort(1, descending=True)[:, :2]
@@ -96,7 +99,7 @@ class Flat(nn.Module):
 
 def scorer_with_rule(rule) -> TwoStepScorer:
     o, _ = tied_oracles(2)
-    return TwoStepScorer(Flat(), torch.from_numpy(o), TwoStepRule(m=3, k=3, metric="euclidean"), judge=rule)
+    return TwoStepScorer(Flat(), torch.from_numpy(o), resolved(o, TwoStepRule(m=3, k=3)), judge=rule)
 
 
 def test_pgd_restarts_on_the_rule_label():
@@ -129,7 +132,7 @@ def test_step1_attack_drops_the_true_class_from_the_top_k():
     o, _ = tied_oracles(3)
     index = OracleIndex(o.reshape(-1, 3), 7)
     rule = lambda emb: torch.from_numpy(index.classify(emb.numpy(), TwoStepRule(6, 3, 2)).labels)  # noqa: E731
-    scorer = TwoStepScorer(Flat(), torch.from_numpy(o), TwoStepRule(m=3, k=2, metric="euclidean"), judge=rule)
+    scorer = TwoStepScorer(Flat(), torch.from_numpy(o), index.resolve(TwoStepRule(m=3, k=2)), judge=rule)
     x = torch.rand(200, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     y = torch.from_numpy(index.classify(Flat()(x).numpy(), TwoStepRule(6, 3, 2)).labels)  # correct clean
     res = APGDStep1(scorer, eps=0.1, steps=30, seed=0).run(x, y)
@@ -142,5 +145,5 @@ def test_step1_attack_drops_the_true_class_from_the_top_k():
     assert (res.adv - x).abs().max() <= 0.1 + 1e-6
     names = [a.name for a in AutoAttack(scorer, eps=0.1).components()]
     assert names == ["apgd", "apgd-step1", "apgd-t", "fab-t", "square"]
-    every = TwoStepScorer(Flat(), torch.from_numpy(o), TwoStepRule(m=3, k=7, metric="euclidean"))
+    every = TwoStepScorer(Flat(), torch.from_numpy(o), index.resolve(TwoStepRule(m=3, k=7)))
     assert "apgd-step1" not in [a.name for a in AutoAttack(every, eps=0.1).components()]

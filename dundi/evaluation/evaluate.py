@@ -327,9 +327,10 @@ class Evaluator:
         self.native = Run.load(native_dir or cfg.native, with_oracle=False) if (native_dir or cfg.native) else None
         self.dataset = self.run.meta["dataset"]
         index = self.run.oracle
-        self.rule = index.resolve(cfg.rule)
+        self.rule = index.resolve(cfg.rule)  # asked once; threats, stand-ins and judges take it
         self.n = self.rule.n
         self.n_values = [v for v in cfg.n_values if v <= index.n] or [self.n]
+        self._rules = {**{v: index.resolve(cfg.rule.at_n(v)) for v in self.n_values}, self.n: self.rule}
         if data is None:
             data = self.load_samples(cfg, self.dataset)
         self.images, self.labels, self.ids = data
@@ -377,7 +378,7 @@ class Evaluator:
             self._threats[name] = build_threat(
                 name, native=self.native.model if self.native else None, distance_net=self.run.model,
                 oracles=self.oracles, temperature=self.cfg.temperature, nearest=self.cfg.nearest,
-                rule=self.rule, judge=self._judge)
+                rule=self.rule, judge=self._judge, counts=self.run.oracle.class_counts())
         return self._threats[name]
 
     def _judge(self, emb: torch.Tensor) -> torch.Tensor:
@@ -385,7 +386,7 @@ class Evaluator:
         return torch.from_numpy(self._two_step(emb.detach().cpu().float().numpy(), self.n))
 
     def _two_step(self, emb: np.ndarray, n: int) -> np.ndarray:
-        return self.run.oracle.classify(emb, self.rule.at_n(n)).labels
+        return self.run.oracle.classify(emb, self._rules[n]).labels
 
     def evaluate_shard(self, spec: ShardSpec) -> pa.Table:
         cfg = self.cfg

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.errors import DundiError
 from dundi.nets.bounds import ETA32, input_box, outward32, propagate_served, served_layers, split_last_linear
 from dundi.rule.abstain_signals import GREY_BAND
-from dundi.rule.exact import U32, U64, ClassSums, ExactRule, fixed_sum, gamma, pad_rows
-from dundi.rule.params import TwoStepRule
+from dundi.rule.exact import U32, U64, ClassSums, fixed_sum, gamma, pad_rows
+from dundi.rule.index import OracleIndex
+from dundi.rule.params import ResolvedRule
 
 RADIUS_STEPS = 12   # bisection steps: radius resolution is eps_max / 2**12
 # Up to this many classes step 2's possible rivals are narrowed with all C² coarse pairs;
@@ -105,27 +105,28 @@ def served_h_box(body: list, images: torch.Tensor, eps) -> tuple[torch.Tensor, t
 
 
 class Certifier:
-    """Certificates of one Distance NN with one oracle set for Algorithm 1 (n, m, k), for the
-    answers :class:`ExactRule` gives on :func:`embed_invariant` embeddings.
+    """Certificates of one Distance NN with one oracle set (an :class:`OracleIndex`) for
+    Algorithm 1 under a rule that index resolved, for the answers its
+    :class:`~dundi.rule.exact.ExactRule` gives on :func:`embed_invariant` embeddings.
 
     Holds the network's body prepared for float32 bounds that contain what the served
     float32 network computes (:func:`dundi.nets.bounds.propagate_served`), the last layer in
-    float64, and the rule's own float64 class sums, so the proof and the answer read the
-    same numbers.
+    float64, and the index's own exact rule (its float64 class sums), so the proof and the
+    answer read the same numbers: the same object answers and is proven.
     """
 
-    def __init__(self, net: nn.Module, oracles: torch.Tensor, rule: TwoStepRule):
-        num_classes = oracles.shape[0]
-        rule = rule.resolved(oracles.shape[1], "sqeuclidean")  # the certificate's own arithmetic
-        n, k = rule.n, rule.k
-        if not (n <= oracles.shape[1] and k <= num_classes):
-            raise DundiError(f"certify needs n <= {oracles.shape[1]} and k <= {num_classes}; got {rule}")
+    def __init__(self, net: nn.Module, oracles: OracleIndex, rule: ResolvedRule):
+        if not isinstance(oracles, OracleIndex) or not isinstance(rule, ResolvedRule):
+            raise TypeError("a Certifier takes the oracle index and the rule it resolved "
+                            "(OracleIndex.resolve(request))")
+        exact = oracles.exact_rule(rule)  # checks the rule fits; refuses a non-certifiable one
+        num_classes, k = exact.num_classes, rule.k
         body, last = split_last_linear(net)
         self.body = served_layers(body)
         self.w = last.weight.detach().double().clone()
         self.b = (last.bias.detach().double().clone() if last.bias is not None
                   else torch.zeros(self.w.shape[0], dtype=torch.float64))
-        self.rule, self.exact = rule, ExactRule(oracles.detach().cpu().numpy(), rule)
+        self.rule, self.exact = rule, exact
         pairwise = num_classes <= PAIRWISE_CLASS_LIMIT
         self.coarse = _Step.of(self.exact.coarse, self.w, self.b, pairwise)
         self.fine = _Step.of(self.exact.fine, self.w, self.b, pairwise)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from dundi.errors import DundiError
-from dundi.rule.params import TwoStepRule
+from dundi.rule.params import ResolvedRule
 from dundi.rule.reference import OracleScorer, TwoStepScorer
 
 THREATS = ("transfer", "adaptive", "adaptive-all", "feature")
@@ -100,10 +100,13 @@ class ThreatModel:
 
 def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn.Module | None = None,
                  oracles: torch.Tensor | None = None, temperature: float = 1.0,
-                 nearest: int = 3, rule: TwoStepRule | None = None, judge=None) -> ThreatModel:
-    """The attacked model for a threat model. ``oracles`` is (C, n, D) — the same n oracles the
-    two-step ``rule`` uses in the evaluation (None: every class kept, m = min(3, n), Euclidean)
-    and ``judge`` (embeddings → labels) the deployed rule, for the ``adaptive`` stand-in. Every
+                 nearest: int = 3, rule: ResolvedRule | None = None, judge=None,
+                 counts=None) -> ThreatModel:
+    """The attacked model for a threat model. ``oracles`` is (C, n, D) — the index's padded
+    view of the n oracles the two-step ``rule`` uses in the evaluation (the
+    :class:`ResolvedRule` the index resolved: its distance is the oracle set's), ``counts``
+    the oracles each class holds, and ``judge`` (embeddings → labels) the deployed rule, for
+    the ``adaptive`` stand-in. Every
     returned module is in eval mode with frozen parameters (attacks differentiate with respect
     to the input only), and runs the networks through :class:`dundi.nets.invariant.InvariantForward`,
     so a sample's scores and gradients -- and so its attack -- do not depend on the batch or the
@@ -116,17 +119,16 @@ def build_threat(name: str, *, native: nn.Module | None = None, distance_net: nn
             raise DundiError("the transfer threat model needs the native run (--native)")
         model, target = ScaledScores(native, temperature), "native logits"
     elif name in ("adaptive", "adaptive-all", "feature"):
-        if distance_net is None or oracles is None:
-            raise DundiError(f"the {name} threat model needs the DunDi run and its oracle index")
-        c, n = oracles.shape[:2]
-        rule = rule or TwoStepRule(k=c)
-        rule = rule.resolved(n, rule.metric or "euclidean")
+        if distance_net is None or oracles is None or rule is None:
+            raise DundiError(f"the {name} threat model needs the DunDi run, its oracle index and the "
+                             f"rule the index resolved")
+        n = oracles.shape[1]
         if name == "adaptive":
-            model = TwoStepScorer(distance_net, oracles, rule, n * temperature, judge)
+            model = TwoStepScorer(distance_net, oracles, rule, n * temperature, judge, counts=counts)
             target = (f"DunDi two-step stand-in (n={n}, m={rule.m}, k={rule.k}, {rule.metric}): fine "
                       f"scores of the top-k classes, the others below")
         elif name == "adaptive-all":
-            model = ScaledScores(OracleScorer(distance_net, oracles, rule.metric), n * temperature)
+            model = ScaledScores(OracleScorer(distance_net, oracles, rule.distance), n * temperature)
             target = f"DunDi scorer: −mean distance to the n={oracles.shape[1]} oracles of each class"
         else:
             q = min(nearest, oracles.shape[1])

@@ -6,7 +6,7 @@ run's lock, is :func:`dundi.serving.abstain.save_calibration`."""
 
 from __future__ import annotations
 
-from dundi.rule.params import TwoStepRule
+from dundi.rule.params import ResolvedRule
 
 KEY = "abstain"  # the field of the live index version's record in run.json
 
@@ -17,7 +17,7 @@ def calibration_fields(calibration: dict, source: str, index_sha: str) -> dict:
     return {KEY: {**calibration, "source": source, "index_sha256": index_sha}}
 
 
-def stored_calibration(meta: dict, rule: TwoStepRule, index_sha: str) -> dict | None:
+def stored_calibration(meta: dict, rule: ResolvedRule, index_sha: str) -> dict | None:
     """The abstain rule stored for the index file ``index_sha`` under this resolved two-step
     rule (distances depend on n, m, k and the index), or None."""
     cal = (meta.get("oracle") or {}).get(KEY)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dundi.rule.params import TwoStepResult, TwoStepRule
+from dundi.errors import DundiError
+from dundi.rule.params import ResolvedRule, TwoStepResult
 
 U32 = 2.0 ** -24   # unit roundoff of float32 (round to nearest)
 U64 = 2.0 ** -53   # and of float64
@@ -153,14 +154,18 @@ def stable_smallest(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class ExactRule:
-    """Algorithm 1 (squared Euclidean distance, a resolved rule's n, m, k) over oracles (C, ≥n, D), decided in
-    float64 in fixed order. Answers what :meth:`dundi.rule.index.OracleIndex.classify` answers for
+    """Algorithm 1 under a :class:`ResolvedRule` ranking by the squared Euclidean distance, over
+    oracles (C, ≥n, D), decided in float64 in fixed order. Built by
+    :meth:`dundi.rule.index.OracleIndex.exact_rule`, which hands the same object to the
+    certificate. Answers what :meth:`dundi.rule.index.OracleIndex.classify` answers for
     such an index (it delegates here), with the same tie rules: step 1 keeps the k smallest
     coarse sums, ties to the lower class; step 2 the smallest fine sum, ties to the class
     kept earlier."""
 
-    def __init__(self, oracles: np.ndarray, rule: TwoStepRule):
-        rule = rule.resolved(oracles.shape[1], "sqeuclidean")  # refuses another metric
+    def __init__(self, oracles: np.ndarray, rule: ResolvedRule):
+        if not rule.distance.certifiable or oracles.shape[1] < rule.n:
+            raise DundiError(f"the exact rule needs the squared Euclidean distance and n={rule.n} oracles "
+                             f"per class; got {rule.metric} and {oracles.shape[1]}")
         n, m = rule.n, rule.m
         self.oracles = np.ascontiguousarray(oracles[:, :n], dtype=np.float32)  # (C, n, D)
         self.coarse, self.fine = ClassSums.of(self.oracles, m), ClassSums.of(self.oracles, n)

@@ -4,7 +4,8 @@ The index is the public face; its parts are free-standing: the class-major rows 
 enrolment's appends (:mod:`dundi.rule.oracle_rows`), the two steps' arithmetic
 (:mod:`dundi.rule.two_step`), FAISS structures (:mod:`dundi.rule.search`), files on disk
 (:mod:`dundi.rule.index_io`) and the float64 rule the certificate proves
-(:mod:`dundi.rule.exact`). What stays here: class names and labels, the rule's resolution,
+(:mod:`dundi.rule.exact`). What stays here: class names and labels, the rule's resolution (the one place a request
+becomes a :class:`~dundi.rule.params.ResolvedRule`),
 the choice of search path and the caches of step-1 structures.
 
 **Classes.** The index holds named classes (``class_names``, by default ``"0"``..``"C-1"``, or
@@ -55,7 +56,8 @@ from dundi.errors import DundiError
 from dundi.rule.exact import ExactRule
 from dundi.rule.index_io import INDEX_FILE, META_FILE, read_oracles, write_oracles
 from dundi.rule.oracle_rows import OracleRows, checked_embeddings, split_counts
-from dundi.rule.params import TwoStepResult, TwoStepRule, check_metric
+from dundi.rule.distance import Distance, distance_named
+from dundi.rule.params import DEFAULT_METRIC, ResolvedRule, TwoStepResult, TwoStepRule, _resolve
 from dundi.rule.search import SHORTLIST_KINDS, Shortlister, use_gpu
 from dundi.rule.two_step import answer, coarse_structure, full_step, listed_step
 
@@ -81,7 +83,7 @@ class OracleIndex:
                  counts: np.ndarray | list[int] | None = None, class_names: list[str] | None = None,
                  full_limit: int = 4096, exact_coarse_limit: int = 65536,
                  shortlist: int | None = None, nprobe: int | None = None,
-                 shortlist_kind: str = "auto", meta: dict | None = None, metric: str = "euclidean"):
+                 shortlist_kind: str = "auto", meta: dict | None = None, metric: str = DEFAULT_METRIC):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._rows = OracleRows(vectors, split_counts(vectors, num_classes, counts))
         self.dim = self._rows.dim
@@ -91,11 +93,10 @@ class OracleIndex:
             raise DundiError(f"unknown shortlist kind {shortlist_kind!r}: choose one of {', '.join(SHORTLISTS)}")
         self.full_limit, self.exact_coarse_limit = full_limit, exact_coarse_limit
         self.shortlist, self.nprobe, self.shortlist_kind = shortlist, nprobe, shortlist_kind
-        self.metric = check_metric(metric)
-        self.squared = metric == "sqeuclidean"
+        self.distance: Distance = distance_named(metric)  # the metric's name is turned into one, here
         self.meta = {**(meta or {}), "metric": metric}
         self._coarse: dict[int, object] = {}
-        self._exact: dict[TwoStepRule, ExactRule] = {}
+        self._exact: dict[ResolvedRule, ExactRule] = {}
 
     def _set_names(self, names: list[str]) -> None:
         for name in names:
@@ -120,6 +121,11 @@ class OracleIndex:
                              f"least one oracle (and nothing else); got counts {counts.tolist()[:20]}")
         order = np.argsort(labels, kind="stable")
         return cls(np.asarray(embeddings)[order], counts=counts, **kw)
+
+    @property
+    def metric(self) -> str:
+        """The distance's name, for the edges (run.json, reports, HTTP)."""
+        return self.distance.name
 
     # ---- the classes -------------------------------------------------------------------
     @property
@@ -170,11 +176,13 @@ class OracleIndex:
         return self.vectors.reshape(self.num_classes, self.n, self.dim)
 
     def padded(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(C, n, D) oracles and a (C, n) mask of the real ones: each class's first
-        min(n, count) oracles, the rest filled with copies of its last (mask False)."""
+        """The oracle set as the torch consumers read it: (C, n, D) oracles and a (C, n) mask of
+        the real ones -- each class's first min(n, count) oracles, the rest filled with copies
+        of its last (mask False). With the counts (:meth:`class_counts`) a scorer gives a class
+        holding fewer than n the rule's mean × n exactly."""
         n = self.n if n is None else n
         rows, mask, _ = self._rows.rows(np.arange(self.num_classes), n)
-        return self._rows.buffer[rows], mask
+        return np.ascontiguousarray(self._rows.buffer[rows]), mask
 
     def _names_hint(self) -> str:
         shown = ", ".join(self._names[:8]) + (", ..." if len(self._names) > 8 else "")
@@ -187,7 +195,7 @@ class OracleIndex:
         return OracleIndex(self.vectors.copy(), counts=self.class_counts(), class_names=self.class_names,
                            full_limit=self.full_limit, exact_coarse_limit=self.exact_coarse_limit,
                            shortlist=self.shortlist, nprobe=self.nprobe, shortlist_kind=self.shortlist_kind,
-                           meta=json.loads(json.dumps(self.meta)), metric=self.metric)
+                           meta=json.loads(json.dumps(self.meta)), metric=self.distance.name)
 
     # ---- enrolment ---------------------------------------------------------------------
     def add_class(self, name: str, embeddings: np.ndarray) -> int:
@@ -235,14 +243,22 @@ class OracleIndex:
             self._coarse[m] = coarse_structure(self._rows, m, self.exact_coarse_limit, self._kind(), self.nprobe)
         return self._coarse[m]
 
-    def resolve(self, rule: TwoStepRule | None = None) -> TwoStepRule:
-        """The concrete rule on this index -- n every oracle a class holds, m min(3, n) and the
-        metric the index's where ``rule`` leaves them open -- refused if the index cannot honour
-        it. Every answer of this index is given under a rule resolved here."""
-        if rule is None or not rule.is_resolved:  # classify's helpers get it resolved: not rebuilt
-            rule = (rule or TwoStepRule()).resolved(self.n, self.metric)
-        elif rule.metric != self.metric:
-            rule.resolved(self.n, self.metric)  # refuses, naming both metrics
+    def resolve(self, rule: TwoStepRule | ResolvedRule | None = None) -> ResolvedRule:
+        """The :class:`ResolvedRule` this index answers a request with -- n every oracle a class
+        holds and m min(3, n) where the request leaves them open, the index's distance --
+        refused if the index cannot honour it. The one place a rule is resolved: entry points
+        ask once and pass the result along (a rule already resolved is only :meth:`checked`)."""
+        if isinstance(rule, ResolvedRule):
+            return self.checked(rule)
+        return self.checked(_resolve(rule or TwoStepRule(), self.n, self.distance))
+
+    def checked(self, rule: ResolvedRule) -> ResolvedRule:
+        """``rule`` if this index can answer it -- its distance, n no more than a class holds,
+        k no more than the classes (classes may have been removed since it was resolved) --
+        else one line saying why."""
+        if rule.distance is not self.distance:
+            raise DundiError(f"the rule ranks by {rule.metric} distance but the index by {self.metric}: "
+                             f"resolve the request on this index")
         if rule.n > self.n:
             raise DundiError(f"n={rule.n} is out of range: this index holds at most {self.n} oracles "
                              f"per class; use n <= {self.n}, or rebuild the index with more "
@@ -251,7 +267,7 @@ class OracleIndex:
             raise DundiError(f"k={rule.k} must be between 1 and the number of classes ({self.num_classes})")
         return rule
 
-    def classify(self, queries: np.ndarray, rule: TwoStepRule | None = None) -> TwoStepResult:
+    def classify(self, queries: np.ndarray, rule: TwoStepRule | ResolvedRule | None = None) -> TwoStepResult:
         """Algorithm 1 for a batch of query embeddings (B, D) under ``rule`` (see :meth:`resolve`)."""
         rule = self.resolve(rule)
         n, m, k = rule.n, rule.m, rule.k
@@ -272,22 +288,21 @@ class OracleIndex:
 
     def _classify_chunk(self, q: np.ndarray, n: int, m: int, k: int) -> TwoStepResult:
         if self._rows.size <= self.full_limit:
-            steps = full_step(q, self._rows, n, m, k, self.squared)
+            steps = full_step(q, self._rows, n, m, k, self.distance)
         else:
-            steps = listed_step(q, self._rows, self._coarse_structure(m), n, m, k, self.squared, self.shortlist)
-        return answer(*steps, self.squared)
+            steps = listed_step(q, self._rows, self._coarse_structure(m), n, m, k, self.distance, self.shortlist)
+        return answer(*steps, self.distance)
 
-    def answers_exactly(self, rule: TwoStepRule | None = None) -> bool:
-        """Whether this index answers ``rule`` through :class:`dundi.rule.exact.ExactRule`: it
-        ranks by squared Euclidean distance and every class holds at least n oracles --
+    def answers_exactly(self, rule: ResolvedRule) -> bool:
+        """Whether this index answers ``rule`` through :class:`dundi.rule.exact.ExactRule`: its
+        distance is certifiable (squared Euclidean) and every class holds at least n oracles --
         exactly the indexes whose answers can be certified. Step 1 is then exact over every
         class at any size, never a shortlist."""
-        return self.squared and int(self._rows.counts.min()) >= self.resolve(rule).n
+        return self.distance.certifiable and int(self._rows.counts.min()) >= rule.n
 
-    def step1_kind(self, rule: TwoStepRule | None = None) -> str:
+    def step1_kind(self, rule: ResolvedRule) -> str:
         """How step 1 is answered under ``rule``: "exact (float64)" for indexes answering
         exactly, else "exact (FAISS float32)" or "shortlist (FAISS IVF over class centroids)"."""
-        rule = self.resolve(rule)
         if self.answers_exactly(rule):
             return "exact (float64)"
         coarse = int(np.minimum(self._rows.counts, rule.m).sum())
@@ -295,10 +310,10 @@ class OracleIndex:
             return "exact (FAISS float32)"
         return "shortlist (FAISS IVF over class centroids)"
 
-    def exact_rule(self, rule: TwoStepRule | None = None) -> ExactRule:
-        """The float64 rule over each class's first n oracles, built once per rule."""
-        rule = self.resolve(rule)
-        if not self.answers_exactly(rule):
+    def exact_rule(self, rule: ResolvedRule) -> ExactRule:
+        """The float64 rule over each class's first n oracles, built once per rule: what this
+        index answers with and what the certificate proves (one arithmetic)."""
+        if not self.answers_exactly(self.checked(rule)):
             raise DundiError(f"the exact rule needs the squared Euclidean metric and at least n={rule.n} "
                              f"oracles in every class; this index ranks by {self.metric} distance and "
                              f"its classes hold {int(self._rows.counts.min())} to {self.n}")
@@ -331,4 +346,4 @@ class OracleIndex:
         """Read an index written by :meth:`save` (:func:`dundi.rule.index_io.read_oracles`)."""
         vectors, counts, names, meta = read_oracles(directory, index_file, meta_file)
         return cls(vectors, counts=counts, class_names=names, meta=meta,
-                   metric=meta.get("metric", "euclidean"), **kw)
+                   metric=meta.get("metric", DEFAULT_METRIC), **kw)

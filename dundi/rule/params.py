@@ -1,4 +1,6 @@
-"""The two-step rule's parameters (Algorithm 1) and their defaults: declared here, once.
+"""The two-step rule's parameters (Algorithm 1) and their defaults: declared here, once --
+the request a caller makes (:class:`TwoStepRule`) and the rule an index resolves it to
+(:class:`ResolvedRule`).
 
 ``n`` oracles per class take part in the fine step, ``m`` of them in the coarse step, which
 keeps the ``k`` best classes. Every layer -- the index, the Python API, evaluation, serving,
@@ -27,7 +29,8 @@ def coarse_default(n: int) -> int:
     return min(COARSE_ORACLES, n)
 
 
-METRICS = ("euclidean", "sqeuclidean")  # the distances an index can rank by
+METRICS = ("euclidean", "sqeuclidean")  # the distances' names (dundi.rule.distance)
+DEFAULT_METRIC = "euclidean"             # the paper's; certified runs choose sqeuclidean
 
 
 def check_metric(metric: str) -> str:
@@ -37,62 +40,96 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+def _check_counts(n: int | None, m: int | None, k: int | None) -> None:
+    for name, value in (("n", n), ("m", m), ("k", k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DundiError(f"{name}={value!r} must be a whole number of at least 1")
+    if n is not None and m is not None and m > n:
+        raise DundiError(f"m={m} must be between 1 and n={n} (the coarse step's oracles "
+                         f"per class are the first m of the fine step's n)")
+
+
 @dataclass(frozen=True)
 class TwoStepRule:
-    """Algorithm 1 as one value: ``n`` oracles per class in the fine step, the first ``m`` of
-    them in the coarse step, which keeps the ``k`` best classes, all ranked by ``metric``.
+    """The rule a caller asks for (Algorithm 1): ``n`` oracles per class in the fine step, the
+    first ``m`` of them in the coarse step, which keeps the ``k`` best classes.
 
-    Why one object: the index, ``Run.classify``, the server's model config, the evaluation,
-    the attacks' stand-in and the certificate all apply this rule; each used to re-derive n, m,
-    k and the metric (with three different defaults for m). ``None`` means "not chosen":
-    ``n`` every oracle the index holds per class, ``m`` min(3, n), ``metric`` the index's.
-    :meth:`resolved` fills them in once, against an index; everything downstream of it reads
-    concrete values.
+    ``None`` means "not chosen": ``n`` every oracle the index holds per class, ``m`` min(3, n).
+    The distance is the oracle set's, not the caller's. A request answers nothing by itself:
+    :meth:`dundi.rule.index.OracleIndex.resolve` turns it into the :class:`ResolvedRule` every
+    consumer takes.
     """
 
     n: int | None = None
     m: int | None = None
     k: int = KEPT_CLASSES
-    metric: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n", "m", "k"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DundiError(f"{name}={value!r} must be a whole number of at least 1")
-        if self.n is not None and self.m is not None and self.m > self.n:
-            raise DundiError(f"m={self.m} must be between 1 and n={self.n} (the coarse step's oracles "
-                             f"per class are the first m of the fine step's n)")
-        if self.metric is not None:
-            check_metric(self.metric)
-
-    def resolved(self, index_n: int, metric: str | None = None) -> "TwoStepRule":
-        """The concrete rule on an index holding ``index_n`` oracles per class and ranking by
-        ``metric``: n, m and the metric filled in where they were left open. A rule that names
-        another metric than the index's is refused (the index's distances are in its own)."""
-        if metric is not None and self.metric not in (None, metric):
-                raise DundiError(f"the rule ranks by {self.metric} distance but the index by {metric}: "
-                             f"leave the metric to the index")
-        n = index_n if self.n is None else self.n
-        return TwoStepRule(n, coarse_default(n) if self.m is None else self.m, self.k,
-                           metric if self.metric is None else self.metric)
+        _check_counts(self.n, self.m, self.k)
 
     def at_n(self, n: int) -> "TwoStepRule":
-        """The same rule with ``n`` oracles in the fine step and m clamped to n, resolved the
-        same way (Table 1 and Fig. 7 evaluate one rule at several n)."""
-        return TwoStepRule(n, None if self.m is None else min(self.m, n), self.k, self.metric)
-
-    @property
-    def is_resolved(self) -> bool:
-        return self.n is not None and self.m is not None and self.metric is not None
-
-    @property
-    def squared(self) -> bool:
-        """Whether the rule ranks by squared Euclidean distance (the certifiable rule)."""
-        return self.metric == "sqeuclidean"
+        """The same request with ``n`` oracles in the fine step and a chosen m clamped to n
+        (Table 1 and Fig. 7 evaluate one rule at several n)."""
+        return TwoStepRule(n, None if self.m is None else min(self.m, n), self.k)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_BY_THE_INDEX = object()  # what only OracleIndex.resolve hands to ResolvedRule
+
+
+@dataclass(frozen=True)
+class ResolvedRule:
+    """The rule an index answers: concrete ``n``, ``m``, ``k`` and the index's ``distance``
+    (a :class:`dundi.rule.distance.Distance`).
+
+    Made by :meth:`dundi.rule.index.OracleIndex.resolve` only (anything else is refused), so
+    a value of this type has been checked against an oracle set: n no more than its classes
+    hold, k no more than its classes, m = min(3, n) where the request left it open. Every
+    consumer -- the exact rule, the certificate, the reference, the stand-ins and threat
+    models, training's validation, serving -- takes it as it is.
+    """
+
+    n: int
+    m: int
+    k: int
+    distance: "Distance"  # noqa: F821 -- dundi.rule.distance.Distance (which imports this module)
+    _maker: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._maker is not _BY_THE_INDEX:
+            raise TypeError("a ResolvedRule is made by OracleIndex.resolve(request) only")
+        _check_counts(self.n, self.m, self.k)
+
+    @property
+    def metric(self) -> str:
+        """The distance's name: for the edges (run.json, HTTP, reports) only."""
+        return self.distance.name
+
+    @property
+    def request(self) -> TwoStepRule:
+        """The fully specified request this rule answers (to resolve on another index)."""
+        return TwoStepRule(self.n, self.m, self.k)
+
+    def __reduce__(self):  # unpickled (a Ray worker) as the index made it
+        return (_remade, (self.n, self.m, self.k, self.distance))
+
+    def as_dict(self) -> dict:
+        """n, m, k and the metric's name, as run.json, reports and the HTTP API write them."""
+        return {"n": self.n, "m": self.m, "k": self.k, "metric": self.metric}
+
+
+def _remade(n: int, m: int, k: int, distance) -> ResolvedRule:
+    return ResolvedRule(n, m, k, distance, _BY_THE_INDEX)
+
+
+def _resolve(request: TwoStepRule, index_n: int, distance) -> ResolvedRule:
+    """The request on an oracle set holding at most ``index_n`` per class (no range checks:
+    :meth:`dundi.rule.index.OracleIndex.resolve` makes them and is this function's one caller)."""
+    n = index_n if request.n is None else request.n
+    m = coarse_default(n) if request.m is None else request.m
+    return ResolvedRule(n, m, request.k, distance, _BY_THE_INDEX)
 
 
 @dataclasses.dataclass

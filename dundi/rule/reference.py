@@ -10,21 +10,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dundi.rule.distance import DEFAULT_DISTANCE, Distance
 from dundi.rule.exact import INVARIANT_ROWS as ROWS, invariant_linear
-from dundi.rule.params import TwoStepRule
+from dundi.rule.params import ResolvedRule
 
 
-def oracle_distances(diff: torch.Tensor, metric: str = "euclidean", eps: float = 0.0) -> torch.Tensor:
-    """Distances along the last axis of embedding differences: Euclidean (``eps`` keeps the
-    square root differentiable at 0) or squared Euclidean, as the run's ``metric`` says."""
-    d2 = (diff ** 2).sum(-1)
-    return d2 if metric == "sqeuclidean" else torch.sqrt(d2 + eps)
+def _checked(rule: ResolvedRule, oracles: torch.Tensor) -> ResolvedRule:
+    """Refuse what is not an index's resolved rule for oracles (C, ≥n, D) with k <= C."""
+    if not isinstance(rule, ResolvedRule):
+        raise TypeError(f"pass the rule as OracleIndex.resolve(request) returns it, not {type(rule).__name__}")
+    if oracles.ndim != 3 or oracles.shape[1] < rule.n or not 1 <= rule.k <= oracles.shape[0]:
+        raise ValueError(f"need oracles (C, n, D) for the rule's n with 1 <= k <= C; got "
+                         f"{tuple(oracles.shape)} for {rule}")
+    return rule
 
 
-def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, rule: TwoStepRule,
+def counted_scores(dist: torch.Tensor, eff: torch.Tensor | None, length: int) -> torch.Tensor:
+    """(B, C) Algorithm 1 scores from distances (B, C, length) to the padded view's rows
+    (:meth:`dundi.rule.index.OracleIndex.padded`): the summed similarity, or -- for a class
+    whose ``eff`` real rows are fewer than ``length`` -- their mean × length, as the index
+    scores it. ``eff`` None: every row is real."""
+    if eff is None:
+        return -dist.sum(-1)
+    real = torch.arange(length, device=dist.device)[None, :] < eff[:, None]
+    s = -torch.where(real, dist, torch.zeros((), dtype=dist.dtype, device=dist.device)).sum(-1)
+    return torch.where(eff < length, s * length / eff.clamp_min(1), s)
+
+
+def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, rule: ResolvedRule,
                        counts: list[int] | None = None) -> torch.Tensor:
-    """Algorithm 1 under ``rule``, literally, in float64. ``oracles`` is (C, n_max, D) (the rule
-    is resolved against n_max, Euclidean unless it names its metric); returns labels (B,).
+    """Algorithm 1 under ``rule`` (resolved by the index), literally, in float64. ``oracles`` is
+    (C, ≥n, D); returns labels (B,).
 
     Step 1 ranks classes by summed similarity (−distance) to their first m oracles, ties to
     the lower class index; step 2 takes the first maximum over those k classes, in step-1
@@ -32,15 +48,14 @@ def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, rule: TwoSt
     says how many of a class's rows are real: a class holding fewer than m (n) uses all it
     holds and scores its mean similarity times m (n), see :mod:`dundi.rule.index`.
     """
-    rule = rule.resolved(oracles.shape[1], rule.metric or "euclidean")
-    n, m, k, metric = rule.n, rule.m, rule.k, rule.metric
+    n, m, k, distance = rule.n, rule.m, rule.k, _checked(rule, oracles).distance
     q = queries.double()
     o = oracles.double()
     counts = [o.shape[1]] * len(o) if counts is None else [int(c) for c in counts]
 
     def score(x: torch.Tensor, c: int, length: int) -> float:
         eff = min(length, counts[c])
-        total = -oracle_distances(o[c, :eff] - x, metric).sum().item()
+        total = -distance.torch_of_diff(o[c, :eff] - x).sum().item()
         return total if eff == length else total * length / eff
 
     labels = []
@@ -57,26 +72,26 @@ def two_step_reference(queries: torch.Tensor, oracles: torch.Tensor, rule: TwoSt
 
 
 def class_scores(embeddings: torch.Tensor, oracles: torch.Tensor, eps: float = 1e-12,
-                 metric: str = "euclidean") -> torch.Tensor:
+                 distance: Distance = DEFAULT_DISTANCE) -> torch.Tensor:
     """Differentiable per-class scores (B, C): summed similarity of each embedding to each
     class's oracle embeddings ``oracles`` (C, n, D). Equals the fine step of Algorithm 1
     for every class, so its argmax is the two-step label when k = C."""
     diff = embeddings[:, None, None, :] - oracles[None]
-    return -oracle_distances(diff, metric, eps).sum(-1)
+    return -distance.torch_of_diff(diff, eps).sum(-1)
 
 
 class OracleScorer(nn.Module):
     """Distance NN + oracle embeddings as one module returning class scores: the white-box
     stand-in for DunDi that the ``adaptive`` threat model attacks."""
 
-    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, metric: str = "euclidean"):
+    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, distance: Distance = DEFAULT_DISTANCE):
         super().__init__()
         self.distance_net = distance_net
-        self.metric = metric
+        self.distance = distance
         self.register_buffer("oracles", oracles.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return class_scores(self.distance_net(x), self.oracles, metric=self.metric)
+        return class_scores(self.distance_net(x), self.oracles, distance=self.distance)
 
 
 def step1_kept(coarse: torch.Tensor, k: int) -> torch.Tensor:
@@ -121,9 +136,10 @@ def two_step_scores(coarse: torch.Tensor, fine: torch.Tensor, k: int) -> torch.T
 
 
 class TwoStepScorer(nn.Module):
-    """The ``adaptive`` threat model's stand-in for Algorithm 1 under ``rule`` (its n is the
-    oracles'):
-    Distance NN + oracles (C, n, D) → (B, C) scores whose argmax is the two-step label
+    """The ``adaptive`` threat model's stand-in for Algorithm 1 under ``rule`` (a
+    :class:`ResolvedRule`, n the oracles'):
+    Distance NN + oracles (C, n, D) -- the index's padded view, with ``counts`` (C,) the
+    oracles each class holds where some hold fewer than n -- → (B, C) scores whose argmax is the two-step label
     (:func:`two_step_scores`), divided by ``scale`` (argmax unchanged; keeps a cross-entropy
     out of float32 saturation).
 
@@ -133,28 +149,31 @@ class TwoStepScorer(nn.Module):
     acceptance (:func:`dundi.attacks.base.scores_and_labels`). :meth:`coarse_scores` is what
     the step-1 attack climbs."""
 
-    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, rule: TwoStepRule,
-                 scale: float = 1.0, judge=None, eps: float = 1e-12):
+    def __init__(self, distance_net: nn.Module, oracles: torch.Tensor, rule: ResolvedRule,
+                 scale: float = 1.0, judge=None, eps: float = 1e-12, counts=None):
         super().__init__()
-        if oracles.ndim == 3:  # n is the oracles' own; Euclidean unless the rule names its metric
-            rule = rule.resolved(oracles.shape[1], rule.metric or "euclidean")
-        if oracles.ndim != 3 or oracles.shape[1] != rule.n or not 1 <= rule.k <= oracles.shape[0]:
-            raise ValueError(f"need oracles (C, n, D) for the rule's n with 1 <= k <= C; got "
-                             f"{tuple(oracles.shape)} for {rule}")
+        _checked(rule, oracles)
+        if oracles.shape[1] != rule.n:
+            raise ValueError(f"need the oracles' first n={rule.n} per class; got {tuple(oracles.shape)}")
         self.distance_net = distance_net
         self.register_buffer("oracles", oracles.float())
         self.register_buffer("oracle_sq", (self.oracles ** 2).sum(-1).reshape(-1))
+        short = counts is not None and int(min(counts)) < rule.n
+        self.register_buffer("counts", torch.as_tensor(counts, dtype=torch.float32) if short else None)
         self.rule, self.scale, self.judge, self.eps = rule, float(scale), judge, eps
-        self.m, self.k, self.metric = rule.m, rule.k, rule.metric
+        self.m, self.k, self.distance = rule.m, rule.k, rule.distance
 
     def _coarse_fine(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self._distances(emb)
-        return -dist[:, :, :self.m].sum(-1), -dist.sum(-1)
+        if self.counts is None:
+            return -dist[:, :, :self.m].sum(-1), -dist.sum(-1)
+        return (counted_scores(dist[:, :, :self.m], self.counts.clamp(max=self.m), self.m),
+                counted_scores(dist, self.counts.clamp(max=self.rule.n), self.rule.n))
 
     def _distances(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, C, n) distances to every oracle through one matrix product, ‖e‖² + ‖o‖² − 2 e·o.
         Attacks call this at every step and query; the (B, C, n, D) difference tensor of
-        :func:`oracle_distances` cost 2-20x the network itself (measured in bench/attacks.py).
+        :func:`class_scores` cost 2-20x the network itself (measured in bench/attacks.py).
         The rounding differs from the difference form by ~1e-6 relative: only the deployed
         rule (``judge``) decides labels in an evaluation, so near-ties are judged exactly. The
         product is :func:`dundi.rule.exact.invariant_linear` (a 1×1 convolution) over at most
@@ -165,9 +184,8 @@ class TwoStepScorer(nn.Module):
         flat = self.oracles.reshape(c * n, d)
         dots = torch.cat([invariant_linear(emb[i:i + ROWS], flat) for i in range(0, len(emb), ROWS)]) \
             if len(emb) else emb @ flat.T
-        d2 = (emb * emb).sum(1, keepdim=True) + self.oracle_sq - 2.0 * dots
-        d2 = d2.clamp_min(0.0).reshape(len(emb), c, n)
-        return d2 if self.metric == "sqeuclidean" else torch.sqrt(d2 + self.eps)
+        dist = self.distance.torch_pairwise(emb, flat, self.eps, dots=dots, sq_norms=self.oracle_sq)
+        return dist.reshape(len(emb), c, n)
 
     def coarse_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C) step-1 scores over the first m oracles, divided by ``scale``."""

@@ -31,24 +31,17 @@ def gpu_resources():  # pragma: no cover - needs a GPU
         return _GPU_RES
 
 
-def finish_distance(d2: np.ndarray, squared: bool) -> np.ndarray:
-    """Squared distances as computed (clipped at 0), or their square roots."""
-    d2 = np.maximum(d2, 0.0, out=d2)
-    return d2 if squared else np.sqrt(d2, out=d2)
-
-
-def pairwise(queries: np.ndarray, vectors: np.ndarray, squared: bool = False) -> np.ndarray:
-    """Exact Euclidean (or squared) distances (B, N) computed by FAISS (GPU where present)."""
+def squared_pairwise(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Exact squared Euclidean distances (B, N) computed by FAISS (GPU where present), as
+    computed (not clipped): :class:`dundi.rule.distance.Distance` finishes them."""
     if use_gpu():  # pragma: no cover - needs a GPU
-        d2 = faiss.pairwise_distance_gpu(gpu_resources(), queries, vectors)
-    else:
-        d2 = faiss.pairwise_distances(queries, vectors)
-    return finish_distance(d2, squared)
+        return faiss.pairwise_distance_gpu(gpu_resources(), queries, vectors)
+    return faiss.pairwise_distances(queries, vectors)
 
 
-def gathered(queries: np.ndarray, vectors: np.ndarray, sq_norms: np.ndarray, rows: np.ndarray,
-             squared: bool = False) -> np.ndarray:
-    """Distances (B, K, L) float64 of each query to its own rows ``rows`` (B, K, L) of ``vectors``.
+def gathered(queries: np.ndarray, vectors: np.ndarray, sq_norms: np.ndarray,
+             rows: np.ndarray) -> np.ndarray:
+    """Squared distances (B, K, L) float64, as computed (not clipped), of each query to its own rows ``rows`` (B, K, L) of ``vectors``.
 
     ‖q − o‖² = ‖q‖² + ‖o‖² − 2 q·o with one batched product, as FAISS computes it. Reading
     rows by index (not through an ID selector) behaves the same whatever device holds the
@@ -57,8 +50,7 @@ def gathered(queries: np.ndarray, vectors: np.ndarray, sq_norms: np.ndarray, row
     b, kk, ll = rows.shape
     blocks = vectors[rows.reshape(b, kk * ll)]                      # (B, K·L, D)
     dots = np.einsum("bjd,bd->bj", blocks, queries).reshape(b, kk, ll)
-    d2 = (sq_norms[rows] + (queries * queries).sum(1)[:, None, None] - 2 * dots).astype(np.float64)
-    return finish_distance(d2, squared)
+    return (sq_norms[rows] + (queries * queries).sum(1)[:, None, None] - 2 * dots).astype(np.float64)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

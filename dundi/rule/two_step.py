@@ -20,7 +20,8 @@ import numpy as np
 
 from dundi.rule.oracle_rows import OracleRows
 from dundi.rule.params import TwoStepResult
-from dundi.rule.search import Shortlister, gathered, pairwise, top_k
+from dundi.rule.distance import Distance
+from dundi.rule.search import Shortlister, gathered, top_k
 
 
 def class_scores_from(dist: np.ndarray, mask: np.ndarray, eff: np.ndarray, length: int) -> np.ndarray:
@@ -72,11 +73,11 @@ def coarse_structure(rows: OracleRows, m: int, exact_limit: int, kind: str,
 
 
 def step1(q: np.ndarray, rows: OracleRows, structure: PackedCoarse | Shortlister, m: int, k: int,
-          squared: bool, shortlist: int | None) -> tuple[np.ndarray, np.ndarray]:
+          distance: Distance, shortlist: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k classes (B, k) and their coarse scores over the first min(m, count) oracles;
     -1 marks a class the shortlist could not fill."""
     if isinstance(structure, PackedCoarse):
-        scores = class_scores_from(pairwise(q, structure.vectors, squared)[:, structure.pos],
+        scores = class_scores_from(distance.pairwise(q, structure.vectors)[:, structure.pos],
                                    structure.mask, structure.eff, m)
         top = top_k(scores, k)
         return top, np.take_along_axis(scores, top, 1)
@@ -84,18 +85,18 @@ def step1(q: np.ndarray, rows: OracleRows, structure: PackedCoarse | Shortlister
     cand = structure.search(q, min(num_classes, shortlist or max(8 * k, 64)))
     cand = np.sort(cand, axis=1)  # -1 (a missing hit) first; ties then go to the lower class
     r, mask, eff = rows.rows(np.maximum(cand, 0), m)
-    dist = gathered(q, rows.buffer, rows.sq_norms, r, squared)
+    dist = distance.finish(gathered(q, rows.buffer, rows.sq_norms, r))
     scores = np.where(cand < 0, -np.inf, class_scores_from(dist, mask, eff, m))
     top = top_k(scores, k)
     return np.take_along_axis(cand, top, 1), np.take_along_axis(scores, top, 1)
 
 
 def full_step(q: np.ndarray, rows: OracleRows, n: int, m: int, k: int,
-              squared: bool) -> tuple[np.ndarray, ...]:
+              distance: Distance) -> tuple[np.ndarray, ...]:
     """Both steps from one exact FAISS distance matrix, so the two-step rule costs about what
     flat search costs. Equal class blocks are read as a (B, C, n) view: no gather, no mask.
     Returns (top classes, coarse scores, fine scores, nearest oracle distance)."""
-    dist = pairwise(q, rows.vectors, squared)
+    dist = distance.pairwise(q, rows.vectors)
     num_classes = len(rows.counts)
     if rows.uniform:
         coarse, fine, nearest = block_reductions(dist.reshape(len(q), num_classes, -1), n, m)
@@ -113,24 +114,22 @@ def full_step(q: np.ndarray, rows: OracleRows, n: int, m: int, k: int,
 
 
 def listed_step(q: np.ndarray, rows: OracleRows, structure: PackedCoarse | Shortlister, n: int,
-                m: int, k: int, squared: bool, shortlist: int | None) -> tuple[np.ndarray, ...]:
+                m: int, k: int, distance: Distance, shortlist: int | None) -> tuple[np.ndarray, ...]:
     """Step 1 through its structure, step 2 over the kept classes' rows (as :func:`full_step`)."""
-    top, coarse_scores = step1(q, rows, structure, m, k, squared, shortlist)
+    top, coarse_scores = step1(q, rows, structure, m, k, distance, shortlist)
     r, mask, eff = rows.rows(np.maximum(top, 0), n)  # the shortlist may miss (-1)
-    fine_dist = gathered(q, rows.buffer, rows.sq_norms, r, squared)
+    fine_dist = distance.finish(gathered(q, rows.buffer, rows.sq_norms, r))
     mask = mask & (top[:, :, None] >= 0)
     fine = np.where(top >= 0, class_scores_from(fine_dist, mask, eff, n), -np.inf)
     return top, coarse_scores, fine, np.where(mask, fine_dist, np.inf).min(axis=(1, 2))
 
 
 def answer(top: np.ndarray, coarse: np.ndarray, fine: np.ndarray, nearest: np.ndarray,
-           squared: bool) -> TwoStepResult:
+           distance: Distance) -> TwoStepResult:
     """The step outputs as a :class:`TwoStepResult`: the label is the kept class with the best
     fine score (the first maximum: ties go to the better coarse rank); the nearest oracle is
     reported as a distance whatever the metric ranks by."""
-    nearest = nearest.astype(np.float64)
-    if squared:
-        nearest = np.sqrt(nearest)
+    nearest = distance.euclidean_of(nearest)
     best = np.argmax(fine, axis=1)
     labels = top[np.arange(len(top)), best]
     return TwoStepResult(labels.astype(np.int64), top.astype(np.int64), coarse, fine, nearest)

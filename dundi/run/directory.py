@@ -18,7 +18,7 @@ from dundi.data.pixels import validate_images
 from dundi.errors import DundiError
 from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.index import OracleIndex
-from dundi.rule.params import TwoStepResult, TwoStepRule
+from dundi.rule.params import ResolvedRule, TwoStepResult, TwoStepRule
 from dundi.run.storage import (
     WEIGHTS_FILE,
     commit_version,
@@ -76,7 +76,7 @@ class Run:
         """Embeddings (B, D) float32. A run ranking by squared Euclidean distance (certifiable)
         embeds through :func:`dundi.rule.exact.embed_invariant`, so an image's embedding -- and
         so its answer and certificate -- is the same bits in any batch."""
-        if self.oracle is not None and self.oracle.metric == "sqeuclidean":
+        if self.oracle is not None and self.oracle.distance.certifiable:
             from dundi.nets.bounds import layers_of
             from dundi.rule.exact import embed_invariant
 
@@ -86,7 +86,7 @@ class Run:
 
         return forward_batched(self.model, images, batch_size)
 
-    def classify(self, images: np.ndarray | torch.Tensor, rule: TwoStepRule | None = None,
+    def classify(self, images: np.ndarray | torch.Tensor, rule: TwoStepRule | ResolvedRule | None = None,
                  batch_size: int = EMBED_BATCH) -> TwoStepResult:
         """Classify raw images: Algorithm 1 for DunDi runs, the argmax of the logits for native runs.
 
@@ -113,7 +113,7 @@ class Run:
         if self.oracle is None:
             raise DundiError(f"{self.path} was loaded without its oracle index: load it with "
                              f"Run.load(path) (with_oracle=True), after `dundi index build {self.path}`")
-        rule = self.oracle.resolve(rule)
+        rule = self.oracle.resolve(rule)  # asked once; the index's answers take it as it is
         if len(batch) == 0:  # the model would give (0, 0) embeddings; the index answers empty
             return self.oracle.classify(np.zeros((0, self.oracle.dim), np.float32), rule)
         return self.oracle.classify(self.embed(batch, batch_size), rule)
@@ -121,7 +121,7 @@ class Run:
     def _classify_native(self, batch: np.ndarray, rule: TwoStepRule, batch_size: int) -> TwoStepResult:
         """The native model's answer in the shape of a two-step result, so code written for
         DunDi runs (labels, top-k with scores) reads a native run's answers unchanged."""
-        if rule.n is not None or rule.m is not None or rule.metric is not None:
+        if isinstance(rule, ResolvedRule) or rule.n is not None or rule.m is not None:
             raise DundiError(f"{self.path} is a native run: it has no oracles, so n, m and the metric "
                              f"do not apply; omit them (it classifies by the argmax of its logits)")
         classes, k = int(self.meta["num_classes"]), rule.k
@@ -152,7 +152,7 @@ class Run:
 
         return build_module(self, rule)
 
-    def certifier(self, rule: TwoStepRule | None = None):
+    def certifier(self, rule: TwoStepRule | ResolvedRule | None = None):
         """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
         whose rule uses the squared Euclidean distance can be certified (train with --certified).
         A native run gets a :class:`dundi.robustness.native_certificate.SoftmaxCertifier` for
@@ -165,14 +165,14 @@ class Run:
         if self.meta.get("kind") == "native":
             from dundi.robustness.native_certificate import SoftmaxCertifier
 
-            if rule is not None and (rule.n is not None or rule.m is not None or rule.metric is not None):
+            if rule is not None and (isinstance(rule, ResolvedRule) or rule.n is not None or rule.m is not None):
                 raise DundiError(f"{self.path} is a native run: it has no oracles, so n, m and the metric "
                                  f"do not apply; omit them (its answer is the argmax of its logits)")
             check_arithmetic(certified=True, device=self.device)
             return SoftmaxCertifier(self.model)
         if self.oracle is None:
             raise DundiError(f"{self.path} has no oracle index: only DunDi runs can be certified")
-        if self.oracle.metric != "sqeuclidean":
+        if not self.oracle.distance.certifiable:
             raise DundiError(f"{self.path} ranks by {self.oracle.metric} distance; certificates are "
                              f"for the squared-Euclidean rule: train with `dundi train --certified`")
         rule = self.oracle.resolve(rule)
@@ -182,20 +182,14 @@ class Run:
                              f"oracles; the index's classes hold {int(counts.min())} to "
                              f"{int(counts.max())} (use n <= {int(counts.min())})")
         check_arithmetic(certified=True, device=self.device)
-        return Certifier(self.model, self.oracle_tensor(n), rule)
+        return Certifier(self.model, self.oracle, rule)
 
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:
-        """Oracle embeddings (C, n, D) for the differentiable scorer.
-
-        A class holding c < n oracles (enrolled from a few images) repeats its own oracles
-        cyclically: where c divides n, its summed similarity over the n rows is n/c times its
-        sum, which is exactly the rule's mean × n (:mod:`dundi.rule.index`), and its first m rows
-        are the rule's min(m, c) coarse oracles when c = 1 or c >= m. Otherwise the stand-in
-        approximates the rule; evaluations judge every answer by the rule itself and report
-        how often the two disagree."""
-        assert self.oracle is not None, "no oracle index loaded"
-        n = n or self.oracle.n
-        counts = self.oracle.class_counts()
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rows = starts[:, None] + np.arange(n)[None, :] % counts[:, None]
-        return torch.from_numpy(np.ascontiguousarray(self.oracle.vectors[rows]))
+        """Oracle embeddings (C, n, D) for the differentiable scorers: the index's own padded
+        view (:meth:`dundi.rule.index.OracleIndex.padded`) -- each class's first min(n, count)
+        oracles, then copies of its last. With ``oracle.class_counts()`` a scorer scores a class
+        holding fewer than n by the rule's mean × n exactly (:class:`dundi.rule.reference.
+        TwoStepScorer`'s ``counts``)."""
+        if self.oracle is None:
+            raise DundiError(f"{self.path} was loaded without an oracle index")
+        return torch.from_numpy(self.oracle.padded(n)[0])

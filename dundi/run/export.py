@@ -38,7 +38,7 @@ from torch import nn
 from dundi.errors import DundiError
 from dundi.nets.bounds import layers_of
 from dundi.rule.exact import INVARIANT_ROWS, ClassSums
-from dundi.rule.params import TwoStepRule
+from dundi.rule.params import ResolvedRule, TwoStepRule
 
 EXPORT_FORMAT = 1
 META_NAME = "dundi.json"
@@ -71,11 +71,12 @@ class DunDiModule(nn.Module):
     module docstring). Buffers: the oracles (C, n, D) float32 and, for the squared Euclidean
     rule, σ and ν of the coarse (first m) and fine (n) oracles in float64."""
 
-    def __init__(self, layers: list[nn.Module], oracles: np.ndarray, n: int, m: int, k: int, metric: str):
+    def __init__(self, layers: list[nn.Module], oracles: np.ndarray, rule: ResolvedRule):
         super().__init__()
         self.net = nn.Sequential(*[LinearAsConv(l) if isinstance(l, nn.Linear) else l for l in layers])
         for p in self.net.parameters():
             p.requires_grad_(False)
+        n, m, k = rule.n, rule.m, rule.k
         o = np.ascontiguousarray(oracles[:, :n], dtype=np.float32)
         self.register_buffer("oracles", torch.from_numpy(o.copy()))
         self.register_buffer("oracles64", torch.from_numpy(o.astype(np.float64)))
@@ -85,7 +86,7 @@ class DunDiModule(nn.Module):
         self.register_buffer("sigma_fine", torch.from_numpy(fine.sigma.copy()))
         self.register_buffer("nu_fine", torch.from_numpy(fine.nu.copy()))
         self.n, self.m, self.k = int(n), int(m), int(k)
-        self.squared = metric == "sqeuclidean"
+        self.squared = rule.distance.squared  # TorchScript reads a flag, not the Distance
         self.chunk = INVARIANT_ROWS
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +141,9 @@ class DunDiModule(nn.Module):
         return fine - offset
 
 
-def build_module(run, rule: TwoStepRule | None = None) -> DunDiModule:
-    """The :class:`DunDiModule` of a loaded DunDi run under ``rule`` (resolved on its index)."""
+def build_module(run, rule: TwoStepRule | ResolvedRule | None = None) -> DunDiModule:
+    """The :class:`DunDiModule` of a loaded DunDi run under ``rule`` (a request is resolved on
+    its index, once)."""
     if run.oracle is None:
         raise DundiError(f"{run.path} has no oracle index: build one with `dundi index build {run.path}` "
                          f"before exporting (a native run exports as its own model)")
@@ -153,17 +155,17 @@ def build_module(run, rule: TwoStepRule | None = None) -> DunDiModule:
                          f"{int(counts.min())})")
     run.model.eval()
     oracles = run.oracle_tensor(rule.n).numpy()
-    module = DunDiModule(layers_of(run.model), oracles, rule.n, rule.m, rule.k, rule.metric)
+    module = DunDiModule(layers_of(run.model), oracles, rule)
     return module.eval()
 
 
-def export_metadata(run, rule: TwoStepRule) -> dict[str, Any]:
+def export_metadata(run, rule: ResolvedRule) -> dict[str, Any]:
     """What the exported file says about itself: the rule, the classes, the input, the run's
     certificate settings where it was trained certified (no machine paths)."""
     meta, cfg = run.meta, run.meta.get("config", {})
     out = {"format": EXPORT_FORMAT, "kind": "dundi", "dataset": meta.get("dataset"), "arch": meta.get("arch"),
            "in_shape": list(meta["in_shape"]), "classes": list(run.class_names),
-           "rule": {"n": rule.n, "m": rule.m, "k": rule.k, "metric": rule.metric},
+           "rule": rule.as_dict(),
            "input": "float32 pixels in [0, 1], (N, C, H, W)",
            "output": "(N, classes) scores; argmax = Algorithm 1's label",
            **run.file_hashes()}
@@ -179,8 +181,10 @@ def export_metadata(run, rule: TwoStepRule) -> dict[str, Any]:
 def export_run(run, out: str | os.PathLike, rule: TwoStepRule | None = None) -> dict[str, Any]:
     """Write the run as TorchScript to ``out`` (atomically); returns its metadata."""
     out = Path(out)
+    if run.oracle is None:
+        return build_module(run, rule)  # refuses in one line
+    rule = run.oracle.resolve(rule)  # asked once, for the module and its metadata
     module = build_module(run, rule)
-    rule = run.oracle.resolve(rule)
     meta = export_metadata(run, rule)
     if out.is_dir():
         raise DundiError(f"cannot write {out}: it is a directory; give a file name, e.g. {out / 'dundi.pt'}")

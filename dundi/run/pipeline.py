@@ -26,7 +26,8 @@ from dundi.nets.inference import accuracy, forward_batched
 from dundi.nets.models import EMBED_HIDDEN, build_distance_net, build_native
 from dundi.rule.abstain_store import stored_calibration
 from dundi.rule.index import OracleIndex
-from dundi.rule.params import ORACLES_PER_CLASS, TwoStepRule
+from dundi.rule.distance import SQEUCLIDEAN, distance_named
+from dundi.rule.params import DEFAULT_METRIC, ORACLES_PER_CLASS, ResolvedRule, TwoStepRule
 from dundi.run.directory import Run
 from dundi.run.names import ORACLE_KINDS
 from dundi.run.storage import (
@@ -120,12 +121,13 @@ def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 
 
 def two_step_accuracy(model: nn.Module, oracle_images: np.ndarray, oracle_labels: np.ndarray,
-                      images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      rule: TwoStepRule) -> float:
-    """Two-step accuracy of a Distance NN under ``rule`` with an oracle set given as images
-    (validation; the rule's metric is the run's)."""
+                      images: np.ndarray, labels: np.ndarray, num_classes: int, metric: str,
+                      rule: TwoStepRule | None = None) -> float:
+    """Two-step accuracy of a Distance NN under ``rule`` (the default request) with an oracle
+    set given as images, ranked by the run's ``metric`` (validation): the oracle set is an
+    index of its own, which resolves the request once."""
     index = OracleIndex.from_embeddings(forward_batched(model, oracle_images), oracle_labels, num_classes,
-                                        metric=rule.metric)
+                                        metric=metric)
     return accuracy(index.classify(forward_batched(model, images), rule).labels, labels)
 
 
@@ -235,7 +237,7 @@ def triplet_validator(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, 
     num_classes = len(kept_classes(cfg, _spec(cfg.dataset).num_classes))
     oracle_idx = tr[OracleIndex.select(labels[tr], cfg.val_oracles, cfg.seed, num_classes)]
     return lambda m: two_step_accuracy(m, images[oracle_idx], labels[oracle_idx], images[va],
-                                       labels[va], num_classes, TwoStepRule(metric=cfg.metric))
+                                       labels[va], num_classes, cfg.metric)
 
 
 def train_dundi_run(cfg: TrainConfig, out: str | os.PathLike, pretrained: str | None = None,
@@ -294,8 +296,8 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
             raise DundiError("--select-eps chooses training images: give it with --oracle-kind images, "
                              "or drop it for the prototypes")
         return _prototype_index(run_dir, model, meta, seed)
-    metric = meta["config"].get("metric", "euclidean")
-    if margin_eps is not None and metric != "sqeuclidean":
+    metric = meta["config"].get("metric", DEFAULT_METRIC)
+    if margin_eps is not None and not distance_named(metric).certifiable:
         raise DundiError(f"{run_dir} ranks by {metric} distance: oracles chosen for certified margin "
                          f"need a certified run (dundi train --certified); build without --select-eps")
     images, labels, ids = run_rows(meta, *load_split(meta["dataset"], "train", data_dir,
@@ -330,7 +332,7 @@ def _prototype_index(run_dir: str | os.PathLike, model: nn.Module, meta: dict, s
 
     classes = meta.get("dataset_classes", list(range(meta["num_classes"])))
     index = OracleIndex(prototype_vectors(model, seed), meta["num_classes"],
-                        class_names=list(dataset_class_names(meta)), metric="sqeuclidean",
+                        class_names=list(dataset_class_names(meta)), metric=SQEUCLIDEAN.name,
                         meta={"seed": seed, "dataset": meta["dataset"], "select": "prototypes-as-oracles",
                               "dataset_classes": classes})
     save_oracle(run_dir, index)
@@ -369,7 +371,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRul
     run = Run.load(run_dir)
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     native = run.meta["kind"] == "native"
-    rule = rule if native else run.oracle.resolve(rule)
+    rule = rule if native else run.oracle.resolve(rule)  # asked once, for answers and proofs
     certifier = run.certifier(rule)
     t0 = time.time()
     answers = run.classify(images, rule).labels
@@ -392,7 +394,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRul
 
 
 def _served_certified(run: Run, certifier, images: np.ndarray, labels: np.ndarray, eps: list[float],
-                      rule: TwoStepRule) -> dict:
+                      rule: ResolvedRule) -> dict:
     """With the abstain rule `dundi index calibrate` stored for this rule: the share of
     images the service answers correctly with a certificate that covers the abstain gate too
     (no input of the ball is answered otherwise or withdrawn as "unknown")."""

@@ -22,7 +22,7 @@ from dundi.errors import DundiError
 from dundi.nets.arithmetic import check_arithmetic
 from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, CERTIFIED_SIGNALS, abstain_flags, signal_values
-from dundi.rule.params import KEPT_CLASSES, TwoStepRule
+from dundi.rule.params import DEFAULT_METRIC, KEPT_CLASSES, TwoStepRule
 from dundi.run.directory import Run
 from dundi.run.storage import index_sha256, index_version
 from dundi.serving.errors import RequestError
@@ -62,8 +62,14 @@ class ModelConfig:
 
     @property
     def rule(self) -> TwoStepRule:
-        """The two-step rule this config serves (resolved against the index when loaded)."""
+        """The request this config's JSON fields make (n, m, k are the edge's form of it):
+        :class:`LoadedModel` has the index resolve it, once."""
         return TwoStepRule(self.n, self.m, self.k)
+
+    @classmethod
+    def of(cls, run: str, rule: TwoStepRule, **settings) -> "ModelConfig":
+        """The config serving ``rule`` (a request) for ``run``, checked as a JSON one is."""
+        return cls.from_dict({"run": run, **rule.as_dict(), **settings})
 
     @classmethod
     def from_dict(cls, data: Any, base: "ModelConfig | None" = None) -> "ModelConfig":
@@ -146,7 +152,7 @@ class ModelInfo:
     oracles_per_class: int
     embed_dim: int
     abstain_threshold: float | None
-    metric: str = "euclidean"     # the distance the rule ranks by
+    metric: str = DEFAULT_METRIC  # the distance the rule ranks by (its name: the HTTP edge)
     certified: bool = False       # answers carry a certified L∞ radius (sqeuclidean runs)
     abstain_min_norm: float | None = None  # the other abstain signals (dundi.serving.abstain)
     abstain_max_grey: float | None = None
@@ -223,6 +229,8 @@ class LoadedModel:
         if run.oracle is None:
             raise DundiError(f"{config.run} is a {run.meta['kind']} run: serving needs a DunDi run "
                              f"with an oracle index (`dundi train`, then `dundi index build`)")
+        # the one place serving resolves the rule: predict, the certifier and the abstain rule
+        # take this value as it is
         self.rule = rule = run.oracle.resolve(config.rule)
         self.run = run
         self.config = config
@@ -240,8 +248,7 @@ class LoadedModel:
             in_shape=tuple(int(s) for s in meta["in_shape"]), num_classes=len(run.class_names),
             class_names=run.class_names, index_version=index_version(meta) if config.index_version
             is None else config.index_version,
-            n=rule.n, m=rule.m, k=rule.k, oracles_per_class=run.oracle.n,
-            embed_dim=run.oracle.dim, metric=run.oracle.metric,
+            **rule.as_dict(), oracles_per_class=run.oracle.n, embed_dim=run.oracle.dim,
             # certificates need n oracles in every class: not after a few-image enrollment
             certified=run.oracle.answers_exactly(rule) and config.certificates,
             step1=run.oracle.step1_kind(rule), certify_eps=config.certify_eps,

@@ -25,8 +25,7 @@ def served_model(run: str | os.PathLike, rule: TwoStepRule, abstain_threshold: f
     certificate at that L∞ radius (one interval pass) instead of the full radius;
     ``certificates`` false: a certified run answers without any."""
     try:
-        config = ModelConfig.from_dict({"run": os.path.abspath(run), "n": rule.n, "m": rule.m, "k": rule.k,
-                                        "certify_eps": certify_eps, "certificates": certificates})
+        config = ModelConfig.of(os.path.abspath(run), rule, certify_eps=certify_eps, certificates=certificates)
     except RequestError as exc:
         raise DundiError(exc.message) from None
     if abstain_threshold is not None and false_abstain is not None:

@@ -8,7 +8,7 @@ import dataclasses
 import json
 
 from dundi.nets.names import CERTIFIABLE
-from dundi.rule.params import check_metric
+from dundi.rule.params import DEFAULT_METRIC, check_metric
 
 # The values each setting accepts live here, beside the defaults, and this module imports no
 # torch: `dundi`'s parser lists them without loading a network (docs/ARCHITECTURE.md).
@@ -34,7 +34,7 @@ class TrainConfig:
     margin: float = 1.0
     mining: str = "random"         # paper's random tuples; or "batch-hard"
     embed_dim: int = 128
-    metric: str = "euclidean"      # the two-step rule's distance: euclidean (paper) | sqeuclidean
+    metric: str = DEFAULT_METRIC   # the two-step rule's distance: euclidean (paper) | sqeuclidean
     dedupe: bool = True            # embed each distinct image of a batch once (same loss, faster)
     val_fraction: float = 0.1      # held out of the training split for per-epoch validation
     val_oracles: int = 10          # oracles per class for the per-epoch two-step validation
