@@ -26,6 +26,7 @@ from dundi.cli.args import (
     unit_float,
 )
 from dundi.rule.params import ORACLES_PER_CLASS
+from dundi.robustness.verifiers import DEFAULT_VERIFIER, VERIFIERS
 
 if TYPE_CHECKING:  # the parser is built without torch: see dundi.cli.flag_values
     from dundi.training.config import TrainConfig
@@ -324,8 +325,8 @@ def cmd_certify(args: argparse.Namespace) -> None:
     from dundi.run.pipeline import certify_split
 
     figures = certify_split(args.run, eps=args.eps, rule=rule_from_args(args), split=args.split,
-                            data_dir=args.data_dir, limit=args.limit)
-    emit(figures, args.json, "certified accuracy of the two-step rule (L-inf, interval bounds)")
+                            data_dir=args.data_dir, limit=args.limit, verifier=args.verifier)
+    emit(figures, args.json, f"certified accuracy of the two-step rule (L-inf, {args.verifier} bounds)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -446,6 +447,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")
     p.add_argument("--eps", type=unit_float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="L-inf radii on [0, 1] pixels (default %(default)s)")
+    p.add_argument("--verifier", default=DEFAULT_VERIFIER, choices=VERIFIERS,
+                   help="interval: interval bounds, the last layer exact (default); linear: also backward "
+                        "linear bounds through the whole network, the tighter per condition (slower)")
     _add_rule_args(p)
     _add_common(p)
     p.set_defaults(handler=cmd_certify)
