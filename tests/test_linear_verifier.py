@@ -73,7 +73,7 @@ def test_linear_bounds_contain_every_served_output(name):
     verifier = LinearVerifier(served_layers(body))
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 1, (2, *shape)).astype(np.float32)
-    count = 12
+    count = 6 if name == "cnn7" else 12
     tighter = 0
     for eps in (0.0, 1e-3, 0.02, 0.3):
         lo, hi = served_x_box(torch.from_numpy(images), eps)

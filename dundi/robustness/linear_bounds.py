@@ -11,10 +11,13 @@ layer, to a linear function of the input, minimised exactly over the input box:
   rounding allowance the interval pass widens its boxes by (:func:`dundi.nets.bounds.propagate_served`,
   from |W|·max|a| + |b| over a's interval box), so λ·ã ≥ (Wᵀλ)·a + λ·b − |λ|·δ;
 - a ReLU y = max(x, 0), exact in float32, with x in its served interval box [l, u] (CROWN-IBP:
-  the intermediate bounds are the interval pass's): y ≥ αx (α = 1 if u > −l else 0) where λ > 0,
-  y ≤ u(x − l)/(u − l) where λ < 0, and y = x or 0 for stable units;
+  the intermediate bounds are the interval pass's): y ≥ 0 where λ > 0 (or CROWN's adaptive
+  y ≥ x where u > −l: :data:`RELAXATIONS`), y ≤ u(x − l)/(u − l) where λ < 0, and y = x or 0
+  for stable units;
 - Flatten and Identity reshape or pass λ unchanged;
-- the input is the float32 request inside the outward-rounded box: λ·x ≥ Σ λ⁺lo + λ⁻hi.
+- the input is the float32 request inside the outward-rounded box: λ·x ≥ Σ λ⁺lo + λ⁻hi;
+- after each layer the running linear function is also minimised over that layer's input box
+  (every served value lies in it), and the best of these stops is the bound.
 
 Each step is an inequality for the computed (float64) coefficients themselves, so their own
 rounding only enters through the sums; every sum here is of terms bounded by the running
@@ -119,14 +122,14 @@ class LinearVerifier:
         for sl in self.served:
             boxes.append((lo, hi))
             lo, hi = propagate_served([sl], lo, hi)
-        return lo, hi, LinearBox(self, boxes)
+        return lo, hi, LinearBox(self, boxes, lo[0].numel())
 
 
 class LinearBox:
     """The boxes of one batch of inputs, and lower bounds of linear functions of its served
     body output h (:meth:`lower`)."""
 
-    def __init__(self, verifier: LinearVerifier, boxes: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, verifier: LinearVerifier, boxes: list[tuple[torch.Tensor, torch.Tensor]], out_size: int):
         self.verifier, self.boxes = verifier, boxes
         self.cache: dict[tuple, torch.Tensor] = {}
         # each layer's rounding allowance δ and reach, once per batch
@@ -136,7 +139,9 @@ class LinearBox:
             r = aff.reach(*boxes[i])
             self.reach[i] = r
             self.delta[i] = aff.rate * r + aff.underflow
-        terms = sum(lo[0].numel() for lo, _ in boxes) + sum(sl.terms for sl in verifier.served if sl.terms > 0)
+        # the longest sum here: over one layer's inputs or outputs (a dot product, a transposed
+        # map, a concretisation) or the running constant over all layers; bounded by all together
+        terms = out_size + sum(lo[0].numel() for lo, _ in boxes) + sum(sl.terms for sl in verifier.served if sl.terms > 0)
         self.rel = 4 * gamma(terms + 8 * len(boxes) + 64, U64)
 
     def lower(self, g: torch.Tensor, need: torch.Tensor, key: object = None) -> torch.Tensor:
@@ -169,8 +174,9 @@ class LinearBox:
             kind = type(self.verifier.served[i].layer)
             lo, hi = self.boxes[i]
             if kind in LINEAR_AFFINE:
-                mass += (lam.abs() * pick(self.reach[i])).flatten(1).sum(1)
-                const -= (lam.abs() * pick(self.delta[i])).flatten(1).sum(1)
+                slack = (lam.abs() * pick(self.delta[i])).flatten(1).sum(1)
+                mass += (lam.abs() * pick(self.reach[i])).flatten(1).sum(1) + slack
+                const -= slack
                 lam, bias = self.verifier.affine[i].back(lam, lo.shape[1:])
                 const += bias
             elif kind is nn.ReLU:
