@@ -23,6 +23,7 @@ from dundi.cli.serve_cmds import add_abstain_args
 from dundi.data.specs import DATASETS, SPLITS
 from dundi.nets.names import ARCHITECTURES
 from dundi.rule.params import METRICS, ORACLES_PER_CLASS
+from dundi.robustness.verifiers import DEFAULT_VERIFIER, VERIFIERS
 from dundi.run.names import ORACLE_KINDS
 from dundi.serving.settings import ANSWER_FORMATS
 from dundi.training.config import ADV_LOSSES, ADV_TARGETS, CERT_HEADS, LOSSES, MINING, TrainConfig
@@ -241,6 +242,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="certified DunDi run directory (dundi train --certified)")
     p.add_argument("--eps", type=unit_float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="L-inf radii on [0, 1] pixels (default %(default)s)")
+    p.add_argument("--verifier", default=DEFAULT_VERIFIER, choices=VERIFIERS,
+                   help="interval: interval bounds, the last layer exact (default); linear: also backward "
+                        "linear bounds through the whole network, the tighter per condition (slower)")
     _add_rule_args(p)
     _add_common(p)
     p.set_defaults(handler=handler(HANDLERS, "cmd_certify"))

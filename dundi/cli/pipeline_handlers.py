@@ -131,8 +131,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_certify(args: argparse.Namespace) -> None:
     figures = certify_split(args.run, eps=args.eps, rule=rule_from_args(args), split=args.split,
-                            data_dir=args.data_dir, limit=args.limit)
-    emit(figures, args.json, "certified accuracy of the two-step rule (L-inf, interval bounds)")
+                            data_dir=args.data_dir, limit=args.limit, verifier=args.verifier)
+    emit(figures, args.json, f"certified accuracy of the two-step rule (L-inf, {args.verifier} bounds)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

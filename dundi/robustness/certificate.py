@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dundi.errors import DundiError
 from dundi.nets.bounds import ETA32, input_box, outward32, propagate_served, served_layers, split_last_linear
 from dundi.rule.abstain_signals import GREY_BAND
+from dundi.robustness.verifiers import DEFAULT_VERIFIER
 from dundi.rule.exact import U32, U64, ClassSums, fixed_sum, gamma, pad_rows
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ResolvedRule
@@ -91,17 +93,34 @@ class _HBox:
     radius: torch.Tensor
     e: torch.Tensor
     zabs: torch.Tensor
+    linear: object = None   # a dundi.robustness.linear_bounds.LinearBox with --verifier linear
+
+
+def served_x_box(images: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input box of every request within ``eps`` of ``images`` as served (float64 arrays of
+    float32 values). The server rounds a float64 (JSON) request to float32, up to half an ulp
+    past x ± eps, so the box is the outward-rounded float32 one (the gate signals read it too)."""
+    lo, hi = input_box(images.double(), eps.double() if torch.is_tensor(eps) else float(eps))
+    return tuple(t.double() for t in outward32(lo, hi))
 
 
 def served_h_box(body: list, images: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """float64 bounds on the activations entering a network's last layer for every input
-    within ``eps`` of ``images`` as served, and that input box. The server rounds a float64
-    (JSON) request to float32, up to half an ulp past x ± eps, so the box is the outward-rounded
-    float32 one (the gate signals read it too)."""
-    lo, hi = input_box(images.double(), eps.double() if torch.is_tensor(eps) else float(eps))
-    lo, hi = (t.double() for t in outward32(lo, hi))
+    within ``eps`` of ``images`` as served, and that input box (:func:`served_x_box`)."""
+    lo, hi = served_x_box(images, eps)
     h_lo, h_hi = propagate_served(body, lo, hi)
     return h_lo.double(), h_hi.double(), (lo, hi)
+
+
+def _linear_verifier(verifier: str, body: list):
+    """The body's :class:`~dundi.robustness.linear_bounds.LinearVerifier` for ``verifier``
+    "linear", None for "interval"; refuses any other name, and a body it cannot bound."""
+    if verifier == "interval":
+        return None
+    if verifier != "linear":
+        raise DundiError(f"unknown verifier {verifier!r}: choose interval or linear")
+    from dundi.robustness.linear_bounds import LinearVerifier
+    return LinearVerifier(body)
 
 
 class Certifier:
@@ -115,7 +134,8 @@ class Certifier:
     answer read the same numbers: the same object answers and is proven.
     """
 
-    def __init__(self, net: nn.Module, oracles: OracleIndex, rule: ResolvedRule):
+    def __init__(self, net: nn.Module, oracles: OracleIndex, rule: ResolvedRule,
+                 verifier: str = DEFAULT_VERIFIER):
         if not isinstance(oracles, OracleIndex) or not isinstance(rule, ResolvedRule):
             raise TypeError("a Certifier takes the oracle index and the rule it resolved "
                             "(OracleIndex.resolve(request))")
@@ -123,6 +143,7 @@ class Certifier:
         num_classes, k = exact.num_classes, rule.k
         body, last = split_last_linear(net)
         self.body = served_layers(body)
+        self.linear = _linear_verifier(verifier, self.body)
         self.w = last.weight.detach().double().clone()
         self.b = (last.bias.detach().double().clone() if last.bias is not None
                   else torch.zeros(self.w.shape[0], dtype=torch.float64))
@@ -143,11 +164,16 @@ class Certifier:
     # ---- the box of h and the pair bounds ---------------------------------------------------
     def _box(self, images: torch.Tensor, eps) -> tuple[_HBox, tuple]:
         """The h box for inputs within ``eps`` of ``images``, and the input box itself."""
-        h_lo, h_hi, (lo, hi) = served_h_box(self.body, images, eps)
+        if self.linear is None:
+            (h_lo, h_hi, (lo, hi)), linear = served_h_box(self.body, images, eps), None
+        else:  # the same interval pass, keeping what the backward linear bounds need
+            lo, hi = served_x_box(images, eps)
+            h_lo, h_hi, linear = self.linear.forward(*(t.float() for t in (lo, hi)))
+            h_lo, h_hi = h_lo.double(), h_hi.double()
         a = torch.maximum(h_lo.abs(), h_hi.abs())
         mag = a @ self.w.abs().T + self.b.abs()
         e = self.last_rel * mag + self.last_underflow   # the served float32 last layer's rounding
-        return _HBox((h_hi + h_lo) / 2, (h_hi - h_lo) / 2, e, mag + e), (lo, hi)
+        return _HBox((h_hi + h_lo) / 2, (h_hi - h_lo) / 2, e, mag + e, linear), (lo, hi)
 
     def _pair_bounds(self, box: _HBox, step: _Step, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Lower bounds of u_c − u_a over the box, less the rounding allowance: (B, C, C) for
@@ -165,7 +191,11 @@ class Certifier:
         pair_sigma = (step.sigma[None] - step.sigma[rows][:, None]).abs()  # (B, C, D)
         last = 2.0 * torch.einsum("bd,bcd->bc", box.e, pair_sigma)
         allowance = last + self.rel * (s + s.gather(1, rows[:, None]))
-        return lin - lin.gather(1, rows[:, None]) - spread - allowance
+        bound = lin - lin.gather(1, rows[:, None]) - spread
+        if box.linear is not None:  # the tighter of two lower bounds of (g_c - g_a)·h + κ_c - κ_a
+            tight = box.linear.lower(step.g[None] - g_a[:, None], bound <= allowance, key=id(step))
+            bound = torch.maximum(bound, tight + step.kappa[None] - step.kappa[rows][:, None])
+        return bound - allowance
 
     def _label_slack(self, box: _HBox, y: torch.Tensor) -> torch.Tensor:
         """(B, 2) margins of §4's two conditions, each positive exactly when it holds: the
@@ -177,6 +207,8 @@ class Certifier:
         if self.num_classes <= PAIRWISE_CLASS_LIMIT:
             coarse = self._pair_bounds(box, self.coarse)                    # (B, C, C)
             versus_y = coarse[rows, :, y]
+            if box.linear is not None:  # y's own coarse pairs through the linear bounds too
+                versus_y = torch.maximum(versus_y, self._pair_bounds(box, self.coarse, rows=y))
             # a class is out of the top k for certain when k classes are nearer everywhere
             certainly_out = (coarse > 0).sum(2) >= self.k
         else:

@@ -17,6 +17,7 @@ from torch import nn
 from dundi.data.pixels import validate_images
 from dundi.errors import DundiError
 from dundi.nets.inference import EMBED_BATCH
+from dundi.robustness.verifiers import DEFAULT_VERIFIER
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ResolvedRule, TwoStepResult, TwoStepRule
 from dundi.run.storage import (
@@ -152,13 +153,14 @@ class Run:
 
         return build_module(self, rule)
 
-    def certifier(self, rule: TwoStepRule | ResolvedRule | None = None):
+    def certifier(self, rule: TwoStepRule | ResolvedRule | None = None, verifier: str = DEFAULT_VERIFIER):
         """A :class:`dundi.robustness.certificate.Certifier` for this run's ``rule``. Only runs
         whose rule uses the squared Euclidean distance can be certified (train with --certified).
         A native run gets a :class:`dundi.robustness.native_certificate.SoftmaxCertifier` for
         the argmax of its logits (``rule`` may only give k, which does not change the answer).
         Refuses, naming the setting, where the process's float32 arithmetic is not the one the
-        certificate assumes (:func:`dundi.nets.arithmetic.check_arithmetic`)."""
+        certificate assumes (:func:`dundi.nets.arithmetic.check_arithmetic`). ``verifier``
+        (:mod:`dundi.robustness.verifiers`) picks the bounds that prove a DunDi run's answers."""
         from dundi.nets.arithmetic import check_arithmetic
         from dundi.robustness.certificate import Certifier
 
@@ -168,6 +170,9 @@ class Run:
             if rule is not None and (isinstance(rule, ResolvedRule) or rule.n is not None or rule.m is not None):
                 raise DundiError(f"{self.path} is a native run: it has no oracles, so n, m and the metric "
                                  f"do not apply; omit them (its answer is the argmax of its logits)")
+            if verifier != "interval":
+                raise DundiError(f"{self.path} is a native run: the {verifier} verifier bounds DunDi runs' "
+                                 f"two-step rule; certify it with --verifier interval")
             check_arithmetic(certified=True, device=self.device)
             return SoftmaxCertifier(self.model)
         if self.oracle is None:
@@ -182,7 +187,7 @@ class Run:
                              f"oracles; the index's classes hold {int(counts.min())} to "
                              f"{int(counts.max())} (use n <= {int(counts.min())})")
         check_arithmetic(certified=True, device=self.device)
-        return Certifier(self.model, self.oracle, rule)
+        return Certifier(self.model, self.oracle, rule, verifier)
 
     def oracle_tensor(self, n: int | None = None) -> torch.Tensor:
         """Oracle embeddings (C, n, D) for the differentiable scorers: the index's own padded

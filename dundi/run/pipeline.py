@@ -28,6 +28,7 @@ from dundi.rule.abstain_store import stored_calibration
 from dundi.rule.index import OracleIndex
 from dundi.rule.distance import SQEUCLIDEAN, distance_named
 from dundi.rule.params import DEFAULT_METRIC, ORACLES_PER_CLASS, ResolvedRule, TwoStepRule
+from dundi.robustness.verifiers import DEFAULT_VERIFIER
 from dundi.run.directory import Run
 from dundi.run.names import ORACLE_KINDS
 from dundi.run.storage import (
@@ -361,10 +362,12 @@ def classify_split(run_dir: str | os.PathLike, rule: TwoStepRule | None = None, 
 
 
 def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRule | None = None,
-                  split: str = "test", data_dir: str | None = None, limit: int | None = None) -> dict:
+                  split: str = "test", data_dir: str | None = None, limit: int | None = None,
+                  verifier: str = DEFAULT_VERIFIER) -> dict:
     """Clean and certified accuracy of a run's deployed ``rule`` on a split: an image
     counts as certified at eps when the rule answers its true label for every input in the
-    L∞ ball (dundi.robustness.certificate). Also the median certified radius of the correct answers."""
+    L∞ ball (dundi.robustness.certificate), proven by ``verifier`` (dundi.robustness.verifiers).
+    Also the median certified radius of the correct answers."""
     for e in eps:
         if not 0 < e <= 1:
             raise DundiError(f"--eps {e} is outside (0, 1]: L-inf radii are on [0, 1] pixels")
@@ -372,7 +375,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRul
     images, labels, _ = run_rows(run.meta, *load_split(run.meta["dataset"], split, data_dir, limit=limit))
     native = run.meta["kind"] == "native"
     rule = rule if native else run.oracle.resolve(rule)  # asked once, for answers and proofs
-    certifier = run.certifier(rule)
+    certifier = run.certifier(rule, verifier)
     t0 = time.time()
     answers = run.classify(images, rule).labels
     certified = certifier.batched(images, labels, eps=list(eps))["certified"]
@@ -381,7 +384,7 @@ def certify_split(run_dir: str | os.PathLike, eps: list[float], rule: TwoStepRul
         raise DundiError("internal error: a certified image is misclassified by the served rule; "
                          "please report it with the run")
     figures = {"dataset": run.meta["dataset"], "split": split, "count": int(len(labels)),
-               "run": Path(run_dir).name, "kind": run.meta["kind"]}
+               "run": Path(run_dir).name, "kind": run.meta["kind"], "verifier": verifier}
     if native:
         figures["rule"] = "argmax of the logits"
     else:
