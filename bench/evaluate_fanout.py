@@ -105,7 +105,8 @@ def main() -> None:
     import torch
 
     from dundi.distributed.evaluate_job import evaluate_auto, evaluate_on_ray
-    from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.evaluate import evaluate_local
     from dundi.evaluation.results import read_results
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))

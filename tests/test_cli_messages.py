@@ -79,7 +79,8 @@ def test_truncated_index_names_the_command_that_rebuilds_it(tmp_path):
 
 
 def test_evaluate_on_a_missing_run_says_the_run_is_missing(tmp_path):
-    from dundi.evaluation.evaluate import EvalConfig, prepare
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.evaluate import prepare
 
     with pytest.raises(DundiError) as exc:
         prepare(EvalConfig(run=str(tmp_path / "nope")), tmp_path / "eval")  # transfer, no --native
@@ -170,7 +171,7 @@ def test_parser_choices_and_defaults_mirror_the_modules_that_define_them():
     assert choices.ORACLE_KINDS == ORACLE_KINDS
     defaults = dataclasses.asdict(TrainConfig())
     assert choices.TRAIN_DEFAULTS == {k: defaults[k] for k in choices.TRAIN_DEFAULTS}
-    from dundi.evaluation.evaluate import EvalConfig
+    from dundi.evaluation.config import EvalConfig
 
     assert choices.EVAL_SHARD_SIZE == EvalConfig.shard_size
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dundi.errors import DundiError
-from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local
 from dundi.evaluation.results import SCHEMA, read_results, shard_path, summarize, write_shard
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dundi.evaluation.table1 import demo_report
-from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local
 from dundi.evaluation.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ def _parse_attack_args(items: list[str]) -> dict:
 
 def _attacks(names: list[str]) -> list[str]:
     from dundi.attacks import ATTACKS, STAND_IN_ONLY
-    from dundi.evaluation.evaluate import PAPER_ATTACKS
+    from dundi.evaluation.config import PAPER_ATTACKS
 
     everything = [a for a in ATTACKS if a not in STAND_IN_ONLY]
     out: list[str] = []
@@ -107,7 +107,8 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.evaluate import evaluate_local
     from dundi.evaluation.results import json_safe, summarize
 
     cfg = EvalConfig(run=args.run, native=args.native, attacks=_attacks(args.attacks),
@@ -115,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                      limit=args.limit, split=args.split, shard_size=args.shard_size, n=args.n, m=args.m,
                      k=args.k, n_values=args.n_values, temperature=args.temperature,
                      nearest=args.nearest, attack_kw=_parse_attack_args(args.attack_arg),
-                     save_adv=args.save_adv, data_dir=args.data_dir)
+                     save_adv=args.save_adv, data_dir=args.data_dir, device=args.device)
     log = (lambda s: None) if args.json else print
     if args.workers == 0:
         timing = evaluate_local(cfg, args.out, progress=not args.no_progress, log=log, threads=args.threads)
@@ -199,6 +200,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
     p.add_argument("--data-dir", default=None,
                    help="dataset cache (default: $DUNDI_DATA_DIR, else the user cache dir)")
+    from dundi.evaluation.config import DEVICE_HELP, EvalConfig
+
+    device = EvalConfig.__dataclass_fields__["device"].default
+    p.add_argument("--device", default=device,
+                   help=f"{DEVICE_HELP}: networks and attacks there (one process on a GPU; with "
+                        f"--workers, a GPU per Ray worker); the oracle index searches on the CPU "
+                        f"(default: {device})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON object, last")
     p.set_defaults(handler=cmd_evaluate)

@@ -284,7 +284,7 @@ def _paper_rows(ev: "Evaluation") -> list[dict]:
     """The transfer rows the paper's figures use: its four attacks at their settings when the
     evaluation has them (other transfer attacks, e.g. PGD curves, go to the per-threat section),
     else every transfer row."""
-    from dundi.evaluation.evaluate import PAPER_ATTACKS
+    from dundi.evaluation.config import PAPER_ATTACKS
     from dundi.evaluation.results import attack_base
 
     rows = ev.rows("transfer")
