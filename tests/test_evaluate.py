@@ -179,7 +179,7 @@ def test_cli_evaluate_json_and_accumulating_settings(mnist_runs, data_dir, tmp_p
 def test_variants_of_one_attack_are_separate_rows_and_sum_into_the_worst_case(mnist_runs, data_dir, tmp_path):
     """PGD with CE and with the margin loss at one eps, evaluated by two calls into one
     directory: both stay, each under its own name, and the worst case needs both."""
-    from dundi.evaluation.results import summarize
+    from dundi.evaluation.summary import summarize
 
     base = EvalConfig(run=str(mnist_runs["dundi"]), attacks=["pgd"], threats=["adaptive"], eps=[0.1],
                       steps=3, limit=16, shard_size=16, data_dir=data_dir)

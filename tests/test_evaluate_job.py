@@ -19,8 +19,9 @@ import pytest
 
 from dundi.evaluation.config import EvalConfig
 from dundi.evaluation.evaluate import evaluate_local, prepare
-from dundi.evaluation.results import KEY, TIMING_FILE, finished_shards, read_results, summarize, wilson_interval
-from dundi.evaluation.results import sample as results_sample
+from dundi.evaluation.results import KEY, TIMING_FILE, finished_shards, read_results, wilson_interval
+from dundi.evaluation.summary import sample as results_sample
+from dundi.evaluation.summary import summarize
 
 DEADLINE_S = 300
 

@@ -116,7 +116,7 @@ def test_summary_opens_the_report_with_worst_case_numbers_from_summarize(evaluat
     """The first section is the summary, and each of its numbers is results.summarize()'s
     worst case for that threat model and budget, its clean accuracy and its sample count."""
     from dundi.evaluation.report import pct
-    from dundi.evaluation.results import summarize
+    from dundi.evaluation.summary import summarize
 
     figures = write_report([evaluation], tmp_path / "r")
     text = (tmp_path / "r" / "report.md").read_text()

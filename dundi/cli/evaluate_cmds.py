@@ -109,7 +109,8 @@ def print_summary(summary: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dundi.evaluation.config import EvalConfig
     from dundi.evaluation.evaluate import evaluate_local
-    from dundi.evaluation.results import json_safe, summarize
+    from dundi.evaluation.results import json_safe
+    from dundi.evaluation.summary import summarize
 
     cfg = EvalConfig(run=args.run, native=args.native, attacks=_attacks(args.attacks),
                      threats=args.threat, eps=args.eps, steps=args.steps, seed=args.seed,

@@ -11,7 +11,7 @@ Evaluating a shard:
    with the attacked target model;
 4. measure the perturbation (L0, L2, Linf), the pixel range and the gradient norm of the
    target model's loss at the clean input (zero gradients mean masking, see
-   :func:`dundi.evaluation.results.checks`).
+   :func:`dundi.evaluation.summary.checks`).
 
 One row per sample (:data:`dundi.evaluation.results.SCHEMA`). Defense success is DunDi's
 two-step label on the adversarial input equal to the true label; attack success is the
