@@ -206,8 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     device = EvalConfig.__dataclass_fields__["device"].default
     p.add_argument("--device", default=device,
                    help=f"{DEVICE_HELP}: networks and attacks there (one process on a GPU; with "
-                        f"--workers, a GPU per Ray worker); the oracle index searches on the CPU "
-                        f"(default: {device})")
+                        f"--workers, a GPU per Ray worker); the oracle index searches where it always "
+                        f"does (default: {device})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON object, last")
     p.set_defaults(handler=cmd_evaluate)

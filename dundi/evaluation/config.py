@@ -53,7 +53,8 @@ class EvalConfig:
     save_adv: bool = False                    # keep the adversarial images in the rows
     data_dir: str | None = None               # where the dataset cache is (not part of the rows)
     device: str = "cpu"                       # where networks and attacks run (not part of the
-                                              # fingerprint; the index searches on the CPU)
+                                              # fingerprint): cpu by default, where rows are the
+                                              # same bits in any layout; ask for a GPU
 
     @property
     def rule(self) -> TwoStepRule:

@@ -12,16 +12,7 @@ sample of the slice. The key of a row is (sample_id, attack, eps, threat). A sha
 exists once it is complete (temporary file + ``os.replace``), so a killed evaluation leaves
 either a finished shard or a ``*.tmp*`` file that :func:`finished_shards` ignores.
 
-Two robustness figures are computed from the rows, and every summary carries both:
-
-- ``defense_success`` — the paper's "defense success rate" (section 4.3): correctly predicted
-  adversarial samples over all adversarial samples, one adversarial sample per evaluated test
-  image (the paper's 40,000 = 4 attacks × 10,000). A test image DunDi already misclassifies
-  clean can count as a success if the attack happens to move it to the right class.
-- ``robust_accuracy`` — the usual figure: the sample is classified correctly both clean and
-  adversarially. Worst case over attacks: correct clean and under every attack.
-
-Nothing here imports Ray or pandas: summaries are numpy over Arrow columns.
+Nothing here imports Ray or pandas.
 """
 
 from __future__ import annotations

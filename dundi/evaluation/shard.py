@@ -18,7 +18,9 @@ two-step label on the adversarial input equal to the true label; attack success 
 *target* model's label on it differing from the true label.
 
 On a GPU (``EvalConfig.device``) the networks, the stand-ins and the attacks run there; the
-oracle index answers on the CPU, through the same exact rule as on a CPU evaluation. Rows are
+oracle index answers as it always does (:mod:`dundi.rule.search`: FAISS on the GPU where its
+build has GPU support). Its search uses no ID selectors, which FAISS GPU indexes ignore: step 2
+reads each kept class's contiguous rows, so the GPU search gives the CPU's answers. Rows are
 the same bits in any layout on one device; GPU kernels are not the CPU's, so a GPU
 evaluation's attacks may end elsewhere than a CPU one's.
 """
