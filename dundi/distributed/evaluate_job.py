@@ -214,10 +214,12 @@ class _Startup:
         except BaseException as exc:  # raised in the driver's thread by join()
             self.error = exc
 
-    def join(self) -> tuple[dict, list]:
+    def join(self, raise_error: bool = True) -> tuple[dict, list]:
+        """Wait for the start-up; its error is raised here, in the driver's thread (not when
+        planning failed first: that mistake is the one to report)."""
         if self._thread is not None:
             self._thread.join()
-        if self.error is not None:
+        if self.error is not None and raise_error:
             raise self.error
         return self.resources, self.actors
 
@@ -245,9 +247,11 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
     try:
         try:
             evaluation, plan, todo, meta, samples = plan_evaluation(cfg, out)
-        finally:
-            if overlap_startup:
-                resources, actors = startup.join()  # no thread left behind on a refused plan
+        except BaseException:
+            actors = startup.join(raise_error=False)[1]  # no thread or actor left behind
+            raise
+        if overlap_startup:
+            actors = startup.join()[1]
         skipped = len(plan) - len(todo)
         if max_shards is not None:
             todo = todo[:max_shards]
@@ -257,7 +261,7 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
         if not todo:
             return {**figures, "seconds": 0.0, "workers": 0, "tasks": []}
         if not overlap_startup:
-            resources, actors = startup.start(in_thread=False).join()
+            actors = startup.start(in_thread=False).join()[1]
         for actor in actors[len(todo):]:  # more actors than shards: the extra ones go
             ray.kill(actor, no_restart=True)
         actors = actors[:len(todo)]
