@@ -140,10 +140,11 @@ def check_gpu_count(count: int, resources: dict) -> None:
 
 
 def _dispatch(actors: list, queue: list[ShardSpec], on_result: Callable[[str, Any, dict], None],
-              bundle: list) -> None:
+              *args: Any) -> None:
     """Keep every actor busy until the queue is empty: one shard in flight per actor, two while
     more than two shards per actor wait (so none idles for the round trip, and none holds a
-    queued shard at the end while another actor has nothing to do)."""
+    queued shard at the end while another actor has nothing to do). ``args`` go with every
+    shard call (the bundle's reference, for a restarted actor to load from)."""
     queue = list(queue)
     inflight: dict = {}  # ref → actor index
     load = [0] * len(actors)
@@ -151,7 +152,7 @@ def _dispatch(actors: list, queue: list[ShardSpec], on_result: Callable[[str, An
         for i, actor in enumerate(actors):
             depth = 2 if len(queue) > 2 * len(actors) else 1
             while queue and load[i] < depth:
-                inflight[actor.evaluate.remote(dataclasses.asdict(queue.pop(0)), bundle)] = i
+                inflight[actor.evaluate.remote(dataclasses.asdict(queue.pop(0)), *args)] = i
                 load[i] += 1
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:
