@@ -5,9 +5,14 @@ the PNG plots (matplotlib's object API with the Agg canvas, no display) of
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+Evaluation = Any  # dundi.evaluation.report.Evaluation: not imported, report imports this module
+
 
 def pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"

@@ -77,7 +77,6 @@ SCHEMA = pa.schema([
     ("adv", pa.binary()),             # float32 CHW adversarial image when saved, else null
 ])
 
-ZERO_GRAD = 1e-12  # a gradient norm at or below this counts as zero (as dundi.attacks.checks)
 L0_TOL = 1e-6  # a pixel counts as changed when it moved by more than this (float32 round-off)
 
 

@@ -16,6 +16,7 @@ Nothing here imports Ray or pandas: summaries are numpy over Arrow columns.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterable
 
@@ -24,6 +25,8 @@ import pyarrow as pa
 
 from dundi.errors import DundiError
 from dundi.evaluation.results import cost, finished_shards, read_evaluation, read_results, wilson_interval
+
+ZERO_GRAD = 1e-12  # a gradient norm at or below this counts as zero (as dundi.attacks.checks)
 
 # ---- summaries -----------------------------------------------------------------------------
 
