@@ -2,11 +2,12 @@
 that keep the runs loaded and take shards (attack × eps × threat model × slice of samples)
 one after the other.
 
-The driver plans the shards (:func:`dundi.evaluation.evaluate.prepare`), skips the finished ones, puts
-the two runs' files and the evaluated samples into the object store once and starts
-``workers`` :class:`ShardWorker` actors. Each actor rebuilds the runs from those bytes in a
+Ray and ``workers`` bare :class:`ShardWorker` actors start in a thread while the driver plans
+the shards (:func:`dundi.evaluation.evaluate.plan_evaluation`) and loads the evaluated samples;
+it skips the finished shards and puts the two runs' files and the samples into the object
+store once. Each actor (with a GPU each when ``EvalConfig.device`` is cuda) rebuilds the runs from those bytes in a
 temporary directory of its own (workers need no shared filesystem), builds its
-:class:`~dundi.evaluation.evaluate.Evaluator` and warms it up once, then evaluates every shard the
+:class:`~dundi.evaluation.shard.Evaluator` and warms it up once, then evaluates every shard the
 driver hands it and returns the Arrow table with its own timestamps; the driver writes each
 table atomically the moment it arrives. A killed evaluation loses only the shards in flight:
 rerunning the same command skips every written shard. A worker that dies is restarted and
