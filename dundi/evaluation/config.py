@@ -108,6 +108,9 @@ def check_device(device: str) -> None:
         if not torch.cuda.is_available():
             raise DundiError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu "
                              f"(or auto), or install a CUDA build of torch")
+        if index and int(index) >= torch.cuda.device_count():
+            raise DundiError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def resolve_device(device: str) -> str:
