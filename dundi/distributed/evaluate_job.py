@@ -70,7 +70,7 @@ class ShardWorker:
     index, samples) for a whole evaluation.
 
     It is created bare (its process started and torch and dundi imported) while the driver
-    still loads the runs and the samples, then :meth:`load`\ s them. Every shard call carries
+    still loads the runs and the samples, then loads them (:meth:`load`). Every shard call carries
     the bundle's reference too, so a worker that Ray restarted (a fresh process, bare again)
     loads before its first shard."""
 
