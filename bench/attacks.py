@@ -131,7 +131,8 @@ def standin_row(run: str, native_run: str, x: torch.Tensor, y: torch.Tensor, eps
     """The cascade on DunDi's exact-rule stand-in (Distance NN, oracle scores, the two-step
     rule deciding every early stop) vs on the plain native LeNet-5, same images: the rule's
     overhead per unit of attack work (gradient step or query), target <= 1.3x."""
-    from dundi.evaluation.evaluate import EvalConfig, Evaluator
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.shard import Evaluator
     from dundi.run.directory import Run
 
     cfg = EvalConfig(run=run, native=native_run, threats=["adaptive"], limit=1)

@@ -11,6 +11,10 @@ Every round writes every shard into empty directories, the variants alternate so
 noise hits them alike, and medians are printed. The rows of all variants are compared at the
 end: they must be identical (attacks are seeded per shard).
 
+Ray is run twice: as `dundi evaluate` runs it (Ray and the bare actors started in a thread
+while the driver plans and loads the runs and samples) and with Ray started only after the
+loading, the way it was before; the time from the call to the first shard is printed for both.
+
 Beside the wall-clock ratio it prints what explains it, from the workers' own clocks: how long
 the actors' shard intervals overlapped (2 workers on 2 free cores: close to the whole run),
 the CPU seconds per shard on the workers and in the one process (equal when nothing but
@@ -39,6 +43,7 @@ from pathlib import Path
 
 
 RAY = "Ray, asked for (actors x 1 thread)"
+RAY_SEQ = "Ray, start-up after loading"
 AUTO = "auto: `dundi evaluate`'s default"
 
 
@@ -81,6 +86,12 @@ def print_figures(args, times: dict[str, list[float]], figures: dict, rows: int,
     print(f"Ray: first shard starts {ray_t - span:.2f} s after the call (start-up), shards span "
           f"{span:.2f} s, two or more workers busy for {busy_overlap(tasks):.2f} s of it; "
           f"worker niceness {sorted({t['niceness'] for t in tasks})}")
+    if "ray_seq" in figures:  # time to first shard: start-up overlapped with loading vs after it
+        first = {key: min(t["start"] for t in figures[key]["tasks"]) - figures[key]["called"]
+                 for key in ("ray", "ray_seq")}
+        print(f"time to first shard on Ray: {first['ray_seq']:.2f} s with Ray started after loading "
+              f"(before), {first['ray']:.2f} s with the start-up overlapped (after): "
+              f"{first['ray_seq'] / first['ray']:.2f}x (last round of each)")
     print(f"CPU seconds per shard: Ray workers {figures['ray']['cpu_seconds'] / len(tasks):.2f}, one process "
           f"(1 thread, its last round, loading included) {figures['local1']['cpu'] / shards:.2f}")
     print(f"rows identical across variants   : {identical}")
@@ -105,7 +116,8 @@ def main() -> None:
     import torch
 
     from dundi.distributed.evaluate_job import evaluate_auto, evaluate_on_ray
-    from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.evaluate import evaluate_local
     from dundi.evaluation.results import read_results
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
@@ -121,8 +133,11 @@ def main() -> None:
         evaluate_local(cfg, out, progress=False, log=quiet, threads=n_threads)
         figures.setdefault(f"local{n_threads}", {})["cpu"] = time.process_time() - c0
 
-    def on_ray(out: Path) -> None:
-        figures["ray"] = evaluate_on_ray(cfg, out, workers=args.workers, progress=False, log=quiet)
+    def on_ray(out: Path, key: str = "ray", overlap: bool = True) -> None:
+        called = time.time()
+        figures[key] = evaluate_on_ray(cfg, out, workers=args.workers, progress=False, log=quiet,
+                                       overlap_startup=overlap)
+        figures[key]["called"] = called
 
     def auto(out: Path) -> None:
         figures["auto"] = evaluate_auto(cfg, out, progress=False, log=quiet)
@@ -130,7 +145,8 @@ def main() -> None:
     load0 = os.getloadavg()
     variants = {} if args.no_threads_variant or threads == 1 else {
         f"one process, {threads} shard threads": lambda out: local(out, threads)}
-    variants |= {"one process, 1 shard thread": lambda out: local(out, 1), RAY: on_ray, AUTO: auto}
+    variants |= {"one process, 1 shard thread": lambda out: local(out, 1), RAY: on_ray,
+                 RAY_SEQ: lambda out: on_ray(out, "ray_seq", overlap=False), AUTO: auto}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
         for i, (name, fn) in enumerate(variants.items()):

@@ -11,7 +11,7 @@ from torch import nn
 
 from dundi.attacks import ATTACKS, STAND_IN_ONLY, make_attack
 from dundi.attacks.base import eval_mode, project_linf
-from dundi.evaluation.evaluate import attack_eps, attack_steps
+from dundi.evaluation.plan import attack_eps, attack_steps
 
 RUNNABLE = sorted(name for name in ATTACKS if name not in STAND_IN_ONLY)
 SMALL = {"square": 60, "autoattack": 3, "apgd": 5, "apgd-t": 3, "fab-t": 3, "pgd": 5, "ifgsm-a": 5,

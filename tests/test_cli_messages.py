@@ -79,7 +79,8 @@ def test_truncated_index_names_the_command_that_rebuilds_it(tmp_path):
 
 
 def test_evaluate_on_a_missing_run_says_the_run_is_missing(tmp_path):
-    from dundi.evaluation.evaluate import EvalConfig, prepare
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.evaluate import prepare
 
     with pytest.raises(DundiError) as exc:
         prepare(EvalConfig(run=str(tmp_path / "nope")), tmp_path / "eval")  # transfer, no --native

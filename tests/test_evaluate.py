@@ -12,7 +12,10 @@ import pytest
 
 from dundi.data import load_split
 from dundi.errors import DundiError
-from dundi.evaluation.evaluate import EvalConfig, adv_images, evaluate_local, prepare, select_samples
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local, prepare
+from dundi.evaluation.plan import select_samples
+from dundi.evaluation.shard import adv_images
 from dundi.evaluation.results import KEY, finished_shards, read_evaluation, read_results, shard_path
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run
@@ -176,7 +179,7 @@ def test_cli_evaluate_json_and_accumulating_settings(mnist_runs, data_dir, tmp_p
 def test_variants_of_one_attack_are_separate_rows_and_sum_into_the_worst_case(mnist_runs, data_dir, tmp_path):
     """PGD with CE and with the margin loss at one eps, evaluated by two calls into one
     directory: both stay, each under its own name, and the worst case needs both."""
-    from dundi.evaluation.results import summarize
+    from dundi.evaluation.summary import summarize
 
     base = EvalConfig(run=str(mnist_runs["dundi"]), attacks=["pgd"], threats=["adaptive"], eps=[0.1],
                       steps=3, limit=16, shard_size=16, data_dir=data_dir)
@@ -202,7 +205,7 @@ def test_attacks_on_distance_scores_default_to_the_margin_loss():
     saturates); the transfer attack keeps the paper's CE; --attack-arg loss=... wins."""
     import torch
 
-    from dundi.evaluation.evaluate import make_attack_for
+    from dundi.evaluation.plan import make_attack_for
 
     cfg = EvalConfig(run="r", native="n", attacks=["pgd"], threats=["transfer", "adaptive", "feature"])
     loss_of = lambda threat, c=cfg: make_attack_for("pgd", torch.nn.Identity(), 0.3, c, "mnist-10k", 0, threat).loss
@@ -212,7 +215,7 @@ def test_attacks_on_distance_scores_default_to_the_margin_loss():
 
 
 def test_model_names_follow_the_paper_and_mark_adversarial_training():
-    from dundi.evaluation.evaluate import model_name
+    from dundi.evaluation.plan import model_name
 
     assert model_name({"kind": "dundi", "arch": "lenet5", "mode": "P"}) == "DunDi_P3"
     assert model_name({"kind": "dundi", "arch": "lenet1", "mode": "R", "adversarial": True}) == "DunDi-AT_R1"

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from dundi.errors import DundiError
-from dundi.evaluation.evaluate import EvalConfig, evaluate_local
-from dundi.evaluation.results import SCHEMA, read_results, shard_path, summarize, write_shard
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local
+from dundi.evaluation.results import SCHEMA, read_results, shard_path, write_shard
+from dundi.evaluation.summary import summarize
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_ray_workers_keep_one_evaluator_per_sample_list(aa_cfg, ray_local, tmp_p
 
 
 def test_disagreement_above_one_percent_warns():
-    from dundi.evaluation.results import checks
+    from dundi.evaluation.summary import checks
 
     row = {"threat": "adaptive", "attack": "pgd", "eps": 0.3, "norm": "Linf", "target_model": "x",
            "zero_gradient_fraction": 0.0, "robust_accuracy": 0.5, "rule_disagreement": 0.02}

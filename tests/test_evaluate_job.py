@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dundi.evaluation.evaluate import EvalConfig, evaluate_local, prepare
-from dundi.evaluation.results import KEY, TIMING_FILE, finished_shards, read_results, summarize, wilson_interval
-from dundi.evaluation.results import sample as results_sample
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local, prepare
+from dundi.evaluation.results import KEY, TIMING_FILE, finished_shards, read_results, wilson_interval
+from dundi.evaluation.summary import sample as results_sample
+from dundi.evaluation.summary import summarize
 
 DEADLINE_S = 300
 
@@ -115,7 +117,7 @@ def test_ray_workers_share_the_shards_and_give_the_local_rows(slow_cfg, ray_loca
 
 EVALUATE_ON_TWO_NODES = """
 from dundi.distributed.evaluate_job import evaluate_on_ray
-from dundi.evaluation.evaluate import EvalConfig
+from dundi.evaluation.config import EvalConfig
 
 timing = evaluate_on_ray(EvalConfig(**json.loads(sys.argv[1])), sys.argv[2], address=cluster.address,
                          progress=False, log=lambda s: None)

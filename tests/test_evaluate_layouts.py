@@ -13,7 +13,8 @@ from torch import nn
 
 from dundi.attacks import make_attack
 from dundi.attacks.draws import SampleDraws, hash32
-from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local
 from dundi.evaluation.results import KEY, read_results
 from dundi.nets.invariant import InvariantForward
 

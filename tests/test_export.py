@@ -141,7 +141,9 @@ def test_torchattacks_autoattack_on_the_export_agrees_with_dundi_evaluate(certif
     autoattack` on the same 24 images at L∞ eps 0.3: the outside tool's robust accuracy, every
     adversarial image judged by the served rule (Run.classify), lies in the 95% interval of ours."""
     torchattacks = pytest.importorskip("torchattacks")
-    from dundi.evaluation.evaluate import EvalConfig, Evaluator, evaluate_local
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.evaluate import evaluate_local
+    from dundi.evaluation.shard import Evaluator
     from dundi.evaluation.results import read_results, wilson_interval
 
     cfg = EvalConfig(run=str(certified_run), attacks=["autoattack"], threats=["adaptive"], eps=[0.3], limit=24,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dundi.evaluation.table1 import demo_report
-from dundi.evaluation.evaluate import EvalConfig, evaluate_local
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import evaluate_local
 from dundi.evaluation.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -115,7 +116,7 @@ def test_summary_opens_the_report_with_worst_case_numbers_from_summarize(evaluat
     """The first section is the summary, and each of its numbers is results.summarize()'s
     worst case for that threat model and budget, its clean accuracy and its sample count."""
     from dundi.evaluation.report import pct
-    from dundi.evaluation.results import summarize
+    from dundi.evaluation.summary import summarize
 
     figures = write_report([evaluation], tmp_path / "r")
     text = (tmp_path / "r" / "report.md").read_text()
@@ -173,13 +174,14 @@ def test_plot_axes_stay_legible_with_one_eps_and_zero_values(evaluation, tmp_pat
     from matplotlib.figure import Figure
 
     import dundi.evaluation.report as report
+    import dundi.evaluation.report_plots as plots
 
     ev = report.Evaluation(evaluation)
     ev.attacks = [dict(r, robust_accuracy=0.0) for r in ev.attacks if r["eps"] == 0.3]
     ev.worst = [dict(w, robust_accuracy=0.0) for w in ev.worst if w["eps"] == 0.3]
     saved: list[Figure] = []
-    real_save = report._save
-    report._save = lambda fig, path: (saved.append(fig), real_save(fig, path))[1]
+    real_save = plots._save
+    plots._save = lambda fig, path: (saved.append(fig), real_save(fig, path))[1]
     try:
         report.plot_robust_vs_eps(ev, tmp_path / "robust.png")
         for r in ev.attacks:
@@ -188,7 +190,7 @@ def test_plot_axes_stay_legible_with_one_eps_and_zero_values(evaluation, tmp_pat
         settings = sorted({(r["attack"], r["eps"]) for r in ev.rows("transfer")})
         report.plot_defense_bars([ev], settings, tmp_path / "bars.png")
     finally:
-        report._save = real_save
+        plots._save = real_save
     robust, bars = saved
     for ax in robust.axes:
         lo, hi = ax.get_xlim()

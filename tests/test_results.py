@@ -13,16 +13,13 @@ from dundi.errors import DundiError
 from dundi.evaluation.results import (
     EVALUATION_FILE,
     SCHEMA,
-    attack_summary,
-    checks,
-    clean_accuracy,
     finished_shards,
     read_results,
     shard_name,
     shard_path,
-    worst_case,
     write_shard,
 )
+from dundi.evaluation.summary import attack_summary, checks, clean_accuracy, worst_case
 
 FP = "f" * 16
 

@@ -9,7 +9,7 @@ import torch
 
 from dundi.data import load_split
 from dundi.errors import DundiError
-from dundi.evaluation.evaluate import select_samples
+from dundi.evaluation.plan import select_samples
 from dundi.robustness.threats import FeatureScorer, build_threat
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run

@@ -58,7 +58,7 @@ def test_standin_argmax_is_the_faiss_rule_with_ties(metric, full_limit):
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
 def test_standin_argmax_is_the_rule_on_a_real_run(mnist_runs, data_dir, metric):
     from dundi.data import load_split
-    from dundi.evaluation.evaluate import select_samples
+    from dundi.evaluation.plan import select_samples
     from dundi.run.directory import Run
 
     run = Run.load(mnist_runs["dundi"])

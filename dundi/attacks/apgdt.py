@@ -34,6 +34,7 @@ class APGDT(APGD):
 
     name = "apgd-t"
     losses = ("dlr-targeted",)
+    fixed_settings = {"loss": "dlr-targeted"}
 
     def __init__(self, model: nn.Module, eps: float = 0.3, steps: int = 100, restarts: int = 1,
                  targets: int = 9, rho: float = 0.75, seed: int = 0, device=None):

@@ -150,7 +150,9 @@ class Attack:
     ``steps_arg``   the constructor argument holding its iterations (``"steps"``, DeepFool's
                     ``"max_iter"``, Square's ``"n_queries"``), None if its work is fixed;
     ``seeded``      whether it draws random numbers from a ``seed`` argument;
-    ``stand_in_only`` whether it only applies to DunDi's two-step stand-in.
+    ``stand_in_only`` whether it only applies to DunDi's two-step stand-in;
+    ``fixed_settings`` settings the class fixes rather than takes (BIM-A's early stop), so a
+                    plan knows every setting the attack will hold without building it.
 
     Arguments:
         model (nn.Module): maps (N, C, H, W) images in [0, 1] to (N, K) logits/scores.
@@ -164,6 +166,7 @@ class Attack:
     steps_arg: str | None = "steps"
     seeded: bool = False
     stand_in_only: bool = False
+    fixed_settings: dict[str, object] = {}
 
     def __init__(self, model: nn.Module, device: torch.device | str | None = None):
         if not isinstance(model, nn.Module):

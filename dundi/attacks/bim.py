@@ -99,6 +99,7 @@ class BIMA(BIM):
     """BIM-A ("iFGSM-a"): :class:`BIM` with ``early_stop=True``. Same arguments."""
 
     name = "ifgsm-a"
+    fixed_settings = {"early_stop": True}
 
     def __init__(self, model: nn.Module, eps: float = 0.3, alpha: float = 0.01, steps: int = 50,
                  loss: str = "ce", device=None):
@@ -109,6 +110,7 @@ class BIMB(BIM):
     """BIM-B ("iFGSM-b"): :class:`BIM` with ``early_stop=False``. Same arguments."""
 
     name = "ifgsm-b"
+    fixed_settings = {"early_stop": False}
 
     def __init__(self, model: nn.Module, eps: float = 0.3, alpha: float = 0.01, steps: int = 50,
                  loss: str = "ce", device=None):

@@ -38,6 +38,7 @@ class APGDStep1(APGD):
     name = "apgd-step1"
     stand_in_only = True  # it attacks step 1 of DunDi's two-step rule
     losses = ("coarse-margin",)
+    fixed_settings = {"loss": "coarse-margin"}
 
     def __init__(self, model: nn.Module, eps: float = 0.3, steps: int = 100, restarts: int = 1,
                  rho: float = 0.75, seed: int = 0, device=None):

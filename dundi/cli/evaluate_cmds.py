@@ -8,7 +8,7 @@ import argparse
 
 from dundi.cli.args import add_two_step_args, handler, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dundi.data.specs import SPLITS
-from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.config import DEVICE_HELP, EvalConfig
 
 HANDLERS = "dundi.cli.evaluate_handlers"
 
@@ -69,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="evaluation directory (rerun to resume)")
     p.add_argument("--data-dir", default=None,
                    help="dataset cache (default: $DUNDI_DATA_DIR, else the user cache dir)")
+    p.add_argument("--device", default=d.device,
+                   help=f"{DEVICE_HELP}: networks and attacks there (one process on a GPU; with "
+                        f"--workers, a GPU per Ray worker); the oracle index searches where it always "
+                        f"does (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON object, last")
     p.set_defaults(handler=handler(HANDLERS, "cmd_evaluate"))

@@ -17,7 +17,8 @@ from dundi.evaluation.certified_eval import certified_summary, certify_evaluatio
 from dundi.evaluation.config import PAPER_ATTACKS, EvalConfig
 from dundi.evaluation.evaluate import evaluate_local
 from dundi.evaluation.report import write_report
-from dundi.evaluation.results import json_safe, summarize
+from dundi.evaluation.results import json_safe
+from dundi.evaluation.summary import summarize
 
 
 def _parse_attack_args(items: list[str]) -> dict:
@@ -101,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                      limit=args.limit, split=args.split, shard_size=args.shard_size, n=args.n, m=args.m,
                      k=args.k, n_values=args.n_values, temperature=args.temperature,
                      nearest=args.nearest, attack_kw=_parse_attack_args(args.attack_arg),
-                     save_adv=args.save_adv, data_dir=args.data_dir)
+                     save_adv=args.save_adv, data_dir=args.data_dir, device=args.device)
     log = (lambda s: None) if args.json else print
     if args.workers == 0:
         timing = evaluate_local(cfg, args.out, progress=not args.no_progress, log=log, threads=args.threads)

@@ -2,11 +2,12 @@
 that keep the runs loaded and take shards (attack × eps × threat model × slice of samples)
 one after the other.
 
-The driver plans the shards (:func:`dundi.evaluation.evaluate.prepare`), skips the finished ones, puts
-the two runs' files and the evaluated samples into the object store once and starts
-``workers`` :class:`ShardWorker` actors. Each actor rebuilds the runs from those bytes in a
+Ray and ``workers`` bare :class:`ShardWorker` actors start in a thread while the driver plans
+the shards (:func:`dundi.evaluation.evaluate.plan_evaluation`) and loads the evaluated samples;
+it skips the finished shards and puts the two runs' files and the samples into the object
+store once. Each actor (with a GPU each when ``EvalConfig.device`` is cuda) rebuilds the runs from those bytes in a
 temporary directory of its own (workers need no shared filesystem), builds its
-:class:`~dundi.evaluation.evaluate.Evaluator` and warms it up once, then evaluates every shard the
+:class:`~dundi.evaluation.shard.Evaluator` and warms it up once, then evaluates every shard the
 driver hands it and returns the Arrow table with its own timestamps; the driver writes each
 table atomically the moment it arrives. A killed evaluation loses only the shards in flight:
 rerunning the same command skips every written shard. A worker that dies is restarted and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +35,10 @@ from typing import Any, Callable
 import ray
 
 from dundi.errors import DundiError
-from dundi.evaluation.evaluate import EvalConfig, Evaluator, ShardSpec, _progress, prepare
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.evaluate import plan_evaluation, prepare, progress_counter
+from dundi.evaluation.plan import ShardSpec
+from dundi.evaluation.shard import Evaluator
 from dundi.evaluation.results import record_timing, write_shard
 from dundi.run.storage import RUN_FILE, read_meta
 
@@ -61,31 +66,39 @@ def _materialize(files: dict[str, bytes], root: Path) -> str:
 
 @ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
 class ShardWorker:
-    """One worker process holding one :class:`~dundi.evaluation.evaluate.Evaluator` (model, oracle index,
-    samples) for a whole evaluation."""
+    """One worker process holding one :class:`~dundi.evaluation.shard.Evaluator` (model, oracle
+    index, samples) for a whole evaluation.
 
-    def __init__(self, cfg_dict: dict, bundle_ref: list, threads: int = 1, niceness: int | None = None) -> None:
+    It is created bare (its process started and torch and dundi imported) while the driver
+    still loads the runs and the samples, then loads them (:meth:`load`). Every shard call carries
+    the bundle's reference too, so a worker that Ray restarted (a fresh process, bare again)
+    loads before its first shard."""
+
+    def __init__(self, cfg_dict: dict, threads: int = 1, niceness: int | None = None) -> None:
         import torch
 
         if niceness is not None:
             _set_niceness(niceness)
-
-        # the bundle comes as a nested reference: the driver holds it for the whole run, so a
-        # restarted actor can fetch it again
-        bundle = ray.get(bundle_ref[0])
         torch.set_num_threads(threads)  # one CPU per worker: the workers are the parallelism
-        root = Path(tempfile.mkdtemp(prefix="dundi-eval-"))
-        run_dir = _materialize(bundle["dundi"], root / "dundi")
-        native_dir = _materialize(bundle["native"], root / "native") if bundle["native"] else None
-        self.evaluator = Evaluator(EvalConfig(**cfg_dict), run_dir, native_dir, data=bundle["data"])
-        self.evaluator.warm_up()
+        self.cfg = EvalConfig(**cfg_dict)
+        self.evaluator: Evaluator | None = None
 
-    def ready(self) -> float:
-        """Returns (the worker's clock) once the evaluator is loaded and warm."""
+    def load(self, bundle_ref: list) -> float:
+        """Build and warm the evaluator from the bundle; returns the worker's clock once warm.
+        The bundle comes as a nested reference: the driver holds it for the whole run, so a
+        restarted actor can fetch it again."""
+        if self.evaluator is None:
+            bundle = ray.get(bundle_ref[0])
+            root = Path(tempfile.mkdtemp(prefix="dundi-eval-"))
+            run_dir = _materialize(bundle["dundi"], root / "dundi")
+            native_dir = _materialize(bundle["native"], root / "native") if bundle["native"] else None
+            self.evaluator = Evaluator(self.cfg, run_dir, native_dir, data=bundle["data"], meta=bundle["meta"])
+            self.evaluator.warm_up()
         return time.time()
 
-    def evaluate(self, spec: dict) -> tuple[str, Any, dict]:
+    def evaluate(self, spec: dict, bundle_ref: list) -> tuple[str, Any, dict]:
         """(shard name, Arrow table, the worker's own clock readings for this shard)."""
+        self.load(bundle_ref)
         spec_obj = ShardSpec(**spec)
         start, cpu0 = time.time(), time.process_time()
         table = self.evaluator.evaluate_shard(spec_obj)
@@ -117,10 +130,22 @@ def check_worker_count(workers: int | None, resources: dict, started_here: bool)
                          f"{cpus} CPU(s): use --workers {max(cpus, 1)} or fewer, or add nodes")
 
 
-def _dispatch(actors: list, queue: list[ShardSpec], on_result: Callable[[str, Any, dict], None]) -> None:
+def check_gpu_count(count: int, resources: dict) -> None:
+    """Refuse, in one line, more one-GPU actors than the cluster has GPUs (they would wait
+    for ever)."""
+    gpus = int(resources.get("GPU", 0))
+    if count > gpus:
+        raise DundiError(f"--device cuda gives each Ray worker a GPU, but {count} worker(s) meet "
+                         f"{gpus} GPU(s) in the Ray cluster: use --workers {max(gpus, 1)} or fewer"
+                         + ("" if gpus else ", or --workers 0 (this process)"))
+
+
+def _dispatch(actors: list, queue: list[ShardSpec], on_result: Callable[[str, Any, dict], None],
+              *args: Any) -> None:
     """Keep every actor busy until the queue is empty: one shard in flight per actor, two while
     more than two shards per actor wait (so none idles for the round trip, and none holds a
-    queued shard at the end while another actor has nothing to do)."""
+    queued shard at the end while another actor has nothing to do). ``args`` go with every
+    shard call (the bundle's reference, for a restarted actor to load from)."""
     queue = list(queue)
     inflight: dict = {}  # ref → actor index
     load = [0] * len(actors)
@@ -128,7 +153,7 @@ def _dispatch(actors: list, queue: list[ShardSpec], on_result: Callable[[str, An
         for i, actor in enumerate(actors):
             depth = 2 if len(queue) > 2 * len(actors) else 1
             while queue and load[i] < depth:
-                inflight[actor.evaluate.remote(dataclasses.asdict(queue.pop(0)))] = i
+                inflight[actor.evaluate.remote(dataclasses.asdict(queue.pop(0)), *args)] = i
                 load[i] += 1
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:
@@ -148,45 +173,104 @@ def busy_overlap(tasks: list[dict]) -> float:
     return total
 
 
+class _Startup:
+    """Ray and the bare actors, started in a thread while the driver plans the evaluation and
+    loads the runs and samples (:func:`evaluate_on_ray`): both take seconds, and neither needs
+    the other until the first shard goes out."""
+
+    def __init__(self, cfg: EvalConfig, workers: int | None, address: str | None, local: bool,
+                 log: Callable[[str], None]) -> None:
+        self.cfg, self.workers, self.address, self.local, self.log = cfg, workers, address, local, log
+        self.resources: dict = {}
+        self.actors: list = []
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, in_thread: bool) -> "_Startup":
+        if in_thread:
+            self._thread = threading.Thread(target=self._run, name="dundi-ray-startup", daemon=True)
+            self._thread.start()
+        else:
+            self._run()
+        return self
+
+    def _run(self) -> None:
+        from dundi.distributed.ray_init import init_ray
+        from dundi.evaluation.config import resolve_device
+
+        try:
+            workers = self.workers
+            if self.local and workers and workers > (os.cpu_count() or 1):
+                self.log(f"dundi: --workers {workers} on {os.cpu_count()} cores: the actors share the cores "
+                         f"(no faster than --workers {os.cpu_count()})")
+            self.resources = init_ray(self.address, num_cpus=workers if self.address is None else None,
+                                      **({"_system_config": LOCAL_RAY_CONFIG} if self.local else {}))
+            check_worker_count(workers, self.resources, self.local)
+            count = max(1, int(workers or self.resources.get("CPU", 1)))
+            gpus = 1 if resolve_device(self.cfg.device) != "cpu" else 0
+            if gpus:
+                check_gpu_count(count, self.resources)
+            niceness = os.getpriority(os.PRIO_PROCESS, 0)
+            self.actors = [ShardWorker.options(num_gpus=gpus).remote(dataclasses.asdict(self.cfg), niceness=niceness)
+                           for _ in range(count)]
+        except BaseException as exc:  # raised in the driver's thread by join()
+            self.error = exc
+
+    def join(self, raise_error: bool = True) -> tuple[dict, list]:
+        """Wait for the start-up; its error is raised here, in the driver's thread (not when
+        planning failed first: that mistake is the one to report)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None and raise_error:
+            raise self.error
+        return self.resources, self.actors
+
+
 def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None = None,
                     address: str | None = None, progress: bool = True, max_shards: int | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print, overlap_startup: bool = True) -> dict[str, Any]:
     """Run the unfinished shards of an evaluation on Ray worker actors; returns timing figures
     (``tasks``: each shard's worker, start and end on that worker's clock, CPU seconds).
 
     ``workers``: actors (default: the cluster's CPUs). Without ``address`` a local Ray with
-    ``workers`` CPUs is started (and stopped again at the end)."""
-    from dundi.distributed.ray_init import init_ray
-
-    evaluation, plan, todo = prepare(cfg, out)
-    skipped = len(plan) - len(todo)
-    if max_shards is not None:
-        todo = todo[:max_shards]
-    log(f"evaluation {evaluation['fingerprint']}: {len(plan)} shards, {skipped} already finished, "
-        f"{len(todo)} to run on Ray")
-    figures: dict[str, Any] = {"shards_run": len(todo), "shards_skipped": skipped, "mode": "ray"}
-    if not todo:
-        return {**figures, "seconds": 0.0, "workers": 0, "tasks": []}
+    ``workers`` CPUs is started (and stopped again at the end). With ``cfg.device`` cuda each
+    actor holds one GPU. ``overlap_startup`` (default): Ray and the bare actors start in a
+    thread while this process plans and loads (False: one after the other, for
+    bench/evaluate_fanout.py to compare); an evaluation with nothing left to run then paid
+    for a Ray start it did not use."""
     started = not ray.is_initialized()
     local = address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     t0, wall_start = time.perf_counter(), time.time()
-    if local and workers and workers > (os.cpu_count() or 1):
-        log(f"dundi: --workers {workers} on {os.cpu_count()} cores: the actors share the cores "
-            f"(no faster than --workers {os.cpu_count()})")
-    resources = init_ray(address, num_cpus=workers if address is None else None,
-                         **({"_system_config": LOCAL_RAY_CONFIG} if local else {}))
-    check_worker_count(workers, resources, local)
-    count = max(1, min(int(workers or resources.get("CPU", 1)), len(todo)))
+    startup = _Startup(cfg, workers, address, local, log)
+    if overlap_startup:
+        startup.start(in_thread=True)
     tasks: list[dict] = []
     actors: list = []
     try:
-        data = Evaluator.load_samples(cfg, evaluation["dataset"])
-        bundle = ray.put({"dundi": run_files(cfg.run), "native": run_files(cfg.native) if cfg.native else None,
-                          "data": data})
-        driver_niceness = os.getpriority(os.PRIO_PROCESS, 0)
-        actors += [ShardWorker.remote(dataclasses.asdict(cfg), [bundle], niceness=driver_niceness)
-                   for _ in range(count)]
-        bar = _progress(sum(s.stop - s.start for s in todo), progress, evaluation)
+        try:
+            evaluation, plan, todo, meta, samples = plan_evaluation(cfg, out)
+        except BaseException:
+            actors = startup.join(raise_error=False)[1]  # no thread or actor left behind
+            raise
+        if overlap_startup:
+            actors = startup.join()[1]
+        skipped = len(plan) - len(todo)
+        if max_shards is not None:
+            todo = todo[:max_shards]
+        log(f"evaluation {evaluation['fingerprint']}: {len(plan)} shards, {skipped} already finished, "
+            f"{len(todo)} to run on Ray")
+        figures: dict[str, Any] = {"shards_run": len(todo), "shards_skipped": skipped, "mode": "ray"}
+        if not todo:
+            return {**figures, "seconds": 0.0, "workers": 0, "tasks": []}
+        if not overlap_startup:
+            actors = startup.start(in_thread=False).join()[1]
+        for actor in actors[len(todo):]:  # more actors than shards: the extra ones go
+            ray.kill(actor, no_restart=True)
+        actors = actors[:len(todo)]
+        count = len(actors)
+        bundle = [ray.put({"dundi": run_files(cfg.run), "native": run_files(cfg.native) if cfg.native else None,
+                           "data": samples, "meta": meta})]
+        bar = progress_counter(sum(s.stop - s.start for s in todo), progress, evaluation)
 
         def on_result(name: str, table: Any, info: dict) -> None:
             spec = evaluation["shards"][name]
@@ -196,14 +280,14 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
 
         # All actors load at once; shards go out when every one is warm, so that no shard
         # waits behind a worker still starting while another worker runs out of work.
-        ready = ray.get([actor.ready.remote() for actor in actors])
+        ready = ray.get([actor.load.remote(bundle) for actor in actors])
         figures["ready_seconds"] = round(max(ready) - wall_start, 3)
-        _dispatch(actors, todo, on_result)
+        _dispatch(actors, todo, on_result, bundle)
         bar.close()
     finally:
         for actor in actors:  # free their CPUs on a Ray that outlives this call (a cluster)
             ray.kill(actor, no_restart=True)
-        if started and address is None:
+        if started and address is None and ray.is_initialized():
             ray.shutdown()
     wall = time.perf_counter() - t0
     figures.update(rows=sum(t["rows"] for t in tasks), cores=count, node_count=len({t["node"] for t in tasks}))
@@ -245,9 +329,15 @@ def evaluate_auto(cfg: EvalConfig, out: str | os.PathLike, progress: bool = True
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """One machine, no layout asked for: the first round of shards runs in this process, one
     shard per core at once; the measured use of the cores decides where the rest runs
-    (:func:`choose_layout`). Both layouts give the same rows."""
+    (:func:`choose_layout`). Both layouts give the same rows. On a GPU (``cfg.device``) the
+    whole evaluation runs in this process, on the GPU."""
+    from dundi.evaluation.config import resolve_device
     from dundi.evaluation.evaluate import evaluate_local
 
+    device = resolve_device(cfg.device)
+    if device != "cpu":
+        timing = evaluate_local(cfg, out, progress=progress, log=log)
+        return {**timing, "layout": "local", "layout_reason": f"in this process on {device}"}
     cores = os.cpu_count() or 1
     cpu0 = time.process_time()
     probe = evaluate_local(cfg, out, progress=False, max_shards=cores, log=log, threads=cores)
@@ -265,4 +355,4 @@ def evaluate_auto(cfg: EvalConfig, out: str | os.PathLike, progress: bool = True
             "seconds": round(probe["seconds"] + rest["seconds"], 3)}
 
 
-__all__ = ["evaluate_on_ray", "evaluate_auto", "choose_layout", "RAY_STARTUP_S", "check_worker_count", "ShardWorker", "busy_overlap", "run_files", "LOCAL_RAY_CONFIG"]
+__all__ = ["evaluate_on_ray", "evaluate_auto", "choose_layout", "RAY_STARTUP_S", "check_worker_count", "check_gpu_count", "ShardWorker", "busy_overlap", "run_files", "LOCAL_RAY_CONFIG"]

@@ -38,7 +38,8 @@ def linf_eps(table: pa.Table) -> list[float]:
 def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
     """Compute (or reuse) the certificates of an evaluation's samples; None when the run's rule
     cannot be certified. Written atomically, keyed by the evaluation's fingerprint and eps."""
-    from dundi.evaluation.evaluate import EvalConfig, Evaluator
+    from dundi.evaluation.config import EvalConfig
+    from dundi.evaluation.shard import Evaluator
     from dundi.run.directory import Run
     from dundi.run.storage import read_meta
 
@@ -55,7 +56,7 @@ def certify_evaluation(out: str | os.PathLike) -> pa.Table | None:
         old = pq.read_table(path)
         if (old.schema.metadata or {}).get(b"dundi.key") == key:
             return old
-    images, labels, ids = Evaluator.load_samples(cfg, evaluation["dataset"])
+    images, labels, ids = Evaluator.load_samples(cfg, evaluation["dataset"], read_meta(cfg.run))
     certifier = run.certifier(cfg.rule)
     found = certifier.batched(images, labels, eps=eps, radius=True)
     columns: dict[str, Any] = {"sample_id": pa.array(ids, pa.int64()),

@@ -1,9 +1,11 @@
 """The settings of an adversarial evaluation, in one place and checked once.
 
 :class:`EvalConfig` holds everything that decides an evaluation's rows (plus where the data
-lives). Its field defaults are the only copy of the evaluation's defaults: the ``dundi
-evaluate`` parser reads them from here, so this module imports no torch (the attacks and
-threat models it checks against load when a config is validated).
+lives and which device computes). Its field defaults are the only copy of the evaluation's
+defaults: the ``dundi evaluate`` parser reads them from here. The attack settings the paper
+fixes per dataset (:data:`DATASET_SETTINGS`) and per threat model (:data:`THREAT_SETTINGS`)
+live here too; :mod:`dundi.evaluation.plan` turns them, with each attack's own defaults, into
+one :class:`~dundi.evaluation.plan.AttackPlan` per attack.
 """
 
 from __future__ import annotations
@@ -16,19 +18,28 @@ from dundi.rule.params import KEPT_CLASSES, TwoStepRule
 
 PAPER_ATTACKS = ("fgsm", "ifgsm-a", "ifgsm-b", "jsma")
 PAPER_N_VALUES = (1, 10, 20)
+DEVICE_HELP = "auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N"
+# The paper's settings where they differ from the attacks' MNIST defaults (DESIGN.md §1).
+DATASET_SETTINGS: dict[str, dict[str, float]] = {"cifar10": {"eps": 0.05, "alpha": 0.005}}
+# Attacks on DunDi's distance scores use the CW margin unless told otherwise: summed embedding
+# distances are large, so softmax cross-entropy saturates in float32 and its gradient is exactly
+# zero for most samples (seen on DunDi_R3: 74% of samples), which would understate the attack.
+THREAT_SETTINGS: dict[str, dict[str, str]] = {"adaptive": {"loss": "margin"}, "adaptive-all": {"loss": "margin"},
+                                              "feature": {"loss": "margin"}}
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Everything that decides the rows of an evaluation (plus where the data lives)."""
+    """Everything that decides the rows of an evaluation (plus where the data lives and which
+    device computes them)."""
 
     run: str                                  # DunDi run directory (with its oracle index)
     native: str | None = None                 # native run (transfer threat model; native columns)
     attacks: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_ATTACKS))
     threats: list[str] = dataclasses.field(default_factory=lambda: ["transfer"])
-    eps: list[float] | None = None            # None: each attack's own default (paper settings)
+    eps: list[float] | None = None            # None: each attack's own budget (paper settings)
     steps: int | None = None                  # None: each attack's default
-    seed: int = 0                             # sample selection and per-shard attack seeds
+    seed: int = 0                             # sample selection and per-setting attack seeds
     limit: int | None = None                  # evaluate this many samples of the split
     split: str = "test"
     shard_size: int = 64
@@ -41,6 +52,9 @@ class EvalConfig:
     attack_kw: dict[str, Any] = dataclasses.field(default_factory=dict)
     save_adv: bool = False                    # keep the adversarial images in the rows
     data_dir: str | None = None               # where the dataset cache is (not part of the rows)
+    device: str = "cpu"                       # where networks and attacks run (not part of the
+                                              # fingerprint): cpu by default, where rows are the
+                                              # same bits in any layout; ask for a GPU
 
     @property
     def rule(self) -> TwoStepRule:
@@ -74,8 +88,38 @@ class EvalConfig:
         if only and any(t != "adaptive" for t in self.threats):
             raise DundiError(f"{', '.join(only)} attacks step 1 of DunDi's two-step rule: use it with "
                              f"--threat adaptive only")
+        if "eps" in self.attack_kw:
+            raise DundiError(f"--attack-arg eps={self.attack_kw['eps']}: the budget has one flag, "
+                             f"--eps {self.attack_kw['eps']}")
+        check_device(self.device)
         check_attack_args(self.attacks, self.attack_kw)
         check_linf_eps(self.attacks, self.eps, self.attack_kw)
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a GPU that PyTorch cannot see is refused
+    here, in the driver, not in a worker."""
+    name, _, index = device.partition(":")
+    if name not in ("auto", "cpu", "cuda") or (index and (name != "cuda" or not index.isdigit())):
+        raise DundiError(f"--device {device!r} is not a device: use {DEVICE_HELP}")
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DundiError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu "
+                             f"(or auto), or install a CUDA build of torch")
+        if index and int(index) >= torch.cuda.device_count():
+            raise DundiError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def resolve_device(device: str) -> str:
+    """The torch device an evaluation computes on: ``auto`` is the GPU when PyTorch sees one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -117,8 +161,11 @@ def check_linf_eps(attacks: list[str], eps: list[float] | None, attack_kw: dict[
     from dundi.attacks import ATTACKS
 
     linf = [a for a in attacks if ATTACKS[a].norm == "linf" and attack_kw.get("norm", "linf") == "linf"]
-    budgets = list(eps or []) + ([attack_kw["eps"]] if "eps" in attack_kw else [])
-    bad = [e for e in budgets if not 0 < e <= 1]
+    bad = [e for e in eps or [] if not 0 < e <= 1]
     if linf and bad:
         raise DundiError(f"L∞ eps must be in (0, 1] for {', '.join(linf)} (pixels are in [0, 1]); got "
                          f"{', '.join(f'{e:g}' for e in bad)}")
+
+
+__all__ = ["EvalConfig", "PAPER_ATTACKS", "PAPER_N_VALUES", "DATASET_SETTINGS", "THREAT_SETTINGS",
+           "check_attack_args", "check_linf_eps", "check_device", "resolve_device"]

@@ -112,7 +112,8 @@ def demo_report(native_dir: str | os.PathLike, dundi_dirs: dict[str, str | os.Pa
     to ``out/eval-<name>``; a rerun continues from its finished shards. ``quick`` evaluates 64
     test samples, else 200 (``limit`` overrides; ≈1 min per run and 64 samples on 2 cores); ``steps`` overrides the attacks' iterations
     (default: the paper's 50)."""
-    from dundi.evaluation.evaluate import PAPER_ATTACKS, EvalConfig, evaluate_local
+    from dundi.evaluation.config import PAPER_ATTACKS, EvalConfig
+    from dundi.evaluation.evaluate import evaluate_local
 
     out = Path(out)
     runs = dundi_dirs.items() if isinstance(dundi_dirs, dict) else [(Path(p).name, p) for p in dundi_dirs]

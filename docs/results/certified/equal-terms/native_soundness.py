@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import torch
 
-from dundi.evaluation.evaluate import EvalConfig, Evaluator
+from dundi.evaluation.config import EvalConfig
+from dundi.evaluation.shard import Evaluator
 from dundi.evaluation.results import read_evaluation, read_results
 from dundi.run.directory import Run
 
