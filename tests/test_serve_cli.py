@@ -345,7 +345,7 @@ def test_default_ingress_is_haproxy_locally_and_proxy_on_a_cluster():
     """HAProxy measured fastest in bench/serve.py; a cluster's ingress is fixed when its Ray
     starts, so --address keeps Serve's proxy."""
     from dundi.cli.serve_handlers import default_ingress
-    from dundi.distributed.serve_app import haproxy_binary
+    from dundi.distributed.ingress import haproxy_binary
 
     assert default_ingress("ray://10.0.0.1:10001") == "proxy"
     assert os.path.exists(haproxy_binary())  # ray[serve] brings one here

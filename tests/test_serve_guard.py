@@ -78,7 +78,7 @@ def test_listeners_removed_admin_not_retried_no_splicing_json_503():
 def test_an_answer_checked_whole_fits_haproxy_buffer():
     """An answer is checked for completeness only when all of it fits in HAProxy's buffer
     beside its headers; a larger one is forwarded as it comes (its length cannot be checked)."""
-    from dundi.distributed.serve_app import HAPROXY_BUFSIZE
+    from dundi.distributed.ingress import HAPROXY_BUFSIZE
 
     assert WHOLE_ANSWER_BYTES <= HAPROXY_BUFSIZE // 2
 
@@ -120,7 +120,7 @@ def _real_haproxy(tmp_path, replica_port: int = 30000, log_port: int = 0, **rewr
     """HAProxy (the binary Serve uses) on the rewritten SERVE_CONFIG (``rewrite``: more of
     rewrite_config's settings), its service URL yielded; with ``log_port``, every request
     HAProxy logs goes to that UDP port on loopback."""
-    from dundi.distributed.serve_app import haproxy_binary
+    from dundi.distributed.ingress import haproxy_binary
     from dundi.errors import DundiError
 
     try:

@@ -11,6 +11,7 @@ import argparse
 
 from dundi.cli.args import handler, nonnegative_int, positive_int
 from dundi.data.specs import DATASETS, SPLITS
+from dundi.run.names import ORACLE_SEED
 
 HANDLERS = "dundi.cli.index_handlers"
 
@@ -36,7 +37,7 @@ def register(index: argparse._SubParsersAction, add_common) -> None:
     p.add_argument("--oracles", type=positive_int, default=None,
                    help="oracles to keep, picked from the images (default: as many as the index's "
                         "fullest class; fewer images keep them all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice (default %(default)s)")
+    p.add_argument("--seed", type=int, default=ORACLE_SEED, help="seed of the oracle choice (default %(default)s)")
     add_common(p)
     p.set_defaults(handler=handler(HANDLERS, "cmd_index_add"))
 

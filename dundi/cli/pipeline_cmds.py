@@ -21,10 +21,12 @@ from dundi.cli.args import (
 from dundi.cli.index_cmds import register as register_index_changes
 from dundi.cli.serve_cmds import add_abstain_args
 from dundi.data.specs import DATASETS, SPLITS
+from dundi.distributed import TRAIN_MAX_FAILURES
 from dundi.nets.names import ARCHITECTURES
-from dundi.rule.params import METRICS, ORACLES_PER_CLASS
 from dundi.robustness.verifiers import DEFAULT_VERIFIER, VERIFIERS
-from dundi.run.names import ORACLE_KINDS
+from dundi.rule.abstain_store import CALIBRATION_LIMIT, FALSE_ABSTAIN_RATE
+from dundi.rule.params import METRICS, ORACLES_PER_CLASS
+from dundi.run.names import ORACLE_KINDS, ORACLE_SEED
 from dundi.serving.settings import ANSWER_FORMATS
 from dundi.training.config import ADV_LOSSES, ADV_TARGETS, CERT_HEADS, LOSSES, MINING, TrainConfig
 
@@ -143,7 +145,7 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--name", default=None,
                      help="run name; the same name resumes from its last checkpoint "
                           "(default: the run directory's name)")
-    ray.add_argument("--max-failures", type=nonnegative_int, default=3,
+    ray.add_argument("--max-failures", type=nonnegative_int, default=TRAIN_MAX_FAILURES,
                      help="worker failures Ray Train recovers from before giving up")
 
 
@@ -169,7 +171,7 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="DunDi run directory")
     p.add_argument("--oracles", type=positive_int, default=ORACLES_PER_CLASS,
                    help="oracles per class (n) (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the oracle choice")
+    p.add_argument("--seed", type=int, default=ORACLE_SEED, help="seed of the oracle choice")
     p.add_argument("--select-eps", type=unit_float, default=None, metavar="EPS",
                    help="certified runs: choose the oracles for certified margin at this L-inf "
                         "budget instead of at random (docs/certification.md; default: random, or, with "
@@ -183,9 +185,9 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler(HANDLERS, "cmd_index_build"))
     p = index.add_parser("calibrate", help="calibrate the abstain rule `dundi serve` uses by default")
     p.add_argument("run", help="DunDi run directory with an oracle index")
-    p.add_argument("--false-abstain", type=open_fraction, default=0.01,
+    p.add_argument("--false-abstain", type=open_fraction, default=FALSE_ABSTAIN_RATE,
                    help="share of clean held-out images that may abstain (default %(default)s)")
-    p.add_argument("--limit", type=positive_int, default=2000,
+    p.add_argument("--limit", type=positive_int, default=CALIBRATION_LIMIT,
                    help="held-out images to calibrate on (default %(default)s)")
     add_two_step_args(p)  # the rule as it will be served
     _add_common(p)

@@ -15,6 +15,8 @@ from dundi.cli.args import (
     positive_int,
     unit_float,
 )
+from dundi.distributed.ingress import INGRESS_MODES
+from dundi.rule.abstain_store import CALIBRATION_LIMIT, FALSE_ABSTAIN_RATE
 from dundi.serving.settings import SERVICE_HOST, SERVICE_PORT, DeploymentSettings, ServeSettings
 
 HANDLERS = "dundi.cli.serve_handlers"
@@ -55,8 +57,8 @@ def add_abstain_args(group) -> None:
                             "abstain), or a nearest-oracle distance D (that signal only)")
     group.add_argument("--false-abstain", type=open_fraction, default=None, metavar="RATE",
                        help="calibrate the rule now at this share of clean held-out images abstaining "
-                            "(default: the stored rule, else 0.01)")
-    group.add_argument("--calibration-limit", type=positive_int, default=2000,
+                            f"(default: the stored rule, else {FALSE_ABSTAIN_RATE})")
+    group.add_argument("--calibration-limit", type=positive_int, default=CALIBRATION_LIMIT,
                        help="held-out images to calibrate on (default %(default)s)")
 
 
@@ -80,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="CPUs of the local Ray this starts (default: all of this machine's)")
     p.add_argument("--detach", action="store_true", help="with --address: leave the app running and exit")
-    p.add_argument("--ingress", choices=("proxy", "direct", "haproxy"), default=None,
+    p.add_argument("--ingress", choices=INGRESS_MODES, default=None,
                    help="how HTTP reaches the app: Serve's proxy actor (proxy), the ingress replica "
                         "listening itself (direct), or HAProxy in front of the replicas (haproxy) "
                         "(default: haproxy on a local Ray when its binary is found — the fastest in "

@@ -104,7 +104,7 @@ def _serve_plain(args: argparse.Namespace, config, settings, model, figures: dic
 def _choose_ingress(args: argparse.Namespace) -> int:
     """Settle --ingress (set in the environment Ray starts with); returns the port Serve's own
     HTTP proxy takes (the service's port, except with direct ingress)."""
-    from dundi.distributed.serve_app import ingress_environment
+    from dundi.distributed.ingress import ingress_environment
 
     if args.ingress is None:
         args.ingress = default_ingress(args.address)
@@ -192,7 +192,7 @@ def default_ingress(address: str | None) -> str:
     ingress is fixed when its Ray starts, and a machine without the binary keeps Serve's proxy."""
     if address is not None:
         return "proxy"
-    from dundi.distributed.serve_app import haproxy_binary
+    from dundi.distributed.ingress import haproxy_binary
 
     try:
         haproxy_binary()

@@ -5,4 +5,5 @@ Submodules are imported on demand (``from dundi.distributed.train_job import run
 so that ``import dundi.distributed`` stays cheap.
 """
 
+TRAIN_MAX_FAILURES = 3  # worker failures a Ray Train run recovers from (RayOptions, `--max-failures`)
 JOBS_ADDRESS = "http://127.0.0.1:8265"  # Ray's dashboard / Jobs API on this machine: the default cluster

@@ -17,7 +17,7 @@ without DunDi importable) in place of the HAProxy binary. The launcher
   processes by that path in their command line) and starts HAProxy on it:
   the stats and metrics listeners are removed, or bound to 127.0.0.1 when a port is asked
   for; inference may be retried on another replica when one dies mid-request (Serve's own
-  ``retry-on``, widened by :func:`dundi.distributed.serve_app.ingress_environment`) but
+  ``retry-on``, widened by :func:`dundi.distributed.ingress.ingress_environment`) but
   ``/admin/`` requests never are (they change state); a request is held until its whole
   body is in HAProxy's buffer (``option http-buffer-request``), because only a buffered
   request can be sent again; splicing (kernel zero-copy of bodies) is turned off for the same

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dundi.distributed import TRAIN_MAX_FAILURES
 from dundi.errors import DundiError
 from dundi.rule.params import ORACLES_PER_CLASS
 from dundi.training.checkpoint import read_checkpoint, write_checkpoint
@@ -61,7 +62,7 @@ class RayOptions:
     address: str | None = None     # None: a local Ray (or the cluster of the Ray job we run in)
     storage: str | None = None     # local path or pyarrow URI; default <out>/../ray_storage
     name: str | None = None        # default: the run directory's name
-    max_failures: int = 3
+    max_failures: int = TRAIN_MAX_FAILURES
     cpus_per_worker: float = 1.0
     data_dir: str | None = None
     oracles: int = ORACLES_PER_CLASS  # oracles per class in the final index (dundi runs)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dundi.rule.params import ResolvedRule
 
 KEY = "abstain"  # the field of the live index version's record in run.json
+# How the abstain rule is calibrated unless told otherwise (`dundi index calibrate`, `dundi serve`):
+# the share of clean held-out images it may withhold, and how many held-out images it looks at.
+FALSE_ABSTAIN_RATE = 0.01
+CALIBRATION_LIMIT = 2000
 
 
 def calibration_fields(calibration: dict, source: str, index_sha: str) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 from dundi.data.pixels import validate_images
 from dundi.errors import DundiError
 from dundi.run.directory import Run, change_oracle
+from dundi.run.names import ORACLE_SEED
 from dundi.run.storage import dataset_classes_of, index_version, index_versions, read_meta
 
 MAX_NAME_CHARS = 100
@@ -65,7 +66,7 @@ def _pick(count: int, n: int, seed: int) -> np.ndarray:
     return OracleIndex.select(np.zeros(count, np.int64), min(n, count), seed, 1)
 
 
-def add_class(run_dir: str | os.PathLike, name: str, images: Any, n: int | None = None, seed: int = 0,
+def add_class(run_dir: str | os.PathLike, name: str, images: Any, n: int | None = None, seed: int = ORACLE_SEED,
               dataset_class: int = -1, ids: np.ndarray | None = None) -> dict:
     """Enroll class ``name`` from ``images`` (float pixels in [0, 1] or uint8, shaped like
     the run's input): embed up to ``n`` of them (default: as many oracles as the index's

@@ -24,13 +24,13 @@ from dundi.errors import DundiError
 from dundi.files import atomic_write_json
 from dundi.nets.inference import accuracy, forward_batched
 from dundi.nets.models import EMBED_HIDDEN, build_distance_net, build_native
-from dundi.rule.abstain_store import stored_calibration
+from dundi.rule.abstain_store import CALIBRATION_LIMIT, stored_calibration
 from dundi.rule.index import OracleIndex
 from dundi.rule.distance import SQEUCLIDEAN, distance_named
 from dundi.rule.params import DEFAULT_METRIC, ORACLES_PER_CLASS, ResolvedRule, TwoStepRule
 from dundi.robustness.verifiers import DEFAULT_VERIFIER
 from dundi.run.directory import Run
-from dundi.run.names import ORACLE_KINDS
+from dundi.run.names import ORACLE_KINDS, ORACLE_SEED
 from dundi.run.storage import (
     dataset_class_names,
     dataset_classes_of,
@@ -270,7 +270,7 @@ def warn_if_collapsed(cfg: TrainConfig, history: list[dict], num_classes: int,
             f"or a smaller --lr.")
 
 
-def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = 0,
+def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: int = ORACLE_SEED,
                 data_dir: str | None = None, margin_eps: float | None = None,
                 oracle_kind: str | None = None, **margin_fit: int) -> OracleIndex:
     """Pick n oracle samples per class from the training split (seeded), embed them with the
@@ -413,7 +413,7 @@ def _served_certified(run: Run, certifier, images: np.ndarray, labels: np.ndarra
             "abstain_rule": f"calibrated at {stored['rate']:.0%} false abstains ({stored['source']})"}
 
 
-def held_out_images(run: Run, data_dir: str | None = None, limit: int | None = 2000
+def held_out_images(run: Run, data_dir: str | None = None, limit: int | None = CALIBRATION_LIMIT
                     ) -> tuple[np.ndarray, np.ndarray, str]:
     """(images, labels, description) of in-distribution images the run's model did not train on
     (what the abstain rule is calibrated on):

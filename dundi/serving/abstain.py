@@ -28,7 +28,7 @@ from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: r
     signal_scales,
     signal_values,
 )
-from dundi.rule.abstain_store import calibration_fields, stored_calibration
+from dundi.rule.abstain_store import CALIBRATION_LIMIT, FALSE_ABSTAIN_RATE, calibration_fields, stored_calibration
 from dundi.rule.selective_signals import BACKGROUND_FLOOR, BLANK_RANGE
 from dundi.run.storage import update_live_oracle
 from dundi.run.pipeline import held_out_images
@@ -173,12 +173,12 @@ def calibrate_rule(model: LoadedModel, images: np.ndarray, labels: np.ndarray | 
     return out
 
 
-DEFAULT_RATE = 0.01  # the false-abstain rate served by default: 1 % of clean held-out images
+DEFAULT_RATE = FALSE_ABSTAIN_RATE  # served by default: 1 % of clean held-out images withheld
 OFF = {field: None for field in SIGNALS}
 
 
 def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float | None = None,
-                     data_dir: str | None = None, limit: int | None = 2000) -> tuple[dict, str]:
+                     data_dir: str | None = None, limit: int | None = CALIBRATION_LIMIT) -> tuple[dict, str]:
     """The abstain fields of ModelConfig for a loaded model, and one line saying where they
     come from. ``choice``: "none" (never abstain), a number (nearest-oracle distance only), or
     None — the calibrated rule: the one `dundi index calibrate` stored for this n, m, k, else

@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 from dundi.errors import DundiError
+from dundi.rule.abstain_store import CALIBRATION_LIMIT
 from dundi.rule.params import TwoStepRule
 from dundi.run.directory import Run
 from dundi.serving.abstain import abstain_settings
@@ -16,7 +17,7 @@ from dundi.serving.model import LoadedModel, ModelConfig
 
 
 def served_model(run: str | os.PathLike, rule: TwoStepRule, abstain_threshold: float | str | None = None,
-                 false_abstain: float | None = None, data_dir: str | None = None, limit: int | None = 2000,
+                 false_abstain: float | None = None, data_dir: str | None = None, limit: int | None = CALIBRATION_LIMIT,
                  loaded: Run | None = None, certify_eps: float | None = None, certificates: bool = True
                  ) -> tuple[ModelConfig, LoadedModel, str]:
     """A run as `dundi serve` and `dundi classify RUN IMAGES` serve it: its config, the loaded
