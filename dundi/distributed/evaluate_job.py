@@ -174,9 +174,11 @@ def busy_overlap(tasks: list[dict]) -> float:
 
 
 class _Startup:
-    """Ray and the bare actors, started in a thread while the driver plans the evaluation and
-    loads the runs and samples (:func:`evaluate_on_ray`): both take seconds, and neither needs
-    the other until the first shard goes out."""
+    """Ray and the bare actors, started while the driver plans the evaluation and loads the
+    runs and samples in a thread (:func:`evaluate_on_ray`): both take seconds, and neither
+    needs the other until the first shard goes out. Ray starts in the main thread: a local
+    Ray started from another thread ends the driver process (exit status 1, no message) when
+    the evaluation later runs, so the loading is what moves to a thread."""
 
     def __init__(self, cfg: EvalConfig, workers: int | None, address: str | None, local: bool,
                  log: Callable[[str], None]) -> None:
@@ -184,14 +186,9 @@ class _Startup:
         self.resources: dict = {}
         self.actors: list = []
         self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self, in_thread: bool) -> "_Startup":
-        if in_thread:
-            self._thread = threading.Thread(target=self._run, name="dundi-ray-startup", daemon=True)
-            self._thread.start()
-        else:
-            self._run()
+    def start(self) -> "_Startup":
+        self._run()
         return self
 
     def _run(self) -> None:
@@ -217,13 +214,34 @@ class _Startup:
             self.error = exc
 
     def join(self, raise_error: bool = True) -> tuple[dict, list]:
-        """Wait for the start-up; its error is raised here, in the driver's thread (not when
-        planning failed first: that mistake is the one to report)."""
-        if self._thread is not None:
-            self._thread.join()
+        """The start-up's Ray resources and actors; its error is raised here (not when planning
+        failed first: that mistake is the one to report)."""
         if self.error is not None and raise_error:
             raise self.error
         return self.resources, self.actors
+
+
+class _PlanInThread(threading.Thread):
+    """:func:`plan_evaluation` (the plan, the runs' files and the samples loaded) in a thread,
+    its answer or its error kept for the driver."""
+
+    def __init__(self, cfg: EvalConfig, out: str | os.PathLike) -> None:
+        super().__init__(name="dundi-evaluation-plan", daemon=True)
+        self.cfg, self.out = cfg, out
+        self._value: tuple | None = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = plan_evaluation(self.cfg, self.out)
+        except BaseException as exc:  # raised in the driver's thread by result()
+            self._error = exc
+
+    def result(self) -> tuple:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None = None,
@@ -234,23 +252,25 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
 
     ``workers``: actors (default: the cluster's CPUs). Without ``address`` a local Ray with
     ``workers`` CPUs is started (and stopped again at the end). With ``cfg.device`` cuda each
-    actor holds one GPU. ``overlap_startup`` (default): Ray and the bare actors start in a
-    thread while this process plans and loads (False: one after the other, for
+    actor holds one GPU. ``overlap_startup`` (default): Ray and the bare actors start while
+    the plan and the runs and samples load in a thread (False: one after the other, for
     bench/evaluate_fanout.py to compare); an evaluation with nothing left to run then paid
     for a Ray start it did not use."""
     started = not ray.is_initialized()
     local = address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     t0, wall_start = time.perf_counter(), time.time()
     startup = _Startup(cfg, workers, address, local, log)
-    if overlap_startup:
-        startup.start(in_thread=True)
     tasks: list[dict] = []
     actors: list = []
     try:
+        planned = _PlanInThread(cfg, out) if overlap_startup else None
+        if planned is not None:
+            startup.start()
+            planned.join()
         try:
-            evaluation, plan, todo, meta, samples = plan_evaluation(cfg, out)
+            evaluation, plan, todo, meta, samples = planned.result() if planned else plan_evaluation(cfg, out)
         except BaseException:
-            actors = startup.join(raise_error=False)[1]  # no thread or actor left behind
+            actors = startup.join(raise_error=False)[1]  # no actor left behind
             raise
         if overlap_startup:
             actors = startup.join()[1]
@@ -263,7 +283,7 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
         if not todo:
             return {**figures, "seconds": 0.0, "workers": 0, "tasks": []}
         if not overlap_startup:
-            actors = startup.start(in_thread=False).join()[1]
+            actors = startup.start().join()[1]
         for actor in actors[len(todo):]:  # more actors than shards: the extra ones go
             ray.kill(actor, no_restart=True)
         actors = actors[:len(todo)]
