@@ -150,6 +150,22 @@ def _cli(cfg: EvalConfig, out: Path) -> list[str]:
 
 
 @pytest.mark.realdata
+def test_the_command_on_ray_workers_finishes_with_the_local_rows(slow_cfg, tmp_path):
+    """`dundi evaluate --workers 2` as a user runs it: its own process starting a local Ray
+    (the in-process tests start Ray first). A Ray started from a thread once ended this
+    process with exit status 1 and no message as soon as shards ran."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [*_cli(slow_cfg, tmp_path / "ray")]
+    cmd[cmd.index("--workers") + 1] = "2"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S * 4)
+    assert done.returncode == 0, done.stderr[-600:]
+    evaluate_local(slow_cfg, tmp_path / "local", progress=False, log=lambda s: None)
+    assert rows_by_key(read_results(tmp_path / "ray", require_complete=True)) == \
+        rows_by_key(read_results(tmp_path / "local"))
+
+
+@pytest.mark.realdata
 def test_killed_evaluation_resumes_with_every_row_exactly_once(slow_cfg, tmp_path):
     """SIGKILL the evaluating process after its first shard, rerun the same command: the
     result has every (sample, attack, eps, threat) once, equal to an uninterrupted run's."""
