@@ -188,10 +188,6 @@ class _Startup:
         self.error: BaseException | None = None
 
     def start(self) -> "_Startup":
-        self._run()
-        return self
-
-    def _run(self) -> None:
         from dundi.distributed.ray_init import init_ray
         from dundi.evaluation.config import resolve_device
 
@@ -210,10 +206,11 @@ class _Startup:
             niceness = os.getpriority(os.PRIO_PROCESS, 0)
             self.actors = [ShardWorker.options(num_gpus=gpus).remote(dataclasses.asdict(self.cfg), niceness=niceness)
                            for _ in range(count)]
-        except BaseException as exc:  # raised in the driver's thread by join()
+        except BaseException as exc:  # raised by result(), after a planning error if any
             self.error = exc
+        return self
 
-    def join(self, raise_error: bool = True) -> tuple[dict, list]:
+    def result(self, raise_error: bool = True) -> tuple[dict, list]:
         """The start-up's Ray resources and actors; its error is raised here (not when planning
         failed first: that mistake is the one to report)."""
         if self.error is not None and raise_error:
@@ -270,10 +267,10 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
         try:
             evaluation, plan, todo, meta, samples = planned.result() if planned else plan_evaluation(cfg, out)
         except BaseException:
-            actors = startup.join(raise_error=False)[1]  # no actor left behind
+            actors = startup.result(raise_error=False)[1]  # no actor left behind
             raise
         if overlap_startup:
-            actors = startup.join()[1]
+            actors = startup.result()[1]
         skipped = len(plan) - len(todo)
         if max_shards is not None:
             todo = todo[:max_shards]
@@ -283,7 +280,7 @@ def evaluate_on_ray(cfg: EvalConfig, out: str | os.PathLike, workers: int | None
         if not todo:
             return {**figures, "seconds": 0.0, "workers": 0, "tasks": []}
         if not overlap_startup:
-            actors = startup.start().join()[1]
+            actors = startup.start().result()[1]
         for actor in actors[len(todo):]:  # more actors than shards: the extra ones go
             ray.kill(actor, no_restart=True)
         actors = actors[:len(todo)]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dundi.errors import DundiError
-from dundi.evaluation.figures.raw import RESULTS, attack_row, evaluation_of, pct, raw_json, share, table
+from dundi.evaluation.figures.raw import RESULTS, attack_row, evaluation_of, mean_range, raw_json, share, table
 from dundi.evaluation.figures.registry import block
 
 SEEDS = (0, 1, 2)
@@ -58,9 +58,6 @@ def _command(seed: int) -> str:
     return "`evaluate_job.md` (seed 0, published)" if seed == 0 else f"`SEEDS={seed} {SCRIPT}`"
 
 
-def _spread(values: list[float]) -> str:
-    return f"{pct(sum(values) / len(values))} ({pct(min(values))}–{pct(max(values))})"
-
 
 @block("at-seeds")
 def _at_seeds(root: Path) -> str:
@@ -83,7 +80,7 @@ def _at_seeds(root: Path) -> str:
             continue
         cleans = [per_seed[s][index][0] for s in done]
         robusts = [per_seed[s][index][1] for s in done]
-        rows.append([label, f"**mean (range), seeds {seeds_text}**", _spread(cleans), f"**{_spread(robusts)}**",
+        rows.append([label, f"**mean (range), seeds {seeds_text}**", mean_range(cleans), f"**{mean_range(robusts)}**",
                      "", "" if len(done) == len(SEEDS) else f"{len(SEEDS) - len(done)} of {len(SEEDS)} seeds missing"])
     return table(["Model (mnist-10k, whole test split, 2,000 images)", "training seed", "clean [95% CI] (count)",
                   "AutoAttack robust, L∞ 0.3 [95% CI] (count)", "raw file (docs/results/)", "command"], rows)

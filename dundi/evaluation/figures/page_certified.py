@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dundi.errors import DundiError
-from dundi.evaluation.figures.raw import evaluation_of, pct, raw_json, share, table
+from dundi.evaluation.figures.raw import evaluation_of, mean_range, pct, raw_json, share, table
 from dundi.evaluation.figures.registry import block
 
 
@@ -29,7 +29,7 @@ def _certified_seeds(root: Path) -> str:
     values = [[r["clean_accuracy"], *r["certified_accuracy"].values()] for r in runs]
     rows = [[f"seed {seed}", *(share(v, r["count"]) for v in vals)] for seed, r, vals in zip(SEEDS, runs, values)]
     columns = list(zip(*values))
-    rows.append(["mean (range)", *(f"{pct(sum(c) / len(c))} ({pct(min(c))}–{pct(max(c))})" for c in columns)])
+    rows.append(["mean (range)", *(mean_range(list(c)) for c in columns)])
     n = runs[0]["count"]
     return table([f"Certified DunDi, mnist-10k, {n:,} test images, rule n={runs[0]['n']} m={runs[0]['m']} "
                    f"k={runs[0]['k']}", *(k if k == "clean" else f"certified at {k}" for k in keys)], rows)

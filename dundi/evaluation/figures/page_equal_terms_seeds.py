@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from dundi.errors import DundiError
-from dundi.evaluation.figures.raw import pct, raw_json, share, table
+from dundi.evaluation.figures.raw import mean_range, raw_json, share, table
+from dundi.evaluation.figures.page_equal_terms import EQUAL
 from dundi.evaluation.figures.registry import block
 
-EQUAL = "certified/equal-terms"
 SEEDS = (0, 1, 2)
 # (eps trained at, run-name suffix, eps certified)
 BUDGETS = ((0.4, "", "0.3"), (0.15, "-eps015", "0.1"))
@@ -38,9 +38,6 @@ def _certified(root: Path, seed: int, kind: str, suffix: str, eps_train: float, 
     return cert["clean_accuracy"], cert["certified_accuracy"][eps_cert], cert["count"]
 
 
-def _spread(values: list[float]) -> str:
-    return f"{pct(sum(values) / len(values))} ({pct(min(values))}–{pct(max(values))})"
-
 
 def _equal_terms_seeds(root: Path) -> str:
     rows = []
@@ -51,8 +48,8 @@ def _equal_terms_seeds(root: Path) -> str:
             rows.append([f"**{eps_cert}** (trained {eps_train:g})", f"seed {seed}", share(p[0], p[2]), share(p[1], p[2]),
                          share(q[0], q[2]), share(q[1], q[2]), f"{100 * (p[1] - q[1]):+.2f}"])
         gaps = [100 * (p[1] - q[1]) for p, q in zip(proto, soft)]
-        rows.append([f"**{eps_cert}**", "mean (range)", _spread([p[0] for p in proto]), _spread([p[1] for p in proto]),
-                     _spread([q[0] for q in soft]), _spread([q[1] for q in soft]),
+        rows.append([f"**{eps_cert}**", "mean (range)", mean_range([p[0] for p in proto]), mean_range([p[1] for p in proto]),
+                     mean_range([q[0] for q in soft]), mean_range([q[1] for q in soft]),
                      f"{sum(gaps) / len(gaps):+.2f} ({min(gaps):+.2f} to {max(gaps):+.2f})"])
     return table(["L∞ eps", "training seed", "DunDi clean", "DunDi certified", "softmax IBP clean",
                   "softmax IBP certified", "DunDi − softmax (points)"], rows)

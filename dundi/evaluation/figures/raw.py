@@ -56,6 +56,11 @@ def share(rate: float, n: int, digits: int = 2) -> str:
     return f"{pct(rate, digits)} [{wilson_text(k, n)}] ({k:,}/{n:,})"
 
 
+def mean_range(values: list[float]) -> str:
+    """"mean (min–max)" of rates: the spread a figure over training seeds carries."""
+    return f"{pct(sum(values) / len(values))} ({pct(min(values))}–{pct(max(values))})"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
