@@ -32,7 +32,7 @@ from torch import nn
 from dundi.errors import DundiError
 from dundi.nets.bounds import ETA32, input_box, outward32, propagate_served, served_layers, split_last_linear
 from dundi.rule.abstain_signals import GREY_BAND
-from dundi.robustness.verifiers import DEFAULT_VERIFIER
+from dundi.robustness.verifiers import DEFAULT_VERIFIER, VERIFIERS
 from dundi.rule.exact import U32, U64, ClassSums, fixed_sum, gamma, pad_rows
 from dundi.rule.index import OracleIndex
 from dundi.rule.params import ResolvedRule
@@ -117,8 +117,8 @@ def _linear_verifier(verifier: str, body: list):
     "linear", None for "interval"; refuses any other name, and a body it cannot bound."""
     if verifier == "interval":
         return None
-    if verifier != "linear":
-        raise DundiError(f"unknown verifier {verifier!r}: choose interval or linear")
+    if verifier not in VERIFIERS:
+        raise DundiError(f"unknown verifier {verifier!r}: choose {' or '.join(VERIFIERS)}")
     from dundi.robustness.linear_bounds import LinearVerifier
     return LinearVerifier(body)
 
