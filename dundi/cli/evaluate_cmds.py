@@ -1,4 +1,4 @@
-"""`dundi evaluate` and `dundi report`, the parser half (the handlers:
+"""`dundi evaluate`, `dundi transfer` and `dundi report`, the parser half (the handlers:
 dundi.cli.evaluate_handlers). The defaults are :class:`~dundi.evaluation.config.EvalConfig`'s
 own; this module imports no torch."""
 
@@ -77,8 +77,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON object, last")
     p.set_defaults(handler=handler(HANDLERS, "cmd_evaluate"))
 
+    _register_transfer(sub, d)
+
     p = sub.add_parser("report", help="Markdown + PNG report from evaluation directories")
     p.add_argument("results", nargs="+", help="evaluation directories (one per model / tuple count)")
     p.add_argument("--out", required=True, help="directory for the report and its plots")
     p.add_argument("--json", action="store_true", help="print the report's paths as one JSON object, last")
     p.set_defaults(handler=handler(HANDLERS, "cmd_report"))
+
+
+def _register_transfer(sub: argparse._SubParsersAction, d: EvalConfig) -> None:
+    p = sub.add_parser("transfer", help="craft one adversarial set on a source model and score many runs "
+                       "on it (the paper's shared-source transfer protocol)")
+    p.add_argument("source", help="native run the attacks are crafted on (e.g. --model feinman-cnn)")
+    p.add_argument("--targets", nargs="+", required=True,
+                   help="runs scored on the set: DunDi runs (their served two-step rule) and native runs")
+    p.add_argument("--attacks", nargs="+", default=["paper"],
+                   help="attack names or 'paper' (fgsm ifgsm-a ifgsm-b jsma, default)")
+    p.add_argument("--eps", nargs="+", type=nonnegative_float, default=None,
+                   help="budgets for attacks that take one (default: each attack's paper setting)")
+    p.add_argument("--steps", type=positive_int, default=None, help="iterations (default: each attack's)")
+    p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra attack setting, as for `dundi evaluate` (default: none)")
+    p.add_argument("--limit", type=limit_arg, default=None,
+                   help="N samples (the seeded choice of `dundi evaluate`) or 'all' (default)")
+    p.add_argument("--split", default=d.split, choices=SPLITS, help="dataset split")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the sample choice and the attacks")
+    p.add_argument("--batch-size", type=positive_int, default=d.shard_size,
+                   help="images per attack call (the images crafted do not depend on it)")
+    p.add_argument("--out", required=True, help="transfer directory: sets, rows, transfer.json (rerun to resume)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset cache (default: $DUNDI_DATA_DIR, else the user cache dir)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last")
+    p.set_defaults(handler=handler(HANDLERS, "cmd_transfer"))

@@ -137,3 +137,24 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"report: {figures['report']}")
         for name in figures["plots"]:
             print(f"  plot: {Path(args.out) / name}")
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """Craft once on the source, score every target; one line per target and attack."""
+    from dundi.evaluation.transfer_set import TransferConfig, run_transfer
+
+    cfg = TransferConfig(args.source, list(args.targets), attacks=_attacks(args.attacks), eps=args.eps,
+                         steps=args.steps, seed=args.seed, limit=args.limit, split=args.split,
+                         batch_size=args.batch_size, attack_kw=_parse_attack_args(args.attack_arg),
+                         data_dir=args.data_dir)
+    summary = run_transfer(cfg, args.out)
+    print(f"sample: {summary['count']} {summary['source']['dataset']} {summary['split']} images "
+          f"(seed {summary['seed']}); crafted on {summary['source']['run']}")
+    for a in summary["attacks"]:
+        print(f"  {a['attack']}: the source answers {100 * a['source_accuracy_adv']:.1f}% of its own set right")
+    for t in summary["targets"]:
+        parts = [f"{name} {100 * f['defense_success']:.1f}%{_ci(f['ci95'])}" for name, f in t["attacks"].items()]
+        print(f"{t['target']} ({t['kind']}, clean {100 * t['clean_accuracy']:.1f}%): {'; '.join(parts)}")
+    if args.json:
+        emit(json_safe(summary), True)
+    return 0

@@ -44,8 +44,9 @@ def _add_train_args(p: argparse.ArgumentParser, native: bool) -> None:
     d = TrainConfig()  # the defaults shown are the config's own
     p.add_argument("--dataset", default=d.dataset, choices=tuple(DATASETS), help="dataset to train on")
     p.add_argument("--model", "--backbone", dest="arch", default=d.arch, choices=ARCHITECTURES,
-                   help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp | cnn-ibp-medium | cnn7 (the DNN "
-                        "module; the cnn-ibp ones are built for --certified)")
+                   help="lenet1 | lenet4 | lenet5 | vgg16 | cnn-ibp | cnn-ibp-medium | cnn7 | feinman-cnn (the "
+                        "DNN module; the cnn-ibp ones are built for --certified; feinman-cnn is "
+                        "Feinman et al.'s MNIST network, the source of `dundi transfer`)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training data")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help="images (native) or tuples (triplet) per step")

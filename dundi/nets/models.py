@@ -123,9 +123,21 @@ def _vgg16(c: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _feinman_cnn(c: int) -> nn.Sequential:
+    # The MNIST network of Feinman et al. 2017 ("Detecting adversarial samples from artifacts"),
+    # whose code crafted the DunDi paper's adversarial sets: two unpadded 3x3 convolutions of
+    # 64 maps, 2x2 max pooling, dropout 0.5, a 128-unit dense layer and dropout 0.5 before the
+    # logits. The source model of the shared-source transfer protocol (`dundi transfer`).
+    return nn.Sequential(
+        nn.Conv2d(c, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(128), nn.ReLU(), nn.Dropout(0.5),
+    )
+
+
 # One builder per name of dundi.nets.names, in its order (the names are written there only).
 BUILDERS: dict[str, Callable[[int], nn.Sequential]] = dict(zip(
-    ARCHITECTURES, (_lenet1, _lenet4, _lenet5, _cnn_ibp, _cnn_ibp_medium, _cnn7, _vgg16), strict=True))
+    ARCHITECTURES, (_lenet1, _lenet4, _lenet5, _cnn_ibp, _cnn_ibp_medium, _cnn7, _vgg16, _feinman_cnn),
+    strict=True))
 
 
 def _features(arch: str, in_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
