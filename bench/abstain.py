@@ -1,6 +1,7 @@
 """The abstain benchmark: the MNIST-C corruptions, far-OOD and near-OOD sets, judged by
 selective-classification risk, for today's rule, the nearest-oracle distance alone and the
-selective rule (dundi.serving.abstain) with and without its background guard, each calibrated
+selective rule (dundi.serving.abstain) with and without its background guard and its shape
+signal (and that signal alone), each calibrated
 at 1 % on held-out clean digits only; and the candidate signals of
 dundi.evaluation.selective_candidates, alone and added to the selective rule.
 
@@ -33,14 +34,14 @@ from dundi.evaluation.selective import aurc, confidence, risk_coverage, table_ro
 from dundi.evaluation.selective_candidates import CANDIDATES, REFERENCE_SIZE, candidate_values, fit_reference
 from dundi.evaluation.shifts import CORRUPTIONS, DESIGN_CORRUPTIONS, corrupt, far_ood, glyphs, scan_variations
 from dundi.rule.abstain_signals import abstain_flags, conformal_level, levels
-from dundi.run.pipeline import held_out_images, run_rows, split_train_val
-from dundi.serving.abstain import (EXTREMES, LEGACY_FIELDS, guard_thresholds, legacy_thresholds, rule_values,
-                                   selective_thresholds, signal_scales)
+from dundi.run.pipeline import held_out_images, training_images
+from dundi.serving.abstain import (EXTREMES, LEGACY_FIELDS, ensure_shape_basis, guard_thresholds, legacy_thresholds,
+                                   rule_values, selective_thresholds, signal_scales)
 from dundi.serving.model import LoadedModel, ModelConfig
 
 RATE = 0.01
 RULES = ("today's rule (4 signals)", "nearest-oracle distance alone", "selective rule, no background guard",
-         "selective rule")
+         "selective rule", "selective rule, no shape signal", "shape signal alone")
 CAND = "cand:"   # raw keys of the candidate signals (dundi.evaluation.selective_candidates)
 
 
@@ -64,6 +65,10 @@ def calibrated(cal: dict[str, np.ndarray]) -> dict[str, tuple]:
            RULES[2]: ({"thresholds": before, "abstain_rate": float(abstain_flags(cal, before).mean())}, scales,
                       {f: v for f, v in guards.items() if f != "abstain_max_background"}, None),
            RULES[3]: (sel, scales, guards, None)}
+    if "abstain_max_shape" in cal:  # the rule without the shape signal, and the signal alone
+        unshaped = selective_thresholds({f: v for f, v in cal.items() if f != "abstain_max_shape"}, RATE)
+        out[RULES[4]] = (unshaped, {f: tuple(v) for f, v in unshaped["scales"].items()}, guards, None)
+        out[RULES[5]] = _leveled(cal, signal_scales(cal, ("abstain_max_shape",)), {})
     for c in (c for c in CANDIDATES if CAND + c in cal):
         out[f"{c} alone"] = _leveled(cal, signal_scales(cal, (CAND + c,)), {})
         out[f"selective rule + {c}"] = _leveled(cal, {**scales, **signal_scales(cal, (CAND + c,))}, guards)
@@ -124,17 +129,15 @@ def group_of(set_name: str) -> str:
 def reference(model: LoadedModel, data_dir: str | None):
     """The candidates' reference: REFERENCE_SIZE images of the training part of the run's train
     split (seeded), never its held-out part nor the test split."""
-    meta, cfg = model.run.meta, model.run.meta.get("config", {})
-    images, labels, _ = run_rows(meta, *load_split(meta["dataset"], "train", data_dir, limit=cfg.get("limit")))
-    train, _ = split_train_val(labels, cfg.get("val_fraction", 0.0), cfg.get("seed", 0))
-    pick = np.random.default_rng(0).permutation(train)[:REFERENCE_SIZE]
-    return fit_reference(images[pick], labels[pick], model.run.embed(images[pick], model.embed_batch))
+    images, labels = training_images(model.run, REFERENCE_SIZE, data_dir)
+    return fit_reference(images, labels, model.run.embed(images, model.embed_batch))
 
 
 def measure(run: str, limit: int, data_dir: str | None) -> dict[str, np.ndarray]:
     """Every image's abstain signals and whether the rule's answer is right ("set/field" keys;
     "calibration/..." for the held-out images, "meta/..." for the run and the source)."""
     model = LoadedModel(ModelConfig(run=os.path.abspath(run)))
+    ensure_shape_basis(model, data_dir)
     held, _, source = held_out_images(model.run, data_dir, limit=2000)
     held_result, cal = rule_values(model, held)
     digits, labels, _ = load_split(model.run.meta["dataset"], "test", data_dir, limit=limit)
@@ -193,7 +196,7 @@ def judge(raw) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    rules = list(RULES)
+    rules = [r for r in RULES if any(row["rule"] == r for row in rows)]  # raw files before the shape signal: 4
     print(f"{'set':<22} {'group':<22} " + " ".join(f"{r[:24]:>26}" for r in rules))
     print(f"{'':<22} {'':<22} " + " ".join(f"{'withheld acc.ans acc.all':>26}" for _ in rules))
     by = {(r["rule"], r["set"]): r for r in rows}

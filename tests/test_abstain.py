@@ -20,6 +20,7 @@ from dundi.serving.abstain import (
     abstain_flags,
     abstain_settings,
     calibrate_rule,
+    ensure_shape_basis,
     rule_values,
     held_out_images,
     signal_values,
@@ -36,8 +37,14 @@ def run_copy(mnist_runs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model(mnist_runs):
-    return LoadedModel(ModelConfig(str(mnist_runs["dundi"])))
+def model(mnist_runs, tmp_path_factory, data_dir):
+    """A copy of the shared run with its shape basis fitted (the default rule's fourth signal;
+    fitting writes into the run)."""
+    run = tmp_path_factory.mktemp("abstain") / "dundi"
+    shutil.copytree(mnist_runs["dundi"], run)
+    loaded = LoadedModel(ModelConfig(str(run)))
+    ensure_shape_basis(loaded, data_dir)
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +84,8 @@ def test_calibration_abstains_on_the_stated_share_of_its_own_data(model, held_ou
 
 @pytest.mark.parametrize("rate", [0.01, 0.05])
 def test_the_selective_default_withholds_the_stated_share_signal_by_signal(model, held_out, rate):
-    """The default rule (distance, margin, agreement above one level; the mean pixel beyond the
-    held-out maximum; the blank guard) served by LoadedModel withholds at most ``rate`` of its
+    """The default rule (distance, margin, agreement and shape above one level; the mean pixel
+    beyond the held-out maximum; the blank and background guards) served by LoadedModel withholds at most ``rate`` of its
     own calibration images, exactly where one of its thresholds is crossed."""
     images, labels = held_out
     cal = calibrate_rule(model, images, labels, rate=rate)
@@ -94,12 +101,14 @@ def test_the_selective_default_withholds_the_stated_share_signal_by_signal(model
                | (values["abstain_min_agree"] < th["abstain_min_agree"])
                | (values["abstain_max_mean"] > th["abstain_max_mean"])
                | (values["abstain_min_range"] < th["abstain_min_range"])
-               | (values["abstain_max_background"] > th["abstain_max_background"]))
+               | (values["abstain_max_background"] > th["abstain_max_background"])
+               | (values["abstain_max_shape"] > th["abstain_max_shape"]))
     assert abstained.tolist() == by_hand.tolist()
     blank = np.zeros((3, 1, 28, 28), np.float32)
     assert served.predict(blank).abstained.all()
     # the signals the certificate does not bound are named as served outside the radius
-    assert set(served.info.uncertified_signals) == {"abstain_min_agree", "abstain_max_background"}
+    assert set(served.info.uncertified_signals) == {"abstain_min_agree", "abstain_max_background",
+                                                    "abstain_max_shape"}
     fog = np.clip(images[:5] + 0.3, 0, 1)              # a digit on a grey page
     assert served.predict(fog).abstained.all()
 

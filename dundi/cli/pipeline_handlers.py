@@ -26,7 +26,7 @@ from dundi.run.pipeline import (
 )
 from dundi.run.storage import index_version, read_meta
 from dundi.serving import LoadedModel, ModelConfig
-from dundi.serving.abstain import calibrate_rule, save_calibration
+from dundi.serving.abstain import calibrate_rule, ensure_shape_basis, save_calibration
 from dundi.serving.answers import classify_files, write_answers
 
 
@@ -84,6 +84,7 @@ def cmd_index_calibrate(args: argparse.Namespace) -> None:
     """Calibrate the abstain rule on held-out data and store it with the index metadata."""
     model = LoadedModel(ModelConfig(run=os.path.abspath(args.run), n=args.n, m=args.m, k=args.k))
     images, labels, source = held_out_images(model.run, args.data_dir, limit=args.limit)
+    ensure_shape_basis(model, args.data_dir)
     cal = calibrate_rule(model, images, labels, rate=args.false_abstain)
     save_calibration(model.run.path, cal, source, model.info.index_sha256)
     figures = {"run": args.run, "source": source, **{k: v for k, v in cal.items() if k != "per_signal_rate"},

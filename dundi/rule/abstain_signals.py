@@ -14,6 +14,7 @@ import numpy as np
 from dundi.rule.exact import fixed_sum
 from dundi.rule.params import TwoStepResult
 from dundi.rule.selective_signals import agreement, background_level, fine_margin, pixel_range
+from dundi.rule.shape_signal import ShapeBasis, shape_distance
 
 # ModelConfig field -> (what it measures, +1: abstain above the threshold / -1: below).
 ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
@@ -24,11 +25,13 @@ ABSTAIN_SIGNALS = {"abstain_threshold": ("nearest-oracle distance", 1),
                    "abstain_min_margin": ("fine-score margin", -1),
                    "abstain_min_agree": ("nearest oracles agreeing with the answer", -1),
                    "abstain_min_range": ("pixel range (blank guard)", -1),
-                   "abstain_max_background": ("background level: 25th-percentile pixel (background guard)", 1)}
+                   "abstain_max_background": ("background level: 25th-percentile pixel (background guard)", 1),
+                   "abstain_max_shape": ("distance from the training digits' shape subspace (shape signal)", 1)}
 # The signals the certificate bounds over the L-inf ball (dundi.robustness.certificate); an
 # answer withheld by any other signal is served outside the certified radius: the radius
-# promises the label, and the withholding only by these. The background guard is one such
-# signal (ModelInfo.uncertified_signals names it; dundi.rule.selective_signals says why).
+# promises the label, and the withholding only by these. The background guard and the shape
+# signal are such signals (ModelInfo.uncertified_signals names them; dundi.rule.selective_signals
+# and dundi.rule.shape_signal say why), as is the oracle agreement.
 CERTIFIED_SIGNALS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean",
                      "abstain_min_margin", "abstain_min_range")
 GREY_BAND = (0.1, 0.9)  # a pixel strictly inside is "mid-grey"
@@ -55,11 +58,12 @@ def embedding_norm(embeddings: np.ndarray) -> np.ndarray:
 
 
 def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: np.ndarray,
-                  result: TwoStepResult | None = None, oracles=None, n: int | None = None
-                  ) -> dict[str, np.ndarray]:
+                  result: TwoStepResult | None = None, oracles=None, n: int | None = None,
+                  shape: ShapeBasis | None = None) -> dict[str, np.ndarray]:
     """Every abstain signal of a batch, keyed by the ModelConfig field that thresholds it.
     The margin and agreement need the rule's ``result``, the ``oracles`` index
-    (:class:`dundi.rule.index.OracleIndex`) and the rule's ``n``; without them they are left out."""
+    (:class:`dundi.rule.index.OracleIndex`) and the rule's ``n``, the shape signal the run's
+    ``shape`` basis; without them they are left out."""
     values = {"abstain_threshold": np.asarray(nearest_distance, np.float64),
               "abstain_min_norm": embedding_norm(embeddings),
               "abstain_max_grey": grey_share(images),
@@ -74,6 +78,8 @@ def signal_values(images: np.ndarray, embeddings: np.ndarray, nearest_distance: 
                                                 padded, mask).astype(np.float64)
     elif result is not None or oracles is not None:
         values["abstain_min_margin"] = values["abstain_min_agree"] = np.zeros(len(images))
+    if shape is not None:
+        values["abstain_max_shape"] = shape_distance(shape, images)
     return values
 
 
@@ -85,7 +91,7 @@ def abstain_flags(values: dict[str, np.ndarray], thresholds: dict[str, float | N
         if thr is None:
             continue
         if field not in values:
-            raise KeyError(f"abstain signal {field} needs the rule's result and oracles")
+            raise KeyError(f"abstain signal {field} needs the rule's result and oracles, or the shape basis")
         v = values[field]
         flags |= (v > thr) if ABSTAIN_SIGNALS[field][1] > 0 else (v < thr)
     return flags

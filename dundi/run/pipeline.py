@@ -434,3 +434,14 @@ def held_out_images(run: Run, data_dir: str | None = None, limit: int | None = C
     if limit is not None and len(va) > limit:
         va = np.sort(np.random.default_rng(0).choice(va, limit, replace=False))
     return images[va], labels[va], source
+
+
+def training_images(run: Run, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of ``size`` images of the training part of the run's train split, in a
+    seeded order: what references of the abstain rule are fitted on (never the held-out part
+    that calibrates it, never the test split)."""
+    meta, cfg = run.meta, run.meta.get("config", {})
+    images, labels, _ = run_rows(meta, *load_split(meta["dataset"], "train", data_dir, limit=cfg.get("limit")))
+    train, _ = split_train_val(labels, cfg.get("val_fraction", 0.0), cfg.get("seed", 0))
+    pick = np.random.default_rng(0).permutation(train)[:size]
+    return images[pick], labels[pick]

@@ -40,6 +40,7 @@ from dundi.errors import DundiError
 from dundi.files import atomic_write_json, sha256_file
 from dundi.nets.models import build_distance_net, build_native
 from dundi.rule.index import INDEX_FILE, META_FILE, OracleIndex
+from dundi.rule.shape_signal import SHAPE_FILE, ShapeBasis, load_basis, save_basis
 
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -271,3 +272,20 @@ def dataset_class_names(meta: dict) -> tuple[str, ...]:
     if len(names) <= max(kept, default=0) or len(set(names)) != len(names):
         return tuple(str(c) for c in range(int(meta["num_classes"])))
     return tuple(names[int(c)] for c in kept)
+
+
+def save_shape_basis(run_dir: str | os.PathLike, basis: ShapeBasis) -> dict:
+    """Write the run's shape basis (:mod:`dundi.rule.shape_signal`) and record its sha256 in
+    run.json, under the run's lock; returns the new run.json."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        save_basis(run_dir / SHAPE_FILE, basis)
+        meta = read_meta(run_dir)
+        return update_meta(run_dir, files={**meta.get("files", {}), SHAPE_FILE: sha256_file(run_dir / SHAPE_FILE)})
+
+
+def load_shape_basis(run_dir: str | os.PathLike, meta: dict) -> ShapeBasis | None:
+    """The run's shape basis, verified against run.json (None: the run has none yet)."""
+    if SHAPE_FILE not in meta.get("files", {}):
+        return None
+    return load_basis(_verify(Path(run_dir), meta, SHAPE_FILE))

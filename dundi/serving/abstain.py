@@ -30,8 +30,9 @@ from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: r
 )
 from dundi.rule.abstain_store import CALIBRATION_LIMIT, FALSE_ABSTAIN_RATE, calibration_fields, stored_calibration
 from dundi.rule.selective_signals import BACKGROUND_FLOOR, BLANK_RANGE
-from dundi.run.storage import update_live_oracle
-from dundi.run.pipeline import held_out_images
+from dundi.rule.shape_signal import SHAPE_FIT_SIZE, fit_basis
+from dundi.run.pipeline import held_out_images, training_images
+from dundi.run.storage import load_shape_basis, save_shape_basis, update_live_oracle
 from dundi.serving.model import LoadedModel
 
 # --- the abstain rule served by default: four signals calibrated together ------------------
@@ -77,14 +78,16 @@ def _deepen(values: dict[str, np.ndarray], rate: float) -> dict[str, int]:
 
 
 # The rule calibrated by default (docs/results/abstain): the nearest-oracle distance, the
-# fine-score margin and the oracle agreement -- what the two-step rule computes -- withheld
-# together above one common standardized level (selective_thresholds); the mean pixel value
+# fine-score margin and the oracle agreement -- what the two-step rule computes -- and the
+# shape signal (dundi.rule.shape_signal, where the run has its basis: garments, letters and
+# textures on a black page) withheld together above one common standardized level
+# (selective_thresholds); the mean pixel value
 # only beyond anything held-out clean digits reach (EXTREMES: inverted digits, noise, white or
 # bright backgrounds, on which these runs answer badly); the blank guard at a fixed range; and
 # the background guard beyond both the held-out digits' largest background level and a floor
 # (FLOORS: fog, grey or bright pages, photographs filling the frame).
 # LEGACY_FIELDS: the four signals served before, calibrated as before (legacy_thresholds).
-SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree")
+SELECTIVE_FIELDS = ("abstain_threshold", "abstain_min_margin", "abstain_min_agree", "abstain_max_shape")
 EXTREMES = ("abstain_max_mean",)
 LEGACY_FIELDS = ("abstain_threshold", "abstain_min_norm", "abstain_max_grey", "abstain_max_mean")
 GUARDS = {"abstain_min_range": BLANK_RANGE}  # fixed, not calibrated: no stroke, no digit
@@ -95,7 +98,18 @@ def rule_values(model: LoadedModel, images: np.ndarray):
     """The rule's result on ``images`` and every abstain signal's values."""
     emb = model.run.embed(images, model.embed_batch)
     r = model.run.oracle.classify(emb, model.rule)
-    return r, signal_values(images, emb, r.nearest_distance, r, model.run.oracle, model.rule.n)
+    return r, signal_values(images, emb, r.nearest_distance, r, model.run.oracle, model.rule.n, model.shape)
+
+
+def ensure_shape_basis(model: LoadedModel, data_dir: str | None = None) -> None:
+    """Give the run its shape basis where it has none: fitted on SHAPE_FIT_SIZE images of the
+    training part of its train split (never the held-out part calibration reads), written
+    beside the run and recorded in run.json, so every replica serving it reads the same one."""
+    if model.shape is not None:
+        return
+    images, _ = training_images(model.run, SHAPE_FIT_SIZE, data_dir)
+    model.run.meta = save_shape_basis(model.run.path, fit_basis(images))
+    model.shape = load_shape_basis(model.run.path, model.run.meta)
 
 
 def guard_thresholds(values: dict[str, np.ndarray], extremes: tuple[str, ...]) -> dict[str, float]:
@@ -129,7 +143,7 @@ def selective_thresholds(values: dict[str, np.ndarray], rate: float,
     spread, turned back to the signal's own direction."""
     guards = guard_thresholds(values, extremes)
     guarded = abstain_flags(values, guards)
-    scales = signal_scales(values, fields)
+    scales = signal_scales(values, tuple(f for f in fields if f in values))  # the shape signal: with a basis
     level = conformal_level(levels(values, scales), guarded, rate)
     best = {f: SIGNALS[f][1] * (mid + level * spread) for f, (mid, spread) in scales.items()}
     # a lower bound below 0 never fires on a signal that is never negative (margin, agreement):
@@ -195,6 +209,7 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
         return dict(stored["thresholds"]), (f"abstain rule calibrated by `dundi index calibrate`: "
                                             f"{stored['abstain_rate']:.2%} false abstains on {stored['source']}")
     images, labels, source = held_out_images(model.run, data_dir, limit)
+    ensure_shape_basis(model, data_dir)
     cal = calibrate_rule(model, images, labels, DEFAULT_RATE if rate is None else rate)
     return dict(cal["thresholds"]), (f"abstain rule calibrated now: {cal['abstain_rate']:.2%} false "
                                      f"abstains on {source} (store it with `dundi index calibrate "

@@ -24,7 +24,8 @@ from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, CERTIFIED_SIGNALS, abstain_flags, signal_values
 from dundi.rule.params import DEFAULT_METRIC, KEPT_CLASSES, TwoStepRule
 from dundi.run.directory import Run
-from dundi.run.storage import index_sha256, index_version
+from dundi.rule.shape_signal import SHAPE_FILE
+from dundi.run.storage import index_sha256, index_version, load_shape_basis
 from dundi.serving.errors import RequestError
 
 
@@ -54,6 +55,7 @@ class ModelConfig:
     abstain_min_agree: float | None = None
     abstain_min_range: float | None = None
     abstain_max_background: float | None = None   # served outside the certified radius
+    abstain_max_shape: float | None = None        # served outside the certified radius
     index_version: int | None = None
     certify_eps: float | None = None
     certificates: bool = True   # false: a certified run answers without certificates (cheaper)
@@ -79,7 +81,7 @@ class ModelConfig:
                     '(positive integers; n may be null for all oracles, m for min(3, n)), "abstain_threshold" '
                     '(positive number or null), "abstain_min_norm", "abstain_max_grey", '
                     '"abstain_max_mean", "abstain_min_margin", "abstain_min_agree", "abstain_min_range", '
-                    '"abstain_max_background" '
+                    '"abstain_max_background", "abstain_max_shape" '
                     '(non-negative numbers or null), '
                     '"index_version" (an index '
                     'version of the run, null for the live one), "certify_eps" (an L∞ radius in '
@@ -164,6 +166,7 @@ class ModelInfo:
     abstain_min_agree: float | None = None
     abstain_min_range: float | None = None
     abstain_max_background: float | None = None
+    abstain_max_shape: float | None = None
     # signals with a threshold that the certified radius does not cover: an answer within the
     # radius keeps its label, but these may still withhold it (CERTIFIED_SIGNALS)
     uncertified_signals: tuple[str, ...] = ()
@@ -236,9 +239,13 @@ class LoadedModel:
         self.config = config
         self.embed_batch = embed_batch
         meta = run.meta
+        self.shape = load_shape_basis(run.path, meta)  # the shape signal's reference, if fitted
+        if config.abstain_max_shape is not None and self.shape is None:
+            raise DundiError(f"abstain_max_shape is set but {config.run} has no shape basis: calibrate the run "
+                             f"(`dundi index calibrate {config.run}`), which fits it, or leave the setting out")
         files = meta.get("files", {})
         index_hash = index_sha256(meta, config.index_version)
-        fingerprint = json.dumps([files.get("model.safetensors"), index_hash,
+        fingerprint = json.dumps([files.get("model.safetensors"), index_hash, files.get(SHAPE_FILE),
                                   rule.n, rule.m, rule.k, *(getattr(config, f) for f in ABSTAIN_SIGNALS),
                                   config.certify_eps, config.certificates])
         self.info = ModelInfo(
@@ -270,7 +277,7 @@ class LoadedModel:
         else:
             emb = self.run.embed(images, self.embed_batch)
             r = self.run.oracle.classify(emb, self.rule)
-        values = signal_values(images, emb, r.nearest_distance, r, self.run.oracle, self.rule.n)
+        values = signal_values(images, emb, r.nearest_distance, r, self.run.oracle, self.rule.n, self.shape)
         abstained = abstain_flags(values, {f: getattr(self.config, f) for f in ABSTAIN_SIGNALS})
         labels = r.labels.astype(np.int64)
         radius = None

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MAIN = ("today's rule (4 signals)", "nearest-oracle distance alone", "selective rule, no background guard",
+MAIN = ("today's rule (4 signals)", "nearest-oracle distance alone", "selective rule, no shape signal",
         "selective rule")
 SERVED = "selective rule"
 PROBES = ("fog", "fashion-mnist", "gaussian noise 0.1", "contrast 70%", "clean test")
