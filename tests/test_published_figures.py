@@ -165,13 +165,17 @@ def test_an_unknown_block_is_refused(copy_root: Path):
 # ---- the spread over training seeds (DunDi-AT vs Madry, whole mnist-10k split) ----------------
 
 def _plant_seed(root: Path, seed: int, at_robust: float, train_seed: int | None = None) -> None:
-    """A seed's raw files: the published seed-0 report with DunDi-AT's robust accuracy changed,
-    and the two training files naming train_seed (default: the seed)."""
+    """A seed's raw files: the published whole-split report made into one on the seeds' 500-image
+    sample (clean 486/500 and 482/500, Madry 397/500 robust) with DunDi-AT's robust accuracy
+    ``at_robust``, and the two training files naming train_seed (default: the seed)."""
     report = json.loads((root / "docs/results/autoattack/whole-split/report.json").read_text())
     for evaluation in report["evaluations"]:
+        evaluation["model"] = evaluation["model"].replace("eval-aa-whole-", "eval-aa-500-")
+        evaluation["clean_accuracy"].update(count=500, dundi=0.972, native=0.964)
         for row in evaluation["attacks"]:
-            if row["threat"] == "adaptive":
-                row["robust_accuracy"] = at_robust
+            row["count"] = 500
+            row["robust_accuracy"] = at_robust if row["threat"] == "adaptive" else row["robust_accuracy"]
+            row["native_robust_accuracy"] = 0.794 if row["threat"] == "transfer" else row["native_robust_accuracy"]
     out = root / f"docs/results/at/seeds/s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report))
@@ -183,13 +187,25 @@ def test_seed_spread_is_the_mean_and_range_of_the_committed_seeds(copy_root: Pat
     shutil.rmtree(copy_root / "docs/results/at/seeds", ignore_errors=True)
     render = figures.renderers()["at-seeds"]
     alone = render(copy_root)
-    assert alone.count("not run or not committed yet") == 4 and "no spread: only seed 0 committed" in alone
-    _plant_seed(copy_root, 1, 0.8115)  # seed 0 has 0.8015 (1,603/2,000)
+    assert alone.count("not run or not committed yet") == 6 and alone.count("no seed committed yet") == 2
+    _plant_seed(copy_root, 0, 0.802)
+    assert "no spread: only seed 0 committed" in render(copy_root)
+    _plant_seed(copy_root, 1, 0.812)
     text = render(copy_root)
-    assert "| seed 1 | 97.25% [96.4–97.9] (1,945/2,000) | **81.15% [79.4–82.8] (1,623/2,000)** |" in text
-    assert "**80.65% (80.15%–81.15%)**" in text                         # DunDi-AT: mean, range of seeds 0, 1
-    assert "**79.45% (79.45%–79.45%)**" in text                          # Madry: seed 1 = seed 0 here
+    assert "| seed 1 | 97.20% [95.4–98.3] (486/500) | **81.20% [77.5–84.4] (406/500)** |" in text
+    assert "**80.70% (80.20%–81.20%)**" in text                         # DunDi-AT: mean, range of seeds 0, 1
+    assert "**79.40% (79.40%–79.40%)**" in text                          # Madry: the same at both seeds here
     assert text.count("1 of 3 seeds missing") == 2 and text.count("not run or not committed yet") == 2
+
+
+def test_a_seed_on_another_sample_is_refused(copy_root: Path):
+    report_dir = copy_root / "docs/results/at/seeds/s1"
+    _plant_seed(copy_root, 1, 0.8)
+    report = json.loads((report_dir / "report.json").read_text())
+    report["evaluations"][0]["clean_accuracy"]["count"] = 2000
+    (report_dir / "report.json").write_text(json.dumps(report))
+    with pytest.raises(DundiError, match="not the 500 of every seed"):
+        figures.renderers()["at-seeds"](copy_root)
 
 
 def test_a_seed_trained_at_another_seed_is_refused(copy_root: Path):

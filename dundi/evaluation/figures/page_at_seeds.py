@@ -77,7 +77,8 @@ def _at_seeds(root: Path) -> str:
                          _command(seed)])
         seeds_text = ", ".join(str(s) for s in done)
         if len(done) < 2:
-            rows.append([label, "**mean (range)**", f"no spread: only seed {seeds_text} committed", "", "", ""])
+            alone = f"only seed {seeds_text} committed" if done else "no seed committed yet"
+            rows.append([label, "**mean (range)**", f"no spread: {alone}", "", "", ""])
             continue
         cleans = [per_seed[s][index][0] for s in done]
         robusts = [per_seed[s][index][1] for s in done]
