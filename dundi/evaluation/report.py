@@ -35,7 +35,7 @@ from dundi.files import atomic_write_json, atomic_write_text
 
 REPORT_FILE = "report.md"
 THREAT_TEXT = {
-    "transfer": "transfer — crafted on the native model's logits, then classified by DunDi (the paper's protocol)",
+    "transfer": "transfer — crafted on the native model's logits, then classified by DunDi (the per-model reading of the paper's transfer protocol; `dundi transfer` runs the shared-source one)",
     "adaptive": "adaptive — white-box on DunDi's two-step rule as deployed (a differentiable stand-in whose argmax is Algorithm 1 at the evaluation's n, m, k; success judged by the rule itself)",
     "adaptive-all": "adaptive-all — white-box on DunDi's per-class score over all classes (mean distance to the n oracles of each class; the rule only when k = C)",
     "feature": "feature — white-box on DunDi's embedding, pulling f(x) towards the nearest oracles of another class",
