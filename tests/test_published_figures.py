@@ -111,6 +111,11 @@ def test_readme_transfer_averages():
     long = next(v for k, v in at["fig6"].items() if "AT5-long" in k)
     text = _page("README.md")
     assert f"average defense success is {full} against the paper's 94.39% ({small} on mnist-10k)" in text
+    shared = json.loads((RESULTS / "mnist/shared-source/transfer.json").read_text())
+    six = [sum(f["defense_success"] for f in t["attacks"].values()) / len(t["attacks"])
+           for t in shared["targets"] if t["kind"] == "dundi"]
+    assert len(six) == 6
+    assert f"and {figures.pct(sum(six) / 6, 1)} when," in text                # the shared-source mean of the six
     assert f"{figures.pct(sum(long.values()) / 4, 1)} on average" in text
 
 

@@ -18,7 +18,7 @@ ORDER = ("R1", "R4", "R5", "P1", "P4", "P5", "native1", "native4", "native5")
 
 def _cell(figures: dict[str, Any]) -> str:
     n, k = figures["count"], figures["correct"]
-    return f"{pct(k / n, 1)} [{wilson_text(k, n)}]"
+    return f"{pct(k / n)} [{wilson_text(k, n)}]"  # two decimals: every count of n its own figure
 
 
 def _own_native_average(report: dict[str, Any], name: str) -> str:
