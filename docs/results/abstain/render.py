@@ -43,7 +43,7 @@ def targets(by: dict, sets: list[str]) -> list[str]:
         return "**met**" if ok else "**missed**"
 
     def compared(rs) -> str:
-        return ", ".join(f"{r['set']} ({pct(r['accuracy_answering'])} < {pct(r['accuracy_all'])})" for r in rs) or "none"
+        return ", ".join(f"{r['set']} ({r['accuracy_answering']:.2%} < {r['accuracy_all']:.2%})" for r in rs) or "none"
 
     def named(rs, key) -> str:
         return ", ".join(f"{r['set']} ({pct(r[key])})" for r in rs) or "none"
