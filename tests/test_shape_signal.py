@@ -68,6 +68,10 @@ def test_values_do_not_depend_on_the_batch_or_on_contrast(digits):
     assert np.array_equal(together, alone)  # the same bits, batch of 40 or of 1
     np.testing.assert_allclose(shape_distance(basis, probe * 0.7), together, rtol=1e-6)  # a faint scan (float32 rounding)
     assert np.isfinite(shape_distance(basis, np.zeros((2, 1, 28, 28), np.float32))).all()  # a blank page
+    colour = np.random.default_rng(1).random((20, 3, 8, 8))   # channels are blurred one by one
+    cb = fit_basis(colour[:15], components=5)
+    together = shape_distance(cb, colour[15:])
+    assert np.array_equal(together, np.concatenate([shape_distance(cb, colour[i:i + 1]) for i in range(15, 20)]))
 
 
 def test_digits_lie_near_the_subspace_and_filled_shapes_do_not(digits):
