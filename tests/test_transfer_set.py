@@ -106,6 +106,10 @@ def test_a_rerun_keeps_finished_sets_and_recrafts_a_foreign_one(crafted):
     assert sum("kept" in line for line in logs) == len(ATTACKS) - 1
     assert [line for line in logs if "crafting" in line] == [next(l for l in first_logs if "crafting fgsm" in l)]
     assert again["targets"] == summary["targets"]
+    (out / SET_DIR / "ifgsm-a__eps0.3.npz").write_bytes(b"not a zip")   # a damaged set is crafted again
+    logs = []
+    assert run_transfer(cfg, out, log=logs.append)["targets"] == summary["targets"]
+    assert [line for line in logs if "crafting" in line] == [next(l for l in first_logs if "crafting ifgsm-a" in l)]
 
 
 def test_bad_input_is_one_clear_error(mnist_runs, data_dir, tmp_path):

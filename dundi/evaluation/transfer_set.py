@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +152,13 @@ def _load_or_craft(cfg: TransferConfig, out: Path, source, plan: AttackPlan, sam
     images, labels, ids = samples
     path, fp = _set_path(out, plan), _fingerprint(cfg, source.meta, plan)
     if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["fingerprint"]) == fp and np.array_equal(f["sample_id"], ids):
-                log(f"kept {path.name} (crafted before)")
-                return f["adv"]
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["fingerprint"]) == fp and np.array_equal(f["sample_id"], ids):
+                    log(f"kept {path.name} (crafted before)")
+                    return f["adv"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged or foreign: craft again
+            pass
     log(f"crafting {plan.label} (eps {plan.eps_column:g}) on {len(ids)} images")
     adv = craft_set(cfg, source, plan, images, labels, ids)
     path.parent.mkdir(parents=True, exist_ok=True)
