@@ -34,7 +34,8 @@ from dundi.evaluation.selective import aurc, confidence, risk_coverage, table_ro
 from dundi.evaluation.selective_candidates import CANDIDATES, REFERENCE_SIZE, candidate_values, fit_reference
 from dundi.evaluation.shifts import CORRUPTIONS, DESIGN_CORRUPTIONS, corrupt, far_ood, glyphs, scan_variations
 from dundi.rule.abstain_signals import abstain_flags, conformal_level, levels
-from dundi.run.pipeline import held_out_images, training_images
+from dundi.run.pipeline import held_out_images
+from dundi.run.shape_fit import training_images
 from dundi.serving.abstain import (EXTREMES, LEGACY_FIELDS, ensure_shape_basis, guard_thresholds, legacy_thresholds,
                                    rule_values, selective_thresholds, signal_scales)
 from dundi.serving.model import LoadedModel, ModelConfig
@@ -129,7 +130,7 @@ def group_of(set_name: str) -> str:
 def reference(model: LoadedModel, data_dir: str | None):
     """The candidates' reference: REFERENCE_SIZE images of the training part of the run's train
     split (seeded), never its held-out part nor the test split."""
-    images, labels = training_images(model.run, REFERENCE_SIZE, data_dir)
+    images, labels = training_images(model.run.meta, REFERENCE_SIZE, data_dir)
     return fit_reference(images, labels, model.run.embed(images, model.embed_batch))
 
 

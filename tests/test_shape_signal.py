@@ -5,6 +5,7 @@ filled shapes (garment-like blobs) that pass every other guard."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 from dundi.errors import DundiError
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS
 from dundi.rule.shape_signal import SHAPE_FILE, fit_basis, prepare, shape_distance, smooth
-from dundi.run.storage import load_shape_basis, read_meta, save_shape_basis
+from dundi.run.storage import load_shape_basis, read_meta, save_shape_basis, update_meta
 from dundi.serving import ModelConfig
 from dundi.serving.model import LoadedModel
 
@@ -80,9 +81,18 @@ def test_digits_lie_near_the_subspace_and_filled_shapes_do_not(digits):
     assert (shape_distance(basis, blobs(100)) > np.quantile(held_out, 0.99)).mean() >= 0.9
 
 
-def test_the_basis_is_stored_verified_and_required(mnist_runs, tmp_path, digits):
+def _without_basis(mnist_runs, tmp_path) -> Path:
+    """A copy of the shared run as indexed before the shape signal existed: no basis."""
     run = tmp_path / "dundi"
     shutil.copytree(mnist_runs["dundi"], run)
+    assert SHAPE_FILE in read_meta(run)["files"]          # `index build` fitted one
+    (run / SHAPE_FILE).unlink()
+    update_meta(run, files={k: v for k, v in read_meta(run)["files"].items() if k != SHAPE_FILE})
+    return run
+
+
+def test_the_basis_is_stored_verified_and_required(mnist_runs, tmp_path, digits):
+    run = _without_basis(mnist_runs, tmp_path)
     with pytest.raises(DundiError, match="has no shape basis"):
         LoadedModel(ModelConfig(str(run), abstain_max_shape=0.5))
     assert load_shape_basis(run, read_meta(run)) is None
@@ -104,8 +114,9 @@ def test_calibrating_fits_the_basis_and_the_served_rule_withholds_filled_shapes(
     from dundi.rule.params import TwoStepRule
     from dundi.serving.served import served_model
 
-    run = tmp_path / "dundi"
-    shutil.copytree(mnist_runs["dundi"], run)
+    run = _without_basis(mnist_runs, tmp_path)
+    _, unshaped, how = served_model(str(run), TwoStepRule(m=3, k=5), data_dir=data_dir)  # a service reads only
+    assert unshaped.shape is None and "without the shape signal" in how and SHAPE_FILE not in read_meta(run)["files"]
     assert main(["index", "calibrate", str(run), "--limit", "600", "--data-dir", data_dir]) == 0
     assert SHAPE_FILE in read_meta(run)["files"]
     config, served, _ = served_model(str(run), TwoStepRule(m=3, k=5), data_dir=data_dir)

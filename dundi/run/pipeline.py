@@ -31,9 +31,9 @@ from dundi.rule.params import DEFAULT_METRIC, ORACLES_PER_CLASS, ResolvedRule, T
 from dundi.robustness.verifiers import DEFAULT_VERIFIER
 from dundi.run.directory import Run
 from dundi.run.names import ORACLE_KINDS, ORACLE_SEED
+from dundi.run.rows import drop_holdout, run_rows  # noqa: F401 (re-exported)
 from dundi.run.storage import (
     dataset_class_names,
-    dataset_classes_of,
     index_sha256,
     load_model,
     save_model,
@@ -80,21 +80,6 @@ def kept_classes(cfg: TrainConfig, num_classes: int) -> np.ndarray:
     return kept
 
 
-def drop_holdout(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, kept: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows of the kept classes, labels renumbered 0..len(kept)-1 in ``kept``'s order.
-
-    Why renumber: every training path (tuples, certified batches, validation index) assumes
-    labels 0..C-1; a run trained on C' < C classes is a C'-class run whose index names the
-    dataset classes it holds (``dataset_classes`` in the run's metadata). A negative entry
-    (a class enrolled from images outside the dataset) matches no row."""
-    valid = kept >= 0
-    rows = np.isin(labels, kept[valid])
-    remap = np.full(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, -1, dtype=np.int64)
-    remap[kept[valid]] = np.flatnonzero(valid)
-    return images[rows], remap[labels[rows]], ids[rows]
-
-
 def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
     spec = _spec(cfg.dataset)
     kept = kept_classes(cfg, spec.num_classes)
@@ -104,17 +89,6 @@ def run_meta(kind: str, cfg: TrainConfig, **extra) -> dict:
     return {"kind": kind, "arch": cfg.arch, "dataset": cfg.dataset, "in_shape": list(spec.shape),
             "num_classes": len(kept), **holdout, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
             **extra}
-
-
-def run_rows(meta: dict, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
-             trained: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A split's rows as the run answers them: only the dataset classes its live oracle index
-    holds (trained or enrolled), numbered as the index numbers them; with ``trained``, the
-    classes the run was trained on (those `index build` picks oracles for)."""
-    classes = meta.get("dataset_classes") if trained else dataset_classes_of(meta)
-    if classes is None:
-        return images, labels, ids
-    return drop_holdout(images, labels, ids, np.asarray(classes, dtype=np.int64))
 
 
 def native_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -284,7 +258,19 @@ def build_index(run_dir: str | os.PathLike, n: int = ORACLES_PER_CLASS, seed: in
     ``oracle_kind``: "images" (training images, as above) or "prototypes" (a prototype run's
     learned prototypes themselves, two vectors per class,
     :func:`~dundi.robustness.margin_oracles.prototype_vectors`); by default prototypes for such
-    a run (images cannot realise its head: docs/results/certified/equal-terms), else images."""
+    a run (images cannot realise its head: docs/results/certified/equal-terms), else images.
+
+    A run without a shape basis gets one too (:mod:`dundi.run.shape_fit`): the abstain rule's
+    shape signal reads it, and a service never writes into the run."""
+    index = _build_index(run_dir, n, seed, data_dir, margin_eps, oracle_kind, **margin_fit)
+    from dundi.run.shape_fit import ensure_shape_basis  # the abstain rule's shape basis, once
+
+    ensure_shape_basis(run_dir, data_dir)
+    return index
+
+
+def _build_index(run_dir: str | os.PathLike, n: int, seed: int, data_dir: str | None, margin_eps: float | None,
+                 oracle_kind: str | None, **margin_fit: int) -> OracleIndex:
     model, meta = load_model(run_dir)
     if meta["kind"] != "dundi":
         raise DundiError(f"{run_dir} is a native run: an oracle index needs a DunDi run")
@@ -435,13 +421,3 @@ def held_out_images(run: Run, data_dir: str | None = None, limit: int | None = C
         va = np.sort(np.random.default_rng(0).choice(va, limit, replace=False))
     return images[va], labels[va], source
 
-
-def training_images(run: Run, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of ``size`` images of the training part of the run's train split, in a
-    seeded order: what references of the abstain rule are fitted on (never the held-out part
-    that calibrates it, never the test split)."""
-    meta, cfg = run.meta, run.meta.get("config", {})
-    images, labels, _ = run_rows(meta, *load_split(meta["dataset"], "train", data_dir, limit=cfg.get("limit")))
-    train, _ = split_train_val(labels, cfg.get("val_fraction", 0.0), cfg.get("seed", 0))
-    pick = np.random.default_rng(0).permutation(train)[:size]
-    return images[pick], labels[pick]

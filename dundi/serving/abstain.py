@@ -30,9 +30,9 @@ from dundi.rule.abstain_signals import (  # noqa: F401 (levels, signal_scales: r
 )
 from dundi.rule.abstain_store import CALIBRATION_LIMIT, FALSE_ABSTAIN_RATE, calibration_fields, stored_calibration
 from dundi.rule.selective_signals import BACKGROUND_FLOOR, BLANK_RANGE
-from dundi.rule.shape_signal import SHAPE_FIT_SIZE, fit_basis
-from dundi.run.pipeline import held_out_images, training_images
-from dundi.run.storage import load_shape_basis, save_shape_basis, update_live_oracle
+from dundi.run.pipeline import held_out_images
+from dundi.run.shape_fit import ensure_shape_basis as fit_shape_basis
+from dundi.run.storage import load_shape_basis, update_live_oracle
 from dundi.serving.model import LoadedModel
 
 # --- the abstain rule served by default: four signals calibrated together ------------------
@@ -102,14 +102,13 @@ def rule_values(model: LoadedModel, images: np.ndarray):
 
 
 def ensure_shape_basis(model: LoadedModel, data_dir: str | None = None) -> None:
-    """Give the run its shape basis where it has none: fitted on SHAPE_FIT_SIZE images of the
-    training part of its train split (never the held-out part calibration reads), written
-    beside the run and recorded in run.json, so every replica serving it reads the same one."""
-    if model.shape is not None:
-        return
-    images, _ = training_images(model.run, SHAPE_FIT_SIZE, data_dir)
-    model.run.meta = save_shape_basis(model.run.path, fit_basis(images))
-    model.shape = load_shape_basis(model.run.path, model.run.meta)
+    """Give a loaded run its shape basis where it has none (a run indexed before the shape
+    signal existed): fitted on the training part of its train split (never the held-out part
+    calibration reads), written beside the run and recorded in run.json, so every replica
+    serving it reads the same one. `dundi index calibrate` calls it; a service does not."""
+    if model.shape is None:
+        model.run.meta = fit_shape_basis(model.run.path, data_dir)
+        model.shape = load_shape_basis(model.run.path, model.run.meta)
 
 
 def guard_thresholds(values: dict[str, np.ndarray], extremes: tuple[str, ...]) -> dict[str, float]:
@@ -209,10 +208,10 @@ def abstain_settings(model: LoadedModel, choice: float | str | None, rate: float
         return dict(stored["thresholds"]), (f"abstain rule calibrated by `dundi index calibrate`: "
                                             f"{stored['abstain_rate']:.2%} false abstains on {stored['source']}")
     images, labels, source = held_out_images(model.run, data_dir, limit)
-    ensure_shape_basis(model, data_dir)
     cal = calibrate_rule(model, images, labels, DEFAULT_RATE if rate is None else rate)
+    unshaped = "" if model.shape is not None else ", without the shape signal: the run has no shape basis"
     return dict(cal["thresholds"]), (f"abstain rule calibrated now: {cal['abstain_rate']:.2%} false "
-                                     f"abstains on {source} (store it with `dundi index calibrate "
+                                     f"abstains on {source}{unshaped} (store it with `dundi index calibrate "
                                      f"{model.run.path}`)")
 
 
