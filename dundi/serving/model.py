@@ -23,8 +23,8 @@ from dundi.nets.arithmetic import check_arithmetic
 from dundi.nets.inference import EMBED_BATCH
 from dundi.rule.abstain_signals import ABSTAIN_SIGNALS, CERTIFIED_SIGNALS, abstain_flags, signal_values
 from dundi.rule.params import DEFAULT_METRIC, KEPT_CLASSES, TwoStepRule
-from dundi.run.directory import Run
 from dundi.rule.shape_signal import SHAPE_FILE
+from dundi.run.directory import Run
 from dundi.run.storage import index_sha256, index_version, load_shape_basis
 from dundi.serving.errors import RequestError
 
