@@ -42,13 +42,17 @@ timed() {
   printf '%s\t%s\n' "$name" "$((SECONDS - start))" >> "$STAGE_LOG"
 }
 
+# indexed DIR: DIR is a finished DunDi run with a live oracle index (run.json records it; the
+# index files live in versioned folders, oracle/v<N>/)
+indexed() { [[ -f "$1/run.json" ]] && grep -q '"oracle": {' "$1/run.json"; }
+
 # train DIR CMD...: run a `dundi train*` command unless DIR already holds a finished run.
 train() {
   local dir=$1
   shift
   if [[ -f "$dir/run.json" ]]; then
     log "kept $dir (finished before)"
-    [[ "$1" == "train" && ! -f "$dir/oracle/index.faiss" ]] && "$DUNDI" index build "$dir" --oracles 20 --seed "$SEED"
+    [[ "$1" == "train" ]] && ! indexed "$dir" && "$DUNDI" index build "$dir" --oracles 20 --seed "$SEED"
     return 0
   fi
   timed "$dir" "$DUNDI" "$@" --out "$dir" --seed "$SEED" --no-progress
@@ -228,11 +232,11 @@ stage_at() {
 stage_autoattack() {
   local d=$OUT/mnist-10k at=$OUT/at aa=$OUT/at/eval-autoattack
   local aa_eval=(--workers "${EVAL_WORKERS:-0}" --limit "${AA_LIMIT:-2000}" --seed "$SEED" --no-progress)
-  [[ -f "$at/AT5-long/oracle/index.faiss" && -f "$at/madry5/run.json" ]] || stage_at
+  indexed "$at/AT5-long" && [[ -f "$at/madry5/run.json" ]] || stage_at
   timed "$aa/AT5-long+madry5 autoattack" "$DUNDI" evaluate "$at/AT5-long" --native "$at/madry5" \
     --threat adaptive transfer --attacks autoattack --eps 0.3 --k 5 "${aa_eval[@]}" --out "$aa/AT5-long+madry5"
   for plain in R5 P5; do  # plain DunDi_R3 / DunDi_P3: one line each
-    [[ -f "$d/$plain/oracle/index.faiss" ]] || continue
+    indexed "$d/$plain" || continue
     timed "$aa/$plain autoattack" "$DUNDI" evaluate "$d/$plain" --native "$d/native5" --threat adaptive \
       --attacks autoattack --eps 0.3 --k 5 "${aa_eval[@]}" --out "$aa/$plain"
   done

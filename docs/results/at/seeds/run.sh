@@ -59,6 +59,12 @@ os.replace(tmp, sys.argv[2])
 EOF
 }
 
+# oracle_seed RUN: the seed that chose the live oracle index's oracles (empty without an index);
+# each seed's index is built with the training seed (`dundi train`'s own index uses seed 0)
+oracle_seed() {
+  python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("oracle", {}).get("seed", ""))' "$1/run.json"
+}
+
 # evaluated DIR: the evaluation in DIR ran to its end before (a marker this script leaves)
 evaluated() { [[ -f "$1/.complete" ]]; }
 
@@ -72,7 +78,7 @@ for s in $SEEDS; do
     step "at-seeds/AT5-long-s$s" "$DUNDI" train --dataset mnist-10k --backbone lenet5 --tuples 60000 --epochs 6 \
       --adversarial --adv-eps 0.3 --adv-steps 10 --adv-mix 0.5 --adv-warmup 2 --seed "$s" --no-progress --out "$at"
   fi
-  [[ -f $at/oracle/index.faiss ]] || step "at-seeds/AT5-long-s$s index" "$DUNDI" index build "$at" --oracles 20 --seed "$s"
+  [[ $(oracle_seed "$at") == "$s" ]] || step "at-seeds/AT5-long-s$s index" "$DUNDI" index build "$at" --oracles 20 --seed "$s"
   mkdir -p "$DOCS/s$s"
   train_json "$madry" "$DOCS/s$s/madry5-train.json"
   train_json "$at" "$DOCS/s$s/AT5-long-train.json"
