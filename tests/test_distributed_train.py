@@ -22,7 +22,9 @@ from dundi.training.config import TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.realdata, pytest.mark.slow]
 
-RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/v1/index.faiss", "oracle/v1/oracle.json"}
+# the abstain rule's shape basis comes with the first index (dundi.run.shape_fit)
+RUN_FILES = {"metrics.json", "model.safetensors", "run.json", "oracle/v1/index.faiss", "oracle/v1/oracle.json",
+             "shape_basis.npz"}
 
 
 def small_cfg(**kw) -> TrainConfig:
