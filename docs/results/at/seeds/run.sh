@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The headline DunDi-AT vs Madry-style LeNet-5 comparison (mnist-10k, AutoAttack on the exact
 # two-step rule, L∞ eps 0.3) over training seeds 0, 1 and 2, each model trained again here. The
-# published whole-split pair (docs/results/autoattack/whole-split, 2,000 images) costs about
-# 4 h a model-seed at one thread; the spread is measured on one fixed sample of LIMIT test
+# published whole-split pair (docs/results/autoattack/whole-split, 2,000 images) costs four
+# times the sample's evaluations per model and seed; the spread is measured on one fixed sample of LIMIT test
 # images instead (default 500): the same images and the same attack draws for every seed
 # (`dundi evaluate --seed 0`), so the rows differ by the training seed alone. Per seed, the
 # commands of `STAGES="at autoattack"` with SEED=s (docs/results/reproduce.sh):
