@@ -235,14 +235,15 @@ def summarize(rows: pa.Table, cfg: TransferConfig, source, attacks: list[dict[st
     figures = []
     for target in dict.fromkeys(cols["target"]):
         mine = cols["target"] == target
-        entry: dict[str, Any] = {"target": target, "kind": str(cols["target_kind"][mine][0]), "attacks": {}}
+        once = mine & (cols["attack"] == attacks[0]["attack"])  # every attack holds each sample once
+        right_clean, total = int((cols["target_clean"][once] == cols["label"][once]).sum()), int(once.sum())
+        entry: dict[str, Any] = {"target": target, "kind": str(cols["target_kind"][mine][0]), "attacks": {},
+                                 "clean_accuracy": right_clean / total,
+                                 "clean_accuracy_ci95": list(wilson_interval(right_clean, total))}
         for a in attacks:
             sel = mine & (cols["attack"] == a["attack"])
-            right_clean = int((cols["target_clean"][sel] == cols["label"][sel]).sum())
             right_adv = int((cols["target_adv"][sel] == cols["label"][sel]).sum())
             count = int(sel.sum())
-            entry["clean_accuracy"] = right_clean / count
-            entry["clean_accuracy_ci95"] = list(wilson_interval(right_clean, count))
             entry["attacks"][a["attack"]] = {"defense_success": right_adv / count, "correct": right_adv,
                                              "count": count, "ci95": list(wilson_interval(right_adv, count))}
         figures.append(entry)
